@@ -1,0 +1,3 @@
+from kvrepl.cli import main
+
+raise SystemExit(main())
