@@ -1,0 +1,210 @@
+"""Tests for kvrepl.models: resolving a model spec (with errors that say what was tried), dtype
+choice, the fingerprint, and reuse of the converted GGUF folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CHATML
+
+from kvrepl import models
+from kvrepl.errors import ModelError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty local hub cache of our own, offline."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve
+
+
+@pytest.mark.parametrize("spec", [None, "", "default", "SmolLM2", " smollm2-135m-instruct "])
+def test_resolve_the_default_spec_to_the_embedded_gguf(spec):
+    source = models.resolve(spec)
+    assert source.kind == "gguf"
+    assert source.path == models.embedded_gguf()
+    assert source.path.is_file() and source.path.name == models.EMBEDDED_FILE
+    assert "embedded" in source.label
+
+
+def test_resolve_a_missing_gguf_file_says_what_was_tried(tmp_path, hub_cache):
+    missing = tmp_path / "nowhere" / "model.Q4.gguf"
+    with pytest.raises(ModelError) as err:
+        models.resolve(str(missing))
+    msg = str(err.value)
+    assert str(missing) in msg and ".gguf file" in msg and "not found" in msg
+
+
+def test_resolve_a_gguf_file_and_a_model_folder(tmp_path, hub_cache):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert models.resolve(str(gguf)) == models.ModelSource("gguf", gguf.resolve(), "m.gguf")
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert models.resolve(str(folder)) == models.ModelSource("folder", folder.resolve(), "my-model")
+
+
+def test_resolve_a_folder_without_config_json_says_so(tmp_path, hub_cache):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"")
+    with pytest.raises(ModelError) as err:
+        models.resolve(str(folder))
+    msg = str(err.value)
+    assert str(folder) in msg and "no config.json" in msg
+
+
+def test_resolve_a_hub_id_that_is_not_downloaded_says_what_was_tried(
+    hub_cache, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)  # so "org/name" is no local path either
+    spec = "kvrepl-tests/no-such-model"
+    with pytest.raises(ModelError) as err:
+        models.resolve(spec)
+    msg = str(err.value)
+    assert repr(spec) in msg
+    assert "a local path" in msg and "not found" in msg
+    assert f"the hub id {spec}" in msg and "not downloaded" in msg
+
+
+def test_resolve_a_hub_id_in_the_local_hub_cache(hub_cache, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub_cache / "models--kvrepl-tests--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    source = models.resolve("kvrepl-tests/cached")
+    assert (source.kind, source.label) == ("folder", "kvrepl-tests/cached")
+    assert source.path.resolve() == snapshot.resolve()
+
+
+def test_resolve_a_nonexistent_local_path(tmp_path, hub_cache):
+    spec = str(tmp_path / "a" / "b" / "c")
+    with pytest.raises(ModelError, match="a local path .* \\(not found\\)"):
+        models.resolve(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# device, dtype
+
+
+def test_pick_dtype():
+    assert models.pick_dtype("auto", "cpu") == torch.float32
+    assert models.pick_dtype("auto", "cuda:0") == torch.bfloat16
+    assert models.pick_dtype("float16", "cpu") == torch.float16
+    with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
+        models.pick_dtype("fp8", "cpu")
+    assert models.pick_device("cpu") == "cpu"
+    assert models.pick_device("auto") in ("cpu", "cuda")
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVREPL_CACHE", str(tmp_path / "kv"))
+    assert models.cache_dir() == tmp_path / "kv"
+    monkeypatch.delenv("KVREPL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.cache_dir() == tmp_path / "xdg" / "kvrepl"
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"1")
+    first = models.converted_folder(gguf)
+    assert first.parent == tmp_path / "xdg" / "kvrepl" / "models"
+    assert first.name.startswith("x-")
+    gguf.write_bytes(b"12")  # another size: another folder
+    assert models.converted_folder(gguf) != first
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprint (the real model's config and tokenizer)
+
+
+@pytest.mark.model
+def test_fingerprint_is_stable_and_changes_with_dtype_and_chat_template(real, monkeypatch):
+    cfg, tok, label = real.model.config, real.tokenizer, real.source.label
+    base = models.fingerprint(label, cfg, real.dtype, tok)
+    assert base == real.fingerprint
+    assert models.fingerprint(label, cfg, real.dtype, tok) == base
+    assert models.fingerprint(label, cfg, "bfloat16", tok) != base
+    assert models.fingerprint("another model", cfg, real.dtype, tok) != base
+    with monkeypatch.context() as mp:
+        mp.setattr(tok, "chat_template", CHATML)
+        assert models.fingerprint(label, cfg, real.dtype, tok) != base
+    assert models.fingerprint(label, cfg, real.dtype, tok) == base
+    # what does not change the K/V does not change the fingerprint
+    monkeypatch.setattr(cfg, "_name_or_path", "/somewhere/else")
+    assert models.fingerprint(label, cfg, real.dtype, tok) == base
+
+
+@pytest.mark.model
+def test_load_reuses_the_converted_folder_and_fingerprints_dtype_and_template(real, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert real.source.kind == "gguf"
+    folder = models.converted_folder(real.source.path)
+    assert (folder / "config.json").is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in [folder, *folder.iterdir()]}
+
+    gguf_calls = []
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        original = cls.from_pretrained
+
+        def spy(*args, _original=original, **kwargs):
+            if "gguf_file" in kwargs:
+                gguf_calls.append(args)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    monkeypatch.setattr(
+        models.tempfile, "mkdtemp", lambda *a, **k: pytest.fail("load() converted the GGUF again")
+    )
+
+    half = models.load(dtype="bfloat16", progress=False)
+    assert gguf_calls == []
+    assert half.dtype == "bfloat16"
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert half.fingerprint != real.fingerprint
+    assert half.context_length == real.context_length
+
+    templated = models.load(chat_template=CHATML, progress=False)
+    assert gguf_calls == []
+    assert templated.tokenizer.chat_template == CHATML
+    assert templated.dtype == real.dtype
+    assert templated.fingerprint != real.fingerprint
+    assert real.tokenizer.chat_template != CHATML  # the shared fixture is untouched
+
+    after = {p.name: p.stat().st_mtime_ns for p in [folder, *folder.iterdir()]}
+    assert after == before
+    assert {f.name for f in dataclasses.fields(models.LoadedModel)} >= {
+        "model",
+        "tokenizer",
+        "fingerprint",
+        "context_length",
+        "dtype",
+        "device",
+        "source",
+    }
