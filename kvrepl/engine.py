@@ -12,6 +12,7 @@ exactly `len(PromptCache.ids)` positions, and position i holds the K/V of `ids[i
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,10 @@ class GrowingLayer(DynamicLayer):
         if need <= cap:
             return
         new_cap = -(-max(need, cap + cap // 2) // _GROW_STEP) * _GROW_STEP
-        k, v = self._k.new_empty(_shape(self._k, new_cap)), self._v.new_empty(_shape(self._v, new_cap))
+        k, v = (
+            self._k.new_empty(_shape(self._k, new_cap)),
+            self._v.new_empty(_shape(self._v, new_cap)),
+        )
         k[..., : self._n, :] = self._k[..., : self._n, :]
         v[..., : self._n, :] = self._v[..., : self._n, :]
         self._k, self._v = k, v
@@ -155,22 +159,30 @@ class PromptCache:
         self.cache, self.croppable = _new_cache(self.config)
         self.ids = []
 
-    def export(self, start: int = 0, end: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def export(
+        self, start: int = 0, end: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values) of positions [start, end), shape [1, heads, n, head_dim]."""
         end = len(self.ids) if end is None else end
-        return [(layer.keys[..., start:end, :], layer.values[..., start:end, :])
-                for layer in self.cache.layers]
+        return [
+            (layer.keys[..., start:end, :], layer.values[..., start:end, :])
+            for layer in self.cache.layers
+        ]
 
-    def restore(self, ids: Sequence[int], layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def restore(
+        self, ids: Sequence[int], layers: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         """Fill an empty cache from a snapshot: ids and their per-layer K/V."""
         self.reset()
         if not ids:
             return
         if len(layers) != len(self.cache.layers):
-            raise ValueError(f"snapshot has {len(layers)} layers, the model {len(self.cache.layers)}")
+            raise ValueError(
+                f"snapshot has {len(layers)} layers, the model {len(self.cache.layers)}"
+            )
+        if any(k.shape[-2] != len(ids) or v.shape[-2] != len(ids) for k, v in layers):
+            raise ValueError("snapshot tensors disagree with its token count")
         for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
-            if k.shape[-2] != len(ids) or v.shape[-2] != len(ids):
-                raise ValueError("snapshot tensors disagree with its token count")
             layer.update(k, v)
         self.ids = list(ids)
 
@@ -185,6 +197,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int = 1024
+    repeat_last_n: int = 64
 
 
 @dataclass
@@ -248,7 +261,7 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        """Bring the cache to `ids` feeding only what differs; returns the last position's logits."""
+        """Bring the cache to `ids`, feeding only what differs; returns the last logits."""
         if not ids:
             raise PromptError("nothing to prefill: the prompt is empty")
         if len(ids) >= self.context_length:
@@ -315,12 +328,15 @@ class Engine:
 
 
 class Sampler:
-    """Temperature, top-k, top-p and a repetition penalty over the ids seen, with an optional
-    seed. Plain argmax when the temperature is 0."""
+    """Temperature, top-k, top-p and a repetition penalty over the last `repeat_last_n` ids (as
+    llama.cpp does: a small model loops without it), with an optional seed. Plain argmax when
+    the temperature is 0."""
 
     def __init__(self, s: Sampling, vocab_size: int, device: torch.device) -> None:
         self.s = s
-        self.mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.vocab_size = vocab_size
+        self.device = device
+        self.recent: deque[int] = deque(maxlen=max(1, s.repeat_last_n))
         self.gen = torch.Generator(device=device)
         if s.seed is not None:
             self.gen.manual_seed(s.seed)
@@ -328,16 +344,15 @@ class Sampler:
             self.gen.seed()
 
     def seen(self, ids: Sequence[int]) -> None:
-        if self.s.repetition_penalty != 1.0 and ids:
-            idx = torch.tensor([i for i in ids if i < self.mask.numel()], device=self.mask.device)
-            self.mask[idx] = True
+        self.recent.extend(i for i in ids[-self.recent.maxlen :] if 0 <= i < self.vocab_size)
 
     def next(self, logits: torch.Tensor) -> int:
-        logits = logits.float()
-        if self.s.repetition_penalty != 1.0:
+        logits = logits.float().clone()  # never write into the caller's logits
+        if self.s.repetition_penalty != 1.0 and self.recent:
+            idx = torch.tensor(sorted(set(self.recent)), device=logits.device)
+            picked = logits[idx]
             p = self.s.repetition_penalty
-            picked = logits[self.mask]
-            logits[self.mask] = torch.where(picked > 0, picked / p, picked * p)
+            logits[idx] = torch.where(picked > 0, picked / p, picked * p)
         if self.s.temperature <= 0:
             return int(torch.argmax(logits))
         logits = logits / self.s.temperature
@@ -346,8 +361,8 @@ class Sampler:
             logits[logits < kth] = float("-inf")
         if 0 < self.s.top_p < 1:
             sorted_logits, order = torch.sort(logits, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, dim=-1) > self.s.top_p
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = probs.cumsum(-1) - probs > self.s.top_p
             logits[order[drop]] = float("-inf")
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.gen))

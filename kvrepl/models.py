@@ -177,7 +177,6 @@ def load(
     progress: bool = True,
 ) -> LoadedModel:
     """Resolve, convert if needed, and load a model and its tokenizer onto a device."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
@@ -208,7 +207,8 @@ def load(
 
 def fingerprint(identity: str, config: Any, dtype: str, tokenizer: Any) -> str:
     """A short hash of what decides the K/V a model computes for given ids: identity, config,
-    dtype, tokenizer vocabulary and chat template. Snapshots from another fingerprint are refused."""
+    dtype, tokenizer vocabulary and chat template. Snapshots from another fingerprint are
+    refused."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         cfg.pop(volatile, None)

@@ -45,6 +45,12 @@ class Prompt:
                 "this model has no chat template: pass one with --chat-template FILE "
                 "(a Jinja file such as the model card's template)"
             )
+        self._control_ids = {
+            tok.content: i for i, tok in tokenizer.added_tokens_decoder.items() if tok.content
+        }
+        literals = sorted(self._control_ids, key=len, reverse=True)
+        self._control_re = re.compile("(" + "|".join(map(re.escape, literals)) + ")" if literals
+                                      else "(?!)")  # fmt: skip
 
     @property
     def supports_thinking(self) -> bool:
@@ -80,7 +86,21 @@ class Prompt:
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
     ) -> list[int]:
-        """Token ids for these messages. Template text may hold control tokens; message text never."""
+        """Token ids for these messages: control tokens come from template text, never from
+        message text."""
+        return self.render_with_offsets(
+            messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+        )[0]
+
+    def render_with_offsets(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """`render`, plus where each message's text starts in the ids (-1 if the template left
+        the message out): enough to name the turn a token position falls in."""
         stand_ins = [
             {"role": m["role"], "content": _SENTINEL.format(i)} for i, m in enumerate(messages)
         ]
@@ -90,31 +110,89 @@ class Prompt:
         pieces = _SENTINEL_RE.split(text)
         indices = [int(x) for x in pieces[1::2]]
         if indices != sorted(set(indices)) or any(i >= len(messages) for i in indices):
-            raise PromptError("the chat template reorders or repeats messages; kvrepl cannot use it")
+            raise PromptError(
+                "the chat template reorders or repeats messages; kvrepl cannot use it"
+            )
+        # Runs of plain text between the template's own control tokens are encoded whole (as the
+        # model saw them in training); a control token is taken only from template text.
         ids: list[int] = []
+        starts = [-1] * len(messages)
+        run = ""
+        marks: list[tuple[int, int]] = []  # (message index, char offset in run)
         for n, piece in enumerate(pieces):
-            if n % 2 == 0:
-                ids += self._encode(piece, specials=True)
-            else:
-                ids += self._encode(messages[int(piece)]["content"], specials=False)
+            if n % 2 == 1:
+                i = int(piece)
+                marks.append((i, len(run)))
+                for part in self._unmatchable(messages[i]["content"]):
+                    if part is None:  # a break: an added-token literal must not match here
+                        self._flush(run, marks, ids, starts)
+                        run, marks = "", []
+                    else:
+                        run += part
+                continue
+            for chunk in self._control_re.split(piece):
+                if chunk in self._control_ids:
+                    self._flush(run, marks, ids, starts)
+                    run, marks = "", []
+                    ids.append(self._control_ids[chunk])
+                else:
+                    run += chunk
+        self._flush(run, marks, ids, starts)
+        return ids, starts
+
+    def _flush(self, run: str, marks: list[tuple[int, int]], ids: list[int],
+               starts: list[int]) -> None:  # fmt: skip
+        """Encode one run of plain text; a message's start is the token holding its first char."""
+        if not run:
+            for i, _ in marks:
+                starts[i] = len(ids)
+            return
+        enc = self.tokenizer(run, add_special_tokens=False, split_special_tokens=True,
+                             return_offsets_mapping=True)  # fmt: skip
+        for i, at in marks:
+            starts[i] = len(ids) + next(
+                (t for t, (_, end) in enumerate(enc.offset_mapping) if end > at),
+                len(enc.input_ids),
+            )
+        ids += enc.input_ids
+
+    def _unmatchable(self, content: str) -> list[str | None]:
+        """`content` cut (None marks a cut) inside every added-token literal it spells, so that
+        no literal, special or not (`<think>`), can match when it is encoded."""
+        out: list[str | None] = []
+        pos = 0
+        for m in self._control_re.finditer(content):
+            cut = m.start() + 1
+            out += [content[pos:cut], None]
+            pos = cut
+        out.append(content[pos:])
+        return out
+
+    def _encode(self, text: str) -> list[int]:
+        """Plain text to ids: no added-token literal in it becomes a control token."""
+        ids: list[int] = []
+        self._flush_parts(self._unmatchable(text), ids)
         return ids
 
-    def _encode(self, text: str, *, specials: bool) -> list[int]:
-        if not text:
-            return []
-        return self.tokenizer(
-            text, add_special_tokens=False, split_special_tokens=not specials
-        ).input_ids
+    def _flush_parts(self, parts: list[str | None], ids: list[int]) -> None:
+        buf = ""
+        for part in [*parts, None]:
+            if part is None:
+                if buf:
+                    ids += self.tokenizer(buf, add_special_tokens=False,
+                                          split_special_tokens=True).input_ids  # fmt: skip
+                buf = ""
+            else:
+                buf += part
 
     def count_tokens(self, text: str) -> int:
         """How many tokens a message text takes (before template overhead)."""
-        return len(self._encode(text, specials=False))
+        return len(self._encode(text))
 
     def control_token_ids(self) -> set[int]:
-        """Ids of the tokenizer's special (control) tokens."""
-        return set(self.tokenizer.all_special_ids) | {
-            i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special
-        }
+        """Ids of the tokenizer's control tokens: special ones and every other added token
+        (`<think>` in some vocabularies is added but not special)."""
+        return set(self.tokenizer.all_special_ids) | set(self._control_ids.values())
 
     def end_token_ids(self, generation_config: Any = None) -> set[int]:
         """Every token that ends a turn: the tokenizer's eos, the generation config's eos (an int

@@ -3,7 +3,6 @@ embedded model, loaded once per test session."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -83,5 +82,4 @@ def real():
     """The embedded SmolLM2-135M-Instruct, loaded once for the whole test session."""
     from kvrepl import models
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     return models.load(progress=False)

@@ -1,0 +1,433 @@
+"""The conversation: one turn as data, from the user's line to the stored answer and snapshot.
+
+`Chat` ties the rooms together: the Store (the truth: messages as a tree), the Prompt (messages to
+ids), the Engine (the cache, reused down to the first changed token) and the KVStore (the cache on
+disk). It writes the user's message before computing, stores the answer and the turn's stats in
+one transaction when the turn ends (also when it is interrupted), then saves the new K/V. It
+yields events and never prints; the REPL and the line loop render them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvrepl.config import Settings
+from kvrepl.engine import Engine, Sampling
+from kvrepl.errors import PromptError, SnapshotError, StoreError, UsageError
+from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
+from kvrepl.kvstore import KVStore
+from kvrepl.models import LoadedModel
+from kvrepl.prompt import Prompt, ThinkSplitter
+from kvrepl.store import Message, Session, Store
+
+_ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
+
+
+@dataclass
+class Runtime:
+    """What exists once the model is loaded."""
+
+    loaded: LoadedModel
+    prompt: Prompt
+    engine: Engine
+
+    @classmethod
+    def build(cls, loaded: LoadedModel, settings: Settings) -> Runtime:
+        prompt = Prompt(loaded.tokenizer)
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            end_ids=prompt.end_token_ids(getattr(loaded.model, "generation_config", None)),
+            context_length=loaded.context_length,
+            reuse=settings.reuse,
+        )
+        return cls(loaded, prompt, engine)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C while a turn is written (database commit, then snapshot), then deliver it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+class SessionLock:
+    """One writer per session: an advisory lock file held while the session is open here."""
+
+    def __init__(self, folder: Path, session_id: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{session_id}.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise StoreError(
+                f"this session is open in another kvrepl (pid {other}); close it there first"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Chat:
+    """One open session over one model. `runtime` blocks until the model is loaded."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        kv: KVStore,
+        runtime: Callable[[], Runtime],
+        home: Path,
+    ) -> None:
+        self.base_settings = settings
+        self.store, self.kv = store, kv
+        self._runtime_fn = runtime
+        self._rt: Runtime | None = None
+        self.home = home
+        self.session: Session | None = None
+        self._lock: SessionLock | None = None
+        self._cache_owner: str | None = None  # the session whose ids the engine cache holds
+        self.last_stats: Stats | None = None
+        self.last_reason: str = ""
+        self.notices: list[str] = []
+
+    # -- the model ----------------------------------------------------------------------------
+    @property
+    def rt(self) -> Runtime:
+        if self._rt is None:
+            self._rt = self._runtime_fn()
+        return self._rt
+
+    @property
+    def settings(self) -> Settings:
+        overrides = self.session.settings if self.session else {}
+        return self.base_settings.with_overrides(overrides)
+
+    def sampling(self) -> Sampling:
+        s = self.settings
+        return Sampling(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed, s.max_tokens)
+
+    # -- sessions -----------------------------------------------------------------------------
+    def _switch(self, session: Session | None) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if session is not None:
+            self._lock = SessionLock(self.home / "locks", session.id)
+        self.session = session
+
+    def new_session(self, name: str | None = None) -> Session | None:
+        """Start afresh; with a name the session exists at once, else at its first message."""
+        self._switch(None)
+        if name is not None:
+            self._switch(self.store.create_session(name, model=self._model_label()))
+        return self.session
+
+    def open(self, name_or_id: str) -> Session:
+        session = self.store.get_session(name_or_id)
+        if session is None:
+            names = [s.name for s in self.store.list_sessions() if s.name]
+            close = difflib.get_close_matches(name_or_id, names, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UsageError(f"no session {name_or_id!r}{hint}")
+        if self.session is None or session.id != self.session.id:
+            self._switch(session)
+        return session
+
+    def open_or_create(self, name: str) -> Session:
+        if self.store.get_session(name) is not None:
+            return self.open(name)
+        self._switch(self.store.create_session(name, model=self._model_label()))
+        assert self.session is not None
+        return self.session
+
+    def resume_latest(self) -> Session:
+        latest = self.store.latest_session()
+        if latest is None:
+            raise UsageError("there is no session to resume yet")
+        return self.open(latest.id)
+
+    def rename(self, name: str) -> Session:
+        session = self._ensure_session()
+        self.store.rename_session(session.id, name)
+        return self._refresh()
+
+    def set_option(self, key: str, value: Any) -> None:
+        session = self._ensure_session()
+        self.store.update_settings(session.id, {key: value})
+        self._refresh()
+
+    def close(self) -> None:
+        self._switch(None)
+
+    def _ensure_session(self) -> Session:
+        if self.session is None:
+            self._switch(self.store.create_session(None, model=self._model_label()))
+        assert self.session is not None
+        return self.session
+
+    def _refresh(self) -> Session:
+        assert self.session is not None
+        fresh = self.store.get_session(self.session.id)
+        assert fresh is not None
+        self.session = fresh
+        return fresh
+
+    def _model_label(self) -> str:
+        return self._rt.loaded.source.label if self._rt else (self.base_settings.model or "default")
+
+    # -- the conversation ---------------------------------------------------------------------
+    def history(self) -> list[Message]:
+        return self.store.active_branch(self.session.id) if self.session else []
+
+    def user_turns(self) -> list[Message]:
+        return [m for m in self.history() if m.role == "user"]
+
+    def prompt_messages(self, history: list[Message] | None = None) -> list[dict[str, str]]:
+        msgs = [{"role": m.role, "content": m.content} for m in (history or self.history())]
+        if self.settings.system:
+            msgs.insert(0, {"role": "system", "content": self.settings.system})
+        return msgs
+
+    def send(self, text: str) -> Iterator[TurnEvent]:
+        """Store the user's message, then answer it."""
+        self._check_message(text)
+        session = self._ensure_session()
+        self.store.add_message(session.id, "user", text)
+        return self._answer()
+
+    def edit(self, n: int, text: str) -> Iterator[TurnEvent]:
+        """Replace user turn n (1-based) as a new branch; the old one stays in the database."""
+        target = self._user_turn(n)
+        self._check_message(text)
+        assert self.session is not None
+        self.store.add_message(self.session.id, "user", text, parent_id=target.parent_id)
+        return self._answer()
+
+    def retry(self) -> Iterator[TurnEvent]:
+        """Answer the last user message again, as a sibling of the previous answer."""
+        history = self.history()
+        if not history:
+            raise UsageError("nothing to retry yet")
+        assert self.session is not None
+        if history[-1].role == "assistant":
+            self.store.set_head(self.session.id, history[-1].parent_id)
+        return self._answer()
+
+    def undo(self) -> int:
+        """Drop the last exchange from the active branch (kept in the database); returns the
+        number of user turns left."""
+        turns = self.user_turns()
+        if not turns:
+            raise UsageError("nothing to undo")
+        assert self.session is not None
+        self.store.set_head(self.session.id, turns[-1].parent_id)
+        return len(turns) - 1
+
+    def switch_branch(self, message_id: int) -> None:
+        session = self._ensure_session()
+        leaves = {b.leaf.id for b in self.store.branches(session.id)}
+        ids = {m.id for m in self.store.active_branch(session.id)}
+        if message_id not in leaves and message_id not in ids:
+            try:
+                self.store.message(message_id)
+            except StoreError:
+                raise UsageError(f"no message {message_id} in this session") from None
+        self.store.set_head(session.id, message_id)
+
+    def _user_turn(self, n: int) -> Message:
+        turns = self.user_turns()
+        if not 1 <= n <= len(turns):
+            raise UsageError(f"there is no turn {n}: this conversation has {len(turns)}")
+        return turns[n - 1]
+
+    def _check_message(self, text: str) -> None:
+        if not text.strip():
+            raise UsageError("empty message: type something, or /help")
+        n = self.rt.prompt.count_tokens(text)
+        limit = self.rt.engine.context_length - _ANSWER_ROOM
+        if n > limit:
+            raise PromptError(
+                f"this message is {n:,} tokens; the model's context is "
+                f"{self.rt.engine.context_length:,} tokens (at most {limit:,} for a message): "
+                "shorten it or send it in parts"
+            )
+
+    # -- one turn -----------------------------------------------------------------------------
+    def _fit(self, msgs: list[dict[str, str]]) -> tuple[list[int], list[int], list[str]]:
+        """Render, within the context: an error with the numbers, or (opt-in) drop oldest turns."""
+        rt, notes = self.rt, []
+        think = self.settings.thinking
+        ids, starts = rt.prompt.render_with_offsets(msgs, enable_thinking=think)
+        limit = rt.engine.context_length - _ANSWER_ROOM
+        dropped = 0
+        while len(ids) > limit and self.settings.drop_oldest:
+            first = 1 if msgs and msgs[0]["role"] == "system" else 0
+            if len(msgs) - first <= 1:
+                break
+            del msgs[first : first + 2]
+            dropped += 1
+            ids, starts = rt.prompt.render_with_offsets(msgs, enable_thinking=think)
+        if len(ids) > limit:
+            raise PromptError(
+                f"the conversation is {len(ids):,} tokens; the model's context is "
+                f"{rt.engine.context_length:,}: use /new to start over, /undo to drop the last "
+                "exchange, /edit to shorten a turn, or `/set drop_oldest on` to drop old turns"
+            )
+        if dropped:
+            notes.append(
+                f"context: left out the oldest {dropped} exchange(s) to fit; "
+                "the database keeps them"
+            )
+        return ids, starts, notes
+
+    def restore_snapshot(self) -> list[str]:
+        """Make the engine cache this session's: load its snapshot (validated) if the cache holds
+        another session. Returns one line per thing worth saying."""
+        session = self.session
+        if session is None or self._cache_owner == session.id:
+            return []
+        rt = self.rt
+        rt.engine.pc.reset()
+        self._cache_owner = session.id
+        loaded = rt.loaded
+        result = self.kv.load(session.id, loaded.fingerprint, device=loaded.device)
+        notes = list(result.notes)
+        if result.ids:
+            rt.engine.pc.restore(result.ids, result.layers)
+            notes.append(f"snapshot: restored {len(result.ids):,} cached tokens from disk")
+        return notes
+
+    def warm(self) -> tuple[int, int, list[str]]:
+        """Bring the cache to the whole conversation now (after /load).
+        Returns (reused, recomputed, notes)."""
+        notes = self.restore_snapshot()
+        if not self.history():
+            return 0, 0, notes
+        engine = self.rt.engine
+        ids = self.rt.prompt.render(
+            self.prompt_messages(),
+            add_generation_prompt=False,
+            enable_thinking=self.settings.thinking,
+        )
+        if len(ids) >= engine.context_length - _ANSWER_ROOM:
+            return (
+                0,
+                0,
+                [*notes, "the conversation fills the context: the next turn will say what to do"],
+            )
+        engine.prefill(ids)
+        self._save_snapshot(notes)
+        return engine.progress.reused, engine.progress.prefilled, notes
+
+    def _answer(self) -> Iterator[TurnEvent]:
+        for line in self.restore_snapshot():
+            yield Notice(line)
+        msgs = self.prompt_messages()
+        ids, starts, notes = self._fit(msgs)
+        for line in notes:
+            yield Notice(line)
+        rt = self.rt
+        keep, cached = rt.engine.plan(ids), len(rt.engine.pc.ids)
+        if cached and keep < cached - 1:
+            yield Notice(self._cut_line(msgs, starts, keep, len(ids), rt.engine.pc.croppable))
+        splitter = ThinkSplitter(in_think=rt.prompt.opens_in_think(ids))
+        events = rt.engine.stream(ids, self.sampling())
+        stats: Stats | None = None
+        reason = "interrupted"
+        try:
+            for event in events:
+                if isinstance(event, TextDelta):
+                    yield from splitter.feed(event.text)
+                elif isinstance(event, Finish):
+                    reason = event.reason
+                elif isinstance(event, Stats):
+                    stats = event
+            yield from splitter.flush()
+        finally:
+            if stats is None:  # interrupted: Ctrl-C in the engine, or the consumer closed us
+                events.close()
+                splitter.flush()
+                stats = rt.engine.progress.stats()
+            self.last_stats, self.last_reason = stats, reason
+            warnings = self._store_answer(splitter, stats, interrupted=reason == "interrupted")
+        for line in warnings:
+            yield Notice(line)
+        yield Finish(reason)
+        yield stats
+
+    def _cut_line(
+        self, msgs: list[dict[str, str]], starts: list[int], keep: int, total: int, croppable: bool
+    ) -> str:
+        if not croppable:
+            return (
+                f"cache: this model's cache (sliding-window layers) cannot be cut: "
+                f"rebuilding it, recomputing {total:,} tokens"
+            )
+        j = max((i for i, s in enumerate(starts) if 0 <= s <= keep), default=0)
+        turn = sum(1 for m in msgs[: j + 1] if m["role"] == "user")
+        where = f"turn {turn}, {msgs[j]['role']}" if msgs else "start"
+        return f"cache: cut at token {keep:,} ({where}); recomputing {total - keep:,} tokens"
+
+    def _store_answer(self, splitter: ThinkSplitter, stats: Stats, interrupted: bool) -> list[str]:
+        assert self.session is not None
+        warnings: list[str] = []
+        with deferred_interrupts():
+            self.store.finish_answer(
+                self.session.id,
+                splitter.answer,
+                think=splitter.think or None,
+                interrupted=interrupted,
+                stats=stats.as_dict(),
+            )
+            self._save_snapshot(warnings)
+        self._refresh()
+        return warnings
+
+    def _save_snapshot(self, warnings: list[str]) -> None:
+        assert self.session is not None
+        pc, loaded = self.rt.engine.pc, self.rt.loaded
+        try:
+            self.kv.save(self.session.id, list(pc.ids), pc.export(), loaded.fingerprint)
+        except (SnapshotError, OSError) as exc:
+            warnings.append(f"warning: {exc}")
+
+    # -- figures ------------------------------------------------------------------------------
+    def cache_figures(self) -> dict[str, Any]:
+        figures: dict[str, Any] = {
+            "session": self.session.name or self.session.id if self.session else None
+        }
+        if self._rt is not None:
+            figures["cached_tokens"] = len(self._rt.engine.pc.ids)
+            figures["context_length"] = self._rt.engine.context_length
+        if self.session is not None:
+            figures["snapshot_tokens"] = self.kv.n_tokens_on_disk(self.session.id)
+            figures["snapshot_bytes"] = self.kv.size_bytes(self.session.id)
+            figures.update(self.store.session_totals(self.session.id))
+        return figures

@@ -1,0 +1,75 @@
+"""Exporting a conversation (its active branch) as Markdown or JSON. Pure functions over what the
+store returns; the JSON holds each turn's stats under the engine's five field names."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kvrepl.store import Message, Session, Store
+
+FORMATS = ("md", "json")
+
+
+def export(store: Store, session: Session, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(fmt)
+    stats = {m.id: s for m, s in store.turn_stats(session.id)}
+    messages = store.active_branch(session.id)
+    if fmt == "json":
+        return to_json(session, messages, stats)
+    return to_markdown(session, messages, stats)
+
+
+def to_json(session: Session, messages: list[Message], stats: dict[int, dict[str, Any]]) -> str:
+    doc = {
+        "session": {
+            "id": session.id,
+            "name": session.name,
+            "title": session.title,
+            "model": session.model,
+            "created": session.created,
+            "updated": session.updated,
+            "settings": session.settings,
+        },
+        "messages": [
+            {
+                "id": m.id,
+                "parent_id": m.parent_id,
+                "role": m.role,
+                "content": m.content,
+                "think": m.think,
+                "created": m.created,
+                "interrupted": m.interrupted,
+                **({"stats": stats[m.id]} if m.id in stats else {}),
+            }
+            for m in messages
+        ],
+    }
+    return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
+
+
+def to_markdown(session: Session, messages: list[Message], stats: dict[int, dict[str, Any]]) -> str:
+    title = session.name or session.title or session.id
+    lines = [f"# {title}", "", f"model: {session.model} · created {session.created}", ""]
+    turn = 0
+    for m in messages:
+        if m.role == "user":
+            turn += 1
+            lines += [f"## {turn}. user", "", m.content, ""]
+        elif m.role == "assistant":
+            lines += ["### assistant" + (" (interrupted)" if m.interrupted else ""), ""]
+            if m.think:
+                lines += ["<details><summary>thinking</summary>", "", m.think, "", "</details>", ""]
+            lines += [m.content, ""]
+            s = stats.get(m.id)
+            if s:
+                lines += [
+                    f"*reused {s['reused_tokens']} · prefilled {s['prefilled_tokens']} · "
+                    f"generated {s['generated_tokens']} · ttft {s['ttft_s']} s · "
+                    f"{s['decode_tok_s']} tok/s*",
+                    "",
+                ]
+        else:
+            lines += [f"## {m.role}", "", m.content, ""]
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""The REPL: the prompt-toolkit session (history file, completion, key bindings, toolbar), the
+loop, Ctrl-C and Ctrl-D; and the plain line loop used when stdin is not a terminal.
+
+Each line is a message or a slash command; both go through `Repl.handle`, so the two loops behave
+alike. Everything else belongs to the rooms this one calls: `Chat` (the conversation), the command
+registry, the `Renderer` (all output).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from kvrepl.chat import Chat
+from kvrepl.commands import Context, Generate, Prefill, Quit, Registry
+from kvrepl.errors import KvreplError
+from kvrepl.render import Renderer
+
+QUIT_WORDS = {"q", "/q", "/quit", "/exit"}
+
+
+class Repl:
+    """Dispatches lines; shared by the interactive and the line loop."""
+
+    def __init__(
+        self,
+        chat: Chat,
+        renderer: Renderer,
+        registry: Registry,
+        *,
+        interactive: bool,
+        model_ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.chat, self.renderer, self.registry = chat, renderer, registry
+        self.ctx = Context(chat, renderer, registry, interactive=interactive)
+        self.model_ready = model_ready
+        self.prefill: Prefill | None = None
+
+    def handle(self, line: str) -> bool:
+        """Run one line; False when the REPL should end. Errors are one line; the REPL goes on."""
+        try:
+            return self._handle(line)
+        except KvreplError as exc:
+            self.renderer.error(str(exc))
+        except KeyboardInterrupt:
+            self.renderer.notice("interrupted")
+        except Exception as exc:  # a bug: say it in one line, keep the traceback for the log
+            self.renderer.error(f"internal error: {type(exc).__name__}: {exc}")
+            self._log(traceback.format_exc())
+        return True
+
+    def _handle(self, line: str) -> bool:
+        stripped = line.strip()
+        if not stripped:
+            return True
+        if stripped in QUIT_WORDS:
+            return False
+        if stripped.startswith("/"):
+            outcome = self.registry.dispatch(self.ctx, stripped)
+        else:
+            self._wait_for_model()
+            outcome = Generate(self.chat.send(line))
+        return self._run(outcome)
+
+    def _run(self, outcome: Any) -> bool:
+        if isinstance(outcome, Quit):
+            return False
+        if isinstance(outcome, Prefill):
+            self.prefill = outcome
+        elif isinstance(outcome, Generate):
+            self._wait_for_model()
+            self.render_turn(outcome.events)
+        return True
+
+    def submit_prefilled(self, text: str) -> bool:
+        """The user's answer to a prefilled prompt (e.g. `/edit N` without text)."""
+        pending, self.prefill = self.prefill, None
+        if pending is None:
+            return self.handle(text)
+        try:
+            return self._run(pending.then(text))
+        except KvreplError as exc:
+            self.renderer.error(str(exc))
+            return True
+
+    def render_turn(self, events: Iterator[Any]) -> None:
+        """Show a turn as it streams. Ctrl-C stops it: the partial answer is kept (marked
+        interrupted) and the cache stays consistent; then back to the prompt."""
+        self.renderer.begin()
+        try:
+            for event in events:
+                self.renderer.feed(event)
+        except KeyboardInterrupt:
+            close = getattr(events, "close", None)
+            if close:
+                close()
+            self.renderer.end(interrupted=True, stats=self.chat.last_stats)
+            return
+        except BaseException:
+            self.renderer.end(interrupted=True)
+            raise
+        self.renderer.end()
+
+    def _wait_for_model(self) -> None:
+        if not self.model_ready():
+            with self.renderer.status("loading the model…"):
+                _ = self.chat.rt
+        else:
+            _ = self.chat.rt
+
+    def _log(self, text: str) -> None:
+        try:
+            log = self.chat.home / "kvrepl.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError:
+            pass
+
+
+def line_loop(repl: Repl, lines: Iterable[str]) -> int:
+    """Not a terminal: each line a message or a command; exit 0 at the end of input."""
+    for raw in lines:
+        if not repl.handle(raw.rstrip("\r\n")):
+            break
+    return 0
+
+
+def stdin_lines(stream: TextIO | None = None) -> Iterator[str]:
+    stream = stream or sys.stdin
+    if hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="replace")  # invalid UTF-8 becomes U+FFFD, never a crash
+    yield from stream
+
+
+def interactive_loop(repl: Repl, home: Path, *, toolbar: Callable[[], str],
+                     input: Any = None, output: Any = None) -> int:  # fmt: skip
+    """The prompt-toolkit loop. `input`/`output` let tests drive it through a pipe."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    from kvrepl.keys import SlashCompleter, make_key_bindings
+
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        history: Any = FileHistory(str(home / "history"))
+    except OSError:
+        history = InMemoryHistory()
+    session: PromptSession[str] = PromptSession(
+        history=history,
+        auto_suggest=AutoSuggestFromHistory(),
+        completer=SlashCompleter(repl.registry, repl.chat),
+        complete_while_typing=True,
+        key_bindings=make_key_bindings(),
+        bottom_toolbar=toolbar,
+        refresh_interval=0.5,
+        input=input,
+        output=output,
+    )
+    while True:
+        default = repl.prefill.text if repl.prefill else ""
+        try:
+            line = session.prompt("› ", default=default)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
+            repl.prefill = None
+            continue
+        except EOFError:  # Ctrl-D
+            break
+        keep_going = repl.submit_prefilled(line) if repl.prefill else repl.handle(line)
+        if not keep_going:
+            break
+    return 0
