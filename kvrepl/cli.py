@@ -164,7 +164,14 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     if args.command in ("sessions", "export", "rm"):
         return _subcommand(args, Chat(settings, store, kv, _no_model, home), renderer)
 
-    loader = BackgroundModel(settings, progress=interactive).start()
+    from kvrepl import models
+
+    source = models.resolve(settings.model)
+    if source.kind == "gguf" and not models.is_converted(source.path):
+        # Once per GGUF file, before the prompt: its progress bar would tear through the input.
+        renderer.notice("first start with this model: dequantizing it once (about 20 s)…")
+        models.convert_gguf(source.path, progress=True)
+    loader = BackgroundModel(settings, progress=False).start()
     chat = Chat(settings, store, kv, loader.get, home)
     try:
         if args.resume:

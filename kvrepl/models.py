@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,19 +117,20 @@ def converted_folder(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{digest}"
 
 
+def is_converted(gguf: Path) -> bool:
+    return (converted_folder(gguf) / "config.json").is_file()
+
+
 def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     """Dequantize a GGUF file once into a safetensors model folder; return the folder."""
     target = converted_folder(gguf)
-    if (target / "config.json").is_file():
+    if is_converted(gguf):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    if not progress:
-        hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with _progress_bars(progress):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:
         raise ModelError(f"cannot load GGUF file {gguf}: {exc}") from exc
     # The GGUF quantizer refuses to serialize; the weights are already dequantized.
@@ -147,6 +150,18 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
         if not (target / "config.json").is_file():  # a parallel start may have won the rename
             raise
     return target
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def pick_device(device: str | None = None) -> str:
@@ -184,8 +199,9 @@ def load(
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+        with _progress_bars(False):  # a folder loads in about a second: no bar over the prompt
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
     except Exception as exc:
         raise ModelError(f"cannot load model from {folder}: {exc}") from exc
     model.to(dev)

