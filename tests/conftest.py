@@ -3,10 +3,14 @@ embedded model, loaded once per test session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# KVREPL_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (checked once on a lent machine).
+TEST_DEVICE = os.environ.get("KVREPL_TEST_DEVICE", "cpu")
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -66,8 +70,7 @@ def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | Non
         eos_token_id=2,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    return model
+    return LlamaForCausalLM(cfg).eval().to(TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
