@@ -18,16 +18,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvrepl.config import Settings
-from kvrepl.engine import Engine, Sampling
 from kvrepl.errors import PromptError, SnapshotError, StoreError, UsageError
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
-from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel
 from kvrepl.prompt import Prompt, ThinkSplitter
 from kvrepl.store import Message, Session, Store
+
+if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
+    from kvrepl.engine import Engine, Sampling
+    from kvrepl.kvstore import KVStore
 
 _ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
 
@@ -42,6 +44,8 @@ class Runtime:
 
     @classmethod
     def build(cls, loaded: LoadedModel, settings: Settings) -> Runtime:
+        from kvrepl.engine import Engine
+
         prompt = Prompt(loaded.tokenizer)
         engine = Engine(
             loaded.model,
@@ -101,12 +105,13 @@ class Chat:
         self,
         settings: Settings,
         store: Store,
-        kv: KVStore,
+        kv: KVStore | None,
         runtime: Callable[[], Runtime],
         home: Path,
     ) -> None:
         self.base_settings = settings
-        self.store, self.kv = store, kv
+        self.store = store
+        self._kv = kv
         self._runtime_fn = runtime
         self._rt: Runtime | None = None
         self.home = home
@@ -116,6 +121,15 @@ class Chat:
         self.last_stats: Stats | None = None
         self.last_reason: str = ""
         self.notices: list[str] = []
+
+    @property
+    def kv(self) -> KVStore:
+        """The snapshot store, opened on first use (it imports torch)."""
+        if self._kv is None:
+            from kvrepl.kvstore import KVStore
+
+            self._kv = KVStore(self.home / "kv")
+        return self._kv
 
     # -- the model ----------------------------------------------------------------------------
     @property
@@ -130,6 +144,8 @@ class Chat:
         return self.base_settings.with_overrides(overrides)
 
     def sampling(self) -> Sampling:
+        from kvrepl.engine import Sampling
+
         s = self.settings
         return Sampling(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed, s.max_tokens)
 

@@ -150,7 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     from kvrepl.chat import Chat
     from kvrepl.commands import build_registry
-    from kvrepl.kvstore import KVStore
     from kvrepl.render import Renderer, make_console
     from kvrepl.repl import Repl, interactive_loop, line_loop, stdin_lines
     from kvrepl.store import Store
@@ -160,9 +159,8 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     console = make_console(plain=plain)
     renderer = Renderer(console, show_think=settings.show_think, plain=plain)
     store = Store(home / "kvrepl.db")
-    kv = KVStore(home / "kv")
     if args.command in ("sessions", "export", "rm"):
-        return _subcommand(args, Chat(settings, store, kv, _no_model, home), renderer)
+        return _subcommand(args, Chat(settings, store, None, _no_model, home), renderer)
 
     from kvrepl import models
 
@@ -172,7 +170,7 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
         renderer.notice("first start with this model: dequantizing it once (about 20 s)…")
         models.convert_gguf(source.path, progress=True)
     loader = BackgroundModel(settings, progress=False).start()
-    chat = Chat(settings, store, kv, loader.get, home)
+    chat = Chat(settings, store, None, loader.get, home)
     try:
         if args.resume:
             chat.resume_latest()
