@@ -1,0 +1,101 @@
+"""Test helpers for the REPL and command tests: a Chat over the tiny model (or the real one) in a
+tmp store, a Renderer writing to a StringIO, and a counter of model calls."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from kvrepl.chat import Chat, Runtime
+from kvrepl.commands import build_registry
+from kvrepl.config import Settings
+from kvrepl.kvstore import KVStore
+from kvrepl.models import LoadedModel, ModelSource
+from kvrepl.render import Renderer
+from kvrepl.repl import Repl
+from kvrepl.store import Store
+
+WIDTH = 80
+TINY_SETTINGS = Settings(temperature=0.0, max_tokens=6)
+
+
+def tiny_loaded(tiny: tuple[Any, Any]) -> LoadedModel:
+    """The tiny random model as a LoadedModel, with a fake fingerprint."""
+    model, tok = tiny
+    source = ModelSource("folder", Path("/nonexistent/tiny"), "tiny (test)")
+    return LoadedModel(model, tok, source, "cpu", "float32", "tiny-fingerprint", 512)
+
+
+@dataclass
+class Harness:
+    """One Chat in `home`, its Repl and where its output goes. `calls` counts model forwards."""
+
+    home: Path
+    chat: Chat
+    repl: Repl
+    out: io.StringIO
+    store: Store
+    calls: list[int] = field(default_factory=list)
+
+    def text(self) -> str:
+        return self.out.getvalue()
+
+    def take(self) -> str:
+        """The output since the last take."""
+        text = self.out.getvalue()
+        self.out.seek(0)
+        self.out.truncate()
+        return text
+
+    def run(self, *lines: str) -> str:
+        """Handle each line (line mode), return what was printed."""
+        self.take()
+        for line in lines:
+            self.repl.handle(line)
+        return self.take()
+
+    def close(self) -> None:
+        self.chat.close()
+        self.store.close()
+
+
+def make_harness(
+    home: Path,
+    loaded: LoadedModel,
+    *,
+    settings: Settings = TINY_SETTINGS,
+    interactive: bool = False,
+    plain: bool = True,
+    runtime: Runtime | None = None,
+) -> Harness:
+    """A Chat over `loaded` in `home`; the model's forward is wrapped to count calls."""
+    out = io.StringIO()
+    console = Console(file=out, width=WIDTH, force_terminal=not plain, color_system=None,
+                      highlight=False)  # fmt: skip
+    renderer = Renderer(console, plain=plain)
+    store = Store(home / "kvrepl.db")
+    kv = KVStore(home / "kv")
+    rt = runtime or Runtime.build(loaded, settings)
+    calls: list[int] = []
+    forward = rt.engine._forward
+
+    def counting_forward(ids: list[int]) -> Any:
+        calls.append(len(ids))
+        return forward(ids)
+
+    rt.engine._forward = counting_forward  # type: ignore[method-assign]
+    chat = Chat(settings, store, kv, lambda: rt, home)
+    repl = Repl(chat, renderer, build_registry(), interactive=interactive)
+    return Harness(home, chat, repl, out, store, calls)
+
+
+def lines_of(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def stats_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("reused ")]

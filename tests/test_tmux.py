@@ -1,0 +1,163 @@
+"""End to end in a real terminal: kvrepl in a detached tmux session with the embedded model.
+
+Type a question, see the rendered answer and a stats line; /save demo; quit; start again;
+/load demo and see the reuse reported; /edit 1 and see the cut point and the recomputed count;
+then check that the database holds both branches."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+TMUX = shutil.which("tmux")
+TIMEOUT_S = 120.0
+POLL_S = 0.5
+STATS = re.compile(r"reused ([\d,]+) · prefilled ([\d,]+) · generated (\d+) · ttft [\d.]+ s")
+
+pytestmark = [
+    pytest.mark.tmux,
+    pytest.mark.model,
+    pytest.mark.skipif(
+        TMUX is None,
+        reason="tmux is not installed: this end-to-end test drives kvrepl inside tmux",
+    ),
+]
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+class Terminal:
+    """A tmux server of its own (its own socket), one window of a fixed size."""
+
+    def __init__(self, cwd: Path, width: int = 120, height: int = 40) -> None:
+        self.socket = f"kvrepl-test-{uuid.uuid4().hex[:8]}"
+        self.cwd, self.width, self.height = cwd, width, height
+        self.target = ""
+        self.socket_path: str | None = None
+
+    def tmux(self, *args: str) -> str:
+        cmd = [TMUX or "tmux", "-L", self.socket, *args]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30).stdout
+
+    def start(self, name: str, command: str) -> None:
+        """Run `command` in a new session; the shell then prints its exit code and waits, so the
+        pane (and the code) can still be read after kvrepl ends."""
+        script = f'{command}; echo "[exit $?]"; sleep 600'
+        self.tmux("new-session", "-d", "-s", name, "-x", str(self.width), "-y", str(self.height),
+                  "-c", str(self.cwd), script)  # fmt: skip
+        self.target = name
+        self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").strip()
+
+    def type(self, text: str) -> None:
+        self.tmux("send-keys", "-t", self.target, "-l", text)
+        self.tmux("send-keys", "-t", self.target, "Enter")
+
+    def screen(self) -> str:
+        """The pane's text, scrollback included, wrapped lines joined."""
+        return self.tmux("capture-pane", "-p", "-J", "-S", "-", "-t", self.target)
+
+    def wait_for(self, found: Callable[[str], object], what: str) -> object:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            screen = self.screen()
+            result = found(screen)
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; the screen:\n{screen}")
+            time.sleep(POLL_S)
+
+    def wait_for_prompt(self, count: int) -> None:
+        """Until the screen shows the `›` prompt at least `count` times."""
+        self.wait_for(lambda s: len(re.findall(r"^› ?", s, re.M)) >= count, f"prompt #{count}")
+
+    def kill(self) -> None:
+        subprocess.run([TMUX or "tmux", "-L", self.socket, "kill-server"], capture_output=True,
+                       timeout=30)  # fmt: skip
+        if self.socket_path:
+            Path(self.socket_path).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def terminal(tmp_path: Path) -> Iterator[Terminal]:
+    term = Terminal(tmp_path)
+    try:
+        yield term
+    finally:
+        term.kill()
+
+
+def test_chat_save_quit_load_edit_in_a_real_terminal(terminal: Terminal, tmp_path: Path):
+    home = tmp_path / "store"
+    command = shlex.join(["env", f"KVREPL_HOME={home}", "TERM=xterm-256color", sys.executable,
+                          "-m", "kvrepl", "--temperature", "0", "--max-tokens", "30"])  # fmt: skip
+
+    # First run: a question, its rendered answer and one stats line; /save demo; /quit.
+    terminal.start("first", command)
+    terminal.wait_for_prompt(1)
+    question = "What is the capital of France?"
+    terminal.type(question)
+    stats = terminal.wait_for(lambda s: STATS.search(s), "the stats line of the first answer")
+    screen = terminal.screen()
+    assert number(stats.group(1)) == 0 and number(stats.group(2)) > 0
+    answer_lines = [line for line in screen.splitlines() if "Paris" in line]
+    assert len(answer_lines) == 1, screen  # rendered once: no duplicated lines from Live
+    assert question not in answer_lines[0]
+    assert "\x1b" not in screen
+    terminal.wait_for_prompt(2)
+    terminal.type("/save demo")
+    terminal.wait_for(lambda s: "saved as 'demo'" in s, "/save demo")
+    terminal.type("/quit")
+    terminal.wait_for(lambda s: "[exit 0]" in s, "kvrepl to quit with exit code 0")
+
+    # Second run: /load demo reuses the snapshot; /edit 1 cuts the cache and recomputes the rest.
+    terminal.start("second", command)
+    terminal.wait_for_prompt(1)
+    terminal.type("/load demo")
+    loaded = terminal.wait_for(
+        lambda s: re.search(r"loaded demo: 1 turn\(s\); reused ([\d,]+) tokens, recomputed "
+                            r"([\d,]+)", s), "/load demo")  # fmt: skip
+    assert number(loaded.group(1)) > 0
+    assert number(loaded.group(2)) < number(loaded.group(1))
+    terminal.wait_for_prompt(2)
+    terminal.type("/edit 1 What is the capital of Italy?")
+    cut = terminal.wait_for(
+        lambda s: re.search(r"cache: cut at token ([\d,]+) \(turn 1, user\); recomputing "
+                            r"([\d,]+) tokens", s), "the cut notice of /edit")  # fmt: skip
+    keep, recomputed = number(cut.group(1)), number(cut.group(2))
+    assert 0 < keep < number(loaded.group(1))
+    assert recomputed > 0
+    edit_stats = terminal.wait_for(lambda s: STATS.search(s), "the stats line of the edit")
+    assert number(edit_stats.group(1)) == keep
+    assert number(edit_stats.group(2)) == recomputed
+    terminal.wait_for_prompt(3)
+    terminal.type("/quit")
+    terminal.wait_for(lambda s: "[exit 0]" in s, "kvrepl to quit with exit code 0")
+
+    # The database holds both branches: two user turns with the same parent in session 'demo'.
+    db = sqlite3.connect(home / "kvrepl.db")
+    try:
+        (session_id,) = db.execute("SELECT id FROM sessions WHERE name = 'demo'").fetchone()
+        rows = db.execute(
+            "SELECT parent_id, content FROM messages WHERE session_id = ? AND role = 'user' "
+            "ORDER BY id", [session_id]).fetchall()  # fmt: skip
+        answers = db.execute(
+            "SELECT count(*) FROM messages WHERE session_id = ? AND role = 'assistant'",
+            [session_id]).fetchone()[0]  # fmt: skip
+    finally:
+        db.close()
+    assert [content for _, content in rows] == [question, "What is the capital of Italy?"]
+    assert rows[0][0] == rows[1][0]  # siblings: the edit is a new branch, the old one is kept
+    assert answers == 2
