@@ -151,18 +151,17 @@ class Chat:
 
     # -- sessions -----------------------------------------------------------------------------
     def _switch(self, session: Session | None) -> None:
+        """Make `session` the open one. Its lock is taken before the current one is let go, so
+        a refusal leaves the current session open and locked."""
+        lock = SessionLock(self.home / "locks", session.id) if session is not None else None
         if self._lock is not None:
             self._lock.release()
-            self._lock = None
-        if session is not None:
-            self._lock = SessionLock(self.home / "locks", session.id)
-        self.session = session
+        self._lock, self.session = lock, session
 
     def new_session(self, name: str | None = None) -> Session | None:
         """Start afresh; with a name the session exists at once, else at its first message."""
-        self._switch(None)
-        if name is not None:
-            self._switch(self.store.create_session(name, model=self._model_label()))
+        fresh = self.store.create_session(name, model=self._model_label()) if name else None
+        self._switch(fresh)
         return self.session
 
     def open(self, name_or_id: str) -> Session:
@@ -226,14 +225,16 @@ class Chat:
         return [m for m in self.history() if m.role == "user"]
 
     def prompt_messages(self, history: list[Message] | None = None) -> list[dict[str, str]]:
-        msgs = [{"role": m.role, "content": m.content} for m in (history or self.history())]
+        history = self.history() if history is None else history
+        msgs = [{"role": m.role, "content": m.content} for m in history]
         if self.settings.system:
             msgs.insert(0, {"role": "system", "content": self.settings.system})
         return msgs
 
     def send(self, text: str) -> Iterator[TurnEvent]:
-        """Store the user's message, then answer it."""
-        self._check_message(text)
+        """Store the user's message, then answer it. A message that cannot fit is refused before
+        it is stored (it stays in the input history)."""
+        self._check_message(text, self.history())
         session = self._ensure_session()
         self.store.add_message(session.id, "user", text)
         return self._answer()
@@ -241,7 +242,8 @@ class Chat:
     def edit(self, n: int, text: str) -> Iterator[TurnEvent]:
         """Replace user turn n (1-based) as a new branch; the old one stays in the database."""
         target = self._user_turn(n)
-        self._check_message(text)
+        history = self.history()
+        self._check_message(text, history[: history.index(target)])
         assert self.session is not None
         self.store.add_message(self.session.id, "user", text, parent_id=target.parent_id)
         return self._answer()
@@ -283,7 +285,9 @@ class Chat:
             raise UsageError(f"there is no turn {n}: this conversation has {len(turns)}")
         return turns[n - 1]
 
-    def _check_message(self, text: str) -> None:
+    def _check_message(self, text: str, before: list[Message]) -> None:
+        """Refuse, before anything is stored or computed, a message that is empty or that cannot
+        fit in the context after `before` (the messages it follows)."""
         if not text.strip():
             raise UsageError("empty message: type something, or /help")
         n = self.rt.prompt.count_tokens(text)
@@ -294,6 +298,7 @@ class Chat:
                 f"{self.rt.engine.context_length:,} tokens (at most {limit:,} for a message): "
                 "shorten it or send it in parts"
             )
+        self._fit([*self.prompt_messages(before), {"role": "user", "content": text}])
 
     # -- one turn -----------------------------------------------------------------------------
     def _fit(self, msgs: list[dict[str, str]]) -> tuple[list[int], list[int], list[str]]:
@@ -363,6 +368,7 @@ class Chat:
         return engine.progress.reused, engine.progress.prefilled, notes
 
     def _answer(self) -> Iterator[TurnEvent]:
+        self.last_stats, self.last_reason = None, "interrupted"
         for line in self.restore_snapshot():
             yield Notice(line)
         msgs = self.prompt_messages()
@@ -386,13 +392,18 @@ class Chat:
                 elif isinstance(event, Stats):
                     stats = event
             yield from splitter.flush()
-        finally:
-            if stats is None:  # interrupted: Ctrl-C in the engine, or the consumer closed us
-                events.close()
-                splitter.flush()
-                stats = rt.engine.progress.stats()
-            self.last_stats, self.last_reason = stats, reason
-            warnings = self._store_answer(splitter, stats, interrupted=reason == "interrupted")
+        except BaseException as exc:
+            # Ctrl-C in the engine, or the consumer closed us: keep what was generated, marked
+            # interrupted (the engine has already cut its cache back to what it computed).
+            events.close()
+            splitter.flush()
+            self.last_stats = rt.engine.progress.stats()
+            if isinstance(exc, KeyboardInterrupt | GeneratorExit):
+                self._store_answer(splitter, self.last_stats, interrupted=True)
+            raise
+        assert stats is not None
+        self.last_stats, self.last_reason = stats, reason
+        warnings = self._store_answer(splitter, stats, interrupted=False)
         for line in warnings:
             yield Notice(line)
         yield Finish(reason)

@@ -273,13 +273,14 @@ class Engine:
         self.pc.truncate(keep)
         self.progress.reused = len(self.pc.ids)
         rest = list(ids[len(self.pc.ids) :])
-        self.progress.prefilled = len(rest)
+        self.progress.prefilled = 0  # counts what was computed, also when interrupted
         logits = None
         try:
             for start in range(0, len(rest), self.chunk_size):
                 chunk = rest[start : start + self.chunk_size]
                 logits = self._forward(chunk)
                 self.pc.ids.extend(chunk)
+                self.progress.prefilled += len(chunk)
         finally:
             self.pc.sync()
         assert logits is not None

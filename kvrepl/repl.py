@@ -100,7 +100,7 @@ class Repl:
             self.renderer.end(interrupted=True, stats=self.chat.last_stats)
             return
         except BaseException:
-            self.renderer.end(interrupted=True)
+            self.renderer.end()  # a refused or failed turn: its error line follows, no figures
             raise
         self.renderer.end()
 
