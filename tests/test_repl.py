@@ -3,6 +3,7 @@ during generation, completion, and kvrepl run with piped stdin (no prompt-toolki
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -24,7 +25,7 @@ from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.events import Notice, TextDelta
 from kvrepl.keys import SlashCompleter
 from kvrepl.render import format_stats
-from kvrepl.repl import interactive_loop
+from kvrepl.repl import interactive_loop, stdin_lines
 
 SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=3.0)
 CTRL_C, CTRL_D, ENTER, ALT_ENTER, UP = "\x03", "\x04", "\r", "\x1b\r", "\x1b[A"
@@ -275,6 +276,25 @@ def test_ctrl_c_while_the_answer_is_shown_keeps_the_partial_answer(h: Harness, m
     check_next_turn_reuses(h)
 
 
+def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(
+    h: Harness, monkeypatch, tiny
+):
+    interrupt_forward_at(h, monkeypatch, 3)
+    h.run("/new demo", "hello there")
+    assert h.chat.history()[-1].interrupted
+    cached = len(h.chat.rt.engine.pc.ids)
+    assert h.chat.kv.n_tokens_on_disk(h.chat.session.id) == cached
+    h.close()
+    h2 = make_harness(h.home, tiny_loaded(tiny), settings=SETTINGS, interactive=True)
+    try:
+        out = lines_of(h2.run("/load demo"))
+        assert out == [f"snapshot: restored {cached} cached tokens from disk", out[-1]]
+        assert re.search(r"reused [1-9][\d,]* tokens", out[-1])
+        h2.chat.rt.engine.pc.check()
+    finally:
+        h2.close()
+
+
 @pytest.mark.parametrize("step", [2, 4])
 def test_ctrl_c_inside_the_model_during_decoding(h: Harness, monkeypatch, step):
     interrupt_forward_at(h, monkeypatch, step)  # forward 1 is the prefill
@@ -426,13 +446,17 @@ def test_piped_stdin_answers_and_runs_commands_without_ansi(tmp_path):
     assert (home / "kvrepl.db").is_file()
 
 
+def test_stdin_lines_replace_invalid_utf8():
+    raw = io.TextIOWrapper(io.BytesIO(b"caf\xc3\xa9\nbad \xff\xfe bytes\n/history\n"), "utf-8")
+    assert list(stdin_lines(raw)) == ["café\n", "bad \ufffd\ufffd bytes\n", "/history\n"]
+
+
 def test_stdin_from_dev_null_exits_zero_with_no_ansi(tmp_path):
     out_file = tmp_path / "out.txt"
     with open(os.devnull) as stdin, out_file.open("w") as stdout:
         proc = kvrepl(tmp_path / "home", stdin=stdin, stdout=stdout)
     assert proc.returncode == 0, proc.stderr
     assert out_file.read_text() == "" and proc.stderr == b""
-
 
 
 def test_tab_completes_in_the_prompt(h: Harness):
