@@ -1,0 +1,289 @@
+"""The command line (issue 3): `kvrepl path`, `sessions`, `export`, `rm`, and the session name
+given to `--session`. Subcommands run in-process through `cli.main` on a store made by a `Chat`
+over the tiny model; exit codes and the one-line errors are checked in real processes too (they
+start in well under a second: no model is loaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvrepl import cli
+from kvrepl.chat import Chat, Runtime, SessionLock
+from kvrepl.config import Settings
+from kvrepl.events import Stats
+from kvrepl.kvstore import KVStore
+from kvrepl.models import LoadedModel, ModelSource
+from kvrepl.render import format_size
+from kvrepl.store import STAT_NAMES, Store
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = Settings(temperature=0.0, max_tokens=8, repetition_penalty=3.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def home(_isolated_home: Path) -> Path:
+    return _isolated_home  # KVREPL_HOME, set by conftest for every test
+
+
+def tiny_loaded(tiny) -> LoadedModel:
+    model, tok = tiny
+    return LoadedModel(model, tok, ModelSource("folder", Path("/nonexistent/tiny"), "tiny"),
+                       "cpu", "float32", "tiny-fingerprint", 512)  # fmt: skip
+
+
+def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list[Stats]]:
+    """A session made the way the REPL makes it: a Chat answers each line, then closes."""
+    settings = TINY
+    rt = Runtime.build(tiny_loaded(tiny), settings)
+    chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"), lambda: rt, home)
+    try:
+        if name:
+            chat.open_or_create(name)
+        stats = []
+        for line in lines:
+            stats += [e for e in chat.send(line) if isinstance(e, Stats)]
+        assert chat.session is not None
+        return chat.session.id, stats
+    finally:
+        chat.close()
+        chat.store.close()
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def kvrepl(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVREPL_")}
+    base["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "kvrepl", *argv],
+        cwd=cwd,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def tree(root: Path, skip: Path | None = None) -> set[str]:
+    """Every path under root (relative), except those under `skip`."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if skip is not None and (p == skip or skip in p.parents):
+                continue
+            out.add(str(p.relative_to(root)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# kvrepl path
+
+
+def test_path_defaults_to_sessions_in_the_working_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("KVREPL_HOME")
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert run_main(capsys, "path") == (0, f"{cwd / 'sessions'}\n", "")
+    assert list(cwd.iterdir()) == []  # printing the path creates nothing
+
+
+def test_path_follows_kvrepl_home(home, capsys):
+    assert run_main(capsys, "path") == (0, f"{home}\n", "")
+
+
+def test_path_store_flag_wins_over_kvrepl_home(home, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(capsys, "--store", "elsewhere", "path") == (
+        0,
+        f"{tmp_path / 'elsewhere'}\n",
+        "",
+    )
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    assert run_main(capsys, "--store", "~/kv", "path") == (0, f"{tmp_path / 'me' / 'kv'}\n", "")
+
+
+def test_path_in_a_real_process(tmp_path):
+    (tmp_path / "a").mkdir()
+    p = kvrepl("path", cwd=tmp_path / "a")
+    assert (p.returncode, p.stdout, p.stderr) == (0, f"{tmp_path / 'a' / 'sessions'}\n", "")
+    p = kvrepl("--store", str(tmp_path / "s"), "path", cwd=tmp_path,
+               env={"KVREPL_HOME": str(tmp_path / "h")})  # fmt: skip
+    assert (p.returncode, p.stdout) == (0, f"{tmp_path / 's'}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# kvrepl sessions
+
+
+def test_sessions_lists_name_title_turns_tokens_updated_and_snapshot_size(tiny, home, capsys):
+    first = "The capital of France is Paris. " * 3
+    sid, _ = converse(tiny, home, "demo", first, "Hello there")
+    other, _ = converse(tiny, home, None, "how are you?")  # unnamed: listed by its id
+    rc, out, err = run_main(capsys, "sessions")
+    assert (rc, err) == (0, "")
+    rows = [line.split("\t") for line in out.splitlines()]
+    store, kv = Store(home / "kvrepl.db"), KVStore(home / "kv")
+    try:
+        want = []
+        for session_id, turns in ((other, 1), (sid, 2)):  # most recently updated first
+            s = store.get_session(session_id)
+            assert s is not None
+            tokens = kv.n_tokens_on_disk(session_id)
+            assert tokens > 0
+            want.append([s.name or s.id, s.title, str(turns), str(tokens), s.updated,
+                         format_size(kv.size_bytes(session_id))])  # fmt: skip
+    finally:
+        store.close()
+    assert rows == want
+    assert rows[1][:3] == ["demo", " ".join(first.split())[:59].rstrip() + "…", "2"]
+    assert rows[0][0] == other and rows[0][1] == "how are you?"
+
+
+def test_sessions_on_an_empty_store(home, capsys):
+    assert run_main(capsys, "sessions") == (0, "", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# kvrepl export
+
+
+def test_export_json_holds_each_turns_stats_under_the_five_names(tiny, home, capsys):
+    sid, stats = converse(tiny, home, "demo", "Hello there", "The capital of France?")
+    rc, out, err = run_main(capsys, "export", "demo", "--format", "json")
+    assert (rc, err) == (0, "")
+    doc = json.loads(out)
+    assert doc["session"]["name"] == "demo" and doc["session"]["id"] == sid
+    msgs = doc["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in msgs[::2]] == ["Hello there", "The capital of France?"]
+    assert all("stats" not in m for m in msgs[::2])
+    for m, s in zip(msgs[1::2], stats, strict=True):
+        assert list(m["stats"]) == list(STAT_NAMES)
+        assert m["stats"] == s.as_dict()
+        assert m["stats"]["prefilled_tokens"] > 0 and m["stats"]["generated_tokens"] > 0
+    assert stats[1].reused_tokens > 0  # the second turn reused the first one's cache
+
+
+def test_export_markdown_holds_each_turns_stats(tiny, home, capsys):
+    _, stats = converse(tiny, home, "demo", "Hello there", "The capital of France?")
+    rc, out, err = run_main(capsys, "export", "demo", "--format", "md")
+    assert (rc, err) == (0, "")
+    assert out.startswith("# demo\n")
+    assert "## 1. user\n\nHello there\n" in out and "## 2. user\n\nThe capital of France?\n" in out
+    assert out.count("### assistant") == 2
+    for s in stats:
+        line = (f"*reused {s.reused_tokens} · prefilled {s.prefilled_tokens} · generated "
+                f"{s.generated_tokens} · ttft {s.ttft_s} s · {s.decode_tok_s} tok/s*")  # fmt: skip
+        assert line in out
+    rc, default, _ = run_main(capsys, "export", "demo")
+    assert (rc, default) == (0, out)  # md is the default
+
+
+# ---------------------------------------------------------------------------------------------
+# kvrepl rm
+
+
+def test_rm_deletes_the_session_and_its_kv_folder_only(tiny, home, capsys):
+    sid, _ = converse(tiny, home, "demo", "Hello there")
+    keep, _ = converse(tiny, home, "keep", "how are you?")
+    assert (home / "kv" / sid).is_dir() and (home / "kv" / keep).is_dir()
+    rc, out, err = run_main(capsys, "rm", "demo")
+    assert (rc, out, err) == (0, "deleted demo\n", "")
+    assert not (home / "kv" / sid).exists()
+    store = Store(home / "kvrepl.db")
+    try:
+        assert store.get_session("demo") is None and store.get_session(sid) is None
+        assert store.db.execute("SELECT count(*) FROM messages WHERE session_id = ?",
+                                [sid]).fetchone()[0] == 0  # fmt: skip
+        assert store.get_session("keep") is not None
+    finally:
+        store.close()
+    assert KVStore(home / "kv").n_tokens_on_disk(keep) > 0
+    _, listing, _ = run_main(capsys, "sessions")
+    assert [line.split("\t")[0] for line in listing.splitlines()] == ["keep"]
+
+
+def test_rm_refuses_a_session_open_in_another_kvrepl(tiny, home, capsys):
+    sid, _ = converse(tiny, home, "demo", "Hello there")
+    lock = SessionLock(home / "locks", sid)  # as an open kvrepl holds it
+    try:
+        rc, out, err = run_main(capsys, "rm", "demo")
+    finally:
+        lock.release()
+    assert rc == 1 and out == ""
+    assert err == f"kvrepl: this session is open in another kvrepl (pid {os.getpid()}); " \
+                  "close it there first\n"  # fmt: skip
+    assert (home / "kv" / sid).is_dir()
+    assert run_main(capsys, "rm", "demo")[0] == 0  # once it is closed
+
+
+@pytest.mark.parametrize(
+    "argv", [["rm", "x"], ["export", "x"], ["export", "x", "--format", "json"]]
+)
+def test_unknown_session_is_one_line_and_a_non_zero_exit(tiny, home, tmp_path, argv):
+    converse(tiny, home, "demo", "Hello there")  # a store that has other sessions
+    p = kvrepl(*argv, cwd=tmp_path, env={"KVREPL_HOME": str(home)})
+    assert p.returncode != 0
+    assert p.stdout == ""
+    assert p.stderr == "kvrepl: no session 'x'\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# --session NAME
+
+
+BAD_NAMES = {
+    "../../x": "kvrepl: a session name cannot contain '/' (a path separator)",
+    "a/b": "kvrepl: a session name cannot contain '/' (a path separator)",
+    "..": "kvrepl: '..' cannot be a session name",
+    "x" * 300: "kvrepl: a session name has at most 64 characters, not 300",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_NAMES), ids=["dotdot-x", "a-slash-b", "dotdot", "300"])
+def test_bad_session_name_is_one_clear_line_and_creates_nothing_outside(tmp_path, name):
+    store = tmp_path / "work" / "store"
+    cwd = tmp_path / "work" / "cwd"
+    cwd.mkdir(parents=True)
+    before = tree(tmp_path, skip=store)
+    p = kvrepl("--session", name, cwd=cwd, env={"KVREPL_HOME": str(store)})
+    assert p.returncode != 0
+    assert p.stdout == ""
+    assert p.stderr == BAD_NAMES[name] + "\n"
+    assert tree(tmp_path, skip=store) == before  # nothing outside the store
+    if (store / "kvrepl.db").exists():  # and no session inside it
+        s = Store(store / "kvrepl.db")
+        try:
+            assert s.list_sessions() == []
+        finally:
+            s.close()
+    assert not (store / "kv").exists() or list((store / "kv").iterdir()) == []
+
+
+def test_resume_with_no_session_is_one_line(tmp_path):
+    p = kvrepl("--resume", cwd=tmp_path, env={"KVREPL_HOME": str(tmp_path / "s")})
+    assert p.returncode != 0
+    assert p.stderr == "kvrepl: there is no session to resume yet\n"
