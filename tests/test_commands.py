@@ -210,9 +210,6 @@ def test_new_starts_an_empty_session(h: Harness):
     assert h.store.get_session("scratch") is not None
 
 
-@pytest.mark.xfail(strict=True, reason="chat.py:Chat.new_session: it leaves the current session "
-                   "(and releases its lock) before create_session refuses a taken name, so a "
-                   "failed `/new NAME` drops the user out of their session")  # fmt: skip
 def test_new_with_a_taken_name_keeps_the_current_session(h: Harness):
     h.run("/new demo", "/new other", "hello there")
     out = lines_of(h.run("/new demo"))
@@ -297,9 +294,6 @@ def test_load_refuses_a_session_open_elsewhere(h: Harness, tiny, tmp_path):
         other.close()
 
 
-@pytest.mark.xfail(strict=True, reason="chat.py:Chat._switch: it releases the current session's "
-                   "lock before taking the new one; when the new one is locked elsewhere the "
-                   "REPL stays on its session without holding its lock")  # fmt: skip
 def test_a_refused_load_keeps_the_lock_on_the_current_session(h: Harness, tiny):
     h.run("/new demo", "hello there", "/new mine", "my turn")
     holder = make_harness(h.home, tiny_loaded(tiny), settings=SETTINGS)
