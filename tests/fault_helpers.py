@@ -1,0 +1,389 @@
+"""Helpers for tests/test_faults.py: a line-mode REPL over a tiny model in a tmp store, checks of
+what the user is left with (the cache, the snapshot, the history), ways to break files for real,
+and an entry point that runs the real kvrepl CLI with one fault injected, so that a test can kill
+a real process at a chosen moment:
+
+    python tests/fault_helpers.py FAULT:N [kvrepl arguments...]
+
+FAULT is one of
+    kill-after-commit   SIGKILL at the Nth snapshot save: the turn's answer is committed to
+                        SQLite, the snapshot is not written
+    snapshot-then-kill  at the Nth turn end, write the snapshot first, then SIGKILL before the
+                        answer is committed (the other order)
+    kill-mid-write      at the Nth chunk write, write half the bytes of the temp file, then
+                        SIGKILL (a kill during a save)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = ROOT / ".venv" / "bin" / "python"
+KVREPL = ROOT / ".venv" / "bin" / "kvrepl"
+ANSI = "\x1b"
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def make_fault_model(tok: Any, seed: int = 0, *, sliding_window: int | None = None,
+                     layer_types: list[str] | None = None) -> Any:  # fmt: skip
+    """A tiny random model whose greedy answers are varied text (untied embeddings: the tied tiny
+    Llama of conftest only ever repeats its last input token). With `sliding_window`, a Qwen2 whose
+    `layer_types` hold sliding-window layers: a cache that cannot be cut back."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+                  tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    if sliding_window is None:
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    cfg = Qwen2Config(**common, use_sliding_window=True, sliding_window=sliding_window,
+                      layer_types=layer_types or
+                      ["sliding_attention", "full_attention", "sliding_attention"])  # fmt: skip
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def make_loaded(model: Any, tok: Any, *, label: str = "tiny", dtype: str = "float32",
+                context_length: int = 256, fingerprint: str | None = None) -> Any:  # fmt: skip
+    """A LoadedModel built by hand; the fingerprint is the product's own function of it."""
+    from kvrepl import models
+
+    fp = fingerprint or models.fingerprint(label, model.config, dtype, tok)
+    source = models.ModelSource("folder", Path("/nonexistent") / label, label)
+    return models.LoadedModel(model, tok, source, "cpu", dtype, fp, context_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# the harness: Repl in line mode over a Chat in a tmp store
+
+
+@dataclass
+class Harness:
+    home: Path
+    loaded: Any
+    settings: Any
+    out: io.StringIO
+    chat: Any
+    repl: Any
+    rt: Any
+    store: Any
+    kv: Any
+    streams: list[list[int]] = field(default_factory=list)  # ids of each engine.stream call
+
+    def line(self, text: str) -> str:
+        """Handle one line as the line loop does; return what it printed. The REPL must go on."""
+        start = len(self.out.getvalue())
+        assert self.repl.handle(text) is True, f"the REPL ended on {text!r}"
+        return self.out.getvalue()[start:]
+
+    def lines(self, *texts: str) -> str:
+        return "".join(self.line(t) for t in texts)
+
+    @property
+    def sid(self) -> str:
+        assert self.chat.session is not None
+        return self.chat.session.id
+
+    def close(self) -> None:
+        self.chat.close()
+        self.store.close()
+
+
+def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
+    from kvrepl.chat import Chat, Runtime
+    from kvrepl.commands import build_registry
+    from kvrepl.config import Settings
+    from kvrepl.kvstore import KVStore
+    from kvrepl.render import Renderer, make_console
+    from kvrepl.repl import Repl
+    from kvrepl.store import Store
+
+    s = Settings(**{"temperature": 0.0, "max_tokens": 6, "plain": True, **settings})
+    rt = Runtime.build(loaded, s)
+    out = io.StringIO()
+    renderer = Renderer(make_console(out, plain=True, width=400), plain=True)
+    store = Store(home / "kvrepl.db")
+    kv = KVStore(home / "kv")
+    chat = Chat(s, store, kv, lambda: rt, home)
+    repl = Repl(chat, renderer, build_registry(), interactive=False)
+    h = Harness(home, loaded, s, out, chat, repl, rt, store, kv)
+    stream = rt.engine.stream
+
+    def counting_stream(ids: Any, sampling: Any) -> Any:
+        h.streams.append(list(ids))
+        return stream(ids, sampling)
+
+    rt.engine.stream = counting_stream
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# what the user is left with
+
+
+def reference_answer(loaded: Any, messages: list[dict[str, str]] | list[int],
+                     max_tokens: int) -> list[int]:  # fmt: skip
+    """The greedy answer ids of a fresh engine that reuses nothing (the baseline), for these
+    messages or these prompt ids."""
+    from kvrepl.engine import Engine, Sampling
+    from kvrepl.prompt import Prompt
+
+    prompt = Prompt(loaded.tokenizer)
+    ends = prompt.end_token_ids(getattr(loaded.model, "generation_config", None))
+    engine = Engine(loaded.model, loaded.tokenizer, end_ids=ends,
+                    context_length=loaded.context_length, reuse=False)  # fmt: skip
+    ids = messages if messages and isinstance(messages[0], int) else prompt.render(messages)
+    for _ in engine.stream(ids, Sampling(temperature=0, max_tokens=max_tokens)):
+        pass
+    return list(engine.progress.generated)
+
+
+def assert_last_answer_is_recompute(h: Harness) -> None:
+    """The last turn's greedy answer equals a no-reuse recomputation over the stored history."""
+    history = h.chat.history()
+    assert history and history[-1].role == "assistant"
+    msgs = h.chat.prompt_messages(history[:-1])
+    want = reference_answer(h.loaded, msgs, h.chat.settings.max_tokens)
+    assert list(h.rt.engine.progress.generated) == want
+
+
+@torch.inference_mode()
+def assert_cache_true(engine: Any) -> None:
+    """`pc.check()`, and every position holds the K/V a fresh forward pass computes for it."""
+    from kvrepl.engine import PromptCache
+
+    pc = engine.pc
+    pc.check()
+    if not pc.ids:
+        return
+    fresh = PromptCache(engine.model.config)
+    engine.model(input_ids=torch.tensor([pc.ids]), cache=fresh.cache, use_cache=True,
+                 logits_to_keep=1)  # fmt: skip
+    fresh.ids = list(pc.ids)
+    for i, ((k, v), (rk, rv)) in enumerate(zip(pc.export(), fresh.export(), strict=True)):
+        assert k.shape == rk.shape, f"layer {i}: {tuple(k.shape)} != {tuple(rk.shape)}"
+        tol = 1e-4 if k.dtype == torch.float32 else 5e-2
+        assert torch.allclose(k, rk, atol=tol) and torch.allclose(v, rv, atol=tol), i
+
+
+def assert_whole_turns(h: Harness, n_turns: int) -> None:
+    """The active branch is n whole turns (user, answer); no half turn, no phantom turn."""
+    roles = [m.role for m in h.chat.history()]
+    assert roles == ["user", "assistant"] * n_turns, roles
+
+
+def assert_snapshot_clean(h: Harness) -> None:
+    """A fresh KVStore loads the snapshot with no note, and it holds exactly the engine's ids."""
+    from kvrepl.kvstore import KVStore
+
+    result = KVStore(h.home / "kv").load(h.sid, h.loaded.fingerprint)
+    assert result.notes == []
+    assert result.ids == h.rt.engine.pc.ids
+    assert not [n for n in os.listdir(h.home / "kv" / h.sid) if n.startswith(".tmp-")]
+
+
+def chunk_files(home: Path, sid: str) -> dict[str, bytes]:
+    d = home / "kv" / sid
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d)) if n.startswith("chunk-")}
+
+
+def db_messages(home: Path) -> list[tuple[str, str, int]]:
+    """(role, content, interrupted) of every message, read with plain sqlite3."""
+    con = sqlite3.connect(home / "kvrepl.db")
+    try:
+        return con.execute("SELECT role, content, interrupted FROM messages ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def fault_lines(out: str) -> list[str]:
+    """The lines that say a snapshot was cut or dropped (not the 'restored' line)."""
+    return [ln for ln in out.splitlines()
+            if ln.startswith("snapshot:") and "restored" not in ln]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# breaking a chunk file
+
+
+def header(buf: bytes) -> tuple[int, dict[str, Any]]:
+    hlen = int.from_bytes(buf[:8], "little")
+    return hlen, json.loads(buf[8 : 8 + hlen])
+
+
+def resave(path: Path, metadata: dict[str, str] | None, dtype: torch.dtype | None = None) -> None:
+    """Rewrite a chunk as a well-formed safetensors file with other metadata (and tensors)."""
+    from safetensors.torch import load, save
+
+    tensors = load(path.read_bytes())
+    if dtype is not None:
+        tensors = {k: v if k == "ids" else v.to(dtype) for k, v in tensors.items()}
+    path.write_bytes(save(tensors, metadata=metadata))
+
+
+# ---------------------------------------------------------------------------------------------
+# running the real CLI
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment without KVREPL_* settings (the model cache stays), one CPU thread."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("KVREPL_") or k == "KVREPL_CACHE"}  # fmt: skip
+    for k in ("NO_COLOR", "FORCE_COLOR", "PYTHONIOENCODING"):
+        env.pop(k, None)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def kvrepl_cmd(args: list[str], fault: str | None = None) -> list[str]:
+    """The kvrepl console script, or this module's entry point with a fault injected."""
+    return [str(KVREPL), *args] if fault is None else [str(PYTHON), __file__, fault, *args]
+
+
+@dataclass
+class Done:
+    rc: int
+    out: str
+    err: str
+
+
+class Jobs:
+    """Real kvrepl processes, started together (each spends seconds importing torch, so they
+    run side by side while the in-process tests go on); a test waits for its own by name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self.cleanups: dict[str, Any] = {}  # run when the job's result is taken
+        self.data: dict[str, Any] = {}  # what a job's test needs to know from its set-up
+
+    def start(self, name: str, args: list[str], stdin: bytes | None = b"", *,
+              fault: str | None = None, **env: str) -> Path:  # fmt: skip
+        """Start kvrepl ARGS with `stdin` piped in (None: /dev/null), stdout and stderr going to
+        files in the job's folder (not a terminal)."""
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "stdout", "wb") as o, open(d / "stderr", "wb") as e:
+            p = subprocess.Popen(kvrepl_cmd(args, fault), stdout=o, stderr=e, cwd=ROOT,
+                                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                                 env=cli_env(**env))  # fmt: skip
+        if stdin is not None:  # as `echo ... | kvrepl`: written, then the pipe closed
+            assert p.stdin is not None
+            try:
+                p.stdin.write(stdin)
+                p.stdin.close()
+            except BrokenPipeError:
+                pass
+        self.procs[name] = (p, d)
+        return d
+
+    def wait(self, name: str, timeout: float = 300) -> Done:
+        p, d = self.procs[name]
+        rc = p.wait(timeout=timeout)
+        cleanup = self.cleanups.pop(name, None)
+        if cleanup is not None:
+            cleanup()
+        read = lambda n: (d / n).read_bytes().decode("utf-8", "replace")  # noqa: E731
+        return Done(rc, read("stdout"), read("stderr"))
+
+    def stop(self) -> None:
+        for p, _ in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for cleanup in self.cleanups.values():
+            cleanup()
+
+
+def _kill() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_fault(spec: str) -> None:
+    name, _, n = spec.partition(":")
+    nth = int(n or 1)
+    count = [0]
+
+    def due() -> bool:
+        count[0] += 1
+        return count[0] == nth
+
+    if name == "kill-after-commit":
+        from kvrepl.kvstore import KVStore
+
+        save = KVStore.save
+
+        def save_or_die(self: Any, *a: Any, **k: Any) -> Any:
+            if due():
+                _kill()
+            return save(self, *a, **k)
+
+        KVStore.save = save_or_die
+    elif name == "snapshot-then-kill":
+        from kvrepl.chat import Chat
+
+        store_answer = Chat._store_answer
+
+        def snapshot_first(self: Any, *a: Any, **k: Any) -> Any:
+            if due():
+                self._save_snapshot([])
+                _kill()
+            return store_answer(self, *a, **k)
+
+        Chat._store_answer = snapshot_first
+    elif name == "kill-mid-write":
+        import builtins
+
+        from kvrepl import kvstore
+
+        class HalfWriter(io.RawIOBase):
+            def __init__(self, f: Any) -> None:
+                self.f = f
+
+            def write(self, data: Any) -> int:
+                self.f.write(bytes(data)[: len(data) // 2])
+                self.f.flush()
+                os.fsync(self.f.fileno())
+                _kill()
+                return 0
+
+            def __enter__(self) -> Any:
+                return self
+
+            def __exit__(self, *exc: Any) -> None:
+                self.f.close()
+
+        def fault_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+            f = builtins.open(file, mode, *a, **k)
+            if "w" in mode and due():
+                return HalfWriter(f)
+            return f
+
+        kvstore.open = fault_open  # the module's own `open`, used by its atomic writer
+    else:
+        raise SystemExit(f"unknown fault {spec!r}")
+
+
+if __name__ == "__main__":
+    install_fault(sys.argv[1])
+    from kvrepl.cli import main
+
+    sys.exit(main(sys.argv[2:]))
