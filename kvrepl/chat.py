@@ -116,6 +116,7 @@ class Chat:
         self._rt: Runtime | None = None
         self.home = home
         self.session: Session | None = None
+        self._pending: dict[str, Any] = {}  # /set before the session exists: kept until it does
         self._lock: SessionLock | None = None
         self._cache_owner: str | None = None  # the session whose ids the engine cache holds
         self.last_stats: Stats | None = None
@@ -140,7 +141,7 @@ class Chat:
 
     @property
     def settings(self) -> Settings:
-        overrides = self.session.settings if self.session else {}
+        overrides = self.session.settings if self.session else self._pending
         return self.base_settings.with_overrides(overrides)
 
     def sampling(self) -> Sampling:
@@ -194,8 +195,11 @@ class Chat:
         return self._refresh()
 
     def set_option(self, key: str, value: Any) -> None:
-        session = self._ensure_session()
-        self.store.update_settings(session.id, {key: value})
+        """A session setting; before the first message it waits in memory (no empty session)."""
+        if self.session is None:
+            self._pending[key] = value
+            return
+        self.store.update_settings(self.session.id, {key: value})
         self._refresh()
 
     def close(self) -> None:
@@ -203,7 +207,8 @@ class Chat:
 
     def _ensure_session(self) -> Session:
         if self.session is None:
-            self._switch(self.store.create_session(None, model=self._model_label()))
+            settings, self._pending = self._pending, {}
+            self._switch(self.store.create_session(None, self._model_label(), settings))
         assert self.session is not None
         return self.session
 
@@ -368,22 +373,27 @@ class Chat:
         return engine.progress.reused, engine.progress.prefilled, notes
 
     def _answer(self) -> Iterator[TurnEvent]:
+        """Answer the head of the active branch. Whatever stops the turn (Ctrl-C anywhere in it,
+        or the consumer closing it), the user's message gets an answer, marked interrupted, with
+        what was generated, and the engine's cache matches its ids."""
         self.last_stats, self.last_reason = None, "interrupted"
-        for line in self.restore_snapshot():
-            yield Notice(line)
-        msgs = self.prompt_messages()
-        ids, starts, notes = self._fit(msgs)
-        for line in notes:
-            yield Notice(line)
-        rt = self.rt
-        keep, cached = rt.engine.plan(ids), len(rt.engine.pc.ids)
-        if cached and keep < cached - 1:
-            yield Notice(self._cut_line(msgs, starts, keep, len(ids), rt.engine.pc.croppable))
-        splitter = ThinkSplitter(in_think=rt.prompt.opens_in_think(ids))
-        events = rt.engine.stream(ids, self.sampling())
+        splitter = ThinkSplitter()
+        events: Iterator[TurnEvent] | None = None
         stats: Stats | None = None
         reason = "interrupted"
         try:
+            for line in self.restore_snapshot():
+                yield Notice(line)
+            msgs = self.prompt_messages()
+            ids, starts, notes = self._fit(msgs)
+            for line in notes:
+                yield Notice(line)
+            rt = self.rt
+            keep, cached = rt.engine.plan(ids), len(rt.engine.pc.ids)
+            if cached and keep < cached - 1:
+                yield Notice(self._cut_line(msgs, starts, keep, len(ids), rt.engine.pc.croppable))
+            splitter.in_think = rt.prompt.opens_in_think(ids)
+            events = rt.engine.stream(ids, self.sampling())
             for event in events:
                 if isinstance(event, TextDelta):
                     yield from splitter.feed(event.text)
@@ -393,18 +403,18 @@ class Chat:
                     stats = event
             yield from splitter.flush()
         except BaseException as exc:
-            # Ctrl-C in the engine, or the consumer closed us: keep what was generated, marked
-            # interrupted (the engine has already cut its cache back to what it computed).
-            events.close()
+            if events is not None:
+                events.close()  # the engine cuts its cache back to what it computed
             splitter.flush()
-            self.last_stats = rt.engine.progress.stats()
+            # Nothing computed yet: no figures to show, zeros to store.
+            self.last_stats = self.rt.engine.progress.stats() if events else None
             if isinstance(exc, KeyboardInterrupt | GeneratorExit):
-                self._store_answer(splitter, self.last_stats, interrupted=True)
+                figures = self.last_stats or Stats(0, 0, 0, 0.0, 0.0)
+                self._store_answer(splitter, figures, True, snapshot=events is not None)
             raise
         assert stats is not None
         self.last_stats, self.last_reason = stats, reason
-        warnings = self._store_answer(splitter, stats, interrupted=False)
-        for line in warnings:
+        for line in self._store_answer(splitter, stats, interrupted=False):
             yield Notice(line)
         yield Finish(reason)
         yield stats
@@ -422,7 +432,9 @@ class Chat:
         where = f"turn {turn}, {msgs[j]['role']}" if msgs else "start"
         return f"cache: cut at token {keep:,} ({where}); recomputing {total - keep:,} tokens"
 
-    def _store_answer(self, splitter: ThinkSplitter, stats: Stats, interrupted: bool) -> list[str]:
+    def _store_answer(
+        self, splitter: ThinkSplitter, stats: Stats, interrupted: bool, *, snapshot: bool = True
+    ) -> list[str]:
         assert self.session is not None
         warnings: list[str] = []
         with deferred_interrupts():
@@ -433,7 +445,8 @@ class Chat:
                 interrupted=interrupted,
                 stats=stats.as_dict(),
             )
-            self._save_snapshot(warnings)
+            if snapshot:
+                self._save_snapshot(warnings)
         self._refresh()
         return warnings
 

@@ -175,7 +175,9 @@ def build_registry() -> Registry:
         line = f"thinking {'shown' if show else 'hidden'}"
         if arg:
             ctx.chat.set_option("thinking", arg == "on")
-            if ctx.chat._rt is not None and not ctx.chat.rt.prompt.supports_thinking:
+            if ctx.chat._rt is None:
+                line += f"; thinking mode {arg} where the model's template has a switch"
+            elif not ctx.chat.rt.prompt.supports_thinking:
                 line += " (this model's template has no thinking switch)"
             else:
                 line += f"; thinking mode {arg}"

@@ -41,8 +41,11 @@ class Repl:
 
     def handle(self, line: str) -> bool:
         """Run one line; False when the REPL should end. Errors are one line; the REPL goes on."""
+        return self._guard(self._handle, line)
+
+    def _guard(self, step: Callable[[str], bool], line: str) -> bool:
         try:
-            return self._handle(line)
+            return step(line)
         except KvreplError as exc:
             self.renderer.error(str(exc))
         except KeyboardInterrupt:
@@ -78,13 +81,9 @@ class Repl:
     def submit_prefilled(self, text: str) -> bool:
         """The user's answer to a prefilled prompt (e.g. `/edit N` without text)."""
         pending, self.prefill = self.prefill, None
-        if pending is None:
-            return self.handle(text)
-        try:
-            return self._run(pending.then(text))
-        except KvreplError as exc:
-            self.renderer.error(str(exc))
-            return True
+        if pending is None or text.lstrip().startswith("/") or text.strip() in QUIT_WORDS:
+            return self.handle(text)  # a command typed over the prefilled text cancels the edit
+        return self._guard(lambda t: self._run(pending.then(t)), text)
 
     def render_turn(self, events: Iterator[Any]) -> None:
         """Show a turn as it streams. Ctrl-C stops it: the partial answer is kept (marked

@@ -346,12 +346,6 @@ def test_ctrl_c_before_the_first_token_does_not_repeat_the_last_stats(h: Harness
     h.chat.rt.engine.pc.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chat.py:Chat._answer: its try starts at the engine, so Ctrl-C before it (snapshot "
-    "restore, _fit, the cut notice) stores no answer: the user turn is left unanswered and "
-    "unmarked, and the next message follows it",
-)
 def test_ctrl_c_before_the_first_token_still_closes_the_turn(h: Harness, monkeypatch):
     h.run("hello there")
     interrupt_renderer_at(h, monkeypatch, 1, kind=Notice)  # the "cache: cut at …" notice
