@@ -231,11 +231,12 @@ def build_registry() -> Registry:
             return None
         rows = []
         for b in ctx.chat.store.branches(ctx.chat.session.id):
-            first = b.diverges.content if b.diverges else b.leaf.content
-            rows.append(
-                ("*" if b.active else "", b.leaf.id, b.length, b.shared, _one_line(first, 50))
-            )
-        ctx.renderer.print_table(("", "id", "messages", "shared", "starts with"), rows)
+            # Where a branch leaves the active one says what it is (an edit, a retry).
+            at = b.diverges or b.leaf
+            who = "you" if at.role == "user" else at.role
+            what = "(the active branch)" if b.active else f"{who}: {_one_line(at.content, 46)}"
+            rows.append(("*" if b.active else "", b.leaf.id, b.length, b.shared, what))
+        ctx.renderer.print_table(("", "id", "messages", "shared", "differs at"), rows)
         ctx.renderer.info("/branch ID switches to one")
         return None
 

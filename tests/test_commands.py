@@ -438,7 +438,7 @@ def test_branches_and_branch_switch(h: Harness):
     active = [r for r in rows if r[0] == "*"]
     old = [r for r in rows if r[0] == ""]
     assert len(active) == 1 and len(old) == 1
-    assert old[0][4] == "hello there"  # where the old branch leaves the active one
+    assert old[0][4] == "you: hello there"  # where the old branch leaves the active one
     assert h.run("/branch " + old[0][1]) == "on branch " + old[0][1] + ": 1 turn(s)\n"
     assert user_texts(h) == ["hello there"]
     rows = [line.split("\t") for line in lines_of(h.run("/branches"))[:-1]]
