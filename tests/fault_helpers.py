@@ -237,6 +237,25 @@ def resave(path: Path, metadata: dict[str, str] | None, dtype: torch.dtype | Non
     path.write_bytes(save(tensors, metadata=metadata))
 
 
+def forge_dtype(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a chunk with its K/V in another dtype, its metadata and data hash made to match:
+    everything in order except that the model computes in another dtype."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    buf = path.read_bytes()
+    meta = header(buf)[1]["__metadata__"]
+    tensors = {k: v if k == "ids" else v.to(dtype) for k, v in load(buf).items()}
+    names = ["ids"] + [f"layers.{i}.{kv}" for i in range(int(meta["n_layers"]))
+                       for kv in ("keys", "values")]  # fmt: skip
+    dh = hashlib.sha256()
+    for k in names:
+        dh.update(tensors[k].reshape(-1).view(torch.uint8).numpy())
+    meta = dict(meta, dtype=str(dtype).removeprefix("torch."), data_hash=dh.hexdigest())
+    path.write_bytes(save(tensors, metadata=meta))
+
+
 # ---------------------------------------------------------------------------------------------
 # running the real CLI
 

@@ -40,6 +40,7 @@ from fault_helpers import (
     chunk_files,
     db_messages,
     fault_lines,
+    forge_dtype,
     header,
     make_fault_model,
     make_harness,
@@ -349,6 +350,28 @@ def test_a_snapshot_from_another_model_or_dtype_is_dropped(other, snap_home, mod
     h.line("/load snap")
     out = h.out.getvalue()
     assert fault_lines(out) == ["snapshot: dropped: it was made by another model"], out
+    one_turn_ok(h, "and Germany?")
+    assert_snapshot_clean(h)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "chat.py:Chat.restore_snapshot / kvstore.py:KVStore.load: the snapshot's dtype is never "
+    "compared with the model's (load is called without dtype; only the fingerprint is checked), "
+    "so bfloat16 K/V under a matching fingerprint are restored into a float32 model and every "
+    "turn fails with 'internal error: RuntimeError: Expected query, key, and value to have the "
+    "same dtype', also after a restart, since no save ever replaces the snapshot"))  # fmt: skip
+def test_a_snapshot_in_another_dtype_under_the_same_fingerprint_is_dropped(
+    snap_home, loaded, make, tmp_path
+):
+    src, sid = snap_home
+    home = tmp_path / "store"
+    shutil.copytree(src, home)
+    for name in chunk_files(home, sid):
+        forge_dtype(home / "kv" / sid / name, torch.bfloat16)
+    h = make(loaded, home)
+    out = h.line("/load snap")
+    assert "internal error" not in out, out
+    assert len(fault_lines(out)) == 1, out
     one_turn_ok(h, "and Germany?")
     assert_snapshot_clean(h)
 
@@ -828,6 +851,25 @@ def test_ctrl_c_in_the_model_leaves_everything_consistent(when, loaded, make):
         assert 0 < len(h.rt.engine.pc.ids) < len(h.streams[-1])  # kept the chunks it finished
     h.rt.engine.chunk_size = 512
     after_interrupt_all_is_consistent(h, out, 2)
+
+
+def test_ctrl_c_while_load_warms_the_cache_leaves_everything_consistent(snap_home, loaded, make,
+                                                                        tmp_path):  # fmt: skip
+    src, sid = snap_home
+    home = tmp_path / "store"
+    shutil.copytree(src, home)
+    h = make(loaded, home)
+    h.rt.engine.chunk_size = 4  # the part not in the snapshot takes several forwards
+    with CtrlCAt(h.loaded.model, 2) as ctrl_c:
+        out = h.line("/load snap")
+    assert ctrl_c.calls == 2
+    assert out.splitlines()[-1] == "interrupted" and "error" not in out, out
+    assert h.chat.session.name == "snap"
+    assert_cache_true(h.rt.engine)
+    assert_whole_turns(h, 3)
+    h.rt.engine.chunk_size = 512
+    one_turn_ok(h, "and Germany?")
+    assert_snapshot_clean(h)
 
 
 def test_ctrl_c_during_the_save_keeps_the_committed_turn(loaded, make, monkeypatch):
