@@ -25,7 +25,7 @@ from kvrepl.errors import PromptError, SnapshotError, StoreError, UsageError
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
 from kvrepl.models import LoadedModel
 from kvrepl.prompt import Prompt, ThinkSplitter
-from kvrepl.store import Message, Session, Store
+from kvrepl.store import Message, Session, Store, clean_text
 
 if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
     from kvrepl.engine import Engine, Sampling
@@ -239,6 +239,7 @@ class Chat:
     def send(self, text: str) -> Iterator[TurnEvent]:
         """Store the user's message, then answer it. A message that cannot fit is refused before
         it is stored (it stays in the input history)."""
+        text = clean_text(text)  # a lone surrogate (from a bad terminal byte) becomes U+FFFD
         self._check_message(text, self.history())
         session = self._ensure_session()
         self.store.add_message(session.id, "user", text)
@@ -247,6 +248,7 @@ class Chat:
     def edit(self, n: int, text: str) -> Iterator[TurnEvent]:
         """Replace user turn n (1-based) as a new branch; the old one stays in the database."""
         target = self._user_turn(n)
+        text = clean_text(text)
         history = self.history()
         self._check_message(text, history[: history.index(target)])
         assert self.session is not None
@@ -343,10 +345,16 @@ class Chat:
         rt.engine.pc.reset()
         self._cache_owner = session.id
         loaded = rt.loaded
+        if not rt.engine.pc.croppable:
+            return ["snapshot: not kept for this model (its sliding-window cache cannot be saved)"]
         result = self.kv.load(session.id, loaded.fingerprint, device=loaded.device)
         notes = list(result.notes)
         if result.ids:
-            rt.engine.pc.restore(result.ids, result.layers)
+            try:
+                rt.engine.pc.restore(result.ids, result.layers, dtype=rt.engine.dtype)
+            except ValueError as exc:
+                rt.engine.pc.reset()
+                return [*notes, f"snapshot: dropped: {exc}; recomputing from the messages"]
             notes.append(f"snapshot: restored {len(result.ids):,} cached tokens from disk")
         return notes
 
@@ -453,9 +461,11 @@ class Chat:
     def _save_snapshot(self, warnings: list[str]) -> None:
         assert self.session is not None
         pc, loaded = self.rt.engine.pc, self.rt.loaded
+        if not pc.croppable:  # sliding-window layers hold only their window: nothing to save
+            return
         try:
             self.kv.save(self.session.id, list(pc.ids), pc.export(), loaded.fingerprint)
-        except (SnapshotError, OSError) as exc:
+        except (SnapshotError, OSError, ValueError) as exc:
             warnings.append(f"warning: {exc}")
 
     # -- figures ------------------------------------------------------------------------------

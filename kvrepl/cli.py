@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     try:
         if args.resume:
             chat.resume_latest()
-        elif args.session:
+        elif args.session is not None:
             chat.open_or_create(args.session)
         repl = Repl(
             chat, renderer, build_registry(), interactive=interactive, model_ready=loader.ready

@@ -170,9 +170,13 @@ class PromptCache:
         ]
 
     def restore(
-        self, ids: Sequence[int], layers: Sequence[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        ids: Sequence[int],
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """Fill an empty cache from a snapshot: ids and their per-layer K/V."""
+        """Fill an empty cache from a snapshot: ids and their per-layer K/V (ValueError, and an
+        empty cache, when they do not fit this model)."""
         self.reset()
         if not ids:
             return
@@ -182,6 +186,11 @@ class PromptCache:
             )
         if any(k.shape[-2] != len(ids) or v.shape[-2] != len(ids) for k, v in layers):
             raise ValueError("snapshot tensors disagree with its token count")
+        if dtype is not None and any(k.dtype != dtype or v.dtype != dtype for k, v in layers):
+            raise ValueError(f"it holds {layers[0][0].dtype} tensors, the model runs in {dtype}")
+        heads = getattr(self.config.get_text_config(), "num_key_value_heads", None)
+        if heads and any(k.shape[1] != heads for k, _ in layers):
+            raise ValueError(f"its tensors have {layers[0][0].shape[1]} heads, the model {heads}")
         for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
             layer.update(k, v)
         self.ids = list(ids)
@@ -248,6 +257,7 @@ class Engine:
         self.reuse = reuse
         self.chunk_size = chunk_size
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.pc = PromptCache(model.config)
         self.progress = TurnProgress()
 

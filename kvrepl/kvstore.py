@@ -297,6 +297,13 @@ class KVStore:
         ids_t = torch.tensor(ids, dtype=torch.int64)
         ids_b = ids_t.numpy().tobytes()
         written = nbytes = 0
+        if os.path.islink(d) or (os.path.lexists(d) and not os.path.isdir(d)):
+            # Never followed: the link (or stray file) itself goes, and a real folder replaces it.
+            try:
+                os.unlink(d)
+            except OSError as exc:
+                msg = f"snapshot not saved: {exc.strerror}; messages are safe"
+                raise SnapshotError(msg) from None
         if problem := self._dir_problem(d):
             raise SnapshotError(f"snapshot not saved: {problem}; messages are safe")
         try:

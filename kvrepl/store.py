@@ -183,7 +183,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     """Replace lone surrogates (which SQLite cannot encode) with U+FFFD; keep valid pairs."""
     try:
         text.encode("utf-8")
@@ -333,7 +333,7 @@ class Store:
             session_id = secrets.token_hex(4)
             while self._one("SELECT 1 FROM sessions WHERE id = ?", [session_id]):
                 session_id = secrets.token_hex(4)
-            row = {"id": session_id, "name": name, "title": "", "model": _clean(model)}
+            row = {"id": session_id, "name": name, "title": "", "model": clean_text(model)}
             row |= {"created": now, "updated": now, "settings": json.dumps(settings or {})}
             db["sessions"].insert(row)
         return _session(self._session_row(session_id))
@@ -381,7 +381,7 @@ class Store:
     def set_title(self, session_id: str, title: str) -> None:
         with self._write() as db:
             self._session_row(session_id)
-            db["sessions"].update(session_id, {"title": _title(_clean(title))})
+            db["sessions"].update(session_id, {"title": _title(clean_text(title))})
 
     def update_settings(self, session_id: str, settings: dict[str, Any]) -> dict[str, Any]:
         """Merge `settings` into the session's (a None value removes the key); return the result."""
@@ -421,8 +421,8 @@ class Store:
             "session_id": session_id,
             "parent_id": parent,
             "role": role,
-            "content": _clean(content),
-            "think": None if think is None else _clean(think),
+            "content": clean_text(content),
+            "think": None if think is None else clean_text(think),
             "created": now,
             "interrupted": int(interrupted),
         }

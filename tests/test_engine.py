@@ -61,7 +61,12 @@ def random_ids(n: int, seed: int, vocab: int = 380) -> list[int]:
 def reference_kv(model, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """K/V of `ids` computed from nothing in one forward pass."""
     pc = PromptCache(model.config)
-    model(input_ids=torch.tensor([list(ids)], device=model.device), cache=pc.cache, use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=torch.tensor([list(ids)], device=model.device),
+        cache=pc.cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     pc.ids = list(ids)
     pc.check()
     return pc.export()

@@ -354,12 +354,6 @@ def test_a_snapshot_from_another_model_or_dtype_is_dropped(other, snap_home, mod
     assert_snapshot_clean(h)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chat.py:Chat.restore_snapshot / kvstore.py:KVStore.load: the snapshot's dtype is never "
-    "compared with the model's (load is called without dtype; only the fingerprint is checked), "
-    "so bfloat16 K/V under a matching fingerprint are restored into a float32 model and every "
-    "turn fails with 'internal error: RuntimeError: Expected query, key, and value to have the "
-    "same dtype', also after a restart, since no save ever replaces the snapshot"))  # fmt: skip
 def test_a_snapshot_in_another_dtype_under_the_same_fingerprint_is_dropped(
     snap_home, loaded, make, tmp_path
 ):
@@ -403,10 +397,6 @@ def test_a_snapshot_folder_linked_out_of_the_store_is_never_followed(linked_fold
     assert_whole_turns(h, 4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kvstore.py:KVStore.save: while <store>/kv/<session> is a symbolic link every save is "
-    "refused, so the snapshot is never rebuilt: each turn repeats the warning and each restart "
-    "recomputes everything"))  # fmt: skip
 def test_a_snapshot_folder_linked_out_of_the_store_is_rebuilt(linked_folder, loaded, make):
     home, sid, _ = linked_folder
     h = make(loaded, home)
@@ -634,15 +624,6 @@ def one_turn_ok_dropping(h: Harness, text: str) -> None:
     assert list(h.rt.engine.progress.generated) == want
 
 
-SURROGATE_REASON = (
-    "chat.py:Chat.send/_check_message: text with lone surrogates (a pasted '\\ud800', or invalid "
-    "UTF-8 typed at the prompt, which prompt-toolkit decodes with surrogateescape) reaches the "
-    "tokenizer, which raises TypeError: the user sees 'internal error' instead of the text being "
-    "cleaned to U+FFFD (store._clean does it only at the SQLite write)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SURROGATE_REASON)
 @pytest.mark.parametrize("text", ["\ud800", "a lone \udc80 surrogate"])
 def test_a_lone_surrogate_in_a_message_is_replaced_or_refused(text, loaded, make):
     h = make(loaded)
@@ -654,7 +635,6 @@ def test_a_lone_surrogate_in_a_message_is_replaced_or_refused(text, loaded, make
         one_turn_ok(h, "hello there")
 
 
-@pytest.mark.xfail(strict=True, reason=SURROGATE_REASON)
 def test_invalid_utf8_typed_at_the_prompt_is_replaced(loaded, make):
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
@@ -728,10 +708,7 @@ def no_background_load(monkeypatch):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
-        "cli.py:_run: `elif args.session:` treats --session '' as absent and silently starts a "
-        "new unnamed session; an empty name should be refused like any bad name")))
-     if n == "" else n for n in BAD_NAMES],
+    BAD_NAMES,
     ids=_name_id,
 )  # fmt: skip
 def test_a_bad_session_name_via_the_flag_is_refused(name, model_dir, tmp_path, capsys,
@@ -933,11 +910,6 @@ def test_a_sliding_window_model_rebuilds_instead_of_cutting(tok, make):
     assert_snapshot_clean(h)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py:PromptCache.export / chat.py:Chat._save_snapshot: a sliding-window layer holds "
-    "only its last window-1 positions, so export() returns fewer positions than ids, "
-    "KVStore.save raises ValueError (not caught: only SnapshotError/OSError are) and every turn "
-    "past the window ends in 'internal error' after its answer"))  # fmt: skip
 def test_a_sliding_window_model_past_its_window_keeps_working(tok, make):
     m = make_fault_model(tok, sliding_window=8)
     h = make(make_loaded(m, tok, label="sliding8"))
