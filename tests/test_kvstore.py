@@ -383,18 +383,19 @@ def test_chunk_symlink_out_of_the_store_is_refused(three, tmp_path):
     one_note(result, "chunk at 100", "symbolic link")
 
 
-def test_session_folder_symlink_is_refused(three, tmp_path):
+def test_session_folder_symlink_is_refused_then_replaced_by_a_real_folder(three, tmp_path):
     store, ids, layers = three
     shutil.move(store.root / SID, tmp_path / "elsewhere")
     (store.root / SID).symlink_to(tmp_path / "elsewhere")
+    outside = sorted(p.name for p in (tmp_path / "elsewhere").iterdir())
     result = reload(store)
     assert result.ids == []
     one_note(result, "dropped", "symbolic link")
-    with pytest.raises(SnapshotError, match="symbolic link"):
-        store.save(SID, ids, layers, FP)
     assert store.size_bytes(SID) == 0
-    store.delete(SID)  # removes the link, not what it points to
-    assert (tmp_path / "elsewhere" / chunk(store.root, 0).name).exists()
+    store.save(SID, ids, layers, FP)  # never follows the link: replaces it with a real folder
+    assert not (store.root / SID).is_symlink() and (store.root / SID).is_dir()
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == outside
+    assert reload(store).ids == ids
 
 
 def test_gap_in_chunks(three):
