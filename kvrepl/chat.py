@@ -10,12 +10,7 @@ yields events and never prints; the REPL and the line loop render them.
 from __future__ import annotations
 
 import difflib
-import fcntl
-import os
-import signal
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kvrepl.config import Settings
 from kvrepl.errors import PromptError, SnapshotError, StoreError, UsageError
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
+from kvrepl.guards import SessionLock, deferred_interrupts
 from kvrepl.models import LoadedModel
 from kvrepl.prompt import Prompt, ThinkSplitter
 from kvrepl.store import Message, Session, Store, clean_text
@@ -55,47 +51,6 @@ class Runtime:
             reuse=settings.reuse,
         )
         return cls(loaded, prompt, engine)
-
-
-@contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C while a turn is written (database commit, then snapshot), then deliver it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
-
-
-class SessionLock:
-    """One writer per session: an advisory lock file held while the session is open here."""
-
-    def __init__(self, folder: Path, session_id: str) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{session_id}.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise StoreError(
-                f"this session is open in another kvrepl (pid {other}); close it there first"
-            ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = -1
 
 
 class Chat:
