@@ -160,6 +160,16 @@ class Chat:
     def close(self) -> None:
         self._switch(None)
 
+    def delete(self, name_or_id: str) -> None:
+        """Delete a session, its messages and its snapshot, holding its lock throughout (a
+        session open in another kvrepl is refused)."""
+        session = self.open(name_or_id)
+        self.store.delete_session(session.id)
+        self.kv.delete(session.id)
+        if self._lock is not None:
+            self._lock.release(remove=True)
+        self._lock, self.session = None, None
+
     def _ensure_session(self) -> Session:
         if self.session is None:
             settings, self._pending = self._pending, {}
@@ -304,6 +314,8 @@ class Chat:
             return ["snapshot: not kept for this model (its sliding-window cache cannot be saved)"]
         result = self.kv.load(session.id, loaded.fingerprint, device=loaded.device)
         notes = list(result.notes)
+        if not result.ids and not notes and self.history():
+            notes.append("snapshot: none on disk for this session; recomputing from the messages")
         if result.ids:
             try:
                 rt.engine.pc.restore(result.ids, result.layers, dtype=rt.engine.dtype)

@@ -217,9 +217,6 @@ def _subcommand(args: argparse.Namespace, chat: Any, renderer: Any) -> int:
     if args.command == "export":
         sys.stdout.write(export(chat.store, session, args.format))
         return 0
-    chat.open(session.id)  # refuses while another kvrepl holds it
-    chat.close()
-    chat.store.delete_session(session.id)
-    chat.kv.delete(session.id)
+    chat.delete(session.id)  # refused while another kvrepl holds it
     renderer.info(f"deleted {args.name}")
     return 0

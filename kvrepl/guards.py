@@ -48,7 +48,10 @@ class SessionLock:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
 
-    def release(self) -> None:
+    def release(self, *, remove: bool = False) -> None:
+        """Let go; `remove` also deletes the lock file (the session itself is gone)."""
+        if remove and self.fd >= 0:
+            self.path.unlink(missing_ok=True)
         if self.fd >= 0:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)

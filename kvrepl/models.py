@@ -127,6 +127,7 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     if is_converted(gguf):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         with _progress_bars(progress):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -216,15 +217,32 @@ def load(
         source=source,
         device=dev,
         dtype=dtype_name,
-        fingerprint=fingerprint(source.label, model.config, dtype_name, tokenizer),
+        fingerprint=fingerprint(
+            source.label, model.config, dtype_name, tokenizer, weights_digest(model)
+        ),
         context_length=ctx,
     )
 
 
-def fingerprint(identity: str, config: Any, dtype: str, tokenizer: Any) -> str:
+def weights_digest(model: Any, per_tensor: int = 256) -> str:
+    """A hash of an evenly spread sample of every weight: two models that differ only in their
+    weights (same folder name, same config) get different fingerprints. Milliseconds."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor]
+            h.update(name.encode())
+            h.update(sample.to(device="cpu", dtype=torch.float32).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(identity: str, config: Any, dtype: str, tokenizer: Any, weights: str = "") -> str:
     """A short hash of what decides the K/V a model computes for given ids: identity, config,
-    dtype, tokenizer vocabulary and chat template. Snapshots from another fingerprint are
-    refused."""
+    dtype, tokenizer vocabulary, chat template and (a sample of) the weights. Snapshots from
+    another fingerprint are refused."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         cfg.pop(volatile, None)
@@ -235,4 +253,5 @@ def fingerprint(identity: str, config: Any, dtype: str, tokenizer: Any) -> str:
     h.update(dtype.encode())
     h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    h.update(weights.encode())
     return h.hexdigest()[:32]

@@ -1,10 +1,11 @@
 """The conversation store: sessions, their messages as a tree, and per-turn stats, in SQLite
 through sqlite-utils.
 
-Owns the database file: its schema (small named migrations, applied when a `Store` is built),
-the message tree (an edit adds a sibling and moves the session's head; nothing is deleted except
-a whole session), and the write discipline (every write is one `BEGIN IMMEDIATE` transaction, so
-two kvrepl processes on one file wait for each other instead of failing).
+Owns what the rows mean: sessions (names checked by names.py, kept unique here), the message tree
+(an edit adds a sibling and moves the session's head; nothing is deleted except a whole session),
+turn stats, and the records it hands out. The file itself (schema, migrations, refusing a foreign
+or newer file, one `BEGIN IMMEDIATE` transaction per write) is schema.py's; a `Store` opens its
+file through it, migrated on construction.
 
 Never touches tensors, KV snapshots or the model: the messages here are the truth, and caches
 built from them live elsewhere (kvstore.py, engine.py).
@@ -12,53 +13,25 @@ built from them live elsewhere (kvstore.py, engine.py).
 
 import json
 import secrets
-import sqlite3
-import unicodedata
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from sqlite_utils import Database
 
-from kvrepl.errors import SessionNameError, StoreError
+from kvrepl.errors import StoreError
+from kvrepl.names import validate_session_name
+from kvrepl.schema import MIGRATIONS as MIGRATIONS  # re-exported: tests import these from here
+from kvrepl.schema import SCHEMA_VERSION as SCHEMA_VERSION
+from kvrepl.schema import apply_migrations as apply_migrations
+from kvrepl.schema import m001_initial as m001_initial
+from kvrepl.schema import open_database, timestamp, write
 
 ROLES = ("system", "user", "assistant")
 STAT_NAMES = ("reused_tokens", "prefilled_tokens", "generated_tokens", "ttft_s", "decode_tok_s")
-NAME_MAX = 64
 TITLE_MAX = 60
-# Real separators and the lookalikes that would read as one in a listing or a file name.
-_SLASHES = "/\\\u2215\u2044\uff0f\u29f8"
-
-
-def validate_session_name(name: str) -> str:
-    """Return `name` if it is a usable session name, else raise SessionNameError saying why."""
-    if not name or not name.strip():
-        raise SessionNameError("a session name cannot be empty")
-    if name != name.strip():
-        raise SessionNameError("a session name cannot start or end with whitespace")
-    if name in (".", ".."):
-        raise SessionNameError(f"{name!r} cannot be a session name")
-    if len(name) > NAME_MAX:
-        raise SessionNameError(f"a session name has at most {NAME_MAX} characters, not {len(name)}")
-    for ch in name:
-        if ch in _SLASHES:
-            raise SessionNameError(f"a session name cannot contain {ch!r} (a path separator)")
-        if unicodedata.category(ch) in ("Cc", "Cf"):
-            raise SessionNameError(
-                f"a session name cannot contain control characters (U+{ord(ch):04X})"
-            )
-    if name[0] in "-.":
-        raise SessionNameError(f"a session name cannot start with {name[0]!r}")
-    for ch in name:
-        if unicodedata.category(ch)[0] not in "LNM" and ch not in " -_.":
-            raise SessionNameError(
-                f"a session name holds letters, digits, spaces, '-', '_' and '.', not {ch!r}"
-            )
-    return name
 
 
 @dataclass(frozen=True)
@@ -115,43 +88,6 @@ class _Head(Enum):
 HEAD = _Head.HEAD  # add_message's default parent: the session's current head
 
 
-def m001_initial(db: Database) -> None:
-    db.executescript(
-        """
-        CREATE TABLE sessions (
-            id TEXT PRIMARY KEY,
-            name TEXT UNIQUE,
-            title TEXT NOT NULL DEFAULT '',
-            model TEXT NOT NULL DEFAULT '',
-            created TEXT NOT NULL,
-            updated TEXT NOT NULL,
-            head_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
-            settings TEXT NOT NULL DEFAULT '{}'
-        );
-        CREATE TABLE messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-            parent_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
-            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-            content TEXT NOT NULL,
-            think TEXT,
-            created TEXT NOT NULL,
-            interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1))
-        );
-        CREATE INDEX messages_session_parent ON messages(session_id, parent_id);
-        CREATE INDEX sessions_updated ON sessions(updated);
-        CREATE TABLE turns (
-            message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
-            reused_tokens INTEGER, prefilled_tokens INTEGER, generated_tokens INTEGER,
-            ttft_s REAL, decode_tok_s REAL
-        );
-        """
-    )
-
-
-MIGRATIONS: list[Callable[[Database], None]] = [m001_initial]
-SCHEMA_VERSION = len(MIGRATIONS)
-
 # Root→head of one session's active branch, as (id, depth from the head).
 _BRANCH_CTE = """
 WITH RECURSIVE branch(id, depth) AS (
@@ -161,26 +97,6 @@ WITH RECURSIVE branch(id, depth) AS (
     WHERE m.parent_id IS NOT NULL
 )
 """
-
-
-def apply_migrations(db: Database) -> list[str]:
-    """Apply the migrations `db` lacks, in order; return their names. Call inside a transaction."""
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
-    )
-    done = {row["name"] for row in db.query("SELECT name FROM _migrations")}
-    applied = []
-    for migration in MIGRATIONS:
-        if migration.__name__ not in done:
-            migration(db)
-            db["_migrations"].insert({"name": migration.__name__, "applied_at": _now()})
-            applied.append(migration.__name__)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    return applied
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def clean_text(text: str) -> str:
@@ -197,11 +113,6 @@ def _title(content: str) -> str:
     return line if len(line) <= TITLE_MAX else line[: TITLE_MAX - 1].rstrip() + "…"
 
 
-def _is_busy(error: sqlite3.Error) -> bool:
-    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
-    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(error)
-
-
 def _message(row: dict[str, Any]) -> Message:
     fields = {name: row[name] for name in Message.__dataclass_fields__}
     return Message(**{**fields, "interrupted": bool(row["interrupted"])})
@@ -216,32 +127,8 @@ class Store:
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 10.0) -> None:
         self.busy_timeout_s = busy_timeout_s
-        memory = str(path) == ":memory:"
         self.path = Path(path)
-        try:
-            if not memory:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(path), timeout=busy_timeout_s)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"cannot open the store at {path}: {e}") from e
-        try:
-            version, tables = self._inspect(conn)
-            conn.execute("PRAGMA foreign_keys = ON")
-            if not memory:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")  # WAL's usual pairing
-            self.db = Database(conn, execute_plugins=False)
-            self.applied: list[str] = []
-            if version != SCHEMA_VERSION or "_migrations" not in tables:
-                with self._write() as db:
-                    self._inspect(conn)  # another process may have migrated meanwhile
-                    self.applied = apply_migrations(db)
-        except sqlite3.Error as e:
-            conn.close()
-            raise self._error(e) from e
-        except BaseException:
-            conn.close()
-            raise
+        self.db, self.applied = open_database(path, busy_timeout_s)
 
     @classmethod
     def memory(cls) -> "Store":
@@ -250,55 +137,9 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def _inspect(self, conn: sqlite3.Connection) -> tuple[int, set[str]]:
-        """Refuse a file that is not ours, or is newer, before anything is written to it."""
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-        except sqlite3.DatabaseError as e:
-            if _is_busy(e):
-                raise
-            raise StoreError(f"{self.path} is not a kvrepl database: {e}") from e
-        tables = {row[0] for row in rows}
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"this database was written by a newer kvrepl (schema {version}; "
-                f"this one knows {SCHEMA_VERSION}); not touching it"
-            )
-        if "_migrations" not in tables and (tables or version != 0):
-            raise StoreError(
-                f"{self.path} is not a kvrepl database: it holds other tables "
-                f"(user_version {version}); not touching it"
-            )
-        return version, tables
-
-    def _error(self, error: sqlite3.Error) -> StoreError:
-        if _is_busy(error):
-            return StoreError(
-                "the store is busy (another kvrepl is writing): "
-                f"gave up after {self.busy_timeout_s:g} s"
-            )
-        return StoreError(f"the store failed: {error}")
-
-    @contextmanager
-    def _write(self) -> Iterator[Database]:
-        """One write transaction. sqlite-utils' atomic() issues a deferred BEGIN, whose later
-        read-to-write upgrade fails at once (no busy wait) when another process wrote in between;
-        BEGIN IMMEDIATE takes the write lock up front, where the busy timeout does apply."""
-        conn = self.db.conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            raise self._error(e) from e
-        try:
-            yield self.db
-            conn.execute("COMMIT")
-        except BaseException as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(e, sqlite3.Error):
-                raise self._error(e) from e
-            raise
+    def _write(self) -> AbstractContextManager[Database]:
+        """One write transaction, `BEGIN IMMEDIATE` (schema.write says why)."""
+        return write(self.db, self.busy_timeout_s)
 
     def _one(self, sql: str, params: dict[str, Any] | list[Any]) -> dict[str, Any] | None:
         return next(self.db.query(sql, params), None)
@@ -326,7 +167,7 @@ class Store:
     ) -> Session:
         if name is not None:
             validate_session_name(name)
-        now = _now()
+        now = timestamp()
         with self._write() as db:
             if name is not None:
                 self._check_name_free(name)
@@ -376,7 +217,7 @@ class Store:
             self._session_row(session_id)
             if name is not None:
                 self._check_name_free(name, session_id)
-            db["sessions"].update(session_id, {"name": name, "updated": _now()})
+            db["sessions"].update(session_id, {"name": name, "updated": timestamp()})
 
     def set_title(self, session_id: str, title: str) -> None:
         with self._write() as db:
@@ -416,7 +257,7 @@ class Store:
         parent = session["head_id"] if parent_id is HEAD else parent_id
         if parent is not None:
             self._check_member(session_id, parent)
-        now = _now()
+        now = timestamp()
         row = {
             "session_id": session_id,
             "parent_id": parent,
@@ -489,7 +330,7 @@ class Store:
             self._session_row(session_id)
             if message_id is not None:
                 self._check_member(session_id, message_id)
-            db["sessions"].update(session_id, {"head_id": message_id, "updated": _now()})
+            db["sessions"].update(session_id, {"head_id": message_id, "updated": timestamp()})
 
     def children(self, message_id: int) -> list[Message]:
         sql = "SELECT * FROM messages WHERE parent_id = ? ORDER BY id"

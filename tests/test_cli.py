@@ -226,11 +226,6 @@ def test_rm_deletes_the_session_and_its_kv_folder_only(tiny, home, capsys):
     assert [line.split("\t")[0] for line in listing.splitlines()] == ["keep"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py:_subcommand: `rm` opens the session to take its lock (SessionLock creates "
-    "locks/<id>.lock) and never removes that file: every deleted session leaves one behind",
-)
 def test_rm_leaves_no_file_of_the_session_behind(tiny, home, capsys):
     sid, _ = converse(tiny, home, "demo", "Hello there")
     assert run_main(capsys, "rm", "demo")[0] == 0

@@ -146,18 +146,24 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 @pytest.mark.model
 def test_fingerprint_is_stable_and_changes_with_dtype_and_chat_template(real, monkeypatch):
     cfg, tok, label = real.model.config, real.tokenizer, real.source.label
-    base = models.fingerprint(label, cfg, real.dtype, tok)
+    weights = models.weights_digest(real.model)
+
+    def fp(identity: str = label, dtype: str = real.dtype, w: str = weights) -> str:
+        return models.fingerprint(identity, cfg, dtype, tok, w)
+
+    base = fp()
     assert base == real.fingerprint
-    assert models.fingerprint(label, cfg, real.dtype, tok) == base
-    assert models.fingerprint(label, cfg, "bfloat16", tok) != base
-    assert models.fingerprint("another model", cfg, real.dtype, tok) != base
+    assert fp() == base
+    assert fp(w="") != base  # the weights count too
+    assert fp(dtype="bfloat16") != base
+    assert fp("another model") != base
     with monkeypatch.context() as mp:
         mp.setattr(tok, "chat_template", CHATML)
-        assert models.fingerprint(label, cfg, real.dtype, tok) != base
-    assert models.fingerprint(label, cfg, real.dtype, tok) == base
+        assert fp() != base
+    assert fp() == base
     # what does not change the K/V does not change the fingerprint
     monkeypatch.setattr(cfg, "_name_or_path", "/somewhere/else")
-    assert models.fingerprint(label, cfg, real.dtype, tok) == base
+    assert fp() == base
 
 
 @pytest.mark.model

@@ -534,12 +534,6 @@ def test_invalid_snapshot_is_cut_or_dropped_and_recomputed(case, tinies, chats, 
     assert_snapshot_is_cache(chat)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chat.py:Chat.restore_snapshot: a session with messages "
-    "but no snapshot on disk (folder empty or gone) is recomputed in silence; "
-    "the design says a missing snapshot is reported in one line",
-)
 @pytest.mark.parametrize("case", ["empty-folder", "no-folder"])
 def test_a_missing_snapshot_is_reported(case, tinies, chats, tmp_path):
     home = tmp_path / "store"
@@ -552,13 +546,6 @@ def test_a_missing_snapshot_is_reported(case, tinies, chats, tmp_path):
     assert any(n.startswith("snapshot:") for n in result.notices), result.notices
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models.py:fingerprint: it hashes the folder's name "
-    "(source.label), config, dtype, vocabulary and template but not the weights: "
-    "another model in a folder of the same name gets the same fingerprint and "
-    "reuses K/V computed by other weights, in silence",
-)
 def test_a_snapshot_of_other_weights_in_a_same_named_folder_is_refused(tinies, chats, tmp_path):
     home = tmp_path / "store"
     build_session(chats, tinies.a, home, HISTORY, turns=("Tell me about keys.",))
