@@ -8,8 +8,9 @@ int64 LE) and ``data_hash`` (sha256 of the tensor bytes in order ids, layers.0.k
 appends one chunk, so a save costs time in the new tokens, not the history. Writes are atomic
 (temp file, fsync, rename, fsync of the folder), and replacements are written before stale
 chunks are deleted, so a kill at any moment leaves a valid prefix. Loading validates before it
-trusts (its own parse of the length + JSON header, offsets that tile the file exactly, metadata,
-fingerprint, hash chain, data hash) and keeps the longest valid prefix, with one note on why.
+trusts (each chunk's framing and metadata by stfile.py's own parse of the length + JSON header,
+offsets that tile the file exactly; then fingerprint, hash chain and data hash here) and keeps
+the longest valid prefix, with one note on why.
 
 Never: decides when to save (the engine and REPL do); deletes anything while loading; uses
 ``torch.load`` or pickle; follows a symbolic link in the store. The messages in SQLite are the
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import math
 import os
 import re
 import shutil
@@ -36,20 +35,25 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvrepl.errors import SnapshotError
+from kvrepl.stfile import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    BadChunk,
+    Chunk,
+    Layout,
+    claimed_end,
+    file_sig,
+    parse_chunk,
+    read_chunk,
+    tensor_names,
+)
 
-FORMAT = "kvrepl-kv"
-FORMAT_VERSION = "1"
 MAX_CHUNKS = 64  # more chunks than this are merged into one on save
-_MAX_HEADER = 16 << 20
 _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CHUNK_RE = re.compile(r"chunk-(\d{9})\.safetensors")
-_ST_CODE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.float64: "F64", torch.int64: "I64"}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
-_DTYPES = {str(d).removeprefix("torch."): d for d in _ST_CODE if d != torch.int64}
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
-Layout = tuple[str, int, int, int]  # dtype name, n_layers, kv heads, head_dim
 
 
 @dataclass(frozen=True)
@@ -65,140 +69,6 @@ class LoadResult:
     ids: list[int]
     layers: Layers
     notes: list[str] = field(default_factory=list)
-
-
-class _Bad(Exception):
-    """A chunk that is not trusted; the message is a predicate fit for a note ("is truncated")."""
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    name: str
-    start: int
-    end: int
-    prefix_hash: str
-    fingerprint: str
-    layout: Layout
-    sig: tuple[int, int, int]  # st_size, st_mtime_ns, st_ino when last seen
-
-
-_Header = tuple[_Chunk, str, int, list[tuple[int, int]]]  # chunk, data_hash, data start, spans
-
-
-def _names(n_layers: int) -> list[str]:
-    return ["ids"] + [f"layers.{i}.{kv}" for i in range(n_layers) for kv in ("keys", "values")]
-
-
-def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """JSON objects without duplicate keys: no two readers may disagree on a header."""
-    if len({k for k, _ in pairs}) != len(pairs):
-        raise ValueError("duplicate key")
-    return dict(pairs)
-
-
-def _sig(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _read(path: Path, header_only: bool) -> tuple[bytes, int, os.stat_result]:
-    """Read a chunk without following links or blocking on odd files: (bytes, file size, stat)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        if os.path.islink(path):
-            raise _Bad("is a symbolic link; refused, not followed") from None
-        raise _Bad(f"cannot be read ({e.strerror})") from None
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _Bad("is not a regular file")
-        if not header_only:
-            buf = f.read()
-            return buf, len(buf), st
-        buf = f.read(8)
-        if len(buf) == 8:
-            buf += f.read(min(int.from_bytes(buf, "little"), _MAX_HEADER))
-        return buf, st.st_size, st
-
-
-def _parse(buf: bytes, size: int, st: os.stat_result, name: str) -> _Header:
-    """Validate the safetensors framing and our metadata; `buf` holds at least the header."""
-    if size < 8:
-        raise _Bad(f"is only {size} bytes long")
-    hlen = int.from_bytes(buf[:8], "little")
-    if hlen > _MAX_HEADER or (size > 8 and buf[8:9] != b"{"):
-        raise _Bad("is not a safetensors file")
-    if hlen > size - 8:
-        raise _Bad("is truncated (its header is cut off)")
-    try:
-        header = json.loads(buf[8:8 + hlen], object_pairs_hook=_unique)
-    except ValueError:  # includes UnicodeDecodeError
-        raise _Bad("is not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
-        raise _Bad("is not a safetensors file")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _Bad("has malformed metadata")
-    entries: dict[str, tuple[str, list[int], int, int]] = {}
-    for key, e in header.items():
-        try:
-            code, shape, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
-            ok = (code in _ITEMSIZE and isinstance(shape, list)
-                  and all(type(x) is int and x >= 0 for x in [*shape, a, b])
-                  and b - a == math.prod(shape) * _ITEMSIZE[code])
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise _Bad(f"has a malformed or unsupported tensor entry ({key[:40]})")
-        entries[key] = (code, shape, a, b)
-    end = 0
-    for a, b in sorted((e[2], e[3]) for e in entries.values()):
-        if a != end:
-            raise _Bad("has tensors whose data overlap or leave holes")
-        end = b
-    data = size - 8 - hlen
-    if data < end:
-        raise _Bad("is truncated")
-    if data > end:
-        raise _Bad(f"has {data - end:,} bytes of trailing garbage after its data")
-
-    if meta.get("format") != FORMAT:
-        raise _Bad("is not a kvrepl snapshot (no kvrepl metadata)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise _Bad(f"has an unknown format version ({meta.get('format_version', '')[:20]!r})")
-    try:
-        start, n, n_layers = (int(meta[k]) for k in ("start", "n_tokens", "n_layers"))
-        fp, dname, ph, dh = (meta[k] for k in ("fingerprint", "dtype", "prefix_hash", "data_hash"))
-    except (KeyError, ValueError):
-        raise _Bad("has incomplete metadata") from None
-    if start != int(name[6:15]):
-        raise _Bad("does not match its file name")
-    if n < 1 or n_layers < 1 or dname not in _DTYPES:
-        raise _Bad("has invalid metadata (tokens, layers or dtype)")
-    names = _names(n_layers)
-    if set(entries) != set(names):
-        raise _Bad("has tensors that disagree with its metadata")
-    if entries["ids"][:2] != ("I64", [n]):
-        raise _Bad("has a token count that disagrees with its tensors")
-    shapes = {tuple(entries[k][1]) for k in names[1:]}
-    codes = {entries[k][0] for k in names[1:]}
-    if codes != {_ST_CODE[_DTYPES[dname]]} or len(shapes) != 1:
-        raise _Bad("has tensors of mixed dtypes or shapes")
-    shape = shapes.pop()
-    if len(shape) != 4 or shape[0] != 1 or shape[2] != n:
-        raise _Bad("has a token count that disagrees with its tensors")
-    chunk = _Chunk(name, start, start + n, ph, fp, (dname, n_layers, shape[1], shape[3]), _sig(st))
-    return chunk, dh, 8 + hlen, [entries[k][2:] for k in names]  # spans in data_hash order
-
-
-def _claimed_end(path: Path) -> int:
-    """Best-effort end a (possibly broken) chunk claims, for the 'kept X of Y' note only."""
-    with contextlib.suppress(Exception):
-        buf, _, _ = _read(path, header_only=True)
-        header = buf[8:].decode("utf-8", "replace")
-        meta = json.JSONDecoder().raw_decode(header)[0]["__metadata__"]
-        return int(meta["start"]) + int(meta["n_tokens"])
-    return 0
 
 
 def _fsync_dir(d: Path) -> None:
@@ -235,7 +105,7 @@ def _layout(ids: list[int], layers: Layers) -> Layout:
         if tuple(k.shape) != shape or tuple(v.shape) != shape or {k.dtype, v.dtype} != {k0.dtype}:
             raise ValueError(f"every K/V must have shape {shape} and dtype {k0.dtype}")
     dname = str(k0.dtype).removeprefix("torch.")
-    if dname not in _DTYPES:
+    if dname not in DTYPES:
         raise ValueError(f"unsupported K/V dtype {k0.dtype}")
     return (dname, len(layers), shape[1], shape[3])
 
@@ -245,7 +115,7 @@ class KVStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._records: dict[str, list[_Chunk]] = {}  # what we last saved/loaded, per session
+        self._records: dict[str, list[Chunk]] = {}  # what we last saved/loaded, per session
 
     def _dir(self, session_id: str) -> Path:
         if not isinstance(session_id, str) or not _SESSION_RE.fullmatch(session_id):
@@ -267,28 +137,29 @@ class KVStore:
         names = os.listdir(d) if os.path.isdir(d) else []
         return {int(m.group(1)): m.group(0) for m in map(_CHUNK_RE.fullmatch, names) if m}
 
-    def _chain(self, session_id: str, d: Path, files: dict[int, str]) -> list[_Chunk]:
+    def _chain(self, session_id: str, d: Path, files: dict[int, str]) -> list[Chunk]:
         """Chunks believed valid: the in-memory record if the files are unchanged, else a
         header-only scan (framing and metadata checked; data hashes are left to load)."""
         record = self._records.get(session_id)
         if record is not None:
             with contextlib.suppress(OSError):
-                if all(files.get(c.start) == c.name and _sig(os.lstat(d / c.name)) == c.sig
-                       for c in record):
+                if all(
+                    files.get(c.start) == c.name and file_sig(os.lstat(d / c.name)) == c.sig
+                    for c in record
+                ):
                     return record
-        chain: list[_Chunk] = []
+        chain: list[Chunk] = []
         while (name := files.get(chain[-1].end if chain else 0)) is not None:
             try:
-                c = _parse(*_read(d / name, header_only=True), name)[0]
-            except _Bad:
+                c = parse_chunk(*read_chunk(d / name, header_only=True), name)[0]
+            except BadChunk:
                 break
             if chain and c.layout != chain[0].layout:
                 break
             chain.append(c)
         return chain
 
-    def save(self, session_id: str, ids: list[int], layers: Layers,
-             fingerprint: str) -> SaveReport:
+    def save(self, session_id: str, ids: list[int], layers: Layers, fingerprint: str) -> SaveReport:
         """Make the snapshot hold exactly `ids` and their K/V, writing only what changed."""
         t0 = time.perf_counter()
         d = self._dir(session_id)
@@ -311,13 +182,17 @@ class KVStore:
                 d.mkdir(parents=True)
                 _fsync_dir(self.root)
             files = self._files(d)
-            kept: list[_Chunk] = []
+            kept: list[Chunk] = []
             h = hashlib.sha256()
             for c in self._chain(session_id, d, files):
                 h2 = h.copy()
-                h2.update(ids_b[8 * c.start:8 * c.end])
-                if (c.end > n or c.fingerprint != fingerprint or c.layout != layout
-                        or h2.hexdigest() != c.prefix_hash):
+                h2.update(ids_b[8 * c.start : 8 * c.end])
+                if (
+                    c.end > n
+                    or c.fingerprint != fingerprint
+                    or c.layout != layout
+                    or h2.hexdigest() != c.prefix_hash
+                ):
                     break
                 kept.append(c)
                 h = h2
@@ -331,20 +206,27 @@ class KVStore:
             self._records[session_id] = kept
         except OSError as e:
             self._records.pop(session_id, None)
-            raise SnapshotError(f"snapshot not saved: {e.strerror or e}; "
-                                "messages are safe") from e
+            raise SnapshotError(f"snapshot not saved: {e.strerror or e}; messages are safe") from e
         if len(kept) > MAX_CHUNKS:
             with contextlib.suppress(OSError):  # the snapshot is saved; merging can wait
-                c, nb = self._write_chunk(d, ids_t, layers, 0, hashlib.sha256(), fingerprint,
-                                          layout)
+                c, nb = self._write_chunk(
+                    d, ids_t, layers, 0, hashlib.sha256(), fingerprint, layout
+                )
                 self._records[session_id] = kept = [c]
                 written, nbytes = written + n, nbytes + nb
                 self._remove_except(d, {c.name})
         return SaveReport(written, nbytes, time.perf_counter() - t0, len(kept))
 
     @staticmethod
-    def _write_chunk(d: Path, ids_t: torch.Tensor, layers: Layers, start: int,
-                     h: hashlib._Hash, fingerprint: str, layout: Layout) -> tuple[_Chunk, int]:
+    def _write_chunk(
+        d: Path,
+        ids_t: torch.Tensor,
+        layers: Layers,
+        start: int,
+        h: hashlib._Hash,
+        fingerprint: str,
+        layout: Layout,
+    ) -> tuple[Chunk, int]:
         """Write ids[start:] and their K/V as one chunk; `h` has hashed ids[:start]."""
         end = ids_t.numel()
         tensors = {"ids": ids_t[start:end].clone()}
@@ -354,16 +236,23 @@ class KVStore:
         ph = h.copy()
         ph.update(tensors["ids"].numpy().tobytes())
         dh = hashlib.sha256()
-        for key in _names(len(layers)):
+        for key in tensor_names(len(layers)):
             dh.update(tensors[key].reshape(-1).view(torch.uint8).numpy())
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
-                "dtype": layout[0], "start": str(start), "n_tokens": str(end - start),
-                "n_layers": str(layout[1]), "prefix_hash": ph.hexdigest(),
-                "data_hash": dh.hexdigest()}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "dtype": layout[0],
+            "start": str(start),
+            "n_tokens": str(end - start),
+            "n_layers": str(layout[1]),
+            "prefix_hash": ph.hexdigest(),
+            "data_hash": dh.hexdigest(),
+        }
         data = st_save(tensors, metadata=meta)
         name = f"chunk-{start:09d}.safetensors"
         st = _write_atomic(d, name, data)
-        return _Chunk(name, start, end, ph.hexdigest(), fingerprint, layout, _sig(st)), len(data)
+        return Chunk(name, start, end, ph.hexdigest(), fingerprint, layout, file_sig(st)), len(data)
 
     def _remove_except(self, d: Path, keep: set[str]) -> None:
         """Delete chunk files not in `keep` (latest first, so a valid prefix always remains)
@@ -376,15 +265,20 @@ class KVStore:
         if stale:
             _fsync_dir(d)
 
-    def load(self, session_id: str, fingerprint: str, dtype: torch.dtype | None = None,
-             device: str | torch.device = "cpu") -> LoadResult:
+    def load(
+        self,
+        session_id: str,
+        fingerprint: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> LoadResult:
         """The longest valid prefix of the snapshot, with at most one note on what was cut."""
         d = self._dir(session_id)
         self._records.pop(session_id, None)
         if problem := self._dir_problem(d):
             return LoadResult([], [], [f"snapshot: dropped: {problem}"])
         files = self._files(d)
-        kept: list[_Chunk] = []
+        kept: list[Chunk] = []
         parts: list[dict[str, torch.Tensor]] = []
         h = hashlib.sha256()
         reason: str | None = None
@@ -393,12 +287,11 @@ class KVStore:
             name = files.get(pos)
             if name is None:
                 if any(s > pos for s in files):
-                    reason = (f"chunk at {pos:,} is missing" if pos else
-                              "its first chunk is missing")
+                    reason = f"chunk at {pos:,} is missing" if pos else "its first chunk is missing"
                 break
             try:
                 buf, c = self._check(d / name, fingerprint, h, kept)
-            except _Bad as e:
+            except BadChunk as e:
                 reason = f"{'it' if pos == 0 else f'chunk at {pos:,}'} {e}"
                 break
             try:
@@ -413,7 +306,7 @@ class KVStore:
         if reason is not None and not kept:
             notes.append(f"snapshot: dropped: {reason}")
         elif reason is not None:
-            total = max([pos] + [_claimed_end(d / nm) for s, nm in files.items() if s >= pos])
+            total = max([pos] + [claimed_end(d / nm) for s, nm in files.items() if s >= pos])
             of = f" of {total:,}" if total > pos else ""
             notes.append(f"snapshot: kept {pos:,}{of} tokens: {reason}")
         if not parts:
@@ -424,30 +317,33 @@ class KVStore:
             t = ts[0] if len(ts) == 1 else torch.cat(ts, dim=-1 if key == "ids" else 2)
             return t if key == "ids" else t.to(device=device, dtype=dtype or t.dtype)
 
-        layers = [(joined(f"layers.{i}.keys"), joined(f"layers.{i}.values"))
-                  for i in range(kept[0].layout[1])]
+        layers = [
+            (joined(f"layers.{i}.keys"), joined(f"layers.{i}.values"))
+            for i in range(kept[0].layout[1])
+        ]
         return LoadResult(joined("ids").tolist(), layers, notes)
 
     @staticmethod
-    def _check(path: Path, fingerprint: str, h: hashlib._Hash,
-               kept: list[_Chunk]) -> tuple[bytes, _Chunk]:
+    def _check(
+        path: Path, fingerprint: str, h: hashlib._Hash, kept: list[Chunk]
+    ) -> tuple[bytes, Chunk]:
         """Validate one chunk fully; on success `h` has also hashed its ids."""
-        buf, size, st = _read(path, header_only=False)
-        c, data_hash, data_start, spans = _parse(buf, size, st, path.name)
+        buf, size, st = read_chunk(path, header_only=False)
+        c, data_hash, data_start, spans = parse_chunk(buf, size, st, path.name)
         if c.fingerprint != fingerprint:
-            raise _Bad("was made by another model")
+            raise BadChunk("was made by another model")
         if kept and c.layout != kept[0].layout:
-            raise _Bad("has another dtype or shape than the chunks before it")
+            raise BadChunk("has another dtype or shape than the chunks before it")
         view = memoryview(buf)[data_start:]
         dh = hashlib.sha256()
         for a, b in spans:
             dh.update(view[a:b])
         if dh.hexdigest() != data_hash:
-            raise _Bad("is corrupted (data checksum mismatch)")
+            raise BadChunk("is corrupted (data checksum mismatch)")
         h2 = h.copy()
         h2.update(view[slice(*spans[0])])
         if h2.hexdigest() != c.prefix_hash:
-            raise _Bad("does not follow from the chunks before it (stale ids hash)")
+            raise BadChunk("does not follow from the chunks before it (stale ids hash)")
         h.update(view[slice(*spans[0])])
         return buf, c
 

@@ -3,39 +3,29 @@
 Owns streaming answer text (live, then Markdown), the thinking panel, notices, the per-turn stats
 line, errors, tables and spinners, and plain mode (no ANSI, no Live) when output is not a terminal.
 It never generates text and never touches the model, the cache or the database: it only consumes
-the events of `kvrepl.events`.
-
-Long answers are streamed without rich's Live duplicating lines once the text is taller than the
-terminal (rich issue #3263): finished Markdown blocks are printed once, above the live region, and
-only the unfinished tail stays live, cropped to the terminal height.
+the events of `kvrepl.events`. How streamed Markdown is cut into finished blocks and a live tail
+(without rich's Live duplicating lines, rich issue #3263) is mdstream.py's.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import IO
 
-from markdown_it import MarkdownIt
-from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.panel import Panel
-from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
 from kvrepl.events import Finish, Notice, Stats, TextDelta, ThinkDelta, TurnEvent
-
-# The same parser configuration rich's Markdown uses, so our block boundaries match its rendering.
-_PARSER = MarkdownIt().enable("strikethrough").enable("table")
-_FENCE = re.compile(r" {0,3}(```|~~~)")
-_TABLE_RULE = re.compile(r"\s*\|?\s*:?-+:?\s*\|[\s|:-]*$")
+from kvrepl.listing import SessionRow, format_size, format_time
+from kvrepl.mdstream import Continuation, LiveTail, last_block_stub, split_finished, tail_source
 
 
 def make_console(
@@ -74,24 +64,6 @@ def format_stats(
     return " · ".join(parts)
 
 
-def split_finished(text: str) -> tuple[str, str]:
-    """Split streamed Markdown into (finished blocks, unfinished tail).
-
-    Only complete lines are parsed, and every top-level block but the last is finished: a later
-    line can still extend the last one (a paragraph, a list, an unclosed ``` fence)."""
-    complete = text[: text.rfind("\n") + 1]
-    starts = _block_starts(complete)
-    if len(starts) < 2:
-        return "", text
-    finished = "".join(complete.splitlines(keepends=True)[: starts[-1]])
-    return finished, text[len(finished) :]
-
-
-def _block_starts(markdown: str) -> list[int]:
-    """The first line of each top-level block (closing tokens carry no line map)."""
-    return [t.map[0] for t in _PARSER.parse(markdown) if t.level == 0 and t.map is not None]
-
-
 @dataclass(frozen=True)
 class TurnResult:
     """What the renderer saw of one turn."""
@@ -101,99 +73,6 @@ class TurnResult:
     stats: Stats | None
     finish_reason: str | None
     interrupted: bool
-
-
-@dataclass(frozen=True)
-class SessionRow:
-    """One line of a session listing; `snapshot_bytes` is None when there is no snapshot."""
-
-    name: str
-    title: str
-    turns: int
-    tokens: int
-    updated: datetime | str | float  # a float is a Unix time
-    snapshot_bytes: int | None = None
-
-
-def format_size(n_bytes: int | None) -> str:
-    """`5.0 MiB`; `-` for no snapshot."""
-    if n_bytes is None:
-        return "-"
-    if n_bytes < 1024:
-        return f"{n_bytes} B"
-    size = n_bytes / 1024
-    for unit in ("KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
-def _format_time(value: datetime | str | float) -> str:
-    if isinstance(value, int | float):
-        value = datetime.fromtimestamp(value)
-    return value.strftime("%Y-%m-%d %H:%M") if isinstance(value, datetime) else value
-
-
-def _last_block_stub(markdown: str) -> str:
-    """A short block of the same kind as the last block of `markdown`: the spacing after a block
-    depends on its kind only, and a long code block should not be rendered again to learn it."""
-    starts = _block_starts(markdown)
-    lines = markdown.rstrip().splitlines(keepends=True)[starts[-1] :] if starts else []
-    return "".join(lines[:2] + lines[-1:] if len(lines) > 3 else lines) + "\n\n"
-
-
-def _tail_source(text: str, max_lines: int) -> str:
-    """The end of an unfinished block, enough to fill the screen: redrawing a growing code block
-    whole would cost more on every refresh. A fence keeps its opening line, a table its header."""
-    lines = text.lstrip("\n").splitlines(keepends=True)
-    if len(lines) <= max_lines + 2:
-        return text
-    head = lines[:1] if _FENCE.match(lines[0]) else []
-    head = lines[:2] if _TABLE_RULE.match(lines[1]) else head
-    return "".join(head + lines[-max_lines:])
-
-
-class _Continuation:
-    """Markdown `text` as it looks after `before` in one document: rich's spacing between blocks
-    depends on both (a list brings its own blank line), so render both and drop `before`'s lines.
-    The live tail, redrawn often, takes the cheap way: one blank line in between."""
-
-    def __init__(self, before: str, text: str, *, exact: bool = True) -> None:
-        self.before, self.text, self.exact = before, text, exact
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        options = options.update(height=None)
-        if not self.before:
-            lines = console.render_lines(Markdown(self.text), options, pad=False)
-        elif self.exact:
-            skip = len(console.render_lines(Markdown(self.before), options, pad=False))
-            combined = Markdown(self.before + self.text)
-            lines = console.render_lines(combined, options, pad=False)[skip:]
-        else:
-            lines = console.render_lines(Markdown(self.text), options, pad=False)
-            while lines and not any(segment.text for segment in lines[0]):
-                lines.pop(0)
-            lines.insert(0, [])
-        for line in lines:
-            yield from line
-            yield Segment.line()
-
-
-class _LiveTail:
-    """The live region: whatever the renderer shows now, cut to its last lines so that it is
-    never taller than the terminal (a taller Live cannot move the cursor back up: #3263)."""
-
-    def __init__(self, renderer: Renderer) -> None:
-        self._renderer = renderer
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        view = self._renderer._live_view()
-        lines = console.render_lines(view, options.update(height=None), pad=False)
-        keep = max(1, options.size.height - 1)
-        for line in lines[-keep:]:
-            yield from line
-            yield Segment.line()
 
 
 class Renderer:
@@ -364,8 +243,8 @@ class Renderer:
     def _print_chunk(self, chunk: str) -> None:
         if not chunk.strip():
             return
-        self.console.print(_Continuation(self._context, chunk))
-        self._context = _last_block_stub(chunk)
+        self.console.print(Continuation(self._context, chunk))
+        self._context = last_block_stub(chunk)
 
     def _live_view(self) -> RenderableType:
         if self._phase == "think":
@@ -375,13 +254,13 @@ class Renderer:
             return Group(Text("thinking…", style="dim italic"), Text(think.strip(), style="dim"))
         if not self._pending.strip():
             return Text("")
-        tail = _tail_source(self._pending, self.console.height)
-        return _Continuation(self._context, tail, exact=False)
+        tail = tail_source(self._pending, self.console.height)
+        return Continuation(self._context, tail, exact=False)
 
     def _refresh(self, force: bool = False) -> None:
         if self._live is None:
             self._live = Live(
-                _LiveTail(self),
+                LiveTail(self._live_view),
                 console=self.console,
                 auto_refresh=False,
                 transient=True,
@@ -468,7 +347,7 @@ class Renderer:
         tty = not self.plain
         rows = [
             (f"* {s.name}" if tty and s.name == current else s.name, s.title, s.turns,
-             f"{s.tokens:,}" if tty else s.tokens, _format_time(s.updated),
+             f"{s.tokens:,}" if tty else s.tokens, format_time(s.updated),
              format_size(s.snapshot_bytes))
             for s in sessions
         ]  # fmt: skip

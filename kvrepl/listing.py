@@ -1,0 +1,44 @@
+"""The session listing's data: what one line holds, and how its size and time cells read.
+
+Owns `SessionRow` and the cell formats (`5.0 MiB`, `-` for no snapshot; `2025-01-02 03:04`).
+Never prints (render.py lays the rows out) and never reads the store or the snapshots (the
+commands gather the rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """One line of a session listing; `snapshot_bytes` is None when there is no snapshot."""
+
+    name: str
+    title: str
+    turns: int
+    tokens: int
+    updated: datetime | str | float  # a float is a Unix time
+    snapshot_bytes: int | None = None
+
+
+def format_size(n_bytes: int | None) -> str:
+    """`5.0 MiB`; `-` for no snapshot."""
+    if n_bytes is None:
+        return "-"
+    if n_bytes < 1024:
+        return f"{n_bytes} B"
+    size = n_bytes / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def format_time(value: datetime | str | float) -> str:
+    """A listing's time: `datetime` and Unix times as local `YYYY-MM-DD HH:MM`, text as is."""
+    if isinstance(value, int | float):
+        value = datetime.fromtimestamp(value)
+    return value.strftime("%Y-%m-%d %H:%M") if isinstance(value, datetime) else value

@@ -1,0 +1,178 @@
+"""One KV snapshot chunk file, read and checked before anything in it is trusted.
+
+Owns the chunk file format: safetensors framing (an 8-byte little-endian header length, a JSON
+header, tensor data) carrying ``ids`` and ``layers.{i}.keys|values`` with kvrepl's metadata
+(format, version, fingerprint, dtype, start, n_tokens, n_layers, prefix_hash, data_hash); reading
+a chunk without following links or blocking on odd files; and its own parse of the header: no
+duplicate keys, offsets that tile the data exactly, metadata that agrees with the tensors and
+the file name. A chunk that fails raises `BadChunk`, whose message is a predicate fit for a note.
+
+Never writes, deletes or decides which chunks make up a snapshot (kvstore.py does), and never
+hashes the tensor data: kvstore.py checks the hashes against the chain of chunks before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = "kvrepl-kv"
+FORMAT_VERSION = "1"
+_MAX_HEADER = 16 << 20
+_ST_CODE = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
+DTYPES = {str(d).removeprefix("torch."): d for d in _ST_CODE if d != torch.int64}
+
+Layout = tuple[str, int, int, int]  # dtype name, n_layers, kv heads, head_dim
+
+
+class BadChunk(Exception):
+    """A chunk that is not trusted; the message is a predicate fit for a note ("is truncated")."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    name: str
+    start: int
+    end: int
+    prefix_hash: str
+    fingerprint: str
+    layout: Layout
+    sig: tuple[int, int, int]  # st_size, st_mtime_ns, st_ino when last seen
+
+
+Header = tuple[Chunk, str, int, list[tuple[int, int]]]  # chunk, data_hash, data start, spans
+
+
+def tensor_names(n_layers: int) -> list[str]:
+    return ["ids"] + [f"layers.{i}.{kv}" for i in range(n_layers) for kv in ("keys", "values")]
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """JSON objects without duplicate keys: no two readers may disagree on a header."""
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+def file_sig(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def read_chunk(path: Path, header_only: bool) -> tuple[bytes, int, os.stat_result]:
+    """Read a chunk without following links or blocking on odd files: (bytes, file size, stat)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if os.path.islink(path):
+            raise BadChunk("is a symbolic link; refused, not followed") from None
+        raise BadChunk(f"cannot be read ({e.strerror})") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadChunk("is not a regular file")
+        if not header_only:
+            buf = f.read()
+            return buf, len(buf), st
+        buf = f.read(8)
+        if len(buf) == 8:
+            buf += f.read(min(int.from_bytes(buf, "little"), _MAX_HEADER))
+        return buf, st.st_size, st
+
+
+def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
+    """Validate the safetensors framing and our metadata; `buf` holds at least the header."""
+    if size < 8:
+        raise BadChunk(f"is only {size} bytes long")
+    hlen = int.from_bytes(buf[:8], "little")
+    if hlen > _MAX_HEADER or (size > 8 and buf[8:9] != b"{"):
+        raise BadChunk("is not a safetensors file")
+    if hlen > size - 8:
+        raise BadChunk("is truncated (its header is cut off)")
+    try:
+        header = json.loads(buf[8 : 8 + hlen], object_pairs_hook=_unique)
+    except ValueError:  # includes UnicodeDecodeError
+        raise BadChunk("is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise BadChunk("is not a safetensors file")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadChunk("has malformed metadata")
+    entries: dict[str, tuple[str, list[int], int, int]] = {}
+    for key, e in header.items():
+        try:
+            code, shape, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
+            ok = (
+                code in _ITEMSIZE
+                and isinstance(shape, list)
+                and all(type(x) is int and x >= 0 for x in [*shape, a, b])
+                and b - a == math.prod(shape) * _ITEMSIZE[code]
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise BadChunk(f"has a malformed or unsupported tensor entry ({key[:40]})")
+        entries[key] = (code, shape, a, b)
+    end = 0
+    for a, b in sorted((e[2], e[3]) for e in entries.values()):
+        if a != end:
+            raise BadChunk("has tensors whose data overlap or leave holes")
+        end = b
+    data = size - 8 - hlen
+    if data < end:
+        raise BadChunk("is truncated")
+    if data > end:
+        raise BadChunk(f"has {data - end:,} bytes of trailing garbage after its data")
+
+    if meta.get("format") != FORMAT:
+        raise BadChunk("is not a kvrepl snapshot (no kvrepl metadata)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BadChunk(f"has an unknown format version ({meta.get('format_version', '')[:20]!r})")
+    try:
+        start, n, n_layers = (int(meta[k]) for k in ("start", "n_tokens", "n_layers"))
+        fp, dname, ph, dh = (meta[k] for k in ("fingerprint", "dtype", "prefix_hash", "data_hash"))
+    except (KeyError, ValueError):
+        raise BadChunk("has incomplete metadata") from None
+    if start != int(name[6:15]):
+        raise BadChunk("does not match its file name")
+    if n < 1 or n_layers < 1 or dname not in DTYPES:
+        raise BadChunk("has invalid metadata (tokens, layers or dtype)")
+    names = tensor_names(n_layers)
+    if set(entries) != set(names):
+        raise BadChunk("has tensors that disagree with its metadata")
+    if entries["ids"][:2] != ("I64", [n]):
+        raise BadChunk("has a token count that disagrees with its tensors")
+    shapes = {tuple(entries[k][1]) for k in names[1:]}
+    codes = {entries[k][0] for k in names[1:]}
+    if codes != {_ST_CODE[DTYPES[dname]]} or len(shapes) != 1:
+        raise BadChunk("has tensors of mixed dtypes or shapes")
+    shape = shapes.pop()
+    if len(shape) != 4 or shape[0] != 1 or shape[2] != n:
+        raise BadChunk("has a token count that disagrees with its tensors")
+    chunk = Chunk(
+        name, start, start + n, ph, fp, (dname, n_layers, shape[1], shape[3]), file_sig(st)
+    )
+    return chunk, dh, 8 + hlen, [entries[k][2:] for k in names]  # spans in data_hash order
+
+
+def claimed_end(path: Path) -> int:
+    """Best-effort end a (possibly broken) chunk claims, for the 'kept X of Y' note only."""
+    with contextlib.suppress(Exception):
+        buf, _, _ = read_chunk(path, header_only=True)
+        header = buf[8:].decode("utf-8", "replace")
+        meta = json.JSONDecoder().raw_decode(header)[0]["__metadata__"]
+        return int(meta["start"]) + int(meta["n_tokens"])
+    return 0
