@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from kvrepl import cli
-from kvrepl.chat import Chat, Runtime, SessionLock
+from kvrepl.chat import Chat, Runtime
+from kvrepl.guards import SessionLock
 from kvrepl.config import Settings
 from kvrepl.events import Stats
 from kvrepl.kvstore import KVStore
@@ -227,6 +228,7 @@ def test_rm_deletes_the_session_and_its_kv_folder_only(tiny, home, capsys):
 
 
 def test_rm_leaves_no_file_of_the_session_behind(tiny, home, capsys):
+    """Not even its lock file (every `rm` left locks/<id>.lock behind before d0c7344)."""
     sid, _ = converse(tiny, home, "demo", "Hello there")
     assert run_main(capsys, "rm", "demo")[0] == 0
     left = [p for p in home.rglob("*") if sid in p.name]
