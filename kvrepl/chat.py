@@ -9,7 +9,6 @@ yields events and never prints; the REPL and the line loop render them.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from kvrepl.config import Settings
 from kvrepl.errors import PromptError, SnapshotError, StoreError, UsageError
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
-from kvrepl.guards import SessionLock, deferred_interrupts
+from kvrepl.guards import deferred_interrupts
 from kvrepl.models import LoadedModel
 from kvrepl.prompt import Prompt, ThinkSplitter
-from kvrepl.store import Message, Session, Store, clean_text
+from kvrepl.sessions import SessionHolder
+from kvrepl.store import Message, Store, clean_text
 
 if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
     from kvrepl.engine import Engine, Sampling
@@ -53,7 +53,7 @@ class Runtime:
         return cls(loaded, prompt, engine)
 
 
-class Chat:
+class Chat(SessionHolder):
     """One open session over one model. `runtime` blocks until the model is loaded."""
 
     def __init__(
@@ -64,19 +64,14 @@ class Chat:
         runtime: Callable[[], Runtime],
         home: Path,
     ) -> None:
+        super().__init__(store, home)
         self.base_settings = settings
-        self.store = store
         self._kv = kv
         self._runtime_fn = runtime
         self._rt: Runtime | None = None
-        self.home = home
-        self.session: Session | None = None
-        self._pending: dict[str, Any] = {}  # /set before the session exists: kept until it does
-        self._lock: SessionLock | None = None
         self._cache_owner: str | None = None  # the session whose ids the engine cache holds
         self.last_stats: Stats | None = None
         self.last_reason: str = ""
-        self.notices: list[str] = []
 
     @property
     def kv(self) -> KVStore:
@@ -105,61 +100,6 @@ class Chat:
         s = self.settings
         return Sampling(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed, s.max_tokens)
 
-    # -- sessions -----------------------------------------------------------------------------
-    def _switch(self, session: Session | None) -> None:
-        """Make `session` the open one. Its lock is taken before the current one is let go, so
-        a refusal leaves the current session open and locked."""
-        lock = SessionLock(self.home / "locks", session.id) if session is not None else None
-        if self._lock is not None:
-            self._lock.release()
-        self._lock, self.session = lock, session
-
-    def new_session(self, name: str | None = None) -> Session | None:
-        """Start afresh; with a name the session exists at once, else at its first message."""
-        fresh = self.store.create_session(name, model=self._model_label()) if name else None
-        self._switch(fresh)
-        return self.session
-
-    def open(self, name_or_id: str) -> Session:
-        session = self.store.get_session(name_or_id)
-        if session is None:
-            names = [s.name for s in self.store.list_sessions() if s.name]
-            close = difflib.get_close_matches(name_or_id, names, n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise UsageError(f"no session {name_or_id!r}{hint}")
-        if self.session is None or session.id != self.session.id:
-            self._switch(session)
-        return session
-
-    def open_or_create(self, name: str) -> Session:
-        if self.store.get_session(name) is not None:
-            return self.open(name)
-        self._switch(self.store.create_session(name, model=self._model_label()))
-        assert self.session is not None
-        return self.session
-
-    def resume_latest(self) -> Session:
-        latest = self.store.latest_session()
-        if latest is None:
-            raise UsageError("there is no session to resume yet")
-        return self.open(latest.id)
-
-    def rename(self, name: str) -> Session:
-        session = self._ensure_session()
-        self.store.rename_session(session.id, name)
-        return self._refresh()
-
-    def set_option(self, key: str, value: Any) -> None:
-        """A session setting; before the first message it waits in memory (no empty session)."""
-        if self.session is None:
-            self._pending[key] = value
-            return
-        self.store.update_settings(self.session.id, {key: value})
-        self._refresh()
-
-    def close(self) -> None:
-        self._switch(None)
-
     def delete(self, name_or_id: str) -> None:
         """Delete a session, its messages and its snapshot, holding its lock throughout (a
         session open in another kvrepl is refused)."""
@@ -170,30 +110,10 @@ class Chat:
             self._lock.release(remove=True)
         self._lock, self.session = None, None
 
-    def _ensure_session(self) -> Session:
-        if self.session is None:
-            settings, self._pending = self._pending, {}
-            self._switch(self.store.create_session(None, self._model_label(), settings))
-        assert self.session is not None
-        return self.session
-
-    def _refresh(self) -> Session:
-        assert self.session is not None
-        fresh = self.store.get_session(self.session.id)
-        assert fresh is not None
-        self.session = fresh
-        return fresh
-
     def _model_label(self) -> str:
         return self._rt.loaded.source.label if self._rt else (self.base_settings.model or "default")
 
     # -- the conversation ---------------------------------------------------------------------
-    def history(self) -> list[Message]:
-        return self.store.active_branch(self.session.id) if self.session else []
-
-    def user_turns(self) -> list[Message]:
-        return [m for m in self.history() if m.role == "user"]
-
     def prompt_messages(self, history: list[Message] | None = None) -> list[dict[str, str]]:
         history = self.history() if history is None else history
         msgs = [{"role": m.role, "content": m.content} for m in history]

@@ -17,9 +17,9 @@ import torch
 
 from kvrepl import cli
 from kvrepl.chat import Chat, Runtime
-from kvrepl.guards import SessionLock
 from kvrepl.config import Settings
 from kvrepl.events import Stats
+from kvrepl.guards import SessionLock
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel, ModelSource
 from kvrepl.render import format_size
