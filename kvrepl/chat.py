@@ -242,7 +242,8 @@ class Chat(SessionHolder):
             except ValueError as exc:
                 rt.engine.pc.reset()
                 return [*notes, f"snapshot: dropped: {exc}; recomputing from the messages"]
-            notes.append(f"snapshot: restored {len(result.ids):,} cached tokens from disk")
+            if not notes:  # a cut snapshot's note already says what was kept
+                notes.append(f"snapshot: restored {len(result.ids):,} cached tokens from disk")
         return notes
 
     def warm(self) -> tuple[int, int, list[str]]:

@@ -21,6 +21,7 @@ from typing import Any
 from kvrepl import __version__
 from kvrepl.config import Settings, load_settings, store_path
 from kvrepl.errors import KvreplError, UsageError
+from kvrepl.names import validate_session_name
 
 
 class BackgroundModel:
@@ -106,13 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="when over the context, leave out the oldest turns (and say so)",
     )
     p.add_argument("--plain", action="store_true", default=None, help="no colours, no Markdown")
+    # --store is also taken after a subcommand (`kvrepl path --store DIR`).
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help="the store")
     sub = p.add_subparsers(dest="command", metavar="{path,sessions,export,rm}")
-    sub.add_parser("path", help="print where sessions are stored")
-    sub.add_parser("sessions", help="list sessions")
-    e = sub.add_parser("export", help="write a session out")
+    sub.add_parser("path", parents=[store], help="print where sessions are stored")
+    sub.add_parser("sessions", parents=[store], help="list sessions")
+    e = sub.add_parser("export", parents=[store], help="write a session out")
     e.add_argument("name")
     e.add_argument("--format", choices=("md", "json"), default="md")
-    r = sub.add_parser("rm", help="delete a session and its snapshots")
+    r = sub.add_parser("rm", parents=[store], help="delete a session and its snapshots")
     r.add_argument("name")
     return p
 
@@ -132,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     home = store_path(args.store)
     try:
+        if args.session is not None:  # refused before any model work
+            validate_session_name(args.session)
         settings = load_settings(home, _flags(args))
         if args.command == "path":
             print(home)
@@ -182,6 +188,8 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
         if chat.session is not None:
             turns = len(chat.user_turns())
             renderer.notice(f"session {chat.session.name or chat.session.id}: {turns} turn(s)")
+            if note := chat.unanswered_note():
+                renderer.notice(note)
         if not interactive:
             return line_loop(repl, stdin_lines())
         renderer.notice("kvrepl: /help for commands, Ctrl-D to quit")

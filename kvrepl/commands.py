@@ -155,6 +155,8 @@ def build_registry() -> Registry:
             reused, recomputed, notes = ctx.chat.warm()
         for line in notes:
             ctx.renderer.notice(line)
+        if note := ctx.chat.unanswered_note():
+            ctx.renderer.notice(note)
         turns = len(ctx.chat.user_turns())
         ctx.renderer.info(f"loaded {session.name or session.id}: {turns} turn(s); reused "
                           f"{reused:,} tokens, recomputed {recomputed:,}")  # fmt: skip

@@ -38,7 +38,13 @@ def format_size(n_bytes: int | None) -> str:
 
 
 def format_time(value: datetime | str | float) -> str:
-    """A listing's time: `datetime` and Unix times as local `YYYY-MM-DD HH:MM`, text as is."""
+    """A listing's time as local `YYYY-MM-DD HH:MM`: a `datetime`, a Unix time, or ISO text
+    (the store's UTC timestamps); other text as is."""
     if isinstance(value, int | float):
         value = datetime.fromtimestamp(value)
+    elif isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value).astimezone()
+        except ValueError:
+            return value
     return value.strftime("%Y-%m-%d %H:%M") if isinstance(value, datetime) else value

@@ -347,7 +347,8 @@ class Renderer:
         tty = not self.plain
         rows = [
             (f"* {s.name}" if tty and s.name == current else s.name, s.title, s.turns,
-             f"{s.tokens:,}" if tty else s.tokens, format_time(s.updated),
+             f"{s.tokens:,}" if tty else s.tokens,
+             format_time(s.updated) if tty else s.updated,
              format_size(s.snapshot_bytes))
             for s in sessions
         ]  # fmt: skip

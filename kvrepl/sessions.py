@@ -97,5 +97,12 @@ class SessionHolder:
     def history(self) -> list[Message]:
         return self.store.active_branch(self.session.id) if self.session else []
 
+    def unanswered_note(self) -> str | None:
+        """A line for a session whose last message never got its answer (kvrepl was stopped)."""
+        history = self.history()
+        if history and history[-1].role == "user":
+            return "the last message has no answer (kvrepl stopped during it): /retry answers it"
+        return None
+
     def user_turns(self) -> list[Message]:
         return [m for m in self.history() if m.role == "user"]

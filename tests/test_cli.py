@@ -171,13 +171,6 @@ class _Terminal(io.StringIO):
         return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="listing.py:format_time / commands.py:session_rows: the store's `updated` is ISO text "
-    "in UTC (2026-11-28T00:11:01.249544+00:00) and format_time passes text through as is, so "
-    "`kvrepl sessions` in a terminal never shows the local `YYYY-MM-DD HH:MM` it formats "
-    "datetimes to",
-)
 def test_sessions_in_a_terminal_shows_updated_as_local_minutes(tiny, home, monkeypatch):
     sid, _ = converse(tiny, home, "demo", "Hello there")
     store = Store(home / "kvrepl.db")

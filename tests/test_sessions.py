@@ -503,14 +503,16 @@ def test_invalid_snapshot_is_cut_or_dropped_and_recomputed(case, tinies, chats, 
     prompt = prompt_ids(chat, history, text)
     result = turn(chat, text)
 
-    # One line says what happened to the snapshot and why; one says what was restored.
+    # One line: what happened to the snapshot and why (it names what was kept), or, when it
+    # was whole, what was restored.
     restored = {"all": before.ids, "first": before.ids[:first_end], 0: []}[restored_part]
     snap_notes = [n for n in result.notices if n.startswith("snapshot:")]
     restored_line = f"snapshot: restored {len(restored):,} cached tokens from disk"
     why = [n for n in snap_notes if n != restored_line]
     if note is not None:
         assert len(why) == 1 and re.fullmatch(note, why[0]), result.notices
-    assert (restored_line in snap_notes) == bool(restored), result.notices
+    assert (restored_line in snap_notes) == bool(restored and not why), result.notices
+    assert len(snap_notes) == 1, result.notices
 
     # The turn reused exactly the part of the snapshot that still agrees with the messages.
     reused = expected_reuse(restored, prompt)
