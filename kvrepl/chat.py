@@ -234,7 +234,7 @@ class Chat(SessionHolder):
             return ["snapshot: not kept for this model (its sliding-window cache cannot be saved)"]
         result = self.kv.load(session.id, loaded.fingerprint, device=loaded.device)
         notes = list(result.notes)
-        if not result.ids and not notes and self.history():
+        if not result.ids and not notes and any(m.role == "assistant" for m in self.history()):
             notes.append("snapshot: none on disk for this session; recomputing from the messages")
         if result.ids:
             try:
