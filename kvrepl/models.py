@@ -207,6 +207,10 @@ def load(
         raise ModelError(f"cannot load model from {folder}: {exc}") from exc
     model.to(dev)
     model.eval()
+    if dev == "cpu":
+        from kvrepl.attention import use_sdpa_gqa
+
+        use_sdpa_gqa(model)  # decode and cached prefill without repeat_kv copies (bench/)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
