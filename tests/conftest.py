@@ -4,6 +4,7 @@ embedded model, loaded once per test session."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,16 @@ def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | Non
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(cfg).eval().to(TEST_DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread. On a shared 2-core machine two OpenMP threads spin against each other
+    and against other processes: the tiny model ran 50x slower and the real one 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

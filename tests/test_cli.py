@@ -11,12 +11,10 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-import torch
 
 from kvrepl import cli
 from kvrepl.chat import Chat, Runtime
@@ -31,13 +29,6 @@ from kvrepl.store import STAT_NAMES, Store
 ROOT = Path(__file__).resolve().parent.parent
 TINY = Settings(temperature=0.0, max_tokens=8, repetition_penalty=3.0)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import Harness, lines_of, make_harness, stats_lines, tiny_loaded
 
 from kvrepl.chat import Chat
@@ -22,14 +21,6 @@ from kvrepl.store import STAT_NAMES, Store
 # A repetition penalty makes the random tiny model write visible text instead of newlines.
 SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=3.0)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ reuse against recomputation on the real embedded model."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -26,15 +26,6 @@ from kvrepl.prompt import Prompt
 
 GREEDY = Sampling(temperature=0, max_tokens=12)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread. On a shared 2-core machine two OpenMP threads spin against each other
-    and against other processes: the tiny model ran 50x slower and the real one 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ choice, the fingerprint, and reuse of the converted GGUF folder."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,6 @@ from conftest import CHATML
 
 from kvrepl import models
 from kvrepl.errors import ModelError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -4,24 +4,14 @@ injection, end tokens, incremental decoding of multi-byte text, and <think> spli
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-import torch
 from conftest import CHATML, make_tokenizer
 
 from kvrepl.errors import PromptError
 from kvrepl.events import TextDelta, ThinkDelta
 from kvrepl.prompt import IncrementalDecoder, Prompt, ThinkSplitter
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=["tiny", pytest.param("real", marks=pytest.mark.model)])

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import Harness, lines_of, make_harness, stats_lines, tiny_loaded
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
@@ -31,14 +30,6 @@ SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=3.0)
 CTRL_C, CTRL_D, ENTER, ALT_ENTER, UP = "\x03", "\x04", "\r", "\x1b\r", "\x1b[A"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

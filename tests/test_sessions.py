@@ -61,15 +61,6 @@ HISTORY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: two OpenMP threads on a shared 2-core machine spin against each
-    other (see test_engine.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------
 # tiny models as folders
