@@ -1,3 +1,3 @@
-from kvrepl.cli import main
+from kvrepl.cli import entry
 
-raise SystemExit(main())
+entry()

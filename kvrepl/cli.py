@@ -12,6 +12,7 @@ the rooms and hands over to the REPL or a subcommand.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -132,6 +133,18 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def entry() -> None:
+    """The `kvrepl` command. A model still loading in its thread when kvrepl ends would make
+    the C++ runtime abort at interpreter shutdown ("terminate called…"): leave at once instead,
+    once output is flushed (everything is already committed to disk)."""
+    code = main()
+    if any(t.name == "model-loader" and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     home = store_path(args.store)
@@ -170,18 +183,19 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
 
     from kvrepl import models
 
-    source = models.resolve(settings.model)
-    if source.kind == "gguf" and not models.is_converted(source.path):
-        # Once per GGUF file, before the prompt: its progress bar would tear through the input.
-        renderer.notice("first start with this model: dequantizing it once (about 20 s)…")
-        models.convert_gguf(source.path, progress=True)
-    loader = BackgroundModel(settings, progress=False).start()
+    loader = BackgroundModel(settings, progress=False)
     chat = Chat(settings, store, None, loader.get, home)
     try:
-        if args.resume:
+        if args.resume:  # the session first: a wrong name fails before any model work
             chat.resume_latest()
         elif args.session is not None:
             chat.open_or_create(args.session)
+        source = models.resolve(settings.model)
+        if source.kind == "gguf" and not models.is_converted(source.path):
+            # Once per GGUF file, before the prompt: its progress bar would tear the input.
+            renderer.notice("first start with this model: dequantizing it once (about 20 s)…")
+            models.convert_gguf(source.path, progress=True)
+        loader.start()
         repl = Repl(
             chat, renderer, build_registry(), interactive=interactive, model_ready=loader.ready
         )

@@ -348,7 +348,8 @@ class Renderer:
         rows = [
             (f"* {s.name}" if tty and s.name == current else s.name, s.title, s.turns,
              f"{s.tokens:,}" if tty else s.tokens,
-             format_time(s.updated) if tty else s.updated,
+             # plain mode keeps the store's ISO text as is: scripts read it
+             s.updated if not tty and isinstance(s.updated, str) else format_time(s.updated),
              format_size(s.snapshot_bytes))
             for s in sessions
         ]  # fmt: skip
