@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -64,7 +65,8 @@ class Repl:
         if stripped.startswith("/"):
             outcome = self.registry.dispatch(self.ctx, stripped)
         else:
-            self._wait_for_model()
+            with self._no_echo():
+                self._wait_for_model()
             outcome = Generate(self.chat.send(line))
         return self._run(outcome)
 
@@ -74,9 +76,13 @@ class Repl:
         if isinstance(outcome, Prefill):
             self.prefill = outcome
         elif isinstance(outcome, Generate):
-            self._wait_for_model()
-            self.render_turn(outcome.events)
+            with self._no_echo():
+                self._wait_for_model()
+                self.render_turn(outcome.events)
         return True
+
+    def _no_echo(self) -> AbstractContextManager[None]:
+        return _no_echo(sys.stdin if self.ctx.interactive else None)
 
     def submit_prefilled(self, text: str) -> bool:
         """The user's answer to a prefilled prompt (e.g. `/edit N` without text)."""
@@ -118,6 +124,28 @@ class Repl:
                 f.write(text + "\n")
         except OSError:
             pass
+
+
+@contextmanager
+def _no_echo(stream: TextIO | None) -> Iterator[None]:
+    """While an answer streams, keys typed ahead are not echoed: the terminal's echo would move
+    the cursor under rich's live region and duplicate lines. They stay queued, as typed, for the
+    next prompt; Ctrl-C still interrupts."""
+    if stream is None or not stream.isatty():
+        yield
+        return
+    import termios
+
+    fd = stream.fileno()
+    old = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[0] &= ~termios.ICRNL  # Enter stays Enter (CR), not Ctrl-J, for the next prompt
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
 
 
 def line_loop(repl: Repl, lines: Iterable[str]) -> int:

@@ -114,7 +114,8 @@ def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
     from kvrepl.repl import Repl
     from kvrepl.store import Store
 
-    s = Settings(**{"temperature": 0.0, "max_tokens": 6, "plain": True, **settings})
+    s = Settings(**{"temperature": 0.0, "max_tokens": 6, "repetition_penalty": 1.0, "plain": True,
+                    **settings})  # fmt: skip
     rt = Runtime.build(loaded, s)
     out = io.StringIO()
     renderer = Renderer(make_console(out, plain=True, width=400), plain=True)
