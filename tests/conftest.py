@@ -74,6 +74,15 @@ def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | Non
     return LlamaForCausalLM(cfg).eval().to(TEST_DEVICE)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _embedded_model_converted() -> None:
+    """Dequantize the embedded GGUF once, before any test starts kvrepl processes: on a fresh
+    machine, several processes would otherwise each convert it at the same time."""
+    from kvrepl import models
+
+    models.convert_gguf(models.embedded_gguf(), progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """One intra-op thread. On a shared 2-core machine two OpenMP threads spin against each other
