@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cpu_load import Others  # noqa: E402
+
 from kvrepl import models  # noqa: E402
 from kvrepl.engine import Engine, Sampling  # noqa: E402
 from kvrepl.events import Stats  # noqa: E402
@@ -141,7 +143,6 @@ def user_turn(prompt: Prompt, seed: int, tokens: int = 42) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
 GATE = {
     "on": True,
     "threshold": 0.2,  # others' cores below which a measurement may start
@@ -153,25 +154,6 @@ GATE = {
     "retried_s": 0.0,
     "retries": 0,
 }
-
-
-def _busy_s() -> float:
-    """CPU seconds all processes have used (user+nice+system+irq+softirq+steal)."""
-    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / _TICK
-
-
-class Others:
-    """How many cores other processes (and the hypervisor's steal) used since creation."""
-
-    def __init__(self) -> None:
-        self.t, self.busy, self.own = time.perf_counter(), _busy_s(), time.process_time()
-
-    def cores(self) -> float:
-        dt = time.perf_counter() - self.t
-        other = (_busy_s() - self.busy) - (time.process_time() - self.own)
-        return max(0.0, other / dt) if dt > 0 else 0.0
-
 
 def wait_quiet() -> None:
     """Wait (up to GATE's max) until other processes use less than GATE's threshold of a core

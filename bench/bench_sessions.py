@@ -49,6 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cpu_load import Others  # noqa: E402
+
 from kvrepl import kvstore, models  # noqa: E402
 from kvrepl.chat import Chat, Runtime  # noqa: E402
 from kvrepl.config import Settings  # noqa: E402
@@ -102,26 +104,6 @@ def history(prompt: Any, target: int, seed: int) -> list[tuple[str, str]]:
 
 # -------------------------------------------------------------------------------------------
 # measuring helpers
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _busy_s() -> float:
-    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / _TICK
-
-
-class Others:
-    """Cores other processes (and steal) kept busy since this was made."""
-
-    def __init__(self) -> None:
-        self.t, self.busy, self.own = time.perf_counter(), _busy_s(), time.process_time()
-
-    def cores(self) -> float:
-        dt = time.perf_counter() - self.t
-        other = (_busy_s() - self.busy) - (time.process_time() - self.own)
-        return round(max(0.0, other / dt), 2) if dt > 0 else 0.0
-
 
 def med(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
@@ -259,7 +241,7 @@ def resume_arm(loaded: models.LoadedModel, base: dict[str, Any], home: Path, arm
         "stats": stats.as_dict(),
         "notes": notes,
         "answer_ids": list(engine.progress.generated),
-        "others_cores": others.cores(),
+        "others_cores": round(others.cores(), 2),
         "turn_save": [_save(r) for r in kv.saves],
         "turn_commit_s": list(store.commit_s),
     }

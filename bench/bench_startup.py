@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/bench_startup.py [--runs 5]
 
-Starts `kvrepl` in a tmux pane, times the moment the prompt (`›`) is drawn, and the moment the bottom
-toolbar shows the model's name (the background load has finished). Then Ctrl-D. The converted
-model folder is made before timing (a first start dequantizes the GGUF once).
+Starts `kvrepl` in a tmux pane, times the moment the prompt (`›`) is drawn, and the moment the
+bottom toolbar shows the model's name (the background load has finished). Then Ctrl-D. The
+converted model folder is made before timing (a first start dequantizes the GGUF once).
 """
 
 from __future__ import annotations
