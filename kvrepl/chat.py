@@ -142,6 +142,7 @@ class Chat(SessionHolder):
 
     def retry(self) -> Iterator[TurnEvent]:
         """Answer the last user message again, as a sibling of the previous answer."""
+        _ = self.rt  # the model first: nothing moves on the branch until it can answer
         history = self.history()
         if not history:
             raise UsageError("nothing to retry yet")
@@ -161,7 +162,9 @@ class Chat(SessionHolder):
         return len(turns) - 1
 
     def switch_branch(self, message_id: int) -> None:
-        session = self._ensure_session()
+        if self.session is None:
+            raise UsageError("no branches yet")
+        session = self.session
         leaves = {b.leaf.id for b in self.store.branches(session.id)}
         ids = {m.id for m in self.store.active_branch(session.id)}
         if message_id not in leaves and message_id not in ids:
@@ -349,7 +352,7 @@ class Chat(SessionHolder):
     def _save_snapshot(self, warnings: list[str]) -> None:
         assert self.session is not None
         pc, loaded = self.rt.engine.pc, self.rt.loaded
-        if not pc.croppable:  # sliding-window layers hold only their window: nothing to save
+        if not pc.croppable or not pc.ids:  # sliding windows hold only their window; or nothing
             return
         try:
             self.kv.save(self.session.id, list(pc.ids), pc.export(), loaded.fingerprint)

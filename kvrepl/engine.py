@@ -137,6 +137,8 @@ class PromptCache:
         """Keep the first n positions. A cache with sliding-window layers cannot be cut back and
         is rebuilt from nothing instead (the caller says so)."""
         n = max(0, min(n, len(self.ids)))
+        if n == len(self.ids):
+            return  # nothing to cut (a sliding-window cache keeps its reuse then)
         if n == 0 or not self.croppable:
             self.reset()
             return
@@ -315,11 +317,12 @@ class Engine:
             while len(progress.generated) < sampling.max_tokens:
                 token = sampler.next(logits)
                 now = time.perf_counter()
-                progress.t_first = progress.t_first or now
-                progress.t_last = now
+                if progress.t_first is None:
+                    progress.t_first = now
                 if token in self.end_ids:
                     reason = "stop"
                     break
+                progress.t_last = now  # rate: generated tokens over the time they took
                 progress.generated.append(token)
                 text = decoder.add(token)
                 if text:

@@ -100,9 +100,11 @@ class Repl:
                 self.renderer.feed(event)
         except KeyboardInterrupt:
             close = getattr(events, "close", None)
-            if close:
-                close()
-            self.renderer.end(interrupted=True, stats=self.chat.last_stats)
+            try:
+                if close:
+                    close()  # stores the partial answer (a second Ctrl-C may cut this short)
+            finally:
+                self.renderer.end(interrupted=True, stats=self.chat.last_stats)
             return
         except BaseException:
             self.renderer.end()  # a refused or failed turn: its error line follows, no figures
