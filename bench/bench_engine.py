@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cpu_load import Others  # noqa: E402
+from synthetic import WORDS  # noqa: E402
 
 from kvrepl import models  # noqa: E402
 from kvrepl.engine import Engine, Sampling  # noqa: E402
@@ -55,14 +56,6 @@ REF_TRANSFORMERS = {100: 17.0, 2000: 15.0, 6000: 10.0}
 # Synthetic conversations
 # --------------------------------------------------------------------------------------------
 
-_WORDS = (
-    "the cache model token prompt history answer question engine layer attention value key "
-    "python function return list string error file server request memory thread speed number "
-    "river mountain garden kitchen window morning evening winter summer bridge station market "
-    "because although however therefore meanwhile instead perhaps usually quickly carefully "
-    "build measure explain compare remember describe improve choose follow consider "
-    "small large quiet bright heavy simple strange useful careful ancient modern gentle"
-).split()
 _CODE = [
     "def add(a, b):\n    return a + b\n",
     "for i in range(10):\n    print(i * i)\n",
@@ -73,7 +66,7 @@ _CODE = [
 
 
 def _sentence(rng: random.Random) -> str:
-    words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 16))]
+    words = [rng.choice(WORDS) for _ in range(rng.randint(5, 16))]
     if rng.random() < 0.25:
         words.insert(rng.randint(0, len(words)), str(rng.randint(2, 9999)))
     s = " ".join(words)

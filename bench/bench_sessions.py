@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cpu_load import Others  # noqa: E402
+from synthetic import WORDS  # noqa: E402
 
 from kvrepl import kvstore, models  # noqa: E402
 from kvrepl.chat import Chat, Runtime  # noqa: E402
@@ -72,18 +73,10 @@ MORE_TURNS = [
 # -------------------------------------------------------------------------------------------
 # synthetic conversations
 
-_WORDS = (
-    "the cache model token prompt history answer question engine layer attention value key "
-    "python function return list string error file server request memory thread speed number "
-    "river mountain garden kitchen window morning evening winter summer bridge station market "
-    "because although however therefore meanwhile instead perhaps usually quickly carefully "
-    "build measure explain compare remember describe improve choose follow consider "
-    "small large quiet bright heavy simple strange useful careful ancient modern gentle"
-).split()
 
 
 def _sentence(rng: random.Random) -> str:
-    words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 16))]
+    words = [rng.choice(WORDS) for _ in range(rng.randint(6, 16))]
     s = " ".join(words)
     return s[0].upper() + s[1:] + rng.choice([".", ".", "?", "!"])
 
