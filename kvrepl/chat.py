@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # torch and transformers load in the background, after the pr
     from kvrepl.kvstore import KVStore
 
 _ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
+# A conversation rendered within the context: (messages, ids, where each message starts, notes).
+Fitted = tuple[list[dict[str, str]], list[int], list[int], list[str]]
 
 
 @dataclass
@@ -125,20 +127,20 @@ class Chat(SessionHolder):
         """Store the user's message, then answer it. A message that cannot fit is refused before
         it is stored (it stays in the input history)."""
         text = clean_text(text)  # a lone surrogate (from a bad terminal byte) becomes U+FFFD
-        self._check_message(text, self.history())
+        fitted = self._check_message(text, self.history())
         session = self._ensure_session()
         self.store.add_message(session.id, "user", text)
-        return self._answer()
+        return self._answer(fitted)
 
     def edit(self, n: int, text: str) -> Iterator[TurnEvent]:
         """Replace user turn n (1-based) as a new branch; the old one stays in the database."""
         target = self._user_turn(n)
         text = clean_text(text)
         history = self.history()
-        self._check_message(text, history[: history.index(target)])
+        fitted = self._check_message(text, history[: history.index(target)])
         assert self.session is not None
         self.store.add_message(self.session.id, "user", text, parent_id=target.parent_id)
-        return self._answer()
+        return self._answer(fitted)
 
     def retry(self) -> Iterator[TurnEvent]:
         """Answer the last user message again, as a sibling of the previous answer."""
@@ -180,9 +182,10 @@ class Chat(SessionHolder):
             raise UsageError(f"there is no turn {n}: this conversation has {len(turns)}")
         return turns[n - 1]
 
-    def _check_message(self, text: str, before: list[Message]) -> None:
+    def _check_message(self, text: str, before: list[Message]) -> Fitted:
         """Refuse, before anything is stored or computed, a message that is empty or that cannot
-        fit in the context after `before` (the messages it follows)."""
+        fit in the context after `before` (the messages it follows). Returns the rendering, which
+        the turn then uses as it is."""
         if not text.strip():
             raise UsageError("empty message: type something, or /help")
         n = self.rt.prompt.count_tokens(text)
@@ -193,7 +196,8 @@ class Chat(SessionHolder):
                 f"{self.rt.engine.context_length:,} tokens (at most {limit:,} for a message): "
                 "shorten it or send it in parts"
             )
-        self._fit([*self.prompt_messages(before), {"role": "user", "content": text}])
+        msgs = [*self.prompt_messages(before), {"role": "user", "content": text}]
+        return msgs, *self._fit(msgs)
 
     # -- one turn -----------------------------------------------------------------------------
     def _fit(self, msgs: list[dict[str, str]]) -> tuple[list[int], list[int], list[str]]:
@@ -271,10 +275,11 @@ class Chat(SessionHolder):
         self._save_snapshot(notes)
         return engine.progress.reused, engine.progress.prefilled, notes
 
-    def _answer(self) -> Iterator[TurnEvent]:
-        """Answer the head of the active branch. Whatever stops the turn (Ctrl-C anywhere in it,
-        or the consumer closing it), the user's message gets an answer, marked interrupted, with
-        what was generated, and the engine's cache matches its ids."""
+    def _answer(self, fitted: Fitted | None = None) -> Iterator[TurnEvent]:
+        """Answer the head of the active branch (`fitted`: its rendering, when the caller has
+        it). Whatever stops the turn (Ctrl-C anywhere in it, or the consumer closing it), the
+        user's message gets an answer, marked interrupted, with what was generated, and the
+        engine's cache matches its ids."""
         self.last_stats, self.last_reason = None, "interrupted"
         splitter = ThinkSplitter()
         events: Iterator[TurnEvent] | None = None
@@ -283,8 +288,10 @@ class Chat(SessionHolder):
         try:
             for line in self.restore_snapshot():
                 yield Notice(line)
-            msgs = self.prompt_messages()
-            ids, starts, notes = self._fit(msgs)
+            if fitted is None:
+                msgs = self.prompt_messages()
+                fitted = (msgs, *self._fit(msgs))
+            msgs, ids, starts, notes = fitted
             for line in notes:
                 yield Notice(line)
             rt = self.rt

@@ -142,8 +142,7 @@ class PromptCache:
         if n == 0 or not self.croppable:
             self.reset()
             return
-        for layer in self.cache.layers:
-            layer.crop(n - layer.get_seq_length())
+        self._cut_layers(n)
         del self.ids[n:]
 
     def sync(self) -> None:
@@ -151,11 +150,16 @@ class PromptCache:
         them back to the ids (a forward only ever adds)."""
         if set(self.layer_lengths()) - {len(self.ids)}:
             if self.croppable:
-                for layer in self.cache.layers:
-                    if layer.get_seq_length() > len(self.ids):
-                        layer.crop(len(self.ids) - layer.get_seq_length())
+                self._cut_layers(len(self.ids))
             else:
                 self.reset()
+
+    def _cut_layers(self, n: int) -> None:
+        """Cut every layer that holds more than n positions back to n (crop takes a negative
+        count of positions to remove in transformers 5)."""
+        for layer in self.cache.layers:
+            if layer.get_seq_length() > n:
+                layer.crop(n - layer.get_seq_length())
 
     def reset(self) -> None:
         self.cache, self.croppable = _new_cache(self.config)
