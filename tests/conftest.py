@@ -102,7 +102,22 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def real():
-    """The embedded SmolLM2-135M-Instruct, loaded once for the whole test session."""
+    """The embedded SmolLM2-135M-Instruct as kvrepl runs it by default (the CPU fast path: the
+    GGUF's own Q4_1/Q8_0 weights), loaded once for the whole test session."""
     from kvrepl import models
 
     return models.load(progress=False)
+
+
+@pytest.fixture(scope="session")
+def real32():
+    """The embedded model dequantized to float32 (`--dtype float32`), loaded once."""
+    from kvrepl import models
+
+    return models.load(dtype="float32", progress=False)
+
+
+@pytest.fixture(params=["real", "real32"])
+def real_any(request):
+    """The real model in each mode kvrepl ships: the fast path and float32."""
+    return request.getfixturevalue(request.param)

@@ -167,15 +167,14 @@ def assert_last_answer_is_recompute(h: Harness) -> None:
 @torch.inference_mode()
 def assert_cache_true(engine: Any) -> None:
     """`pc.check()`, and every position holds the K/V a fresh forward pass computes for it."""
-    from kvrepl.engine import PromptCache
+    from kvrepl.cache import PromptCache
 
     pc = engine.pc
     pc.check()
     if not pc.ids:
         return
-    fresh = PromptCache(engine.model.config)
-    engine.model(input_ids=torch.tensor([pc.ids]), cache=fresh.cache, use_cache=True,
-                 logits_to_keep=1)  # fmt: skip
+    fresh = PromptCache(engine.runner.new_layers)
+    engine.runner.forward(list(pc.ids), fresh)
     fresh.ids = list(pc.ids)
     for i, ((k, v), (rk, rv)) in enumerate(zip(pc.export(), fresh.export(), strict=True)):
         assert k.shape == rk.shape, f"layer {i}: {tuple(k.shape)} != {tuple(rk.shape)}"

@@ -11,21 +11,13 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from kvrepl.engine import (
-    _GROW_STEP,
-    Engine,
-    GrowingLayer,
-    PromptCache,
-    Sampler,
-    Sampling,
-    common_prefix,
-)
+from kvrepl.cache import _GROW_STEP, GrowingLayer, PromptCache, hf_layers
+from kvrepl.engine import Engine, Sampler, Sampling, common_prefix
 from kvrepl.errors import PromptError
 from kvrepl.events import Finish, Stats, TextDelta
 from kvrepl.prompt import Prompt
 
 GREEDY = Sampling(temperature=0, max_tokens=12)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +43,7 @@ def random_ids(n: int, seed: int, vocab: int = 380) -> list[int]:
 @torch.inference_mode()
 def reference_kv(model, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """K/V of `ids` computed from nothing in one forward pass."""
-    pc = PromptCache(model.config)
+    pc = PromptCache(lambda: hf_layers(model.config))
     model(
         input_ids=torch.tensor([list(ids)], device=model.device),
         cache=pc.cache,
@@ -602,9 +594,29 @@ def test_end_token_finishes_with_stop_and_is_not_kept(tiny):
 
 
 @pytest.fixture
-def smol(real):
-    prompt = Prompt(real.tokenizer)
-    return real, prompt, prompt.end_token_ids(real.model.generation_config)
+def smol(real_any):
+    """The real model in each mode (fast path and float32), its Prompt and end ids."""
+    prompt = Prompt(real_any.tokenizer)
+    return real_any, prompt, prompt.end_token_ids(real_any.model.generation_config)
+
+
+def explode_in_layer(mp: pytest.MonkeyPatch, real, layer: int, call_no: int) -> None:
+    """KeyboardInterrupt inside layer `layer` of the real model, on its `call_no`-th forward: a
+    transformers model's decoder layer, or the fast path's attention kernel for that layer."""
+    if not getattr(real.model, "is_fast", False):
+        explode_on(mp, real.model.model.layers[layer], call_no)
+        return
+    kernels = real.model.k
+    attention, calls = kernels.attention, {"n": 0}
+
+    def counting(*args):
+        calls["n"] += 1
+        n_layers = len(real.model.layers)
+        if calls["n"] == (call_no - 1) * n_layers + layer + 1:
+            raise KeyboardInterrupt
+        return attention(*args)
+
+    mp.setattr(kernels, "attention", counting)
 
 
 def real_engine(smol, reuse: bool) -> Engine:
@@ -617,8 +629,8 @@ def real_engine(smol, reuse: bool) -> Engine:
 @torch.inference_mode()
 def _margin_report(real, ids: list[int], gen_a: list[int], gen_b: list[int]) -> str:
     j = common_prefix(gen_a, gen_b)
-    x = torch.tensor([ids + gen_b[:j]])
-    logits = real.model(input_ids=x, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+    fresh = Engine(real.model, real.tokenizer, end_ids=set(), context_length=real.context_length)
+    logits = fresh.prefill(ids + gen_b[:j]).float()
     top = torch.topk(logits, 3)
     tok = real.tokenizer
     ranked = ", ".join(
@@ -712,7 +724,7 @@ def test_real_model_chunked_restored_and_interrupted_prefill_agree(smol, monkeyp
     chunked = real_engine(smol, True)
     chunked.chunk_size = 8
     with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
-        explode_on(mp, real.model.model.layers[5], call_no=3)
+        explode_in_layer(mp, real, 5, call_no=3)
         chunked.prefill(ids)
     chunked.pc.check()
     assert chunked.pc.ids == ids[:16]

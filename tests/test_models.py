@@ -135,7 +135,8 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.model
-def test_fingerprint_is_stable_and_changes_with_dtype_and_chat_template(real, monkeypatch):
+def test_fingerprint_is_stable_and_changes_with_dtype_and_chat_template(real32, monkeypatch):
+    real = real32
     cfg, tok, label = real.model.config, real.tokenizer, real.source.label
     weights = models.weights_digest(real.model)
 
@@ -158,9 +159,10 @@ def test_fingerprint_is_stable_and_changes_with_dtype_and_chat_template(real, mo
 
 
 @pytest.mark.model
-def test_load_reuses_the_converted_folder_and_fingerprints_dtype_and_template(real, monkeypatch):
+def test_load_reuses_the_converted_folder_and_fingerprints_dtype_and_template(real32, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    real = real32
     assert real.source.kind == "gguf"
     folder = models.converted_folder(real.source.path)
     assert (folder / "config.json").is_file()
@@ -187,7 +189,7 @@ def test_load_reuses_the_converted_folder_and_fingerprints_dtype_and_template(re
     assert half.fingerprint != real.fingerprint
     assert half.context_length == real.context_length
 
-    templated = models.load(chat_template=CHATML, progress=False)
+    templated = models.load(dtype="float32", chat_template=CHATML, progress=False)
     assert gguf_calls == []
     assert templated.tokenizer.chat_template == CHATML
     assert templated.dtype == real.dtype

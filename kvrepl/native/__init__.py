@@ -1,0 +1,183 @@
+"""kvrepl's CPU kernels (kernels.c), compiled once for this machine and called through ctypes.
+
+Owns: building the shared library (`cc -O3 -march=native -fopenmp`, into the cache directory,
+keyed by the source, the compiler and the CPU, written atomically), loading it after torch (so it
+shares torch's OpenMP runtime and thread count), and thin typed wrappers that take torch tensors.
+Never imported on a machine that does not run the CPU fast path; raises `NativeError` with a
+one-line reason when there is no compiler or the build fails, and the caller falls back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC"]
+FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4}
+ACT = {"silu": 1, "gelu_tanh": 2}
+
+i64 = ctypes.c_int64
+ptr = ctypes.c_void_p
+
+
+class NativeError(Exception):
+    """The kernels cannot be built or loaded here; the message says why, in one line."""
+
+
+class Weight(ctypes.Structure):
+    _fields_ = [
+        ("fmt", ctypes.c_int32),
+        ("block", ctypes.c_int32),
+        ("n", i64),
+        ("k", i64),
+        ("q", ptr),
+        ("sc", ptr),
+        ("has_min", ctypes.c_int32),
+    ]
+
+
+def _cpu_identity() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+        model = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
+    except OSError:
+        flags = model = ""
+    return f"{platform.machine()}|{model}|{flags}"
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise NativeError("no C compiler (cc) found to build the kernels")
+    return cc
+
+
+def library_path(cache: Path) -> tuple[Path, str]:
+    cc = _compiler()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeError(f"the C compiler {cc} does not run: {exc}") from exc
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.stdout.encode(), " ".join(FLAGS).encode(),
+                 _cpu_identity().encode()):  # fmt: skip
+        key.update(part)
+    return cache / "kernels" / f"kvrepl-kernels-{key.hexdigest()[:16]}.so", cc
+
+
+def build(cache: Path) -> Path:
+    """The compiled library for this machine, built on first use (a second or two)."""
+    path, cc = library_path(cache)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=path.parent)
+    os.close(fd)
+    cmd = [cc, *FLAGS, "-shared", str(SOURCE), "-o", tmp, "-lm"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no output"])[0]
+            raise NativeError(f"building the kernels failed: {first[:200]}")
+        os.replace(tmp, path)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeError(f"building the kernels failed: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "kv_matmul": (None, [ptr, i64, i64, ctypes.POINTER(Weight), ptr, i64, ptr, ctypes.c_int]),
+    "kv_rows": (None, [ctypes.POINTER(Weight), ptr, i64, ptr, i64, ctypes.c_float]),
+    "kv_rmsnorm": (None, [ptr, i64, i64, i64, i64, ptr, ctypes.c_float, ptr, i64, ctypes.c_int]),
+    "kv_rope": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64]),
+    "kv_store": (None, [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64]),
+    "kv_act_mul": (None, [ptr, i64, i64, i64, ctypes.c_int, ptr, i64]),
+    "kv_attention_scratch": (i64, [i64, i64, i64, i64]),
+    "kv_attention": (
+        None,
+        [
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            ctypes.c_float,
+            ctypes.c_float,
+            ptr,
+            i64,
+            ptr,
+            i64,
+        ],
+    ),  # fmt: skip
+    "kv_version": (ctypes.c_int, []),
+    "kv_isa": (ctypes.c_char_p, []),
+    "kv_max_threads": (ctypes.c_int, []),
+}
+
+
+class Kernels:
+    """The loaded library. Methods take contiguous float32 (or float16 cache) tensors."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise NativeError(f"the kernels do not load: {exc}") from exc
+        for name, (res, args) in _SIGNATURES.items():
+            fn = getattr(self.lib, name)
+            fn.restype, fn.argtypes = res, args
+        self.isa = self.lib.kv_isa().decode()
+        self.version = int(self.lib.kv_version())
+        # Raw functions: the fast model calls these in its hot loop.
+        self.matmul = self.lib.kv_matmul
+        self.rows = self.lib.kv_rows
+        self.rmsnorm = self.lib.kv_rmsnorm
+        self.rope = self.lib.kv_rope
+        self.store = self.lib.kv_store
+        self.act_mul = self.lib.kv_act_mul
+        self.attention = self.lib.kv_attention
+        self.attention_scratch = self.lib.kv_attention_scratch
+
+    @property
+    def label(self) -> str:
+        return f"kvrepl-kernels v{self.version} ({self.isa})"
+
+
+_loaded: dict[Path, Kernels] = {}
+
+
+def kernels(cache: Path) -> Kernels:
+    """Build if needed and load the kernels (once per process)."""
+    path = build(cache)
+    if path not in _loaded:
+        _loaded[path] = Kernels(path)
+    return _loaded[path]
+
+
+def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, block: int = 32):
+    """A Weight descriptor over tensors the caller keeps alive."""
+    if k % 32:
+        raise ValueError(f"k={k} is not a multiple of 32")
+    has_min = bool(sc is not None and sc[..., 1].ne(0).any())
+    return Weight(FMT[fmt], block, n, k, q.data_ptr(), sc.data_ptr() if sc is not None else None,
+                  has_min)  # fmt: skip

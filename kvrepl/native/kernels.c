@@ -1,0 +1,811 @@
+/* kvrepl's CPU kernels: quantized matmul, attention over an fp16 cache, norms, rope, activations.
+ *
+ * Batch invariance by construction: every output element is computed by one fixed sequence of
+ * float operations that depends on its own inputs and sizes only, never on how many rows are
+ * computed with it, how they are tiled, or how many threads run. So a token's K/V and logits are
+ * bit-identical whether it was computed in a prefill chunk of any size or alone in a decode step
+ * (reuse equals recompute, bit for bit). The rules that make it so:
+ *   - a dot product accumulates 8 lanes in k order (lane = k mod 8) and ends with one fixed
+ *     horizontal sum; tiles over rows/columns only change which outputs run side by side;
+ *   - threads split outputs, never a reduction;
+ *   - attention splits a query's keys into blocks at fixed absolute positions (ATT_B), computes
+ *     each block's (max, sum, weighted values) and combines blocks in order, whatever ran them;
+ *   - no fused multiply-add that the compiler chooses: built with -ffp-contract=off, FMAs are
+ *     explicit. The scalar fallback mirrors the AVX2 path operation for operation.
+ *
+ * Weights are kept in the file's own quantized values, repacked at load (exactly) into:
+ *   U4: 4-bit unsigned per weight, blocks of 32 along k, a float (scale, min) per block:
+ *       w = scale * q + min  (GGUF Q4_0, Q4_1, Q4_K);
+ *   I8: 8-bit signed, blocks of 32 or 16, a float (scale, min) per block (Q8_0, Q6_K, Q5_x);
+ *   F16 and F32: plain.
+ * Built and loaded by kvrepl/native/__init__.py; called through ctypes with raw pointers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define KV_VERSION 1
+#define ATT_B 128 /* keys per attention block, at absolute positions */
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KV_AVX2 1
+#include <immintrin.h>
+#endif
+
+typedef int64_t i64;
+
+/* ---------------------------------------------------------------- 8-lane vectors */
+#ifdef KV_AVX2
+typedef __m256 v8;
+static inline v8 v_zero(void) { return _mm256_setzero_ps(); }
+static inline v8 v_set1(float a) { return _mm256_set1_ps(a); }
+static inline v8 v_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v_store(float *p, v8 a) { _mm256_storeu_ps(p, a); }
+static inline v8 v_add(v8 a, v8 b) { return _mm256_add_ps(a, b); }
+static inline v8 v_sub(v8 a, v8 b) { return _mm256_sub_ps(a, b); }
+static inline v8 v_mul(v8 a, v8 b) { return _mm256_mul_ps(a, b); }
+static inline v8 v_div(v8 a, v8 b) { return _mm256_div_ps(a, b); }
+static inline v8 v_fma(v8 a, v8 b, v8 c) { return _mm256_fmadd_ps(a, b, c); }
+static inline v8 v_fnma(v8 a, v8 b, v8 c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline v8 v_min(v8 a, v8 b) { return _mm256_min_ps(a, b); }
+static inline v8 v_max(v8 a, v8 b) { return _mm256_max_ps(a, b); }
+static inline v8 v_floor(v8 a) { return _mm256_floor_ps(a); }
+static inline v8 v_pow2i(v8 fx) { /* 2^fx for integral fx in [-127, 128] */
+    __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
+static inline float v_hsum(v8 a) {
+    __m128 lo = _mm256_castps256_ps128(a), hi = _mm256_extractf128_ps(a, 1);
+    __m128 s4 = _mm_add_ps(lo, hi);
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+static inline v8 v_h16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline void v_store_h16(uint16_t *p, v8 a) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
+}
+static inline v8 v_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+/* 32 4-bit weights (16 bytes: low nibbles are k 0..15, high nibbles k 16..31) as 4 vectors */
+static inline void v_u4(const uint8_t *p, v8 w[4]) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(raw, m), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+#define KV_ISA "avx2"
+#else
+typedef struct { float f[8]; } v8;
+#define LANES(expr) do { for (int l_ = 0; l_ < 8; l_++) { expr; } } while (0)
+static inline v8 v_zero(void) { v8 r; LANES(r.f[l_] = 0.0f); return r; }
+static inline v8 v_set1(float a) { v8 r; LANES(r.f[l_] = a); return r; }
+static inline v8 v_load(const float *p) { v8 r; LANES(r.f[l_] = p[l_]); return r; }
+static inline void v_store(float *p, v8 a) { LANES(p[l_] = a.f[l_]); }
+static inline v8 v_add(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] + b.f[l_]); return r; }
+static inline v8 v_sub(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] - b.f[l_]); return r; }
+static inline v8 v_mul(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] * b.f[l_]); return r; }
+static inline v8 v_div(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] / b.f[l_]); return r; }
+static inline v8 v_fma(v8 a, v8 b, v8 c) { v8 r; LANES(r.f[l_] = fmaf(a.f[l_], b.f[l_], c.f[l_])); return r; }
+static inline v8 v_fnma(v8 a, v8 b, v8 c) { v8 r; LANES(r.f[l_] = fmaf(-a.f[l_], b.f[l_], c.f[l_])); return r; }
+/* x86 min/max semantics: the second operand when either is NaN */
+static inline v8 v_min(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] < b.f[l_] ? a.f[l_] : b.f[l_]); return r; }
+static inline v8 v_max(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] > b.f[l_] ? a.f[l_] : b.f[l_]); return r; }
+static inline v8 v_floor(v8 a) { v8 r; LANES(r.f[l_] = floorf(a.f[l_])); return r; }
+static inline v8 v_pow2i(v8 fx) {
+    v8 r;
+    for (int l = 0; l < 8; l++) {
+        uint32_t bits = (uint32_t)((int32_t)fx.f[l] + 127) << 23;
+        memcpy(&r.f[l], &bits, 4);
+    }
+    return r;
+}
+static inline float v_hsum(v8 a) {
+    float s4[4], s2[2];
+    for (int i = 0; i < 4; i++) s4[i] = a.f[i] + a.f[i + 4];
+    s2[0] = s4[0] + s4[2];
+    s2[1] = s4[1] + s4[3];
+    return s2[0] + s2[1];
+}
+static inline float h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
+    if (e == 0) {
+        if (m == 0) bits = s;
+        else { /* subnormal: normalise */
+            e = 113;
+            while (!(m & 1024)) { m <<= 1; e--; }
+            bits = s | (e << 23) | ((m & 1023) << 13);
+        }
+    } else if (e == 31) bits = s | 0x7f800000 | (m << 13);
+    else bits = s | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline uint16_t f2h(float f) { /* round to nearest even, as vcvtps2ph */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t s = (x >> 16) & 0x8000, e = (x >> 23) & 255, m = x & 0x7fffff;
+    if (e == 255) return (uint16_t)(s | 0x7c00 | (m ? 0x200 | (m >> 13) : 0));
+    int32_t he = (int32_t)e - 112;
+    if (he >= 31) return (uint16_t)(s | 0x7c00);
+    if (he <= 0) {
+        if (he < -10) return (uint16_t)s;
+        m |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - he), r = m >> shift, rem = m & ((1u << shift) - 1),
+                 half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(s | r);
+    }
+    uint32_t r = ((uint32_t)he << 10) | (m >> 13), rem = m & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) r++;
+    return (uint16_t)(s | r);
+}
+static inline v8 v_h16(const uint16_t *p) { v8 r; LANES(r.f[l_] = h2f(p[l_])); return r; }
+static inline void v_store_h16(uint16_t *p, v8 a) { LANES(p[l_] = f2h(a.f[l_])); }
+static inline v8 v_i8(const int8_t *p) { v8 r; LANES(r.f[l_] = (float)p[l_]); return r; }
+static inline void v_u4(const uint8_t *p, v8 w[4]) {
+    for (int l = 0; l < 8; l++) {
+        w[0].f[l] = (float)(p[l] & 15);
+        w[1].f[l] = (float)(p[8 + l] & 15);
+        w[2].f[l] = (float)(p[l] >> 4);
+        w[3].f[l] = (float)(p[8 + l] >> 4);
+    }
+}
+#define KV_ISA "scalar"
+#endif
+
+/* exp, Cephes' polynomial: the same operations on every lane and in every caller */
+static inline v8 v_exp(v8 x) {
+    x = v_min(x, v_set1(88.3762626647949f));
+    x = v_max(x, v_set1(-88.3762626647949f));
+    v8 fx = v_floor(v_fma(x, v_set1(1.44269504088896341f), v_set1(0.5f)));
+    x = v_fnma(fx, v_set1(0.693359375f), x);
+    x = v_fnma(fx, v_set1(-2.12194440e-4f), x);
+    v8 y = v_set1(1.9875691500e-4f);
+    y = v_fma(y, x, v_set1(1.3981999507e-3f));
+    y = v_fma(y, x, v_set1(8.3334519073e-3f));
+    y = v_fma(y, x, v_set1(4.1665795894e-2f));
+    y = v_fma(y, x, v_set1(1.6666665459e-1f));
+    y = v_fma(y, x, v_set1(5.0000001201e-1f));
+    y = v_fma(y, v_mul(x, x), x);
+    y = v_add(y, v_set1(1.0f));
+    return v_mul(y, v_pow2i(fx));
+}
+static inline float s_exp(float x) { /* lane 0 of v_exp */
+    float b[8];
+    v_store(b, v_exp(v_set1(x)));
+    return b[0];
+}
+
+/* ---------------------------------------------------------------- weights */
+enum { FMT_U4 = 1, FMT_I8 = 2, FMT_F16 = 3, FMT_F32 = 4 };
+
+typedef struct {
+    int32_t fmt;
+    int32_t block;     /* I8: 32 or 16 weights per (scale, min) */
+    i64 n, k;          /* rows (outputs), columns (inputs); k % 32 == 0 */
+    const void *q;     /* U4: uint8 [n][k/2]; I8: int8 [n][k]; F16: uint16 [n][k]; F32: float */
+    const float *sc;   /* U4, I8: float [n][k/block][2] = (scale, min) */
+    int32_t has_min;   /* any min is not 0 */
+} Weight;
+
+/* A quantized weight row is blocks of 32 (or 16) integers q with a float (scale, min) each:
+ * w = q * scale + min. Activations are quantized per block of 32 to 16-bit integers with a float
+ * step (amax / 32767: a relative error of 1.5e-5 of the block's largest value, near float32 and
+ * far finer than llama.cpp's 8 bits); the products then run on integer units, exactly:
+ *   dot = sum over blocks of fma-accumulated (scale * step) * int_sum + mins * sum(x).
+ * Every row of x is quantized the same way whatever runs with it, so this stays batch invariant.
+ * Float weights (F16, F32) take float activations: acc = fma(x, w, acc) in k order. */
+typedef struct {
+    const uint8_t *q;
+    const float *sc;
+    i64 k, qrow, srow; /* weights per row; bytes of q per row; (scale, min) pairs per row */
+    int block, has_min;
+} Wv;
+
+typedef struct { /* quantized rows of x */
+    const int16_t *q;  /* [M][K] */
+    const float *d;    /* [M][K/32] steps */
+    const float *s16;  /* [M][K/16] sums of x, for the min terms */
+    i64 k;
+} Xq;
+
+#ifdef KV_AVX2
+typedef __m256i vi;   /* 8 int32 lanes */
+typedef __m256i wv16; /* 16 int16 weights */
+/* 32 weights as two vectors of 16 int16 (weights 0-15 and 16-31) */
+static inline void w16_u4(const uint8_t *p, wv16 *w0, wv16 *w1) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m));
+    *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m));
+}
+static inline void w16_i8(const int8_t *p, wv16 *w0, wv16 *w1) {
+    *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+}
+/* lane l = w[2l] x[2l] + w[2l+1] x[2l+1], exactly */
+static inline vi vi_dot(wv16 w, const int16_t *x) {
+    return _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)x));
+}
+static inline vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
+static inline v8 vi_float(vi a) { return _mm256_cvtepi32_ps(a); }
+static inline float v_amax(const float *x) { /* max |x| of 32 */
+    __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_max_ps(_mm256_andnot_ps(sign, v_load(x)), _mm256_andnot_ps(sign, v_load(x + 8)));
+    a = _mm256_max_ps(a, _mm256_max_ps(_mm256_andnot_ps(sign, v_load(x + 16)), _mm256_andnot_ps(sign, v_load(x + 24))));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+static inline void q16_store(int16_t *q, const float *x, float inv) { /* 32 values, nearest even */
+    __m256 f = _mm256_set1_ps(inv);
+    for (int i = 0; i < 32; i += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v_load(x + i), f));
+        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(v_load(x + i + 8), f));
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+        _mm256_storeu_si256((__m256i *)(q + i), p);
+    }
+}
+#else
+typedef struct { int32_t l[8]; } vi;
+typedef struct { int32_t v[16]; } wv16;
+static inline void w16_u4(const uint8_t *p, wv16 *w0, wv16 *w1) {
+    for (int i = 0; i < 16; i++) w0->v[i] = p[i] & 15, w1->v[i] = p[i] >> 4;
+}
+static inline void w16_i8(const int8_t *p, wv16 *w0, wv16 *w1) {
+    for (int i = 0; i < 16; i++) w0->v[i] = p[i], w1->v[i] = p[16 + i];
+}
+static inline vi vi_dot(wv16 w, const int16_t *x) {
+    vi r;
+    for (int l = 0; l < 8; l++) r.l[l] = w.v[2 * l] * x[2 * l] + w.v[2 * l + 1] * x[2 * l + 1];
+    return r;
+}
+static inline vi vi_add(vi a, vi b) { for (int l = 0; l < 8; l++) a.l[l] += b.l[l]; return a; }
+static inline v8 vi_float(vi a) { v8 r; LANES(r.f[l_] = (float)a.l[l_]); return r; }
+static inline float v_amax(const float *x) {
+    float a = 0.0f;
+    for (int i = 0; i < 32; i++) a = fabsf(x[i]) > a ? fabsf(x[i]) : a;
+    return a;
+}
+static inline void q16_store(int16_t *q, const float *x, float inv) {
+    for (int i = 0; i < 32; i++) {
+        float v = nearbyintf(x[i] * inv);
+        q[i] = (int16_t)(v > 32767.0f ? 32767.0f : v < -32768.0f ? -32768.0f : v);
+    }
+}
+#endif
+
+static void quantize_x(const float *x, i64 M, i64 ldx, i64 K, int16_t *q, float *d, float *s16) {
+#pragma omp parallel for schedule(static) if (M > 8)
+    for (i64 m = 0; m < M; m++)
+        for (i64 b = 0; b < K / 32; b++) {
+            const float *xb = x + m * ldx + b * 32;
+            float amax = v_amax(xb);
+            d[m * (K / 32) + b] = amax / 32767.0f;
+            q16_store(q + m * K + b * 32, xb, amax > 0.0f ? 32767.0f / amax : 0.0f);
+            for (int h = 0; h < 2; h++)
+                s16[m * (K / 16) + 2 * b + h] = v_hsum(v_add(v_load(xb + 16 * h), v_load(xb + 16 * h + 8)));
+        }
+}
+
+static inline float finish(float r, const float *bias, i64 n, int accumulate, const float *prev) {
+    if (bias) r = r + bias[n];
+    return accumulate ? *prev + r : r;
+}
+
+/* Quantized weights: outputs [m0, m0+MT) x [n0, n0+NT). Per output and block: the integer dot of
+ * the block's 32 weights with x's 32 int16 (8 exact int32 lanes), acc = fma(scale * step,
+ * float(lanes), acc) (once per 16 for blocks of 16), and the mins add min * sum(x) to a scalar.
+ * Output = hsum(acc) + mins. The sequence per output is the same in every tile shape. One
+ * function per (weight kind, tile shape); a kind fixes the format, SUB (scales per 32) and MIN. */
+#define DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, MT, NT)                                            \
+    static void qtile_##KIND##_##MT##_##NT(const Xq *x, const Wv *w, float *out, i64 ldo,        \
+                                            const float *bias, int accumulate, i64 m0, i64 n0) { \
+        v8 acc[NT][MT];                                                                          \
+        float mins[NT][MT];                                                                      \
+        const uint8_t *wr[NT];                                                                   \
+        const float *sr[NT];                                                                     \
+        const int16_t *xr[MT];                                                                   \
+        const float *dr[MT], *sxr[MT];                                                           \
+        i64 nb = w->k / 32;                                                                      \
+        for (int i = 0; i < NT; i++) {                                                           \
+            wr[i] = w->q + (n0 + i) * w->qrow;                                                   \
+            sr[i] = w->sc + (n0 + i) * w->srow * 2;                                              \
+            for (int j = 0; j < MT; j++) acc[i][j] = v_zero(), mins[i][j] = 0.0f;                \
+        }                                                                                        \
+        for (int j = 0; j < MT; j++) {                                                           \
+            xr[j] = x->q + (m0 + j) * w->k;                                                      \
+            dr[j] = x->d + (m0 + j) * nb;                                                        \
+            sxr[j] = x->s16 + (m0 + j) * (w->k / 16);                                            \
+        }                                                                                        \
+        for (i64 b = 0; b < nb; b++) {                                                           \
+            _Pragma("GCC unroll 8")                                                              \
+            for (int i = 0; i < NT; i++) {                                                       \
+                wv16 w0, w1;                                                                     \
+                WFN((const void *)(wr[i] + b * BYTES), &w0, &w1);                                \
+                const float *s = sr[i] + b * SUB * 2;                                            \
+                _Pragma("GCC unroll 8")                                                          \
+                for (int j = 0; j < MT; j++) {                                                   \
+                    float step = dr[j][b];                                                       \
+                    vi p0 = vi_dot(w0, xr[j] + b * 32), p1 = vi_dot(w1, xr[j] + b * 32 + 16);    \
+                    if (SUB == 1) {                                                              \
+                        acc[i][j] = v_fma(v_set1(s[0] * step), vi_float(vi_add(p0, p1)), acc[i][j]); \
+                        if (MIN) mins[i][j] = fmaf(s[1], sxr[j][2 * b] + sxr[j][2 * b + 1], mins[i][j]); \
+                    } else {                                                                     \
+                        acc[i][j] = v_fma(v_set1(s[0] * step), vi_float(p0), acc[i][j]);         \
+                        acc[i][j] = v_fma(v_set1(s[2] * step), vi_float(p1), acc[i][j]);         \
+                        if (MIN) {                                                               \
+                            mins[i][j] = fmaf(s[1], sxr[j][2 * b], mins[i][j]);                  \
+                            mins[i][j] = fmaf(s[3], sxr[j][2 * b + 1], mins[i][j]);              \
+                        }                                                                        \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int i = 0; i < NT; i++)                                                             \
+            for (int j = 0; j < MT; j++) {                                                       \
+                float *o = out + (m0 + j) * ldo + n0 + i;                                        \
+                *o = finish(v_hsum(acc[i][j]) + mins[i][j], bias, n0 + i, accumulate, o);        \
+            }                                                                                    \
+    }
+#define DEF_qKIND(KIND, WFN, BYTES, SUB, MIN)                                                    \
+    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 1)                                                  \
+    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 4)                                                  \
+    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 2)                                                  \
+    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 1)                                                  \
+    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 2)
+DEF_qKIND(u4, w16_u4, 16, 1, 1)
+DEF_qKIND(u4n, w16_u4, 16, 1, 0)
+DEF_qKIND(i8, w16_i8, 32, 1, 0)
+DEF_qKIND(i8m, w16_i8, 32, 1, 1)
+DEF_qKIND(i8s, w16_i8, 32, 2, 0)
+DEF_qKIND(i8sm, w16_i8, 32, 2, 1)
+
+/* Float weights: per output, acc = fma(x, w, acc) over k in order, then hsum. */
+static inline void wf_f16(const Wv *w, i64 n, i64 b, v8 o[4]) {
+    const uint16_t *q = (const uint16_t *)(w->q + n * w->qrow) + b * 32;
+    for (int i = 0; i < 4; i++) o[i] = v_h16(q + 8 * i);
+}
+static inline void wf_f32(const Wv *w, i64 n, i64 b, v8 o[4]) {
+    const float *q = (const float *)(w->q + n * w->qrow) + b * 32;
+    for (int i = 0; i < 4; i++) o[i] = v_load(q + 8 * i);
+}
+#define DEF_fTILE(FMT, MT, NT)                                                                   \
+    static void ftile_##FMT##_##MT##_##NT(const float *x, i64 ldx, const Wv *w, float *out,      \
+                                           i64 ldo, const float *bias, int accumulate, i64 m0,   \
+                                           i64 n0) {                                             \
+        v8 acc[NT][MT];                                                                          \
+        for (int i = 0; i < NT; i++)                                                             \
+            for (int j = 0; j < MT; j++) acc[i][j] = v_zero();                                   \
+        for (i64 b = 0; b < w->k / 32; b++) {                                                    \
+            _Pragma("GCC unroll 8")                                                              \
+            for (int i = 0; i < NT; i++) {                                                       \
+                v8 q[4];                                                                         \
+                wf_##FMT(w, n0 + i, b, q);                                                       \
+                _Pragma("GCC unroll 8")                                                          \
+                for (int j = 0; j < MT; j++) {                                                   \
+                    const float *xr = x + (m0 + j) * ldx + b * 32;                               \
+                    v8 a = acc[i][j];                                                            \
+                    for (int c = 0; c < 4; c++) a = v_fma(v_load(xr + 8 * c), q[c], a);          \
+                    acc[i][j] = a;                                                               \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int i = 0; i < NT; i++)                                                             \
+            for (int j = 0; j < MT; j++) {                                                       \
+                float *o = out + (m0 + j) * ldo + n0 + i;                                        \
+                *o = finish(v_hsum(acc[i][j]), bias, n0 + i, accumulate, o);                     \
+            }                                                                                    \
+    }
+
+/* The loops over tiles: decode (M = 1) 4 outputs at a time; otherwise 64 rows of x at a time
+ * (kept in cache while W streams past), in tiles of 4 rows x 2 outputs. */
+#define DEF_MM(KIND, FMT, XARGS, XPASS, XSTEP)                                                   \
+    static void mm_##FMT(XARGS, i64 M, const Wv *w, i64 N, float *out, i64 ldo,                  \
+                         const float *bias, int acc) {                                           \
+        if (M == 1) {                                                                            \
+            i64 tiles = (N + 3) / 4;                                                             \
+            _Pragma("omp parallel for schedule(static)")                                         \
+            for (i64 t = 0; t < tiles; t++) {                                                    \
+                i64 n = t * 4;                                                                   \
+                if (n + 4 <= N) KIND##tile_##FMT##_1_4(XPASS, w, out, ldo, bias, acc, 0, n);     \
+                else for (; n < N; n++) KIND##tile_##FMT##_1_1(XPASS, w, out, ldo, bias, acc, 0, n); \
+            }                                                                                    \
+            return;                                                                              \
+        }                                                                                        \
+        for (i64 mb = 0; mb < M; mb += 64) {                                                     \
+            i64 me = mb + 64 < M ? mb + 64 : M, tiles = (N + 1) / 2;                             \
+            _Pragma("omp parallel for schedule(static)")                                         \
+            for (i64 t = 0; t < tiles; t++) {                                                    \
+                i64 n = t * 2, m = mb;                                                           \
+                int two = n + 2 <= N;                                                            \
+                for (; m + 4 <= me; m += 4)                                                      \
+                    if (two) KIND##tile_##FMT##_4_2(XPASS, w, out, ldo, bias, acc, m, n);        \
+                    else KIND##tile_##FMT##_4_1(XPASS, w, out, ldo, bias, acc, m, n);            \
+                for (; m < me; m++)                                                              \
+                    if (two) KIND##tile_##FMT##_1_2(XPASS, w, out, ldo, bias, acc, m, n);        \
+                    else KIND##tile_##FMT##_1_1(XPASS, w, out, ldo, bias, acc, m, n);            \
+            }                                                                                    \
+        }                                                                                        \
+    }
+#define DEF_fKIND(FMT)                                                                           \
+    DEF_fTILE(FMT, 1, 1)                                                                         \
+    DEF_fTILE(FMT, 1, 4)                                                                         \
+    DEF_fTILE(FMT, 1, 2)                                                                         \
+    DEF_fTILE(FMT, 4, 1)                                                                         \
+    DEF_fTILE(FMT, 4, 2)
+DEF_fKIND(f16)
+DEF_fKIND(f32)
+#define COMMA ,
+DEF_MM(q, u4, const Xq *x, x, 0)
+DEF_MM(q, u4n, const Xq *x, x, 0)
+DEF_MM(q, i8, const Xq *x, x, 0)
+DEF_MM(q, i8m, const Xq *x, x, 0)
+DEF_MM(q, i8s, const Xq *x, x, 0)
+DEF_MM(q, i8sm, const Xq *x, x, 0)
+DEF_MM(f, f16, const float *x COMMA i64 ldx, x COMMA ldx, 0)
+DEF_MM(f, f32, const float *x COMMA i64 ldx, x COMMA ldx, 0)
+
+static Wv view(const Weight *W) {
+    Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0};
+    switch (W->fmt) {
+    case FMT_U4: w.qrow = W->k / 2; w.srow = W->k / 32; w.block = 32; break;
+    case FMT_I8: w.qrow = W->k; w.srow = W->k / W->block; break;
+    case FMT_F16: w.qrow = W->k * 2; w.block = 32; break;
+    default: w.qrow = W->k * 4; w.block = 32;
+    }
+    w.has_min = W->has_min;
+    return w;
+}
+
+/* out[m, n] (+)= x[m, :] . W[n, :] (+ bias[n]), for m < M */
+void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 ldo,
+               const float *bias, int accumulate) {
+    Wv w = view(W);
+    if (W->fmt == FMT_F16) { mm_f16(x, ldx, M, &w, W->n, out, ldo, bias, accumulate); return; }
+    if (W->fmt == FMT_F32) { mm_f32(x, ldx, M, &w, W->n, out, ldo, bias, accumulate); return; }
+    i64 K = W->k, bytes = M * K * 2 + M * (K / 32) * 4 + M * (K / 16) * 4;
+    char small[65536], *buf = bytes <= (i64)sizeof small ? small : malloc((size_t)bytes);
+    int16_t *q = (int16_t *)buf;
+    float *d = (float *)(buf + M * K * 2), *s16 = d + M * (K / 32);
+    quantize_x(x, M, ldx, K, q, d, s16);
+    Xq xq = {q, d, s16, K};
+    if (W->fmt == FMT_U4 && w.has_min) mm_u4(&xq, M, &w, W->n, out, ldo, bias, accumulate);
+    else if (W->fmt == FMT_U4) mm_u4n(&xq, M, &w, W->n, out, ldo, bias, accumulate);
+    else if (w.block == 32 && w.has_min) mm_i8m(&xq, M, &w, W->n, out, ldo, bias, accumulate);
+    else if (w.block == 32) mm_i8(&xq, M, &w, W->n, out, ldo, bias, accumulate);
+    else if (w.has_min) mm_i8sm(&xq, M, &w, W->n, out, ldo, bias, accumulate);
+    else mm_i8s(&xq, M, &w, W->n, out, ldo, bias, accumulate);
+    if (buf != small) free(buf);
+}
+
+/* the 32 weights of block b of row n as floats, w = q * scale + min rounded once */
+static void deq32(const Weight *W, i64 n, i64 b, v8 o[4]) {
+    Wv w = view(W);
+    if (W->fmt == FMT_F16) { wf_f16(&w, n, b, o); return; }
+    if (W->fmt == FMT_F32) { wf_f32(&w, n, b, o); return; }
+    if (W->fmt == FMT_U4) v_u4(w.q + n * w.qrow + b * 16, o);
+    else for (int i = 0; i < 4; i++) o[i] = v_i8((const int8_t *)w.q + n * w.qrow + b * 32 + 8 * i);
+    const float *s = w.sc + (n * w.srow + b * (32 / w.block)) * 2;
+    for (int i = 0; i < 4; i++) {
+        const float *si = w.block == 16 ? s + (i / 2) * 2 : s;
+        o[i] = v_fma(o[i], v_set1(si[0]), v_set1(si[1]));
+    }
+}
+
+/* rows of W (embeddings) as floats, times `scale` when it is not 1 */
+void kv_rows(const Weight *W, const int64_t *rows, i64 M, float *out, i64 ldo, float scale) {
+    for (i64 m = 0; m < M; m++) {
+        for (i64 b = 0; b < W->k / 32; b++) {
+            v8 w[4];
+            deq32(W, rows[m], b, w);
+            for (int i = 0; i < 4; i++) {
+                v8 v = scale == 1.0f ? w[i] : v_mul(w[i], v_set1(scale));
+                v_store(out + m * ldo + b * 32 + 8 * i, v);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- norms, rope, activations */
+static float sum_squares(const float *x, i64 n) {
+    v8 acc = v_zero();
+    i64 i = 0;
+    for (; i + 8 <= n; i += 8) acc = v_fma(v_load(x + i), v_load(x + i), acc);
+    float s = v_hsum(acc);
+    for (; i < n; i++) s = fmaf(x[i], x[i], s);
+    return s;
+}
+
+/* RMSNorm of the H heads (slices of n) of each of M rows: out = (x * rsqrt(mean(x^2) + eps)) * w,
+ * or out += that when accumulate. In place is fine. */
+void kv_rmsnorm(const float *x, i64 M, i64 ldx, i64 H, i64 n, const float *w, float eps,
+                float *out, i64 ldo, int accumulate) {
+#pragma omp parallel for schedule(static) if (M * H * n > 65536)
+    for (i64 r = 0; r < M * H; r++) {
+        const float *xr = x + (r / H) * ldx + (r % H) * n;
+        float *o = out + (r / H) * ldo + (r % H) * n;
+        float inv = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
+        for (i64 i = 0; i < n; i++) {
+            float y = (xr[i] * inv) * w[i];
+            o[i] = accumulate ? o[i] + y : y;
+        }
+    }
+}
+
+/* Rotate the first rdim dims of each of H heads (of D) in M rows, in place, the way transformers
+ * does (halves, not pairs): x*cos + rotate_half(x)*sin; cos/sin rows by absolute position. */
+void kv_rope(float *x, i64 M, i64 ld, i64 H, i64 D, i64 rdim, const float *cos_t,
+             const float *sin_t, i64 pos0) {
+    i64 half = rdim / 2;
+    for (i64 m = 0; m < M; m++) {
+        const float *c = cos_t + (pos0 + m) * rdim, *s = sin_t + (pos0 + m) * rdim;
+        for (i64 h = 0; h < H; h++) {
+            float *v = x + m * ld + h * D;
+            for (i64 i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+/* Write M rows of K and V (kvh heads of D each) into fp16 caches [kvh][cap][D] at pos0.. */
+void kv_store(const float *k, const float *v, i64 M, i64 ld, i64 kvh, i64 D, uint16_t *kc,
+              uint16_t *vc, i64 cap, i64 pos0) {
+    for (i64 m = 0; m < M; m++)
+        for (i64 g = 0; g < kvh; g++) {
+            const float *ks = k + m * ld + g * D, *vs = v + m * ld + g * D;
+            uint16_t *kd = kc + (g * cap + pos0 + m) * D, *vd = vc + (g * cap + pos0 + m) * D;
+            for (i64 i = 0; i < D; i += 8) {
+                v_store_h16(kd + i, v_load(ks + i));
+                v_store_h16(vd + i, v_load(vs + i));
+            }
+        }
+}
+
+static inline v8 v_silu(v8 g) { return v_div(g, v_add(v_set1(1.0f), v_exp(v_sub(v_zero(), g)))); }
+static inline v8 v_gelu_tanh(v8 g) { /* 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) */
+    v8 u = v_mul(v_set1(0.7978845608028654f), v_fma(v_mul(v_set1(0.044715f), g), v_mul(g, g), g));
+    v8 t = v_sub(v_set1(1.0f), v_div(v_set1(2.0f), v_add(v_exp(v_add(u, u)), v_set1(1.0f))));
+    return v_mul(v_mul(v_set1(0.5f), g), v_add(v_set1(1.0f), t));
+}
+
+/* out[m, :F] = act(gu[m, :F]) * gu[m, F:2F]; act 1 = SiLU, 2 = GELU (tanh); F % 8 == 0 */
+void kv_act_mul(const float *gu, i64 M, i64 ld, i64 F, int act, float *out, i64 ldo) {
+#pragma omp parallel for schedule(static) if (M * F > 65536)
+    for (i64 m = 0; m < M; m++)
+        for (i64 i = 0; i < F; i += 8) {
+            v8 g = v_load(gu + m * ld + i), u = v_load(gu + m * ld + F + i);
+            v8 a = act == 2 ? v_gelu_tanh(g) : v_silu(g);
+            v_store(out + m * ldo + i, v_mul(a, u));
+        }
+}
+
+/* ---------------------------------------------------------------- attention */
+/* Lane i of the result (i < 4) is the sum of a[i]'s 8 lanes, in the tree
+ * ((0+1)+(2+3))+((4+5)+(6+7)); the scalar fallback follows the same tree. */
+#ifdef KV_AVX2
+static inline __m128 v_hsum4(v8 a0, v8 a1, v8 a2, v8 a3) {
+    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+static inline void store4(float *p, __m128 v) { _mm_storeu_ps(p, v); }
+#else
+typedef struct { float f[4]; } v4;
+static inline v4 v_hsum4(v8 a0, v8 a1, v8 a2, v8 a3) {
+    v4 r;
+    const v8 *a[4] = {&a0, &a1, &a2, &a3};
+    for (int i = 0; i < 4; i++) {
+        const float *x = a[i]->f;
+        r.f[i] = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+    }
+    return r;
+}
+static inline void store4(float *p, v4 v) { memcpy(p, v.f, 16); }
+#endif
+
+static inline void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
+static inline i64 first_key(i64 pos, i64 window) {
+    return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+}
+
+static inline float max_of(const float *x, i64 n) {
+    i64 j = 0;
+    float mx = x[0];
+    if (n >= 8) {
+        v8 m = v_load(x);
+        for (j = 8; j + 8 <= n; j += 8) m = v_max(m, v_load(x + j));
+        float b[8];
+        v_store(b, m);
+        for (int i = 0; i < 8; i++) mx = b[i] > mx ? b[i] : mx;
+    }
+    for (; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+    return mx;
+}
+
+/* scores of HT heads against 4 keys starting at kr (fp16 rows of D): s[h][0..3] */
+#define DEF_QK(HT)                                                                               \
+    static inline void qk_##HT(const float *q, i64 D, const uint16_t *kr, float *s, i64 sstride) { \
+        v8 acc[HT][4];                                                                           \
+        for (int h = 0; h < HT; h++)                                                             \
+            for (int k = 0; k < 4; k++) acc[h][k] = v_zero();                                    \
+        for (i64 c = 0; c < D; c += 8) { /* registers: HT q + 1 k + 4 HT accumulators <= 16 */   \
+            v8 qv[HT];                                                                           \
+            for (int h = 0; h < HT; h++) qv[h] = v_load(q + h * D + c);                          \
+            _Pragma("GCC unroll 4")                                                              \
+            for (int k = 0; k < 4; k++) {                                                        \
+                v8 kv = v_h16(kr + k * D + c);                                                   \
+                for (int h = 0; h < HT; h++) acc[h][k] = v_fma(qv[h], kv, acc[h][k]);           \
+            }                                                                                    \
+        }                                                                                        \
+        for (int h = 0; h < HT; h++) store4(s + h * sstride, v_hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3])); \
+    }
+DEF_QK(1)
+DEF_QK(2)
+DEF_QK(3)
+
+/* out[h][c0 .. c0+8*NC) = sum over n keys of p[h][j] * v_j, for HT heads */
+#define DEF_PV(HT, NC)                                                                           \
+    static inline void pv_##HT##_##NC(const float *p, i64 pstride, const uint16_t *vr, i64 D,   \
+                                      i64 n, i64 c0, float *out, i64 ostride) {                  \
+        v8 acc[HT][NC];                                                                          \
+        for (int h = 0; h < HT; h++)                                                             \
+            for (int c = 0; c < NC; c++) acc[h][c] = v_zero();                                   \
+        for (i64 j = 0; j < n; j++) { /* registers: HT p + 1 v + NC HT accumulators <= 16 */     \
+            v8 pj[HT];                                                                           \
+            for (int h = 0; h < HT; h++) pj[h] = v_set1(p[h * pstride + j]);                     \
+            _Pragma("GCC unroll 4")                                                              \
+            for (int c = 0; c < NC; c++) {                                                       \
+                v8 vv = v_h16(vr + j * D + c0 + 8 * c);                                          \
+                for (int h = 0; h < HT; h++) acc[h][c] = v_fma(pj[h], vv, acc[h][c]);           \
+            }                                                                                    \
+        }                                                                                        \
+        for (int h = 0; h < HT; h++)                                                             \
+            for (int c = 0; c < NC; c++) v_store(out + h * ostride + c0 + 8 * c, acc[h][c]);     \
+    }
+DEF_PV(1, 4)
+DEF_PV(2, 4)
+DEF_PV(3, 4)
+DEF_PV(1, 1)
+DEF_PV(2, 1)
+DEF_PV(3, 1)
+
+/* One query row's part of one block: the n keys at kr/vr (fp16 rows of D, n <= ATT_B); for each
+ * of the G heads, part = (max, sum, sum of p * v [D]). A score or a sum never depends on which
+ * other keys, heads or rows run beside it, so neither does the result. */
+static void att_row(const float *q, int G, i64 D, const uint16_t *kr, const uint16_t *vr, i64 n,
+                    float scale, float softcap, float *part) {
+    float s[16][ATT_B + 4];
+    const uint16_t *kt = kr;
+    uint16_t tail[4 * 512]; /* the last < 4 keys, padded, so no read passes the cache's end */
+    for (i64 j = 0; j < n; j += 4) {
+        if (j + 4 > n) {
+            memset(tail, 0, sizeof(uint16_t) * 4 * D);
+            memcpy(tail, kr + j * D, sizeof(uint16_t) * (n - j) * D);
+            kt = tail - j * D;
+        }
+        for (int h = 0; h < G;) {
+            int ht = G - h >= 3 ? 3 : G - h;
+            if (ht == 3) qk_3(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
+            else if (ht == 2) qk_2(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
+            else qk_1(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
+            h += ht;
+        }
+    }
+    for (int h = 0; h < G; h++) {
+        float *sh = s[h];
+        i64 j = 0;
+        for (; j + 8 <= n; j += 8) v_store(sh + j, v_mul(v_load(sh + j), v_set1(scale)));
+        for (; j < n; j++) sh[j] = sh[j] * scale;
+        if (softcap > 0.0f)
+            for (j = 0; j < n; j++) sh[j] = tanhf(sh[j] / softcap) * softcap;
+        float mx = max_of(sh, n); /* exact, whatever the order */
+        v8 lv = v_zero();
+        for (j = 0; j + 8 <= n; j += 8) {
+            v8 e = v_exp(v_sub(v_load(sh + j), v_set1(mx)));
+            v_store(sh + j, e);
+            lv = v_add(lv, e);
+        }
+        float l = v_hsum(lv);
+        for (; j < n; j++) {
+            sh[j] = s_exp(sh[j] - mx);
+            l += sh[j];
+        }
+        part[h * (D + 2)] = mx;
+        part[h * (D + 2) + 1] = l;
+    }
+    for (int h = 0; h < G;) {
+        int ht = G - h >= 3 ? 3 : G - h;
+        float *o = part + h * (D + 2) + 2;
+        i64 c0 = 0;
+        for (; c0 + 32 <= D; c0 += 32) {
+            if (ht == 3) pv_3_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else if (ht == 2) pv_2_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else pv_1_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+        }
+        for (; c0 < D; c0 += 8) {
+            if (ht == 3) pv_3_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else if (ht == 2) pv_2_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else pv_1_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+        }
+        h += ht;
+    }
+}
+
+/* Blocks' partials (stride G*(D+2) from one to the next) combined in order into out (G heads) */
+static void att_combine(const float *parts, i64 nb, int G, i64 D, float *out, i64 ostride) {
+    for (int h = 0; h < G; h++) {
+        float mx = parts[h * (D + 2)];
+        for (i64 b = 1; b < nb; b++) {
+            float m = parts[b * G * (D + 2) + h * (D + 2)];
+            mx = m > mx ? m : mx;
+        }
+        float *o = out + h * ostride;
+        float l = 0.0f;
+        for (i64 c = 0; c < D; c += 8) v_store(o + c, v_zero());
+        for (i64 b = 0; b < nb; b++) {
+            const float *p = parts + b * G * (D + 2) + h * (D + 2);
+            float f = s_exp(p[0] - mx);
+            l = fmaf(p[1], f, l);
+            for (i64 c = 0; c < D; c += 8) v_store(o + c, v_fma(v_load(p + 2 + c), v_set1(f), v_load(o + c)));
+        }
+        for (i64 c = 0; c < D; c += 8) v_store(o + c, v_div(v_load(o + c), v_set1(l)));
+    }
+}
+
+#define ATT_ROWS 8 /* query rows that go through one block together (it stays in cache) */
+
+/* Causal attention of M query rows at positions pos0.. (H heads of D, row stride ldq) over the
+ * fp16 cache [kvh][cap][D], which already holds their own K/V; window > 0: a sliding window of
+ * that many keys. out rows have stride ldo. scratch: at least kv_attention_scratch(1, ...)
+ * floats; more lets more rows run at once. */
+i64 kv_attention_scratch(i64 rows, i64 H, i64 D, i64 ctx) {
+    return rows * H * ((ctx + ATT_B - 1) / ATT_B + 1) * (D + 2);
+}
+
+void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const uint16_t *kc,
+                  const uint16_t *vc, i64 cap, i64 pos0, i64 window, float scale, float softcap,
+                  float *out, i64 ldo, float *scratch, i64 scratch_floats) {
+    int G = (int)(H / kvh);
+    i64 nbmax = (pos0 + M - 1) / ATT_B + 1; /* blocks of the last row */
+    i64 per_row = kvh * nbmax * G * (D + 2);
+    i64 R = scratch_floats / per_row;
+    if (R < 1) R = 1; /* the caller sized it for at least one row */
+    if (R > M) R = M;
+    for (i64 r0 = 0; r0 < M; r0 += R) {
+        i64 rn = r0 + R < M ? R : M - r0, groups = (rn + ATT_ROWS - 1) / ATT_ROWS;
+        i64 items = groups * kvh * nbmax;
+#pragma omp parallel for schedule(static, 1)
+        for (i64 it = 0; it < items; it++) {
+            i64 grp = it / (kvh * nbmax), g = (it / nbmax) % kvh, b = it % nbmax;
+            i64 ma = r0 + grp * ATT_ROWS, mz = ma + ATT_ROWS < r0 + rn ? ma + ATT_ROWS : r0 + rn;
+            const uint16_t *K = kc + g * cap * D, *V = vc + g * cap * D;
+            for (i64 m = ma; m < mz; m++) {
+                i64 pos = pos0 + m, lo = first_key(pos, window);
+                i64 j0 = b * ATT_B > lo ? b * ATT_B : lo, j1 = (b + 1) * ATT_B < pos + 1 ? (b + 1) * ATT_B : pos + 1;
+                if (j0 >= j1) continue;
+                float *part = scratch + (((m - r0) * kvh + g) * nbmax + b) * G * (D + 2);
+                att_row(q + m * ldq + g * G * D, G, D, K + j0 * D, V + j0 * D, j1 - j0, scale,
+                        softcap, part);
+            }
+        }
+#pragma omp parallel for schedule(static) if (rn * kvh > 1)
+        for (i64 it = 0; it < rn * kvh; it++) {
+            i64 m = r0 + it / kvh, g = it % kvh, pos = pos0 + m, b0 = first_key(pos, window) / ATT_B;
+            const float *parts = scratch + (((m - r0) * kvh + g) * nbmax + b0) * G * (D + 2);
+            att_combine(parts, pos / ATT_B - b0 + 1, G, D, out + m * ldo + g * G * D, D);
+        }
+    }
+}
+
+int kv_version(void) { return KV_VERSION; }
+const char *kv_isa(void) { return KV_ISA; }
+int kv_max_threads(void) { return omp_get_max_threads(); }

@@ -1,0 +1,194 @@
+"""Quantized weights: GGUF's block formats repacked, exactly, into the kernels' formats.
+
+Owns the byte layouts of the GGUF types the CPU fast path runs (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1,
+Q6_K, Q8_0, F16, BF16, F32) and their conversion into `Packed` weights: 4-bit values with a float
+(scale, min) per 32 (`u4`), 8-bit values with a float (scale, min) per 32 or 16 (`i8`), or plain
+`f16`/`f32`. Every conversion is exact: `Packed.dequantize()` equals gguf-py's dequantization
+(what transformers loads) bit for bit, so the fast path computes with the file's own weights.
+Never runs a kernel and never reads a file (gguf_model.py does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+QK_K = 256
+# GGUF type name -> (block size in weights, bytes per block)
+LAYOUT = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q6_K": (256, 210),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "F32": (1, 4),
+}
+SUPPORTED = frozenset(LAYOUT)
+
+
+class QuantError(ValueError):
+    """A tensor the fast path cannot take (its type or shape); the message says which."""
+
+
+@dataclass
+class Packed:
+    """One weight matrix [n, k] in a kernel format. `q`: u4 uint8 [n, k/2] (per 32 weights, 16
+    bytes: low nibbles are weights 0-15, high nibbles 16-31), i8 int8 [n, k], f16 float16 or f32
+    float32 [n, k]; `sc`: float32 [n, k/block, 2] (scale, min) for u4 and i8."""
+
+    fmt: str
+    q: torch.Tensor
+    sc: torch.Tensor | None
+    n: int
+    k: int
+    block: int = 32
+
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + (
+            self.sc.numel() * 4 if self.sc is not None else 0
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weights (for checks and the reference path)."""
+        if self.fmt in ("f16", "f32"):
+            return self.q.float()
+        if self.fmt == "u4":
+            b = self.q.reshape(self.n, -1, 16)
+            q = torch.cat([b & 15, b >> 4], dim=-1).reshape(self.n, -1, 32).float()
+        else:
+            q = self.q.reshape(self.n, -1, self.block).float()
+        s, m = self.sc[..., 0:1], self.sc[..., 1:2]
+        return torch.addcmul(m, q, s).reshape(self.n, self.k)  # q * s + m, one rounding
+
+    def rows(self, order: np.ndarray | torch.Tensor) -> Packed:
+        """The same weights with rows reordered (transformers' Q/K permutation)."""
+        idx = torch.as_tensor(order, dtype=torch.long)
+        sc = self.sc[idx].contiguous() if self.sc is not None else None
+        return Packed(self.fmt, self.q[idx].contiguous(), sc, self.n, self.k, self.block)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _pack_u4(q: np.ndarray, n: int, k: int) -> torch.Tensor:
+    """Values 0..15 [n, k] -> 16 bytes per 32: low nibble = weight j, high = weight j + 16."""
+    q = q.reshape(n, k // 32, 2, 16).astype(np.uint8)
+    return torch.from_numpy((q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).copy())
+
+
+def _scales(scale: np.ndarray, minimum: np.ndarray, n: int) -> torch.Tensor:
+    sc = np.stack([scale.astype(np.float32), minimum.astype(np.float32)], axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(sc.reshape(n, -1, 2)))
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[blocks, 16] bytes -> [blocks, 32] values (low nibbles first), ggml's 32-weight order."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def pack(raw: np.ndarray, qtype: str, n: int, k: int) -> Packed:
+    """GGUF tensor bytes (rows of blocks, as stored) -> Packed, exactly."""
+    if qtype not in LAYOUT:
+        raise QuantError(f"tensor type {qtype} is not supported by the fast path")
+    bs, nbytes = LAYOUT[qtype]
+    if k % 32 or k % bs:
+        raise QuantError(f"a {qtype} row of {k} weights does not split into blocks of 32")
+    raw = np.ascontiguousarray(raw).reshape(-1)
+    if qtype in ("F16", "BF16", "F32"):
+        if qtype == "F16":
+            return Packed(
+                "f16", torch.from_numpy(raw.view(np.float16).reshape(n, k).copy()), None, n, k
+            )
+        if qtype == "BF16":
+            f = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            f = raw.view(np.float32)
+        return Packed("f32", torch.from_numpy(f.reshape(n, k).copy()), None, n, k)
+    blocks = raw.reshape(-1, nbytes)
+    return _PACKERS[qtype](blocks, n, k)
+
+
+def _q4_0(b: np.ndarray, n: int, k: int) -> Packed:
+    d = _f16(b[:, :2]).reshape(-1)
+    q = _nibbles(b[:, 2:18])
+    return Packed("u4", _pack_u4(q, n, k), _scales(d, -8.0 * d, n), n, k)
+
+
+def _q4_1(b: np.ndarray, n: int, k: int) -> Packed:
+    d, m = _f16(b[:, :2]).reshape(-1), _f16(b[:, 2:4]).reshape(-1)
+    q = _nibbles(b[:, 4:20])
+    return Packed("u4", _pack_u4(q, n, k), _scales(d, m, n), n, k)
+
+
+def _q5(b: np.ndarray, n: int, k: int, with_min: bool) -> Packed:
+    d = _f16(b[:, :2]).reshape(-1)
+    off = 4 if with_min else 2
+    m = _f16(b[:, 2:4]).reshape(-1) if with_min else np.zeros_like(d)
+    qh = np.ascontiguousarray(b[:, off : off + 4]).view(np.uint32).reshape(-1, 1)
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    q = _nibbles(b[:, off + 4 : off + 20]) | (high << 4)
+    q = q.astype(np.int16) - (0 if with_min else 16)
+    return Packed("i8", torch.from_numpy(q.astype(np.int8).reshape(n, k)), _scales(d, m, n), n, k)
+
+
+def _q8_0(b: np.ndarray, n: int, k: int) -> Packed:
+    d = _f16(b[:, :2]).reshape(-1)
+    q = np.ascontiguousarray(b[:, 2:34]).view(np.int8).reshape(n, k).copy()
+    return Packed("i8", torch.from_numpy(q), _scales(d, np.zeros_like(d), n), n, k)
+
+
+def _q4_k(b: np.ndarray, n: int, k: int) -> Packed:
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    s = b[:, 4:16].reshape(-1, 3, 4)
+    sd, sm, smd = s[:, 0], s[:, 1], s[:, 2]
+    sc = np.concatenate([sd & 0x3F, (smd & 0x0F) | ((sd >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([sm & 0x3F, (smd >> 4) | ((sm >> 2) & 0x30)], axis=-1)
+    qs = b[:, 16:144].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 15).reshape(-1, 8, 32)  # sub-block j: low nibbles (j even) or high of 32 bytes
+    scale = (d * sc.astype(np.float32)).reshape(-1)
+    minimum = -(dmin * mn.astype(np.float32)).reshape(-1)
+    return Packed("u4", _pack_u4(q.reshape(n, k), n, k), _scales(scale, minimum, n), n, k)
+
+
+def _q6_k(b: np.ndarray, n: int, k: int) -> Packed:
+    ql, qh = b[:, :128], b[:, 128:192]
+    scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
+    d = _f16(b[:, 208:210])
+    lo = ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    lo = (lo & 15).reshape(-1, 2, 4, 32)
+    hi = qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    hi = (hi & 3).reshape(-1, 2, 4, 32)
+    q = ((lo | (hi << 4)).astype(np.int16) - 32).astype(np.int8).reshape(n, k)
+    scale = (d * scales).reshape(-1)
+    return Packed(
+        "i8", torch.from_numpy(q.copy()), _scales(scale, np.zeros_like(scale), n), n, k, 16
+    )
+
+
+_PACKERS = {
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": lambda b, n, k: _q5(b, n, k, False),
+    "Q5_1": lambda b, n, k: _q5(b, n, k, True),
+    "Q8_0": _q8_0,
+    "Q4_K": _q4_k,
+    "Q6_K": _q6_k,
+}
+
+
+def quantize(w: torch.Tensor, qtype: str) -> Packed:
+    """Quantize float weights [n, k] the way llama.cpp does (gguf-py's reference quantizers),
+    then pack: for models that are not GGUF files, and for tests."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    n, k = w.shape
+    raw = gguf_quantize(w.detach().float().cpu().numpy(), GGMLQuantizationType[qtype])
+    return pack(raw, qtype, n, k)
