@@ -64,6 +64,23 @@ class GrowingLayer(DynamicLayer):
         self._set_length(end)
         return self.keys, self.values
 
+    def fill(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], device: Any = None) -> None:
+        """An empty layer holds these (keys, values) parts, one after the other: one copy each,
+        into buffers (on `device`) with room to grow, so the next turn copies nothing again."""
+        k0, v0 = parts[0]
+        if not self.is_initialized:
+            device = device or k0.device
+            self.lazy_initialization(k0[..., :0, :].to(device), v0[..., :0, :].to(device))
+        n = sum(k.shape[-2] for k, _ in parts)
+        self._reserve(n + max(_GROW_STEP, n // 4))
+        pos = 0
+        for k, v in parts:
+            end = pos + k.shape[-2]
+            self._k[..., pos:end, :].copy_(k)
+            self._v[..., pos:end, :].copy_(v)
+            pos = end
+        self._set_length(n)
+
     def room(self, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole buffers [1, heads, capacity, head_dim], with room for `need` positions, for
         a kernel that writes new K/V past the filled length (then `advance`)."""
@@ -192,9 +209,21 @@ class PromptCache:
         ids: Sequence[int],
         layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
         dtype: torch.dtype | None = None,
+        device: Any = None,
     ) -> None:
-        """Fill an empty cache from a snapshot: ids and their per-layer K/V (ValueError, and an
-        empty cache, when they do not fit this model)."""
+        """Fill an empty cache from per-layer (keys, values) of all the ids."""
+        self.restore_parts(ids, [[kv] for kv in layers], dtype, device)
+
+    def restore_parts(
+        self,
+        ids: Sequence[int],
+        layers: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+    ) -> None:
+        """Fill an empty cache from a snapshot: ids and, per layer, its (keys, values) in parts
+        that follow each other (a snapshot's chunks), copied once into the layers' buffers.
+        ValueError, and an empty cache, when they do not fit this model."""
         self.reset()
         if not ids:
             return
@@ -202,13 +231,23 @@ class PromptCache:
             raise ValueError(
                 f"snapshot has {len(layers)} layers, the model {len(self.cache.layers)}"
             )
-        if any(k.shape[-2] != len(ids) or v.shape[-2] != len(ids) for k, v in layers):
-            raise ValueError("snapshot tensors disagree with its token count")
-        if dtype is not None and any(k.dtype != dtype or v.dtype != dtype for k, v in layers):
-            raise ValueError(f"it holds {layers[0][0].dtype} tensors, the model runs in {dtype}")
-        heads = self.kv_heads
-        if heads and any(k.shape[1] != heads for k, _ in layers):
-            raise ValueError(f"its tensors have {layers[0][0].shape[1]} heads, the model {heads}")
-        for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
-            layer.update(k, v)
+        first = layers[0][0][0]
+        for parts in layers:
+            if sum(k.shape[-2] for k, _ in parts) != len(ids) or any(
+                k.shape != v.shape for k, v in parts
+            ):
+                raise ValueError("snapshot tensors disagree with its token count")
+            if dtype is not None and any(k.dtype != dtype or v.dtype != dtype for k, v in parts):
+                raise ValueError(f"it holds {first.dtype} tensors, the model runs in {dtype}")
+            if self.kv_heads and any(k.shape[1] != self.kv_heads for k, _ in parts):
+                raise ValueError(
+                    f"its tensors have {first.shape[1]} heads, the model {self.kv_heads}"
+                )
+        if not self.croppable:
+            for layer, parts in zip(self.cache.layers, layers, strict=True):
+                for k, v in parts:
+                    layer.update(k.to(device or k.device), v.to(device or v.device))
+        else:
+            for layer, parts in zip(self.cache.layers, layers, strict=True):
+                layer.fill(parts, device)
         self.ids = list(ids)

@@ -9,6 +9,7 @@ yields events and never prints; the REPL and the line loop render them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,24 +127,27 @@ class Chat(SessionHolder):
     def send(self, text: str) -> Iterator[TurnEvent]:
         """Store the user's message, then answer it. A message that cannot fit is refused before
         it is stored (it stays in the input history)."""
+        started = time.perf_counter()  # ttft counts from Enter: restoring a snapshot included
         text = clean_text(text)  # a lone surrogate (from a bad terminal byte) becomes U+FFFD
         fitted = self._check_message(text, self.history())
         session = self._ensure_session()
         self.store.add_message(session.id, "user", text)
-        return self._answer(fitted)
+        return self._answer(fitted, started)
 
     def edit(self, n: int, text: str) -> Iterator[TurnEvent]:
         """Replace user turn n (1-based) as a new branch; the old one stays in the database."""
+        started = time.perf_counter()
         target = self._user_turn(n)
         text = clean_text(text)
         history = self.history()
         fitted = self._check_message(text, history[: history.index(target)])
         assert self.session is not None
         self.store.add_message(self.session.id, "user", text, parent_id=target.parent_id)
-        return self._answer(fitted)
+        return self._answer(fitted, started)
 
     def retry(self) -> Iterator[TurnEvent]:
         """Answer the last user message again, as a sibling of the previous answer."""
+        started = time.perf_counter()
         _ = self.rt  # the model first: nothing moves on the branch until it can answer
         history = self.history()
         if not history:
@@ -151,7 +155,7 @@ class Chat(SessionHolder):
         assert self.session is not None
         if history[-1].role == "assistant":
             self.store.set_head(self.session.id, history[-1].parent_id)
-        return self._answer()
+        return self._answer(started=started)
 
     def undo(self) -> int:
         """Drop the last exchange from the active branch (kept in the database); returns the
@@ -239,13 +243,16 @@ class Chat(SessionHolder):
         loaded = rt.loaded
         if not rt.engine.pc.croppable:
             return ["snapshot: not kept for this model (its sliding-window cache cannot be saved)"]
-        result = self.kv.load(session.id, loaded.fingerprint, device=loaded.device)
+        result = self.kv.load(session.id, loaded.fingerprint)
         notes = list(result.notes)
         if not result.ids and not notes and any(m.role == "assistant" for m in self.history()):
             notes.append("snapshot: none on disk for this session; recomputing from the messages")
         if result.ids:
             try:
-                rt.engine.pc.restore(result.ids, result.layers, dtype=rt.engine.dtype)
+                parts = [result.layer_parts(i) for i in range(len(rt.engine.pc.cache.layers))]
+                rt.engine.pc.restore_parts(
+                    result.ids, parts, dtype=rt.engine.dtype, device=rt.engine.device
+                )
             except ValueError as exc:
                 rt.engine.pc.reset()
                 return [*notes, f"snapshot: dropped: {exc}; recomputing from the messages"]
@@ -275,7 +282,9 @@ class Chat(SessionHolder):
         self._save_snapshot(notes)
         return engine.progress.reused, engine.progress.prefilled, notes
 
-    def _answer(self, fitted: Fitted | None = None) -> Iterator[TurnEvent]:
+    def _answer(
+        self, fitted: Fitted | None = None, started: float | None = None
+    ) -> Iterator[TurnEvent]:
         """Answer the head of the active branch (`fitted`: its rendering, when the caller has
         it). Whatever stops the turn (Ctrl-C anywhere in it, or the consumer closing it), the
         user's message gets an answer, marked interrupted, with what was generated, and the
@@ -299,7 +308,7 @@ class Chat(SessionHolder):
             if cached and keep < cached - 1:
                 yield Notice(self._cut_line(msgs, starts, keep, len(ids), rt.engine.pc.croppable))
             splitter.in_think = rt.prompt.opens_in_think(ids)
-            events = rt.engine.stream(ids, self.sampling())
+            events = rt.engine.stream(ids, self.sampling(), started=started)
             for event in events:
                 if isinstance(event, TextDelta):
                     yield from splitter.feed(event.text)

@@ -171,10 +171,15 @@ class Engine:
         return self.runner.forward(ids, self.pc)
 
     @torch.inference_mode()
-    def stream(self, ids: Sequence[int], sampling: Sampling) -> Iterator[TurnEvent]:
+    def stream(
+        self, ids: Sequence[int], sampling: Sampling, started: float | None = None
+    ) -> Iterator[TurnEvent]:
         """Prefill `ids`, then decode token by token: TextDelta..., Finish, Stats. Closing the
-        generator (or an exception inside it) leaves the cache consistent with its ids."""
+        generator (or an exception inside it) leaves the cache consistent with its ids.
+        `started` (a perf_counter time) is when the turn began, for its ttft: by default now."""
         self.progress = progress = TurnProgress()
+        if started is not None:
+            progress.t0 = started
         sampler = Sampler(sampling, self.model.config.get_text_config().vocab_size, self.device)
         logits = self.prefill(ids)
         sampler.seen(ids)

@@ -4,7 +4,7 @@ Owns: the files under ``root/<session_id>/``: safetensors *chunks* ``chunk-<star
 covering tokens ``[start, end)`` (``ids`` int64 ``[n]``, ``layers.{i}.keys|values``
 ``[1, heads, n, head_dim]`` in the model's dtype) with metadata: format, version, model
 fingerprint, dtype, start, n_tokens, n_layers, ``prefix_hash`` (sha256 of ALL ids ``0..end`` as
-int64 LE) and ``data_hash`` (sha256 of the tensor bytes in order ids, layers.0.keys, ...). A turn
+int64 LE) and ``data_crc32`` (a CRC32 of each tensor, in order ids, layers.0.keys, ...). A turn
 appends one chunk, so a save costs time in the new tokens, not the history. Writes are atomic
 (temp file, fsync, rename, fsync of the folder), and replacements are written before stale
 chunks are deleted, so a kill at any moment leaves a valid prefix. Loading validates before it
@@ -27,11 +27,13 @@ import shutil
 import stat
 import time
 import uuid
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvrepl.errors import SnapshotError
@@ -53,7 +55,8 @@ MAX_CHUNKS = 64  # more chunks than this are merged into one on save
 _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CHUNK_RE = re.compile(r"chunk-(\d{9})\.safetensors")
 
-Layers = list[tuple[torch.Tensor, torch.Tensor]]
+Tensor = torch.Tensor
+Layers = list[tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,37 @@ class SaveReport:
 
 @dataclass
 class LoadResult:
+    """A snapshot's valid prefix: its ids, and per chunk its tensors as views of the bytes read
+    (no copy: the engine copies them once, into its cache)."""
+
     ids: list[int]
-    layers: Layers
+    chunks: list[dict[str, torch.Tensor]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def layer_parts(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Layer i's (keys, values) per chunk, in order."""
+        return [(c[f"layers.{i}.keys"], c[f"layers.{i}.values"]) for c in self.chunks]
+
+    @property
+    def layers(self) -> Layers:
+        """Every layer's whole (keys, values), joined (a copy: for checks, not the hot path)."""
+        n_layers = (len(self.chunks[0]) - 1) // 2 if self.chunks else 0
+        out = []
+        for i in range(n_layers):
+            ks, vs = zip(*self.layer_parts(i), strict=True)
+            out.append((torch.cat(ks, dim=2), torch.cat(vs, dim=2)))
+        return out
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def crc32s(buffers: list[memoryview | bytes]) -> list[int]:
+    """CRC32 of each buffer, two at a time (zlib releases the GIL): a flipped byte is caught at
+    memory speed, where a sha256 of the data was half of a restore."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-crc"))
+    return list(_POOL[0].map(zlib.crc32, buffers))
 
 
 def _fsync_dir(d: Path) -> None:
@@ -108,6 +139,21 @@ def _layout(ids: list[int], layers: Layers) -> Layout:
     if dname not in DTYPES:
         raise ValueError(f"unsupported K/V dtype {k0.dtype}")
     return (dname, len(layers), shape[1], shape[3])
+
+
+def _views(buf: bytes, start: int, spans: list[tuple[int, int]], c: Chunk) -> dict[str, Tensor]:
+    """The chunk's tensors as views of its bytes, by name (spans in tensor_names order)."""
+    dtype = DTYPES[c.layout[0]]
+    shape = (1, c.layout[2], c.end - c.start, c.layout[3])
+    out: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():  # bytes are immutable: torch warns, and we never write
+        warnings.simplefilter("ignore", UserWarning)
+        for name, (a, b) in zip(tensor_names(c.layout[1]), spans, strict=True):
+            t_dtype = torch.int64 if name == "ids" else dtype
+            n = (b - a) // torch.empty(0, dtype=t_dtype).element_size()
+            t = torch.frombuffer(buf, dtype=t_dtype, count=n, offset=start + a)
+            out[name] = t if name == "ids" else t.view(shape)
+    return out
 
 
 class KVStore:
@@ -235,9 +281,8 @@ class KVStore:
             tensors[f"layers.{i}.values"] = v[:, :, start:end].detach().to("cpu").contiguous()
         ph = h.copy()
         ph.update(tensors["ids"].numpy().tobytes())
-        dh = hashlib.sha256()
-        for key in tensor_names(len(layers)):
-            dh.update(tensors[key].reshape(-1).view(torch.uint8).numpy())
+        names = tensor_names(len(layers))
+        crcs = crc32s([tensors[key].reshape(-1).view(torch.uint8).numpy() for key in names])
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -247,7 +292,7 @@ class KVStore:
             "n_tokens": str(end - start),
             "n_layers": str(layout[1]),
             "prefix_hash": ph.hexdigest(),
-            "data_hash": dh.hexdigest(),
+            "data_crc32": ",".join(f"{c:08x}" for c in crcs),
         }
         data = st_save(tensors, metadata=meta)
         name = f"chunk-{start:09d}.safetensors"
@@ -265,13 +310,7 @@ class KVStore:
         if stale:
             _fsync_dir(d)
 
-    def load(
-        self,
-        session_id: str,
-        fingerprint: str,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> LoadResult:
+    def load(self, session_id: str, fingerprint: str) -> LoadResult:
         """The longest valid prefix of the snapshot, with at most one note on what was cut."""
         d = self._dir(session_id)
         self._records.pop(session_id, None)
@@ -290,15 +329,11 @@ class KVStore:
                     reason = f"chunk at {pos:,} is missing" if pos else "its first chunk is missing"
                 break
             try:
-                buf, c = self._check(d / name, fingerprint, h, kept)
+                buf, c, views = self._check(d / name, fingerprint, h, kept)
             except BadChunk as e:
                 reason = f"{'it' if pos == 0 else f'chunk at {pos:,}'} {e}"
                 break
-            try:
-                parts.append(st_load(buf))
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own types
-                reason = f"chunk at {pos:,} could not be read by safetensors ({e})"
-                break
+            parts.append(views)
             kept.append(c)
             pos = c.end
         self._records[session_id] = kept
@@ -309,43 +344,38 @@ class KVStore:
             total = max([pos] + [claimed_end(d / nm) for s, nm in files.items() if s >= pos])
             of = f" of {total:,}" if total > pos else ""
             notes.append(f"snapshot: kept {pos:,}{of} tokens: {reason}")
-        if not parts:
-            return LoadResult([], [], notes)
-
-        def joined(key: str) -> torch.Tensor:
-            ts = [p[key] for p in parts]
-            t = ts[0] if len(ts) == 1 else torch.cat(ts, dim=-1 if key == "ids" else 2)
-            return t if key == "ids" else t.to(device=device, dtype=dtype or t.dtype)
-
-        layers = [
-            (joined(f"layers.{i}.keys"), joined(f"layers.{i}.values"))
-            for i in range(kept[0].layout[1])
-        ]
-        return LoadResult(joined("ids").tolist(), layers, notes)
+        ids = [i for p in parts for i in p["ids"].tolist()]
+        return LoadResult(ids, parts, notes)
 
     @staticmethod
     def _check(
         path: Path, fingerprint: str, h: hashlib._Hash, kept: list[Chunk]
-    ) -> tuple[bytes, Chunk]:
-        """Validate one chunk fully; on success `h` has also hashed its ids."""
+    ) -> tuple[bytes, Chunk, dict[str, torch.Tensor]]:
+        """Validate one chunk fully; on success `h` has also hashed its ids. Returns its bytes,
+        its record and its tensors as views of those bytes."""
         buf, size, st = read_chunk(path, header_only=False)
-        c, data_hash, data_start, spans = parse_chunk(buf, size, st, path.name)
+        c, check, data_start, spans = parse_chunk(buf, size, st, path.name)
         if c.fingerprint != fingerprint:
             raise BadChunk("was made by another model")
         if kept and c.layout != kept[0].layout:
             raise BadChunk("has another dtype or shape than the chunks before it")
         view = memoryview(buf)[data_start:]
-        dh = hashlib.sha256()
-        for a, b in spans:
-            dh.update(view[a:b])
-        if dh.hexdigest() != data_hash:
+        pieces = [view[a:b] for a, b in spans]
+        if check[0] == "sha256":
+            dh = hashlib.sha256()
+            for piece in pieces:
+                dh.update(piece)
+            ok = dh.hexdigest() == check[1]
+        else:
+            ok = crc32s(pieces) == check[1]
+        if not ok:
             raise BadChunk("is corrupted (data checksum mismatch)")
         h2 = h.copy()
-        h2.update(view[slice(*spans[0])])
+        h2.update(pieces[0])
         if h2.hexdigest() != c.prefix_hash:
             raise BadChunk("does not follow from the chunks before it (stale ids hash)")
-        h.update(view[slice(*spans[0])])
-        return buf, c
+        h.update(pieces[0])
+        return buf, c, _views(buf, data_start, spans, c)
 
     def delete(self, session_id: str) -> None:
         d = self._dir(session_id)

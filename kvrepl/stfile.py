@@ -2,7 +2,7 @@
 
 Owns the chunk file format: safetensors framing (an 8-byte little-endian header length, a JSON
 header, tensor data) carrying ``ids`` and ``layers.{i}.keys|values`` with kvrepl's metadata
-(format, version, fingerprint, dtype, start, n_tokens, n_layers, prefix_hash, data_hash); reading
+(format, version, fingerprint, dtype, start, n_tokens, n_layers, prefix_hash, data_crc32); reading
 a chunk without following links or blocking on odd files; and its own parse of the header: no
 duplicate keys, offsets that tile the data exactly, metadata that agrees with the tensors and
 the file name. A chunk that fails raises `BadChunk`, whose message is a predicate fit for a note.
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 FORMAT = "kvrepl-kv"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: a CRC32 per tensor (checked at memory speed); 1: one sha256 of the data
+READABLE_VERSIONS = ("1", "2")
 _MAX_HEADER = 16 << 20
 _ST_CODE = {
     torch.float32: "F32",
@@ -54,7 +55,10 @@ class Chunk:
     sig: tuple[int, int, int]  # st_size, st_mtime_ns, st_ino when last seen
 
 
-Header = tuple[Chunk, str, int, list[tuple[int, int]]]  # chunk, data_hash, data start, spans
+# How a chunk's tensor data is checked: ("sha256", hex of all of it) in format 1, or
+# ("crc32", one CRC per tensor, in tensor_names order) in format 2.
+DataCheck = tuple[str, str | list[int]]
+Header = tuple[Chunk, DataCheck, int, list[tuple[int, int]]]  # chunk, check, data start, spans
 
 
 def tensor_names(n_layers: int) -> list[str]:
@@ -139,11 +143,16 @@ def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
 
     if meta.get("format") != FORMAT:
         raise BadChunk("is not a kvrepl snapshot (no kvrepl metadata)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BadChunk(f"has an unknown format version ({meta.get('format_version', '')[:20]!r})")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise BadChunk(f"has an unknown format version ({(version or '')[:20]!r})")
     try:
         start, n, n_layers = (int(meta[k]) for k in ("start", "n_tokens", "n_layers"))
-        fp, dname, ph, dh = (meta[k] for k in ("fingerprint", "dtype", "prefix_hash", "data_hash"))
+        fp, dname, ph = (meta[k] for k in ("fingerprint", "dtype", "prefix_hash"))
+        if version == "1":
+            check: DataCheck = ("sha256", meta["data_hash"])
+        else:
+            check = ("crc32", [int(x, 16) for x in meta["data_crc32"].split(",")])
     except (KeyError, ValueError):
         raise BadChunk("has incomplete metadata") from None
     if start != int(name[6:15]):
@@ -165,7 +174,9 @@ def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
     chunk = Chunk(
         name, start, start + n, ph, fp, (dname, n_layers, shape[1], shape[3]), file_sig(st)
     )
-    return chunk, dh, 8 + hlen, [entries[k][2:] for k in names]  # spans in data_hash order
+    if check[0] == "crc32" and len(check[1]) != len(names):
+        raise BadChunk("has incomplete metadata")
+    return chunk, check, 8 + hlen, [entries[k][2:] for k in names]  # spans in tensor_names order
 
 
 def claimed_end(path: Path) -> int:

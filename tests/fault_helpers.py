@@ -241,21 +241,20 @@ def resave(path: Path, metadata: dict[str, str] | None, dtype: torch.dtype | Non
 
 
 def forge_dtype(path: Path, dtype: torch.dtype) -> None:
-    """Rewrite a chunk with its K/V in another dtype, its metadata and data hash made to match:
+    """Rewrite a chunk with its K/V in another dtype, its metadata and checksums made to match:
     everything in order except that the model computes in another dtype."""
-    import hashlib
-
     from safetensors.torch import load, save
+
+    from kvrepl.kvstore import crc32s
 
     buf = path.read_bytes()
     meta = header(buf)[1]["__metadata__"]
     tensors = {k: v if k == "ids" else v.to(dtype) for k, v in load(buf).items()}
     names = ["ids"] + [f"layers.{i}.{kv}" for i in range(int(meta["n_layers"]))
                        for kv in ("keys", "values")]  # fmt: skip
-    dh = hashlib.sha256()
-    for k in names:
-        dh.update(tensors[k].reshape(-1).view(torch.uint8).numpy())
-    meta = dict(meta, dtype=str(dtype).removeprefix("torch."), data_hash=dh.hexdigest())
+    crcs = crc32s([tensors[k].reshape(-1).view(torch.uint8).numpy() for k in names])
+    meta = dict(meta, dtype=str(dtype).removeprefix("torch."),
+                data_crc32=",".join(f"{c:08x}" for c in crcs))  # fmt: skip
     path.write_bytes(save(tensors, metadata=meta))
 
 

@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = Settings(temperature=0.0, max_tokens=8, repetition_penalty=3.0)
 
 
-
 @pytest.fixture
 def home(_isolated_home: Path) -> Path:
     return _isolated_home  # KVREPL_HOME, set by conftest for every test

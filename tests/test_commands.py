@@ -22,7 +22,6 @@ from kvrepl.store import STAT_NAMES, Store
 SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=3.0)
 
 
-
 @pytest.fixture
 def h(tmp_path: Path, tiny) -> Iterator[Harness]:
     harness = make_harness(tmp_path / "store", tiny_loaded(tiny), settings=SETTINGS)

@@ -58,7 +58,6 @@ from kvrepl.store import Store
 STATS = re.compile(r"^reused [\d,]+ · prefilled [\d,]+ · generated [\d,]+ ", re.M)
 
 
-
 @pytest.fixture(scope="module")
 def tok(tiny):
     return tiny[1]

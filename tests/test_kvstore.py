@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import random
@@ -33,16 +34,23 @@ SID = "s1"
 def make(n: int, dtype: torch.dtype = torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 32000, (n,), generator=g).tolist()
-    layers = [(torch.randn(1, H, n, D, generator=g).to(dtype),
-               torch.randn(1, H, n, D, generator=g).to(dtype)) for _ in range(L)]
+    layers = [
+        (
+            torch.randn(1, H, n, D, generator=g).to(dtype),
+            torch.randn(1, H, n, D, generator=g).to(dtype),
+        )
+        for _ in range(L)
+    ]
     return ids, layers
 
 
 def extend(ids, layers, at: int, extra: int, seed: int = 1):
     """ids[:at] and their K/V, followed by `extra` fresh tokens."""
     ids2, layers2 = make(extra, layers[0][0].dtype, seed)
-    return ids[:at] + ids2, [(torch.cat([k[:, :, :at], k2], 2), torch.cat([v[:, :, :at], v2], 2))
-                             for (k, v), (k2, v2) in zip(layers, layers2, strict=True)]
+    return ids[:at] + ids2, [
+        (torch.cat([k[:, :, :at], k2], 2), torch.cat([v[:, :, :at], v2], 2))
+        for (k, v), (k2, v2) in zip(layers, layers2, strict=True)
+    ]
 
 
 def prefix(layers, n: int):
@@ -74,7 +82,8 @@ def three(tmp_path):
     for n in (100, 150, 200):
         store.save(SID, ids[:n], prefix(layers, n), FP)
     assert sorted(os.listdir(tmp_path / "kv" / SID)) == [
-        chunk(tmp_path / "kv", s).name for s in (0, 100, 150)]
+        chunk(tmp_path / "kv", s).name for s in (0, 100, 150)
+    ]
     return store, ids, layers
 
 
@@ -92,6 +101,7 @@ def one_note(result, *words):
 
 
 # -- round trips and incremental saves ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_is_bit_exact_and_keeps_dtype(tmp_path, dtype):
@@ -112,22 +122,58 @@ def test_chunk_file_is_plain_safetensors_with_metadata(tmp_path):
     store.save(SID, ids, layers, FP)
     with safe_open(str(chunk(tmp_path, 0)), "pt") as f:
         meta = f.metadata()
-        assert set(f.keys()) == {"ids"} | {f"layers.{i}.{kv}" for i in range(L)
-                                           for kv in ("keys", "values")}
+        assert set(f.keys()) == {"ids"} | {
+            f"layers.{i}.{kv}" for i in range(L) for kv in ("keys", "values")
+        }
         assert f.get_tensor("ids").tolist() == ids
-    assert meta["format"] == "kvrepl-kv" and meta["format_version"] == "1"
-    assert (meta["fingerprint"], meta["dtype"], meta["start"], meta["n_tokens"],
-            meta["n_layers"]) == (FP, "float32", "0", "10", str(L))
-    assert len(meta["prefix_hash"]) == len(meta["data_hash"]) == 64
+    assert meta["format"] == "kvrepl-kv" and meta["format_version"] == "2"
+    assert (
+        meta["fingerprint"],
+        meta["dtype"],
+        meta["start"],
+        meta["n_tokens"],
+        meta["n_layers"],
+    ) == (FP, "float32", "0", "10", str(L))
+    assert len(meta["prefix_hash"]) == 64
+    crcs = meta["data_crc32"].split(",")
+    assert len(crcs) == 1 + 2 * L and all(len(c) == 8 for c in crcs)
 
 
-def test_load_casts_dtype_on_request(tmp_path):
+def test_load_gives_views_of_the_bytes_it_read(tmp_path):
+    """No copy on the way to the engine: every tensor of a chunk lies in one buffer."""
     store = KVStore(tmp_path)
     ids, layers = make(5)
     store.save(SID, ids, layers, FP)
-    result = store.load(SID, FP, dtype=torch.float16)
-    assert result.layers[0][0].dtype == torch.float16
-    assert torch.equal(result.layers[2][1], layers[2][1].half())
+    result = store.load(SID, FP)
+    (chunk0,) = result.chunks
+    spans = sorted((t.data_ptr(), t.numel() * t.element_size()) for t in chunk0.values())
+    assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))  # the file's layout
+    assert torch.equal(result.layers[2][1], layers[2][1])
+
+
+def test_a_format_1_chunk_is_still_read(tmp_path):
+    """Snapshots written before the CRC32 check (one sha256 of the data) keep working."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    store = KVStore(tmp_path)
+    ids, layers = make(6)
+    store.save(SID, ids, layers, FP)
+    path = chunk(tmp_path, 0)
+    buf = path.read_bytes()
+    meta = json.loads(buf[8 : 8 + int.from_bytes(buf[:8], "little")])["__metadata__"]
+    tensors = load(buf)
+    dh = hashlib.sha256()
+    for k in ["ids"] + [f"layers.{i}.{kv}" for i in range(L) for kv in ("keys", "values")]:
+        dh.update(tensors[k].reshape(-1).view(torch.uint8).numpy())
+    meta = {k: v for k, v in meta.items() if k != "data_crc32"}
+    path.write_bytes(
+        save(tensors, metadata=dict(meta, format_version="1", data_hash=dh.hexdigest()))
+    )
+    result = KVStore(tmp_path).load(SID, FP)
+    assert result.notes == [] and result.ids == ids
+    assert torch.equal(result.layers[1][0], layers[1][0])
 
 
 def test_incremental_save_writes_only_new_tokens(tmp_path):
@@ -206,8 +252,12 @@ def test_delete_size_and_token_count(three):
 def test_session_id_is_validated(tmp_path, bad):
     store = KVStore(tmp_path / "kv")
     ids, layers = make(3)
-    for call in (lambda: store.save(bad, ids, layers, FP), lambda: store.load(bad, FP),
-                 lambda: store.delete(bad), lambda: store.size_bytes(bad)):
+    for call in (
+        lambda: store.save(bad, ids, layers, FP),
+        lambda: store.load(bad, FP),
+        lambda: store.delete(bad),
+        lambda: store.size_bytes(bad),
+    ):
         with pytest.raises(SnapshotError):
             call()
     assert not (tmp_path / "x").exists()
@@ -220,6 +270,7 @@ def test_mismatched_input_is_a_programming_error(tmp_path):
 
 
 # -- invalid snapshots: each keeps the agreeing prefix with one note ---------------------------
+
 
 def rewrite_meta(path: Path, **changes: str | None) -> None:
     """Rewrite a chunk with changed metadata (None removes a key), keeping its tensors."""
@@ -238,20 +289,28 @@ def header_len(path: Path) -> int:
     return 8 + int.from_bytes(path.read_bytes()[:8], "little")
 
 
-@pytest.mark.parametrize("where", ["in-length", "after-length", "in-header", "end-of-header",
-                                   "in-data", "last-byte"])
+@pytest.mark.parametrize(
+    "where", ["in-length", "after-length", "in-header", "end-of-header", "in-data", "last-byte"]
+)
 def test_truncated_chunk(three, where):
     store, ids, layers = three
     path = chunk(store.root, 100)
     data = path.read_bytes()
     hl = header_len(path)
-    cut = {"in-length": 5, "after-length": 8, "in-header": hl // 2, "end-of-header": hl,
-           "in-data": hl + 1000, "last-byte": len(data) - 1}[where]
+    cut = {
+        "in-length": 5,
+        "after-length": 8,
+        "in-header": hl // 2,
+        "end-of-header": hl,
+        "in-data": hl + 1000,
+        "last-byte": len(data) - 1,
+    }[where]
     path.write_bytes(data[:cut])
     result = reload(store)
     assert_same(result, ids[:100], prefix(layers, 100))
-    one_note(result, "kept 100 of 200 tokens", "chunk at 100",
-             "bytes long" if cut < 8 else "truncated")
+    one_note(
+        result, "kept 100 of 200 tokens", "chunk at 100", "bytes long" if cut < 8 else "truncated"
+    )
     assert path.stat().st_size == cut  # load never deletes
 
 
@@ -310,7 +369,7 @@ def test_other_fingerprint(three):
 
 def test_unknown_format_version(three):
     store, ids, layers = three
-    rewrite_meta(chunk(store.root, 100), format_version="2")
+    rewrite_meta(chunk(store.root, 100), format_version="3")
     result = reload(store)
     assert_same(result, ids[:100], prefix(layers, 100))
     one_note(result, "chunk at 100", "unknown format version")
@@ -325,12 +384,15 @@ def test_metadata_missing(three):
     one_note(result, "dropped", "not a kvrepl snapshot")
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"prefix_hash": None}, "incomplete metadata"),
-    ({"n_tokens": "49"}, "token count"),
-    ({"start": "0"}, "file name"),
-    ({"dtype": "bfloat16"}, "dtypes"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"prefix_hash": None}, "incomplete metadata"),
+        ({"n_tokens": "49"}, "token count"),
+        ({"start": "0"}, "file name"),
+        ({"dtype": "bfloat16"}, "dtypes"),
+    ],
+)
 def test_metadata_that_disagrees(three, change, words):
     store, ids, layers = three
     rewrite_meta(chunk(store.root, 100), **change)
@@ -436,6 +498,7 @@ def test_save_after_a_cut_load_rewrites_from_the_cut(three):
 
 # -- failures while saving ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("target", ["replace", "fsync", "open"])
 def test_disk_full_leaves_old_snapshot(three, monkeypatch, target):
     store, ids, layers = three
@@ -513,8 +576,13 @@ def test_kill_9_during_saves_always_leaves_a_valid_prefix(tmp_path):
     rng = random.Random(1234)
     saved: list[list[int]] = [[]]
     lengths = []
-    zygote = subprocess.Popen([sys.executable, str(script), str(tmp_path / "kv")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    zygote = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "kv")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         assert zygote.stdout.readline().strip() == "ready"
         for round_ in range(6):  # one saver at a time, each killed at a random moment
@@ -527,11 +595,14 @@ def test_kill_9_during_saves_always_leaves_a_valid_prefix(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             assert zygote.stdout.readline().strip() == "reaped"
             result = KVStore(tmp_path / "kv").load("killme", "fp")
-            assert any(s[:len(result.ids)] == result.ids for s in saved)
+            assert any(s[: len(result.ids)] == result.ids for s in saved)
             if result.ids:
                 expected = helpers["kv"](result.ids)
-                assert all(torch.equal(a, b) for pair in zip(result.layers, expected, strict=True)
-                           for a, b in zip(*pair, strict=True))
+                assert all(
+                    torch.equal(a, b)
+                    for pair in zip(result.layers, expected, strict=True)
+                    for a, b in zip(*pair, strict=True)
+                )
             lengths.append(len(result.ids))
         zygote.stdin.close()
         assert zygote.wait(timeout=10) == 0

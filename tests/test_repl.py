@@ -31,7 +31,6 @@ CTRL_C, CTRL_D, ENTER, ALT_ENTER, UP = "\x03", "\x04", "\r", "\x1b\r", "\x1b[A"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-
 @pytest.fixture
 def h(tmp_path: Path, tiny) -> Iterator[Harness]:
     harness = make_harness(tmp_path / "store", tiny_loaded(tiny), settings=SETTINGS,
