@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-v1
 
-.PHONY: run test bench
+.PHONY: run test bench bench-setup
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -21,4 +21,9 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/bench_engine.py
+	$(VENV)/bin/python bench/bench_cpu.py
+
+# llama.cpp for the comparisons only (compiles from source, about 5-10 minutes); never a
+# dependency of kvrepl or of `make test`.
+bench-setup: $(STAMP)
+	$(VENV)/bin/pip install -q llama-cpp-python

@@ -24,7 +24,7 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC"]
 FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4}
-ACT = {"silu": 1, "gelu_tanh": 2}
+ACT = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2}
 
 i64 = ctypes.c_int64
 ptr = ctypes.c_void_p
@@ -63,28 +63,29 @@ def _compiler() -> str:
     return cc
 
 
-def library_path(cache: Path) -> tuple[Path, str]:
+def library_path(cache: Path, flags: list[str] = FLAGS) -> tuple[Path, str]:
     cc = _compiler()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeError(f"the C compiler {cc} does not run: {exc}") from exc
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.stdout.encode(), " ".join(FLAGS).encode(),
+    for part in (SOURCE.read_bytes(), version.stdout.encode(), " ".join(flags).encode(),
                  _cpu_identity().encode()):  # fmt: skip
         key.update(part)
     return cache / "kernels" / f"kvrepl-kernels-{key.hexdigest()[:16]}.so", cc
 
 
-def build(cache: Path) -> Path:
-    """The compiled library for this machine, built on first use (a second or two)."""
-    path, cc = library_path(cache)
+def build(cache: Path, flags: list[str] = FLAGS) -> Path:
+    """The compiled library for this machine, built on first use (a second or two). `flags`
+    other than the default build another variant (the tests build the scalar one)."""
+    path, cc = library_path(cache, flags)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=path.parent)
     os.close(fd)
-    cmd = [cc, *FLAGS, "-shared", str(SOURCE), "-o", tmp, "-lm"]
+    cmd = [cc, *flags, "-shared", str(SOURCE), "-o", tmp, "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -166,9 +167,9 @@ class Kernels:
 _loaded: dict[Path, Kernels] = {}
 
 
-def kernels(cache: Path) -> Kernels:
+def kernels(cache: Path, flags: list[str] = FLAGS) -> Kernels:
     """Build if needed and load the kernels (once per process)."""
-    path = build(cache)
+    path = build(cache, flags)
     if path not in _loaded:
         _loaded[path] = Kernels(path)
     return _loaded[path]

@@ -1,0 +1,352 @@
+"""Tests for the CPU fast path: the GGUF block formats repacked exactly (quant.py), the kernels
+(native/): results close to a float64 reference and bit-identical whatever the rows computed
+with them, the scalar fallback bit-identical to AVX2; the decoder (fastmodel.py) against
+transformers on tiny models of each family it runs, quantized in the test; a GGUF file written
+here and read back (gguf_model.py); and the fallback when the fast path cannot run."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tokenizer
+
+from kvrepl import models, native
+from kvrepl.engine import Engine, Sampling
+from kvrepl.errors import ModelError
+from kvrepl.gguf_model import from_gguf, from_hf, qk_order
+from kvrepl.quant import LAYOUT, Packed, pack, quantize
+
+QUANTIZABLE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]  # gguf-py quantizes these
+ALL_TYPES = QUANTIZABLE + ["Q4_K", "Q6_K", "F16", "BF16"]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> native.Kernels:
+    return native.kernels(models.cache_dir())
+
+
+@pytest.fixture(scope="module")
+def scalar_kernels() -> native.Kernels:
+    """The portable fallback, built for a baseline x86-64 (no AVX2) on this machine."""
+    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64"]
+    return native.kernels(models.cache_dir(), flags)
+
+
+def raw_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Bytes of a GGUF tensor of `qtype`: llama.cpp's quantizers where gguf-py has one, else
+    random blocks with sane float16 scales (every bit pattern of the rest is a valid block)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    if qtype in QUANTIZABLE + ["F16", "BF16"]:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        if qtype == "F16":
+            return w.astype(np.float16).view(np.uint8)
+        return gguf_quantize(w, GGMLQuantizationType[qtype])
+    bs, nbytes = LAYOUT[qtype]
+    raw = rng.integers(0, 256, size=(n * k // bs, nbytes), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, size=(raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    if qtype == "Q4_K":
+        raw[:, 0:4] = scales
+    else:
+        raw[:, 208:210] = scales[:, :2]
+    return raw
+
+
+def desc(p: Packed):
+    return ctypes.pointer(native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block))
+
+
+def matmul(k: native.Kernels, x: torch.Tensor, p: Packed) -> torch.Tensor:
+    out = torch.empty(x.shape[0], p.n)
+    k.matmul(x.data_ptr(), x.shape[0], x.shape[1], desc(p), out.data_ptr(), p.n, None, 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# formats and kernels
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_packing_is_exact_for_every_format(qtype):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    n, k = 24, 512
+    raw = raw_blocks(qtype, n, k, np.random.default_rng(1))
+    want = dequantize(raw.reshape(n, -1), GGMLQuantizationType[qtype]).astype(np.float32)
+    got = pack(raw, qtype, n, k).dequantize()
+    assert torch.equal(got, torch.from_numpy(want).reshape(n, k))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_matmul_is_close_to_float64_and_batch_invariant(kernels, qtype):
+    n, k = 40, 256
+    p = pack(raw_blocks(qtype, n, k, np.random.default_rng(2)), qtype, n, k)
+    w = p.dequantize().double()
+    torch.manual_seed(0)
+    x = torch.randn(70, k)
+    whole = matmul(kernels, x, p)
+    ref = x.double() @ w.T
+    assert ((whole - ref).abs().max() / ref.abs().max()) < 1e-4
+    for rows in (1, 3, 5, 9):  # every row computes bit for bit as it does in any batch
+        assert torch.equal(matmul(kernels, x[:rows].contiguous(), p), whole[:rows])
+    for m in (0, 37, 69):
+        assert torch.equal(matmul(kernels, x[m : m + 1].contiguous(), p)[0], whole[m])
+
+
+def test_scalar_fallback_is_bit_identical_to_avx2(kernels, scalar_kernels):
+    if kernels.isa != "avx2":
+        pytest.skip("this machine has no AVX2 kernels to compare with")
+    assert scalar_kernels.isa == "scalar"
+    rng = np.random.default_rng(3)
+    x = torch.randn(5, 256)
+    for qtype in ALL_TYPES:
+        p = pack(raw_blocks(qtype, 20, 256, rng), qtype, 20, 256)
+        assert torch.equal(matmul(kernels, x, p), matmul(scalar_kernels, x, p)), qtype
+    tok = make_tokenizer()
+    model = make_family("llama", len(tok))
+    fast = from_hf(model, "Q4_1", kernels, 512)
+    slow = from_hf(model, "Q4_1", scalar_kernels, 512)
+    ids = torch.randint(0, len(tok), (150,)).tolist()
+    la, lb = fast.new_layers(), slow.new_layers()
+    assert torch.equal(fast.forward(ids, la), slow.forward(ids, lb))
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(la, lb, strict=True))
+
+
+def attention(k, q, kc, vc, pos0, window, scale):
+    m, hd = q.shape
+    kvh, cap, d = kc.shape
+    heads = hd // d
+    out = torch.empty(m, hd)
+    n = k.attention_scratch(m, heads, d, pos0 + m)
+    scratch = torch.empty(n)
+    k.attention(q.data_ptr(), m, hd, heads, kvh, d, kc.data_ptr(), vc.data_ptr(), cap, pos0,
+                window, scale, 0.0, out.data_ptr(), hd, scratch.data_ptr(), n)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 100])
+def test_attention_matches_float64_and_each_row_is_independent(kernels, window):
+    torch.manual_seed(4)
+    heads, kvh, d, pos0, m = 6, 2, 32, 300, 40
+    kc = torch.randn(kvh, 400, d).half()
+    vc = torch.randn(kvh, 400, d).half()
+    q = torch.randn(m, heads * d)
+    got = attention(kernels, q, kc, vc, pos0, window, 0.2)
+    for i in (0, 17, 39):
+        pos = pos0 + i
+        lo = max(0, pos - window + 1) if window else 0
+        for h in range(heads):
+            g = h // (heads // kvh)
+            s = (q[i, h * d : (h + 1) * d].double() @ kc[g, lo : pos + 1].double().T) * 0.2
+            ref = torch.softmax(s, -1) @ vc[g, lo : pos + 1].double()
+            assert torch.allclose(got[i, h * d : (h + 1) * d].double(), ref, atol=1e-5)
+        alone = attention(kernels, q[i : i + 1].contiguous(), kc, vc, pos, window, 0.2)
+        assert torch.equal(alone[0], got[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder on tiny models of each family
+
+
+def make_family(family: str, vocab: int, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True)  # fmt: skip
+    if family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    elif family == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=32))
+    else:
+        cfg = tf.Gemma3TextConfig(
+            **dict(common, num_key_value_heads=1), head_dim=32, query_pre_attn_scalar=32,
+            sliding_window=16, layer_types=["sliding_attention", "sliding_attention",
+                                            "full_attention"])  # fmt: skip
+        model = tf.Gemma3ForCausalLM(cfg)
+        for name, p in model.named_parameters():  # Gemma's norms start at 0: give them shape
+            if "norm" in name:
+                p.data.normal_(0, 0.3)
+    return model.eval()
+
+
+def dequantized_copy(model, qtype: str):
+    """The transformers model with each linear weight replaced by its quantized value."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.weight.shape[1] % 32 == 0:
+                mod.weight.copy_(quantize(mod.weight, qtype).dequantize())
+        emb = ref.get_input_embeddings()
+        emb.weight.copy_(quantize(emb.weight, qtype).dequantize())
+    return ref
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_decoder_matches_transformers_and_is_chunk_invariant(kernels, family):
+    vocab = 384
+    model = make_family(family, vocab)
+    fast = from_hf(model, "Q8_0", kernels, 512)
+    ref = dequantized_copy(model, "Q8_0")
+    ids = torch.randint(0, vocab, (90,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids])).logits[0, -1]
+    whole = fast.new_layers()
+    got = fast.forward(ids, whole)
+    assert torch.allclose(got, want, atol=2e-3, rtol=0), (got - want).abs().max()
+    pieces = fast.new_layers()  # a prefill chunk, decode steps, another chunk
+    fast.forward(ids[:33], pieces)
+    for t in ids[33:41]:
+        fast.forward([t], pieces)
+    assert torch.equal(fast.forward(ids[41:], pieces), got)
+    for a, b in zip(whole, pieces, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_reuse_equals_recompute_bit_for_bit_on_a_quantized_tiny_model(kernels):
+    tok = make_tokenizer()
+    fast = from_hf(make_family("llama", len(tok), seed=3), "Q4_1", kernels, 512)
+    reuse = Engine(fast, tok, end_ids=set(), context_length=512)
+    fresh = Engine(fast, tok, end_ids=set(), context_length=512, reuse=False)
+    rng = torch.Generator().manual_seed(7)
+    ids: list[int] = []
+    for turn in range(4):
+        ids = ids + torch.randint(3, len(tok), (20 + 7 * turn,), generator=rng).tolist()
+        if turn == 2:
+            ids = ids[:25] + ids[40:]  # an edit: the cache is cut in the middle
+        a = list(reuse.stream(ids, Sampling(temperature=0, max_tokens=12)))
+        b = list(fresh.stream(ids, Sampling(temperature=0, max_tokens=12)))
+        assert a[-2] == b[-2]  # the same finish
+        assert reuse.progress.generated == fresh.progress.generated
+        assert a[-1].reused_tokens > 0 or turn == 0
+        ids = ids + reuse.progress.generated
+        assert torch.equal(reuse.prefill(ids), fresh.prefill(ids))  # the logits, bit for bit
+        for la, lb in zip(reuse.pc.cache.layers, fresh.pc.cache.layers, strict=True):
+            assert torch.equal(la.keys, lb.keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# a GGUF file written here
+
+
+def write_gguf(path: Path, model, qtype: str) -> None:
+    """A tiny Llama as llama.cpp writes it: its names, Q/K rows permuted for its rope, 1-D
+    norms in F32, the embedding in Q8_0 (tied)."""
+    import gguf
+    from gguf.quants import quantize as gguf_quantize
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+
+    def add(name: str, t: torch.Tensor, q: str) -> None:
+        a = t.detach().float().numpy()
+        if q == "F32":
+            w.add_tensor(name, a)
+        else:
+            qt = gguf.GGMLQuantizationType[q]
+            w.add_tensor(name, gguf_quantize(a, qt), raw_dtype=qt)
+
+    def llama_cpp_permute(t: torch.Tensor, heads: int) -> torch.Tensor:
+        return (
+            t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(t.shape)
+        )
+
+    add("token_embd.weight", model.model.embed_tokens.weight, "Q8_0")
+    add("output_norm.weight", model.model.norm.weight, "F32")
+    for i, layer in enumerate(model.model.layers):
+        at, mlp, b = layer.self_attn, layer.mlp, f"blk.{i}."
+        add(
+            b + "attn_q.weight", llama_cpp_permute(at.q_proj.weight, cfg.num_attention_heads), qtype
+        )
+        add(
+            b + "attn_k.weight", llama_cpp_permute(at.k_proj.weight, cfg.num_key_value_heads), qtype
+        )
+        add(b + "attn_v.weight", at.v_proj.weight, qtype)
+        add(b + "attn_output.weight", at.o_proj.weight, qtype)
+        add(b + "ffn_gate.weight", mlp.gate_proj.weight, qtype)
+        add(b + "ffn_up.weight", mlp.up_proj.weight, qtype)
+        add(b + "ffn_down.weight", mlp.down_proj.weight, qtype)
+        add(b + "attn_norm.weight", layer.input_layernorm.weight, "F32")
+        add(b + "ffn_norm.weight", layer.post_attention_layernorm.weight, "F32")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_file_runs_as_the_same_weights_quantized_in_memory(kernels, tmp_path):
+    tok = make_tokenizer()
+    model = make_family("llama", len(tok), seed=9)
+    write_gguf(tmp_path / "tiny.gguf", model, "Q4_1")
+    from_file = from_gguf(tmp_path / "tiny.gguf", model.config, kernels, 512)
+    q = from_file.layers[0].qkv[0][0]
+    in_memory = quantize(model.model.layers[0].self_attn.q_proj.weight, "Q4_1")
+    assert torch.equal(q.q[: in_memory.n], in_memory.q)  # transformers' Q row order again
+    ids = torch.randint(0, len(tok), (60,)).tolist()
+    hf = from_hf(model, "Q4_1", kernels, 512)
+    hf.embed = hf.lm_head = quantize(model.model.embed_tokens.weight, "Q8_0")
+    assert torch.equal(
+        from_file.forward(ids, from_file.new_layers()), hf.forward(ids, hf.new_layers())
+    )
+
+
+def test_qk_order_undoes_llama_cpps_permutation():
+    rows = torch.arange(24.0)
+    permuted = rows.reshape(3, 2, 4).swapaxes(1, 2).reshape(-1)  # llama.cpp, 3 heads of 8
+    assert torch.equal(permuted[torch.as_tensor(qk_order(24, 3))], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# when the fast path cannot run
+
+
+def test_no_compiler_means_a_reason_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(native.NativeError, match="does not run"):
+        native.build(tmp_path)
+
+
+@pytest.mark.model
+def test_load_falls_back_to_float32_with_one_line_saying_why(monkeypatch):
+    from kvrepl import gguf_model
+
+    def refuse(*args, **kwargs):
+        raise ModelError("fast path off: blk.0.attn_q.weight: tensor type Q3_K is not supported")
+
+    monkeypatch.setattr(gguf_model, "load_fast", refuse)
+    loaded = models.load(progress=False)
+    assert loaded.dtype == "float32"
+    assert loaded.notes == [
+        "fast path off: blk.0.attn_q.weight: tensor type Q3_K is not supported: "
+        "running the dequantized float32 model instead"
+    ]
+    with pytest.raises(ModelError, match="Q3_K"):
+        models.load(dtype="gguf", progress=False)
+
+
+def test_dtype_gguf_needs_a_gguf_file_on_the_cpu(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="gguf files on the CPU"):
+        models.load(str(tmp_path), dtype="gguf", progress=False)
+
+
+@pytest.mark.model
+def test_the_embedded_model_runs_on_the_fast_path_by_default(real):
+    assert real.dtype == "gguf"
+    assert real.model.weight_types == "Q4_1+Q8_0"
+    assert real.model.k.isa in ("avx2", "scalar")
+    assert real.model.kv_dtype == torch.float16
