@@ -247,118 +247,73 @@ class FastModel:
         return layers
 
     # -- the forward ------------------------------------------------------------------------
-    def _mm(
-        self,
-        x: torch.Tensor,
-        rows: int,
-        parts: list[tuple[Packed, int]],
-        out: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        accumulate: int = 0,
-    ) -> None:
-        ldx, ldo, optr = x.shape[1], out.shape[1], out.data_ptr()
-        for p, col in parts:
-            b = bias[col:].data_ptr() if bias is not None else None
-            self.k.matmul(
-                x.data_ptr(), rows, ldx, self._desc(p), optr + 4 * col, ldo, b, accumulate
+    def _c_model(self) -> native.Model:
+        """The kernels' view of this model (sizes, weights, norms), made once; buffers, caches
+        and rope tables are pointed at before each forward."""
+        if getattr(self, "_cm", None) is not None:
+            return self._cm
+        a = self.arch
+        ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+        c_layers = (native.Layer * a.n_layers)()
+        for cl, lw, window in zip(c_layers, self.layers, a.windows, strict=True):
+            for name in ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "q_norm",
+                         "k_norm"):  # fmt: skip
+                setattr(cl, name, ptr(getattr(lw, name)))
+            cl.bias = ptr(lw.qkv_bias)
+            cl.n_qkv, cl.n_gu = len(lw.qkv), len(lw.gate_up)
+            for i, (p, col) in enumerate(lw.qkv):
+                cl.qkv[i], cl.qkv_col[i] = self._desc(p).contents, col
+            for i, (p, col) in enumerate(lw.gate_up):
+                cl.gate_up[i], cl.gu_col[i] = self._desc(p).contents, col
+            cl.o, cl.down, cl.window = (
+                self._desc(lw.o).contents,
+                self._desc(lw.down).contents,
+                window,
             )
-
-    def _norm(
-        self,
-        x: torch.Tensor,
-        rows: int,
-        w: torch.Tensor,
-        out: torch.Tensor,
-        accumulate: int = 0,
-        heads: int = 1,
-        n: int | None = None,
-        off: int = 0,
-    ) -> None:
-        n = n or x.shape[1]
-        xp, op = x.data_ptr() + 4 * off, out.data_ptr() + 4 * off
-        eps = self.arch.eps
-        self.k.rmsnorm(
-            xp, rows, x.shape[1], heads, n, w.data_ptr(), eps, op, out.shape[1], accumulate
-        )
+        self._cm = native.Model(
+            a.n_layers, a.hidden, a.n_heads, a.n_kv, a.head_dim, a.ffn, a.rope_dim, a.act, 0,
+            a.eps, a.attn_scale, a.attn_softcap, a.embed_scale, self._desc(self.embed),
+            self._desc(self.lm_head), self.final_norm.data_ptr(), c_layers,
+        )  # fmt: skip
+        self._c_layers = c_layers
+        return self._cm
 
     @torch.inference_mode()
     def forward(self, ids: list[int], layers: list[GrowingLayer]) -> torch.Tensor:
+        """Append the ids' K/V to the cache layers; the last position's logits. The layers'
+        lengths move only once every layer has run, all together."""
         a = self.arch
         m, pos0 = len(ids), layers[0].get_seq_length()
         if pos0 + m > self.context_length:
             raise ValueError("past the model's context")
+        cm = self._c_model()
         b = self._buffers(m)
         self.rope.upto(pos0 + m)
-        x = b["x"]
-        rows = torch.tensor(ids, dtype=torch.int64)
-        self.k.rows(
-            self._desc(self.embed), rows.data_ptr(), m, x.data_ptr(), a.hidden, a.embed_scale
-        )
         scratch = self._scratch(m, pos0 + m)
-        for i, (lw, cache) in enumerate(zip(self.layers, layers, strict=True)):
-            self._attention(i, lw, cache, m, pos0, b, scratch)
-            self._feed_forward(lw, m, b)
-        h = b["h"]
-        self._norm(x[m - 1 : m], 1, self.final_norm, h)
-        logits = b["logits"]
-        self._mm(h, 1, [(self.lm_head, 0)], logits)
-        out = logits[0].clone()
+        for name in ("x", "h", "qkv", "att", "gu", "logits"):
+            setattr(cm, name, b[name].data_ptr())
+        cm.act_buf, cm.scratch, cm.scratch_floats = (
+            b["act"].data_ptr(),
+            scratch.data_ptr(),
+            scratch.numel(),
+        )
+        for cl, cache, kind in zip(self._c_layers, layers, a.layer_types, strict=True):
+            kc, vc = cache.room(pos0 + m)
+            cl.kc, cl.vc, cl.cap = kc.data_ptr(), vc.data_ptr(), kc.shape[2]
+            cos, sin = self.rope.tables[kind]
+            cl.cos_t, cl.sin_t = cos.data_ptr(), sin.data_ptr()
+        rows, cref = torch.tensor(ids, dtype=torch.int64), ctypes.byref(cm)
+        # A decode step in one call; a prefill chunk a layer at a time, so that Ctrl-C (which
+        # waits for the call it arrives in) stops it within a layer.
+        steps = [(0, a.n_layers)] if m == 1 else [(i, i + 1) for i in range(a.n_layers)]
+        for l0, l1 in steps:
+            self.k.forward(cref, rows.data_ptr(), m, pos0, l0, l1)
+        for cache in layers:
+            cache.advance(pos0 + m)
+        out = b["logits"][0].clone()
         if a.final_softcap:
             out = torch.tanh(out / a.final_softcap) * a.final_softcap
         return out
-
-    def _attention(
-        self,
-        i: int,
-        lw: Layer,
-        cache: GrowingLayer,
-        m: int,
-        pos0: int,
-        b: dict[str, torch.Tensor],
-        scratch: torch.Tensor,
-    ) -> None:
-        """x += attention block of layer i (its K/V written into `cache` at pos0..)."""
-        a, k = self.arch, self.k
-        x, h, qkv, att = b["x"], b["h"], b["qkv"], b["att"]
-        qw, kw, width = a.n_heads * a.head_dim, a.n_kv * a.head_dim, self.qkv_width
-        self._norm(x, m, lw.attn_norm, h)
-        self._mm(h, m, lw.qkv, qkv, lw.qkv_bias)
-        if lw.q_norm is not None:
-            self._norm(qkv, m, lw.q_norm, qkv, heads=a.n_heads, n=a.head_dim)
-            self._norm(qkv, m, lw.k_norm, qkv, heads=a.n_kv, n=a.head_dim, off=qw)
-        cos, sin = self.rope.tables[a.layer_types[i]]
-        base, cp, sp = qkv.data_ptr(), cos.data_ptr(), sin.data_ptr()
-        k.rope(base, m, width, a.n_heads, a.head_dim, a.rope_dim, cp, sp, pos0)
-        k.rope(base + 4 * qw, m, width, a.n_kv, a.head_dim, a.rope_dim, cp, sp, pos0)
-        kc, vc = cache.room(pos0 + m)
-        kp, vp, cap = kc.data_ptr(), vc.data_ptr(), kc.shape[2]
-        k.store(
-            base + 4 * qw, base + 4 * (qw + kw), m, width, a.n_kv, a.head_dim, kp, vp, cap, pos0
-        )
-        k.attention(
-            base, m, width, a.n_heads, a.n_kv, a.head_dim, kp, vp, cap, pos0, a.windows[i],
-            a.attn_scale, a.attn_softcap, att.data_ptr(), att.shape[1], scratch.data_ptr(),
-            scratch.numel(),
-        )  # fmt: skip
-        cache.advance(pos0 + m)
-        if lw.post_attn_norm is not None:
-            self._mm(att, m, [(lw.o, 0)], h)
-            self._norm(h, m, lw.post_attn_norm, x, accumulate=1)
-        else:
-            self._mm(att, m, [(lw.o, 0)], x, accumulate=1)
-
-    def _feed_forward(self, lw: Layer, m: int, b: dict[str, torch.Tensor]) -> None:
-        """x += feed-forward block."""
-        a = self.arch
-        x, h, gu, act = b["x"], b["h"], b["gu"], b["act"]
-        self._norm(x, m, lw.ffn_norm, h)
-        self._mm(h, m, lw.gate_up, gu)
-        self.k.act_mul(gu.data_ptr(), m, gu.shape[1], a.ffn, a.act, act.data_ptr(), act.shape[1])
-        if lw.post_ffn_norm is not None:
-            self._mm(act, m, [(lw.down, 0)], h)
-            self._norm(h, m, lw.post_ffn_norm, x, accumulate=1)
-        else:
-            self._mm(act, m, [(lw.down, 0)], x, accumulate=1)
 
     def weights_digest(self) -> str:
         """A hash of a sample of every packed weight (for the fingerprint)."""

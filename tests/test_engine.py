@@ -601,22 +601,21 @@ def smol(real_any):
 
 
 def explode_in_layer(mp: pytest.MonkeyPatch, real, layer: int, call_no: int) -> None:
-    """KeyboardInterrupt inside layer `layer` of the real model, on its `call_no`-th forward: a
-    transformers model's decoder layer, or the fast path's attention kernel for that layer."""
+    """KeyboardInterrupt in the real model's `call_no`-th forward: inside decoder layer `layer`
+    of a transformers model; at the start of the fast path's forward (one call into the
+    kernels, which a signal does not split: its layers move only when it returns)."""
     if not getattr(real.model, "is_fast", False):
         explode_on(mp, real.model.model.layers[layer], call_no)
         return
-    kernels = real.model.k
-    attention, calls = kernels.attention, {"n": 0}
+    forward, calls = real.model.forward, {"n": 0}
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls["n"] += 1
-        n_layers = len(real.model.layers)
-        if calls["n"] == (call_no - 1) * n_layers + layer + 1:
+        if calls["n"] == call_no:
             raise KeyboardInterrupt
-        return attention(*args)
+        return forward(*args, **kwargs)
 
-    mp.setattr(kernels, "attention", counting)
+    mp.setattr(real.model, "forward", counting)
 
 
 def real_engine(smol, reuse: bool) -> Engine:

@@ -100,7 +100,52 @@ def build(cache: Path, flags: list[str] = FLAGS) -> Path:
     return path
 
 
+f32p = ctypes.POINTER(ctypes.c_float)
+
+
+class Layer(ctypes.Structure):
+    """Mirrors `Layer` in kernels.c: one decoder layer's weights and cache, by pointer."""
+
+    _fields_ = [
+        *[(n, ptr) for n in ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm",
+                             "q_norm", "k_norm", "bias")],
+        ("qkv", Weight * 3),
+        ("qkv_col", i64 * 3),
+        ("n_qkv", ctypes.c_int32),
+        ("n_gu", ctypes.c_int32),
+        ("gate_up", Weight * 2),
+        ("gu_col", i64 * 2),
+        ("o", Weight),
+        ("down", Weight),
+        ("kc", ptr),
+        ("vc", ptr),
+        ("cap", i64),
+        ("window", i64),
+        ("cos_t", ptr),
+        ("sin_t", ptr),
+    ]  # fmt: skip
+
+
+class Model(ctypes.Structure):
+    """Mirrors `Model` in kernels.c: sizes, weights, layers and buffers of one forward."""
+
+    _fields_ = [
+        *[(n, i64) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "ffn",
+                             "rope_dim")],
+        ("act", ctypes.c_int32),
+        ("_pad", ctypes.c_int32),
+        *[(n, ctypes.c_float) for n in ("eps", "attn_scale", "attn_softcap", "embed_scale")],
+        ("embed", ctypes.POINTER(Weight)),
+        ("lm_head", ctypes.POINTER(Weight)),
+        ("final_norm", ptr),
+        ("layers", ctypes.POINTER(Layer)),
+        *[(n, ptr) for n in ("x", "h", "qkv", "att", "gu", "act_buf", "logits", "scratch")],
+        ("scratch_floats", i64),
+    ]  # fmt: skip
+
+
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "kv_forward": (None, [ctypes.POINTER(Model), ptr, i64, i64, i64, i64]),
     "kv_matmul": (None, [ptr, i64, i64, ctypes.POINTER(Weight), ptr, i64, ptr, ctypes.c_int]),
     "kv_rows": (None, [ctypes.POINTER(Weight), ptr, i64, ptr, i64, ctypes.c_float]),
     "kv_rmsnorm": (None, [ptr, i64, i64, i64, i64, ptr, ctypes.c_float, ptr, i64, ctypes.c_int]),
@@ -158,6 +203,7 @@ class Kernels:
         self.act_mul = self.lib.kv_act_mul
         self.attention = self.lib.kv_attention
         self.attention_scratch = self.lib.kv_attention_scratch
+        self.forward = self.lib.kv_forward
 
     @property
     def label(self) -> str:

@@ -809,3 +809,77 @@ void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const u
 int kv_version(void) { return KV_VERSION; }
 const char *kv_isa(void) { return KV_ISA; }
 int kv_max_threads(void) { return omp_get_max_threads(); }
+
+/* ---------------------------------------------------------------- the whole decoder */
+/* One forward of M tokens at positions pos0.. through every layer, with the buffers and caches
+ * the caller owns (fastmodel.py): one call per forward instead of a dozen per layer. */
+typedef struct {
+    const float *attn_norm, *ffn_norm, *post_attn_norm, *post_ffn_norm, *q_norm, *k_norm, *bias;
+    Weight qkv[3];
+    i64 qkv_col[3];
+    int32_t n_qkv, n_gu;
+    Weight gate_up[2];
+    i64 gu_col[2];
+    Weight o, down;
+    uint16_t *kc, *vc;
+    i64 cap, window;
+    const float *cos_t, *sin_t;
+} Layer;
+
+typedef struct {
+    i64 n_layers, hidden, n_heads, n_kv, head_dim, ffn, rope_dim;
+    int32_t act, _pad;
+    float eps, attn_scale, attn_softcap, embed_scale;
+    const Weight *embed, *lm_head;
+    const float *final_norm;
+    Layer *layers;
+    float *x, *h, *qkv, *att, *gu, *act_buf, *logits, *scratch;
+    i64 scratch_floats;
+} Model;
+
+static void mm_parts(const float *x, i64 M, i64 ldx, const Weight *w, const i64 *cols, int n,
+                     float *out, i64 ldo, const float *bias, int accumulate) {
+    for (int i = 0; i < n; i++)
+        kv_matmul(x, M, ldx, &w[i], out + cols[i], ldo, bias ? bias + cols[i] : 0, accumulate);
+}
+
+/* Layers [l0, l1) of the forward; the embedding when l0 == 0, the logits when l1 == n_layers. */
+void kv_forward(const Model *md, const int64_t *ids, i64 M, i64 pos0, i64 l0, i64 l1) {
+    i64 D = md->head_dim, hid = md->hidden, qw = md->n_heads * D, kw = md->n_kv * D;
+    i64 width = qw + 2 * kw, F = md->ffn;
+    float *x = md->x, *h = md->h, *qkv = md->qkv, *att = md->att, *gu = md->gu, *a = md->act_buf;
+    if (l0 == 0) kv_rows(md->embed, ids, M, x, hid, md->embed_scale);
+    for (i64 l = l0; l < l1; l++) {
+        const Layer *L = &md->layers[l];
+        kv_rmsnorm(x, M, hid, 1, hid, L->attn_norm, md->eps, h, hid, 0);
+        mm_parts(h, M, hid, L->qkv, L->qkv_col, L->n_qkv, qkv, width, L->bias, 0);
+        if (L->q_norm) {
+            kv_rmsnorm(qkv, M, width, md->n_heads, D, L->q_norm, md->eps, qkv, width, 0);
+            kv_rmsnorm(qkv + qw, M, width, md->n_kv, D, L->k_norm, md->eps, qkv + qw, width, 0);
+        }
+        kv_rope(qkv, M, width, md->n_heads, D, md->rope_dim, L->cos_t, L->sin_t, pos0);
+        kv_rope(qkv + qw, M, width, md->n_kv, D, md->rope_dim, L->cos_t, L->sin_t, pos0);
+        kv_store(qkv + qw, qkv + qw + kw, M, width, md->n_kv, D, L->kc, L->vc, L->cap, pos0);
+        kv_attention(qkv, M, width, md->n_heads, md->n_kv, D, L->kc, L->vc, L->cap, pos0,
+                     L->window, md->attn_scale, md->attn_softcap, att, qw, md->scratch,
+                     md->scratch_floats);
+        if (L->post_attn_norm) {
+            kv_matmul(att, M, qw, &L->o, h, hid, 0, 0);
+            kv_rmsnorm(h, M, hid, 1, hid, L->post_attn_norm, md->eps, x, hid, 1);
+        } else {
+            kv_matmul(att, M, qw, &L->o, x, hid, 0, 1);
+        }
+        kv_rmsnorm(x, M, hid, 1, hid, L->ffn_norm, md->eps, h, hid, 0);
+        mm_parts(h, M, hid, L->gate_up, L->gu_col, L->n_gu, gu, 2 * F, 0, 0);
+        kv_act_mul(gu, M, 2 * F, F, md->act, a, F);
+        if (L->post_ffn_norm) {
+            kv_matmul(a, M, F, &L->down, h, hid, 0, 0);
+            kv_rmsnorm(h, M, hid, 1, hid, L->post_ffn_norm, md->eps, x, hid, 1);
+        } else {
+            kv_matmul(a, M, F, &L->down, x, hid, 0, 1);
+        }
+    }
+    if (l1 < md->n_layers) return;
+    kv_rmsnorm(x + (M - 1) * hid, 1, hid, 1, hid, md->final_norm, md->eps, h, hid, 0);
+    kv_matmul(h, 1, hid, md->lm_head, md->logits, md->lm_head->n, 0, 0);
+}
