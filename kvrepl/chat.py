@@ -381,6 +381,8 @@ class Chat(SessionHolder):
             "session": self.session.name or self.session.id if self.session else None
         }
         if self._rt is not None:
+            figures["model"] = self._rt.loaded.source.label
+            figures["weights"] = _weights_line(self._rt.loaded)
             figures["cached_tokens"] = len(self._rt.engine.pc.ids)
             figures["context_length"] = self._rt.engine.context_length
         if self.session is not None:
@@ -388,3 +390,12 @@ class Chat(SessionHolder):
             figures["snapshot_bytes"] = self.kv.size_bytes(self.session.id)
             figures.update(self.store.session_totals(self.session.id))
         return figures
+
+
+def _weights_line(loaded: LoadedModel) -> str:
+    """How the model computes: the fast path's file weights and kernels, or a dtype."""
+    model = loaded.model
+    if getattr(model, "is_fast", False):
+        kv = str(model.kv_dtype).removeprefix("torch.")
+        return f"{model.weight_types} as in the file, {model.k.label}, {kv} K/V"
+    return f"{loaded.dtype} on {loaded.device}"

@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="embedded default, a model folder, a .gguf file or a cached hub id"
     )
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "gguf", "float32", "bfloat16", "float16"),
+        help="auto: a .gguf runs its own quantized weights on the CPU (gguf); float32: dequantized",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file")
     p.add_argument(
@@ -191,10 +195,10 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
         elif args.session is not None:
             chat.open_or_create(args.session)
         source = models.resolve(settings.model)
-        if source.kind == "gguf" and not models.is_converted(source.path):
+        if note := models.first_start(source, settings.dtype, settings.device):
             # Once per GGUF file, before the prompt: its progress bar would tear the input.
-            renderer.notice("first start with this model: dequantizing it once (about 20 s)…")
-            models.convert_gguf(source.path, progress=True)
+            renderer.notice(note)
+            models.prepare(source, settings.dtype, settings.device, progress=True)
         loader.start()
         repl = Repl(
             chat, renderer, build_registry(), interactive=interactive, model_ready=loader.ready
