@@ -117,18 +117,18 @@ def _shape(t: torch.Tensor, length: int) -> tuple[int, ...]:
 
 
 def hf_layers(config: Any) -> list[Any]:
-    """Cache layers for a transformers model: growing full-attention layers; sliding-window
-    layers as transformers keeps them."""
+    """Cache layers for a transformers model. Full-attention and sliding-window layers are both
+    growing layers that keep every position: transformers builds a sliding layer's mask from
+    positions, so it attends within its window as before, and the layer can be cut at the first
+    changed token, saved and restored like any other (the cost: its K/V for the whole context,
+    not the window). Other kinds (chunked, linear attention) stay as transformers keeps them."""
     text_config = config.get_text_config(decoder=True)
     n_layers = text_config.num_hidden_layers
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
     layers: list[Any] = []
     for kind in layer_types[:n_layers]:
-        if kind == "full_attention":
+        if kind in ("full_attention", "sliding_attention"):
             layers.append(GrowingLayer())
-        elif kind == "sliding_attention":
-            window = getattr(text_config, "sliding_window", None)
-            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](sliding_window=window))
         else:
             layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind]())
     return layers

@@ -242,7 +242,8 @@ class Chat(SessionHolder):
         self._cache_owner = session.id
         loaded = rt.loaded
         if not rt.engine.pc.croppable:
-            return ["snapshot: not kept for this model (its sliding-window cache cannot be saved)"]
+            return ["snapshot: not kept for this model (its chunked or linear-attention layers "
+                    "cannot be saved)"]  # fmt: skip
         result = self.kv.load(session.id, loaded.fingerprint)
         notes = list(result.notes)
         if not result.ids and not notes and any(m.role == "assistant" for m in self.history()):
@@ -339,7 +340,7 @@ class Chat(SessionHolder):
     ) -> str:
         if not croppable:
             return (
-                f"cache: this model's cache (sliding-window layers) cannot be cut: "
+                f"cache: this model's cache (chunked or linear-attention layers) cannot be cut: "
                 f"rebuilding it, recomputing {total:,} tokens"
             )
         j = max((i for i, s in enumerate(starts) if 0 <= s <= keep), default=0)
@@ -368,7 +369,7 @@ class Chat(SessionHolder):
     def _save_snapshot(self, warnings: list[str]) -> None:
         assert self.session is not None
         pc, loaded = self.rt.engine.pc, self.rt.loaded
-        if not pc.croppable or not pc.ids:  # sliding windows hold only their window; or nothing
+        if not pc.croppable or not pc.ids:  # layers that hold only a window; or nothing
             return
         try:
             self.kv.save(self.session.id, list(pc.ids), pc.export(), loaded.fingerprint)

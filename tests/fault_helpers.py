@@ -43,7 +43,7 @@ def make_fault_model(tok: Any, seed: int = 0, *, sliding_window: int | None = No
                      layer_types: list[str] | None = None) -> Any:  # fmt: skip
     """A tiny random model whose greedy answers are varied text (untied embeddings: the tied tiny
     Llama of conftest only ever repeats its last input token). With `sliding_window`, a Qwen2 whose
-    `layer_types` hold sliding-window layers: a cache that cannot be cut back."""
+    `layer_types` hold sliding-window layers."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
@@ -126,9 +126,9 @@ def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
     h = Harness(home, loaded, s, out, chat, repl, rt, store, kv)
     stream = rt.engine.stream
 
-    def counting_stream(ids: Any, sampling: Any) -> Any:
+    def counting_stream(ids: Any, sampling: Any, **kwargs: Any) -> Any:
         h.streams.append(list(ids))
-        return stream(ids, sampling)
+        return stream(ids, sampling, **kwargs)
 
     rt.engine.stream = counting_stream
     return h
