@@ -100,6 +100,27 @@ def tiny():
     return make_tiny_model(len(tok)), tok
 
 
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch):
+    """script(*answers): the next engine streams generate exactly these ids, one list each (end
+    it with an end token, or let max_tokens cut it), in place of sampling. The model still
+    computes the K/V of every token it is fed."""
+    queue: list[list[int]] = []
+
+    class Scripted:
+        def __init__(self, *args: object) -> None:
+            self.ids = iter(queue.pop(0))
+
+        def seen(self, ids: object) -> None:
+            pass
+
+        def next(self, logits: object) -> int:
+            return next(self.ids)
+
+    monkeypatch.setattr("kvrepl.engine.Sampler", Scripted)
+    return lambda *answers: queue.extend(list(a) for a in answers)
+
+
 @pytest.fixture(scope="session")
 def real():
     """The embedded SmolLM2-135M-Instruct as kvrepl runs it by default (the CPU fast path: the
