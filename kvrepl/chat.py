@@ -74,6 +74,7 @@ class Chat(SessionHolder):
         self._cache_owner: str | None = None  # the session whose ids the engine cache holds
         self.last_stats: Stats | None = None
         self.last_reason: str = ""
+        self._notes_said = False  # the model's load notes are said once, with the first turn
 
     @property
     def kv(self) -> KVStore:
@@ -229,6 +230,12 @@ class Chat(SessionHolder):
             )
         return ids, starts, notes
 
+    def _model_notes(self) -> list[str]:
+        """What loading the model had to say (a built-in chat template, a fallback), once."""
+        notes = self.rt.loaded.notes
+        said, self._notes_said = self._notes_said, True
+        return [] if said else list(notes)
+
     def restore_snapshot(self) -> list[str]:
         """Make the engine cache this session's: load its snapshot (validated) if the cache holds
         another session. Returns one line per thing worth saying."""
@@ -258,7 +265,7 @@ class Chat(SessionHolder):
     def warm(self) -> tuple[int, int, list[str]]:
         """Bring the cache to the whole conversation now (after /load).
         Returns (reused, recomputed, notes)."""
-        notes = self.restore_snapshot()
+        notes = [*self._model_notes(), *self.restore_snapshot()]
         if not self.history():
             return 0, 0, notes
         engine = self.rt.engine
@@ -289,7 +296,7 @@ class Chat(SessionHolder):
         stats: Stats | None = None
         reason = "interrupted"
         try:
-            for line in self.restore_snapshot():
+            for line in [*self._model_notes(), *self.restore_snapshot()]:
                 yield Notice(line)
             if fitted is None:
                 msgs = self.prompt_messages()

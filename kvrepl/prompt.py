@@ -45,7 +45,8 @@ class Prompt:
         self.template = chat_template or getattr(tokenizer, "chat_template", None)
         if not self.template:
             raise PromptError(
-                "this model has no chat template: pass one with --chat-template FILE "
+                "this model has no chat template, and no built-in one fits it (Gemma, Llama 3 "
+                "and ChatML need their turn tokens): pass one with --chat-template FILE "
                 "(a Jinja file such as the model card's template)"
             )
         self._control_ids = {

@@ -28,18 +28,22 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def make_tokenizer():
-    """A small byte-level BPE tokenizer with ChatML control tokens, trained in memory."""
+def make_tokenizer(
+    specials: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    eos: str = "<|im_end|>",
+    template: str | None = CHATML,
+):
+    """A small byte-level BPE tokenizer trained in memory: ChatML control tokens and template,
+    unless told other `specials` (the first is the padding token) and another `template`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=specials,
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = [
@@ -48,11 +52,10 @@ def make_tokenizer():
         "Ünïcödé text: naïve café 東京 🙂 and more words for merges",
     ] * 20
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    fast.chat_template = CHATML
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=specials[0])
+    others = [t for t in specials if t not in (eos, specials[0])]
+    fast.add_special_tokens({"additional_special_tokens": others})
+    fast.chat_template = template
     return fast
 
 
