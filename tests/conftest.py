@@ -19,6 +19,19 @@ CHATML = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# A thinking template as Qwen3's behaves: `enable_thinking=false` opens the answer with an empty
+# think block, and an earlier answer is rendered without its thinking.
+THINKING = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' + message['content'].split('</think>')[-1].lstrip('\n')"
+    " + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -57,6 +70,14 @@ def make_tokenizer(
     fast.add_special_tokens({"additional_special_tokens": others})
     fast.chat_template = template
     return fast
+
+
+def make_thinking_tokenizer():
+    """The test tokenizer with `<think>`/`</think>` added (not special, as in Qwen3's) and the
+    thinking template."""
+    tok = make_tokenizer(template=THINKING)
+    tok.add_tokens(["<think>", "</think>"])
+    return tok
 
 
 def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | None = None):
