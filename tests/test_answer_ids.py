@@ -20,6 +20,7 @@ from fault_helpers import (
 
 from kvrepl.chat import Chat, Runtime
 from kvrepl.config import Settings
+from kvrepl.engine import common_prefix
 from kvrepl.events import Notice, Stats, TextDelta
 from kvrepl.kvstore import KVStore
 from kvrepl.prompt import Prompt
@@ -182,6 +183,32 @@ def test_an_older_answer_without_ids_is_tokenized_from_its_text(tiny, chat_over,
     msgs = [{"role": m.role, "content": m.content} for m in chat.history()[:-1]]
     assert stats.prefilled_tokens == len(chat.rt.prompt.render(msgs))
     assert "ids" not in chat.prompt_messages()[1]
+
+
+def test_an_answer_edited_behind_kvrepls_back_is_rendered_from_its_new_text(
+    tiny, chat_over, script
+):
+    """The messages are the truth: ids that no longer spell the stored answer are not used, and
+    the cache is cut where the answer changed, with one line saying so."""
+    model, tok = tiny
+    chat = chat_over(make_loaded(model, tok))
+    script([*by_char(tok, ANSWER), end(tok)], [end(tok)])
+    turn(chat, "What is the capital of France?")
+    cached = list(chat.rt.engine.pc.ids)
+    answer = chat.history()[-1]
+    chat.store.db.execute(
+        "UPDATE messages SET content = ? WHERE id = ?", [ANSWER.replace("Paris", "Lyon"), answer.id]
+    )
+    msgs = [{"role": m.role, "content": m.content} for m in chat.history()]
+    want = chat.rt.prompt.render([*msgs, {"role": "user", "content": "Sure?"}])
+    stats, notices, _ = turn(chat, "Sure?")
+    assert chat.rt.engine.pc.ids[: len(want)] == want
+    keep = common_prefix(cached, want)
+    # cut where the answer starts: its new text is tokenized, not spelled by character
+    assert stats.reused_tokens == keep == len(chat.rt.prompt.render(msgs[:1]))
+    cuts = [n for n in notices if n.startswith("cache: cut at token")]
+    assert cuts == [f"cache: cut at token {keep:,} (turn 1, assistant); recomputing "
+                    f"{len(want) - keep:,} tokens"]  # fmt: skip
 
 
 def test_reuse_equals_recompute_with_answers_as_their_ids(tmp_path, tiny):
