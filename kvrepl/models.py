@@ -325,7 +325,8 @@ def settle_template(tokenizer: Any, config: Any, chat_template: str | None) -> l
     picked = templates.pick(getattr(config, "model_type", "") or "", tokenizer)
     if picked is None:
         return []
-    name, tokenizer.chat_template = picked[0], picked[1]
+    name, template = picked
+    tokenizer.chat_template = template
     return [f"chat template: built-in {name} (the model has none)"]
 
 

@@ -52,7 +52,11 @@ class Prompt:
         self._control_ids = {
             tok.content: i for i, tok in tokenizer.added_tokens_decoder.items() if tok.content
         }
-        self._control_set = self.control_token_ids()
+        # The tokens that carry the template's structure: special ones, and added ones the
+        # template spells (`<think>` in Qwen3's). An answer's ids holding one are not used.
+        self._structural = set(tokenizer.all_special_ids) | {
+            i for lit, i in self._control_ids.items() if lit.strip() and lit in self.template
+        }
         literals = sorted(self._control_ids, key=len, reverse=True)
         self._control_re = re.compile("(" + "|".join(map(re.escape, literals)) + ")" if literals
                                       else "(?!)")  # fmt: skip
@@ -155,14 +159,14 @@ class Prompt:
     def _own_ids(self, message: Mapping[str, Any]) -> list[int] | None:
         """The ids a message was generated as, if they are exactly its content: they decode to
         the text rendered here (a template or a splitter may have rewritten it, e.g. dropped
-        thinking) and hold no control token (message text never becomes one). None: tokenize
-        the text instead."""
+        thinking) and hold no structural token. An added token that is only vocabulary (an
+        HTML tag, a run of newlines) may stay. None: tokenize the text instead."""
         ids = message.get("ids")
         if not ids:
             return None
         ids = [int(i) for i in ids]
         vocab = len(self.tokenizer)
-        if any(not 0 <= i < vocab or i in self._control_set for i in ids):
+        if any(not 0 <= i < vocab or i in self._structural for i in ids):
             return None
         text = self.tokenizer.decode(ids, skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)  # fmt: skip

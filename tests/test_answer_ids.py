@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_thinking_tokenizer
 from fault_helpers import (
     assert_cache_true,
     assert_last_answer_is_recompute,
@@ -94,6 +95,24 @@ def test_ids_that_do_not_spell_the_content_fall_back_to_its_text(tiny, case):
         assert prompt.render_with_offsets(with_ids, add_generation_prompt=gen) == (
             prompt.render_with_offsets(plain, add_generation_prompt=gen)
         )
+
+
+def test_an_added_token_that_is_only_vocabulary_may_stay_a_structural_one_may_not():
+    """Some vocabularies add tokens that are plain vocabulary (Gemma's HTML tags and runs of
+    whitespace): an answer the model wrote with one keeps it. An added token the template
+    spells (`</think>` in a thinking template) is structure: never taken from an answer's ids."""
+    tok = make_thinking_tokenizer()
+    tok.add_tokens(["<table>"])
+    prompt = Prompt(tok)
+    table, close = tok.convert_tokens_to_ids("<table>"), tok.convert_tokens_to_ids("</think>")
+    q = {"role": "user", "content": "Hello there"}
+    for marker, used in ((table, True), (close, False)):
+        own = [*by_char(tok, "Paris "), marker, *by_char(tok, " there")]
+        content = tok.decode(own)
+        msgs = [q, {"role": "assistant", "content": content, "ids": own}]
+        ids, starts = prompt.render_with_offsets(msgs, add_generation_prompt=False)
+        assert (ids[starts[1] : starts[1] + len(own)] == own) is used, tok.decode([marker])
+        assert tok.decode(ids).endswith(f"assistant\n{content}<|im_end|>\n")
 
 
 # ---------------------------------------------------------------------------------------------
