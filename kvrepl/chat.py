@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # torch and transformers load in the background, after the pr
 
 _ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
 # A conversation rendered within the context: (messages, ids, where each message starts, notes).
-Fitted = tuple[list[dict[str, str]], list[int], list[int], list[str]]
+Fitted = tuple[list[dict[str, Any]], list[int], list[int], list[str]]
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Chat(SessionHolder):
         self._cache_owner: str | None = None  # the session whose ids the engine cache holds
         self.last_stats: Stats | None = None
         self.last_reason: str = ""
+        self._notes_said = False  # the model's load notes are said once, with the first turn
 
     @property
     def kv(self) -> KVStore:
@@ -117,9 +118,11 @@ class Chat(SessionHolder):
         return self._rt.loaded.source.label if self._rt else (self.base_settings.model or "default")
 
     # -- the conversation ---------------------------------------------------------------------
-    def prompt_messages(self, history: list[Message] | None = None) -> list[dict[str, str]]:
+    def prompt_messages(self, history: list[Message] | None = None) -> list[dict[str, Any]]:
+        """The messages to render; an answer carries the ids it was generated as, if known."""
         history = self.history() if history is None else history
-        msgs = [{"role": m.role, "content": m.content} for m in history]
+        msgs = [{"role": m.role, "content": m.content, **({"ids": list(m.token_ids)}
+                 if m.token_ids else {})} for m in history]  # fmt: skip
         if self.settings.system:
             msgs.insert(0, {"role": "system", "content": self.settings.system})
         return msgs
@@ -204,7 +207,7 @@ class Chat(SessionHolder):
         return msgs, *self._fit(msgs)
 
     # -- one turn -----------------------------------------------------------------------------
-    def _fit(self, msgs: list[dict[str, str]]) -> tuple[list[int], list[int], list[str]]:
+    def _fit(self, msgs: list[dict[str, Any]]) -> tuple[list[int], list[int], list[str]]:
         """Render, within the context: an error with the numbers, or (opt-in) drop oldest turns."""
         rt, notes = self.rt, []
         think = self.settings.thinking
@@ -230,6 +233,12 @@ class Chat(SessionHolder):
                 "the database keeps them"
             )
         return ids, starts, notes
+
+    def _model_notes(self) -> list[str]:
+        """What loading the model had to say (a built-in chat template, a fallback), once."""
+        notes = self.rt.loaded.notes
+        said, self._notes_said = self._notes_said, True
+        return [] if said else list(notes)
 
     def restore_snapshot(self) -> list[str]:
         """Make the engine cache this session's: load its snapshot (validated) if the cache holds
@@ -264,7 +273,7 @@ class Chat(SessionHolder):
     def warm(self) -> tuple[int, int, list[str]]:
         """Bring the cache to the whole conversation now (after /load).
         Returns (reused, recomputed, notes)."""
-        notes = self.restore_snapshot()
+        notes = [*self._model_notes(), *self.restore_snapshot()]
         if not self.history():
             return 0, 0, notes
         engine = self.rt.engine
@@ -293,10 +302,11 @@ class Chat(SessionHolder):
         self.last_stats, self.last_reason = None, "interrupted"
         splitter = ThinkSplitter()
         events: Iterator[TurnEvent] | None = None
+        before = None  # the engine's progress before this turn's stream started
         stats: Stats | None = None
         reason = "interrupted"
         try:
-            for line in self.restore_snapshot():
+            for line in [*self._model_notes(), *self.restore_snapshot()]:
                 yield Notice(line)
             if fitted is None:
                 msgs = self.prompt_messages()
@@ -309,6 +319,7 @@ class Chat(SessionHolder):
             if cached and keep < cached - 1:
                 yield Notice(self._cut_line(msgs, starts, keep, len(ids), rt.engine.pc.croppable))
             splitter.in_think = rt.prompt.opens_in_think(ids)
+            before = rt.engine.progress
             events = rt.engine.stream(ids, self.sampling(), started=started)
             for event in events:
                 if isinstance(event, TextDelta):
@@ -322,21 +333,26 @@ class Chat(SessionHolder):
             if events is not None:
                 events.close()  # the engine cuts its cache back to what it computed
             splitter.flush()
-            # Nothing computed yet: no figures to show, zeros to store.
-            self.last_stats = self.rt.engine.progress.stats() if events else None
+            progress = self.rt.engine.progress if events is not None else None
+            if progress is before:  # the stream never started: that is the last turn's
+                progress = None
+            # Nothing computed yet: no figures to show, zeros and no ids to store.
+            self.last_stats = progress.stats() if progress else None
             if isinstance(exc, KeyboardInterrupt | GeneratorExit):
                 figures = self.last_stats or Stats(0, 0, 0, 0.0, 0.0)
-                self._store_answer(splitter, figures, True, snapshot=events is not None)
+                generated = list(progress.generated) if progress else []
+                self._store_answer(splitter, figures, True, generated, snapshot=events is not None)
             raise
         assert stats is not None
         self.last_stats, self.last_reason = stats, reason
-        for line in self._store_answer(splitter, stats, interrupted=False):
+        generated = list(self.rt.engine.progress.generated)
+        for line in self._store_answer(splitter, stats, False, generated):
             yield Notice(line)
         yield Finish(reason)
         yield stats
 
     def _cut_line(
-        self, msgs: list[dict[str, str]], starts: list[int], keep: int, total: int, croppable: bool
+        self, msgs: list[dict[str, Any]], starts: list[int], keep: int, total: int, croppable: bool
     ) -> str:
         if not croppable:
             return (
@@ -348,19 +364,16 @@ class Chat(SessionHolder):
         where = f"turn {turn}, {msgs[j]['role']}" if msgs else "start"
         return f"cache: cut at token {keep:,} ({where}); recomputing {total - keep:,} tokens"
 
-    def _store_answer(
-        self, splitter: ThinkSplitter, stats: Stats, interrupted: bool, *, snapshot: bool = True
-    ) -> list[str]:
+    def _store_answer(self, splitter: ThinkSplitter, stats: Stats, interrupted: bool,
+                      generated: list[int], *, snapshot: bool = True) -> list[str]:  # fmt: skip
+        """Store the answer with the ids it was generated as (all of them, thinking included:
+        the rendering uses them only where they spell the stored answer), then the snapshot."""
         assert self.session is not None
         warnings: list[str] = []
         with deferred_interrupts():
-            self.store.finish_answer(
-                self.session.id,
-                splitter.answer,
-                think=splitter.think or None,
-                interrupted=interrupted,
-                stats=stats.as_dict(),
-            )
+            self.store.finish_answer(self.session.id, splitter.answer, think=splitter.think or None,
+                                     interrupted=interrupted, stats=stats.as_dict(),
+                                     token_ids=generated)  # fmt: skip
             if snapshot:
                 self._save_snapshot(warnings)
         self._refresh()

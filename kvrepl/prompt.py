@@ -3,7 +3,9 @@ text again. Owns three things:
 
 - `Prompt.render`: the chat template renders the control structure; message text is tokenized
   on its own with special tokens split, so text a user types that spells `<|im_end|>` stays
-  plain text and can never become a control token.
+  plain text and can never become a control token. An answer that carries the ids it was
+  generated as (`"ids"`) is rendered as exactly those ids where they spell its content, so the
+  next turn finds them in the cache instead of a re-tokenization that differs.
 - `IncrementalDecoder`: text deltas from ids that never split a multi-byte character.
 - `ThinkSplitter`: `<think>...</think>` separated from the answer, also while streaming.
 
@@ -13,7 +15,7 @@ It never touches a KV cache and never samples.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kvrepl.errors import PromptError
@@ -35,18 +37,25 @@ _END_TOKENS = (
 
 
 class Prompt:
-    """Renders conversations for one tokenizer. `messages` are dicts with `role` and `content`."""
+    """Renders conversations for one tokenizer. `messages` are dicts with `role` and `content`,
+    and optionally `ids`: the ids an answer was generated as."""
 
     def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.template = chat_template or getattr(tokenizer, "chat_template", None)
         if not self.template:
             raise PromptError(
-                "this model has no chat template: pass one with --chat-template FILE "
+                "this model has no chat template, and no built-in one fits it (Gemma, Llama 3 "
+                "and ChatML need their turn tokens): pass one with --chat-template FILE "
                 "(a Jinja file such as the model card's template)"
             )
         self._control_ids = {
             tok.content: i for i, tok in tokenizer.added_tokens_decoder.items() if tok.content
+        }
+        # The tokens that carry the template's structure: special ones, and added ones the
+        # template spells (`<think>` in Qwen3's). An answer's ids holding one are not used.
+        self._structural = set(tokenizer.all_special_ids) | {
+            i for lit, i in self._control_ids.items() if lit.strip() and lit in self.template
         }
         literals = sorted(self._control_ids, key=len, reverse=True)
         self._control_re = re.compile("(" + "|".join(map(re.escape, literals)) + ")" if literals
@@ -59,7 +68,7 @@ class Prompt:
 
     def render_text(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
@@ -81,7 +90,7 @@ class Prompt:
 
     def render(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
@@ -94,7 +103,7 @@ class Prompt:
 
     def render_with_offsets(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
@@ -122,6 +131,13 @@ class Prompt:
         for n, piece in enumerate(pieces):
             if n % 2 == 1:
                 i = int(piece)
+                own = self._own_ids(messages[i])
+                if own is not None:  # the text before it is encoded alone, as its prompt was
+                    self._flush(run, marks, ids, starts)
+                    run, marks = "", []
+                    starts[i] = len(ids)
+                    ids += own
+                    continue
                 marks.append((i, len(run)))
                 for part in self._unmatchable(messages[i]["content"]):
                     if part is None:  # a break: an added-token literal must not match here
@@ -139,6 +155,22 @@ class Prompt:
                     run += chunk
         self._flush(run, marks, ids, starts)
         return ids, starts
+
+    def _own_ids(self, message: Mapping[str, Any]) -> list[int] | None:
+        """The ids a message was generated as, if they are exactly its content: they decode to
+        the text rendered here (a template or a splitter may have rewritten it, e.g. dropped
+        thinking) and hold no structural token. An added token that is only vocabulary (an
+        HTML tag, a run of newlines) may stay. None: tokenize the text instead."""
+        ids = message.get("ids")
+        if not ids:
+            return None
+        ids = [int(i) for i in ids]
+        vocab = len(self.tokenizer)
+        if any(not 0 <= i < vocab or i in self._structural for i in ids):
+            return None
+        text = self.tokenizer.decode(ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)  # fmt: skip
+        return ids if text == message["content"] else None
 
     def _flush(self, run: str, marks: list[tuple[int, int]], ids: list[int],
                starts: list[int]) -> None:  # fmt: skip

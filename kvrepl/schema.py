@@ -61,7 +61,13 @@ def m001_initial(db: Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [m001_initial]
+def m002_message_token_ids(db: Database) -> None:
+    """The ids an answer was generated as (a JSON list), so the next turn renders exactly them;
+    NULL for older messages, which fall back to tokenizing their text."""
+    db.execute("ALTER TABLE messages ADD COLUMN token_ids TEXT")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [m001_initial, m002_message_token_ids]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

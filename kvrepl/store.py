@@ -3,9 +3,9 @@ through sqlite-utils.
 
 Owns what the rows mean: sessions (names checked by names.py, kept unique here), the message tree
 (an edit adds a sibling and moves the session's head; nothing is deleted except a whole session),
-turn stats, and the records it hands out. The file itself (schema, migrations, refusing a foreign
-or newer file, one `BEGIN IMMEDIATE` transaction per write) is schema.py's; a `Store` opens its
-file through it, migrated on construction.
+the ids an answer was generated as, turn stats, and the records it hands out. The file itself
+(schema, migrations, refusing a foreign or newer file, one `BEGIN IMMEDIATE` transaction per
+write) is schema.py's; a `Store` opens its file through it, migrated on construction.
 
 Never touches tensors, KV snapshots or the model: the messages here are the truth, and caches
 built from them live elsewhere (kvstore.py, engine.py).
@@ -56,6 +56,7 @@ class Message:
     think: str | None
     created: str
     interrupted: bool
+    token_ids: tuple[int, ...] | None = None  # an answer's generated ids (None: not known)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,17 @@ def _title(content: str) -> str:
 
 def _message(row: dict[str, Any]) -> Message:
     fields = {name: row[name] for name in Message.__dataclass_fields__}
-    return Message(**{**fields, "interrupted": bool(row["interrupted"])})
+    fields |= {"interrupted": bool(row["interrupted"]), "token_ids": _token_ids(row["token_ids"])}
+    return Message(**fields)
+
+
+def _token_ids(text: str | None) -> tuple[int, ...] | None:
+    """A stored id list; anything else (a row edited by hand) is None: the text is the truth."""
+    try:
+        ids = json.loads(text or "null")
+    except ValueError:
+        return None
+    return tuple(ids) if isinstance(ids, list) and all(type(i) is int for i in ids) else None
 
 
 def _session(row: dict[str, Any]) -> Session:
@@ -241,15 +252,9 @@ class Store:
 
     # Messages
 
-    def _insert(
-        self,
-        session_id: str,
-        role: str,
-        content: str,
-        parent_id: int | None | _Head,
-        think: str | None,
-        interrupted: bool,
-    ) -> int:
+    def _insert(self, session_id: str, role: str, content: str, parent_id: int | None | _Head,
+                think: str | None, interrupted: bool,
+                token_ids: list[int] | None) -> int:  # fmt: skip
         """Insert a message and make it the head. Call inside a write transaction."""
         if role not in ROLES:
             raise StoreError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
@@ -266,6 +271,7 @@ class Store:
             "think": None if think is None else clean_text(think),
             "created": now,
             "interrupted": int(interrupted),
+            "token_ids": None if token_ids is None else json.dumps([int(i) for i in token_ids]),
         }
         message_id = self.db["messages"].insert(row).last_pk
         updates: dict[str, Any] = {"head_id": message_id, "updated": now}
@@ -283,11 +289,13 @@ class Store:
         parent_id: int | None | _Head = HEAD,
         think: str | None = None,
         interrupted: bool = False,
+        token_ids: list[int] | None = None,
     ) -> Message:
         """Add a message under `parent_id` (default: the head; None: a new root), make it the
         head. An edit is a new message under the edited one's parent: a new branch."""
         with self._write():
-            message_id = self._insert(session_id, role, content, parent_id, think, interrupted)
+            message_id = self._insert(session_id, role, content, parent_id, think, interrupted,
+                                      token_ids)  # fmt: skip
         return self.message(message_id)
 
     def finish_answer(
@@ -300,14 +308,16 @@ class Store:
         stats: dict[str, Any] | None = None,
         role: str = "assistant",
         parent_id: int | None | _Head = HEAD,
+        token_ids: list[int] | None = None,
     ) -> Message:
-        """Store an answer and its turn stats together: both or neither."""
+        """Store an answer, the ids it was generated as, and its turn stats: all or nothing."""
         stats = stats or {}
         unknown = sorted(set(stats) - set(STAT_NAMES))
         if unknown:
             raise StoreError(f"unknown turn stats: {', '.join(unknown)}")
         with self._write() as db:
-            message_id = self._insert(session_id, role, content, parent_id, think, interrupted)
+            message_id = self._insert(session_id, role, content, parent_id, think, interrupted,
+                                      token_ids)  # fmt: skip
             db["turns"].insert({"message_id": message_id, **{k: stats.get(k) for k in STAT_NAMES}})
         return self.message(message_id)
 

@@ -19,6 +19,19 @@ CHATML = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# A thinking template as Qwen3's behaves: `enable_thinking=false` opens the answer with an empty
+# think block, and an earlier answer is rendered without its thinking.
+THINKING = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' + message['content'].split('</think>')[-1].lstrip('\n')"
+    " + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -28,18 +41,22 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def make_tokenizer():
-    """A small byte-level BPE tokenizer with ChatML control tokens, trained in memory."""
+def make_tokenizer(
+    specials: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    eos: str = "<|im_end|>",
+    template: str | None = CHATML,
+):
+    """A small byte-level BPE tokenizer trained in memory: ChatML control tokens and template,
+    unless told other `specials` (the first is the padding token) and another `template`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=specials,
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = [
@@ -48,12 +65,19 @@ def make_tokenizer():
         "Ünïcödé text: naïve café 東京 🙂 and more words for merges",
     ] * 20
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    fast.chat_template = CHATML
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=specials[0])
+    others = [t for t in specials if t not in (eos, specials[0])]
+    fast.add_special_tokens({"additional_special_tokens": others})
+    fast.chat_template = template
     return fast
+
+
+def make_thinking_tokenizer():
+    """The test tokenizer with `<think>`/`</think>` added (not special, as in Qwen3's) and the
+    thinking template."""
+    tok = make_tokenizer(template=THINKING)
+    tok.add_tokens(["<think>", "</think>"])
+    return tok
 
 
 def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | None = None):
@@ -98,6 +122,27 @@ def tiny():
     """(model, tokenizer): a 3-layer random Llama and a byte-level tokenizer. Fast."""
     tok = make_tokenizer()
     return make_tiny_model(len(tok)), tok
+
+
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch):
+    """script(*answers): the next engine streams generate exactly these ids, one list each (end
+    it with an end token, or let max_tokens cut it), in place of sampling. The model still
+    computes the K/V of every token it is fed."""
+    queue: list[list[int]] = []
+
+    class Scripted:
+        def __init__(self, *args: object) -> None:
+            self.ids = iter(queue.pop(0))
+
+        def seen(self, ids: object) -> None:
+            pass
+
+        def next(self, logits: object) -> int:
+            return next(self.ids)
+
+    monkeypatch.setattr("kvrepl.engine.Sampler", Scripted)
+    return lambda *answers: queue.extend(list(a) for a in answers)
 
 
 @pytest.fixture(scope="session")

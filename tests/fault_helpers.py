@@ -30,8 +30,10 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON = ROOT / ".venv" / "bin" / "python"
-KVREPL = ROOT / ".venv" / "bin" / "kvrepl"
+# The interpreter running the tests and its environment's console script (a git worktree has no
+# .venv of its own); cli_env puts this checkout first on the path, so children run its code.
+PYTHON = Path(sys.executable)
+KVREPL = PYTHON.with_name("kvrepl")
 ANSI = "\x1b"
 
 
@@ -268,7 +270,7 @@ def cli_env(**extra: str) -> dict[str, str]:
            if not k.startswith("KVREPL_") or k == "KVREPL_CACHE"}  # fmt: skip
     for k in ("NO_COLOR", "FORCE_COLOR", "PYTHONIOENCODING"):
         env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), **extra)
     return env
 
 

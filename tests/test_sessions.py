@@ -165,11 +165,19 @@ def fresh_ids(open_chat: Callable[..., Chat], loaded: LoadedModel, history: list
     session = chat.new_session("reference")
     assert session is not None
     for m in history:
-        chat.store.add_message(session.id, m.role, m.content, think=m.think)
+        # The messages whole: an answer with the ids it was generated as, as the store has it.
+        ids = None if m.token_ids is None else list(m.token_ids)
+        chat.store.add_message(session.id, m.role, m.content, think=m.think, token_ids=ids)
     result = turn(chat, text)
     assert result.stats.reused_tokens == 0
     shut(chat)
     return result
+
+
+def as_prompt(m: Message) -> dict[str, Any]:
+    """A stored message as kvrepl renders it: an answer carries the ids it was generated as."""
+    return {"role": m.role, "content": m.content, **({"ids": list(m.token_ids)} if m.token_ids
+                                                     else {})}  # fmt: skip
 
 
 def prompt_ids(chat: Chat, history: list[Message], text: str) -> list[int]:
@@ -937,7 +945,7 @@ def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, t
     assert on_disk.notes == [] and on_disk.ids, (moments, on_disk.notes)
     text = "After three crashes: what is a prefix?"
     rt = Runtime.build(tinies.a, TINY)
-    msgs = [{"role": m.role, "content": m.content} for m in history]
+    msgs = [as_prompt(m) for m in history]  # answers as the ids they were generated as
     prompt = rt.prompt.render([*msgs, {"role": "user", "content": text}])
     run = kvrepl(args, home, text + "\n")
     assert run.rc == 0, run.err

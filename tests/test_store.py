@@ -19,6 +19,7 @@ from kvrepl.store import (
     STAT_NAMES,
     Store,
     apply_migrations,
+    m001_initial,
     validate_session_name,
 )
 
@@ -59,7 +60,7 @@ def test_apply_migrations_on_blank_db_then_nothing_twice() -> None:
 def test_open_creates_parents_wal_and_reopens_without_migrating(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "kvrepl.db"
     first = Store(path, busy_timeout_s=3)
-    assert first.applied == ["m001_initial"]
+    assert first.applied == [m.__name__ for m in MIGRATIONS]
     assert first.db.journal_mode == "wal"
     assert first.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert first.db.execute("PRAGMA busy_timeout").fetchone()[0] == 3000
@@ -70,6 +71,47 @@ def test_open_creates_parents_wal_and_reopens_without_migrating(tmp_path: Path) 
     assert again.db["_migrations"].count == len(MIGRATIONS)
     assert again.get_session("kept") is not None
     again.close()
+
+
+def test_an_old_database_gains_token_ids_and_keeps_its_messages(tmp_path: Path) -> None:
+    """A store written before m002 (messages without ids) migrates in place: its answers read
+    back with no ids (their text is tokenized), new answers keep theirs."""
+    path = tmp_path / "kvrepl.db"
+    db = Database(path)
+    m001_initial(db)
+    db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    db["_migrations"].insert({"name": "m001_initial", "applied_at": "2024-01-01T00:00:00"})
+    now = "2024-01-01T00:00:00"
+    db["sessions"].insert({"id": "old", "created": now, "updated": now})
+    for parent, role, text in ((None, "user", "hi"), (1, "assistant", "hello")):
+        row = {"session_id": "old", "parent_id": parent, "role": role, "content": text}
+        db["messages"].insert({**row, "created": now})
+    db.execute("UPDATE sessions SET head_id = 2")
+    db.execute("PRAGMA user_version = 1")
+    db.conn.commit()
+    db.close()
+
+    store = Store(path)
+    assert store.applied == ["m002_message_token_ids"]
+    old = store.active_branch("old")
+    assert [(m.content, m.token_ids) for m in old] == [("hi", None), ("hello", None)]
+    answer = store.finish_answer("old", "again", token_ids=[5, 6, 7], interrupted=True)
+    assert store.message(answer.id).token_ids == (5, 6, 7)
+    assert store.add_message("old", "user", "more").token_ids is None
+    store.close()
+    assert Store(path).applied == []
+
+
+def test_token_ids_round_trip_and_a_hand_edited_row_reads_as_none(store: Store) -> None:
+    session = store.create_session()
+    store.add_message(session.id, "user", "q")
+    empty = store.finish_answer(session.id, "", token_ids=[], interrupted=True)
+    assert store.message(empty.id).token_ids == ()
+    answer = store.finish_answer(session.id, "a b", token_ids=[1, 2])
+    assert store.active_branch(session.id)[-1].token_ids == (1, 2)
+    for bad in ("not json", '{"a": 1}', "[1, 2.5]", '["1"]'):
+        store.db.execute("UPDATE messages SET token_ids = ? WHERE id = ?", [bad, answer.id])
+        assert store.message(answer.id).token_ids is None
 
 
 def test_memory_store() -> None:
