@@ -190,6 +190,13 @@ class FastModel:
     ) -> None:
         self.config = config
         self.arch = a = Arch.from_config(config)
+        for lw in layers:  # tiles of 4 rows read one stream (37% off the 35 MB head's time here)
+            lw.qkv = [(p.interleaved(), col) for p, col in lw.qkv]
+            lw.gate_up = [(p.interleaved(), col) for p, col in lw.gate_up]
+            lw.o, lw.down = lw.o.interleaved(), lw.down.interleaved()
+        tied = lm_head is embed
+        embed = embed.interleaved()
+        lm_head = embed if tied else lm_head.interleaved()
         self.embed, self.layers, self.final_norm, self.lm_head = embed, layers, final_norm, lm_head
         self.k = kernels
         self.context_length = context_length
@@ -207,7 +214,7 @@ class FastModel:
         d = self._descs.get(id(p))
         if d is None:
             d = self._descs[id(p)] = ctypes.pointer(
-                native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block)
+                native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group)
             )
         return d
 

@@ -48,14 +48,38 @@ class Packed:
     n: int
     k: int
     block: int = 32
+    group: int = 1  # rows interleaved block by block in groups of this many (see interleaved)
 
     def nbytes(self) -> int:
         return self.q.numel() * self.q.element_size() + (
             self.sc.numel() * 4 if self.sc is not None else 0
         )
 
+    def interleaved(self, group: int = 4) -> Packed:
+        """The same weights with block b of rows gG..gG+G-1 side by side: a kernel tile of G rows
+        then reads one stream. Only u4 and i8 with n divisible by G; others stay as they are."""
+        if self.fmt not in ("u4", "i8") or self.n % group or self.group != 1 or self.sc is None:
+            return self
+        q = _regroup(self.q, self.n, group, self._qwidth(), True)
+        sc = _regroup(self.sc, self.n, group, 2 * (32 // self.block), True)
+        return Packed(self.fmt, q, sc, self.n, self.k, self.block, group)
+
+    def _qwidth(self) -> int:
+        return 16 if self.fmt == "u4" else 32
+
+    def canonical(self) -> Packed:
+        """Rows one after the other again."""
+        if self.group == 1:
+            return self
+        g = self.group
+        q = _regroup(self.q, self.n, g, self._qwidth(), False)
+        sc = _regroup(self.sc, self.n, g, 2 * (32 // self.block), False)
+        return Packed(self.fmt, q, sc, self.n, self.k, self.block)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weights (for checks and the reference path)."""
+        if self.group != 1:
+            return self.canonical().dequantize()
         if self.fmt in ("f16", "f32"):
             return self.q.float()
         if self.fmt == "u4":
@@ -68,9 +92,23 @@ class Packed:
 
     def rows(self, order: np.ndarray | torch.Tensor) -> Packed:
         """The same weights with rows reordered (transformers' Q/K permutation)."""
+        if self.group != 1:
+            return self.canonical().rows(order)
         idx = torch.as_tensor(order, dtype=torch.long)
         sc = self.sc[idx].contiguous() if self.sc is not None else None
         return Packed(self.fmt, self.q[idx].contiguous(), sc, self.n, self.k, self.block)
+
+
+def _regroup(t: torch.Tensor, n: int, g: int, width: int, forward: bool) -> torch.Tensor:
+    """Rows of `width` elements per 32-weight block: [n, blocks * width] <-> block b of g rows
+    side by side ([n/g, blocks, g, width]); the same shape either way."""
+    flat = t.reshape(n, -1)
+    nb = flat.shape[1] // width
+    if forward:
+        out = flat.reshape(n // g, g, nb, width).permute(0, 2, 1, 3)
+    else:
+        out = flat.reshape(n // g, nb, g, width).permute(0, 2, 1, 3)
+    return out.contiguous().reshape(t.shape)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ def raw_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.ndarr
 
 
 def desc(p: Packed):
-    return ctypes.pointer(native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block))
+    return ctypes.pointer(native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group))
 
 
 def matmul(k: native.Kernels, x: torch.Tensor, p: Packed) -> torch.Tensor:
@@ -84,9 +84,11 @@ def test_packing_is_exact_for_every_format(qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES)
-def test_matmul_is_close_to_float64_and_batch_invariant(kernels, qtype):
+@pytest.mark.parametrize("group", [1, 4])
+def test_matmul_is_close_to_float64_and_batch_invariant(kernels, qtype, group):
     n, k = 40, 256
-    p = pack(raw_blocks(qtype, n, k, np.random.default_rng(2)), qtype, n, k)
+    p = pack(raw_blocks(qtype, n, k, np.random.default_rng(2)), qtype, n, k).interleaved(group)
+    assert torch.equal(p.canonical().dequantize(), p.dequantize())
     w = p.dequantize().double()
     torch.manual_seed(0)
     x = torch.randn(70, k)
@@ -97,6 +99,14 @@ def test_matmul_is_close_to_float64_and_batch_invariant(kernels, qtype):
         assert torch.equal(matmul(kernels, x[:rows].contiguous(), p), whole[:rows])
     for m in (0, 37, 69):
         assert torch.equal(matmul(kernels, x[m : m + 1].contiguous(), p)[0], whole[m])
+
+
+def test_interleaving_rows_changes_no_bit_of_a_result(kernels):
+    p = pack(raw_blocks("Q4_1", 64, 256, np.random.default_rng(8)), "Q4_1", 64, 256)
+    x = torch.randn(6, 256)
+    assert p.interleaved(4).group == 4
+    assert torch.equal(matmul(kernels, x, p), matmul(kernels, x, p.interleaved(4)))
+    assert torch.equal(p.interleaved(4).canonical().q, p.q)
 
 
 def test_scalar_fallback_is_bit_identical_to_avx2(kernels, scalar_kernels):
@@ -293,7 +303,7 @@ def test_a_gguf_file_runs_as_the_same_weights_quantized_in_memory(kernels, tmp_p
     model = make_family("llama", len(tok), seed=9)
     write_gguf(tmp_path / "tiny.gguf", model, "Q4_1")
     from_file = from_gguf(tmp_path / "tiny.gguf", model.config, kernels, 512)
-    q = from_file.layers[0].qkv[0][0]
+    q = from_file.layers[0].qkv[0][0].canonical()
     in_memory = quantize(model.model.layers[0].self_attn.q_proj.weight, "Q4_1")
     assert torch.equal(q.q[: in_memory.n], in_memory.q)  # transformers' Q row order again
     ids = torch.randint(0, len(tok), (60,)).tolist()

@@ -43,6 +43,7 @@ class Weight(ctypes.Structure):
         ("q", ptr),
         ("sc", ptr),
         ("has_min", ctypes.c_int32),
+        ("group", ctypes.c_int32),
     ]
 
 
@@ -221,10 +222,11 @@ def kernels(cache: Path, flags: list[str] = FLAGS) -> Kernels:
     return _loaded[path]
 
 
-def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, block: int = 32):
+def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, block: int = 32,
+           group: int = 1):  # fmt: skip
     """A Weight descriptor over tensors the caller keeps alive."""
     if k % 32:
         raise ValueError(f"k={k} is not a multiple of 32")
     has_min = bool(sc is not None and sc[..., 1].ne(0).any())
-    return Weight(FMT[fmt], block, n, k, q.data_ptr(), sc.data_ptr() if sc is not None else None,
-                  has_min)  # fmt: skip
+    scp = sc.data_ptr() if sc is not None else None
+    return Weight(FMT[fmt], block, n, k, q.data_ptr(), scp, has_min, group)

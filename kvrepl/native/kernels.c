@@ -192,6 +192,7 @@ typedef struct {
     const void *q;     /* U4: uint8 [n][k/2]; I8: int8 [n][k]; F16: uint16 [n][k]; F32: float */
     const float *sc;   /* U4, I8: float [n][k/block][2] = (scale, min) */
     int32_t has_min;   /* any min is not 0 */
+    int32_t group;     /* U4, I8: rows interleaved per block in groups of this many (1 or 4) */
 } Weight;
 
 /* A quantized weight row is blocks of 32 (or 16) integers q with a float (scale, min) each:
@@ -205,13 +206,26 @@ typedef struct {
     const uint8_t *q;
     const float *sc;
     i64 k, qrow, srow; /* weights per row; bytes of q per row; (scale, min) pairs per row */
-    int block, has_min;
+    int block, has_min, group;
 } Wv;
+
+/* Row n's block b of q (`bytes` per block) and of the (scale, min) pairs. Rows may be
+ * interleaved in groups: block b of rows 4g..4g+3 side by side, so a tile of 4 rows reads one
+ * stream (a cache line of nibbles) instead of four. */
+static inline const uint8_t *qblock(const Wv *w, i64 n, i64 b, i64 bytes) {
+    i64 g = w->group, nb = w->k / 32;
+    return w->q + ((n / g) * nb * g + b * g + n % g) * bytes;
+}
+static inline const float *sblock(const Wv *w, i64 n, i64 b) {
+    i64 g = w->group, nb = w->k / 32, sub = 32 / w->block;
+    return w->sc + ((n / g) * nb * g + b * g + n % g) * sub * 2;
+}
 
 typedef struct { /* quantized rows of x */
     const int16_t *q;  /* [M][K] */
     const float *d;    /* [M][K/32] steps */
-    const float *s16;  /* [M][K/16] sums of x, for the min terms */
+    const float *s16;  /* [M][K/16] sums of x, for the min terms (blocks of 16) */
+    const float *s32;  /* [M][K/32] = s16[2b] + s16[2b+1] (blocks of 32) */
     i64 k;
 } Xq;
 
@@ -280,7 +294,8 @@ static inline void q16_store(int16_t *q, const float *x, float inv) {
 }
 #endif
 
-static void quantize_x(const float *x, i64 M, i64 ldx, i64 K, int16_t *q, float *d, float *s16) {
+static void quantize_x(const float *x, i64 M, i64 ldx, i64 K, int16_t *q, float *d, float *s16,
+                       float *s32) {
 #pragma omp parallel for schedule(static) if (M > 8)
     for (i64 m = 0; m < M; m++)
         for (i64 b = 0; b < K / 32; b++) {
@@ -288,8 +303,9 @@ static void quantize_x(const float *x, i64 M, i64 ldx, i64 K, int16_t *q, float 
             float amax = v_amax(xb);
             d[m * (K / 32) + b] = amax / 32767.0f;
             q16_store(q + m * K + b * 32, xb, amax > 0.0f ? 32767.0f / amax : 0.0f);
-            for (int h = 0; h < 2; h++)
-                s16[m * (K / 16) + 2 * b + h] = v_hsum(v_add(v_load(xb + 16 * h), v_load(xb + 16 * h + 8)));
+            float *sh = s16 + m * (K / 16) + 2 * b;
+            for (int h = 0; h < 2; h++) sh[h] = v_hsum(v_add(v_load(xb + 16 * h), v_load(xb + 16 * h + 8)));
+            s32[m * (K / 32) + b] = sh[0] + sh[1];
         }
 }
 
@@ -311,31 +327,32 @@ static inline float finish(float r, const float *bias, i64 n, int accumulate, co
         const uint8_t *wr[NT];                                                                   \
         const float *sr[NT];                                                                     \
         const int16_t *xr[MT];                                                                   \
-        const float *dr[MT], *sxr[MT];                                                           \
+        const float *dr[MT], *sxr[MT], *sx32[MT];                                                \
         i64 nb = w->k / 32;                                                                      \
         for (int i = 0; i < NT; i++) {                                                           \
-            wr[i] = w->q + (n0 + i) * w->qrow;                                                   \
-            sr[i] = w->sc + (n0 + i) * w->srow * 2;                                              \
+            wr[i] = qblock(w, n0 + i, 0, BYTES);                                                 \
+            sr[i] = sblock(w, n0 + i, 0);                                                        \
             for (int j = 0; j < MT; j++) acc[i][j] = v_zero(), mins[i][j] = 0.0f;                \
         }                                                                                        \
         for (int j = 0; j < MT; j++) {                                                           \
             xr[j] = x->q + (m0 + j) * w->k;                                                      \
             dr[j] = x->d + (m0 + j) * nb;                                                        \
             sxr[j] = x->s16 + (m0 + j) * (w->k / 16);                                            \
+            sx32[j] = x->s32 + (m0 + j) * nb;                                                    \
         }                                                                                        \
         for (i64 b = 0; b < nb; b++) {                                                           \
             _Pragma("GCC unroll 8")                                                              \
             for (int i = 0; i < NT; i++) {                                                       \
                 wv16 w0, w1;                                                                     \
-                WFN((const void *)(wr[i] + b * BYTES), &w0, &w1);                                \
-                const float *s = sr[i] + b * SUB * 2;                                            \
+                WFN((const void *)(wr[i] + b * BYTES * w->group), &w0, &w1);                     \
+                const float *s = sr[i] + b * SUB * 2 * w->group;                                 \
                 _Pragma("GCC unroll 8")                                                          \
                 for (int j = 0; j < MT; j++) {                                                   \
                     float step = dr[j][b];                                                       \
                     vi p0 = vi_dot(w0, xr[j] + b * 32), p1 = vi_dot(w1, xr[j] + b * 32 + 16);    \
                     if (SUB == 1) {                                                              \
                         acc[i][j] = v_fma(v_set1(s[0] * step), vi_float(vi_add(p0, p1)), acc[i][j]); \
-                        if (MIN) mins[i][j] = fmaf(s[1], sxr[j][2 * b] + sxr[j][2 * b + 1], mins[i][j]); \
+                        if (MIN) mins[i][j] = fmaf(s[1], sx32[j][b], mins[i][j]);                \
                     } else {                                                                     \
                         acc[i][j] = v_fma(v_set1(s[0] * step), vi_float(p0), acc[i][j]);         \
                         acc[i][j] = v_fma(v_set1(s[2] * step), vi_float(p1), acc[i][j]);         \
@@ -452,7 +469,7 @@ DEF_MM(f, f16, const float *x COMMA i64 ldx, x COMMA ldx, 0)
 DEF_MM(f, f32, const float *x COMMA i64 ldx, x COMMA ldx, 0)
 
 static Wv view(const Weight *W) {
-    Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0};
+    Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0, W->group > 1 ? W->group : 1};
     switch (W->fmt) {
     case FMT_U4: w.qrow = W->k / 2; w.srow = W->k / 32; w.block = 32; break;
     case FMT_I8: w.qrow = W->k; w.srow = W->k / W->block; break;
@@ -469,12 +486,12 @@ void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 
     Wv w = view(W);
     if (W->fmt == FMT_F16) { mm_f16(x, ldx, M, &w, W->n, out, ldo, bias, accumulate); return; }
     if (W->fmt == FMT_F32) { mm_f32(x, ldx, M, &w, W->n, out, ldo, bias, accumulate); return; }
-    i64 K = W->k, bytes = M * K * 2 + M * (K / 32) * 4 + M * (K / 16) * 4;
+    i64 K = W->k, bytes = M * K * 2 + M * (K / 32) * 8 + M * (K / 16) * 4;
     char small[65536], *buf = bytes <= (i64)sizeof small ? small : malloc((size_t)bytes);
     int16_t *q = (int16_t *)buf;
-    float *d = (float *)(buf + M * K * 2), *s16 = d + M * (K / 32);
-    quantize_x(x, M, ldx, K, q, d, s16);
-    Xq xq = {q, d, s16, K};
+    float *d = (float *)(buf + M * K * 2), *s16 = d + M * (K / 32), *s32 = s16 + M * (K / 16);
+    quantize_x(x, M, ldx, K, q, d, s16, s32);
+    Xq xq = {q, d, s16, s32, K};
     if (W->fmt == FMT_U4 && w.has_min) mm_u4(&xq, M, &w, W->n, out, ldo, bias, accumulate);
     else if (W->fmt == FMT_U4) mm_u4n(&xq, M, &w, W->n, out, ldo, bias, accumulate);
     else if (w.block == 32 && w.has_min) mm_i8m(&xq, M, &w, W->n, out, ldo, bias, accumulate);
@@ -489,9 +506,9 @@ static void deq32(const Weight *W, i64 n, i64 b, v8 o[4]) {
     Wv w = view(W);
     if (W->fmt == FMT_F16) { wf_f16(&w, n, b, o); return; }
     if (W->fmt == FMT_F32) { wf_f32(&w, n, b, o); return; }
-    if (W->fmt == FMT_U4) v_u4(w.q + n * w.qrow + b * 16, o);
-    else for (int i = 0; i < 4; i++) o[i] = v_i8((const int8_t *)w.q + n * w.qrow + b * 32 + 8 * i);
-    const float *s = w.sc + (n * w.srow + b * (32 / w.block)) * 2;
+    if (W->fmt == FMT_U4) v_u4(qblock(&w, n, b, 16), o);
+    else for (int i = 0; i < 4; i++) o[i] = v_i8((const int8_t *)qblock(&w, n, b, 32) + 8 * i);
+    const float *s = sblock(&w, n, b);
     for (int i = 0; i < 4; i++) {
         const float *si = w.block == 16 ? s + (i / 2) * 2 : s;
         o[i] = v_fma(o[i], v_set1(si[0]), v_set1(si[1]));
