@@ -27,7 +27,7 @@
 #include <omp.h>
 
 #define KV_VERSION 1
-#define ATT_B 128 /* keys per attention block, at absolute positions */
+#define ATT_B 256 /* keys per attention block, at absolute positions */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define KV_AVX2 1
@@ -629,6 +629,7 @@ static inline void store4(float *p, v4 v) { memcpy(p, v.f, 16); }
 #endif
 
 static inline void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+#define PF_KEYS 16 /* keys ahead that the attention loops ask the memory for */
 
 static inline i64 first_key(i64 pos, i64 window) {
     return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
@@ -677,6 +678,8 @@ DEF_QK(3)
         for (int h = 0; h < HT; h++)                                                             \
             for (int c = 0; c < NC; c++) acc[h][c] = v_zero();                                   \
         for (i64 j = 0; j < n; j++) { /* registers: HT p + 1 v + NC HT accumulators <= 16 */     \
+            if (c0 == 0)                                                                         \
+                for (i64 pf = 0; pf < D; pf += 32) prefetch(vr + (j + PF_KEYS) * D + pf);        \
             v8 pj[HT];                                                                           \
             for (int h = 0; h < HT; h++) pj[h] = v_set1(p[h * pstride + j]);                     \
             _Pragma("GCC unroll 4")                                                              \
@@ -704,6 +707,7 @@ static void att_row(const float *q, int G, i64 D, const uint16_t *kr, const uint
     const uint16_t *kt = kr;
     uint16_t tail[4 * 512]; /* the last < 4 keys, padded, so no read passes the cache's end */
     for (i64 j = 0; j < n; j += 4) {
+        for (i64 pf = 0; pf < 4 * D; pf += 32) prefetch(kr + (j + PF_KEYS) * D + pf);
         if (j + 4 > n) {
             memset(tail, 0, sizeof(uint16_t) * 4 * D);
             memcpy(tail, kr + j * D, sizeof(uint16_t) * (n - j) * D);
