@@ -64,16 +64,18 @@ class GrowingLayer(DynamicLayer):
         self._set_length(end)
         return self.keys, self.values
 
-    def fill(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], device: Any = None) -> None:
-        """An empty layer holds these (keys, values) parts, one after the other: one copy each,
-        into buffers (on `device`) with room to grow, so the next turn copies nothing again."""
+    def extend(
+        self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], device: Any = None
+    ) -> None:
+        """These (keys, values) parts follow the positions the layer holds: one copy each, into
+        buffers (on `device`) with room to grow, so the next turn copies nothing again."""
         k0, v0 = parts[0]
         if not self.is_initialized:
             device = device or k0.device
             self.lazy_initialization(k0[..., :0, :].to(device), v0[..., :0, :].to(device))
-        n = sum(k.shape[-2] for k, _ in parts)
+        pos = self._n
+        n = pos + sum(k.shape[-2] for k, _ in parts)
         self._reserve(n + max(_GROW_STEP, n // 4))
-        pos = 0
         for k, v in parts:
             end = pos + k.shape[-2]
             self._k[..., pos:end, :].copy_(k)
@@ -212,19 +214,19 @@ class PromptCache:
         device: Any = None,
     ) -> None:
         """Fill an empty cache from per-layer (keys, values) of all the ids."""
-        self.restore_parts(ids, [[kv] for kv in layers], dtype, device)
+        self.reset()
+        self.extend(ids, [[kv] for kv in layers], dtype, device)
 
-    def restore_parts(
+    def extend(
         self,
         ids: Sequence[int],
         layers: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
         dtype: torch.dtype | None = None,
         device: Any = None,
     ) -> None:
-        """Fill an empty cache from a snapshot: ids and, per layer, its (keys, values) in parts
-        that follow each other (a snapshot's chunks), copied once into the layers' buffers.
-        ValueError, and an empty cache, when they do not fit this model."""
-        self.reset()
+        """Append ids and, per layer, their (keys, values) in parts that follow each other (a
+        snapshot's chunks), copied once into the layers' buffers. ValueError, with the cache
+        as it was, when they do not fit this model."""
         if not ids:
             return
         if len(layers) != len(self.cache.layers):
@@ -243,11 +245,10 @@ class PromptCache:
                 raise ValueError(
                     f"its tensors have {first.shape[1]} heads, the model {self.kv_heads}"
                 )
-        if not self.croppable:
-            for layer, parts in zip(self.cache.layers, layers, strict=True):
+        for layer, parts in zip(self.cache.layers, layers, strict=True):
+            if self.croppable:
+                layer.extend(parts, device)
+            else:
                 for k, v in parts:
                     layer.update(k.to(device or k.device), v.to(device or v.device))
-        else:
-            for layer, parts in zip(self.cache.layers, layers, strict=True):
-                layer.fill(parts, device)
-        self.ids = list(ids)
+        self.ids.extend(ids)

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvrepl.config import Settings
-from kvrepl.errors import PromptError, SnapshotError, StoreError, UsageError
+from kvrepl.errors import PromptError, StoreError, UsageError
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
 from kvrepl.guards import deferred_interrupts
 from kvrepl.models import LoadedModel
 from kvrepl.prompt import Prompt, ThinkSplitter
 from kvrepl.sessions import SessionHolder
+from kvrepl.snapshots import Snapshots
 from kvrepl.store import Message, Store, clean_text
 
 if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
@@ -72,7 +73,7 @@ class Chat(SessionHolder):
         self._kv = kv
         self._runtime_fn = runtime
         self._rt: Runtime | None = None
-        self._cache_owner: str | None = None  # the session whose ids the engine cache holds
+        self.snapshots = Snapshots(lambda: self.kv)
         self.last_stats: Stats | None = None
         self.last_reason: str = ""
         self._notes_said = False  # the model's load notes are said once, with the first turn
@@ -240,40 +241,19 @@ class Chat(SessionHolder):
         said, self._notes_said = self._notes_said, True
         return [] if said else list(notes)
 
-    def restore_snapshot(self) -> list[str]:
-        """Make the engine cache this session's: load its snapshot (validated) if the cache holds
-        another session. Returns one line per thing worth saying."""
-        session = self.session
-        if session is None or self._cache_owner == session.id:
+    def bring(self, ids: list[int]) -> list[str]:
+        """Before the engine runs `ids`: its cache brought to the longest prefix found in memory
+        or on disk (a resumed session, a branch gone back to). One line per thing worth saying."""
+        rt, session = self.rt, self.session
+        if session is None:
             return []
-        rt = self.rt
-        rt.engine.pc.reset()
-        self._cache_owner = session.id
-        loaded = rt.loaded
-        if not rt.engine.pc.croppable:
-            return ["snapshot: not kept for this model (its chunked or linear-attention layers "
-                    "cannot be saved)"]  # fmt: skip
-        result = self.kv.load(session.id, loaded.fingerprint)
-        notes = list(result.notes)
-        if not result.ids and not notes and any(m.role == "assistant" for m in self.history()):
-            notes.append("snapshot: none on disk for this session; recomputing from the messages")
-        if result.ids:
-            try:
-                parts = [result.layer_parts(i) for i in range(len(rt.engine.pc.cache.layers))]
-                rt.engine.pc.restore_parts(
-                    result.ids, parts, dtype=rt.engine.dtype, device=rt.engine.device
-                )
-            except ValueError as exc:
-                rt.engine.pc.reset()
-                return [*notes, f"snapshot: dropped: {exc}; recomputing from the messages"]
-            if not notes:  # a cut snapshot's note already says what was kept
-                notes.append(f"snapshot: restored {len(result.ids):,} cached tokens from disk")
-        return notes
+        answered = any(m.role == "assistant" for m in self.history())
+        return self.snapshots.bring(rt.engine, rt.loaded.fingerprint, ids, session.id, answered)
 
     def warm(self) -> tuple[int, int, list[str]]:
         """Bring the cache to the whole conversation now (after /load).
         Returns (reused, recomputed, notes)."""
-        notes = [*self._model_notes(), *self.restore_snapshot()]
+        notes = self._model_notes()
         if not self.history():
             return 0, 0, notes
         engine = self.rt.engine
@@ -282,6 +262,7 @@ class Chat(SessionHolder):
             add_generation_prompt=False,
             enable_thinking=self.settings.thinking,
         )
+        notes += self.bring(ids)
         if len(ids) >= engine.context_length - _ANSWER_ROOM:
             return (
                 0,
@@ -306,13 +287,13 @@ class Chat(SessionHolder):
         stats: Stats | None = None
         reason = "interrupted"
         try:
-            for line in [*self._model_notes(), *self.restore_snapshot()]:
+            for line in self._model_notes():
                 yield Notice(line)
             if fitted is None:
                 msgs = self.prompt_messages()
                 fitted = (msgs, *self._fit(msgs))
             msgs, ids, starts, notes = fitted
-            for line in notes:
+            for line in [*notes, *self.bring(ids)]:
                 yield Notice(line)
             rt = self.rt
             keep, cached = rt.engine.plan(ids), len(rt.engine.pc.ids)
@@ -381,13 +362,9 @@ class Chat(SessionHolder):
 
     def _save_snapshot(self, warnings: list[str]) -> None:
         assert self.session is not None
-        pc, loaded = self.rt.engine.pc, self.rt.loaded
-        if not pc.croppable or not pc.ids:  # layers that hold only a window; or nothing
-            return
-        try:
-            self.kv.save(self.session.id, list(pc.ids), pc.export(), loaded.fingerprint)
-        except (SnapshotError, OSError, ValueError) as exc:
-            warnings.append(f"warning: {exc}")
+        rt = self.rt
+        self.kv.budget = self.settings.kv_budget_mb << 20
+        warnings += self.snapshots.save(self.session.id, rt.engine, rt.loaded.fingerprint)
 
     # -- figures ------------------------------------------------------------------------------
     def cache_figures(self) -> dict[str, Any]:
@@ -400,8 +377,11 @@ class Chat(SessionHolder):
             figures["cached_tokens"] = len(self._rt.engine.pc.ids)
             figures["context_length"] = self._rt.engine.context_length
         if self.session is not None:
-            figures["snapshot_tokens"] = self.kv.n_tokens_on_disk(self.session.id)
-            figures["snapshot_bytes"] = self.kv.size_bytes(self.session.id)
+            fp = self._rt.loaded.fingerprint if self._rt is not None else None
+            figures["snapshot_tokens"] = self.kv.n_tokens_on_disk(self.session.id, fp)
+            figures["snapshot_bytes"] = self.kv.size_bytes(self.session.id, fp)
+            figures["kv_pool_bytes"] = self.kv.pool_bytes()
+            figures["kv_budget_bytes"] = self.kv.budget
             figures.update(self.store.session_totals(self.session.id))
         return figures
 

@@ -40,6 +40,7 @@ class Settings:
     )
     drop_oldest: bool = False  # opt-in: drop the oldest turns (and say so) when over the context
     plain: bool = False
+    kv_budget_mb: int = 4096  # K/V kept on disk for all sessions; least recently used goes first
 
     def with_overrides(self, overrides: dict[str, Any]) -> Settings:
         """These settings with session-level values laid over them (unknown keys ignored)."""
@@ -60,6 +61,7 @@ SESSION_KEYS: dict[str, Any] = {
     "seed": lambda s: None if s.lower() in ("none", "random", "") else int(s),
     "system": str,
     "drop_oldest": lambda s: _parse_bool(s),
+    "kv_budget_mb": int,
 }
 
 
@@ -90,6 +92,7 @@ def check_sampling(key: str, value: Any) -> None:
         "top_k": (0, 1_000_000),
         "max_tokens": (1, 1_000_000),
         "repetition_penalty": (0.5, 5.0),
+        "kv_budget_mb": (0, 100_000_000),
     }
     if key in bounds and value is not None:
         lo, hi = bounds[key]

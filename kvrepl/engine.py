@@ -140,6 +140,16 @@ class Engine:
         keep = min(common_prefix(self.pc.ids, ids), len(ids) - 1)
         return keep if (self.pc.croppable or keep == len(self.pc.ids)) else 0
 
+    def restore(self, snapshot: Any) -> None:
+        """Continue the cache from a snapshot's chunks (kvstore.LoadResult): the cache is cut to
+        where they start, then they are copied in. ValueError when they do not fit the model
+        (the cache then holds what it kept before them)."""
+        self.pc.truncate(snapshot.start)
+        if len(self.pc.ids) != snapshot.start:
+            raise ValueError("the cache cannot be cut where the snapshot starts")
+        parts = [snapshot.layer_parts(i) for i in range(len(self.pc.cache.layers))]
+        self.pc.extend(snapshot.ids, parts, dtype=self.dtype, device=self.device)
+
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Bring the cache to `ids`, feeding only what differs; returns the last logits."""

@@ -1,20 +1,23 @@
-"""KV snapshots on disk: a session's K/V cache, kept across turns and restarts.
+"""KV snapshots on disk: every conversation's K/V, kept across turns, restarts and branches, each
+distinct token once.
 
-Owns: the files under ``root/<session_id>/``: safetensors *chunks* ``chunk-<start:09d>``, each
-covering tokens ``[start, end)`` (``ids`` int64 ``[n]``, ``layers.{i}.keys|values``
-``[1, heads, n, head_dim]`` in the model's dtype) with metadata: format, version, model
-fingerprint, dtype, start, n_tokens, n_layers, ``prefix_hash`` (sha256 of ALL ids ``0..end`` as
-int64 LE) and ``data_crc32`` (a CRC32 of each tensor, in order ids, layers.0.keys, ...). A turn
-appends one chunk, so a save costs time in the new tokens, not the history. Writes are atomic
-(temp file, fsync, rename, fsync of the folder), and replacements are written before stale
-chunks are deleted, so a kill at any moment leaves a valid prefix. Loading validates before it
-trusts (each chunk's framing and metadata by stfile.py's own parse of the length + JSON header,
-offsets that tile the file exactly; then fingerprint, hash chain and data hash here) and keeps
-the longest valid prefix, with one note on why.
+A chunk (stfile.py's format) holds tokens ``[start, start+n)`` of some token sequence: their
+``ids`` and ``layers.{i}.keys|values`` in the cache's dtype, with the fingerprint of the model
+that computed them and the sha256 of all ids up to its end. Its name (kvbook.py) carries the
+hashes of the ids before it and up to its end, so the chunks of a model form a tree, one path per
+branch, found from the names alone; two branches share every chunk up to where they part, and
+where a new branch leaves a chunk in its middle the chunk is split there: no token is stored
+twice. A turn appends one chunk, so a save costs the new tokens, not the history.
 
-Never: decides when to save (the engine and REPL do); deletes anything while loading; uses
+`find` walks the tree along a conversation's ids (names and hashes only); `load` validates what
+it hands over (framing, fingerprint, dtype and shape, CRC32s, the ids hash chain and the ids
+themselves), cuts at the first chunk that fails with one note on why, and hands the tensors over
+as views of the bytes read. Writes are atomic; a split writes both halves before the whole goes.
+A byte budget bounds the pool (kvbook.py evicts least recently used tips of branches).
+
+Never: decides when to save (the conversation does); deletes anything while loading; uses
 ``torch.load`` or pickle; follows a symbolic link in the store. The messages in SQLite are the
-truth, a snapshot is only a cache. One writer per session at a time is assumed.
+truth; a snapshot is only a cache.
 """
 
 from __future__ import annotations
@@ -22,61 +25,49 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
-import shutil
-import stat
 import time
-import uuid
-import warnings
-import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
 from kvrepl.errors import SnapshotError
+from kvrepl.kvbook import EMPTY, Pool, Ref, fsync_dir, write_atomic
 from kvrepl.stfile import (
-    DTYPES,
-    FORMAT,
-    FORMAT_VERSION,
     BadChunk,
     Chunk,
-    Layout,
-    claimed_end,
-    file_sig,
+    Layers,
+    Tensor,
+    chunk_bytes,
+    crc32s,
+    ids_bytes,
     parse_chunk,
     read_chunk,
-    tensor_names,
+    views,
 )
-
-MAX_CHUNKS = 64  # more chunks than this are merged into one on save
-_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CHUNK_RE = re.compile(r"chunk-(\d{9})\.safetensors")
-
-Tensor = torch.Tensor
-Layers = list[tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
 class SaveReport:
-    written_tokens: int  # tokens written by this save (new chunk, plus all of them on compaction)
+    written_tokens: int  # tokens written by this save (the new chunk, and a split chunk's)
     bytes_written: int
     seconds: float
-    chunks: int  # chunk files making up the snapshot after the save
+    chunks: int  # chunks in the conversation's chain after the save
+    evicted: int = 0  # chunks removed to stay within the budget
 
 
 @dataclass
 class LoadResult:
-    """A snapshot's valid prefix: its ids, and per chunk its tensors as views of the bytes read
-    (no copy: the engine copies them once, into its cache)."""
+    """A snapshot's valid part, from `start`: its ids and per chunk its tensors as views of the
+    bytes read (no copy: the engine copies them once, into its cache)."""
 
     ids: list[int]
-    chunks: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    chunks: list[dict[str, Tensor]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    start: int = 0
 
-    def layer_parts(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def layer_parts(self, i: int) -> list[tuple[Tensor, Tensor]]:
         """Layer i's (keys, values) per chunk, in order."""
         return [(c[f"layers.{i}.keys"], c[f"layers.{i}.values"]) for c in self.chunks]
 
@@ -91,272 +82,108 @@ class LoadResult:
         return out
 
 
-_POOL: list[ThreadPoolExecutor] = []
+class KVStore(Pool):
+    """The chunk pool under `root`, within `budget` bytes (kvbook.Pool)."""
 
+    def __init__(self, root: Path, budget: int | None = None) -> None:
+        super().__init__(root) if budget is None else super().__init__(root, budget)
+        self._bad: set[tuple[str, str]] = set()  # chunks a load refused: the next save replaces
 
-def crc32s(buffers: list[memoryview | bytes]) -> list[int]:
-    """CRC32 of each buffer, two at a time (zlib releases the GIL): a flipped byte is caught at
-    memory speed, where a sha256 of the data was half of a restore."""
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-crc"))
-    return list(_POOL[0].map(zlib.crc32, buffers))
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(d: Path, name: str, data: bytes) -> os.stat_result:
-    tmp = d / f".tmp-{name}-{uuid.uuid4().hex}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-    return os.stat(d / name)
-
-
-def _layout(ids: list[int], layers: Layers) -> Layout:
-    if not layers or layers[0][0].dim() != 4:
-        raise ValueError("layers must be a non-empty list of [1, heads, n_tokens, head_dim] pairs")
-    k0 = layers[0][0]
-    shape = (1, k0.shape[1], len(ids), k0.shape[3])
-    for k, v in layers:
-        if tuple(k.shape) != shape or tuple(v.shape) != shape or {k.dtype, v.dtype} != {k0.dtype}:
-            raise ValueError(f"every K/V must have shape {shape} and dtype {k0.dtype}")
-    dname = str(k0.dtype).removeprefix("torch.")
-    if dname not in DTYPES:
-        raise ValueError(f"unsupported K/V dtype {k0.dtype}")
-    return (dname, len(layers), shape[1], shape[3])
-
-
-def _views(buf: bytes, start: int, spans: list[tuple[int, int]], c: Chunk) -> dict[str, Tensor]:
-    """The chunk's tensors as views of its bytes, by name (spans in tensor_names order)."""
-    dtype = DTYPES[c.layout[0]]
-    shape = (1, c.layout[2], c.end - c.start, c.layout[3])
-    out: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():  # bytes are immutable: torch warns, and we never write
-        warnings.simplefilter("ignore", UserWarning)
-        for name, (a, b) in zip(tensor_names(c.layout[1]), spans, strict=True):
-            t_dtype = torch.int64 if name == "ids" else dtype
-            n = (b - a) // torch.empty(0, dtype=t_dtype).element_size()
-            t = torch.frombuffer(buf, dtype=t_dtype, count=n, offset=start + a)
-            out[name] = t if name == "ids" else t.view(shape)
-    return out
-
-
-class KVStore:
-    """Chunked, validated KV snapshots under `root`, one folder per session."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self._records: dict[str, list[Chunk]] = {}  # what we last saved/loaded, per session
-
-    def _dir(self, session_id: str) -> Path:
-        if not isinstance(session_id, str) or not _SESSION_RE.fullmatch(session_id):
-            raise SnapshotError(f"snapshot: refused session id {str(session_id)[:80]!r}")
-        return self.root / session_id
-
-    def _dir_problem(self, d: Path) -> str | None:
-        if os.path.islink(d):
-            return "its folder is a symbolic link; refused, not followed"
-        real_root = os.path.realpath(self.root)
-        if os.path.commonpath([real_root, os.path.realpath(d)]) != real_root:
-            return "its folder lies outside the store"
-        if os.path.lexists(d) and not os.path.isdir(d):
-            return "its folder is not a folder"
-        return None
-
-    @staticmethod
-    def _files(d: Path) -> dict[int, str]:
-        names = os.listdir(d) if os.path.isdir(d) else []
-        return {int(m.group(1)): m.group(0) for m in map(_CHUNK_RE.fullmatch, names) if m}
-
-    def _chain(self, session_id: str, d: Path, files: dict[int, str]) -> list[Chunk]:
-        """Chunks believed valid: the in-memory record if the files are unchanged, else a
-        header-only scan (framing and metadata checked; data hashes are left to load)."""
-        record = self._records.get(session_id)
-        if record is not None:
-            with contextlib.suppress(OSError):
-                if all(
-                    files.get(c.start) == c.name and file_sig(os.lstat(d / c.name)) == c.sig
-                    for c in record
-                ):
-                    return record
-        chain: list[Chunk] = []
-        while (name := files.get(chain[-1].end if chain else 0)) is not None:
-            try:
-                c = parse_chunk(*read_chunk(d / name, header_only=True), name)[0]
-            except BadChunk:
-                break
-            if chain and c.layout != chain[0].layout:
-                break
-            chain.append(c)
-        return chain
-
-    def save(self, session_id: str, ids: list[int], layers: Layers, fingerprint: str) -> SaveReport:
-        """Make the snapshot hold exactly `ids` and their K/V, writing only what changed."""
-        t0 = time.perf_counter()
-        d = self._dir(session_id)
-        layout = _layout(ids, layers)
-        n = len(ids)
-        ids_t = torch.tensor(ids, dtype=torch.int64)
-        ids_b = ids_t.numpy().tobytes()
-        written = nbytes = 0
-        if os.path.islink(d) or (os.path.lexists(d) and not os.path.isdir(d)):
-            # Never followed: the link (or stray file) itself goes, and a real folder replaces it.
-            try:
-                os.unlink(d)
-            except OSError as exc:
-                msg = f"snapshot not saved: {exc.strerror}; messages are safe"
-                raise SnapshotError(msg) from None
-        if problem := self._dir_problem(d):
-            raise SnapshotError(f"snapshot not saved: {problem}; messages are safe")
-        try:
-            if not d.is_dir():
-                d.mkdir(parents=True)
-                _fsync_dir(self.root)
-            files = self._files(d)
-            kept: list[Chunk] = []
-            h = hashlib.sha256()
-            for c in self._chain(session_id, d, files):
-                h2 = h.copy()
-                h2.update(ids_b[8 * c.start : 8 * c.end])
-                if (
-                    c.end > n
-                    or c.fingerprint != fingerprint
-                    or c.layout != layout
-                    or h2.hexdigest() != c.prefix_hash
-                ):
-                    break
-                kept.append(c)
-                h = h2
-            pos = kept[-1].end if kept else 0
-            if pos < n:  # replaces a same-named stale chunk atomically, before any delete
-                c, nb = self._write_chunk(d, ids_t, layers, pos, h, fingerprint, layout)
-                kept.append(c)
-                written, nbytes = n - pos, nb
-            self._records.pop(session_id, None)
-            self._remove_except(d, {c.name for c in kept})
-            self._records[session_id] = kept
-        except OSError as e:
-            self._records.pop(session_id, None)
-            raise SnapshotError(f"snapshot not saved: {e.strerror or e}; messages are safe") from e
-        if len(kept) > MAX_CHUNKS:
-            with contextlib.suppress(OSError):  # the snapshot is saved; merging can wait
-                c, nb = self._write_chunk(
-                    d, ids_t, layers, 0, hashlib.sha256(), fingerprint, layout
-                )
-                self._records[session_id] = kept = [c]
-                written, nbytes = written + n, nbytes + nb
-                self._remove_except(d, {c.name})
-        return SaveReport(written, nbytes, time.perf_counter() - t0, len(kept))
-
-    @staticmethod
-    def _write_chunk(
-        d: Path,
-        ids_t: torch.Tensor,
-        layers: Layers,
-        start: int,
-        h: hashlib._Hash,
-        fingerprint: str,
-        layout: Layout,
-    ) -> tuple[Chunk, int]:
-        """Write ids[start:] and their K/V as one chunk; `h` has hashed ids[:start]."""
-        end = ids_t.numel()
-        tensors = {"ids": ids_t[start:end].clone()}
-        for i, (k, v) in enumerate(layers):
-            tensors[f"layers.{i}.keys"] = k[:, :, start:end].detach().to("cpu").contiguous()
-            tensors[f"layers.{i}.values"] = v[:, :, start:end].detach().to("cpu").contiguous()
-        ph = h.copy()
-        ph.update(tensors["ids"].numpy().tobytes())
-        names = tensor_names(len(layers))
-        crcs = crc32s([tensors[key].reshape(-1).view(torch.uint8).numpy() for key in names])
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "dtype": layout[0],
-            "start": str(start),
-            "n_tokens": str(end - start),
-            "n_layers": str(layout[1]),
-            "prefix_hash": ph.hexdigest(),
-            "data_crc32": ",".join(f"{c:08x}" for c in crcs),
-        }
-        data = st_save(tensors, metadata=meta)
-        name = f"chunk-{start:09d}.safetensors"
-        st = _write_atomic(d, name, data)
-        return Chunk(name, start, end, ph.hexdigest(), fingerprint, layout, file_sig(st)), len(data)
-
-    def _remove_except(self, d: Path, keep: set[str]) -> None:
-        """Delete chunk files not in `keep` (latest first, so a valid prefix always remains)
-        and leftover temp files."""
-        stale = sorted((n for n in self._files(d).values() if n not in keep), reverse=True)
-        stale += [n for n in os.listdir(d) if n.startswith(".tmp-")]
-        for name in stale:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(d / name)
-        if stale:
-            _fsync_dir(d)
-
-    def load(self, session_id: str, fingerprint: str) -> LoadResult:
-        """The longest valid prefix of the snapshot, with at most one note on what was cut."""
-        d = self._dir(session_id)
-        self._records.pop(session_id, None)
-        if problem := self._dir_problem(d):
-            return LoadResult([], [], [f"snapshot: dropped: {problem}"])
-        files = self._files(d)
-        kept: list[Chunk] = []
-        parts: list[dict[str, torch.Tensor]] = []
-        h = hashlib.sha256()
-        reason: str | None = None
-        pos = 0
+    def find(self, fingerprint: str, ids: Sequence[int]) -> list[Ref]:
+        """The chain of chunks whose ids are the longest prefix of `ids` found on disk, by names
+        and hashes only (nothing is read or trusted yet)."""
+        self.import_legacy()
+        d = self.pool_dir(fingerprint)
+        if self.problem(d):
+            return []
+        children: dict[tuple[str, int], list[Ref]] = {}
+        for r in self.refs(d):
+            children.setdefault((r.parent, r.start), []).append(r)
+        raw = ids_bytes(ids)
+        h, tip, pos, chain = hashlib.sha256(), EMPTY, 0, []
         while True:
-            name = files.get(pos)
-            if name is None:
-                if any(s > pos for s in files):
-                    reason = f"chunk at {pos:,} is missing" if pos else "its first chunk is missing"
+            for r in sorted(children.get((tip, pos), []), key=lambda r: -r.end):
+                if r.end > len(ids):
+                    continue
+                h2 = h.copy()
+                h2.update(raw[8 * pos : 8 * r.end])
+                if h2.hexdigest()[:16] == r.tip:
+                    chain.append(r)
+                    h, tip, pos = h2, r.tip, r.end
+                    break
+            else:
+                return chain
+
+    def load(
+        self, fingerprint: str, ids: Sequence[int], start: int = 0, chain: list[Ref] | None = None
+    ) -> LoadResult:
+        """The chain's chunks from `start` (a chunk boundary) on, validated against `ids`, as
+        views; cut at the first chunk that fails, with one note on why. Marks what it hands over
+        as just used."""
+        d = self.pool_dir(fingerprint)
+        if problem := self.problem(d):
+            return LoadResult([], notes=[f"snapshot: dropped: {problem}"])
+        chain = [r for r in (self.find(fingerprint, ids) if chain is None else chain)
+                 if r.start >= start]  # fmt: skip
+        raw = ids_bytes(ids[: chain[-1].end]) if chain else b""
+        parts: list[dict[str, Tensor]] = []
+        kept: list[Chunk] = []
+        reason, pos = None, start
+        for r in chain:
+            if not os.path.lexists(d / r.name):  # a recorded chain lost a file
+                reason = (
+                    f"chunk at {r.start:,} is missing" if r.start else "its first chunk is missing"
+                )
                 break
             try:
-                buf, c, views = self._check(d / name, fingerprint, h, kept)
+                got, c = self._check(d / r.name, r, fingerprint, raw, kept)
             except BadChunk as e:
-                reason = f"{'it' if pos == 0 else f'chunk at {pos:,}'} {e}"
+                reason = f"{'it' if r.start == 0 else f'chunk at {r.start:,}'} {e}"
+                self._bad.add((d.name, r.name))
                 break
-            parts.append(views)
+            parts.append(got)
             kept.append(c)
-            pos = c.end
-        self._records[session_id] = kept
+            pos = r.end
+            with contextlib.suppress(OSError):
+                os.utime(d / r.name)
         notes = []
-        if reason is not None and not kept:
+        if reason is not None and not kept and start == 0:
             notes.append(f"snapshot: dropped: {reason}")
         elif reason is not None:
-            total = max([pos] + [claimed_end(d / nm) for s, nm in files.items() if s >= pos])
-            of = f" of {total:,}" if total > pos else ""
-            notes.append(f"snapshot: kept {pos:,}{of} tokens: {reason}")
-        ids = [i for p in parts for i in p["ids"].tolist()]
-        return LoadResult(ids, parts, notes)
+            notes.append(f"snapshot: kept {pos:,} of {chain[-1].end:,} tokens: {reason}")
+        return LoadResult(list(ids[start:pos]), parts, notes, start)
+
+    def load_session(self, session_id: str, fingerprint: str) -> LoadResult:
+        """The chain a session saved last, validated (the ids are the chunks' own): what a
+        resumed session starts from, before its messages are compared with it."""
+        pool, chain, missing = self.last_chain(session_id)
+        d = self.pool_dir(fingerprint)
+        if pool != d.name or (missing == 0 and not self.session_chunks(session_id, fingerprint)):
+            return LoadResult([])  # another model's, or every file gone: no snapshot
+        ids: list[int] = []
+        for r in chain:  # a chunk that does not read fails the check where it lies
+            ids += _ids_of(d / r.name) or [-1] * (r.end - r.start)
+        result = self.load(fingerprint, ids, chain=chain)
+        if missing is not None and not result.notes:
+            if not result.chunks:
+                result.notes.append("snapshot: dropped: its first chunk is missing")
+            else:
+                result.notes.append(
+                    f"snapshot: kept {missing:,} tokens: the chunk at {missing:,} is missing"
+                )
+        return result
 
     @staticmethod
     def _check(
-        path: Path, fingerprint: str, h: hashlib._Hash, kept: list[Chunk]
-    ) -> tuple[bytes, Chunk, dict[str, torch.Tensor]]:
-        """Validate one chunk fully; on success `h` has also hashed its ids. Returns its bytes,
-        its record and its tensors as views of those bytes."""
+        path: Path, ref: Ref, fingerprint: str, raw: bytes, kept: list[Chunk]
+    ) -> tuple[dict[str, Tensor], Chunk]:
+        """Validate one chunk fully against the conversation's ids; its tensors as views."""
         buf, size, st = read_chunk(path, header_only=False)
         c, check, data_start, spans = parse_chunk(buf, size, st, path.name)
         if c.fingerprint != fingerprint:
             raise BadChunk("was made by another model")
+        if (c.start, c.end) != (ref.start, ref.end):
+            raise BadChunk("does not match its file name")
         if kept and c.layout != kept[0].layout:
             raise BadChunk("has another dtype or shape than the chunks before it")
         view = memoryview(buf)[data_start:]
@@ -370,35 +197,116 @@ class KVStore:
             ok = crc32s(pieces) == check[1]
         if not ok:
             raise BadChunk("is corrupted (data checksum mismatch)")
-        h2 = h.copy()
-        h2.update(pieces[0])
-        if h2.hexdigest() != c.prefix_hash:
+        if bytes(pieces[0]) != raw[8 * c.start : 8 * c.end] or (
+            hashlib.sha256(raw[: 8 * c.end]).hexdigest() != c.prefix_hash
+        ):
             raise BadChunk("does not follow from the chunks before it (stale ids hash)")
-        h.update(pieces[0])
-        return buf, c, _views(buf, data_start, spans, c)
+        return views(buf, data_start, spans, c), c
 
-    def delete(self, session_id: str) -> None:
-        d = self._dir(session_id)
-        self._records.pop(session_id, None)
+    def save(self, session_id: str, ids: list[int], layers: Layers, fingerprint: str) -> SaveReport:
+        """Make the pool hold `ids` and their K/V (per-layer tensors over all of ids): keep the
+        chain that agrees, split the chunk where ids leave it, write one chunk for the rest;
+        then record it for the session and keep the pool within its budget."""
+        t0 = time.perf_counter()
+        self.manifest(session_id)  # refuses an unsafe id before anything is written
+        d = self.pool_dir(fingerprint)
+        self._clear_way(d)
+        if problem := self.problem(d):
+            raise SnapshotError(f"snapshot not saved: {problem}; messages are safe")
+        written = nbytes = 0
         try:
-            if os.path.isdir(d) and not os.path.islink(d):
-                shutil.rmtree(d)
-            elif os.path.lexists(d):
-                os.unlink(d)
+            d.mkdir(parents=True, exist_ok=True)
+            chain = self._trusted(d, self.find(fingerprint, ids))
+            if (split := self._split(d, chain, ids, fingerprint)) is not None:
+                chain.append(split[0])
+                written, nbytes = split[1], split[2]
+            pos = chain[-1].end if chain else 0
+            if pos < len(ids):
+                name, data = chunk_bytes(ids, layers, pos, len(ids), fingerprint)
+                write_atomic(d, name, data)
+                chain.append(Ref.parse(name))  # type: ignore[arg-type]
+                written, nbytes = written + len(ids) - pos, nbytes + len(data)
+            for r in chain:
+                with contextlib.suppress(OSError):
+                    os.utime(d / r.name)
+            self.record(session_id, d.name, chain)
+            self.prune(d)
+            evicted = self.keep_budget({(d.name, r.name) for r in chain})
         except OSError as e:
-            raise SnapshotError(f"snapshot not deleted: {e.strerror or e}") from e
+            raise SnapshotError(f"snapshot not saved: {e.strerror or e}; messages are safe") from e
+        return SaveReport(written, nbytes, time.perf_counter() - t0, len(chain), evicted)
 
-    def size_bytes(self, session_id: str) -> int:
-        d = self._dir(session_id)
-        if self._dir_problem(d):
-            return 0
-        sizes = (os.lstat(d / name) for name in self._files(d).values())
-        return sum(st.st_size for st in sizes if stat.S_ISREG(st.st_mode))
+    def _trusted(self, d: Path, chain: list[Ref]) -> list[Ref]:
+        """The chain up to the first chunk a load refused; that one and the rest go, to be
+        written again from the cache."""
+        for i, r in enumerate(chain):
+            if (d.name, r.name) in self._bad:
+                for bad in chain[i:]:
+                    self._bad.discard((d.name, bad.name))
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(d / bad.name)
+                return chain[:i]
+        return chain
 
-    def n_tokens_on_disk(self, session_id: str) -> int:
-        """Tokens in the snapshot's chain of chunks (header-level check; load validates fully)."""
-        d = self._dir(session_id)
-        if self._dir_problem(d):
-            return 0
-        chain = self._chain(session_id, d, self._files(d))
-        return chain[-1].end if chain else 0
+    def _clear_way(self, d: Path) -> None:
+        """A link or a stray file where a folder of the pool belongs goes (never followed)."""
+        for p in (self.root / "chunks", d):
+            if os.path.islink(p) or (os.path.lexists(p) and not os.path.isdir(p)):
+                try:
+                    os.unlink(p)
+                except OSError as exc:
+                    msg = f"snapshot not saved: {exc.strerror}; messages are safe"
+                    raise SnapshotError(msg) from None
+
+    def _split(
+        self, d: Path, chain: list[Ref], ids: list[int], fingerprint: str
+    ) -> tuple[Ref, int, int] | None:
+        """Where ids leave a chunk in its middle, split it there into [start, cut) and
+        [cut, end) (which keeps the chunk's descendants). Returns the first half, and the
+        tokens and bytes written; None where no chunk is left in its middle."""
+        pos = chain[-1].end if chain else 0
+        tip = chain[-1].tip if chain else EMPTY
+        for r in self.refs(d):
+            if r.parent != tip or r.start != pos:
+                continue
+            try:
+                buf, size, st = read_chunk(d / r.name, header_only=False)
+                c, _, data_start, spans = parse_chunk(buf, size, st, r.name)
+            except BadChunk:
+                continue
+            got = views(buf, data_start, spans, c)
+            theirs = got["ids"].tolist()
+            cut = 0
+            while cut < len(theirs) and pos + cut < len(ids) and theirs[cut] == ids[pos + cut]:
+                cut += 1
+            if not 0 < cut < len(theirs):
+                continue
+            old = list(ids[:pos]) + theirs  # the conversation the chunk was made for
+            layers = [(got[f"layers.{i}.keys"], got[f"layers.{i}.values"])
+                      for i in range(c.layout[1])]  # fmt: skip
+            first, a = chunk_bytes(old, layers, pos, pos + cut, fingerprint, offset=pos)
+            second, b = chunk_bytes(old, layers, pos + cut, r.end, fingerprint, offset=pos)
+            write_atomic(d, first, a)
+            write_atomic(d, second, b)
+            os.unlink(d / r.name)
+            fsync_dir(d)
+            return Ref.parse(first), len(theirs), len(a) + len(b)  # type: ignore[return-value]
+        return None
+
+
+def _ids_of(path: Path) -> list[int] | None:
+    """A chunk's ids, read without its K/V (not validated: a candidate, checked on load)."""
+    try:
+        head, size, st = read_chunk(path, header_only=True)
+        c, _, data_start, spans = parse_chunk(head, size, st, path.name)
+        a, b = spans[0]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            raw = os.pread(fd, b - a, data_start + a)
+        finally:
+            os.close(fd)
+    except (BadChunk, OSError):
+        return None
+    if len(raw) != b - a:
+        return None
+    return torch.frombuffer(bytearray(raw), dtype=torch.int64).tolist()

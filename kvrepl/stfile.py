@@ -7,21 +7,27 @@ a chunk without following links or blocking on odd files; and its own parse of t
 duplicate keys, offsets that tile the data exactly, metadata that agrees with the tensors and
 the file name. A chunk that fails raises `BadChunk`, whose message is a predicate fit for a note.
 
-Never writes, deletes or decides which chunks make up a snapshot (kvstore.py does), and never
-hashes the tensor data: kvstore.py checks the hashes against the chain of chunks before it.
+It also makes a chunk's bytes (`chunk_bytes`), its tensors' views (`views`) and their CRC32s.
+Never writes, deletes or decides which chunks make up a snapshot (kvstore.py does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import stat
+import warnings
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as st_save
 
 FORMAT = "kvrepl-kv"
 FORMAT_VERSION = "2"  # 2: a CRC32 per tensor (checked at memory speed); 1: one sha256 of the data
@@ -38,6 +44,8 @@ _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
 DTYPES = {str(d).removeprefix("torch."): d for d in _ST_CODE if d != torch.int64}
 
 Layout = tuple[str, int, int, int]  # dtype name, n_layers, kv heads, head_dim
+Tensor = torch.Tensor
+Layers = list[tuple[Tensor, Tensor]]
 
 
 class BadChunk(Exception):
@@ -95,6 +103,14 @@ def read_chunk(path: Path, header_only: bool) -> tuple[bytes, int, os.stat_resul
         if len(buf) == 8:
             buf += f.read(min(int.from_bytes(buf, "little"), _MAX_HEADER))
         return buf, st.st_size, st
+
+
+def _named(name: str, default: tuple[int, int]) -> tuple[int, int]:
+    """(start, n_tokens) a chunk's file name says: `<start>-<n>-<parent>-<end>.safetensors`,
+    or `chunk-<start>.safetensors` (a store from before the pool, which says no n)."""
+    if name.startswith("chunk-"):
+        return int(name[6:15]), default[1]
+    return int(name[:9]), int(name[10:17])
 
 
 def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
@@ -155,7 +171,7 @@ def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
             check = ("crc32", [int(x, 16) for x in meta["data_crc32"].split(",")])
     except (KeyError, ValueError):
         raise BadChunk("has incomplete metadata") from None
-    if start != int(name[6:15]):
+    if (start, n) != _named(name, (start, n)):
         raise BadChunk("does not match its file name")
     if n < 1 or n_layers < 1 or dname not in DTYPES:
         raise BadChunk("has invalid metadata (tokens, layers or dtype)")
@@ -187,3 +203,83 @@ def claimed_end(path: Path) -> int:
         meta = json.JSONDecoder().raw_decode(header)[0]["__metadata__"]
         return int(meta["start"]) + int(meta["n_tokens"])
     return 0
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def crc32s(buffers: Sequence[memoryview | bytes]) -> list[int]:
+    """CRC32 of each buffer, two at a time (zlib releases the GIL): a flipped byte is caught at
+    memory speed, where a sha256 of the data was half of a restore."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-crc"))
+    return list(_POOL[0].map(zlib.crc32, buffers))
+
+
+def ids_bytes(ids: Sequence[int]) -> bytes:
+    return torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes()
+
+
+def _layout(n: int, layers: Layers) -> Layout:
+    if not layers or layers[0][0].dim() != 4:
+        raise ValueError("layers must be a non-empty list of [1, heads, n_tokens, head_dim] pairs")
+    k0 = layers[0][0]
+    shape = (1, k0.shape[1], n, k0.shape[3])
+    for k, v in layers:
+        if tuple(k.shape) != shape or tuple(v.shape) != shape or {k.dtype, v.dtype} != {k0.dtype}:
+            raise ValueError(f"every K/V must have shape {shape} and dtype {k0.dtype}")
+    dname = str(k0.dtype).removeprefix("torch.")
+    if dname not in DTYPES:
+        raise ValueError(f"unsupported K/V dtype {k0.dtype}")
+    return (dname, len(layers), shape[1], shape[3])
+
+
+def views(buf: bytes, start: int, spans: list[tuple[int, int]], c: Chunk) -> dict[str, Tensor]:
+    """The chunk's tensors as views of its bytes, by name (spans in tensor_names order)."""
+    dtype = DTYPES[c.layout[0]]
+    shape = (1, c.layout[2], c.end - c.start, c.layout[3])
+    out: dict[str, Tensor] = {}
+    with warnings.catch_warnings():  # bytes are immutable: torch warns, and we never write
+        warnings.simplefilter("ignore", UserWarning)
+        for name, (a, b) in zip(tensor_names(c.layout[1]), spans, strict=True):
+            t_dtype = torch.int64 if name == "ids" else dtype
+            n = (b - a) // torch.empty(0, dtype=t_dtype).element_size()
+            t = torch.frombuffer(buf, dtype=t_dtype, count=n, offset=start + a)
+            out[name] = t if name == "ids" else t.view(shape)
+    return out
+
+
+def chunk_bytes(
+    ids: Sequence[int],
+    layers: Layers,
+    start: int,
+    end: int,
+    fingerprint: str,
+    offset: int = 0,
+) -> tuple[str, bytes]:
+    """Tokens [start, end) of `ids` and their K/V, from per-layer tensors that hold positions
+    offset.. of ids, as one chunk file's name and bytes."""
+    a, b = start - offset, end - offset
+    tensors = {"ids": torch.tensor(list(ids[start:end]), dtype=torch.int64)}
+    for i, (k, v) in enumerate(layers):
+        tensors[f"layers.{i}.keys"] = k[:, :, a:b].detach().to("cpu").contiguous()
+        tensors[f"layers.{i}.values"] = v[:, :, a:b].detach().to("cpu").contiguous()
+    layout = _layout(end - start, [(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"])
+                                   for i in range(len(layers))])  # fmt: skip
+    raw = ids_bytes(ids[:end])
+    prefix, parent = hashlib.sha256(raw).hexdigest(), hashlib.sha256(raw[: 8 * start]).hexdigest()
+    names = tensor_names(len(layers))
+    crcs = crc32s([tensors[key].reshape(-1).view(torch.uint8).numpy() for key in names])
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "dtype": layout[0],
+        "start": str(start),
+        "n_tokens": str(end - start),
+        "n_layers": str(layout[1]),
+        "prefix_hash": prefix,
+        "data_crc32": ",".join(f"{c:08x}" for c in crcs),
+    }
+    name = f"{start:09d}-{end - start:07d}-{parent[:16]}-{prefix[:16]}.safetensors"
+    return name, st_save(tensors, metadata=meta)

@@ -194,18 +194,22 @@ def assert_snapshot_clean(h: Harness) -> None:
     """A fresh KVStore loads the snapshot with no note, and it holds exactly the engine's ids."""
     from kvrepl.kvstore import KVStore
 
-    result = KVStore(h.home / "kv").load(h.sid, h.loaded.fingerprint)
+    store = KVStore(h.home / "kv")
+    result = store.load_session(h.sid, h.loaded.fingerprint)
     assert result.notes == []
-    if not h.rt.engine.pc.croppable:  # a sliding-window cache is never saved
+    if not h.rt.engine.pc.croppable:  # a cache that cannot be cut is never saved
         assert result.ids == []
         return
     assert result.ids == h.rt.engine.pc.ids
-    assert not [n for n in os.listdir(h.home / "kv" / h.sid) if n.startswith(".tmp-")]
+    for d in {p.parent for p in store.session_paths(h.sid)}:
+        assert not [n for n in os.listdir(d) if n.startswith(".tmp-")]
 
 
 def chunk_files(home: Path, sid: str) -> dict[str, bytes]:
-    d = home / "kv" / sid
-    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d)) if n.startswith("chunk-")}
+    """The session's last snapshot, file name -> bytes."""
+    from kvrepl.kvstore import KVStore
+
+    return {p.name: p.read_bytes() for p in KVStore(home / "kv").session_paths(sid)}
 
 
 def db_messages(home: Path) -> list[tuple[str, str, int]]:

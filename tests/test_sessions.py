@@ -40,6 +40,7 @@ from kvrepl.chat import Chat, Runtime
 from kvrepl.config import Settings
 from kvrepl.engine import common_prefix
 from kvrepl.events import Finish, Notice, Stats, TextDelta
+from kvrepl.kvbook import Ref
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel
 from kvrepl.store import STAT_NAMES, Message, Store
@@ -195,15 +196,16 @@ def expected_reuse(restored: list[int], prompt: list[int]) -> int:
 
 def snapshot(home: Path, session_id: str, loaded: LoadedModel):
     """The snapshot as a fresh process loads it (validated)."""
-    return KVStore(home / "kv").load(session_id, loaded.fingerprint)
+    return KVStore(home / "kv").load_session(session_id, loaded.fingerprint)
 
 
 def assert_snapshot_is_cache(chat: Chat) -> None:
-    """What is on disk is exactly the engine's cache: ids, and K/V bit for bit."""
+    """The session's last snapshot is exactly the engine's cache: ids, and K/V bit for bit;
+    what else the pool keeps for it is other branches (at least the cache's tokens in all)."""
     assert chat.session is not None
     pc = chat.rt.engine.pc
     pc.check()
-    assert chat.kv.n_tokens_on_disk(chat.session.id) == len(pc.ids)
+    assert chat.kv.n_tokens_on_disk(chat.session.id, chat.rt.loaded.fingerprint) >= len(pc.ids)
     loaded = snapshot(chat.home, chat.session.id, chat.rt.loaded)
     assert loaded.notes == []
     assert loaded.ids == pc.ids
@@ -422,7 +424,7 @@ def test_quitting_at_eof_loses_nothing(real_runs: RealRuns, real):
 
 
 def chunks(home: Path, sid: str) -> list[Path]:
-    return sorted((home / "kv" / sid).glob("chunk-*.safetensors"))
+    return KVStore(home / "kv").session_paths(sid)
 
 
 def truncate_last_chunk(home: Path, sid: str) -> None:
@@ -442,12 +444,12 @@ def remove_first_chunk(home: Path, sid: str) -> None:
 
 
 def empty_folder(home: Path, sid: str) -> None:
-    for path in (home / "kv" / sid).iterdir():
+    for path in chunks(home, sid):
         path.unlink()
 
 
 def remove_folder(home: Path, sid: str) -> None:
-    shutil.rmtree(home / "kv" / sid)
+    shutil.rmtree(home / "kv" / "chunks")
 
 
 def edit_first_message_behind_its_back(home: Path, sid: str) -> None:
@@ -490,7 +492,7 @@ def test_invalid_snapshot_is_cut_or_dropped_and_recomputed(case, tinies, chats, 
     sid = build_session(chats, tinies.a, home, HISTORY, turns=("Tell me about keys.",))
     before = snapshot(home, sid, tinies.a)
     assert before.notes == [] and len(chunks(home, sid)) == 2
-    first_end = int(re.sub(r"\D", "", chunks(home, sid)[1].name))
+    first_end = Ref.parse(chunks(home, sid)[1].name).start
     if corrupt is not None:
         corrupt(home, sid)
 
@@ -617,7 +619,7 @@ def test_real_model_messages_edited_behind_its_back_cut_at_the_first_changed_tok
 FORK_SERVER = r"""
 import builtins, json, os, random, signal, sys, time, types
 
-from kvrepl import cli, engine, kvstore, models, store  # noqa: F401
+from kvrepl import cli, engine, kvbook, kvstore, models, store  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (imported once)
 
 
@@ -635,9 +637,7 @@ def patch(point, nth):
             return getattr(os, name)
 
     fake = Os("os")
-    kvstore.os = fake
-    if point.startswith("compact"):
-        kvstore.MAX_CHUNKS = 1  # every save compacts: rewrites the whole snapshot as one chunk
+    kvstore.os = kvbook.os = fake
     if point == "mid-write":  # half of the temp file written
         class Half:
             def __init__(self, f):
@@ -654,13 +654,13 @@ def patch(point, nth):
                 return self
             def __exit__(self, *a):
                 return self.f.__exit__(*a)
-        kvstore.open = lambda *a, **k: Half(builtins.open(*a, **k))
-    elif point in ("before-rename", "compact-before-rename"):  # temp file whole, not renamed
+        kvbook.open = lambda *a, **k: Half(builtins.open(*a, **k))
+    elif point in ("before-rename", "split-before-rename"):  # temp file whole, not renamed
         def replace(a, b):
             reached()
             return os.replace(a, b)
         fake.replace = replace
-    elif point == "compact-before-cleanup":  # merged chunk renamed, stale ones not yet deleted
+    elif point == "split-before-cleanup":  # both halves of a split written, the whole not gone
         def unlink(p):
             reached()
             return os.unlink(p)
@@ -727,7 +727,7 @@ def read(path):
 
 def lives(job):
     rng = random.Random(job["seed"])
-    kv = os.path.join(job["home"], "kv", job["sid"])
+    kv = os.path.join(job["home"], "kv")
     results = []
     for i, mode in enumerate(job["modes"]):
         out = os.path.join(job["outdir"], f"life{i}.out")
@@ -740,7 +740,7 @@ def lives(job):
         if mode == "tmp":
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline:
-                if any(n.startswith(".tmp-") for n in os.listdir(kv)):
+                if any(n.startswith(".tmp-") for _, _, names in os.walk(kv) for n in names):
                     moment = "mid-save (a temp file was present)"
                     break
                 time.sleep(0.0003)
@@ -770,12 +770,14 @@ else:
 print(json.dumps(results))
 """
 
-# point -> nth arrival (on the second turn of the child, or in the middle of a compaction)
+# point -> nth arrival. The child's first line saves a chunk and the session's list (files 1, 2);
+# its second, an /edit of that turn, splits the chunk the edit leaves in its middle (files 3 and
+# 4 are the halves, 5 the new chunk, then the whole goes)
 KILL_POINTS = {
-    "mid-write": 2,
-    "before-rename": 2,
-    "compact-before-rename": 2,
-    "compact-before-cleanup": 1,
+    "mid-write": 3,
+    "before-rename": 5,
+    "split-before-rename": 3,
+    "split-before-cleanup": 1,
     "after-commit": 2,
     "in-transaction": 2,
     "mid-decode": 20,
@@ -831,7 +833,8 @@ def killed(tinies, kill_base, tmp_path_factory) -> dict[str, tuple[Path, Run]]:
     root = tmp_path_factory.mktemp("killed")
     for point in KILL_POINTS:
         shutil.copytree(kill_base, root / point / "store")
-    (root / "lines.txt").write_text("\n".join(LINES[:8]) + "\n")
+    lines = [LINES[0], f"/edit 18 {LINES[1]}", *LINES[2:8]]  # the store holds 17 turns
+    (root / "lines.txt").write_text("\n".join(lines) + "\n")
     job = {"kind": "points", "root": str(root), "points": KILL_POINTS, "model": str(tinies.folder),
            "stdin": str(root / "lines.txt"),
            "argv": ["--model", str(tinies.folder), "--resume", *TINY_FLAGS]}  # fmt: skip
@@ -846,8 +849,7 @@ def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tin
     home = tmp_path / "store"  # resume in a copy: the killed store stays as the kill left it
     shutil.copytree(killed_home, home)
     assert run.rc == -signal.SIGKILL, f"the child was not killed at {point}:\n{run.out}"
-    if not point.startswith("compact"):  # (every save compacts: those die in the first turn)
-        assert len(run.stats_lines()) >= 1  # it got past one turn of its own
+    assert len(run.stats_lines()) >= 1  # it got past one turn of its own
     no_half_turn(home / "kvrepl.db")
 
     store = Store(home / "kvrepl.db")  # opens: no exception
@@ -862,14 +864,15 @@ def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tin
     assert on_disk.ids
 
     # Evidence that the kill landed where it was meant to.
-    names = os.listdir(home / "kv" / session.id)
-    if point in ("mid-write", "before-rename", "compact-before-rename"):
+    names = os.listdir(KVStore(home / "kv").pool_dir(tinies.a.fingerprint))
+    if point in ("mid-write", "before-rename", "split-before-rename"):
         assert any(n.startswith(".tmp-") for n in names), names  # a temp file, never trusted
-    if point == "compact-before-cleanup":
-        assert len([n for n in names if n.startswith("chunk-")]) > 1, names  # stale chunks left
+    if point == "split-before-cleanup":  # the whole chunk and its first half start together
+        starts = [Ref.parse(n).start for n in names if Ref.parse(n)]
+        assert len(starts) > len(set(starts)), names
     last = (branch[-1].role, turn_row_sum(home, branch[-1].id))
-    if point == "after-commit":  # the turn is stored, its snapshot is the previous one
-        assert last[0] == "assistant" and len(on_disk.ids) < last[1]
+    if point == "after-commit":  # the edited turn is stored, its snapshot is the previous one
+        assert last[0] == "assistant" and len(on_disk.ids) <= last[1]
     if point in ("in-transaction", "mid-decode"):  # the answer was never stored
         assert last[0] == "user"
 
@@ -879,8 +882,11 @@ def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tin
     text = "After the crash: what is a prefix?"
     prompt = prompt_ids(chat, history, text)
     result = turn(chat, text)
-    assert result.notices[0] == f"snapshot: restored {len(on_disk.ids):,} cached tokens from disk"
     reused = expected_reuse(on_disk.ids, prompt)
+    # Restored: the last snapshot (then cut where the messages differ), or, killed after an
+    # edit's save split a chunk, just the part before the edit, which the pool holds as a chunk
+    assert result.notices[0] in {f"snapshot: restored {n:,} cached tokens from disk"
+                                 for n in (len(on_disk.ids), reused)}, result.notices  # fmt: skip
     assert reused > 1800  # the big history is not recomputed
     assert (result.stats.reused_tokens, result.stats.prefilled_tokens) == (
         reused, len(prompt) - reused)  # fmt: skip
@@ -911,8 +917,8 @@ def test_in_transaction_kill_rolls_the_answer_back(killed):
     assert session is not None
     branch = store.active_branch(session.id)
     store.close()
-    assert branch[-1].role == "user" and branch[-1].content == LINES[1]
-    assert [m.content for m in branch[-5:-1:2]] == ["Start.", LINES[0]]
+    assert branch[-1].role == "user" and branch[-1].content == LINES[1]  # the edit of LINES[0]
+    assert branch[-3].content == "Start." and LINES[0] not in [m.content for m in branch]
 
 
 def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, tmp_path):
