@@ -26,11 +26,12 @@ class GrowingLayer(DynamicLayer):
     does, and at 6k tokens that copy was 70% of each step). `keys`/`values` are views of the
     filled part, so the rest of transformers reads them as usual."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, limit: int | None = None, **kwargs: Any) -> None:
         super().__init__()
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._n = 0
+        self.limit = limit  # fixed capacity: the buffers are made at this size and never move
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -43,7 +44,11 @@ class GrowingLayer(DynamicLayer):
         cap = self._k.shape[-2]
         if need <= cap:
             return
+        if self.limit is not None and cap:
+            raise ValueError(f"a fixed cache holds {cap:,} positions, not {need:,}")
         new_cap = -(-max(need, cap + cap // 2) // _GROW_STEP) * _GROW_STEP
+        if self.limit is not None:
+            new_cap = max(need, self.limit)
         k, v = (
             self._k.new_empty(_shape(self._k, new_cap)),
             self._v.new_empty(_shape(self._v, new_cap)),
@@ -75,7 +80,7 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(k0[..., :0, :].to(device), v0[..., :0, :].to(device))
         pos = self._n
         n = pos + sum(k.shape[-2] for k, _ in parts)
-        self._reserve(n + max(_GROW_STEP, n // 4))
+        self._reserve(n if self.limit is not None else n + max(_GROW_STEP, n // 4))
         for k, v in parts:
             end = pos + k.shape[-2]
             self._k[..., pos:end, :].copy_(k)
@@ -165,12 +170,12 @@ class PromptCache:
             raise AssertionError(f"cache holds {sorted(lengths)} positions for {len(self.ids)} ids")
 
     def truncate(self, n: int) -> None:
-        """Keep the first n positions. A cache with sliding-window layers cannot be cut back and
-        is rebuilt from nothing instead (the caller says so)."""
+        """Keep the first n positions (0 too: the layers keep their buffers). A cache with
+        layers that cannot be cut back is rebuilt from nothing instead (the caller says so)."""
         n = max(0, min(n, len(self.ids)))
         if n == len(self.ids):
-            return  # nothing to cut (a sliding-window cache keeps its reuse then)
-        if n == 0 or not self.croppable:
+            return  # nothing to cut (a cache that cannot be cut keeps its reuse then)
+        if not self.croppable:
             self.reset()
             return
         self._cut_layers(n)

@@ -297,18 +297,30 @@ def load(
     notes += settle_template(tokenizer, model.config, chat_template)
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     dtype_name = str(torch_dtype).removeprefix("torch.")
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        source=source,
-        device=dev,
-        dtype=dtype_name,
-        fingerprint=fingerprint(
-            source.label, model.config, dtype_name, tokenizer, weights_digest(model)
-        ),
-        context_length=ctx,
-        notes=notes,
-    )
+    fp = fingerprint(source.label, model.config, dtype_name, tokenizer, weights_digest(model))
+    runner, line = gpu_runner(model, dev, dtype, ctx)
+    if line:
+        notes.append(line)
+    if runner is not model:
+        fp = fingerprint(source.label + "|gpu-kernels-v1", model.config, dtype_name, tokenizer, fp)
+    return LoadedModel(runner, tokenizer, source, dev, dtype_name, fp, ctx, notes)
+
+
+def gpu_runner(model: Any, device: str, dtype: str, context: int) -> tuple[Any, str | None]:
+    """On CUDA, the model on kvrepl's batch-invariant kernels with a graph-captured decode step
+    (kvrepl/gpu/), where it runs that architecture and Triton is there; else the model as it
+    is, with a line saying why. Never imported without CUDA."""
+    if not device.startswith("cuda") or dtype == "float32" or os.environ.get("KVREPL_GPU") == "0":
+        return model, None
+    try:
+        from kvrepl.fastmodel import FastPathError
+        from kvrepl.gpu.model import GpuModel
+
+        return GpuModel(model, context), None
+    except ImportError as exc:
+        return model, f"GPU kernels off ({exc.name or exc} missing): transformers runs the model"
+    except FastPathError as exc:
+        return model, f"GPU kernels off ({exc}): transformers runs the model"
 
 
 def settle_template(tokenizer: Any, config: Any, chat_template: str | None) -> list[str]:

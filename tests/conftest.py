@@ -99,11 +99,14 @@ def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | Non
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _embedded_model_converted() -> None:
+def _embedded_model_converted(request: pytest.FixtureRequest) -> None:
     """Dequantize the embedded GGUF once, before any test starts kvrepl processes: on a fresh
-    machine, several processes would otherwise each convert it at the same time."""
+    machine, several processes would otherwise each convert it at the same time. Skipped where
+    no selected test needs the real model (a GPU run of `-m "not model"`, which has no GGUF)."""
     from kvrepl import models
 
+    if request.config.getoption("-m") == "not model":
+        return
     models.convert_gguf(models.embedded_gguf(), progress=False)
 
 

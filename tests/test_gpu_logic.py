@@ -1,0 +1,80 @@
+"""The GPU path's logic, on the CPU (CI has no GPU): kvrepl/gpu/model.py with its torch backend
+over the tiny Llama. The cache has a fixed capacity whose buffers never move while it fills, is
+cut back by a length change, saves and restores through the snapshot store; reuse equals
+recomputation; the decoder agrees with transformers. The kernels themselves and the CUDA graph
+are checked on a GPU (bench/bench_gpu.py --check); a machine without CUDA imports none of it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvrepl.engine import Engine, Sampling
+from kvrepl.gpu.model import GpuModel
+from kvrepl.kvstore import KVStore
+
+
+@pytest.fixture
+def gpu(tiny):
+    model, tok = tiny
+    return GpuModel(model, 512, backend="torch"), tok
+
+
+def test_decoder_agrees_with_transformers(gpu, tiny):
+    fm, _ = gpu
+    model, _ = tiny
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    got = fm.forward(ids, fm.new_layers())
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_the_cache_has_a_fixed_capacity_and_is_cut_by_length(gpu):
+    fm, tok = gpu
+    engine = Engine(fm, tok, end_ids=set(), context_length=512)
+    ptrs = [layer._k.data_ptr() for layer in engine.pc.cache.layers]
+    assert {layer._k.shape[2] for layer in engine.pc.cache.layers} == {512}
+    ids = list(range(3, 200))
+    engine.prefill(ids)
+    engine.prefill(ids[:50] + [7, 8, 9])  # cut at 50: a length change
+    engine.pc.check()
+    engine.pc.truncate(0)
+    engine.prefill(ids[:30])
+    assert [layer._k.data_ptr() for layer in engine.pc.cache.layers] == ptrs
+    with pytest.raises(ValueError):
+        engine.pc.cache.layers[0].room(513)
+
+
+def test_reuse_equals_recompute_and_the_snapshot_round_trips(gpu, tmp_path):
+    fm, tok = gpu
+    reuse = Engine(fm, tok, end_ids=set(), context_length=512)
+    fresh = Engine(fm, tok, end_ids=set(), context_length=512, reuse=False)
+    ids: list[int] = []
+    for turn in range(3):
+        ids = ids + list(range(10 + turn, 40 + turn))
+        a = list(reuse.stream(ids, Sampling(temperature=0, max_tokens=8)))
+        list(fresh.stream(ids, Sampling(temperature=0, max_tokens=8)))
+        assert reuse.progress.generated == fresh.progress.generated
+        assert turn == 0 or a[-1].reused_tokens > 0
+        ids = ids + reuse.progress.generated
+    store = KVStore(tmp_path)
+    store.save("s1", list(reuse.pc.ids), reuse.pc.export(), "fp")
+    restored = Engine(fm, tok, end_ids=set(), context_length=512)
+    result = store.load("fp", reuse.pc.ids)
+    restored.restore(result)
+    assert restored.pc.ids == reuse.pc.ids
+    for (k, v), (k2, v2) in zip(restored.pc.export(), reuse.pc.export(), strict=True):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_a_machine_without_cuda_imports_none_of_the_gpu_path():
+    code = (
+        "import sys, kvrepl.models, kvrepl.engine, kvrepl.chat, kvrepl.cli\n"
+        "assert not any(m.startswith(('kvrepl.gpu', 'triton')) for m in sys.modules), "
+        "sorted(m for m in sys.modules if 'gpu' in m or 'triton' in m)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
