@@ -28,7 +28,7 @@ def test_decoder_agrees_with_transformers(gpu, tiny):
     model, _ = tiny
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
-        want = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        want = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
     got = fm.forward(ids, fm.new_layers())
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 

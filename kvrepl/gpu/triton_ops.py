@@ -115,7 +115,9 @@ def _attn_split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D: tl.constexpr, GP: tl
     g = (pid // NSPLIT) % KVH
     m = pid // NSPLIT // KVH
     pos = tl.load(pos0) + m
-    lo = tl.maximum(pos - window + 1, 0) if window > 0 else 0
+    lo = pos * 0
+    if window > 0:
+        lo = tl.maximum(pos - window + 1, 0)
     k_start = tl.maximum(s * SPLITc, lo)
     k_end = tl.minimum((s + 1) * SPLITc, pos + 1)
     heads = tl.arange(0, GP)
@@ -155,7 +157,9 @@ def _attn_combine(part, o, pos0, som, KVH, G, D: tl.constexpr, GP: tl.constexpr,
     pid = tl.program_id(0)
     m, g = pid // KVH, pid % KVH
     pos = tl.load(pos0) + m
-    lo = tl.maximum(pos - window + 1, 0) if window > 0 else 0
+    lo = pos * 0
+    if window > 0:
+        lo = tl.maximum(pos - window + 1, 0)
     heads = tl.arange(0, GP)
     dims = tl.arange(0, D)
     base = part + (m * KVH + g) * NSPLIT * GP * (D + 2)
