@@ -148,6 +148,7 @@ GATE = {
     "retries": 0,
 }
 
+
 def wait_quiet() -> None:
     """Wait (up to GATE's max) until other processes use less than GATE's threshold of a core
     over 0.3 s: on 2 cores, one busy neighbour stalls every OpenMP barrier of a 2-thread torch."""

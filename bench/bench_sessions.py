@@ -74,7 +74,6 @@ MORE_TURNS = [
 # synthetic conversations
 
 
-
 def _sentence(rng: random.Random) -> str:
     words = [rng.choice(WORDS) for _ in range(rng.randint(6, 16))]
     s = " ".join(words)
@@ -97,6 +96,7 @@ def history(prompt: Any, target: int, seed: int) -> list[tuple[str, str]]:
 
 # -------------------------------------------------------------------------------------------
 # measuring helpers
+
 
 def med(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")

@@ -21,36 +21,39 @@ import torch
 import triton
 import triton.language as tl
 
-BM, BK = 16, 64  # rows per tile, K per step: fixed, they decide the arithmetic
+BM = 16  # rows per tile: fixed (with each weight's BK, it decides the arithmetic)
 SPLIT, KB = 512, 64  # keys per attention split, keys per step inside one
 
 
 @triton.jit
-def _matmul(
-    x,
-    w,
-    out,
-    res,
-    M,
-    N,
-    K,
-    sxm,
-    swn,
-    som,
-    srm,
-    HAS_RES: tl.constexpr,
-    BMc: tl.constexpr,
-    BN: tl.constexpr,
-    BKc: tl.constexpr,
-    PREC: tl.constexpr,
-):
+def _matmul(x, w, out, res, nw, M, N, K, sxm, swn, som, srm, eps,
+            HAS_RES: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, BMc: tl.constexpr,
+            BN: tl.constexpr, BKc: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """out = [residual +] f(x) @ w^T; f: RMSNorm by nw (NORM), silu(gate) * up of x's two halves
+    (GLU; x then has 2K columns), or nothing. Per row, the same operations in the same order
+    whatever rows share the tile."""
     pn, pm = tl.program_id(0), tl.program_id(1)
     rm = pm * BMc + tl.arange(0, BMc)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BKc)
+    rows = x + rm[:, None] * sxm
+    inv = tl.zeros((BMc,), tl.float32)
+    if NORM:  # each row's mean square, over K in steps, in order
+        ss = tl.zeros((BMc,), tl.float32)
+        for k0 in range(0, K, BKc):
+            v = tl.load(rows + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
+            ss += tl.sum(v * v, axis=1)
+        inv = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((BMc, BN), dtype=tl.float32)
     for k0 in range(0, K, BKc):
-        a = tl.load(x + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
+        a = tl.load(rows + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
+        if NORM:
+            g = tl.load(nw + k0 + rk).to(tl.float32)
+            a = ((a.to(tl.float32) * inv[:, None]).to(a.dtype).to(tl.float32) * g).to(a.dtype)
+        if GLU:
+            u = tl.load(rows + K + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
+            gf = a.to(tl.float32)
+            a = (gf / (1.0 + tl.exp(-gf)) * u.to(tl.float32)).to(a.dtype)
         b = tl.load(w + rn[:, None] * swn + (k0 + rk)[None, :], mask=rn[:, None] < N, other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     y = acc.to(out.dtype.element_ty)
@@ -66,22 +69,33 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _config(n: int, k: int) -> tuple[int, int]:
-    """(BN, warps) by the weight's shape alone: enough tiles to fill the GPU at decode."""
-    return (32, 4) if n <= 8192 else (64, 4)
+def _config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BN, BK, warps, stages) by the weight's shape alone, never by the rows: from
+    bench/gpu_tune.py on an H200 at one row (decode). BK divides K."""
+    bk = 128 if k % 128 == 0 else 64
+    stages = 5 if bk == 128 else 3
+    if k >= 8192:  # the down projection: many K steps, few outputs
+        return 32, bk, 4, stages
+    if n <= 8192:
+        return (128 if n > 4096 else 64), bk, 4, stages
+    return 64, bk, 4, 5 if n > 32768 else 3
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
-           residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """out[M, N] = x[M, K] @ w[N, K]^T (+ residual), in x's dtype with float32 accumulation."""
-    m, k = x.shape
-    n = w.shape[0]
-    bn, warps = _config(n, k)
+           residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+           eps: float = 0.0, glu: bool = False) -> torch.Tensor:  # fmt: skip
+    """out[M, N] = f(x)[M, K] @ w[N, K]^T (+ residual), in x's dtype with float32
+    accumulation; f = RMSNorm by `norm` (with eps), silu(gate) * up when `glu` (x [M, 2K])."""
+    m = x.shape[0]
+    n, k = w.shape
+    bn, bk, warps, stages = _config(n, k)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, BM))
     res = residual if residual is not None else out
-    _matmul[grid](x, w, out, res, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-                  res.stride(0), HAS_RES=residual is not None, BMc=BM, BN=bn, BKc=BK,
-                  PREC=_precision(x), num_warps=warps)  # fmt: skip
+    nw = norm if norm is not None else w
+    _matmul[grid](x, w, out, res, nw, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+                  res.stride(0), eps, HAS_RES=residual is not None, NORM=norm is not None,
+                  GLU=glu, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x), num_warps=warps,
+                  num_stages=stages)  # fmt: skip
     return out
 
 
