@@ -33,9 +33,9 @@ def run(x, w, out, bn, bk, warps, stages):
     m, k = x.shape
     n = w.shape[0]
     grid = (triton.cdiv(n, bn), triton.cdiv(m, T.BM))
-    T._matmul[grid](x, w, out, out, w, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-                    out.stride(0), 0.0, HAS_RES=False, NORM=False, GLU=False, BMc=T.BM, BN=bn,
-                    BKc=bk, PREC="tf32", num_warps=warps, num_stages=stages)  # fmt: skip
+    T._matmul[grid](x, w, out, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+                    out.stride(0), HAS_RES=False, BMc=T.BM, BN=bn, BKc=bk, PREC="tf32",
+                    num_warps=warps, num_stages=stages)  # fmt: skip
     return out
 
 

@@ -26,14 +26,7 @@ def _torch_ops() -> Any:
 
     class Ops:
         @staticmethod
-        def matmul(x, w, out, residual=None, norm=None, eps=0.0, glu=False):
-            if norm is not None:
-                v = x.float()
-                n = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-                x = (n.float() * norm.float()).to(x.dtype)
-            if glu:
-                k = w.shape[1]
-                x = (torch.nn.functional.silu(x[:, :k].float()) * x[:, k:].float()).to(x.dtype)
+        def matmul(x, w, out, residual=None):
             y = (x @ w.T).to(out.dtype)
             out.copy_(y if residual is None else (residual.float() + y.float()).to(out.dtype))
             return out
@@ -158,8 +151,8 @@ class GpuModel:
             mk = lambda n: torch.empty(m, n, device=dev, dtype=dt)  # noqa: E731
             g = a.n_heads // a.n_kv
             part = self.ops.part_floats(m, a.n_kv, self.capacity, g, a.head_dim)
-            b = {"x": mk(a.hidden), "qkv": mk(width), "att": mk(a.n_heads * a.head_dim),
-                 "gu": mk(2 * a.ffn),
+            b = {"x": mk(a.hidden), "h": mk(a.hidden), "qkv": mk(width),
+                 "att": mk(a.n_heads * a.head_dim), "gu": mk(2 * a.ffn), "act": mk(a.ffn),
                  "logits": torch.empty(1, self.lm_head.shape[0], device=dev, dtype=dt),
                  "part": torch.empty(part, device=dev, dtype=torch.float32),
                  "ids": torch.zeros(m, dtype=torch.long, device=dev),
@@ -174,18 +167,22 @@ class GpuModel:
         """One forward of b["ids"] at positions b["pos"][0].. (device tensors: a graph replays
         it with new values)."""
         a, ops = self.arch, self.ops
-        x, qkv, att, gu = (b[k] for k in ("x", "qkv", "att", "gu"))
+        x, h, qkv, att, gu, act = (b[k] for k in ("x", "h", "qkv", "att", "gu", "act"))
         m = x.shape[0]
         torch.index_select(self.embed, 0, b["ids"], out=x)
-        for lw, cache in zip(self.layers, layers, strict=True):  # 7 kernels a layer
+        for lw, cache in zip(self.layers, layers, strict=True):
             kc, vc = cache._k[0], cache._v[0]
-            ops.matmul(x, lw["qkv"], qkv, norm=lw["attn_norm"], eps=a.eps)
+            ops.rmsnorm(x, lw["attn_norm"], a.eps, h)
+            ops.matmul(h, lw["qkv"], qkv)
             ops.rope_store(qkv, self.cos, self.sin, kc, vc, b["pos"], a.n_heads, a.n_kv)
             ops.attention(qkv, kc, vc, b["pos"], att, b["part"], 0, a.attn_scale)
             ops.matmul(att, lw["o"], x, residual=x)
-            ops.matmul(x, lw["gate_up"], gu, norm=lw["ffn_norm"], eps=a.eps)
-            ops.matmul(gu, lw["down"], x, residual=x, glu=True)
-        ops.matmul(x[m - 1 : m], self.lm_head, b["logits"], norm=self.final_norm, eps=a.eps)
+            ops.rmsnorm(x, lw["ffn_norm"], a.eps, h)
+            ops.matmul(h, lw["gate_up"], gu)
+            ops.silu_mul(gu, act)
+            ops.matmul(act, lw["down"], x, residual=x)
+        ops.rmsnorm(x[m - 1 : m], self.final_norm, a.eps, h[:1])
+        ops.matmul(h[:1], self.lm_head, b["logits"])
 
     @torch.inference_mode()
     def forward(self, ids: list[int], layers: list[GrowingLayer]) -> torch.Tensor:

@@ -25,35 +25,34 @@ BM = 16  # rows per tile: fixed (with each weight's BK, it decides the arithmeti
 SPLIT, KB = 512, 64  # keys per attention split, keys per step inside one
 
 
-@triton.jit
-def _matmul(x, w, out, res, nw, M, N, K, sxm, swn, som, srm, eps,
-            HAS_RES: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, BMc: tl.constexpr,
-            BN: tl.constexpr, BKc: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """out = [residual +] f(x) @ w^T; f: RMSNorm by nw (NORM), silu(gate) * up of x's two halves
-    (GLU; x then has 2K columns), or nothing. Per row, the same operations in the same order
-    whatever rows share the tile."""
+@triton.jit(do_not_specialize=["M"])
+def _matmul(
+    x,
+    w,
+    out,
+    res,
+    M,
+    N,
+    K,
+    sxm,
+    swn,
+    som,
+    srm,
+    HAS_RES: tl.constexpr,
+    BMc: tl.constexpr,
+    BN: tl.constexpr,
+    BKc: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """out = [residual +] x @ w^T. Per row, the same operations in the same order whatever rows
+    share the tile (M is not specialized on: one compiled kernel serves every row count)."""
     pn, pm = tl.program_id(0), tl.program_id(1)
     rm = pm * BMc + tl.arange(0, BMc)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BKc)
-    rows = x + rm[:, None] * sxm
-    inv = tl.zeros((BMc,), tl.float32)
-    if NORM:  # each row's mean square, over K in steps, in order
-        ss = tl.zeros((BMc,), tl.float32)
-        for k0 in range(0, K, BKc):
-            v = tl.load(rows + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
-            ss += tl.sum(v * v, axis=1)
-        inv = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((BMc, BN), dtype=tl.float32)
     for k0 in range(0, K, BKc):
-        a = tl.load(rows + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-        if NORM:
-            g = tl.load(nw + k0 + rk).to(tl.float32)
-            a = ((a.to(tl.float32) * inv[:, None]).to(a.dtype).to(tl.float32) * g).to(a.dtype)
-        if GLU:
-            u = tl.load(rows + K + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-            gf = a.to(tl.float32)
-            a = (gf / (1.0 + tl.exp(-gf)) * u.to(tl.float32)).to(a.dtype)
+        a = tl.load(x + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
         b = tl.load(w + rn[:, None] * swn + (k0 + rk)[None, :], mask=rn[:, None] < N, other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     y = acc.to(out.dtype.element_ty)
@@ -82,20 +81,16 @@ def _config(n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
-           residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-           eps: float = 0.0, glu: bool = False) -> torch.Tensor:  # fmt: skip
-    """out[M, N] = f(x)[M, K] @ w[N, K]^T (+ residual), in x's dtype with float32
-    accumulation; f = RMSNorm by `norm` (with eps), silu(gate) * up when `glu` (x [M, 2K])."""
+           residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """out[M, N] = x[M, K] @ w[N, K]^T (+ residual), in x's dtype with float32 accumulation."""
     m = x.shape[0]
     n, k = w.shape
     bn, bk, warps, stages = _config(n, k)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, BM))
     res = residual if residual is not None else out
-    nw = norm if norm is not None else w
-    _matmul[grid](x, w, out, res, nw, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-                  res.stride(0), eps, HAS_RES=residual is not None, NORM=norm is not None,
-                  GLU=glu, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x), num_warps=warps,
-                  num_stages=stages)  # fmt: skip
+    _matmul[grid](x, w, out, res, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+                  res.stride(0), HAS_RES=residual is not None, BMc=BM, BN=bn, BKc=bk,
+                  PREC=_precision(x), num_warps=warps, num_stages=stages)  # fmt: skip
     return out
 
 
@@ -118,7 +113,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> 
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _attn_split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D: tl.constexpr, GP: tl.constexpr,
                 window, scale, NSPLIT, SPLITc: tl.constexpr, KBc: tl.constexpr,
                 PREC: tl.constexpr):  # fmt: skip
@@ -164,7 +159,7 @@ def _attn_split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D: tl.constexpr, GP: tl
     tl.store(out + heads[:, None] * (D + 2) + 2 + dims[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _attn_combine(part, o, pos0, som, KVH, G, D: tl.constexpr, GP: tl.constexpr, window,
                   NSPLIT, SPLITc: tl.constexpr):  # fmt: skip
     """Program (row m, K/V head g): its splits' partials, combined in order."""
