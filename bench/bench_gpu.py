@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--shapes", default="135M,1B,8B")
     ap.add_argument("--no-static", action="store_true")
+    ap.add_argument("--static-only", action="store_true", help="8B generate(static) alone")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import triton
@@ -271,6 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     env["transformers"] = transformers.__version__
     print(json.dumps(env), flush=True)
     results: list[dict] = []
+    if args.static_only:
+        model = build("8B", 4096)
+        prompt = tokens(128, 2)
+        t = time.perf_counter()
+        hf_decode(model, prompt, 8, True)
+        r = {
+            "static_warmup_s": time.perf_counter() - t,
+            "generate_static": decode_rate(lambda k: hf_decode(model, prompt, k, True), 128),
+        }
+        print(json.dumps(r), flush=True)
+        return 0
     if args.check:
         for part in (check_kernels, check_model):
             r = {"part": part.__name__, **part()}

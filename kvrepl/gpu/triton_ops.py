@@ -17,6 +17,8 @@ With TRITON_INTERPRET=1 they also run on the CPU, which the tests use for float3
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -71,6 +73,8 @@ def _precision(x: torch.Tensor) -> str:
 def _config(n: int, k: int) -> tuple[int, int, int, int]:
     """(BN, BK, warps, stages) by the weight's shape alone, never by the rows: from
     bench/gpu_tune.py on an H200 at one row (decode). BK divides K."""
+    if os.environ.get("KVREPL_GPU_TILES") == "plain":  # the first table, for comparisons
+        return (32 if n <= 8192 else 64), 64, 4, 3
     bk = 128 if k % 128 == 0 else 64
     stages = 5 if bk == 128 else 3
     if k >= 8192:  # the down projection: many K steps, few outputs
