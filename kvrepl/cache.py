@@ -230,8 +230,9 @@ class PromptCache:
         device: Any = None,
     ) -> None:
         """Append ids and, per layer, their (keys, values) in parts that follow each other (a
-        snapshot's chunks), copied once into the layers' buffers. ValueError, with the cache
-        as it was, when they do not fit this model."""
+        snapshot's chunks), copied once into the layers' buffers, on `device` (one, or one per
+        layer for a model spread over devices). ValueError, with the cache as it was, when
+        they do not fit this model."""
         if not ids:
             return
         if len(layers) != len(self.cache.layers):
@@ -250,10 +251,11 @@ class PromptCache:
                 raise ValueError(
                     f"its tensors have {first.shape[1]} heads, the model {self.kv_heads}"
                 )
-        for layer, parts in zip(self.cache.layers, layers, strict=True):
+        devices = device if isinstance(device, list) else [device] * len(layers)
+        for layer, parts, dev in zip(self.cache.layers, layers, devices, strict=True):
             if self.croppable:
-                layer.extend(parts, device)
+                layer.extend(parts, dev)
             else:
                 for k, v in parts:
-                    layer.update(k.to(device or k.device), v.to(device or v.device))
+                    layer.update(k.to(dev or k.device), v.to(dev or v.device))
         self.ids.extend(ids)

@@ -34,6 +34,11 @@ class HFRunner:
         self.config = model.config
         param = next(model.parameters())
         self.device, self.kv_dtype = param.device, param.dtype
+        # Spread over devices (accelerate's device_map): each layer's K/V lives on its layer's
+        # device, and the logits come from the head's.
+        self.layer_devices = [_device_of(layer, self.device) for layer in _decoder_layers(model)]
+        head = getattr(model, "lm_head", None)
+        self.logits_device = _device_of(head, self.device) if head is not None else self.device
 
     def new_layers(self) -> list[Any]:
         return hf_layers(self.config)
@@ -42,6 +47,16 @@ class HFRunner:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=x, cache=pc.cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    inner = getattr(model, "model", None)
+    return list(getattr(inner, "layers", None) or [])
+
+
+def _device_of(module: Any, default: torch.device) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else default
 
 
 class FastRunner:
@@ -53,6 +68,8 @@ class FastRunner:
         self.model = model
         self.config = model.config
         self.device, self.kv_dtype = model.device, model.kv_dtype
+        self.layer_devices: list[Any] = []
+        self.logits_device = model.device
 
     def new_layers(self) -> list[Any]:
         return self.model.new_layers()
@@ -148,7 +165,8 @@ class Engine:
         if len(self.pc.ids) != snapshot.start:
             raise ValueError("the cache cannot be cut where the snapshot starts")
         parts = [snapshot.layer_parts(i) for i in range(len(self.pc.cache.layers))]
-        self.pc.extend(snapshot.ids, parts, dtype=self.dtype, device=self.device)
+        devices = self.runner.layer_devices or self.device
+        self.pc.extend(snapshot.ids, parts, dtype=self.dtype, device=devices)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
@@ -190,7 +208,8 @@ class Engine:
         self.progress = progress = TurnProgress()
         if started is not None:
             progress.t0 = started
-        sampler = Sampler(sampling, self.model.config.get_text_config().vocab_size, self.device)
+        vocab = self.model.config.get_text_config().vocab_size
+        sampler = Sampler(sampling, vocab, self.runner.logits_device)
         logits = self.prefill(ids)
         sampler.seen(ids)
         decoder = IncrementalDecoder(self.tokenizer)

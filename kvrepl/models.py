@@ -242,6 +242,15 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def spreads(device: str | None) -> bool:
+    """Whether `--device auto` spreads the model over the GPUs (there are several)."""
+    if device not in (None, "", "auto"):
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 1
+
+
 def pick_dtype(dtype: str, device: str) -> Any:
     import torch
 
@@ -282,13 +291,20 @@ def load(
     folder = convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    spread = spreads(device)  # --device auto on several GPUs: accelerate places the layers
     try:
         with _progress_bars(False):  # a folder loads in about a second: no bar over the prompt
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch_dtype, device_map="auto" if spread else None
+            )
     except Exception as exc:
         raise ModelError(f"cannot load model from {folder}: {exc}") from exc
-    model.to(dev)
+    if spread:
+        n = len({str(d) for d in model.hf_device_map.values()})
+        notes.append(f"model spread over {n} devices by accelerate: transformers runs it")
+    else:
+        model.to(dev)
     model.eval()
     if dev == "cpu":
         from kvrepl.attention import use_sdpa_gqa
@@ -298,7 +314,7 @@ def load(
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     fp = fingerprint(source.label, model.config, dtype_name, tokenizer, weights_digest(model))
-    runner, line = gpu_runner(model, dev, dtype, ctx)
+    runner, line = (model, None) if spread else gpu_runner(model, dev, dtype, ctx)
     if line:
         notes.append(line)
     if runner is not model:
