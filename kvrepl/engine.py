@@ -55,6 +55,12 @@ def _decoder_layers(model: Any) -> list[Any]:
 
 
 def _device_of(module: Any, default: torch.device) -> torch.device:
+    """Where a module computes: accelerate's hook says so for a dispatched (or offloaded)
+    module, else its weights' device."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
     p = next(module.parameters(), None)
     return p.device if p is not None else default
 

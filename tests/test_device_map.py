@@ -23,7 +23,7 @@ def spread_model():
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
                   "model.layers.1": "cpu", "model.layers.2": 0, "model.norm": "cpu",
                   "lm_head": "cpu"}  # fmt: skip
-    return dispatch_model(model, device_map=device_map), tok
+    return dispatch_model(model, device_map=device_map, main_device="cpu"), tok
 
 
 def test_a_spread_model_keeps_each_layers_kv_on_its_device_and_reuse_is_exact(tmp_path):
