@@ -38,10 +38,12 @@ from kvrepl.stfile import (
     BadChunk,
     Chunk,
     Layers,
+    Layout,
     Tensor,
     chunk_bytes,
     crc32s,
     ids_bytes,
+    layout_of,
     parse_chunk,
     read_chunk,
     views,
@@ -209,6 +211,7 @@ class KVStore(Pool):
         then record it for the session and keep the pool within its budget."""
         t0 = time.perf_counter()
         self.manifest(session_id)  # refuses an unsafe id before anything is written
+        layout = layout_of(len(ids), layers)  # and K/V that are not those ids'
         d = self.pool_dir(fingerprint)
         self._clear_way(d)
         if problem := self.problem(d):
@@ -216,7 +219,7 @@ class KVStore(Pool):
         written = nbytes = 0
         try:
             d.mkdir(parents=True, exist_ok=True)
-            chain = self._trusted(d, self.find(fingerprint, ids))
+            chain = self._trusted(d, self.find(fingerprint, ids), fingerprint, layout)
             if (split := self._split(d, chain, ids, fingerprint)) is not None:
                 chain.append(split[0])
                 written, nbytes = split[1], split[2]
@@ -236,11 +239,12 @@ class KVStore(Pool):
             raise SnapshotError(f"snapshot not saved: {e.strerror or e}; messages are safe") from e
         return SaveReport(written, nbytes, time.perf_counter() - t0, len(chain), evicted)
 
-    def _trusted(self, d: Path, chain: list[Ref]) -> list[Ref]:
-        """The chain up to the first chunk a load refused; that one and the rest go, to be
-        written again from the cache."""
+    def _trusted(self, d: Path, chain: list[Ref], fingerprint: str, layout: Layout) -> list[Ref]:
+        """The chain up to the first chunk a load refused or whose header is not this model's
+        K/V in this layout (a chain found by names alone must not take in a chunk that no load
+        would accept after it); that one and the rest go, to be written again from the cache."""
         for i, r in enumerate(chain):
-            if (d.name, r.name) in self._bad:
+            if (d.name, r.name) in self._bad or not _fits(d / r.name, r, fingerprint, layout):
                 for bad in chain[i:]:
                     self._bad.discard((d.name, bad.name))
                     with contextlib.suppress(FileNotFoundError):
@@ -292,6 +296,16 @@ class KVStore(Pool):
             fsync_dir(d)
             return Ref.parse(first), len(theirs), len(a) + len(b)  # type: ignore[return-value]
         return None
+
+
+def _fits(path: Path, ref: Ref, fingerprint: str, layout: Layout) -> bool:
+    """Whether a chunk's header reads (framing, size, metadata) as this model's K/V in this
+    layout for the tokens its name says (its data is checked when it is loaded)."""
+    try:
+        c = parse_chunk(*read_chunk(path, header_only=True), path.name)[0]
+    except BadChunk:
+        return False
+    return (c.fingerprint, c.layout, c.start, c.end) == (fingerprint, layout, ref.start, ref.end)
 
 
 def _ids_of(path: Path) -> list[int] | None:

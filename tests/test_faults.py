@@ -53,6 +53,7 @@ from kvrepl import cli
 from kvrepl.chat import Chat
 from kvrepl.config import Settings
 from kvrepl.errors import StoreError
+from kvrepl.kvstore import KVStore
 from kvrepl.schema import SCHEMA_VERSION
 from kvrepl.store import Store
 
@@ -351,8 +352,8 @@ def test_a_snapshot_in_another_dtype_under_the_same_fingerprint_is_dropped(
     src, sid = snap_home
     home = tmp_path / "store"
     shutil.copytree(src, home)
-    for name in chunk_files(home, sid):
-        forge_dtype(home / "kv" / sid / name, torch.bfloat16)
+    for path in KVStore(home / "kv").session_paths(sid):
+        forge_dtype(path, torch.bfloat16)
     h = make(loaded, home)
     out = h.line("/load snap")
     assert "internal error" not in out, out
