@@ -30,6 +30,7 @@ _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FP_RE = re.compile(r"[0-9a-f]{8,64}")
 _NAME_RE = re.compile(r"(\d{9})-(\d{7})-([0-9a-f]{16})-([0-9a-f]{16})\.safetensors")
 _LEGACY_RE = re.compile(r"chunk-(\d{9})\.safetensors")
+_TMP_RE = re.compile(r"\.tmp-.+-(\d+)-[0-9a-f]{32}")  # .tmp-<name>-<writer's pid>-<uuid>
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,10 @@ def fsync_dir(d: Path) -> None:
 
 
 def write_atomic(d: Path, name: str, data: bytes) -> None:
-    """Temp file, fsync, rename over `name`, fsync of the folder: all or nothing."""
-    tmp = d / f".tmp-{name}-{uuid.uuid4().hex}"
+    """Temp file, fsync, rename over `name`, fsync of the folder: all or nothing. The temp
+    file's name carries the writer's pid, so that one a killed writer left can be told from one
+    another process is writing now (`remove_dead_temps`)."""
+    tmp = d / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with open(fd, "wb") as f:
@@ -75,6 +78,35 @@ def write_atomic(d: Path, name: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(d)
+
+
+def remove_dead_temps(d: Path) -> int:
+    """Remove the temp files in d whose writer is dead (killed mid-write: they would lie there,
+    outside the budget, for ever); a live process's are left to it. Returns how many went."""
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return 0
+    gone = 0
+    for name in names:
+        m = _TMP_RE.fullmatch(name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(d / name)
+                gone += 1
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no pid at all: leave it
+        return True
+    return True
 
 
 class Pool:

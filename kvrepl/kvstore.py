@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from kvrepl.errors import SnapshotError
-from kvrepl.kvbook import EMPTY, Pool, Ref, fsync_dir, write_atomic
+from kvrepl.kvbook import EMPTY, Pool, Ref, fsync_dir, remove_dead_temps, write_atomic
 from kvrepl.stfile import (
     BadChunk,
     Chunk,
@@ -234,6 +234,8 @@ class KVStore(Pool):
                     os.utime(d / r.name)
             self.record(session_id, d.name, chain)
             self.prune(d)
+            remove_dead_temps(d)
+            remove_dead_temps(self.manifest(session_id).parent)
             evicted = self.keep_budget({(d.name, r.name) for r in chain})
         except OSError as e:
             raise SnapshotError(f"snapshot not saved: {e.strerror or e}; messages are safe") from e

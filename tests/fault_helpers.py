@@ -11,7 +11,8 @@ FAULT is one of
     snapshot-then-kill  at the Nth turn end, write the snapshot first, then SIGKILL before the
                         answer is committed (the other order)
     kill-mid-write      at the Nth chunk write, write half the bytes of the temp file, then
-                        SIGKILL (a kill during a save)
+                        SIGKILL (a kill during a save; the writes of sessions' lists of
+                        chunks do not count)
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ def install_fault(spec: str) -> None:
     elif name == "kill-mid-write":
         import builtins
 
-        from kvrepl import kvstore
+        from kvrepl import kvbook
 
         class HalfWriter(io.RawIOBase):
             def __init__(self, f: Any) -> None:
@@ -400,11 +401,14 @@ def install_fault(spec: str) -> None:
 
         def fault_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
             f = builtins.open(file, mode, *a, **k)
-            if "w" in mode and due():
+            # The atomic writer opens its temp file by descriptor; its name says what it is: a
+            # chunk (counted), or a session's list of chunks (not)
+            name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+            if "w" in mode and ".safetensors-" in name and due():
                 return HalfWriter(f)
             return f
 
-        kvstore.open = fault_open  # the module's own `open`, used by its atomic writer
+        kvbook.open = fault_open  # the module's own `open`, used by its atomic writer
     else:
         raise SystemExit(f"unknown fault {spec!r}")
 

@@ -925,8 +925,8 @@ def test_a_process_killed_around_the_turn_write_leaves_no_phantom_turn(fault, jo
     else:  # turn 2 committed; its snapshot never written, or only half of its temp file
         assert roles == ["user", "assistant", "user", "assistant"]
         if fault.startswith("kill-mid-write"):
-            assert [n for n in os.listdir(home / "kv" / os.listdir(home / "kv")[0])
-                    if n.startswith(".tmp-")]  # fmt: skip
+            pool = KVStore(home / "kv").pool_dir(dir_loaded.fingerprint)
+            assert [n for n in os.listdir(pool) if n.startswith(".tmp-")]
     h = make(dir_loaded, home)
     out = h.line("/load k")  # the next start; the dead process's lock is gone with it
     assert "error" not in out, out
