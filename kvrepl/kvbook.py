@@ -186,9 +186,7 @@ class Pool:
             return "", [], None
         if not _FP_RE.fullmatch(pool):
             return "", [], None
-        by_parent: dict[tuple[str, int], list[Ref]] = {}
-        for r in self.refs(self.root / "chunks" / pool):
-            by_parent.setdefault((r.parent, r.start), []).append(r)
+        by_parent = self._by_parent(pool)
         chain: list[Ref] = []
         tip = EMPTY
         for start, end, want in steps:
@@ -199,6 +197,29 @@ class Pool:
             tip = want
         return pool, chain, None
 
+    def _by_parent(self, pool: str) -> dict[tuple[str, int], list[Ref]]:
+        by_parent: dict[tuple[str, int], list[Ref]] = {}
+        for r in self.refs(self.root / "chunks" / pool):
+            by_parent.setdefault((r.parent, r.start), []).append(r)
+        return by_parent
+
+    def _on_disk(self, entries: set[str], only: str | None = None) -> set[tuple[str, Ref]]:
+        """The chunks on disk now that hold what listed chunks held (of one pool, when given):
+        each one itself, or the pieces it was split into when another branch left it in its
+        middle (the lists name the chunks as they were saved, and a split rewrites no list)."""
+        out: set[tuple[str, Ref]] = set()
+        trees: dict[str, dict[tuple[str, int], list[Ref]]] = {}
+        for entry in entries:
+            pool, _, name = entry.partition("/")
+            ref = Ref.parse(name)
+            if ref is None or not _FP_RE.fullmatch(pool) or only not in (None, pool):
+                continue
+            if pool not in trees:
+                trees[pool] = self._by_parent(pool)
+            pieces = _path(trees[pool], ref.parent, ref.start, ref.end, ref.tip) or []
+            out |= {(pool, r) for r in pieces}
+        return out
+
     def session_chunks(
         self, session_id: str, fingerprint: str | None = None
     ) -> list[tuple[Ref, int]]:
@@ -206,13 +227,10 @@ class Pool:
         with their sizes."""
         out = []
         only = self.pool_dir(fingerprint).name if fingerprint is not None else None
-        for entry in sorted(self.read_manifest(self.manifest(session_id))):
-            pool, _, name = entry.partition("/")
-            ref = Ref.parse(name)
-            if ref is None or not _FP_RE.fullmatch(pool) or only not in (None, pool):
-                continue
+        mine = self._on_disk(self.read_manifest(self.manifest(session_id)), only)
+        for pool, ref in sorted(mine, key=lambda x: (x[0], x[1].start, x[1].name)):
             with contextlib.suppress(OSError):
-                st = os.lstat(self.root / "chunks" / pool / name)
+                st = os.lstat(self.root / "chunks" / pool / ref.name)
                 if stat.S_ISREG(st.st_mode):
                     out.append((ref, st.st_size))
         return out
@@ -232,17 +250,16 @@ class Pool:
     def delete(self, session_id: str) -> None:
         """Forget a session: its chunks that no other session uses go."""
         path = self.manifest(session_id)
-        mine, others = self.read_manifest(path), set()
+        listed, others = self.read_manifest(path), set()
         folder = path.parent
         for name in os.listdir(folder) if folder.is_dir() else []:
             if name.endswith(".json") and name != path.name:
                 others |= self.read_manifest(folder / name)
+        mine = self._on_disk(listed) - self._on_disk(others)
         try:
-            for entry in sorted(mine - others):
-                pool, _, name = entry.partition("/")
-                if Ref.parse(name) and _FP_RE.fullmatch(pool):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.root / "chunks" / pool / name)
+            for pool, ref in sorted(mine, key=lambda x: (x[0], x[1].name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / "chunks" / pool / ref.name)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             legacy = self.root / session_id
