@@ -158,14 +158,22 @@ class Pool:
         names = have | {f"{pool}/{r.name}" for r in chain}
         last = {"pool": pool, "chain": [[r.start, r.end, r.tip] for r in chain]}
         if names != have or last != self._read(path).get("last"):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = path.parent
+            if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+                os.unlink(folder)  # never followed: the link goes, a real folder replaces it
+            folder.mkdir(parents=True, exist_ok=True)
             data = {"chunks": sorted(names), "last": last}
             write_atomic(path.parent, path.name, json.dumps(data).encode())
 
     @staticmethod
     def _read(path: Path) -> dict:
+        """A session's list, or {}: never read through a link (its own or its folder's)."""
+        if os.path.islink(path.parent):
+            return {}
         try:
-            data = json.loads(path.read_text())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                data = json.loads(f.read()) if stat.S_ISREG(os.fstat(fd).st_mode) else {}
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
@@ -198,8 +206,11 @@ class Pool:
         return pool, chain, None
 
     def _by_parent(self, pool: str) -> dict[tuple[str, int], list[Ref]]:
+        """A pool's chunks by (parent, start); none where its folder cannot be used (a link is
+        not even listed: nothing is counted, loaded or deleted through it)."""
         by_parent: dict[tuple[str, int], list[Ref]] = {}
-        for r in self.refs(self.root / "chunks" / pool):
+        d = self.root / "chunks" / pool
+        for r in [] if self.problem(d) else self.refs(d):
             by_parent.setdefault((r.parent, r.start), []).append(r)
         return by_parent
 
@@ -252,7 +263,7 @@ class Pool:
         path = self.manifest(session_id)
         listed, others = self.read_manifest(path), set()
         folder = path.parent
-        for name in os.listdir(folder) if folder.is_dir() else []:
+        for name in os.listdir(folder) if folder.is_dir() and not self.problem(folder) else []:
             if name.endswith(".json") and name != path.name:
                 others |= self.read_manifest(folder / name)
         mine = self._on_disk(listed) - self._on_disk(others)
@@ -260,8 +271,9 @@ class Pool:
             for pool, ref in sorted(mine, key=lambda x: (x[0], x[1].name)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.root / "chunks" / pool / ref.name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            if not os.path.islink(folder):  # a list outside the store is not this one's
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             legacy = self.root / session_id
             if os.path.islink(legacy):
                 os.unlink(legacy)

@@ -160,6 +160,8 @@ class KVStore(Pool):
         resumed session starts from, before its messages are compared with it."""
         pool, chain, missing = self.last_chain(session_id)
         d = self.pool_dir(fingerprint)
+        if pool == d.name and (problem := self.problem(d)):  # said before any file is read
+            return LoadResult([], notes=[f"snapshot: dropped: {problem}"])
         if pool != d.name or (missing == 0 and not self.session_chunks(session_id, fingerprint)):
             return LoadResult([])  # another model's, or every file gone: no snapshot
         ids: list[int] = []

@@ -772,6 +772,70 @@ def test_a_chunk_linked_out_of_the_store_is_refused_then_replaced(three, reload,
     assert_same(KVStore(store.root).load_session(SID, FP), ids, layers)
 
 
+@pytest.mark.parametrize("which", ["pool", "chunks"])
+def test_a_pool_folder_linked_out_of_the_store_is_never_followed(three, tmp_path, which):
+    """The model's pool (or the folder of all pools) moved out, a link left: nothing is read,
+    counted or deleted through it; the next save makes a real folder in its place."""
+    store, ids, layers = three
+    folder = store.pool_dir(FP) if which == "pool" else store.pool_dir(FP).parent
+    outside = tmp_path / "outside"
+    shutil.move(folder, outside)
+    folder.symlink_to(outside)
+    before = tree(outside)
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy(path, *a, **k):
+        opened.append(os.path.realpath(path))
+        return real_open(path, *a, **k)
+
+    fresh = KVStore(store.root)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "open", spy)
+        for result in (fresh.load_session(SID, FP), fresh.load(FP, ids)):
+            assert result.ids == []
+            assert one_note(result) == (
+                "snapshot: dropped: its folder is a symbolic link; refused, not followed"
+            )
+        assert fresh.find(FP, ids) == [] and fresh.session_paths(SID) == []
+        assert fresh.n_tokens_on_disk(SID) == fresh.size_bytes(SID) == fresh.pool_bytes() == 0
+        fresh.delete(SID)
+    assert not [p for p in opened if p.startswith(str(outside))]
+    assert tree(outside) == before
+    fresh.save(SID, ids, layers, FP)
+    assert not folder.is_symlink() and folder.is_dir() and tree(outside) == before
+    assert_same(KVStore(store.root).load_session(SID, FP), ids, layers)
+
+
+def test_a_sessions_folder_linked_out_of_the_store_is_never_followed(three, tmp_path):
+    store, ids, layers = three
+    folder = store.root / "sessions"
+    outside = tmp_path / "outside"
+    shutil.move(folder, outside)
+    folder.symlink_to(outside)
+    before = tree(outside)
+    fresh = KVStore(store.root)
+    assert fresh.load_session(SID, FP).ids == [] and fresh.n_tokens_on_disk(SID) == 0
+    fresh.delete(SID)  # removes no list through the link, and no chunk it names
+    assert tree(outside) == before and len(pool(store)) == 3
+    fresh.save(SID, ids, layers, FP)  # a real folder replaces the link
+    assert not folder.is_symlink() and tree(outside) == before
+    assert_same(KVStore(store.root).load_session(SID, FP), ids, layers)
+
+
+def test_a_sessions_list_linked_out_of_the_store_is_not_read(three, tmp_path):
+    store, ids, layers = three
+    path = store.manifest(SID)
+    outside = tmp_path / "list.json"
+    shutil.move(path, outside)
+    path.symlink_to(outside)
+    before = outside.read_bytes()
+    assert KVStore(store.root).load_session(SID, FP).ids == []
+    store.save(SID, ids, layers, FP)
+    assert not path.is_symlink() and outside.read_bytes() == before
+    assert KVStore(store.root).load_session(SID, FP).ids == ids
+
+
 # -- failures while saving ---------------------------------------------------------------------
 
 
