@@ -187,7 +187,9 @@ class Pool:
         """The model fingerprint, the chunks of the session's last save as the pool holds them
         now (a chunk split since counts as its halves), and where that chain lost a chunk
         (None when it is whole)."""
-        last = self._read(self.manifest(session_id)).get("last", {})
+        path = self.manifest(session_id)
+        self.import_legacy()  # a session from before the pool has its list once imported
+        last = self._read(path).get("last", {})
         try:
             pool, steps = str(last["pool"]), [(int(a), int(b), str(t)) for a, b, t in last["chain"]]
         except (KeyError, TypeError, ValueError):
@@ -238,7 +240,9 @@ class Pool:
         with their sizes."""
         out = []
         only = self.pool_dir(fingerprint).name if fingerprint is not None else None
-        mine = self._on_disk(self.read_manifest(self.manifest(session_id)), only)
+        path = self.manifest(session_id)
+        self.import_legacy()
+        mine = self._on_disk(self.read_manifest(path), only)
         for pool, ref in sorted(mine, key=lambda x: (x[0], x[1].start, x[1].name)):
             with contextlib.suppress(OSError):
                 st = os.lstat(self.root / "chunks" / pool / ref.name)
@@ -342,7 +346,8 @@ class Pool:
     # -- a store from before the pool ---------------------------------------------------------
     def import_legacy(self) -> None:
         """Move each `<root>/<session_id>/chunk-<start>.safetensors` chain into the pool, once:
-        its chunks keep their bytes and get their pool names; what does not read is left."""
+        its chunks keep their bytes and get their pool names, up to the first that does not
+        read (left out: it was never trusted); then the old folder goes."""
         if self._imported:
             return
         self._imported = True

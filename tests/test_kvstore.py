@@ -493,6 +493,29 @@ def legacy_session(root: Path, sid: str, ids: list[int], cuts: list[int]) -> Pat
     return d
 
 
+def test_a_session_from_before_the_pool_is_imported_once_and_loads(tmp_path):
+    ids = rand_ids(200, 18)
+    d = legacy_session(tmp_path, "old", ids, [100, 150])
+    store = KVStore(tmp_path)
+    assert store.n_tokens_on_disk("old") == 200  # /sessions counts it before any turn
+    assert not d.exists()
+    assert spans(store) == [(0, 100), (100, 150), (150, 200)]
+    result = KVStore(tmp_path).load_session("old", FP)
+    assert result.notes == []
+    assert_same(result, ids, kv_of(ids))
+    assert save(KVStore(tmp_path), ids + [5], "old").written_tokens == 1  # and goes on
+
+
+def test_a_legacy_session_is_imported_up_to_its_first_bad_chunk(tmp_path):
+    ids = rand_ids(200, 19)
+    d = legacy_session(tmp_path, "old", ids, [100, 150])
+    bad = d / "chunk-000000100.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-5])
+    result = KVStore(tmp_path).load_session("old", FP)
+    assert result.notes == [] and result.ids == ids[:100]
+    assert spans(KVStore(tmp_path)) == [(0, 100)] and not d.exists()
+
+
 def test_a_legacy_folder_that_is_a_link_is_not_imported_and_delete_removes_the_link(tmp_path):
     ids = rand_ids(50, 20)
     outside = legacy_session(tmp_path / "elsewhere", "old", ids, [])
