@@ -186,8 +186,8 @@ class KVStore(Pool):
         c, check, data_start, spans = parse_chunk(buf, size, st, path.name)
         if c.fingerprint != fingerprint:
             raise BadChunk("was made by another model")
-        if (c.start, c.end) != (ref.start, ref.end):
-            raise BadChunk("does not match its file name")
+        if (c.start, c.end, c.prefix_hash[:16]) != (ref.start, ref.end, ref.tip):
+            raise BadChunk("does not match its file name")  # its name places it in the tree
         if kept and c.layout != kept[0].layout:
             raise BadChunk("has another dtype or shape than the chunks before it")
         view = memoryview(buf)[data_start:]

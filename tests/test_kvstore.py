@@ -664,6 +664,20 @@ def test_metadata_that_disagrees_with_the_tensors_or_the_name(three, reload, cha
     one_note(result, "chunk at 100", words)
 
 
+def test_a_chunk_whose_content_is_not_what_its_name_says(three, reload):
+    """Another branch's chunk of the same span copied over this one's name (behind kvrepl's
+    back): its name places it in the tree, so its content must be the one the name hashes."""
+    store, ids, layers = three
+    other = ids[:100] + rand_ids(50, 22)
+    store.save("other", other, kv_of(other), FP)
+    mine, theirs = at(store, 100), at(store, 100, "other")
+    assert mine.name != theirs.name
+    shutil.copyfile(theirs, mine)
+    result = reload(store, ids)
+    assert_same(result, ids[:100], prefix(layers, 100))
+    one_note(result, "kept 100 of 200", "chunk at 100 does not match its file name")
+
+
 def test_a_name_that_does_not_match_the_metadata_is_refused_by_the_parser(three):
     store, _, _ = three
     path = at(store, 100)
