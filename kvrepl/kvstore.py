@@ -294,8 +294,15 @@ class KVStore(Pool):
                       for i in range(c.layout[1])]  # fmt: skip
             first, a = chunk_bytes(old, layers, pos, pos + cut, fingerprint, offset=pos)
             second, b = chunk_bytes(old, layers, pos + cut, r.end, fingerprint, offset=pos)
-            write_atomic(d, first, a)
-            write_atomic(d, second, b)
+            new = [n for n in (first, second) if not os.path.lexists(d / n)]
+            try:
+                write_atomic(d, first, a)
+                write_atomic(d, second, b)
+            except BaseException:  # the whole stays: no half may hold its tokens twice
+                for n in new:
+                    with contextlib.suppress(OSError):
+                        os.unlink(d / n)
+                raise
             os.unlink(d / r.name)
             fsync_dir(d)
             return Ref.parse(first), len(theirs), len(a) + len(b)  # type: ignore[return-value]

@@ -884,7 +884,7 @@ SPLIT_CALLS = {"replace": 2, "fsync": 4, "open": 2}  # of the two halves' atomic
 
 
 @pytest.mark.parametrize("target", ["replace", "fsync", "open"])
-@pytest.mark.parametrize("nth", [1])  # the first call of the save, or a later one
+@pytest.mark.parametrize("nth", [1, 2, 3, 4])  # the first call of the save, or a later one
 def test_a_full_disk_leaves_the_old_snapshot_and_no_token_twice(three, monkeypatch, target, nth):
     """The branch leaves a chunk in its middle: the save writes two halves, then its chunk.
     A write of the split that fails leaves the store as it was (no half holds a token the
