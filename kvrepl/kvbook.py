@@ -200,7 +200,7 @@ class Pool:
         chain: list[Ref] = []
         tip = EMPTY
         for start, end, want in steps:
-            path = _path(by_parent, tip, start, end, want)
+            path = pieces_between(by_parent, tip, start, end, want)
             if path is None:
                 return pool, chain, start
             chain += path
@@ -229,7 +229,7 @@ class Pool:
                 continue
             if pool not in trees:
                 trees[pool] = self._by_parent(pool)
-            pieces = _path(trees[pool], ref.parent, ref.start, ref.end, ref.tip) or []
+            pieces = pieces_between(trees[pool], ref.parent, ref.start, ref.end, ref.tip) or []
             out |= {(pool, r) for r in pieces}
         return out
 
@@ -380,7 +380,7 @@ class Pool:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _path(
+def pieces_between(
     by_parent: dict[tuple[str, int], list[Ref]], tip: str, start: int, end: int, want: str
 ) -> list[Ref] | None:
     """Chunks from `start` (after `tip`) to `end` ending in hash `want`: the chunk itself, or
@@ -388,6 +388,6 @@ def _path(
     for r in sorted(by_parent.get((tip, start), []), key=lambda r: -r.end):
         if r.end == end and r.tip == want:
             return [r]
-        if r.end < end and (rest := _path(by_parent, r.tip, r.end, end, want)) is not None:
+        if r.end < end and (rest := pieces_between(by_parent, r.tip, r.end, end, want)) is not None:
             return [r, *rest]
     return None

@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 
 from kvrepl.errors import SnapshotError
-from kvrepl.kvbook import EMPTY, Pool, Ref, fsync_dir, remove_dead_temps, write_atomic
+from kvrepl.kvbook import (
+    EMPTY,
+    Pool,
+    Ref,
+    fsync_dir,
+    pieces_between,
+    remove_dead_temps,
+    write_atomic,
+)
 from kvrepl.stfile import (
     BadChunk,
     Chunk,
@@ -221,6 +229,7 @@ class KVStore(Pool):
         written = nbytes = 0
         try:
             d.mkdir(parents=True, exist_ok=True)
+            self._drop_split_wholes(d)
             chain = self._trusted(d, self.find(fingerprint, ids), fingerprint, layout)
             if (split := self._split(d, chain, ids, fingerprint)) is not None:
                 chain.append(split[0])
@@ -255,6 +264,21 @@ class KVStore(Pool):
                         os.unlink(d / bad.name)
                 return chain[:i]
         return chain
+
+    def _drop_split_wholes(self, d: Path) -> None:
+        """Remove a chunk whose pieces are on disk too (a split killed before the whole went):
+        its tokens stay once, in the pieces, which other branches may already hang from."""
+        by_parent: dict[tuple[str, int], list[Ref]] = {}
+        for r in self.refs(d):
+            by_parent.setdefault((r.parent, r.start), []).append(r)
+        for r in [r for group in by_parent.values() for r in group]:
+            if not any(s.end < r.end for s in by_parent[(r.parent, r.start)]):
+                continue  # no shorter sibling: no pieces can stand for it
+            rest = {k: [s for s in v if s != r] for k, v in by_parent.items()}
+            if pieces_between(rest, r.parent, r.start, r.end, r.tip):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(d / r.name)
+                by_parent = rest
 
     def _clear_way(self, d: Path) -> None:
         """A link or a stray file where a folder of the pool belongs goes (never followed)."""
@@ -303,7 +327,8 @@ class KVStore(Pool):
                     with contextlib.suppress(OSError):
                         os.unlink(d / n)
                 raise
-            os.unlink(d / r.name)
+            with contextlib.suppress(FileNotFoundError):  # another save saw the halves first
+                os.unlink(d / r.name)
             fsync_dir(d)
             return Ref.parse(first), len(theirs), len(a) + len(b)  # type: ignore[return-value]
         return None

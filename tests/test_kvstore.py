@@ -321,6 +321,30 @@ def test_a_branch_that_leaves_a_chunk_in_its_middle_splits_it(tmp_path):
         assert_same(result, ids, kv_of(ids))
 
 
+def test_a_split_killed_before_the_whole_went_is_tidied_by_the_next_save(tmp_path):
+    """Killed between writing the halves and removing the whole, a split leaves the whole's
+    tokens twice; the next save of the model removes the whole, which its halves stand for."""
+    store = KVStore(tmp_path)
+    a = rand_ids(150, 24)
+    b = a[:120] + rand_ids(30, 25)
+    save(store, a, "a")
+    whole = store.pool_dir(FP) / pool(store)[0].name
+    kept = whole.read_bytes()
+    save(store, b, "b")
+    whole.write_bytes(kept)  # back, as the kill left it
+    assert prefixes_on_disk(store) == (150 + 120 + 30 + 30, distinct_prefixes(a, b))
+    c = b + rand_ids(10, 26)
+    save(KVStore(tmp_path), c, "b")
+    assert not whole.exists()
+    assert prefixes_on_disk(store) == (distinct_prefixes(a, c),) * 2
+    assert store.n_tokens_on_disk("a") == 150
+    for sid, ids in (("a", a), ("b", c)):
+        result = KVStore(tmp_path).load_session(sid, FP)
+        assert result.notes == []
+        assert_same(result, ids, kv_of(ids))
+        assert KVStore(tmp_path).find(FP, ids)[-1].end == len(ids)
+
+
 def test_going_back_to_any_branch_finds_its_whole_chain(tmp_path):
     """A tree of branches, each off a random place of an earlier one (an /edit, a /retry, a
     branch switch): every branch is found whole afterwards, nothing left to compute, and the
