@@ -356,6 +356,13 @@ def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _writes_a_chunk(file: Any, mode: str) -> bool:
+    """Whether `open` writes a chunk's temp file, not a session's list of chunks: the atomic
+    writer opens it by descriptor, and its name says which."""
+    name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+    return "w" in mode and ".safetensors-" in name
+
+
 def install_fault(spec: str) -> None:
     name, _, n = spec.partition(":")
     nth = int(n or 1)
@@ -412,12 +419,7 @@ def install_fault(spec: str) -> None:
 
         def fault_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
             f = builtins.open(file, mode, *a, **k)
-            # The atomic writer opens its temp file by descriptor; its name says what it is: a
-            # chunk (counted), or a session's list of chunks (not)
-            name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
-            if "w" in mode and ".safetensors-" in name and due():
-                return HalfWriter(f)
-            return f
+            return HalfWriter(f) if _writes_a_chunk(file, mode) and due() else f
 
         kvbook.open = fault_open  # the module's own `open`, used by its atomic writer
     else:
