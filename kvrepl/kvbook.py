@@ -30,6 +30,7 @@ _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FP_RE = re.compile(r"[0-9a-f]{8,64}")
 _NAME_RE = re.compile(r"(\d{9})-(\d{7})-([0-9a-f]{16})-([0-9a-f]{16})\.safetensors")
 _LEGACY_RE = re.compile(r"chunk-(\d{9})\.safetensors")
+_TMP_RE = re.compile(r"\.tmp-.+-(\d+)-[0-9a-f]{32}")  # .tmp-<name>-<writer's pid>-<uuid>
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,10 @@ def fsync_dir(d: Path) -> None:
 
 
 def write_atomic(d: Path, name: str, data: bytes) -> None:
-    """Temp file, fsync, rename over `name`, fsync of the folder: all or nothing."""
-    tmp = d / f".tmp-{name}-{uuid.uuid4().hex}"
+    """Temp file, fsync, rename over `name`, fsync of the folder: all or nothing. The temp
+    file's name carries the writer's pid, so that one a killed writer left can be told from one
+    another process is writing now (`remove_dead_temps`)."""
+    tmp = d / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with open(fd, "wb") as f:
@@ -75,6 +78,35 @@ def write_atomic(d: Path, name: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(d)
+
+
+def remove_dead_temps(d: Path) -> int:
+    """Remove the temp files in d whose writer is dead (killed mid-write: they would lie there,
+    outside the budget, for ever); a live process's are left to it. Returns how many went."""
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return 0
+    gone = 0
+    for name in names:
+        m = _TMP_RE.fullmatch(name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(d / name)
+                gone += 1
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no pid at all: leave it
+        return True
+    return True
 
 
 class Pool:
@@ -126,14 +158,22 @@ class Pool:
         names = have | {f"{pool}/{r.name}" for r in chain}
         last = {"pool": pool, "chain": [[r.start, r.end, r.tip] for r in chain]}
         if names != have or last != self._read(path).get("last"):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = path.parent
+            if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+                os.unlink(folder)  # never followed: the link goes, a real folder replaces it
+            folder.mkdir(parents=True, exist_ok=True)
             data = {"chunks": sorted(names), "last": last}
             write_atomic(path.parent, path.name, json.dumps(data).encode())
 
     @staticmethod
     def _read(path: Path) -> dict:
+        """A session's list, or {}: never read through a link (its own or its folder's)."""
+        if os.path.islink(path.parent):
+            return {}
         try:
-            data = json.loads(path.read_text())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                data = json.loads(f.read()) if stat.S_ISREG(os.fstat(fd).st_mode) else {}
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
@@ -147,25 +187,51 @@ class Pool:
         """The model fingerprint, the chunks of the session's last save as the pool holds them
         now (a chunk split since counts as its halves), and where that chain lost a chunk
         (None when it is whole)."""
-        last = self._read(self.manifest(session_id)).get("last", {})
+        path = self.manifest(session_id)
+        self.import_legacy()  # a session from before the pool has its list once imported
+        last = self._read(path).get("last", {})
         try:
             pool, steps = str(last["pool"]), [(int(a), int(b), str(t)) for a, b, t in last["chain"]]
         except (KeyError, TypeError, ValueError):
             return "", [], None
         if not _FP_RE.fullmatch(pool):
             return "", [], None
-        by_parent: dict[tuple[str, int], list[Ref]] = {}
-        for r in self.refs(self.root / "chunks" / pool):
-            by_parent.setdefault((r.parent, r.start), []).append(r)
+        by_parent = self._by_parent(pool)
         chain: list[Ref] = []
         tip = EMPTY
         for start, end, want in steps:
-            path = _path(by_parent, tip, start, end, want)
+            path = pieces_between(by_parent, tip, start, end, want)
             if path is None:
                 return pool, chain, start
             chain += path
             tip = want
         return pool, chain, None
+
+    def _by_parent(self, pool: str) -> dict[tuple[str, int], list[Ref]]:
+        """A pool's chunks by (parent, start); none where its folder cannot be used (a link is
+        not even listed: nothing is counted, loaded or deleted through it)."""
+        by_parent: dict[tuple[str, int], list[Ref]] = {}
+        d = self.root / "chunks" / pool
+        for r in [] if self.problem(d) else self.refs(d):
+            by_parent.setdefault((r.parent, r.start), []).append(r)
+        return by_parent
+
+    def _on_disk(self, entries: set[str], only: str | None = None) -> set[tuple[str, Ref]]:
+        """The chunks on disk now that hold what listed chunks held (of one pool, when given):
+        each one itself, or the pieces it was split into when another branch left it in its
+        middle (the lists name the chunks as they were saved, and a split rewrites no list)."""
+        out: set[tuple[str, Ref]] = set()
+        trees: dict[str, dict[tuple[str, int], list[Ref]]] = {}
+        for entry in entries:
+            pool, _, name = entry.partition("/")
+            ref = Ref.parse(name)
+            if ref is None or not _FP_RE.fullmatch(pool) or only not in (None, pool):
+                continue
+            if pool not in trees:
+                trees[pool] = self._by_parent(pool)
+            pieces = pieces_between(trees[pool], ref.parent, ref.start, ref.end, ref.tip) or []
+            out |= {(pool, r) for r in pieces}
+        return out
 
     def session_chunks(
         self, session_id: str, fingerprint: str | None = None
@@ -174,13 +240,12 @@ class Pool:
         with their sizes."""
         out = []
         only = self.pool_dir(fingerprint).name if fingerprint is not None else None
-        for entry in sorted(self.read_manifest(self.manifest(session_id))):
-            pool, _, name = entry.partition("/")
-            ref = Ref.parse(name)
-            if ref is None or not _FP_RE.fullmatch(pool) or only not in (None, pool):
-                continue
+        path = self.manifest(session_id)
+        self.import_legacy()
+        mine = self._on_disk(self.read_manifest(path), only)
+        for pool, ref in sorted(mine, key=lambda x: (x[0], x[1].start, x[1].name)):
             with contextlib.suppress(OSError):
-                st = os.lstat(self.root / "chunks" / pool / name)
+                st = os.lstat(self.root / "chunks" / pool / ref.name)
                 if stat.S_ISREG(st.st_mode):
                     out.append((ref, st.st_size))
         return out
@@ -200,19 +265,19 @@ class Pool:
     def delete(self, session_id: str) -> None:
         """Forget a session: its chunks that no other session uses go."""
         path = self.manifest(session_id)
-        mine, others = self.read_manifest(path), set()
+        listed, others = self.read_manifest(path), set()
         folder = path.parent
-        for name in os.listdir(folder) if folder.is_dir() else []:
+        for name in os.listdir(folder) if folder.is_dir() and not self.problem(folder) else []:
             if name.endswith(".json") and name != path.name:
                 others |= self.read_manifest(folder / name)
+        mine = self._on_disk(listed) - self._on_disk(others)
         try:
-            for entry in sorted(mine - others):
-                pool, _, name = entry.partition("/")
-                if Ref.parse(name) and _FP_RE.fullmatch(pool):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.root / "chunks" / pool / name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            for pool, ref in sorted(mine, key=lambda x: (x[0], x[1].name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / "chunks" / pool / ref.name)
+            if not os.path.islink(folder):  # a list outside the store is not this one's
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             legacy = self.root / session_id
             if os.path.islink(legacy):
                 os.unlink(legacy)
@@ -281,7 +346,8 @@ class Pool:
     # -- a store from before the pool ---------------------------------------------------------
     def import_legacy(self) -> None:
         """Move each `<root>/<session_id>/chunk-<start>.safetensors` chain into the pool, once:
-        its chunks keep their bytes and get their pool names; what does not read is left."""
+        its chunks keep their bytes and get their pool names, up to the first that does not
+        read (left out: it was never trusted); then the old folder goes."""
         if self._imported:
             return
         self._imported = True
@@ -314,7 +380,7 @@ class Pool:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _path(
+def pieces_between(
     by_parent: dict[tuple[str, int], list[Ref]], tip: str, start: int, end: int, want: str
 ) -> list[Ref] | None:
     """Chunks from `start` (after `tip`) to `end` ending in hash `want`: the chunk itself, or
@@ -322,6 +388,6 @@ def _path(
     for r in sorted(by_parent.get((tip, start), []), key=lambda r: -r.end):
         if r.end == end and r.tip == want:
             return [r]
-        if r.end < end and (rest := _path(by_parent, r.tip, r.end, end, want)) is not None:
+        if r.end < end and (rest := pieces_between(by_parent, r.tip, r.end, end, want)) is not None:
             return [r, *rest]
     return None

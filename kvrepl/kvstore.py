@@ -33,15 +33,25 @@ from pathlib import Path
 import torch
 
 from kvrepl.errors import SnapshotError
-from kvrepl.kvbook import EMPTY, Pool, Ref, fsync_dir, write_atomic
+from kvrepl.kvbook import (
+    EMPTY,
+    Pool,
+    Ref,
+    fsync_dir,
+    pieces_between,
+    remove_dead_temps,
+    write_atomic,
+)
 from kvrepl.stfile import (
     BadChunk,
     Chunk,
     Layers,
+    Layout,
     Tensor,
     chunk_bytes,
     crc32s,
     ids_bytes,
+    layout_of,
     parse_chunk,
     read_chunk,
     views,
@@ -158,6 +168,8 @@ class KVStore(Pool):
         resumed session starts from, before its messages are compared with it."""
         pool, chain, missing = self.last_chain(session_id)
         d = self.pool_dir(fingerprint)
+        if pool == d.name and (problem := self.problem(d)):  # said before any file is read
+            return LoadResult([], notes=[f"snapshot: dropped: {problem}"])
         if pool != d.name or (missing == 0 and not self.session_chunks(session_id, fingerprint)):
             return LoadResult([])  # another model's, or every file gone: no snapshot
         ids: list[int] = []
@@ -182,8 +194,8 @@ class KVStore(Pool):
         c, check, data_start, spans = parse_chunk(buf, size, st, path.name)
         if c.fingerprint != fingerprint:
             raise BadChunk("was made by another model")
-        if (c.start, c.end) != (ref.start, ref.end):
-            raise BadChunk("does not match its file name")
+        if (c.start, c.end, c.prefix_hash[:16]) != (ref.start, ref.end, ref.tip):
+            raise BadChunk("does not match its file name")  # its name places it in the tree
         if kept and c.layout != kept[0].layout:
             raise BadChunk("has another dtype or shape than the chunks before it")
         view = memoryview(buf)[data_start:]
@@ -209,6 +221,7 @@ class KVStore(Pool):
         then record it for the session and keep the pool within its budget."""
         t0 = time.perf_counter()
         self.manifest(session_id)  # refuses an unsafe id before anything is written
+        layout = layout_of(len(ids), layers)  # and K/V that are not those ids'
         d = self.pool_dir(fingerprint)
         self._clear_way(d)
         if problem := self.problem(d):
@@ -216,7 +229,8 @@ class KVStore(Pool):
         written = nbytes = 0
         try:
             d.mkdir(parents=True, exist_ok=True)
-            chain = self._trusted(d, self.find(fingerprint, ids))
+            self._drop_split_wholes(d)
+            chain = self._trusted(d, self.find(fingerprint, ids), fingerprint, layout)
             if (split := self._split(d, chain, ids, fingerprint)) is not None:
                 chain.append(split[0])
                 written, nbytes = split[1], split[2]
@@ -231,22 +245,40 @@ class KVStore(Pool):
                     os.utime(d / r.name)
             self.record(session_id, d.name, chain)
             self.prune(d)
+            remove_dead_temps(d)
+            remove_dead_temps(self.manifest(session_id).parent)
             evicted = self.keep_budget({(d.name, r.name) for r in chain})
         except OSError as e:
             raise SnapshotError(f"snapshot not saved: {e.strerror or e}; messages are safe") from e
         return SaveReport(written, nbytes, time.perf_counter() - t0, len(chain), evicted)
 
-    def _trusted(self, d: Path, chain: list[Ref]) -> list[Ref]:
-        """The chain up to the first chunk a load refused; that one and the rest go, to be
-        written again from the cache."""
+    def _trusted(self, d: Path, chain: list[Ref], fingerprint: str, layout: Layout) -> list[Ref]:
+        """The chain up to the first chunk a load refused or whose header is not this model's
+        K/V in this layout (a chain found by names alone must not take in a chunk that no load
+        would accept after it); that one and the rest go, to be written again from the cache."""
         for i, r in enumerate(chain):
-            if (d.name, r.name) in self._bad:
+            if (d.name, r.name) in self._bad or not _fits(d / r.name, r, fingerprint, layout):
                 for bad in chain[i:]:
                     self._bad.discard((d.name, bad.name))
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(d / bad.name)
                 return chain[:i]
         return chain
+
+    def _drop_split_wholes(self, d: Path) -> None:
+        """Remove a chunk whose pieces are on disk too (a split killed before the whole went):
+        its tokens stay once, in the pieces, which other branches may already hang from."""
+        by_parent: dict[tuple[str, int], list[Ref]] = {}
+        for r in self.refs(d):
+            by_parent.setdefault((r.parent, r.start), []).append(r)
+        for r in [r for group in by_parent.values() for r in group]:
+            if not any(s.end < r.end for s in by_parent[(r.parent, r.start)]):
+                continue  # no shorter sibling: no pieces can stand for it
+            rest = {k: [s for s in v if s != r] for k, v in by_parent.items()}
+            if pieces_between(rest, r.parent, r.start, r.end, r.tip):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(d / r.name)
+                by_parent = rest
 
     def _clear_way(self, d: Path) -> None:
         """A link or a stray file where a folder of the pool belongs goes (never followed)."""
@@ -286,12 +318,30 @@ class KVStore(Pool):
                       for i in range(c.layout[1])]  # fmt: skip
             first, a = chunk_bytes(old, layers, pos, pos + cut, fingerprint, offset=pos)
             second, b = chunk_bytes(old, layers, pos + cut, r.end, fingerprint, offset=pos)
-            write_atomic(d, first, a)
-            write_atomic(d, second, b)
-            os.unlink(d / r.name)
+            new = [n for n in (first, second) if not os.path.lexists(d / n)]
+            try:
+                write_atomic(d, first, a)
+                write_atomic(d, second, b)
+            except BaseException:  # the whole stays: no half may hold its tokens twice
+                for n in new:
+                    with contextlib.suppress(OSError):
+                        os.unlink(d / n)
+                raise
+            with contextlib.suppress(FileNotFoundError):  # another save saw the halves first
+                os.unlink(d / r.name)
             fsync_dir(d)
             return Ref.parse(first), len(theirs), len(a) + len(b)  # type: ignore[return-value]
         return None
+
+
+def _fits(path: Path, ref: Ref, fingerprint: str, layout: Layout) -> bool:
+    """Whether a chunk's header reads (framing, size, metadata) as this model's K/V in this
+    layout for the tokens its name says (its data is checked when it is loaded)."""
+    try:
+        c = parse_chunk(*read_chunk(path, header_only=True), path.name)[0]
+    except BadChunk:
+        return False
+    return (c.fingerprint, c.layout, c.start, c.end) == (fingerprint, layout, ref.start, ref.end)
 
 
 def _ids_of(path: Path) -> list[int] | None:

@@ -62,15 +62,16 @@ class Snapshots:
 
     def _resume(self, session_id: str, fingerprint: str, ids: list[int], chain: list) -> Any:
         """A session opened afresh: its last saved snapshot, when it agrees with the messages
-        further than the chunks found by them (it does, unless they changed behind kvrepl's back
-        or another process saved another branch)."""
+        at least as far as the chunks found by them (it does, unless they changed behind
+        kvrepl's back or another process saved another branch). On a tie it is the session's
+        own: restored whatever its length, where the chunks found would need MIN_GAIN tokens."""
         last = self.kv.load_session(session_id, fingerprint)
         if not last.chunks and not last.notes:
             return None
         agree = 0
         while agree < min(len(last.ids), len(ids)) and last.ids[agree] == ids[agree]:
             agree += 1
-        return last if agree > (chain[-1].end if chain else 0) or last.notes else None
+        return last if agree >= (chain[-1].end if chain else 0) or last.notes else None
 
     def _why_none(self, session_id: str, fingerprint: str) -> str:
         pool, chain, _ = self.kv.last_chain(session_id)

@@ -220,7 +220,8 @@ def ids_bytes(ids: Sequence[int]) -> bytes:
     return torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes()
 
 
-def _layout(n: int, layers: Layers) -> Layout:
+def layout_of(n: int, layers: Layers) -> Layout:
+    """The layout of per-layer K/V over n tokens; ValueError when they are not one."""
     if not layers or layers[0][0].dim() != 4:
         raise ValueError("layers must be a non-empty list of [1, heads, n_tokens, head_dim] pairs")
     k0 = layers[0][0]
@@ -264,8 +265,8 @@ def chunk_bytes(
     for i, (k, v) in enumerate(layers):
         tensors[f"layers.{i}.keys"] = k[:, :, a:b].detach().to("cpu").contiguous()
         tensors[f"layers.{i}.values"] = v[:, :, a:b].detach().to("cpu").contiguous()
-    layout = _layout(end - start, [(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"])
-                                   for i in range(len(layers))])  # fmt: skip
+    layout = layout_of(end - start, [(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"])
+                                     for i in range(len(layers))])  # fmt: skip
     raw = ids_bytes(ids[:end])
     prefix, parent = hashlib.sha256(raw).hexdigest(), hashlib.sha256(raw[: 8 * start]).hexdigest()
     names = tensor_names(len(layers))

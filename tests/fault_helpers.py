@@ -11,7 +11,8 @@ FAULT is one of
     snapshot-then-kill  at the Nth turn end, write the snapshot first, then SIGKILL before the
                         answer is committed (the other order)
     kill-mid-write      at the Nth chunk write, write half the bytes of the temp file, then
-                        SIGKILL (a kill during a save)
+                        SIGKILL (a kill during a save; the writes of sessions' lists of
+                        chunks do not count)
 """
 
 from __future__ import annotations
@@ -212,6 +213,17 @@ def chunk_files(home: Path, sid: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in KVStore(home / "kv").session_paths(sid)}
 
 
+def tree(d: Path) -> dict[str, bytes]:
+    """Every file under d, path -> bytes (a symbolic link: its target's name, never followed)."""
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(d))] = b"-> " + os.readlink(p).encode()
+        elif p.is_file():
+            out[str(p.relative_to(d))] = p.read_bytes()
+    return out
+
+
 def db_messages(home: Path) -> list[tuple[str, str, int]]:
     """(role, content, interrupted) of every message, read with plain sqlite3."""
     con = sqlite3.connect(home / "kvrepl.db")
@@ -344,6 +356,13 @@ def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _writes_a_chunk(file: Any, mode: str) -> bool:
+    """Whether `open` writes a chunk's temp file, not a session's list of chunks: the atomic
+    writer opens it by descriptor, and its name says which."""
+    name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+    return "w" in mode and ".safetensors-" in name
+
+
 def install_fault(spec: str) -> None:
     name, _, n = spec.partition(":")
     nth = int(n or 1)
@@ -379,7 +398,7 @@ def install_fault(spec: str) -> None:
     elif name == "kill-mid-write":
         import builtins
 
-        from kvrepl import kvstore
+        from kvrepl import kvbook
 
         class HalfWriter(io.RawIOBase):
             def __init__(self, f: Any) -> None:
@@ -400,11 +419,9 @@ def install_fault(spec: str) -> None:
 
         def fault_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
             f = builtins.open(file, mode, *a, **k)
-            if "w" in mode and due():
-                return HalfWriter(f)
-            return f
+            return HalfWriter(f) if _writes_a_chunk(file, mode) and due() else f
 
-        kvstore.open = fault_open  # the module's own `open`, used by its atomic writer
+        kvbook.open = fault_open  # the module's own `open`, used by its atomic writer
     else:
         raise SystemExit(f"unknown fault {spec!r}")
 

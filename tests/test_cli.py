@@ -28,6 +28,7 @@ from kvrepl.store import STAT_NAMES, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = Settings(temperature=0.0, max_tokens=8, repetition_penalty=3.0)
+FP = "tiny-fingerprint"
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def home(_isolated_home: Path) -> Path:
 def tiny_loaded(tiny) -> LoadedModel:
     model, tok = tiny
     return LoadedModel(model, tok, ModelSource("folder", Path("/nonexistent/tiny"), "tiny"),
-                       "cpu", "float32", "tiny-fingerprint", 512)  # fmt: skip
+                       "cpu", "float32", FP, 512)  # fmt: skip
 
 
 def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list[Stats]]:
@@ -221,13 +222,29 @@ def test_export_markdown_holds_each_turns_stats(tiny, home, capsys):
 # kvrepl rm
 
 
-def test_rm_deletes_the_session_and_its_kv_folder_only(tiny, home, capsys):
+def pool_files(home: Path) -> set[str]:
+    return set(os.listdir(KVStore(home / "kv").pool_dir(FP)))
+
+
+def test_rm_deletes_the_session_and_its_kv_only(tiny, home, capsys):
+    """The two sessions share the chunk of the template's opening (the second one's save split
+    the first one's chunk there): rm deletes what only the session used, and its list."""
     sid, _ = converse(tiny, home, "demo", "Hello there")
     keep, _ = converse(tiny, home, "keep", "how are you?")
-    assert (home / "kv" / sid).is_dir() and (home / "kv" / keep).is_dir()
+    kv = KVStore(home / "kv")
+    demo_files = {p.name for p in kv.session_paths(sid)}
+    keep_files = {p.name for p in kv.session_paths(keep)}
+    assert demo_files & keep_files and demo_files - keep_files  # shared, and its own
+    assert pool_files(home) == demo_files | keep_files
+    keep_snapshot = kv.load_session(keep, FP)
+    assert keep_snapshot.notes == [] and keep_snapshot.ids
     rc, out, err = run_main(capsys, "rm", "demo")
     assert (rc, out, err) == (0, "deleted demo\n", "")
-    assert not (home / "kv" / sid).exists()
+    assert pool_files(home) == keep_files  # the shared chunk stays; nothing of demo's alone
+    assert not (home / "kv" / "sessions" / f"{sid}.json").exists()
+    assert kv.session_paths(sid) == [] and kv.n_tokens_on_disk(sid) == 0
+    after = KVStore(home / "kv").load_session(keep, FP)
+    assert after.notes == [] and after.ids == keep_snapshot.ids
     store = Store(home / "kvrepl.db")
     try:
         assert store.get_session("demo") is None and store.get_session(sid) is None
@@ -251,6 +268,8 @@ def test_rm_leaves_no_file_of_the_session_behind(tiny, home, capsys):
 
 def test_rm_refuses_a_session_open_in_another_kvrepl(tiny, home, capsys):
     sid, _ = converse(tiny, home, "demo", "Hello there")
+    kv_before = {p: p.read_bytes() for p in (home / "kv").rglob("*") if p.is_file()}
+    assert KVStore(home / "kv").session_paths(sid)
     lock = SessionLock(home / "locks", sid)  # as an open kvrepl holds it
     try:
         rc, out, err = run_main(capsys, "rm", "demo")
@@ -259,7 +278,7 @@ def test_rm_refuses_a_session_open_in_another_kvrepl(tiny, home, capsys):
     assert rc == 1 and out == ""
     assert err == f"kvrepl: this session is open in another kvrepl (pid {os.getpid()}); " \
                   "close it there first\n"  # fmt: skip
-    assert (home / "kv" / sid).is_dir()
+    assert {p: p.read_bytes() for p in (home / "kv").rglob("*") if p.is_file()} == kv_before
     assert run_main(capsys, "rm", "demo")[0] == 0  # once it is closed
 
 

@@ -47,12 +47,14 @@ from fault_helpers import (
     make_loaded,
     reference_answer,
     resave,
+    tree,
 )
 
 from kvrepl import cli
 from kvrepl.chat import Chat
 from kvrepl.config import Settings
 from kvrepl.errors import StoreError
+from kvrepl.kvstore import KVStore
 from kvrepl.schema import SCHEMA_VERSION
 from kvrepl.store import Store
 
@@ -187,7 +189,8 @@ def one_turn_ok(h: Harness, text: str, new_turns: int = 1) -> str:
 
 
 # =============================================================================================
-# Snapshots: corrupt the files under <home>/kv/<session>/, start a new Chat, send the next turn
+# Snapshots: corrupt the session's chunks in <home>/kv/chunks/<fingerprint>/, start a new Chat, send
+# the next turn
 
 
 @pytest.fixture(scope="module")
@@ -288,10 +291,11 @@ def test_a_broken_snapshot_chunk_is_cut_or_rebuilt_with_one_line(
     home = tmp_path / "store"
     shutil.copytree(src, home, symlinks=True)
     good = chunk_files(home, sid)
-    names = sorted(good)
-    victim = names[0] if which == "first" else names[-1]
-    corrupt(kind, home / "kv" / sid / victim, tmp_path)
-    broken = os.readlink(home / "kv" / sid / victim) if kind == "symlink-out" else None
+    paths = KVStore(home / "kv").session_paths(sid)
+    victim_path = paths[0] if which == "first" else paths[-1]
+    victim = victim_path.name
+    corrupt(kind, victim_path, tmp_path)
+    broken = os.readlink(victim_path) if kind == "symlink-out" else None
     before = {n: b for n, b in good.items() if n != victim}
     seen_at_save: list[dict[str, bytes]] = []
 
@@ -301,7 +305,7 @@ def test_a_broken_snapshot_chunk_is_cut_or_rebuilt_with_one_line(
     def spy(*a, **k):
         if not seen_at_save:  # what loading left on disk, before this session's first save
             seen_at_save.append({n: b for n, b in chunk_files(home, sid).items() if n != victim})
-            assert os.path.lexists(home / "kv" / sid / victim)
+            assert os.path.lexists(victim_path)
         return save(*a, **k)
 
     h.kv.save = spy
@@ -319,8 +323,12 @@ def test_a_broken_snapshot_chunk_is_cut_or_rebuilt_with_one_line(
     assert_whole_turns(h, 4)
     assert_snapshot_clean(h)
     assert not (tmp_path / "UNPICKLED").exists()
-    if broken is not None:  # the link was replaced, its target never written
-        assert not (home / "kv" / sid / victim).is_symlink()
+    # The broken chunk left the pool (the save wrote its tokens again, under its own name) or
+    # holds its good bytes again; a link was removed, never followed: its target is untouched.
+    if os.path.lexists(victim_path):
+        assert not victim_path.is_symlink() and victim_path.read_bytes() == good[victim]
+    assert not [p for p in victim_path.parent.iterdir() if p.is_symlink()]
+    if broken is not None:
         assert (tmp_path / "outside" / victim).read_bytes() == good[victim]
 
 
@@ -351,8 +359,8 @@ def test_a_snapshot_in_another_dtype_under_the_same_fingerprint_is_dropped(
     src, sid = snap_home
     home = tmp_path / "store"
     shutil.copytree(src, home)
-    for name in chunk_files(home, sid):
-        forge_dtype(home / "kv" / sid / name, torch.bfloat16)
+    for path in KVStore(home / "kv").session_paths(sid):
+        forge_dtype(path, torch.bfloat16)
     h = make(loaded, home)
     out = h.line("/load snap")
     assert "internal error" not in out, out
@@ -361,16 +369,21 @@ def test_a_snapshot_in_another_dtype_under_the_same_fingerprint_is_dropped(
     assert_snapshot_clean(h)
 
 
-@pytest.fixture
-def linked_folder(snap_home, tmp_path) -> tuple[Path, str, dict[str, bytes]]:
-    """The session's snapshot folder moved out of the store, a symlink left in its place."""
+@pytest.fixture(params=["pool", "chunks"])
+def linked_folder(request, snap_home, loaded, tmp_path) -> tuple[Path, str, dict[str, bytes]]:
+    """The folder holding the session's chunks moved out of the store, a symlink left in its
+    place: the model's pool (`kv/chunks/<fingerprint>`, shared by every session of the model:
+    what a session's own folder was before the pool), or the folder of all pools."""
     src, sid = snap_home
     home = tmp_path / "store"
     shutil.copytree(src, home)
+    pool = KVStore(home / "kv").pool_dir(loaded.fingerprint)
+    assert KVStore(home / "kv").session_paths(sid)[0].parent == pool
+    folder = pool if request.param == "pool" else pool.parent
     outside = tmp_path / "outside"
-    shutil.move(home / "kv" / sid, outside)
-    (home / "kv" / sid).symlink_to(outside)
-    return home, sid, chunk_files(home, sid)
+    shutil.move(folder, outside)
+    folder.symlink_to(outside)
+    return home, sid, tree(outside)
 
 
 def test_a_snapshot_folder_linked_out_of_the_store_is_never_followed(linked_folder, loaded,
@@ -383,8 +396,7 @@ def test_a_snapshot_folder_linked_out_of_the_store_is_never_followed(linked_fold
     )
     assert "restored" not in out
     one_turn_ok(h, "and Germany?")
-    outside = tmp_path / "outside"
-    assert {n: (outside / n).read_bytes() for n in os.listdir(outside)} == outside_files
+    assert tree(tmp_path / "outside") == outside_files
     assert_whole_turns(h, 4)
 
 
@@ -420,6 +432,7 @@ def test_a_failed_save_warns_and_loses_nothing(fault, loaded, make, monkeypatch)
     h.lines("hello there", "how are you")
     sid = h.sid
     before = chunk_files(h.home, sid)
+    kv_before = tree(h.home / "kv")
     with monkeypatch.context() as m:
         if fault == "fsync ENOSPC":
             m.setattr(os, "fsync", _enospc)
@@ -432,8 +445,8 @@ def test_a_failed_save_warns_and_loses_nothing(fault, loaded, make, monkeypatch)
     reason = "Read-only file system" if fault == "read-only store" else "No space left on device"
     assert len(warnings) == 1 and reason in warnings[0] and "messages are safe" in warnings[0], out
     assert len(STATS.findall(out)) == 1
-    assert [n for n in os.listdir(h.home / "kv" / sid) if n.startswith(".tmp-")] == []
     assert chunk_files(h.home, sid) == before  # the old snapshot, byte for byte
+    assert tree(h.home / "kv") == kv_before  # and the whole store: no temp file, no list changed
     assert_whole_turns(h, 3)  # every message, the answer of the failed save's turn too
     assert [r for r, _, _ in db_messages(h.home)] == ["user", "assistant"] * 3
     assert_cache_true(h.rt.engine)
@@ -681,7 +694,12 @@ def test_a_bad_session_name_via_save_is_refused(name, loaded, make, tmp_path):
         assert BAD_NAMES[name] in out
         assert h.chat.session.name is None
     assert files_outside(tmp_path, h.home) == outside
-    assert sorted(os.listdir(h.home / "kv")) == [h.sid]
+    # Nothing in the snapshot store is named after it: the pool of the model's chunks and the
+    # session's list of them, under its id, are all there is.
+    kv = h.home / "kv"
+    assert sorted(os.listdir(kv)) == ["chunks", "sessions"]
+    assert os.listdir(kv / "sessions") == [f"{h.sid}.json"]
+    assert os.listdir(kv / "chunks") == [h.kv.pool_dir(loaded.fingerprint).name]
     one_turn_ok(h, "how are you")
 
 
@@ -843,6 +861,7 @@ def test_ctrl_c_during_the_save_keeps_the_committed_turn(loaded, make, monkeypat
     h = make(loaded)
     h.line("hello there")
     before = chunk_files(h.home, h.sid)
+    kv_before = tree(h.home / "kv")
 
     def ctrl_c(*a, **k):  # the temp file is written and synced; Ctrl-C before the rename
         raise KeyboardInterrupt
@@ -851,7 +870,7 @@ def test_ctrl_c_during_the_save_keeps_the_committed_turn(loaded, make, monkeypat
         m.setattr(os, "replace", ctrl_c)
         out = h.line("how are you")
     assert chunk_files(h.home, h.sid) == before  # the old snapshot, intact
-    assert not [n for n in os.listdir(h.home / "kv" / h.sid) if n.startswith(".tmp-")]
+    assert tree(h.home / "kv") == kv_before  # no temp file left, the session's list unchanged
     assert h.chat.history()[-1].role == "assistant"  # committed before the save
     assert "interrupted" in out and "error" not in out, out
     assert_cache_true(h.rt.engine)
@@ -924,8 +943,8 @@ def test_a_process_killed_around_the_turn_write_leaves_no_phantom_turn(fault, jo
     else:  # turn 2 committed; its snapshot never written, or only half of its temp file
         assert roles == ["user", "assistant", "user", "assistant"]
         if fault.startswith("kill-mid-write"):
-            assert [n for n in os.listdir(home / "kv" / os.listdir(home / "kv")[0])
-                    if n.startswith(".tmp-")]  # fmt: skip
+            pool = KVStore(home / "kv").pool_dir(dir_loaded.fingerprint)
+            assert [n for n in os.listdir(pool) if n.startswith(".tmp-")]
     h = make(dir_loaded, home)
     out = h.line("/load k")  # the next start; the dead process's lock is gone with it
     assert "error" not in out, out
