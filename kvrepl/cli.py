@@ -3,7 +3,7 @@ line on stderr here (exit 1; usage errors exit 2). No model or database work of 
 the rooms and hands over to the REPL or a subcommand.
 
     kvrepl [flags]                 chat (a new session; --resume or --session NAME to continue)
-    kvrepl path                    print where sessions are stored
+    kvrepl path [--config]         print where sessions are stored (or the config file)
     kvrepl sessions                list sessions
     kvrepl export NAME [--format md|json]
     kvrepl rm NAME
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrepl import __version__
-from kvrepl.config import Settings, load_settings, store_path
+from kvrepl.config import Settings, config_path, load_settings, store_path
 from kvrepl.errors import KvreplError, UsageError
 from kvrepl.names import validate_session_name
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file")
     p.add_argument(
-        "--store", metavar="DIR", help="where sessions live (default ./sessions, or KVREPL_HOME)"
+        "--store", metavar="DIR", help="where sessions live (default: the user's data folder)"
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the most recent session")
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help="the store")
     sub = p.add_subparsers(dest="command", metavar="{path,sessions,export,rm}")
-    sub.add_parser("path", parents=[store], help="print where sessions are stored")
+    path = sub.add_parser("path", parents=[store], help="print where sessions are stored")
+    path.add_argument("--config", action="store_true", help="print the config file's path")
     sub.add_parser("sessions", parents=[store], help="list sessions")
     e = sub.add_parser("export", parents=[store], help="write a session out")
     e.add_argument("name")
@@ -155,9 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.session is not None:  # refused before any model work
             validate_session_name(args.session)
-        settings = load_settings(home, _flags(args))
+        settings = load_settings(_flags(args))
         if args.command == "path":
-            print(home)
+            print(config_path() if args.config else home)
             return 0
         return _run(args, settings, home)
     except UsageError as exc:
