@@ -1,14 +1,14 @@
 """All terminal output of kvrepl: the one rich Console and everything printed through it.
 
 Owns streaming answer text (live, then Markdown), the thinking panel, notices, the per-turn stats
-line, errors, tables and spinners, and plain mode (no ANSI, no Live) when output is not a
-terminal. Which stream gets what is decided here: answers (and a
+line, the progress line of a long prefill, errors, tables and spinners, and plain mode (no ANSI,
+no Live) when output is not a terminal. Which stream gets what is decided here: answers (and a
 command's output) on `console`; notices, stats and errors on `err` (stderr when output is piped,
 the same console in a terminal); with `json_lines`, one JSON object per answer and nothing else on
 `console`. It never generates text and never touches the model, the cache or the database: it
 only consumes the events of `kvrepl.events`. How streamed Markdown is cut into finished blocks
 and a live tail (without rich's Live duplicating lines, rich issue #3263) is mdstream.py's; the
-text of the stats and JSON lines is turnlines.py's.
+text of the stats, progress and JSON lines is turnlines.py's.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from kvrepl.events import Finish, Notice, Stats, TextDelta, ThinkDelta, TurnEvent
+from kvrepl.events import Finish, Notice, Progress, Stats, TextDelta, ThinkDelta, TurnEvent
 from kvrepl.listing import SESSION_COLUMNS, SessionRow, session_cells
 from kvrepl.listing import format_size as format_size  # callers take it from here
 from kvrepl.mdstream import Continuation, LiveTail, last_block_stub, split_finished, tail_source
-from kvrepl.turnlines import TurnResult, turn_object
+from kvrepl.turnlines import PROGRESS_AFTER_S, TurnResult, format_progress, turn_object
 from kvrepl.turnlines import format_stats as format_stats  # callers take it from here
 
 
@@ -93,6 +93,7 @@ class Renderer:
         self._stats: Stats | None = None
         self._reason: str | None = None
         self._interrupted = False
+        self._progress: Progress | None = None
         self._wrote_answer = False
         self._about: dict[str, Any] = {}
 
@@ -116,6 +117,8 @@ class Renderer:
             self._on_think(event.text)
         elif isinstance(event, Notice):
             self.notice(event.text)
+        elif isinstance(event, Progress):
+            self._on_progress(event)
         elif isinstance(event, Finish):
             self._reason = event.reason
             self._interrupted |= event.reason == "interrupted"
@@ -246,7 +249,19 @@ class Renderer:
         self.console.print(Continuation(self._context, chunk))
         self._context = last_block_stub(chunk)
 
+    def _on_progress(self, p: Progress) -> None:
+        """A transient line under a long prefill, in a terminal only; the first piece of the
+        answer (or of its thinking) takes its place."""
+        if self.plain or self._phase is not None or p.elapsed_s < PROGRESS_AFTER_S:
+            return
+        self._progress = p
+        if self._live is None:
+            self._refresh()  # starts the live region without drawing it
+        self._refresh(force=True)
+
     def _live_view(self) -> RenderableType:
+        if self._phase is None and self._progress is not None:
+            return Text(format_progress(self._progress), style="dim")
         if self._phase == "think":
             think = "".join(self._think_segment)
             if not self.show_think:

@@ -1,6 +1,6 @@
-"""What a turn reads as outside the answer itself: its stats line and the JSON object `--json`
-prints for it. Pure functions of the turn's figures; the renderer decides where and when they
-are printed.
+"""What a turn reads as outside the answer itself: its stats line, the progress line of a long
+prefill, and the JSON object `--json` prints for it. Pure functions of the turn's figures; the
+renderer decides where and when they are printed.
 """
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvrepl.events import Stats
+from kvrepl.events import Progress, Stats
+
+# A prefill shorter than this shows no progress line: it would only flicker.
+PROGRESS_AFTER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,15 @@ def format_stats(
     if interrupted:
         parts.append("interrupted")
     return " · ".join(parts)
+
+
+def format_progress(p: Progress) -> str:
+    """`prefill 1,536 / 5,600 tokens · 240 tok/s · 17 s left`."""
+    rate = p.done / p.elapsed_s if p.elapsed_s > 0 else 0.0
+    line = f"prefill {p.done:,} / {p.total:,} tokens"
+    if rate > 0:
+        line += f" · {rate:,.0f} tok/s · {(p.total - p.done) / rate:,.0f} s left"
+    return line
 
 
 def turn_object(result: TurnResult, about: dict[str, Any], *, think: bool) -> dict[str, Any]:
