@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux) || echo "tmux missing: its test will be skipped"
 	touch $(STAMP)
 
+# In the repository, sessions live in its sessions/ folder (elsewhere: the user's data folder).
+KVREPL_HOME ?= $(CURDIR)/sessions
+
 run: $(STAMP)
-	$(VENV)/bin/kvrepl $(ARGS)
+	KVREPL_HOME="$(KVREPL_HOME)" $(VENV)/bin/kvrepl $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

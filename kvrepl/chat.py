@@ -273,13 +273,12 @@ class Chat(SessionHolder):
         self._save_snapshot(notes)
         return engine.progress.reused, engine.progress.prefilled, notes
 
-    def _answer(
-        self, fitted: Fitted | None = None, started: float | None = None
-    ) -> Iterator[TurnEvent]:
-        """Answer the head of the active branch (`fitted`: its rendering, when the caller has
-        it). Whatever stops the turn (Ctrl-C anywhere in it, or the consumer closing it), the
-        user's message gets an answer, marked interrupted, with what was generated, and the
-        engine's cache matches its ids."""
+    def _answer(self, fitted: Fitted | None = None,
+                started: float | None = None) -> Iterator[TurnEvent]:  # fmt: skip
+        """Answer the head of the active branch (`fitted`: its rendering, if the caller has it).
+        Whatever stops the turn (Ctrl-C anywhere in it, the consumer closing it), the user's
+        message gets an answer, marked interrupted, with what was generated, and the engine's
+        cache matches its ids."""
         self.last_stats, self.last_reason = None, "interrupted"
         splitter = ThinkSplitter()
         events: Iterator[TurnEvent] | None = None
@@ -309,6 +308,8 @@ class Chat(SessionHolder):
                     reason = event.reason
                 elif isinstance(event, Stats):
                     stats = event
+                else:  # a long prefill's Progress: for the renderer
+                    yield event
             yield from splitter.flush()
         except BaseException as exc:
             if events is not None:

@@ -1,12 +1,18 @@
-"""The command line: flags, environment, subcommands and exit codes. Domain errors become one
-line on stderr here (exit 1; usage errors exit 2). No model or database work of its own: it builds
-the rooms and hands over to the REPL or a subcommand.
+"""The command line: environment, streams, subcommands and exit codes (the grammar of its flags is
+args.py's). Domain errors become one line on stderr here (exit 1; usage errors exit 2); in the
+line loop and a one-shot prompt, exit 1 when any line failed. No model or database work of its
+own: it builds the rooms and hands over to the REPL or a subcommand.
 
-    kvrepl [flags]                 chat (a new session; --resume or --session NAME to continue)
-    kvrepl path                    print where sessions are stored
+    kvrepl [flags]                 chat (a new session; -c/--continue or --session NAME to go on)
+    kvrepl [flags] PROMPT ...      answer PROMPT (after any piped text) and exit
+    kvrepl path [--config]         print where sessions are stored (or the config file)
     kvrepl sessions                list sessions
     kvrepl export NAME [--format md|json]
     kvrepl rm NAME
+
+Streams: in a terminal everything is on the screen. When stdout is not a terminal (or --json),
+stdout holds the answers alone (what /commands print too, except under --json); notices, stats
+and errors go to stderr.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvrepl import __version__
-from kvrepl.config import Settings, load_settings, store_path
+from kvrepl.args import flag_settings, parse
+from kvrepl.config import Settings, config_path, load_settings, store_path
 from kvrepl.errors import KvreplError, UsageError
 from kvrepl.names import validate_session_name
 
@@ -76,67 +82,6 @@ class BackgroundModel:
         return self._result.loaded.source.label
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvrepl", description="Chat with a local model; the KV cache "
-                                "survives turns, restarts and edits.")  # fmt: skip
-    p.add_argument("--version", action="version", version=f"kvrepl {__version__}")
-    p.add_argument(
-        "--model", help="embedded default, a model folder, a .gguf file or a cached hub id"
-    )
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "gguf", "float32", "bfloat16", "float16"),
-        help="auto: a .gguf runs its own quantized weights on the CPU (gguf); float32: dequantized",
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file")
-    p.add_argument(
-        "--store", metavar="DIR", help="where sessions live (default ./sessions, or KVREPL_HOME)"
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue the most recent session")
-    g.add_argument("--session", metavar="NAME", help="continue session NAME (created when new)")
-    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.2)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--no-reuse", action="store_true", help="recompute the whole prompt every turn")
-    p.add_argument("--think", action="store_true", default=None, help="show thinking")
-    p.add_argument(
-        "--drop-oldest",
-        action="store_true",
-        default=None,
-        help="when over the context, leave out the oldest turns (and say so)",
-    )
-    p.add_argument("--plain", action="store_true", default=None, help="no colours, no Markdown")
-    # --store is also taken after a subcommand (`kvrepl path --store DIR`).
-    store = argparse.ArgumentParser(add_help=False)
-    store.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help="the store")
-    sub = p.add_subparsers(dest="command", metavar="{path,sessions,export,rm}")
-    sub.add_parser("path", parents=[store], help="print where sessions are stored")
-    sub.add_parser("sessions", parents=[store], help="list sessions")
-    e = sub.add_parser("export", parents=[store], help="write a session out")
-    e.add_argument("name")
-    e.add_argument("--format", choices=("md", "json"), default="md")
-    r = sub.add_parser("rm", parents=[store], help="delete a session and its snapshots")
-    r.add_argument("name")
-    return p
-
-
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "model": args.model, "dtype": args.dtype, "device": args.device,
-        "chat_template": args.chat_template, "temperature": args.temperature,
-        "top_p": args.top_p, "top_k": args.top_k, "max_tokens": args.max_tokens,
-        "repetition_penalty": args.repetition_penalty, "seed": args.seed, "system": args.system,
-        "reuse": False if args.no_reuse else None, "show_think": args.think,
-        "drop_oldest": args.drop_oldest, "plain": args.plain,
-    }  # fmt: skip
-
-
 def entry() -> None:
     """The `kvrepl` command. A model still loading in its thread when kvrepl ends would make
     the C++ runtime abort at interpreter shutdown ("terminate called…"): leave at once instead,
@@ -150,14 +95,14 @@ def entry() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     home = store_path(args.store)
     try:
         if args.session is not None:  # refused before any model work
             validate_session_name(args.session)
-        settings = load_settings(home, _flags(args))
+        settings = load_settings(flag_settings(args))
         if args.command == "path":
-            print(home)
+            print(config_path() if args.config else home)
             return 0
         return _run(args, settings, home)
     except UsageError as exc:
@@ -173,32 +118,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     from kvrepl.chat import Chat
     from kvrepl.commands import build_registry
-    from kvrepl.render import Renderer, make_console
     from kvrepl.repl import Repl, interactive_loop, line_loop, stdin_lines
     from kvrepl.store import Store
 
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    plain = settings.plain or not sys.stdout.isatty()
-    console = make_console(plain=plain)
-    renderer = Renderer(console, show_think=settings.show_think, plain=plain)
     store = Store(home / "kvrepl.db")
     if args.command in ("sessions", "export", "rm"):
+        renderer = _renderer(settings, split=False)
         return _subcommand(args, Chat(settings, store, None, _no_model, home), renderer)
 
-    from kvrepl import models
-
+    prompt = _one_shot(args.prompt)
+    split = args.json or not sys.stdout.isatty()
+    renderer = _renderer(settings, split=split, json_lines=args.json)
+    interactive = prompt is None and not args.json and sys.stdin.isatty() and sys.stdout.isatty()
     loader = BackgroundModel(settings, progress=False)
     chat = Chat(settings, store, None, loader.get, home)
     try:
-        if args.resume:  # the session first: a wrong name fails before any model work
-            chat.resume_latest()
-        elif args.session is not None:
-            chat.open_or_create(args.session)
-        source = models.resolve(settings.model)
-        if note := models.first_start(source, settings.dtype, settings.device):
-            # Once per GGUF file, before the prompt: its progress bar would tear the input.
-            renderer.notice(note)
-            models.prepare(source, settings.dtype, settings.device, progress=True)
+        _open_session(chat, args)  # the session first: a wrong name fails before model work
+        _first_start(settings, renderer)
         loader.start()
         repl = Repl(
             chat, renderer, build_registry(), interactive=interactive, model_ready=loader.ready
@@ -208,6 +144,9 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
             renderer.notice(f"session {chat.session.name or chat.session.id}: {turns} turn(s)")
             if note := chat.unanswered_note():
                 renderer.notice(note)
+        if prompt is not None:
+            repl.send(prompt)
+            return 1 if repl.failures else 0
         if not interactive:
             return line_loop(repl, stdin_lines())
         renderer.notice("kvrepl: /help for commands, Ctrl-D to quit")
@@ -215,6 +154,48 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     finally:
         chat.close()
         store.close()
+
+
+def _renderer(settings: Settings, *, split: bool, json_lines: bool = False) -> Any:
+    """The renderer: plain when stdout is not a terminal; with `split`, answers on stdout and the
+    rest (notices, stats, errors) on stderr."""
+    from kvrepl.render import Renderer, make_console
+
+    plain = settings.plain or split or not sys.stdout.isatty()
+    err = make_console(sys.stderr, plain=True) if split else None
+    return Renderer(make_console(plain=plain), err=err, json_lines=json_lines,
+                    show_think=settings.show_think, plain=plain)  # fmt: skip
+
+
+def _one_shot(words: list[str]) -> str | None:
+    """The one-shot prompt, None without one. Text piped in comes first, then the prompt, in one
+    message (as llm does), so that `cat notes.txt | kvrepl "summarise this"` works."""
+    if not words:
+        return None
+    prompt = " ".join(words)
+    if sys.stdin is None or sys.stdin.isatty():
+        return prompt
+    from kvrepl.repl import stdin_lines
+
+    piped = "".join(stdin_lines()).rstrip()
+    return f"{piped}\n\n{prompt}" if piped.strip() else prompt
+
+
+def _open_session(chat: Any, args: argparse.Namespace) -> None:
+    if args.resume:
+        chat.resume_latest()
+    elif args.session is not None:
+        chat.open_or_create(args.session)
+
+
+def _first_start(settings: Settings, renderer: Any) -> None:
+    """Once per GGUF file, before the prompt: its progress bar (on stderr) would tear the input."""
+    from kvrepl import models
+
+    source = models.resolve(settings.model)
+    if note := models.first_start(source, settings.dtype, settings.device):
+        renderer.notice(note)
+        models.prepare(source, settings.dtype, settings.device, progress=True)
 
 
 def _toolbar(loader: BackgroundModel, chat: Any) -> str:

@@ -1,7 +1,9 @@
 """Slash commands: a registry of name, aliases, usage, help and argument completion, and one
 function per command. `/help` and the REPL's completion are generated from the registry; the REPL
 dispatches through it (no if-chain). Commands talk to `Chat` and the `Renderer` and return what
-the REPL should do next: nothing, quit, open the prompt prefilled, or render a turn."""
+the REPL should do next: nothing, quit, open the prompt prefilled, or render a turn. What a
+command shows is `info` (its output: stdout) or `confirm` (what it did: a notice, stderr when
+piped)."""
 
 from __future__ import annotations
 
@@ -132,17 +134,17 @@ def build_registry() -> Registry:
     @reg.command("new", "[name]", "start a new session")
     def _new(ctx: Context, arg: str) -> Outcome:
         ctx.chat.new_session(arg or None)
-        ctx.renderer.info(f"new session{f' {arg!r}' if arg else ''}")
+        ctx.renderer.confirm(f"new session{f' {arg!r}' if arg else ''}")
         return None
 
     @reg.command("save", "[name]", "name or rename this session (it is already autosaved)")
     def _save(ctx: Context, arg: str) -> Outcome:
         if not arg:
             s = ctx.chat.session
-            ctx.renderer.info(f"saved as {s.name or s.id}" if s else "nothing to save yet")
+            ctx.renderer.confirm(f"saved as {s.name or s.id}" if s else "nothing to save yet")
             return None
         session = ctx.chat.rename(arg)
-        ctx.renderer.info(f"saved as {session.name!r}")
+        ctx.renderer.confirm(f"saved as {session.name!r}")
         return None
 
     @reg.command("load", "name", "switch to a session, reusing its KV snapshot",
@@ -158,7 +160,7 @@ def build_registry() -> Registry:
         if note := ctx.chat.unanswered_note():
             ctx.renderer.notice(note)
         turns = len(ctx.chat.user_turns())
-        ctx.renderer.info(f"loaded {session.name or session.id}: {turns} turn(s); reused "
+        ctx.renderer.confirm(f"loaded {session.name or session.id}: {turns} turn(s); reused "
                           f"{reused:,} tokens, recomputed {recomputed:,}")  # fmt: skip
         return None
 
@@ -183,7 +185,7 @@ def build_registry() -> Registry:
                 line += " (this model's template has no thinking switch)"
             else:
                 line += f"; thinking mode {arg}"
-        ctx.renderer.info(line)
+        ctx.renderer.confirm(line)
         return None
 
     @reg.command("edit", "N [text]", "replace user turn N as a new branch; without text, edit it "
@@ -207,7 +209,7 @@ def build_registry() -> Registry:
     @reg.command("undo", "", "drop the last exchange from this branch (kept in the database)")
     def _undo(ctx: Context, arg: str) -> Outcome:
         left = ctx.chat.undo()
-        ctx.renderer.info(f"dropped the last exchange; {left} turn(s) left")
+        ctx.renderer.confirm(f"dropped the last exchange; {left} turn(s) left")
         return None
 
     @reg.command("history", "", "the turns of this branch, numbered")
@@ -247,7 +249,7 @@ def build_registry() -> Registry:
         if not arg.isdigit():
             raise UsageError("give a branch id from /branches")
         ctx.chat.switch_branch(int(arg))
-        ctx.renderer.info(f"on branch {arg}: {len(ctx.chat.user_turns())} turn(s)")
+        ctx.renderer.confirm(f"on branch {arg}: {len(ctx.chat.user_turns())} turn(s)")
         return None
 
     @reg.command("set", "[key value]", "show or change sampling and the system prompt for this "
@@ -264,7 +266,7 @@ def build_registry() -> Registry:
             raise UsageError(f"give a value for {key}")
         value = parse_setting(key, _unquote(raw))
         ctx.chat.set_option(key, value)
-        ctx.renderer.info(f"{key} = {value!r} for this session")
+        ctx.renderer.confirm(f"{key} = {value!r} for this session")
         return None
 
     @reg.command("stats", "", "this session's cache and turn figures")
@@ -284,7 +286,7 @@ def build_registry() -> Registry:
         text = export(ctx.chat.store, ctx.chat.session, fmt)
         if len(parts) > 1:
             Path(parts[1]).expanduser().write_text(text, encoding="utf-8")
-            ctx.renderer.info(f"wrote {parts[1]}")
+            ctx.renderer.confirm(f"wrote {parts[1]}")
         else:
             ctx.renderer.print_markdown(text) if fmt == "md" else ctx.renderer.info(text)
         return None

@@ -1,5 +1,6 @@
 """Settings: defaults, overridden by the config file, then the environment, then flags; and the
-one function that decides where the store lives. Reads files; writes nothing.
+functions that decide where data lives (the store, the config file), per user as platformdirs
+places them on each OS. Reads files; writes nothing.
 
 Sampling fields can also be set per session (`/set`); those are stored with the session and laid
 over these settings when it is open (`Settings.with_overrides`).
@@ -13,8 +14,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from kvrepl.errors import UsageError
 
+APP = "kvrepl"
 CONFIG_NAME = "config.toml"
 
 
@@ -101,15 +105,24 @@ def check_sampling(key: str, value: Any) -> None:
 
 
 def store_path(flag: str | None = None) -> Path:
-    """Where sessions live: --store, else KVREPL_HOME, else ./sessions."""
-    chosen = flag or os.environ.get("KVREPL_HOME") or "sessions"
+    """Where sessions live: --store, else KVREPL_HOME, else the user's data folder (e.g.
+    ~/.local/share/kvrepl), the same whatever folder kvrepl starts in."""
+    chosen = flag or os.environ.get("KVREPL_HOME") or platformdirs.user_data_dir(APP, False)
     return Path(chosen).expanduser().absolute()
 
 
-def load_settings(store: Path, flags: dict[str, Any] | None = None) -> Settings:
-    """Defaults ← `<store>/config.toml` (or KVREPL_CONFIG) ← KVREPL_* env ← flags (non-None)."""
+def config_path() -> Path:
+    """The config file: KVREPL_CONFIG, else config.toml in the user's config folder (e.g.
+    ~/.config/kvrepl/config.toml). It need not exist."""
+    env = os.environ.get("KVREPL_CONFIG")
+    path = Path(env) if env else Path(platformdirs.user_config_dir(APP, False)) / CONFIG_NAME
+    return path.expanduser().absolute()
+
+
+def load_settings(flags: dict[str, Any] | None = None) -> Settings:
+    """Defaults ← the config file (`config_path()`) ← KVREPL_* env ← flags (non-None)."""
     settings = Settings()
-    cfg_path = Path(os.environ.get("KVREPL_CONFIG") or store / CONFIG_NAME)
+    cfg_path = config_path()
     if cfg_path.is_file():
         try:
             data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))

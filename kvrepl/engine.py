@@ -3,7 +3,8 @@ prefill, a small sampler and a streaming decode loop that yields events.
 
 It runs one model through a runner: a transformers model (`HFRunner`) or kvrepl's CPU fast path
 (fastmodel.py), both of which fill the same kind of cache layers. It knows nothing about chat
-templates, SQLite or the screen: it takes token ids and yields `TextDelta`, `Finish` and `Stats`.
+templates, SQLite or the screen: it takes token ids and yields `Progress` (between the chunks of a
+long prefill), `TextDelta`, `Finish` and `Stats`.
 Only the engine's modules and `kvstore.py` touch K/V tensors.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from kvrepl.cache import PromptCache, hf_layers
 from kvrepl.errors import PromptError
-from kvrepl.events import Finish, Stats, TextDelta, TurnEvent
+from kvrepl.events import Finish, Progress, Stats, TextDelta, TurnEvent
 from kvrepl.prompt import IncrementalDecoder
 
 
@@ -177,6 +178,15 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Bring the cache to `ids`, feeding only what differs; returns the last logits."""
+        steps = self._prefill(ids)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _prefill(self, ids: Sequence[int]) -> Generator[Progress, None, torch.Tensor]:
+        """`prefill`, yielding a Progress between chunks (none for a prompt of one chunk)."""
         if not ids:
             raise PromptError("nothing to prefill: the prompt is empty")
         if len(ids) >= self.context_length:
@@ -190,12 +200,15 @@ class Engine:
         rest = list(ids[len(self.pc.ids) :])
         self.progress.prefilled = 0  # counts what was computed, also when interrupted
         logits = None
+        t0 = time.perf_counter()
         try:
             for start in range(0, len(rest), self.chunk_size):
                 chunk = rest[start : start + self.chunk_size]
                 logits = self._forward(chunk)
                 self.pc.ids.extend(chunk)
                 self.progress.prefilled += len(chunk)
+                if self.progress.prefilled < len(rest):
+                    yield Progress(self.progress.prefilled, len(rest), time.perf_counter() - t0)
         finally:
             self.pc.sync()
         assert logits is not None
@@ -216,7 +229,7 @@ class Engine:
             progress.t0 = started
         vocab = self.model.config.get_text_config().vocab_size
         sampler = Sampler(sampling, vocab, self.runner.logits_device)
-        logits = self.prefill(ids)
+        logits = yield from self._prefill(ids)
         sampler.seen(ids)
         decoder = IncrementalDecoder(self.tokenizer)
         reason = "length"

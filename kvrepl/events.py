@@ -28,6 +28,16 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """A long prefill between two chunks: `done` of `total` tokens computed, `elapsed_s` since it
+    began (so the renderer needs no clock of its own for rates and the time left)."""
+
+    done: int
+    total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
 class Finish:
     """Why generation ended: "stop" (an end token), "length" (max tokens), "interrupted"."""
 
@@ -48,4 +58,4 @@ class Stats:
         return asdict(self)
 
 
-TurnEvent = TextDelta | ThinkDelta | Notice | Finish | Stats
+TurnEvent = TextDelta | ThinkDelta | Notice | Progress | Finish | Stats

@@ -1,15 +1,17 @@
 """Guards that keep a turn whole: Ctrl-C held back while a turn is written, and one writer per
-session (an advisory lock file, so a snapshot never has two writers). No model, no SQL."""
+session (a lock file, through filelock on every OS, so a snapshot never has two writers).
+No model, no SQL."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from kvrepl.errors import StoreError
 
@@ -31,28 +33,39 @@ def deferred_interrupts() -> Iterator[None]:
 
 
 class SessionLock:
-    """One writer per session: an advisory lock file held while the session is open here."""
+    """One writer per session: a lock file held while the session is open here (filelock: an
+    OS lock, so a killed kvrepl leaves nothing held). The holder's pid sits in a file beside it,
+    since a waiting filelock may empty the lock file itself; it is only ever used in a message."""
 
     def __init__(self, folder: Path, session_id: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{session_id}.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.pid_path = folder / f"{session_id}.pid"
+        # Not thread-local: the lock belongs to the process, whichever thread lets it go.
+        self._lock: FileLock | None = FileLock(self.path, timeout=0, thread_local=False)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
+            self._lock.acquire()
+        except Timeout:
+            self._lock = None
             raise StoreError(
-                f"this session is open in another kvrepl (pid {other}); close it there first"
+                f"this session is open in another kvrepl (pid {self._holder()}); "
+                "close it there first"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        self.pid_path.write_text(str(os.getpid()), encoding="ascii")
+
+    def _holder(self) -> str:
+        try:
+            return self.pid_path.read_text(encoding="ascii", errors="replace").strip() or "?"
+        except OSError:
+            return "?"
 
     def release(self, *, remove: bool = False) -> None:
-        """Let go; `remove` also deletes the lock file (the session itself is gone)."""
-        if remove and self.fd >= 0:
-            self.path.unlink(missing_ok=True)
-        if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = -1
+        """Let go; `remove` also deletes the lock's files (the session itself is gone)."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        self.pid_path.unlink(missing_ok=True)
+        lock.release()
+        if remove:  # after the release: Windows cannot delete a file held open
+            with suppress(OSError):
+                self.path.unlink(missing_ok=True)

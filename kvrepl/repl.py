@@ -2,8 +2,9 @@
 loop, Ctrl-C and Ctrl-D; and the plain line loop used when stdin is not a terminal.
 
 Each line is a message or a slash command; both go through `Repl.handle`, so the two loops behave
-alike. Everything else belongs to the rooms this one calls: `Chat` (the conversation), the command
-registry, the `Renderer` (all output).
+alike. A line that fails (an error, a refused command, an interrupted answer) is counted, so that
+the line loop and a one-shot prompt can exit 1. Everything else belongs to the rooms this one
+calls: `Chat` (the conversation), the command registry, the `Renderer` (all output).
 """
 
 from __future__ import annotations
@@ -39,10 +40,15 @@ class Repl:
         self.ctx = Context(chat, renderer, registry, interactive=interactive)
         self.model_ready = model_ready
         self.prefill: Prefill | None = None
+        self.failures = 0  # lines that failed: errors, refused commands, interrupted answers
 
     def handle(self, line: str) -> bool:
         """Run one line; False when the REPL should end. Errors are one line; the REPL goes on."""
         return self._guard(self._handle, line)
+
+    def send(self, text: str) -> None:
+        """Answer `text` as a message, even if it starts with a slash (a one-shot prompt)."""
+        self._guard(lambda t: self._run(self._message(t)), text)
 
     def _guard(self, step: Callable[[str], bool], line: str) -> bool:
         try:
@@ -54,6 +60,7 @@ class Repl:
         except Exception as exc:  # a bug: say it in one line, keep the traceback for the log
             self.renderer.error(f"internal error: {type(exc).__name__}: {exc}")
             self._log(traceback.format_exc())
+        self.failures += 1  # only reached when the step raised
         return True
 
     def _handle(self, line: str) -> bool:
@@ -63,12 +70,13 @@ class Repl:
         if stripped in QUIT_WORDS:
             return False
         if stripped.startswith("/"):
-            outcome = self.registry.dispatch(self.ctx, stripped)
-        else:
-            with self._no_echo():
-                self._wait_for_model()
-            outcome = Generate(self.chat.send(line))
-        return self._run(outcome)
+            return self._run(self.registry.dispatch(self.ctx, stripped))
+        return self._run(self._message(line))
+
+    def _message(self, text: str) -> Generate:
+        with self._no_echo():
+            self._wait_for_model()
+        return Generate(self.chat.send(text))
 
     def _run(self, outcome: Any) -> bool:
         if isinstance(outcome, Quit):
@@ -94,11 +102,14 @@ class Repl:
     def render_turn(self, events: Iterator[Any]) -> None:
         """Show a turn as it streams. Ctrl-C stops it: the partial answer is kept (marked
         interrupted) and the cache stays consistent; then back to the prompt."""
-        self.renderer.begin()
+        session = self.chat.session
+        about = {"session_id": session.id, "session_name": session.name} if session else {}
+        self.renderer.begin(about)
         try:
             for event in events:
                 self.renderer.feed(event)
         except KeyboardInterrupt:
+            self.failures += 1
             close = getattr(events, "close", None)
             try:
                 if close:
@@ -151,11 +162,12 @@ def _no_echo(stream: TextIO | None) -> Iterator[None]:
 
 
 def line_loop(repl: Repl, lines: Iterable[str]) -> int:
-    """Not a terminal: each line a message or a command; exit 0 at the end of input."""
+    """Not a terminal: each line a message or a command. The exit status: 1 when any line
+    failed, else 0."""
     for raw in lines:
         if not repl.handle(raw.rstrip("\r\n")):
             break
-    return 0
+    return 1 if repl.failures else 0
 
 
 def stdin_lines(stream: TextIO | None = None) -> Iterator[str]:

@@ -35,9 +35,14 @@ THINKING = (
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own store; the model conversion cache stays shared."""
+    """Every test gets its own store and no config file; the model conversion cache stays
+    shared. The per-user folders point into tmp_path too, so that a child process started
+    without KVREPL_* variables never reads or writes the user's own (Linux: XDG)."""
     home = tmp_path / "store"
     monkeypatch.setenv("KVREPL_HOME", str(home))
+    monkeypatch.setenv("KVREPL_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     return home
 
 

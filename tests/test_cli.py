@@ -1,5 +1,6 @@
-"""The command line (issue 3): `kvrepl path`, `sessions`, `export`, `rm`, and the session name
-given to `--session`. Subcommands run in-process through `cli.main` on a store made by a `Chat`
+"""The command line (issue 3): `kvrepl path` (the store in the user's data folder, the config
+file in the user's config folder), `sessions`, `export`, `rm`, and the session name given to
+`--session`. Subcommands run in-process through `cli.main` on a store made by a `Chat`
 over the tiny model; exit codes and the one-line errors are checked in real processes too (they
 start in well under a second: no model is loaded)."""
 
@@ -14,11 +15,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import platformdirs
 import pytest
 
 from kvrepl import cli
 from kvrepl.chat import Chat, Runtime
-from kvrepl.config import Settings
+from kvrepl.config import Settings, load_settings
 from kvrepl.events import Stats
 from kvrepl.guards import SessionLock
 from kvrepl.kvstore import KVStore
@@ -96,13 +98,18 @@ def tree(root: Path, skip: Path | None = None) -> set[str]:
 # kvrepl path
 
 
-def test_path_defaults_to_sessions_in_the_working_folder(tmp_path, monkeypatch, capsys):
+def test_path_defaults_to_the_users_data_folder_whatever_the_working_folder(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.delenv("KVREPL_HOME")
-    cwd = tmp_path / "work"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    assert run_main(capsys, "path") == (0, f"{cwd / 'sessions'}\n", "")
-    assert list(cwd.iterdir()) == []  # printing the path creates nothing
+    want = Path(platformdirs.user_data_dir("kvrepl", False))
+    assert want == tmp_path / "xdg-data" / "kvrepl"  # conftest's XDG_DATA_HOME, on Linux
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        assert run_main(capsys, "path") == (0, f"{want}\n", "")
+        assert list((tmp_path / folder).iterdir()) == []  # no sessions/ of its own
+    assert not want.exists()  # printing the path creates nothing
 
 
 def test_path_follows_kvrepl_home(home, capsys):
@@ -121,12 +128,41 @@ def test_path_store_flag_wins_over_kvrepl_home(home, tmp_path, monkeypatch, caps
 
 
 def test_path_in_a_real_process(tmp_path):
-    (tmp_path / "a").mkdir()
-    p = kvrepl("path", cwd=tmp_path / "a")
-    assert (p.returncode, p.stdout, p.stderr) == (0, f"{tmp_path / 'a' / 'sessions'}\n", "")
+    """Started from two folders with no KVREPL_HOME, kvrepl finds one store, the user's."""
+    xdg = {"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        p = kvrepl("path", cwd=tmp_path / folder, env=xdg)
+        assert (p.returncode, p.stdout, p.stderr) == (0, f"{tmp_path / 'data' / 'kvrepl'}\n", "")
+    p = kvrepl("path", "--config", cwd=tmp_path, env=xdg)
+    assert (p.returncode, p.stdout) == (0, f"{tmp_path / 'config' / 'kvrepl' / 'config.toml'}\n")
     p = kvrepl("--store", str(tmp_path / "s"), "path", cwd=tmp_path,
                env={"KVREPL_HOME": str(tmp_path / "h")})  # fmt: skip
     assert (p.returncode, p.stdout) == (0, f"{tmp_path / 's'}\n")
+
+
+def test_path_config_follows_kvrepl_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KVREPL_CONFIG", str(tmp_path / "my.toml"))
+    assert run_main(capsys, "path", "--config") == (0, f"{tmp_path / 'my.toml'}\n", "")
+    monkeypatch.delenv("KVREPL_CONFIG")
+    want = Path(platformdirs.user_config_dir("kvrepl", False)) / "config.toml"
+    assert run_main(capsys, "path", "--config") == (0, f"{want}\n", "")
+
+
+def test_settings_come_from_the_users_config_file_not_the_store(home, tmp_path, monkeypatch):
+    monkeypatch.delenv("KVREPL_CONFIG")
+    config = Path(platformdirs.user_config_dir("kvrepl", False)) / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("temperature = 0.7\ntop_k = 5\n")
+    home.mkdir()
+    (home / "config.toml").write_text("temperature = 0.1\n")  # the old place: not read
+    monkeypatch.setenv("KVREPL_TOP_K", "9")
+    settings = load_settings({"temperature": None})
+    assert (settings.temperature, settings.top_k) == (0.7, 9)  # the file, then the environment
+    monkeypatch.setenv("KVREPL_CONFIG", str(tmp_path / "other.toml"))
+    (tmp_path / "other.toml").write_text("temperature = 1.5\n")
+    assert load_settings({"temperature": 0.3}).temperature == 0.3  # a flag wins
+    assert load_settings().temperature == 1.5
 
 
 # ---------------------------------------------------------------------------------------------

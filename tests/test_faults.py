@@ -970,9 +970,10 @@ def test_a_second_kvrepl_on_the_same_session_is_refused(jobs):
 def test_two_kvrepl_processes_writing_one_store_wait_for_each_other(jobs):
     for name in ("pair-a", "pair-b"):
         done = jobs.wait(name)
-        assert done.rc == 0 and done.err == "", done.err
-        assert "locked" not in done.out and "busy" not in done.out and "error" not in done.out
-        assert len(STATS.findall(done.out)) == 3, done.out
+        assert done.rc == 0, done.err
+        both = done.out + done.err
+        assert "locked" not in both and "busy" not in both and "error" not in both
+        assert len(STATS.findall(done.err)) == 3, done.err  # piped: the figures go to stderr
     con = sqlite3.connect(jobs.root / "shared-store" / "kvrepl.db")
     counts = dict(con.execute("SELECT s.name, count(*) FROM messages m JOIN sessions s "
                               "ON s.id = m.session_id GROUP BY s.name"))  # fmt: skip
@@ -990,18 +991,19 @@ def test_a_database_from_a_newer_kvrepl_is_refused_untouched(jobs):
 
 def test_bad_input_through_the_cli_is_replaced_or_refused(jobs):
     done = jobs.wait("badinput")
-    assert done.rc == 0 and done.err == "", done.err
-    out = done.out
-    assert "internal error" not in out and "Traceback" not in out
-    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert done.rc == 1, done.err  # some lines were refused
+    out, err = done.out, done.err
+    assert "internal error" not in out + err and "Traceback" not in out + err
+    assert not [ln for ln in out.splitlines() if ln.startswith("error:")]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert errors == [
         "error: no session 'nosuch' (usage: /load name)",
         "error: unknown command /bogus: /help lists them",
         "error: a session name cannot contain '/' (a path separator)",
         "error: give the turn number (see /history) (usage: /edit N [text])",
     ]
-    assert len(STATS.findall(out)) == 2
-    assert "[1. you] \ufffd\ufffd hi" in out and "[2. you] hello there" in out
+    assert len(STATS.findall(err)) == 2 and not STATS.findall(out)
+    assert "[1. you] \ufffd\ufffd hi" in out and "[2. you] hello there" in out  # /history's
     home = jobs.root / "badinput" / "store"
     users = [c for r, c, _ in db_messages(home) if r == "user"]
     assert users == ["\ufffd\ufffd hi", "hello there"]
@@ -1022,9 +1024,10 @@ def test_piped_input_and_output_run_in_line_mode(jobs):
     done = jobs.wait("echo-hi")
     assert done.rc == 0, done.err
     assert ANSI not in done.out and ANSI not in done.err
-    lines = done.out.splitlines()
-    assert len(STATS.findall(done.out)) == 1 and lines[-1].startswith("reused 0 · prefilled ")
-    assert lines[0].strip()  # the answer, as plain text
+    # stdout holds the answer alone, as plain text; its figures go to stderr
+    assert done.out.strip() and not STATS.findall(done.out)
+    assert len(STATS.findall(done.err)) == 1
+    assert done.err.splitlines()[-1].startswith("reused 0 · prefilled ")
 
 
 def test_stdin_from_dev_null_exits_cleanly(jobs):

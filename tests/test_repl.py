@@ -446,14 +446,15 @@ def test_piped_stdin_answers_and_runs_commands_without_ansi(tmp_path):
     out_file = tmp_path / "out.txt"
     with questions.open() as stdin, out_file.open("w") as stdout:
         proc = kvrepl(home, "--temperature", "0", "--max-tokens", "20", stdin=stdin, stdout=stdout)
-    out = out_file.read_text()
-    assert proc.returncode == 0, proc.stderr
-    assert "\x1b" not in out and b"\x1b" not in proc.stderr
+    out, err = out_file.read_text(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "\x1b" not in out and "\x1b" not in err
     assert "Paris" in out
-    (line,) = stats_lines(out)
+    (line,) = stats_lines(err)  # piped: the figures go to stderr, the answer alone to stdout
     assert re.fullmatch(r"reused 0 · prefilled \d+ · generated \d+ · ttft [\d.]+ s · [\d.]+ tok/s"
                         r"( · max tokens)?", line)  # fmt: skip
-    assert "[1. you] What is the capital of France?" in out
+    assert stats_lines(out) == []
+    assert "[1. you] What is the capital of France?" in out  # what /history prints
     assert (home / "kvrepl.db").is_file()
 
 

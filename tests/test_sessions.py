@@ -285,10 +285,11 @@ class Run:
     err: str
 
     def stats_lines(self) -> list[tuple[int, int, int]]:
+        """The figures of each stats line, read from stderr: piped, that is where they go."""
         pat = r"reused ([\d,]+) · prefilled ([\d,]+) · generated ([\d,]+)"
         return [
             tuple(int(x.replace(",", "")) for x in m.groups())  # type: ignore[misc]
-            for m in re.finditer(pat, self.out)
+            for m in re.finditer(pat, self.err)
         ]
 
 
@@ -382,8 +383,8 @@ def test_resumed_process_prefills_only_the_new_turn(real_runs: RealRuns, real, h
     assert stats["reused_tokens"] == whole[2][1]["reused_tokens"]
 
     run = real_runs.resumed[how]
-    assert f"snapshot: restored {len(on_disk.ids):,} cached tokens" in run.out
-    assert "session demo: 2 turn(s)" in run.out
+    assert f"snapshot: restored {len(on_disk.ids):,} cached tokens" in run.err
+    assert "session demo: 2 turn(s)" in run.err
     lines = run.stats_lines()
     assert lines == [(reused, len(ids3) - reused, stats["generated_tokens"])]
 
@@ -839,7 +840,8 @@ def killed(tinies, kill_base, tmp_path_factory) -> dict[str, tuple[Path, Run]]:
            "stdin": str(root / "lines.txt"),
            "argv": ["--model", str(tinies.folder), "--resume", *TINY_FLAGS]}  # fmt: skip
     results = fork_server(job, root)
-    return {p: (root / p / "store", Run(r["rc"], r["out"], "")) for p, r in results.items()}
+    # One file held each child's stdout and stderr.
+    return {p: (root / p / "store", Run(r["rc"], r["out"], r["out"])) for p, r in results.items()}
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
@@ -939,7 +941,7 @@ def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, t
     print("kill moments:", moments)
     for life in lives:
         assert life["rc"] == -signal.SIGKILL, (moments, life["out"])
-        assert Run(0, life["out"], "").stats_lines(), life["out"]
+        assert Run(0, life["out"], life["out"]).stats_lines(), life["out"]
     no_half_turn(home / "kvrepl.db")
 
     # The store opens, the last session resumes and its first turn is consistent.
@@ -955,7 +957,7 @@ def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, t
     prompt = rt.prompt.render([*msgs, {"role": "user", "content": text}])
     run = kvrepl(args, home, text + "\n")
     assert run.rc == 0, run.err
-    assert f"snapshot: restored {len(on_disk.ids):,} cached tokens" in run.out
+    assert f"snapshot: restored {len(on_disk.ids):,} cached tokens" in run.err
     reused = expected_reuse(on_disk.ids, prompt)
     assert reused > 1800
     ((r, p, g),) = run.stats_lines()
