@@ -20,8 +20,9 @@ def spread_model():
 
     tok = make_tokenizer()
     model = make_tiny_model(len(tok)).to("cpu")
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
-                  "model.layers.1": "cpu", "model.layers.2": 0, "model.norm": "cpu",
+    # The embedding and the head share one weight (tied): they live together, on the CPU.
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": 0,
+                  "model.layers.1": "cpu", "model.layers.2": 0, "model.norm": 0,
                   "lm_head": "cpu"}  # fmt: skip
     return dispatch_model(model, device_map=device_map, main_device="cpu"), tok
 
