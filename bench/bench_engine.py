@@ -720,44 +720,17 @@ def extras_at_context(
     log(f"  sdpa: {out['sdpa'][-1]}")
 
 
-def sdpa_gqa(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    scaling: float | None = None,
-    **kw: Any,
-) -> Any:
-    """transformers' SDPA with two changes for grouped K/V heads (9 query heads over 3 K/V heads
-    here) on CPU, where transformers picks `enable_gqa=True` without a mask and `repeat_kv`
-    with one:
-    - a one-token query (decode) is packed as 3 queries per K/V head ([1, 3, 3, 64]), so each
-      K/V head is read once (enable_gqa reads it once per query head);
-    - a query of several tokens with a mask (a prefill chunk after cached tokens) passes the
-      mask with `enable_gqa=True` instead of materialising `repeat_kv` copies of the whole cache
-      (at 7k cached tokens that copy was ~40% of the new turn's prefill)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    g = getattr(module, "num_key_value_groups", 1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if g > 1 and query.shape[2] == 1 and attention_mask is None:
-        b, h, _, d = query.shape
-        out = sdpa(query.reshape(b, h // g, g, d), key, value, scale=scaling)
-        return out.reshape(b, 1, h, d), None
-    if g > 1 and query.shape[2] > 1 and attention_mask is not None:
-        out = sdpa(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
-
-
 def register_gqa_attention() -> str:
+    """kvrepl's own `sdpa_gqa` (kvrepl/attention.py), registered so that a model can be switched
+    to it and back for a side-by-side run."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register("sdpa_gqa", sdpa_gqa)
-    AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
-    return "sdpa_gqa"
+    from kvrepl import attention
+
+    AttentionInterface.register(attention.NAME, attention.sdpa_gqa)
+    AttentionMaskInterface.register(attention.NAME, sdpa_mask)
+    return attention.NAME
 
 
 class Int8WeightLinear(torch.nn.Module):

@@ -10,8 +10,7 @@ yields events and never prints; the REPL and the line loop render them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,14 +18,16 @@ from kvrepl.config import Settings
 from kvrepl.errors import PromptError, StoreError, UsageError
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
 from kvrepl.guards import deferred_interrupts
+from kvrepl.handle import ModelHandle
 from kvrepl.models import LoadedModel
-from kvrepl.prompt import Prompt, ThinkSplitter
-from kvrepl.sessions import SessionHolder
+from kvrepl.prompt import ThinkSplitter
+from kvrepl.sessions import OpenSession
 from kvrepl.snapshots import Snapshots
-from kvrepl.store import Message, Store, clean_text
+from kvrepl.store import Message, Session, Store, clean_text
+from kvrepl.turn import Result, Turn
 
 if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
-    from kvrepl.engine import Engine, Sampling
+    from kvrepl.engine import Plan, Sampling
     from kvrepl.kvstore import KVStore
 
 _ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
@@ -34,49 +35,40 @@ _ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
 Fitted = tuple[list[dict[str, Any]], list[int], list[int], list[str]]
 
 
-@dataclass
-class Runtime:
-    """What exists once the model is loaded."""
-
-    loaded: LoadedModel
-    prompt: Prompt
-    engine: Engine
-
-    @classmethod
-    def build(cls, loaded: LoadedModel, settings: Settings) -> Runtime:
-        from kvrepl.engine import Engine
-
-        prompt = Prompt(loaded.tokenizer)
-        engine = Engine(
-            loaded.model,
-            loaded.tokenizer,
-            end_ids=prompt.end_token_ids(getattr(loaded.model, "generation_config", None)),
-            context_length=loaded.context_length,
-            reuse=settings.reuse,
-        )
-        return cls(loaded, prompt, engine)
-
-
-class Chat(SessionHolder):
-    """One open session over one model. `runtime` blocks until the model is loaded."""
+class Chat:
+    """The conversation: one open session (`sessions`) over one model (`model`, a handle that
+    may still be loading). `send`, `edit` and `retry` return a Turn."""
 
     def __init__(
         self,
         settings: Settings,
         store: Store,
         kv: KVStore | None,
-        runtime: Callable[[], Runtime],
+        model: ModelHandle,
         home: Path,
     ) -> None:
-        super().__init__(store, home)
-        self.base_settings = settings
+        self.store = store
+        self.home = home
+        self.model = model
+        self.sessions = OpenSession(store, home, settings, lambda: model.label)
         self._kv = kv
-        self._runtime_fn = runtime
-        self._rt: Runtime | None = None
         self.snapshots = Snapshots(lambda: self.kv)
-        self.last_stats: Stats | None = None
-        self.last_reason: str = ""
         self._notes_said = False  # the model's load notes are said once, with the first turn
+        self._owns_store = False
+
+    @classmethod
+    def at(cls, home: Path, settings: Settings, model: ModelHandle) -> Chat:
+        """A conversation over the store in `home` (its database opened here, closed by
+        `close`)."""
+        chat = cls(settings, Store(home / "kvrepl.db"), None, model, home)
+        chat._owns_store = True
+        return chat
+
+    def close(self) -> None:
+        """Let the open session go; the database too when this conversation opened it."""
+        self.sessions.close()
+        if self._owns_store:
+            self.store.close()
 
     @property
     def kv(self) -> KVStore:
@@ -87,17 +79,16 @@ class Chat(SessionHolder):
             self._kv = KVStore(self.home / "kv")
         return self._kv
 
-    # -- the model ----------------------------------------------------------------------------
     @property
-    def rt(self) -> Runtime:
-        if self._rt is None:
-            self._rt = self._runtime_fn()
-        return self._rt
+    def session(self) -> Session | None:
+        return self.sessions.session
 
     @property
     def settings(self) -> Settings:
-        overrides = self.session.settings if self.session else self._pending
-        return self.base_settings.with_overrides(overrides)
+        return self.sessions.settings
+
+    def history(self) -> list[Message]:
+        return self.sessions.history()
 
     def sampling(self) -> Sampling:
         from kvrepl.engine import Sampling
@@ -105,18 +96,15 @@ class Chat(SessionHolder):
         s = self.settings
         return Sampling(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed, s.max_tokens)
 
-    def delete(self, name_or_id: str) -> None:
-        """Delete a session, its messages and its snapshot, holding its lock throughout (a
-        session open in another kvrepl is refused)."""
-        session = self.open(name_or_id)
-        self.store.delete_session(session.id)
-        self.kv.delete(session.id)
-        if self._lock is not None:
-            self._lock.release(remove=True)
-        self._lock, self.session = None, None
+    def thinking_switch(self) -> bool | None:
+        """Whether the model's template has a thinking switch; None while it is not loaded."""
+        rt = self.model.peek()
+        return None if rt is None else rt.prompt.supports_thinking
 
-    def _model_label(self) -> str:
-        return self._rt.loaded.source.label if self._rt else (self.base_settings.model or "default")
+    def delete(self, name_or_id: str) -> None:
+        """Delete a session, its messages and its snapshot (refused while another kvrepl holds
+        it)."""
+        self.sessions.delete(name_or_id, lambda sid: self.kv.delete(sid))
 
     # -- the conversation ---------------------------------------------------------------------
     def prompt_messages(self, history: list[Message] | None = None) -> list[dict[str, Any]]:
@@ -128,43 +116,43 @@ class Chat(SessionHolder):
             msgs.insert(0, {"role": "system", "content": self.settings.system})
         return msgs
 
-    def send(self, text: str) -> Iterator[TurnEvent]:
+    def send(self, text: str) -> Turn:
         """Store the user's message, then answer it. A message that cannot fit is refused before
         it is stored (it stays in the input history)."""
         started = time.perf_counter()  # ttft counts from Enter: restoring a snapshot included
         text = clean_text(text)  # a lone surrogate (from a bad terminal byte) becomes U+FFFD
         fitted = self._check_message(text, self.history())
-        session = self._ensure_session()
+        session = self.sessions.ensure()
         self.store.add_message(session.id, "user", text)
-        return self._answer(fitted, started)
+        return Turn(lambda result: self._answer(result, fitted, started))
 
-    def edit(self, n: int, text: str) -> Iterator[TurnEvent]:
+    def edit(self, n: int, text: str) -> Turn:
         """Replace user turn n (1-based) as a new branch; the old one stays in the database."""
         started = time.perf_counter()
-        target = self._user_turn(n)
+        target = self.sessions.user_turn(n)
         text = clean_text(text)
         history = self.history()
         fitted = self._check_message(text, history[: history.index(target)])
         assert self.session is not None
         self.store.add_message(self.session.id, "user", text, parent_id=target.parent_id)
-        return self._answer(fitted, started)
+        return Turn(lambda result: self._answer(result, fitted, started))
 
-    def retry(self) -> Iterator[TurnEvent]:
+    def retry(self) -> Turn:
         """Answer the last user message again, as a sibling of the previous answer."""
         started = time.perf_counter()
-        _ = self.rt  # the model first: nothing moves on the branch until it can answer
+        self.model.get()  # the model first: nothing moves on the branch until it can answer
         history = self.history()
         if not history:
             raise UsageError("nothing to retry yet")
         assert self.session is not None
         if history[-1].role == "assistant":
             self.store.set_head(self.session.id, history[-1].parent_id)
-        return self._answer(started=started)
+        return Turn(lambda result: self._answer(result, None, started))
 
     def undo(self) -> int:
         """Drop the last exchange from the active branch (kept in the database); returns the
         number of user turns left."""
-        turns = self.user_turns()
+        turns = self.sessions.user_turns()
         if not turns:
             raise UsageError("nothing to undo")
         assert self.session is not None
@@ -184,24 +172,19 @@ class Chat(SessionHolder):
                 raise UsageError(f"no message {message_id} in this session") from None
         self.store.set_head(session.id, message_id)
 
-    def _user_turn(self, n: int) -> Message:
-        turns = self.user_turns()
-        if not 1 <= n <= len(turns):
-            raise UsageError(f"there is no turn {n}: this conversation has {len(turns)}")
-        return turns[n - 1]
-
     def _check_message(self, text: str, before: list[Message]) -> Fitted:
         """Refuse, before anything is stored or computed, a message that is empty or that cannot
         fit in the context after `before` (the messages it follows). Returns the rendering, which
         the turn then uses as it is."""
         if not text.strip():
             raise UsageError("empty message: type something, or /help")
-        n = self.rt.prompt.count_tokens(text)
-        limit = self.rt.engine.context_length - _ANSWER_ROOM
+        rt = self.model.get()
+        n = rt.prompt.count_tokens(text)
+        limit = rt.engine.context_length - _ANSWER_ROOM
         if n > limit:
             raise PromptError(
                 f"this message is {n:,} tokens; the model's context is "
-                f"{self.rt.engine.context_length:,} tokens (at most {limit:,} for a message): "
+                f"{rt.engine.context_length:,} tokens (at most {limit:,} for a message): "
                 "shorten it or send it in parts"
             )
         msgs = [*self.prompt_messages(before), {"role": "user", "content": text}]
@@ -210,7 +193,7 @@ class Chat(SessionHolder):
     # -- one turn -----------------------------------------------------------------------------
     def _fit(self, msgs: list[dict[str, Any]]) -> tuple[list[int], list[int], list[str]]:
         """Render, within the context: an error with the numbers, or (opt-in) drop oldest turns."""
-        rt, notes = self.rt, []
+        rt, notes = self.model.get(), []
         think = self.settings.thinking
         ids, starts = rt.prompt.render_with_offsets(msgs, enable_thinking=think)
         limit = rt.engine.context_length - _ANSWER_ROOM
@@ -237,14 +220,14 @@ class Chat(SessionHolder):
 
     def _model_notes(self) -> list[str]:
         """What loading the model had to say (a built-in chat template, a fallback), once."""
-        notes = self.rt.loaded.notes
+        notes = self.model.get().loaded.notes
         said, self._notes_said = self._notes_said, True
         return [] if said else list(notes)
 
     def bring(self, ids: list[int]) -> list[str]:
         """Before the engine runs `ids`: its cache brought to the longest prefix found in memory
         or on disk (a resumed session, a branch gone back to). One line per thing worth saying."""
-        rt, session = self.rt, self.session
+        rt, session = self.model.get(), self.session
         if session is None:
             return []
         answered = any(m.role == "assistant" for m in self.history())
@@ -256,8 +239,9 @@ class Chat(SessionHolder):
         notes = self._model_notes()
         if not self.history():
             return 0, 0, notes
-        engine = self.rt.engine
-        ids = self.rt.prompt.render(
+        rt = self.model.get()
+        engine = rt.engine
+        ids = rt.prompt.render(
             self.prompt_messages(),
             add_generation_prompt=False,
             enable_thinking=self.settings.thinking,
@@ -273,18 +257,16 @@ class Chat(SessionHolder):
         self._save_snapshot(notes)
         return engine.progress.reused, engine.progress.prefilled, notes
 
-    def _answer(self, fitted: Fitted | None = None,
-                started: float | None = None) -> Iterator[TurnEvent]:  # fmt: skip
-        """Answer the head of the active branch (`fitted`: its rendering, if the caller has it).
-        Whatever stops the turn (Ctrl-C anywhere in it, the consumer closing it), the user's
-        message gets an answer, marked interrupted, with what was generated, and the engine's
-        cache matches its ids."""
-        self.last_stats, self.last_reason = None, "interrupted"
+    def _answer(self, result: Result, fitted: Fitted | None,
+                started: float | None) -> Iterator[TurnEvent]:  # fmt: skip
+        """Answer the head of the active branch (`fitted`: its rendering, if the caller has it),
+        filling `result`. Whatever stops the turn (Ctrl-C anywhere in it, the consumer closing
+        it), the user's message gets an answer, marked interrupted, with what was generated, and
+        the engine's cache matches its ids."""
         splitter = ThinkSplitter()
+        rt = self.model.get()
         events: Iterator[TurnEvent] | None = None
-        before = None  # the engine's progress before this turn's stream started
-        stats: Stats | None = None
-        reason = "interrupted"
+        before = rt.engine.progress  # the last turn's: this one's stream has not started
         try:
             for line in self._model_notes():
                 yield Notice(line)
@@ -294,20 +276,18 @@ class Chat(SessionHolder):
             msgs, ids, starts, notes = fitted
             for line in [*notes, *self.bring(ids)]:
                 yield Notice(line)
-            rt = self.rt
-            keep, cached = rt.engine.plan(ids), len(rt.engine.pc.ids)
-            if cached and keep < cached - 1:
-                yield Notice(self._cut_line(msgs, starts, keep, len(ids), rt.engine.pc.croppable))
+            plan = rt.engine.align(ids)
+            if plan.cached and plan.keep < plan.cached - 1:
+                yield Notice(_cut_line(msgs, starts, plan))
             splitter.in_think = rt.prompt.opens_in_think(ids)
-            before = rt.engine.progress
             events = rt.engine.stream(ids, self.sampling(), started=started)
             for event in events:
                 if isinstance(event, TextDelta):
                     yield from splitter.feed(event.text)
                 elif isinstance(event, Finish):
-                    reason = event.reason
+                    result.finish_reason = event.reason
                 elif isinstance(event, Stats):
-                    stats = event
+                    result.stats = event
                 else:  # a long prefill's Progress: for the renderer
                     yield event
             yield from splitter.flush()
@@ -315,36 +295,21 @@ class Chat(SessionHolder):
             if events is not None:
                 events.close()  # the engine cuts its cache back to what it computed
             splitter.flush()
-            progress = self.rt.engine.progress if events is not None else None
-            if progress is before:  # the stream never started: that is the last turn's
-                progress = None
+            progress = rt.engine.progress if rt.engine.progress is not before else None
             # Nothing computed yet: no figures to show, zeros and no ids to store.
-            self.last_stats = progress.stats() if progress else None
+            result.stats = progress.stats() if progress else None
             if isinstance(exc, KeyboardInterrupt | GeneratorExit):
-                figures = self.last_stats or Stats(0, 0, 0, 0.0, 0.0)
+                result.interrupted = True
+                figures = result.stats or Stats(0, 0, 0, 0.0, 0.0)
                 generated = list(progress.generated) if progress else []
                 self._store_answer(splitter, figures, True, generated, snapshot=events is not None)
             raise
-        assert stats is not None
-        self.last_stats, self.last_reason = stats, reason
-        generated = list(self.rt.engine.progress.generated)
-        for line in self._store_answer(splitter, stats, False, generated):
+        assert result.stats is not None and result.finish_reason is not None
+        generated = list(rt.engine.progress.generated)
+        for line in self._store_answer(splitter, result.stats, False, generated):
             yield Notice(line)
-        yield Finish(reason)
-        yield stats
-
-    def _cut_line(
-        self, msgs: list[dict[str, Any]], starts: list[int], keep: int, total: int, croppable: bool
-    ) -> str:
-        if not croppable:
-            return (
-                f"cache: this model's cache (chunked or linear-attention layers) cannot be cut: "
-                f"rebuilding it, recomputing {total:,} tokens"
-            )
-        j = max((i for i, s in enumerate(starts) if 0 <= s <= keep), default=0)
-        turn = sum(1 for m in msgs[: j + 1] if m["role"] == "user")
-        where = f"turn {turn}, {msgs[j]['role']}" if msgs else "start"
-        return f"cache: cut at token {keep:,} ({where}); recomputing {total - keep:,} tokens"
+        yield Finish(result.finish_reason)
+        yield result.stats
 
     def _store_answer(self, splitter: ThinkSplitter, stats: Stats, interrupted: bool,
                       generated: list[int], *, snapshot: bool = True) -> list[str]:  # fmt: skip
@@ -358,27 +323,26 @@ class Chat(SessionHolder):
                                      token_ids=generated)  # fmt: skip
             if snapshot:
                 self._save_snapshot(warnings)
-        self._refresh()
+        self.sessions.refresh()
         return warnings
 
     def _save_snapshot(self, warnings: list[str]) -> None:
         assert self.session is not None
-        rt = self.rt
+        rt = self.model.get()
         self.kv.budget = self.settings.kv_budget_mb << 20
         warnings += self.snapshots.save(self.session.id, rt.engine, rt.loaded.fingerprint)
 
     # -- figures ------------------------------------------------------------------------------
     def cache_figures(self) -> dict[str, Any]:
-        figures: dict[str, Any] = {
-            "session": self.session.name or self.session.id if self.session else None
-        }
-        if self._rt is not None:
-            figures["model"] = self._rt.loaded.source.label
-            figures["weights"] = _weights_line(self._rt.loaded)
-            figures["cached_tokens"] = len(self._rt.engine.pc.ids)
-            figures["context_length"] = self._rt.engine.context_length
+        figures: dict[str, Any] = {"session": self.sessions.label or None}
+        rt = self.model.peek()
+        if rt is not None:
+            figures["model"] = rt.loaded.source.label
+            figures["weights"] = _weights_line(rt.loaded)
+            figures["cached_tokens"] = rt.engine.cached_tokens
+            figures["context_length"] = rt.engine.context_length
         if self.session is not None:
-            fp = self._rt.loaded.fingerprint if self._rt is not None else None
+            fp = rt.loaded.fingerprint if rt is not None else None
             figures["snapshot_tokens"] = self.kv.n_tokens_on_disk(self.session.id, fp)
             figures["snapshot_bytes"] = self.kv.size_bytes(self.session.id, fp)
             figures["kv_pool_bytes"] = self.kv.pool_bytes()
@@ -394,3 +358,18 @@ def _weights_line(loaded: LoadedModel) -> str:
         kv = str(model.kv_dtype).removeprefix("torch.")
         return f"{model.weight_types} as in the file, {model.k.label}, {kv} K/V"
     return f"{loaded.dtype} on {loaded.device}"
+
+
+def _cut_line(msgs: list[dict[str, Any]], starts: list[int], plan: Plan) -> str:
+    """The notice for a prefill that cuts the cache back: where (the turn and role of the
+    message it falls in) and how much is recomputed."""
+    total = plan.keep + plan.recompute
+    if plan.why == "cannot cut":
+        return (
+            f"cache: this model's cache (chunked or linear-attention layers) cannot be cut: "
+            f"rebuilding it, recomputing {total:,} tokens"
+        )
+    j = max((i for i, s in enumerate(starts) if 0 <= s <= plan.keep), default=0)
+    turn = sum(1 for m in msgs[: j + 1] if m["role"] == "user")
+    where = f"turn {turn}, {msgs[j]['role']}" if msgs else "start"
+    return f"cache: cut at token {plan.keep:,} ({where}); recomputing {plan.recompute:,} tokens"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,63 +30,14 @@ from kvrepl.errors import KvreplError, UsageError
 from kvrepl.names import validate_session_name
 
 
-class BackgroundModel:
-    """Loads the model in a thread while the user types; `get()` waits and re-raises errors."""
-
-    def __init__(self, settings: Settings, progress: bool) -> None:
-        self.settings = settings
-        self.progress = progress
-        self._done = threading.Event()
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="model-loader", daemon=True)
-
-    def start(self) -> BackgroundModel:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            from kvrepl.chat import Runtime
-            from kvrepl.models import load
-
-            s = self.settings
-            template = (
-                Path(s.chat_template).read_text(encoding="utf-8") if s.chat_template else None
-            )
-            loaded = load(s.model, device=s.device, dtype=s.dtype, chat_template=template,
-                          progress=self.progress)  # fmt: skip
-            self._result = Runtime.build(loaded, s)
-        except BaseException as exc:  # handed to the thread that waits
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def ready(self) -> bool:
-        return self._done.is_set()
-
-    def get(self) -> Any:
-        self._done.wait()
-        if self._error is not None:
-            if isinstance(self._error, KvreplError):
-                raise self._error
-            raise KvreplError(f"the model failed to load: {self._error}") from self._error
-        return self._result
-
-    def status(self) -> str:
-        if not self.ready():
-            return "loading the model…"
-        if self._error is not None:
-            return "the model failed to load"
-        return self._result.loaded.source.label
-
-
 def entry() -> None:
     """The `kvrepl` command. A model still loading in its thread when kvrepl ends would make
     the C++ runtime abort at interpreter shutdown ("terminate called…"): leave at once instead,
     once output is flushed (everything is already committed to disk)."""
+    from kvrepl.handle import loading_in_background
+
     code = main()
-    if any(t.name == "model-loader" and t.is_alive() for t in threading.enumerate()):
+    if loading_in_background():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -118,31 +68,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     from kvrepl.chat import Chat
     from kvrepl.commands import build_registry
+    from kvrepl.handle import ModelHandle
     from kvrepl.repl import Repl, interactive_loop, line_loop, stdin_lines
-    from kvrepl.store import Store
 
-    store = Store(home / "kvrepl.db")
     if args.command in ("sessions", "export", "rm"):
         renderer = _renderer(settings, split=False)
-        return _subcommand(args, Chat(settings, store, None, _no_model, home), renderer)
+        chat = Chat.at(home, settings, ModelHandle.none(settings))
+        try:
+            return _subcommand(args, chat, renderer)
+        finally:
+            chat.close()
 
     prompt = _one_shot(args.prompt)
     split = args.json or not sys.stdout.isatty()
     renderer = _renderer(settings, split=split, json_lines=args.json)
     interactive = prompt is None and not args.json and sys.stdin.isatty() and sys.stdout.isatty()
-    loader = BackgroundModel(settings, progress=False)
-    chat = Chat(settings, store, None, loader.get, home)
+    model = ModelHandle(settings)
+    chat = Chat.at(home, settings, model)
     try:
         _open_session(chat, args)  # the session first: a wrong name fails before model work
-        _first_start(settings, renderer)
-        loader.start()
-        repl = Repl(
-            chat, renderer, build_registry(), interactive=interactive, model_ready=loader.ready
-        )
+        model.prepare(renderer.notice)
+        model.start()
+        repl = Repl(chat, renderer, build_registry(), interactive=interactive)
         if chat.session is not None:
-            turns = len(chat.user_turns())
-            renderer.notice(f"session {chat.session.name or chat.session.id}: {turns} turn(s)")
-            if note := chat.unanswered_note():
+            turns = len(chat.sessions.user_turns())
+            renderer.notice(f"session {chat.sessions.label}: {turns} turn(s)")
+            if note := chat.sessions.unanswered_note():
                 renderer.notice(note)
         if prompt is not None:
             repl.send(prompt)
@@ -150,10 +101,9 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
         if not interactive:
             return line_loop(repl, stdin_lines())
         renderer.notice("kvrepl: /help for commands, Ctrl-D to quit")
-        return interactive_loop(repl, home, toolbar=lambda: _toolbar(loader, chat))
+        return interactive_loop(repl, home, toolbar=lambda: _toolbar(chat))
     finally:
         chat.close()
-        store.close()
 
 
 def _renderer(settings: Settings, *, split: bool, json_lines: bool = False) -> Any:
@@ -183,32 +133,18 @@ def _one_shot(words: list[str]) -> str | None:
 
 def _open_session(chat: Any, args: argparse.Namespace) -> None:
     if args.resume:
-        chat.resume_latest()
+        chat.sessions.resume_latest()
     elif args.session is not None:
-        chat.open_or_create(args.session)
+        chat.sessions.open_or_create(args.session)
 
 
-def _first_start(settings: Settings, renderer: Any) -> None:
-    """Once per GGUF file, before the prompt: its progress bar (on stderr) would tear the input."""
-    from kvrepl import models
-
-    source = models.resolve(settings.model)
-    if note := models.first_start(source, settings.dtype, settings.device):
-        renderer.notice(note)
-        models.prepare(source, settings.dtype, settings.device, progress=True)
-
-
-def _toolbar(loader: BackgroundModel, chat: Any) -> str:
-    parts = [loader.status()]
+def _toolbar(chat: Any) -> str:
+    parts = [chat.model.status()]
     if chat.session is not None:
-        parts.append(f"session {chat.session.name or chat.session.id}")
-    if loader.ready() and chat._rt is not None:
-        parts.append(f"{len(chat._rt.engine.pc.ids):,} tokens cached")
+        parts.append(f"session {chat.sessions.label}")
+    if (cached := chat.model.cached_tokens()) is not None:
+        parts.append(f"{cached:,} tokens cached")
     return " · ".join(parts)
-
-
-def _no_model() -> Any:
-    raise UsageError("this command does not load a model")
 
 
 def _subcommand(args: argparse.Namespace, chat: Any, renderer: Any) -> int:

@@ -8,7 +8,7 @@ piped)."""
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,9 @@ from typing import Any
 from kvrepl.chat import Chat
 from kvrepl.config import SESSION_KEYS, parse_setting
 from kvrepl.errors import UsageError
-from kvrepl.events import TurnEvent
 from kvrepl.export import FORMATS, export
 from kvrepl.render import Renderer, SessionRow
+from kvrepl.turn import Turn
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ class Prefill:
 
 @dataclass(frozen=True)
 class Generate:
-    """Render these turn events as an answer."""
+    """Render this turn as an answer."""
 
-    events: Iterator[TurnEvent]
+    turn: Turn
 
 
 Outcome = Quit | Prefill | Generate | None
@@ -133,7 +133,7 @@ def build_registry() -> Registry:
 
     @reg.command("new", "[name]", "start a new session")
     def _new(ctx: Context, arg: str) -> Outcome:
-        ctx.chat.new_session(arg or None)
+        ctx.chat.sessions.new_session(arg or None)
         ctx.renderer.confirm(f"new session{f' {arg!r}' if arg else ''}")
         return None
 
@@ -143,7 +143,7 @@ def build_registry() -> Registry:
             s = ctx.chat.session
             ctx.renderer.confirm(f"saved as {s.name or s.id}" if s else "nothing to save yet")
             return None
-        session = ctx.chat.rename(arg)
+        session = ctx.chat.sessions.rename(arg)
         ctx.renderer.confirm(f"saved as {session.name!r}")
         return None
 
@@ -152,14 +152,14 @@ def build_registry() -> Registry:
     def _load(ctx: Context, arg: str) -> Outcome:
         if not arg:
             raise UsageError("which session?")
-        session = ctx.chat.open(arg)
+        session = ctx.chat.sessions.open(arg)
         with ctx.renderer.status("restoring the cache…"):
             reused, recomputed, notes = ctx.chat.warm()
         for line in notes:
             ctx.renderer.notice(line)
-        if note := ctx.chat.unanswered_note():
+        if note := ctx.chat.sessions.unanswered_note():
             ctx.renderer.notice(note)
-        turns = len(ctx.chat.user_turns())
+        turns = len(ctx.chat.sessions.user_turns())
         ctx.renderer.confirm(f"loaded {session.name or session.id}: {turns} turn(s); reused "
                           f"{reused:,} tokens, recomputed {recomputed:,}")  # fmt: skip
         return None
@@ -178,10 +178,11 @@ def build_registry() -> Registry:
         ctx.renderer.show_think = show
         line = f"thinking {'shown' if show else 'hidden'}"
         if arg:
-            ctx.chat.set_option("thinking", arg == "on")
-            if ctx.chat._rt is None:
+            ctx.chat.sessions.set_option("thinking", arg == "on")
+            switch = ctx.chat.thinking_switch()
+            if switch is None:
                 line += f"; thinking mode {arg} where the model's template has a switch"
-            elif not ctx.chat.rt.prompt.supports_thinking:
+            elif not switch:
                 line += " (this model's template has no thinking switch)"
             else:
                 line += f"; thinking mode {arg}"
@@ -197,7 +198,7 @@ def build_registry() -> Registry:
         n = int(num)
         if text.strip():
             return Generate(ctx.chat.edit(n, text))
-        old = ctx.chat._user_turn(n).content
+        old = ctx.chat.sessions.user_turn(n).content
         if not ctx.interactive:
             raise UsageError("give the new text after the turn number")
         return Prefill(old, lambda new: Generate(ctx.chat.edit(n, new)))
@@ -249,7 +250,7 @@ def build_registry() -> Registry:
         if not arg.isdigit():
             raise UsageError("give a branch id from /branches")
         ctx.chat.switch_branch(int(arg))
-        ctx.renderer.confirm(f"on branch {arg}: {len(ctx.chat.user_turns())} turn(s)")
+        ctx.renderer.confirm(f"on branch {arg}: {len(ctx.chat.sessions.user_turns())} turn(s)")
         return None
 
     @reg.command("set", "[key value]", "show or change sampling and the system prompt for this "
@@ -265,7 +266,7 @@ def build_registry() -> Registry:
         if not raw and key != "system":
             raise UsageError(f"give a value for {key}")
         value = parse_setting(key, _unquote(raw))
-        ctx.chat.set_option(key, value)
+        ctx.chat.sessions.set_option(key, value)
         ctx.renderer.confirm(f"{key} = {value!r} for this session")
         return None
 
@@ -306,7 +307,7 @@ def session_rows(chat: Chat) -> list[SessionRow]:
 
 
 def _current_name(chat: Chat) -> str | None:
-    return (chat.session.name or chat.session.id) if chat.session else None
+    return chat.sessions.label or None
 
 
 def _one_line(text: str, width: int = 70) -> str:

@@ -102,6 +102,18 @@ class Sampling:
     repeat_last_n: int = 64
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a prefill will do with the cache: keep `keep` positions (of the `cached` it holds),
+    recompute `recompute`; `why`: "empty", "extend" (the cache is a prefix), "cut" (it is cut
+    back), "cannot cut" (rebuilt: its layers cannot be cut), or "no reuse" (--no-reuse)."""
+
+    keep: int
+    recompute: int
+    cached: int
+    why: str
+
+
 @dataclass
 class TurnProgress:
     """What a turn has done so far; readable after an interrupt to report partial figures."""
@@ -156,24 +168,55 @@ class Engine:
         self.pc = PromptCache(self.runner.new_layers, heads)
         self.progress = TurnProgress()
 
-    def plan(self, ids: Sequence[int]) -> int:
-        """How many leading positions of the cache a prefill of `ids` would keep: the common
-        prefix, less one so that at least one token is fed (its logits start the answer)."""
-        if not self.reuse or not ids:
-            return 0
-        keep = min(common_prefix(self.pc.ids, ids), len(ids) - 1)
-        return keep if (self.pc.croppable or keep == len(self.pc.ids)) else 0
+    @property
+    def cached_tokens(self) -> int:
+        """How many positions the cache holds."""
+        return len(self.pc.ids)
 
-    def restore(self, snapshot: Any) -> None:
+    @property
+    def cached_ids(self) -> tuple[int, ...]:
+        """The ids the cache holds, a copy."""
+        return tuple(self.pc.ids)
+
+    @property
+    def can_cut(self) -> bool:
+        """Whether the cache can be cut back (and so be saved and restored): False for chunked
+        or linear-attention layers, which transformers cannot crop."""
+        return self.pc.croppable
+
+    def align(self, ids: Sequence[int]) -> Plan:
+        """What a prefill of `ids` would do with the cache: keep the common prefix, less one so
+        that at least one token is fed (its logits start the answer), and recompute the rest."""
+        cached = len(self.pc.ids)
+        if not self.reuse or not ids:
+            return Plan(0, len(ids), cached, "no reuse" if cached else "empty")
+        keep = min(common_prefix(self.pc.ids, ids), len(ids) - 1)
+        if not (self.pc.croppable or keep == cached):
+            return Plan(0, len(ids), cached, "cannot cut")
+        why = "empty" if not cached else ("extend" if keep >= cached - 1 else "cut")
+        return Plan(keep, len(ids) - keep, cached, why)
+
+    def restore(self, snapshot: Any) -> list[str]:
         """Continue the cache from a snapshot's chunks (kvstore.LoadResult): the cache is cut to
-        where they start, then they are copied in. ValueError when they do not fit the model
-        (the cache then holds what it kept before them)."""
-        self.pc.truncate(snapshot.start)
-        if len(self.pc.ids) != snapshot.start:
-            raise ValueError("the cache cannot be cut where the snapshot starts")
-        parts = [snapshot.layer_parts(i) for i in range(len(self.pc.cache.layers))]
-        devices = self.runner.layer_devices or self.device
-        self.pc.extend(snapshot.ids, parts, dtype=self.dtype, device=devices)
+        where they start, then they are copied in. Returns the snapshot's notes, and a line when
+        its chunks do not fit the model (the cache then holds what it kept before them)."""
+        notes = list(snapshot.notes)
+        if not snapshot.chunks:
+            return notes
+        try:
+            self.pc.truncate(snapshot.start)
+            if len(self.pc.ids) != snapshot.start:
+                raise ValueError("the cache cannot be cut where the snapshot starts")
+            parts = [snapshot.layer_parts(i) for i in range(len(self.pc.cache.layers))]
+            devices = self.runner.layer_devices or self.device
+            self.pc.extend(snapshot.ids, parts, dtype=self.dtype, device=devices)
+        except ValueError as exc:
+            notes.append(f"snapshot: dropped: {exc}; recomputing from the messages")
+        return notes
+
+    def export(self) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The cache's ids and each layer's (K, V) over them, for the snapshot store."""
+        return list(self.pc.ids), self.pc.export()
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
@@ -194,8 +237,7 @@ class Engine:
                 f"the conversation is {len(ids):,} tokens; the model's context is "
                 f"{self.context_length:,}: use /new, /undo or /edit to shorten it"
             )
-        keep = self.plan(ids)
-        self.pc.truncate(keep)
+        self.pc.truncate(self.align(ids).keep)
         self.progress.reused = len(self.pc.ids)
         rest = list(ids[len(self.pc.ids) :])
         self.progress.prefilled = 0  # counts what was computed, also when interrupted

@@ -221,11 +221,6 @@ class Prompt:
         """How many tokens a message text takes (before template overhead)."""
         return len(self._encode(text))
 
-    def control_token_ids(self) -> set[int]:
-        """Ids of the tokenizer's control tokens: special ones and every other added token
-        (`<think>` in some vocabularies is added but not special)."""
-        return set(self.tokenizer.all_special_ids) | set(self._control_ids.values())
-
     def end_token_ids(self, generation_config: Any = None) -> set[int]:
         """Every token that ends a turn: the tokenizer's eos, the generation config's eos (an int
         or a list), and the usual end-of-turn tokens when this vocabulary has them."""

@@ -20,6 +20,7 @@ from kvrepl.chat import Chat
 from kvrepl.commands import Context, Generate, Prefill, Quit, Registry
 from kvrepl.errors import KvreplError
 from kvrepl.render import Renderer
+from kvrepl.turn import Turn
 
 QUIT_WORDS = {"q", "/q", "/quit", "/exit"}
 
@@ -34,11 +35,9 @@ class Repl:
         registry: Registry,
         *,
         interactive: bool,
-        model_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.chat, self.renderer, self.registry = chat, renderer, registry
         self.ctx = Context(chat, renderer, registry, interactive=interactive)
-        self.model_ready = model_ready
         self.prefill: Prefill | None = None
         self.failures = 0  # lines that failed: errors, refused commands, interrupted answers
 
@@ -86,7 +85,7 @@ class Repl:
         elif isinstance(outcome, Generate):
             with self._no_echo():
                 self._wait_for_model()
-                self.render_turn(outcome.events)
+                self.render_turn(outcome.turn)
         return True
 
     def _no_echo(self) -> AbstractContextManager[None]:
@@ -99,35 +98,26 @@ class Repl:
             return self.handle(text)  # a command typed over the prefilled text cancels the edit
         return self._guard(lambda t: self._run(pending.then(t)), text)
 
-    def render_turn(self, events: Iterator[Any]) -> None:
+    def render_turn(self, turn: Turn) -> None:
         """Show a turn as it streams. Ctrl-C stops it: the partial answer is kept (marked
         interrupted) and the cache stays consistent; then back to the prompt."""
         session = self.chat.session
         about = {"session_id": session.id, "session_name": session.name} if session else {}
         self.renderer.begin(about)
         try:
-            for event in events:
-                self.renderer.feed(event)
-        except KeyboardInterrupt:
-            self.failures += 1
-            close = getattr(events, "close", None)
-            try:
-                if close:
-                    close()  # stores the partial answer (a second Ctrl-C may cut this short)
-            finally:
-                self.renderer.end(interrupted=True, stats=self.chat.last_stats)
-            return
+            result = turn.run(self.renderer.feed)
         except BaseException:
             self.renderer.end()  # a refused or failed turn: its error line follows, no figures
             raise
-        self.renderer.end()
+        self.renderer.end(interrupted=result.interrupted, stats=result.stats)
+        self.failures += result.interrupted
 
     def _wait_for_model(self) -> None:
-        if not self.model_ready():
+        if not self.chat.model.ready():
             with self.renderer.status("loading the model…"):
-                _ = self.chat.rt
+                self.chat.model.get()
         else:
-            _ = self.chat.rt
+            self.chat.model.get()
 
     def _log(self, text: str) -> None:
         try:

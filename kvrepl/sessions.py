@@ -1,30 +1,43 @@
 """Which session is open: switching, creating, naming and settings of sessions, with the lock
-that makes this process their one writer. `Chat` builds on it; no model, no turns here."""
+that makes this process their one writer, the settings overlay and the active branch's history.
+The conversation (chat.py) holds one; no model, no turns here."""
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvrepl.config import Settings
 from kvrepl.errors import UsageError
 from kvrepl.guards import SessionLock
 from kvrepl.store import Message, Session, Store
 
 
-class SessionHolder:
-    """The open session (None before the first message of a new one) and its lock."""
+class OpenSession:
+    """The open session (None before the first message of a new one), its lock, and its
+    settings laid over `base`. `model_label` names the model stored with a new session."""
 
-    def __init__(self, store: Store, home: Path) -> None:
+    def __init__(self, store: Store, home: Path, base: Settings,
+                 model_label: Callable[[], str] = lambda: "") -> None:  # fmt: skip
         self.store = store
         self.home = home
+        self.base = base
+        self._model_label = model_label
         self.session: Session | None = None
         self._pending: dict[str, Any] = {}  # /set before the session exists: kept until it does
         self._lock: SessionLock | None = None
 
-    def _model_label(self) -> str:
-        """The model name stored with a new session (Chat knows it)."""
-        return ""
+    @property
+    def settings(self) -> Settings:
+        """The settings in force: the base ones with this session's `/set` values over them."""
+        return self.base.with_overrides(self.session.settings if self.session else self._pending)
+
+    @property
+    def label(self) -> str:
+        """The open session's name, or its id; "" before it exists."""
+        return (self.session.name or self.session.id) if self.session else ""
 
     def _switch(self, session: Session | None) -> None:
         """Make `session` the open one. Its lock is taken before the current one is let go, so
@@ -65,9 +78,9 @@ class SessionHolder:
         return self.open(latest.id)
 
     def rename(self, name: str) -> Session:
-        session = self._ensure_session()
+        session = self.ensure()
         self.store.rename_session(session.id, name)
-        return self._refresh()
+        return self.refresh()
 
     def set_option(self, key: str, value: Any) -> None:
         """A session setting; before the first message it waits in memory (no empty session)."""
@@ -75,19 +88,31 @@ class SessionHolder:
             self._pending[key] = value
             return
         self.store.update_settings(self.session.id, {key: value})
-        self._refresh()
+        self.refresh()
 
     def close(self) -> None:
         self._switch(None)
 
-    def _ensure_session(self) -> Session:
+    def delete(self, name_or_id: str, drop_snapshots: Callable[[str], None]) -> None:
+        """Delete a session and its messages (`drop_snapshots` its K/V), holding its lock
+        throughout (a session open in another kvrepl is refused)."""
+        session = self.open(name_or_id)
+        self.store.delete_session(session.id)
+        drop_snapshots(session.id)
+        if self._lock is not None:
+            self._lock.release(remove=True)
+        self._lock, self.session = None, None
+
+    def ensure(self) -> Session:
+        """The open session, created now if it does not exist yet."""
         if self.session is None:
             settings, self._pending = self._pending, {}
             self._switch(self.store.create_session(None, self._model_label(), settings))
         assert self.session is not None
         return self.session
 
-    def _refresh(self) -> Session:
+    def refresh(self) -> Session:
+        """The open session as the store holds it now."""
         assert self.session is not None
         fresh = self.store.get_session(self.session.id)
         assert fresh is not None
@@ -106,3 +131,10 @@ class SessionHolder:
 
     def user_turns(self) -> list[Message]:
         return [m for m in self.history() if m.role == "user"]
+
+    def user_turn(self, n: int) -> Message:
+        """User turn n (1-based) of the active branch; UsageError when there is none."""
+        turns = self.user_turns()
+        if not 1 <= n <= len(turns):
+            raise UsageError(f"there is no turn {n}: this conversation has {len(turns)}")
+        return turns[n - 1]

@@ -33,11 +33,11 @@ class Snapshots:
         at least one token to feed. Returns one line per thing worth saying."""
         if not engine.reuse or len(ids) < 2:
             return []
-        if not engine.pc.croppable:
+        if not engine.can_cut:
             return ["snapshot: not kept for this model (its chunked or linear-attention layers "
                     "cannot be saved)"]  # fmt: skip
-        fresh = not engine.pc.ids
-        keep = engine.plan(ids)
+        fresh = not engine.cached_tokens
+        keep = engine.align(ids).keep
         chain = self.kv.find(fingerprint, ids[: len(ids) - 1])  # one token is left to feed
         if fresh and (result := self._resume(session_id, fingerprint, ids, chain)) is not None:
             pass  # the session's own snapshot, cut by the engine where the messages differ
@@ -46,16 +46,10 @@ class Snapshots:
             result = self.kv.load(fingerprint, ids, start=start, chain=chain)
         else:
             return [self._why_none(session_id, fingerprint)] if fresh and has_answers else []
-        notes = list(result.notes)
-        if not result.chunks:
+        notes = engine.restore(result)
+        if notes or not result.chunks:  # a cut snapshot's note already says what was kept
             return notes
-        try:
-            engine.restore(result)
-        except ValueError as exc:
-            return [*notes, f"snapshot: dropped: {exc}; recomputing from the messages"]
-        if notes:  # a cut snapshot's note already says what was kept
-            return notes
-        n = len(engine.pc.ids)
+        n = engine.cached_tokens
         if fresh:
             return [f"snapshot: restored {n:,} cached tokens from disk"]
         return [f"cache: restored {n - keep:,} tokens of this branch from disk"]
@@ -81,11 +75,11 @@ class Snapshots:
 
     def save(self, session_id: str, engine: Any, fingerprint: str) -> list[str]:
         """Write what the turn added to the pool; a warning line when it could not."""
-        pc = engine.pc
-        if not pc.croppable or not pc.ids:
+        if not engine.can_cut or not engine.cached_tokens:
             return []
+        ids, layers = engine.export()
         try:
-            self.kv.save(session_id, list(pc.ids), pc.export(), fingerprint)
+            self.kv.save(session_id, ids, layers, fingerprint)
         except (SnapshotError, OSError, ValueError) as exc:
             return [f"warning: {exc}"]
         return []

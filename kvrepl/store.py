@@ -23,10 +23,6 @@ from sqlite_utils import Database
 
 from kvrepl.errors import StoreError
 from kvrepl.names import validate_session_name
-from kvrepl.schema import MIGRATIONS as MIGRATIONS  # re-exported: tests import these from here
-from kvrepl.schema import SCHEMA_VERSION as SCHEMA_VERSION
-from kvrepl.schema import apply_migrations as apply_migrations
-from kvrepl.schema import m001_initial as m001_initial
 from kvrepl.schema import open_database, timestamp, write
 
 ROLES = ("system", "user", "assistant")
@@ -141,10 +137,6 @@ class Store:
         self.path = Path(path)
         self.db, self.applied = open_database(path, busy_timeout_s)
 
-    @classmethod
-    def memory(cls) -> "Store":
-        return cls(":memory:")
-
     def close(self) -> None:
         self.db.close()
 
@@ -229,11 +221,6 @@ class Store:
             if name is not None:
                 self._check_name_free(name, session_id)
             db["sessions"].update(session_id, {"name": name, "updated": timestamp()})
-
-    def set_title(self, session_id: str, title: str) -> None:
-        with self._write() as db:
-            self._session_row(session_id)
-            db["sessions"].update(session_id, {"title": _title(clean_text(title))})
 
     def update_settings(self, session_id: str, settings: dict[str, Any]) -> dict[str, Any]:
         """Merge `settings` into the session's (a None value removes the key); return the result."""
@@ -341,10 +328,6 @@ class Store:
             if message_id is not None:
                 self._check_member(session_id, message_id)
             db["sessions"].update(session_id, {"head_id": message_id, "updated": timestamp()})
-
-    def children(self, message_id: int) -> list[Message]:
-        sql = "SELECT * FROM messages WHERE parent_id = ? ORDER BY id"
-        return [_message(row) for row in self.db.query(sql, [message_id])]
 
     def branches(self, session_id: str) -> list[Branch]:
         """Every leaf of the session's tree, oldest first, with where it leaves the active branch.

@@ -109,9 +109,10 @@ class Harness:
 
 
 def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
-    from kvrepl.chat import Chat, Runtime
+    from kvrepl.chat import Chat
     from kvrepl.commands import build_registry
     from kvrepl.config import Settings
+    from kvrepl.handle import ModelHandle, Runtime
     from kvrepl.kvstore import KVStore
     from kvrepl.render import Renderer, make_console
     from kvrepl.repl import Repl
@@ -124,7 +125,7 @@ def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
     renderer = Renderer(make_console(out, plain=True, width=400), plain=True)
     store = Store(home / "kvrepl.db")
     kv = KVStore(home / "kv")
-    chat = Chat(s, store, kv, lambda: rt, home)
+    chat = Chat(s, store, kv, ModelHandle.ready_with(rt, s), home)
     repl = Repl(chat, renderer, build_registry(), interactive=False)
     h = Harness(home, loaded, s, out, chat, repl, rt, store, kv)
     stream = rt.engine.stream

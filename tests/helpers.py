@@ -10,9 +10,11 @@ from typing import Any
 
 from rich.console import Console
 
-from kvrepl.chat import Chat, Runtime
+from kvrepl.chat import Chat
 from kvrepl.commands import build_registry
 from kvrepl.config import Settings
+from kvrepl.events import Stats
+from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel, ModelSource
 from kvrepl.render import Renderer
@@ -43,6 +45,18 @@ class Harness:
 
     def text(self) -> str:
         return self.out.getvalue()
+
+    @property
+    def rt(self) -> Runtime:
+        return self.chat.model.get()
+
+    @property
+    def last_stats(self) -> Stats | None:
+        """The figures the store holds for the last answer of the active branch."""
+        if self.chat.session is None:
+            return None
+        rows = self.store.turn_stats(self.chat.session.id)
+        return Stats(**rows[-1][1]) if rows else None
 
     def take(self) -> str:
         """The output since the last take."""
@@ -88,9 +102,22 @@ def make_harness(
         return forward(ids)
 
     rt.engine._forward = counting_forward  # type: ignore[method-assign]
-    chat = Chat(settings, store, kv, lambda: rt, home)
+    chat = Chat(settings, store, kv, ModelHandle.ready_with(rt, settings), home)
     repl = Repl(chat, renderer, build_registry(), interactive=interactive)
     return Harness(home, chat, repl, out, store, calls)
+
+
+def control_token_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's control tokens: special ones and every other added token (`<think>` in
+    some vocabularies is added but not special)."""
+    added = {i for i, t in tokenizer.added_tokens_decoder.items() if t.content}
+    return set(tokenizer.all_special_ids) | added
+
+
+def children(store: Store, message_id: int) -> list[int]:
+    """The ids of a message's replies (edits and retries are siblings), oldest first."""
+    rows = store.db.query("SELECT id FROM messages WHERE parent_id = ? ORDER BY id", [message_id])
+    return [r["id"] for r in rows]
 
 
 def lines_of(text: str) -> list[str]:

@@ -19,10 +19,11 @@ from fault_helpers import (
     make_loaded,
 )
 
-from kvrepl.chat import Chat, Runtime
+from kvrepl.chat import Chat
 from kvrepl.config import Settings
 from kvrepl.engine import common_prefix
 from kvrepl.events import Notice, Stats, TextDelta
+from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvstore import KVStore
 from kvrepl.prompt import Prompt
 from kvrepl.store import Store
@@ -127,7 +128,13 @@ def chat_over(tmp_path: Path):
         settings = Settings(**{"temperature": 0.0, "max_tokens": 64, **over})
         rt = Runtime.build(loaded, settings)
         home = tmp_path / "store"
-        chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"), lambda: rt, home)
+        chat = Chat(
+            settings,
+            Store(home / "kvrepl.db"),
+            KVStore(home / "kv"),
+            ModelHandle.ready_with(rt, settings),
+            home,
+        )
         opened.append(chat)
         return chat
 
@@ -154,17 +161,17 @@ def test_the_next_turn_recomputes_none_of_the_answer(tiny, chat_over, script):
     assert answer == ANSWER
     stored = chat.history()[-1]
     assert stored.token_ids == tuple(own)  # the end token is not the answer's: the template's
-    cached = len(chat.rt.engine.pc.ids)
+    cached = len(chat.model.get().engine.pc.ids)
 
     stats, notices, _ = turn(chat, "And of Italy?")
     assert stats.reused_tokens == cached  # every answer token
     assert not [n for n in notices if n.startswith("cache:")]
     # An answer cut by max_tokens keeps its ids too, and the one after is reused whole again.
     assert chat.history()[-1].token_ids == tuple(long[:40])
-    cached = len(chat.rt.engine.pc.ids)
+    cached = len(chat.model.get().engine.pc.ids)
     stats, _, _ = turn(chat, "Thanks")
     assert stats.reused_tokens == cached
-    assert_cache_true(chat.rt.engine)
+    assert_cache_true(chat.model.get().engine)
 
 
 def test_an_interrupted_answer_keeps_exactly_what_was_generated(tiny, chat_over, script):
@@ -181,26 +188,26 @@ def test_an_interrupted_answer_keeps_exactly_what_was_generated(tiny, chat_over,
     events.close()  # the consumer stops the turn: the answer is stored, interrupted
     answer = chat.history()[-1]
     assert answer.interrupted and answer.content == ANSWER[:10]
-    generated = chat.rt.engine.progress.generated
+    generated = chat.model.get().engine.progress.generated
     assert answer.token_ids == tuple(generated) == tuple(own[:10])
-    cached = len(chat.rt.engine.pc.ids)  # the last token was generated, never fed
+    cached = len(chat.model.get().engine.pc.ids)  # the last token was generated, never fed
 
     stats, _, _ = turn(chat, "Go on")
     assert stats.reused_tokens == cached
-    assert_cache_true(chat.rt.engine)
+    assert_cache_true(chat.model.get().engine)
 
 
 def test_an_older_answer_without_ids_is_tokenized_from_its_text(tiny, chat_over, script):
     model, tok = tiny
     chat = chat_over(make_loaded(model, tok))
-    session = chat.new_session("old")
+    session = chat.sessions.new_session("old")
     assert session is not None
     chat.store.add_message(session.id, "user", "What is the capital of France?")
     chat.store.add_message(session.id, "assistant", ANSWER)  # as an older kvrepl stored it
     script([end(tok)])
     stats, _, _ = turn(chat, "And of Italy?")
     msgs = [{"role": m.role, "content": m.content} for m in chat.history()[:-1]]
-    assert stats.prefilled_tokens == len(chat.rt.prompt.render(msgs))
+    assert stats.prefilled_tokens == len(chat.model.get().prompt.render(msgs))
     assert "ids" not in chat.prompt_messages()[1]
 
 
@@ -213,18 +220,18 @@ def test_an_answer_edited_behind_kvrepls_back_is_rendered_from_its_new_text(
     chat = chat_over(make_loaded(model, tok))
     script([*by_char(tok, ANSWER), end(tok)], [end(tok)])
     turn(chat, "What is the capital of France?")
-    cached = list(chat.rt.engine.pc.ids)
+    cached = list(chat.model.get().engine.pc.ids)
     answer = chat.history()[-1]
     chat.store.db.execute(
         "UPDATE messages SET content = ? WHERE id = ?", [ANSWER.replace("Paris", "Lyon"), answer.id]
     )
     msgs = [{"role": m.role, "content": m.content} for m in chat.history()]
-    want = chat.rt.prompt.render([*msgs, {"role": "user", "content": "Sure?"}])
+    want = chat.model.get().prompt.render([*msgs, {"role": "user", "content": "Sure?"}])
     stats, notices, _ = turn(chat, "Sure?")
-    assert chat.rt.engine.pc.ids[: len(want)] == want
+    assert chat.model.get().engine.pc.ids[: len(want)] == want
     keep = common_prefix(cached, want)
     # cut where the answer starts: its new text is tokenized, not spelled by character
-    assert stats.reused_tokens == keep == len(chat.rt.prompt.render(msgs[:1]))
+    assert stats.reused_tokens == keep == len(chat.model.get().prompt.render(msgs[:1]))
     cuts = [n for n in notices if n.startswith("cache: cut at token")]
     assert cuts == [f"cache: cut at token {keep:,} (turn 1, assistant); recomputing "
                     f"{len(want) - keep:,} tokens"]  # fmt: skip
@@ -267,10 +274,10 @@ def test_real_model_one_turn_answers_are_reused_whole_on_the_next_turn(real, cha
     chat = chat_over(real, max_tokens=96)
     recomputed = {}
     for text in REAL_PROMPTS:
-        chat.new_session()
+        chat.sessions.new_session()
         first, _, answer = turn(chat, text)
         assert answer.strip()
-        cached = len(chat.rt.engine.pc.ids)
+        cached = len(chat.model.get().engine.pc.ids)
         stats, notices, _ = turn(chat, "Thanks!")
         cuts = [n for n in notices if n.startswith("cache:")]
         recomputed[text] = (cached - stats.reused_tokens, first.generated_tokens, cuts)

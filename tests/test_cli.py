@@ -19,10 +19,11 @@ import platformdirs
 import pytest
 
 from kvrepl import cli
-from kvrepl.chat import Chat, Runtime
+from kvrepl.chat import Chat
 from kvrepl.config import Settings, load_settings
 from kvrepl.events import Stats
 from kvrepl.guards import SessionLock
+from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel, ModelSource
 from kvrepl.render import format_size
@@ -48,10 +49,16 @@ def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list
     """A session made the way the REPL makes it: a Chat answers each line, then closes."""
     settings = TINY
     rt = Runtime.build(tiny_loaded(tiny), settings)
-    chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"), lambda: rt, home)
+    chat = Chat(
+        settings,
+        Store(home / "kvrepl.db"),
+        KVStore(home / "kv"),
+        ModelHandle.ready_with(rt, settings),
+        home,
+    )
     try:
         if name:
-            chat.open_or_create(name)
+            chat.sessions.open_or_create(name)
         stats = []
         for line in lines:
             stats += [e for e in chat.send(line) if isinstance(e, Stats)]

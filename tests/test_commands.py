@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Harness, lines_of, make_harness, stats_lines, tiny_loaded
+from helpers import Harness, children, lines_of, make_harness, stats_lines, tiny_loaded
 
 from kvrepl.chat import Chat
 from kvrepl.commands import build_registry
 from kvrepl.config import SESSION_KEYS, Settings
+from kvrepl.handle import ModelHandle
 from kvrepl.kvstore import KVStore
 from kvrepl.repl import line_loop
 from kvrepl.store import STAT_NAMES, Store
@@ -36,7 +37,7 @@ def reopen(h: Harness, tiny) -> Harness:
 
 
 def user_texts(h: Harness) -> list[str]:
-    return [m.content for m in h.chat.user_turns()]
+    return [m.content for m in h.chat.sessions.user_turns()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_a_message_prints_the_answer_and_one_stats_line(h: Harness):
     assert "reused 0 · prefilled " in out and "· generated 6 ·" in out
     answer = h.chat.history()[-1]
     assert answer.role == "assistant" and answer.content and answer.content in out
-    h.chat.rt.engine.pc.check()
+    h.rt.engine.pc.check()
 
 
 def test_history_numbers_the_user_turns(h: Harness):
@@ -255,11 +256,11 @@ def test_load_after_a_restart_reuses_the_snapshot(h: Harness, tiny):
         assert reused > 20 and recomputed < reused
         assert any(line.startswith("snapshot: restored ") for line in out)
         assert len(h2.chat.history()) == n_messages
-        h2.chat.rt.engine.pc.check()
+        h2.rt.engine.pc.check()
         # the next turn reuses what /load brought into the cache
         calls = len(h2.calls)
         out = h2.run("and then?")
-        assert h2.chat.last_stats.reused_tokens >= reused
+        assert h2.last_stats.reused_tokens >= reused
         assert "cache: cut" not in out
         assert h2.calls[calls] < 20  # the first forward fed only the new turn
     finally:
@@ -341,14 +342,14 @@ def test_set_changes_temperature_and_refuses_bad_values(h: Harness):
 def test_set_is_remembered_with_the_session(h: Harness, tiny):
     h.run("/new demo", "/set temperature 0.7", "/set max_tokens 3", "/set system 'be brief'")
     h.run("hello there")
-    assert h.chat.last_stats.generated_tokens <= 3
+    assert h.last_stats.generated_tokens <= 3
     h.close()
     # a new Chat over a new Store on the same folder: the settings come back with the session
     store = Store(h.home / "kvrepl.db")
-    chat = Chat(SETTINGS, store, KVStore(h.home / "kv"), lambda: None, h.home)  # type: ignore
+    chat = Chat(SETTINGS, store, KVStore(h.home / "kv"), ModelHandle.none(SETTINGS), h.home)
     try:
         assert chat.settings.temperature == 0.0  # no session open: the base settings
-        chat.open("demo")
+        chat.sessions.open("demo")
         assert chat.settings.temperature == 0.7
         assert chat.settings.max_tokens == 3
         assert chat.settings.system == "be brief"
@@ -364,13 +365,13 @@ def test_set_is_remembered_with_the_session(h: Harness, tiny):
 
 def test_edit_makes_a_new_branch_and_keeps_the_old_turn(h: Harness):
     h.run("hello there", "how are you?")
-    old = h.chat.user_turns()
+    old = h.chat.sessions.user_turns()
     out = h.run("/edit 1 hello again")
     assert "cache: cut at token " in out and "(turn 1, user)" in out
     assert "recomputing " in out
     assert len(stats_lines(out)) == 1
     assert user_texts(h) == ["hello again"]  # the edit replaced turn 1 and what followed it
-    new = h.chat.user_turns()[0]
+    new = h.chat.sessions.user_turns()[0]
     assert new.parent_id == old[0].parent_id and new.id != old[0].id
     branches = h.store.branches(h.chat.session.id)
     assert len(branches) == 2
@@ -378,19 +379,19 @@ def test_edit_makes_a_new_branch_and_keeps_the_old_turn(h: Harness):
     # the old turns are still in the database
     assert h.store.message(old[0].id).content == "hello there"
     assert h.store.message(old[1].id).content == "how are you?"
-    h.chat.rt.engine.pc.check()
+    h.rt.engine.pc.check()
 
 
 def test_edit_recomputes_only_from_the_cut(h: Harness):
     h.run("hello there", "how are you?")
-    cached = len(h.chat.rt.engine.pc.ids)
+    cached = len(h.rt.engine.pc.ids)
     out = h.run("/edit 2 how is it going?")
     cut = int(out.split("cut at token ")[1].split(" ")[0].replace(",", ""))
     recomputed = int(out.split("recomputing ")[1].split(" ")[0].replace(",", ""))
     assert 0 < cut < cached
     assert "(turn 2, user)" in out
-    assert h.chat.last_stats.reused_tokens == cut
-    assert h.chat.last_stats.prefilled_tokens == recomputed
+    assert h.last_stats.reused_tokens == cut
+    assert h.last_stats.prefilled_tokens == recomputed
     assert user_texts(h) == ["hello there", "how is it going?"]
 
 
@@ -402,9 +403,9 @@ def test_retry_makes_a_sibling_answer(h: Harness):
     second = h.chat.history()[-1]
     assert second.role == "assistant" and second.id != first.id
     assert second.parent_id == first.parent_id
-    assert [m.id for m in h.store.children(first.parent_id)] == [first.id, second.id]
+    assert children(h.store, first.parent_id) == [first.id, second.id]
     assert user_texts(h) == ["hello there"]
-    assert h.chat.last_stats.prefilled_tokens == 1  # the prompt is all in the cache
+    assert h.last_stats.prefilled_tokens == 1  # the prompt is all in the cache
 
 
 def test_undo_drops_the_last_exchange_but_keeps_it_in_the_db(h: Harness):
@@ -436,9 +437,9 @@ def test_branches_and_branch_switch(h: Harness):
     # the conversation goes on from the old branch, reusing the cache up to where they differ
     out = h.run("and then?")
     assert user_texts(h) == ["hello there", "and then?"]
-    assert h.chat.last_stats.reused_tokens > 0
+    assert h.last_stats.reused_tokens > 0
     assert "cache: cut at token" in out
-    h.chat.rt.engine.pc.check()
+    h.rt.engine.pc.check()
 
 
 def test_branch_to_a_message_of_another_session_is_refused(h: Harness):
@@ -458,7 +459,7 @@ def test_stats_shows_cache_and_turn_figures(h: Harness):
     h.run("hello there", "how are you?")
     rows = dict(line.split("\t") for line in lines_of(h.run("/stats")))
     assert rows["session"] == h.chat.session.id
-    assert int(rows["cached_tokens"].replace(",", "")) == len(h.chat.rt.engine.pc.ids)
+    assert int(rows["cached_tokens"].replace(",", "")) == len(h.rt.engine.pc.ids)
     assert rows["snapshot_tokens"] == rows["cached_tokens"]
     assert rows["context_length"] == "512"
     assert rows["turns"] == "2"

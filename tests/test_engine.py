@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvrepl.cache import _GROW_STEP, GrowingLayer, PromptCache, hf_layers
-from kvrepl.engine import Engine, Sampler, Sampling, common_prefix
+from kvrepl.engine import Engine, Plan, Sampler, Sampling, common_prefix
 from kvrepl.errors import PromptError
 from kvrepl.events import Finish, Stats, TextDelta
 from kvrepl.prompt import Prompt
@@ -160,6 +160,20 @@ def test_shorter_prompt_crops_and_feeds_its_last_token(tiny):
     assert e.pc.ids == short
     assert_consistent(e)
     assert torch.allclose(logits, scratch_logits(tiny, short), atol=1e-4)
+
+
+def test_align_says_what_a_prefill_will_keep_and_why(tiny):
+    e = make_engine(tiny)
+    a = random_ids(40, seed=5)
+    assert e.align(a) == Plan(0, 40, 0, "empty")
+    e.prefill(a)
+    assert e.align(a + [7, 8]) == Plan(40, 2, 40, "extend")
+    assert e.align(a) == Plan(39, 1, 40, "extend")  # one token is always fed
+    assert e.align(a[:10] + [9] * 5) == Plan(10, 5, 40, "cut")
+    assert e.cached_tokens == 40 and e.cached_ids == tuple(a)  # align changes nothing
+    assert make_engine(tiny, reuse=False).align(a) == Plan(0, 40, 0, "empty")
+    e.reuse = False
+    assert e.align(a) == Plan(0, 40, 40, "no reuse")
 
 
 def test_reuse_false_always_recomputes(tiny):

@@ -49,11 +49,13 @@ from fault_helpers import (
     resave,
     tree,
 )
+from helpers import control_token_ids
 
 from kvrepl import cli
 from kvrepl.chat import Chat
 from kvrepl.config import Settings
 from kvrepl.errors import StoreError
+from kvrepl.handle import ModelHandle
 from kvrepl.kvstore import KVStore
 from kvrepl.schema import SCHEMA_VERSION
 from kvrepl.store import Store
@@ -131,8 +133,9 @@ def jobs(request, tmp_path_factory, model_dir) -> Iterator[Jobs]:
         if "test_a_second_kvrepl_on_the_same_session_is_refused" in selected:
             # The session is open in this process: a second kvrepl on it is refused.
             home = j.root / "held" / "store"
-            holder = Chat(Settings(), Store(home / "kvrepl.db"), None, lambda: None, home)
-            holder.open_or_create("held")
+            holder = Chat(Settings(), Store(home / "kvrepl.db"), None,
+                          ModelHandle.none(Settings()), home)  # fmt: skip
+            holder.sessions.open_or_create("held")
             j.start("held", tiny_cli(home, model_dir, "--session", "held"), b"hello there\n")
             j.cleanups["held"] = lambda: (holder.close(), holder.store.close())
         if "test_a_database_from_a_newer_kvrepl_is_refused_untouched" in selected:
@@ -178,11 +181,11 @@ def make(tmp_path: Path) -> Iterator[Any]:
 def one_turn_ok(h: Harness, text: str, new_turns: int = 1) -> str:
     """Send a message (or an /edit: new_turns=0); it must be answered (one stats line, no
     error), the cache stay true and the answer equal a recomputation."""
-    n = len(h.chat.user_turns())
+    n = len(h.chat.sessions.user_turns())
     out = h.line(text)
     assert "error:" not in out, out
     assert len(STATS.findall(out)) == 1, out
-    assert len(h.chat.user_turns()) == n + new_turns
+    assert len(h.chat.sessions.user_turns()) == n + new_turns
     assert_cache_true(h.rt.engine)
     assert_last_answer_is_recompute(h)
     return out
@@ -515,7 +518,7 @@ def test_a_refused_load_keeps_the_current_session_locked(loaded, make):
     assert "error" in b.line("/load shared")
     c = make(loaded, a.home)
     with pytest.raises(StoreError, match="open in another kvrepl"):
-        c.chat.open("mine")
+        c.chat.sessions.open("mine")
 
 
 def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path, capsys):
@@ -562,7 +565,7 @@ def test_text_spelling_control_tokens_stays_text(text, loaded, make):
     one_turn_ok(h, "plain words here")
     h.line("/new")
     one_turn_ok(h, text)
-    control = h.rt.prompt.control_token_ids()
+    control = control_token_ids(h.rt.prompt.tokenizer)
     plain, spelled = ([i for i in ids if i in control] for ids in h.streams)
     assert spelled == plain  # the same control tokens, in the same order
     assert text in [c for r, c, _ in db_messages(h.home) if r == "user"]  # stored verbatim
@@ -708,11 +711,10 @@ def no_background_load(monkeypatch):
     """`kvrepl` in this process: the model is not needed before the name is refused."""
     from kvrepl.errors import ModelError
 
-    def fail(self):
-        self._error = ModelError("the model is not loaded in this test")
-        self._done.set()
+    def fail(settings, progress):
+        raise ModelError("the model is not loaded in this test")
 
-    monkeypatch.setattr(cli.BackgroundModel, "_run", fail)
+    monkeypatch.setattr("kvrepl.handle._load", fail)
 
 
 @pytest.mark.parametrize(
@@ -744,7 +746,7 @@ def test_loading_an_unknown_session_names_close_matches(loaded, make):
     assert "'alpha'" in out
     assert h.chat.session.id == current
     with pytest.raises(StoreError):  # still held here
-        make(h.loaded, h.home).chat.open("alpine")
+        make(h.loaded, h.home).chat.sessions.open("alpine")
     one_turn_ok(h, "how are you")
 
 

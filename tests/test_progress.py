@@ -71,7 +71,7 @@ def test_stopping_at_a_progress_event_leaves_the_cache_at_what_was_computed(tiny
     stream.close()
     assert e.pc.ids == ids[:4] and e.progress.prefilled == 4
     e.pc.check()
-    assert e.stream(ids, GREEDY) and e.plan(ids) == 4  # the next turn starts from there
+    assert e.stream(ids, GREEDY) and e.align(ids).keep == 4  # the next turn starts from there
 
 
 def test_the_conversation_passes_progress_on_and_plain_output_shows_none(tmp_path, tiny):
@@ -79,13 +79,13 @@ def test_the_conversation_passes_progress_on_and_plain_output_shows_none(tmp_pat
     settings = Settings(temperature=0.0, max_tokens=6, repetition_penalty=3.0)
     h = make_harness(tmp_path / "store", tiny_loaded(tiny), settings=settings)
     try:
-        h.chat.rt.engine.chunk_size = 4
+        h.rt.engine.chunk_size = 4
         events = list(h.chat.send("The capital of France is Paris. Hello there"))
         kinds = [type(ev) for ev in events]
         assert Progress in kinds and TextDelta in kinds
         assert kinds.index(TextDelta) > max(i for i, k in enumerate(kinds) if k is Progress)
         out = h.run("How are you? The capital of France is Paris.")
-        assert "prefill " not in out and h.chat.last_stats.prefilled_tokens > 4
+        assert "prefill " not in out and h.last_stats.prefilled_tokens > 4
     finally:
         h.close()
 

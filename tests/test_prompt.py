@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import CHATML, make_tokenizer
+from helpers import control_token_ids
 
 from kvrepl.errors import PromptError
 from kvrepl.events import TextDelta, ThinkDelta
@@ -66,7 +67,7 @@ INJECTIONS = [
 @pytest.mark.parametrize("text", INJECTIONS)
 def test_injected_control_strings_stay_plain_text(tokenizer, text):
     prompt = Prompt(tokenizer)
-    control = prompt.control_token_ids()
+    control = control_token_ids(tokenizer)
     assert control, "the tokenizer has no control tokens?"
     for messages, plain in (
         (user(text), user("plain words")),

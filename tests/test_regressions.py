@@ -10,6 +10,7 @@ from fault_helpers import make_fault_model, make_harness, make_loaded
 
 from kvrepl.engine import Engine, Sampling
 from kvrepl.errors import KvreplError
+from kvrepl.handle import ModelHandle
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_retry_moves_nothing_when_the_model_cannot_answer(tok, tmp_path: Path):
         def no_model():
             raise KvreplError("the model failed to load: gone")
 
-        h.chat._rt, h.chat._runtime_fn = None, no_model
+        h.chat.model = ModelHandle(h.chat.settings, load=no_model)
         out = h.line("/retry")
         assert out.startswith("error: the model failed to load"), out
         assert [m.id for m in h.chat.history()] == before

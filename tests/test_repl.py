@@ -51,7 +51,7 @@ def drive(h: Harness, *keys: str) -> int:
 
 
 def user_texts(h: Harness) -> list[str]:
-    return [m.content for m in h.chat.user_turns()]
+    return [m.content for m in h.chat.sessions.user_turns()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def interrupt_renderer_at(h: Harness, monkeypatch, n: int, kind: type = TextDelt
 
 def interrupt_forward_at(h: Harness, monkeypatch, n: int) -> None:
     """Make the model's n-th forward pass (counted from now) raise KeyboardInterrupt, once."""
-    engine = h.chat.rt.engine
+    engine = h.rt.engine
     forward, count = engine._forward, [0]
 
     def interrupting_forward(ids):
@@ -239,19 +239,19 @@ def check_interrupted_turn(h: Harness, out: str) -> None:
     assert answer.role == "assistant" and answer.interrupted
     (line,) = stats_lines(out)
     assert line.endswith("· interrupted")
-    h.chat.rt.engine.pc.check()
+    h.rt.engine.pc.check()
     export = h.store.turn_stats(h.chat.session.id)
     assert export[-1][0].id == answer.id  # the stats of the partial turn are stored with it
 
 
 def check_next_turn_reuses(h: Harness) -> None:
-    cached = len(h.chat.rt.engine.pc.ids)
+    cached = len(h.rt.engine.pc.ids)
     out = h.run("and then?")
     assert len(stats_lines(out)) == 1 and "interrupted" not in out
-    assert h.chat.last_stats.reused_tokens > 0
-    assert h.chat.last_stats.reused_tokens >= cached - 2
+    assert h.last_stats.reused_tokens > 0
+    assert h.last_stats.reused_tokens >= cached - 2
     assert not h.chat.history()[-1].interrupted
-    h.chat.rt.engine.pc.check()
+    h.rt.engine.pc.check()
 
 
 def test_ctrl_c_while_the_answer_is_shown_keeps_the_partial_answer(h: Harness, monkeypatch):
@@ -260,8 +260,8 @@ def test_ctrl_c_while_the_answer_is_shown_keeps_the_partial_answer(h: Harness, m
     check_interrupted_turn(h, out)
     partial = h.chat.history()[-1].content
     assert shown and partial.startswith("".join(shown).lstrip("\n"))
-    assert h.chat.last_stats.generated_tokens < SETTINGS.max_tokens
-    assert f"generated {h.chat.last_stats.generated_tokens} ·" in out
+    assert h.last_stats.generated_tokens < SETTINGS.max_tokens
+    assert f"generated {h.last_stats.generated_tokens} ·" in out
     monkeypatch.undo()
     check_next_turn_reuses(h)
 
@@ -272,7 +272,7 @@ def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(
     interrupt_forward_at(h, monkeypatch, 3)
     h.run("/new demo", "hello there")
     assert h.chat.history()[-1].interrupted
-    cached = len(h.chat.rt.engine.pc.ids)
+    cached = len(h.rt.engine.pc.ids)
     assert h.chat.kv.n_tokens_on_disk(h.chat.session.id) == cached
     h.close()
     h2 = make_harness(h.home, tiny_loaded(tiny), settings=SETTINGS, interactive=True)
@@ -280,7 +280,7 @@ def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(
         out = lines_of(h2.run("/load demo"))
         assert out == [f"snapshot: restored {cached} cached tokens from disk", out[-1]]
         assert re.search(r"reused [1-9][\d,]* tokens", out[-1])
-        h2.chat.rt.engine.pc.check()
+        h2.rt.engine.pc.check()
     finally:
         h2.close()
 
@@ -290,7 +290,7 @@ def test_ctrl_c_inside_the_model_during_decoding(h: Harness, monkeypatch, step):
     interrupt_forward_at(h, monkeypatch, step)  # forward 1 is the prefill
     out = h.run("hello there")
     check_interrupted_turn(h, out)
-    assert h.chat.last_stats.generated_tokens == step - 1
+    assert h.last_stats.generated_tokens == step - 1
     assert h.chat.history()[-1].content in out
     check_next_turn_reuses(h)
 
@@ -301,17 +301,17 @@ def test_ctrl_c_inside_the_model_during_prefill(h: Harness, monkeypatch):
     out = h.run("how are you?")
     check_interrupted_turn(h, out)
     assert h.chat.history()[-1].content == ""
-    assert h.chat.last_stats.generated_tokens == 0
+    assert h.last_stats.generated_tokens == 0
     check_next_turn_reuses(h)
 
 
 def test_ctrl_c_during_a_chunked_prefill_reports_what_was_prefilled(h: Harness, monkeypatch):
-    h.chat.rt.engine.chunk_size = 4
+    h.rt.engine.chunk_size = 4
     interrupt_forward_at(h, monkeypatch, 3)  # after two chunks of 4
     out = h.run("hello there, how are you?")
     check_interrupted_turn(h, out)
-    assert len(h.chat.rt.engine.pc.ids) == 8
-    assert h.chat.last_stats.prefilled_tokens == 8
+    assert len(h.rt.engine.pc.ids) == 8
+    assert h.last_stats.prefilled_tokens == 8
 
 
 def test_ctrl_c_in_the_interactive_loop_returns_to_the_prompt(h: Harness, monkeypatch):
@@ -323,17 +323,17 @@ def test_ctrl_c_in_the_interactive_loop_returns_to_the_prompt(h: Harness, monkey
     lines = stats_lines(h.text())
     assert len(lines) == 2 and lines[0].endswith("interrupted")
     assert "[assistant (interrupted)]" in h.text()
-    h.chat.rt.engine.pc.check()
+    h.rt.engine.pc.check()
 
 
 def test_ctrl_c_before_the_first_token_does_not_repeat_the_last_stats(h: Harness, monkeypatch):
     h.run("hello there")
-    previous = format_stats(h.chat.last_stats)
+    previous = format_stats(h.last_stats)
     interrupt_renderer_at(h, monkeypatch, 1, kind=Notice)  # the "cache: cut at …" notice
     out = h.run("/edit 1 hello again")
     assert out == "interrupted\n"  # no figures: nothing was computed
     assert previous not in out
-    h.chat.rt.engine.pc.check()
+    h.rt.engine.pc.check()
 
 
 def test_ctrl_c_before_the_first_token_still_closes_the_turn(h: Harness, monkeypatch):
@@ -353,21 +353,21 @@ LONG = "The capital of France is Paris. " * 20  # 160 tokens of the tiny tokeniz
 def fill_context(h: Harness) -> str:
     """Two long turns, then a third that does not fit in 512 tokens; returns its output."""
     h.run(LONG, LONG)
-    assert len(h.chat.user_turns()) == 2
+    assert len(h.chat.sessions.user_turns()) == 2
     return h.run(LONG)
 
 
 def test_a_turn_over_the_context_is_refused_without_a_model_call(h: Harness):
     h.run(LONG, LONG)
-    calls, cached = len(h.calls), list(h.chat.rt.engine.pc.ids)
+    calls, cached = len(h.calls), list(h.rt.engine.pc.ids)
     out = h.run(LONG)
     errors = [line for line in lines_of(out) if line.startswith("error: ")]
     assert len(errors) == 1
     assert re.search(r"the conversation is [\d,]+ tokens; the model's context is 512", errors[0])
     assert "/undo" in errors[0] and "drop_oldest" in errors[0]
     assert len(h.calls) == calls  # nothing was computed
-    assert h.chat.rt.engine.pc.ids == cached
-    h.chat.rt.engine.pc.check()
+    assert h.rt.engine.pc.ids == cached
+    h.rt.engine.pc.check()
 
 
 def test_a_refused_turn_prints_only_the_error(h: Harness):
@@ -377,7 +377,7 @@ def test_a_refused_turn_prints_only_the_error(h: Harness):
 
 def test_a_refused_message_does_not_stay_on_the_branch(h: Harness):
     fill_context(h)
-    assert len(h.chat.user_turns()) == 2
+    assert len(h.chat.sessions.user_turns()) == 2
     out = h.run("ok")  # 440 tokens with the two long turns: fits
     assert len(stats_lines(out)) == 1, out
 
@@ -388,23 +388,23 @@ def test_a_refused_edit_leaves_the_tree_as_it_was(h: Harness):
     out = lines_of(h.run("/edit 2 " + LONG + LONG))
     assert len(out) == 1 and out[0].startswith("error: the conversation is ")
     assert h.store.branches(h.chat.session.id) == before
-    assert [m.content for m in h.chat.user_turns()] == [LONG, LONG]
+    assert [m.content for m in h.chat.sessions.user_turns()] == [LONG, LONG]
 
 
 def test_a_failure_inside_a_turn_is_one_line_and_the_repl_goes_on(h: Harness, monkeypatch):
     h.run("hello there")
-    forward = h.chat.rt.engine._forward
+    forward = h.rt.engine._forward
 
     def broken(ids):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(h.chat.rt.engine, "_forward", broken)
+    monkeypatch.setattr(h.rt.engine, "_forward", broken)
     out = h.run("how are you?")
     assert lines_of(out)[-1] == "error: internal error: RuntimeError: boom"
     assert stats_lines(out) == [] and "interrupted" not in out  # no figures: none were made
     assert "RuntimeError: boom" in (h.home / "kvrepl.log").read_text()
-    h.chat.rt.engine.pc.check()
-    monkeypatch.setattr(h.chat.rt.engine, "_forward", forward)
+    h.rt.engine.pc.check()
+    monkeypatch.setattr(h.rt.engine, "_forward", forward)
     assert len(stats_lines(h.run("and then?"))) == 1
 
 

@@ -36,10 +36,11 @@ import torch
 from conftest import make_tokenizer
 
 from kvrepl import models
-from kvrepl.chat import Chat, Runtime
+from kvrepl.chat import Chat
 from kvrepl.config import Settings
 from kvrepl.engine import common_prefix
 from kvrepl.events import Finish, Notice, Stats, TextDelta
+from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvbook import Ref
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel
@@ -120,7 +121,8 @@ def chats() -> Iterator[Callable[..., Chat]]:
     def open_chat(loaded: LoadedModel, home: Path, base: Settings = TINY, **over: Any) -> Chat:
         settings = replace(base, **over)
         rt = Runtime.build(loaded, settings)
-        chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"), lambda: rt, home)
+        chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"),
+                    ModelHandle.ready_with(rt, settings), home)  # fmt: skip
         opened.append(chat)
         return chat
 
@@ -154,7 +156,7 @@ def turn(chat: Chat, text: str) -> Turn:
         notices=[e.text for e in events if isinstance(e, Notice)],
         stats=stats[0],
         finish=finish[0],
-        ids=list(chat.rt.engine.pc.ids),
+        ids=list(chat.model.get().engine.pc.ids),
     )
 
 
@@ -163,7 +165,7 @@ def fresh_ids(open_chat: Callable[..., Chat], loaded: LoadedModel, history: list
     """The same turn on the same messages by a Chat that reuses nothing (reuse off, no
     snapshot): the reference every restored or cut cache must match token for token."""
     chat = open_chat(loaded, home, base, reuse=False)
-    session = chat.new_session("reference")
+    session = chat.sessions.new_session("reference")
     assert session is not None
     for m in history:
         # The messages whole: an answer with the ids it was generated as, as the store has it.
@@ -185,7 +187,7 @@ def prompt_ids(chat: Chat, history: list[Message], text: str) -> list[int]:
     """What the prompt of a turn `text` after `history` renders to, by kvrepl's Prompt."""
     msgs = chat.prompt_messages(history) if history else chat.prompt_messages([])
     msgs = [*msgs, {"role": "user", "content": text}]
-    return chat.rt.prompt.render(msgs, enable_thinking=chat.settings.thinking)
+    return chat.model.get().prompt.render(msgs, enable_thinking=chat.settings.thinking)
 
 
 def expected_reuse(restored: list[int], prompt: list[int]) -> int:
@@ -203,10 +205,12 @@ def assert_snapshot_is_cache(chat: Chat) -> None:
     """The session's last snapshot is exactly the engine's cache: ids, and K/V bit for bit;
     what else the pool keeps for it is other branches (at least the cache's tokens in all)."""
     assert chat.session is not None
-    pc = chat.rt.engine.pc
+    pc = chat.model.get().engine.pc
     pc.check()
-    assert chat.kv.n_tokens_on_disk(chat.session.id, chat.rt.loaded.fingerprint) >= len(pc.ids)
-    loaded = snapshot(chat.home, chat.session.id, chat.rt.loaded)
+    assert chat.kv.n_tokens_on_disk(chat.session.id, chat.model.get().loaded.fingerprint) >= len(
+        pc.ids
+    )
+    loaded = snapshot(chat.home, chat.session.id, chat.model.get().loaded)
     assert loaded.notes == []
     assert loaded.ids == pc.ids
     for (k, v), (k2, v2) in zip(loaded.layers, pc.export(), strict=True):
@@ -243,7 +247,7 @@ def build_session(open_chat: Callable[..., Chat], loaded: LoadedModel, home: Pat
     """A session with `history` written to the store, warmed (snapshot chunk 0 = the history),
     then `turns` answered (one more chunk each). Returns the session id; the Chat is closed."""
     chat = open_chat(loaded, home)
-    session = chat.open_or_create(name)
+    session = chat.sessions.open_or_create(name)
     for role, text in history:  # answers as a finished turn would store them: with stats
         if role == "assistant":
             chat.store.finish_answer(session.id, text, stats=dict.fromkeys(STAT_NAMES, 0))
@@ -498,7 +502,7 @@ def test_invalid_snapshot_is_cut_or_dropped_and_recomputed(case, tinies, chats, 
         corrupt(home, sid)
 
     chat = chats(loaded, home)
-    chat.open("demo")
+    chat.sessions.open("demo")
     history = chat.history()
     text = "And what about values?"
     prompt = prompt_ids(chat, history, text)
@@ -522,12 +526,12 @@ def test_invalid_snapshot_is_cut_or_dropped_and_recomputed(case, tinies, chats, 
     assert result.ids[: len(prompt)] == prompt
     if case == "messages-edited":
         # The cut lands at the first changed token of the edited first message.
-        old = chat.rt.prompt.render([{"role": "user", "content": HISTORY[0][1]}])
-        new = chat.rt.prompt.render([{"role": "user", "content": history[0].content}])
+        old = chat.model.get().prompt.render([{"role": "user", "content": HISTORY[0][1]}])
+        new = chat.model.get().prompt.render([{"role": "user", "content": history[0].content}])
         assert 0 < reused == common_prefix(old, new) < len(before.ids)
         assert f"cache: cut at token {reused:,} (turn 1, user); recomputing " \
                f"{len(prompt) - reused:,} tokens" in result.notices  # fmt: skip
-    chat.rt.engine.pc.check()
+    chat.model.get().engine.pc.check()
 
     # The answer is token for token the one of a run that reuses nothing.
     ref = fresh_ids(chats, loaded, history, text, tmp_path / "ref")
@@ -546,7 +550,7 @@ def test_a_missing_snapshot_is_reported(case, tinies, chats, tmp_path):
     sid = build_session(chats, tinies.a, home, HISTORY)
     CASES[case][0](home, sid)
     chat = chats(tinies.a, home)
-    chat.open("demo")
+    chat.sessions.open("demo")
     result = turn(chat, "And what about values?")
     assert result.stats.reused_tokens == 0
     assert result.notices == [NO_SNAPSHOT]
@@ -559,7 +563,7 @@ def test_a_snapshot_of_other_weights_in_a_same_named_folder_is_refused(tinies, c
     home = tmp_path / "store"
     build_session(chats, tinies.a, home, HISTORY, turns=("Tell me about keys.",))
     chat = chats(tinies.same_name, home)  # .../b/model: same name, same config, other weights
-    chat.open("demo")
+    chat.sessions.open("demo")
     history = chat.history()
     result = turn(chat, "And what about values?")
     ref = fresh_ids(chats, tinies.same_name, history, "And what about values?", tmp_path / "ref")
@@ -577,7 +581,7 @@ def test_real_model_messages_edited_behind_its_back_cut_at_the_first_changed_tok
     greedy = Settings(temperature=0.0, max_tokens=12)
     home = tmp_path / "store"
     chat = chats(real, home, greedy)
-    session = chat.open_or_create("demo")
+    session = chat.sessions.open_or_create("demo")
     first = turn(chat, QUESTIONS[0])
     turn(chat, QUESTIONS[1])
     shut(chat)
@@ -592,7 +596,7 @@ def test_real_model_messages_edited_behind_its_back_cut_at_the_first_changed_tok
     conn.close()
 
     chat = chats(real, home, greedy)
-    chat.open("demo")
+    chat.sessions.open("demo")
     history = chat.history()
     prompt = prompt_ids(chat, history, QUESTIONS[2])
     result = turn(chat, QUESTIONS[2])
@@ -601,7 +605,7 @@ def test_real_model_messages_edited_behind_its_back_cut_at_the_first_changed_tok
     assert result.notices[0] == f"snapshot: restored {len(before.ids):,} cached tokens from disk"
     assert result.notices[1].startswith(f"cache: cut at token {cut:,} (turn 1, assistant)")
     assert (result.stats.reused_tokens, result.stats.prefilled_tokens) == (cut, len(prompt) - cut)
-    chat.rt.engine.pc.check()
+    chat.model.get().engine.pc.check()
     ref = fresh_ids(chats, real, history, QUESTIONS[2], tmp_path / "ref", greedy)
     assert result.ids == ref.ids and result.answer == ref.answer
     assert_snapshot_is_cache(chat)
@@ -807,7 +811,8 @@ def kill_base(tinies, tmp_path_factory) -> Path:
     def open_chat(loaded, home, base=TINY, **over):
         settings = replace(base, **over)
         rt = Runtime.build(loaded, settings)
-        chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"), lambda: rt, home)
+        chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"),
+                    ModelHandle.ready_with(rt, settings), home)  # fmt: skip
         opened.append(chat)
         return chat
 
@@ -879,7 +884,7 @@ def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tin
         assert last[0] == "user"
 
     chat = chats(tinies.a, home)
-    chat.resume_latest()
+    chat.sessions.resume_latest()
     history = chat.history()
     text = "After the crash: what is a prefix?"
     prompt = prompt_ids(chat, history, text)
@@ -892,7 +897,7 @@ def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tin
     assert reused > 1800  # the big history is not recomputed
     assert (result.stats.reused_tokens, result.stats.prefilled_tokens) == (
         reused, len(prompt) - reused)  # fmt: skip
-    chat.rt.engine.pc.check()
+    chat.model.get().engine.pc.check()
     ref = fresh_ids(chats, tinies.a, history, text, tmp_path / "ref")
     assert result.ids == ref.ids
     assert_snapshot_is_cache(chat)
@@ -980,7 +985,7 @@ def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, t
 def test_autosave_after_each_answer_and_after_an_interrupt(tinies, chats, tmp_path):
     home = tmp_path / "store"
     chat = chats(tinies.a, home)
-    session = chat.open_or_create("demo")
+    session = chat.sessions.open_or_create("demo")
     db = sqlite3.connect(home / "kvrepl.db")
     db.row_factory = sqlite3.Row
     try:
@@ -999,7 +1004,7 @@ def test_autosave_after_each_answer_and_after_an_interrupt(tinies, chats, tmp_pa
                 "assistant", result.answer, 0)  # fmt: skip
             assert {name: row[name] for name in STAT_NAMES} == result.stats.as_dict()
             # ... and the snapshot on disk is the engine's cache.
-            assert chat.kv.n_tokens_on_disk(session.id) == len(chat.rt.engine.pc.ids)
+            assert chat.kv.n_tokens_on_disk(session.id) == len(chat.model.get().engine.pc.ids)
             assert_snapshot_is_cache(chat)
 
         # Interrupted after the first piece of text (Ctrl-C closes the turn's generator).

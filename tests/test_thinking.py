@@ -48,7 +48,7 @@ def thought(tok: Any, think: str, answer: str) -> list[int]:
 
 
 def cached(h: Harness) -> list[int]:
-    return list(h.chat.rt.engine.pc.ids)
+    return list(h.rt.engine.pc.ids)
 
 
 def test_the_turn_after_a_thinking_answer_recomputes_at_most_that_answer(h, thinker, script):
@@ -64,17 +64,17 @@ def test_the_turn_after_a_thinking_answer_recomputes_at_most_that_answer(h, thin
     out = h.run("how are you?")
     # The template renders the answer without its thinking: the cache is cut where the answer
     # starts, and only the answer (now without thinking) and the new turn are computed.
-    assert h.chat.last_stats is not None and h.chat.last_stats.reused_tokens == asked
+    assert h.last_stats is not None and h.last_stats.reused_tokens == asked
     assert f"cache: cut at token {asked:,} (turn 1, assistant); recomputing " in out
     # An answer without thinking is rendered as its ids: the turn after it reuses it whole.
     before = len(cached(h))
     out = h.run("bye")
-    assert h.chat.last_stats.reused_tokens == before and "cache: cut" not in out
+    assert h.last_stats.reused_tokens == before and "cache: cut" not in out
 
 
 def test_think_on_and_off_switch_the_mode_with_the_cut_shown(h, thinker, script):
     tok = thinker[1]
-    prompt = h.chat.rt.prompt
+    prompt = h.rt.prompt
     assert prompt.supports_thinking
     assert h.run("/think off") == "thinking hidden; thinking mode off\n"
     assert h.chat.settings.thinking is False
@@ -90,7 +90,7 @@ def test_think_on_and_off_switch_the_mode_with_the_cut_shown(h, thinker, script)
     # The empty block is not part of the answer as history renders it: cut there, and say so.
     header = len(prompt.render([{"role": "user", "content": "hi"}], enable_thinking=True))
     assert f"cache: cut at token {header:,} (turn 1, assistant); recomputing " in out
-    assert h.chat.last_stats is not None and h.chat.last_stats.reused_tokens == header
+    assert h.last_stats is not None and h.last_stats.reused_tokens == header
     gen = thought(tok, "Hmm.", "Fine.")
     asked = tok.decode(cached(h)[: -len(gen)])
     assert asked.endswith("how are you?<|im_end|>\n<|im_start|>assistant\n")  # no empty block

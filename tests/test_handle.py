@@ -1,0 +1,54 @@
+"""The model handle (kvrepl/handle.py): the one door to the model. Loaded in a thread or given
+ready; `get()` waits and re-raises a failure as one KvreplError; the label, the status and the
+cached-token count never wait."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from helpers import TINY_SETTINGS, tiny_loaded
+
+from kvrepl.config import Settings
+from kvrepl.errors import KvreplError, UsageError
+from kvrepl.handle import ModelHandle, Runtime
+
+
+def test_a_handle_given_a_runtime_is_ready_and_says_what_it_holds(tiny):
+    rt = Runtime.build(tiny_loaded(tiny), TINY_SETTINGS)
+    handle = ModelHandle.ready_with(rt, TINY_SETTINGS)
+    assert handle.ready() and handle.get() is rt and handle.peek() is rt
+    assert handle.label == "tiny (test)" and handle.status() == "tiny (test)"
+    assert handle.cached_tokens() == 0
+
+
+def test_loading_in_the_background_does_not_block_the_questions(tiny):
+    rt = Runtime.build(tiny_loaded(tiny), TINY_SETTINGS)
+    go = threading.Event()
+
+    def slow() -> Runtime:
+        go.wait(10)
+        return rt
+
+    handle = ModelHandle(Settings(model="some-model"), load=slow).start()
+    assert not handle.ready() and handle.peek() is None
+    assert handle.label == "some-model" and handle.status() == "loading the model…"
+    assert handle.cached_tokens() is None
+    go.set()
+    assert handle.get() is rt and handle.ready()
+
+
+def test_a_failed_load_is_one_error_each_time_it_is_asked_for():
+    def broken() -> Runtime:
+        raise OSError("no such file")
+
+    handle = ModelHandle(Settings(), load=broken).start()
+    for _ in range(2):
+        with pytest.raises(KvreplError, match="the model failed to load: no such file"):
+            handle.get()
+    assert handle.status() == "the model failed to load" and handle.peek() is None
+
+
+def test_a_handle_without_a_model_refuses():
+    with pytest.raises(UsageError, match="does not load a model"):
+        ModelHandle.none(Settings()).get()
