@@ -1,6 +1,7 @@
 """Tests for the settings' one declaration (kvrepl.config): every setting is a `Settings` field, a
 flag (unless it declares none), a KVREPL_* variable, a config file key and, when per session, a
-`/set` key; every one of them parses and checks values the same way."""
+`/set` key; every one of them parses and checks values the same way; the engine's `Sampling`
+defaults are the settings'."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from kvrepl.config import (
     parse_setting,
     setting_help,
 )
+from kvrepl.engine import Sampling
 from kvrepl.errors import UsageError
 
 
@@ -178,3 +180,17 @@ def test_set_takes_none_for_a_seed_and_refuses_what_a_setting_does_not_take():
         parse_setting("top_k", "1.5")
     with pytest.raises(UsageError, match="^unknown setting 'model': one of temperature"):
         parse_setting("model", "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's sampling
+
+
+def test_sampling_defaults_are_the_settings():
+    s, d = Sampling(), Settings()
+    for f in dataclasses.fields(Sampling):
+        if f.name != "repeat_last_n":  # the engine's own
+            assert getattr(s, f.name) == getattr(d, f.name), f.name
+    assert s.repetition_penalty == 1.1
+    custom = Settings(temperature=0.0, top_k=3, repetition_penalty=2.0, seed=4, max_tokens=9)
+    assert Sampling.from_settings(custom) == Sampling(0.0, 0.9, 3, 2.0, 4, 9)
