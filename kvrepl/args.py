@@ -1,5 +1,6 @@
 """The command line's grammar: the flags, the prompt words, the subcommands, and how a first word
-is told apart. No I/O beyond argparse's own usage errors and help (exit 2 and 0).
+is told apart. No I/O beyond argparse's own usage errors and help (exit 2 and 0). The settings'
+flags are made from their declaration (config.py), and their values parsed and checked there.
 
     kvrepl [flags] [PROMPT ...]     chat; with a prompt, answer it and exit
     kvrepl path [--config]          a subcommand, when the first word names one
@@ -12,10 +13,12 @@ two, and the first word decides, as llm's default command does: `path`, `session
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvrepl import __version__
+from kvrepl.config import OPTIONS, Option, flag_name, option_value
 
 SUBCOMMANDS = ("path", "sessions", "export", "rm")
 EPILOG = """\
@@ -33,16 +36,6 @@ A prompt is answered and kvrepl exits; text piped in comes first in the same mes
 
 def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action="version", version=f"kvrepl {__version__}")
-    p.add_argument(
-        "--model", help="embedded default, a model folder, a .gguf file or a cached hub id"
-    )
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "gguf", "float32", "bfloat16", "float16"),
-        help="auto: a .gguf runs its own quantized weights on the CPU (gguf); float32: dequantized",
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file")
     p.add_argument("--store", metavar="DIR", help="where sessions live (default: the user's data "
                    "folder, `kvrepl path` prints it; or KVREPL_HOME)")  # fmt: skip
     g = p.add_mutually_exclusive_group()
@@ -52,22 +45,46 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per answer on stdout (answer, finish_reason, stats, "
                    "session), for scripts")  # fmt: skip
-    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.2)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--no-reuse", action="store_true", help="recompute the whole prompt every turn")
-    p.add_argument("--think", action="store_true", default=None, help="show thinking")
-    p.add_argument(
-        "--drop-oldest",
-        action="store_true",
-        default=None,
-        help="when over the context, leave out the oldest turns (and say so)",
+    add_setting_flags(p)
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """A flag for each setting that declares one (config.py); its value is parsed and checked as
+    `/set` does, and left None when not given, so that the config file and KVREPL_* show."""
+    group = p.add_argument_group("settings", _settings_note())
+    for opt in OPTIONS.values():
+        if opt.flag is None:
+            continue
+        if opt.type is bool:
+            group.add_argument(opt.flag, dest=opt.name, action="store_const",
+                               const=not opt.default, help=opt.help)  # fmt: skip
+            continue
+        shown = opt.type in (int, float) and opt.default is not None
+        text = f"{opt.help} (default {opt.default})" if shown else opt.help
+        group.add_argument(opt.flag, dest=opt.name, type=_flag_type(opt), choices=opt.choices,
+                           metavar=opt.metavar, help=text)  # fmt: skip
+
+
+def _settings_note() -> str:
+    renamed = [f"{o.flag}: {o.name}" for o in OPTIONS.values()
+               if o.flag not in (None, flag_name(o.name))]  # fmt: skip
+    unflagged = [o.name for o in OPTIONS.values() if o.flag is None]
+    note = (
+        f"Each flag sets the setting of its name, _ for - ({', '.join(renamed)}; no flag for "
+        f"{', '.join(unflagged)}). The config file's keys and KVREPL_<NAME> variables set them "
+        "too (top_p = 0.8, KVREPL_TOP_P=0.8); flags win over variables, variables over the file."
     )
-    p.add_argument("--plain", action="store_true", default=None, help="no colours, no Markdown")
+    return textwrap.fill(note, 76)
+
+
+def _flag_type(opt: Option) -> Callable[[str], Any]:
+    def value(raw: str) -> Any:
+        try:
+            return option_value(opt, raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return value
 
 
 def chat_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
@@ -119,11 +136,4 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags (None: not given)."""
-    return {
-        "model": args.model, "dtype": args.dtype, "device": args.device,
-        "chat_template": args.chat_template, "temperature": args.temperature,
-        "top_p": args.top_p, "top_k": args.top_k, "max_tokens": args.max_tokens,
-        "repetition_penalty": args.repetition_penalty, "seed": args.seed, "system": args.system,
-        "reuse": False if args.no_reuse else None, "show_think": args.think,
-        "drop_oldest": args.drop_oldest, "plain": args.plain,
-    }  # fmt: skip
+    return {opt.name: getattr(args, opt.name) for opt in OPTIONS.values() if opt.flag}

@@ -1,18 +1,23 @@
-"""Settings: defaults, overridden by the config file, then the environment, then flags; and the
-functions that decide where data lives (the store, the config file), per user as platformdirs
-places them on each OS. Reads files; writes nothing.
+"""Settings, each declared once, as a field of `Settings`: its type, default and help, its flag,
+whether `/set` may change it per session, and its bounds or choices. Everything else is read off
+that declaration: the flags (args.py builds them from `OPTIONS`), the `KVREPL_<NAME>` variables,
+the config file's keys, the `/set` keys (`SESSION_KEYS`) and the engine's `Sampling` defaults.
+A value from any of them is parsed and checked by the same code, and a bad one is a UsageError
+that names where it came from.
 
-Sampling fields can also be set per session (`/set`); those are stored with the session and laid
-over these settings when it is open (`Settings.with_overrides`).
+Defaults are overridden by the config file, then the environment, then flags; settings set per
+session (`/set`) are stored with the session and laid over these when it is open
+(`Settings.with_overrides`). Also here: the functions that decide where data lives (the store,
+the config file), per user as platformdirs places them on each OS. Reads files; writes nothing.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import platformdirs
 
@@ -22,29 +27,73 @@ APP = "kvrepl"
 CONFIG_NAME = "config.toml"
 
 
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: bool | str = True,
+    session: bool = False,
+    bounds: tuple[float, float] | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A `Settings` field with what every surface needs. `flag`: True for `--the-name`, another
+    spelling, or False for none; a true/false setting's flag turns it on (off where it is on by
+    default). `session`: `/set` may change it for one session."""
+    spec = {"help": help, "flag": flag, "session": session, "bounds": bounds,
+            "choices": choices, "metavar": metavar}  # fmt: skip
+    return field(default=default, metadata={"setting": spec})
+
+
 @dataclass(frozen=True)
 class Settings:
-    model: str = ""
-    dtype: str = "auto"
-    device: str = "auto"
-    chat_template: str | None = None  # a file holding a Jinja chat template
+    """Every setting, declared once: type, default and the rest in `setting(...)`."""
+
+    model: str = setting("", "embedded default, a model folder, a .gguf file or a cached hub id")
+    dtype: str = setting(
+        "auto",
+        "auto: a .gguf runs its own quantized weights on the CPU (gguf); float32: dequantized",
+        choices=("auto", "gguf", "float32", "bfloat16", "float16"),
+    )
+    device: str = setting("auto", "cpu, cuda, cuda:1 … (default: cuda when available)")
+    chat_template: str | None = setting(None, "a Jinja chat template file", metavar="FILE")
     # SmolLM2's model card samples at a low temperature with top-p; greedy is --temperature 0.
     # A 135M model loops without a repetition penalty; 1.1 over the last 64 ids, as llama.cpp.
-    temperature: float = 0.2
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.1
-    max_tokens: int = 1024
-    seed: int | None = None
-    system: str = ""
-    reuse: bool = True
-    show_think: bool = False
-    thinking: bool | None = (
-        None  # enable_thinking for templates that take it; None: template's default
+    temperature: float = setting(0.2, "0 is greedy", session=True, bounds=(0.0, 5.0))
+    top_p: float = setting(
+        0.9, "sample from the likeliest tokens that reach this probability together",
+        session=True, bounds=(0.0, 1.0),
+    )  # fmt: skip
+    top_k: int = setting(
+        0, "sample from the k likeliest tokens; 0: no limit", session=True, bounds=(0, 1_000_000)
     )
-    drop_oldest: bool = False  # opt-in: drop the oldest turns (and say so) when over the context
-    plain: bool = False
-    kv_budget_mb: int = 4096  # K/V kept on disk for all sessions; least recently used goes first
+    repetition_penalty: float = setting(
+        1.1, "penalise the last 64 tokens' ids by this factor; 1: none",
+        session=True, bounds=(0.5, 5.0),
+    )  # fmt: skip
+    max_tokens: int = setting(
+        1024, "the most tokens in one answer", session=True, bounds=(1, 1_000_000)
+    )
+    seed: int | None = setting(None, "a fixed sampling seed; none: a new one", session=True)
+    system: str = setting("", "system prompt", session=True)
+    reuse: bool = setting(
+        True, "reuse the cached prefix; off (--no-reuse): recompute the whole prompt every turn",
+        flag="--no-reuse",
+    )  # fmt: skip
+    show_think: bool = setting(False, "show the model's thinking", flag="--think")
+    # No flag: /think turns it on and off in the REPL; the config file and KVREPL_THINKING too.
+    thinking: bool | None = setting(
+        None, "enable_thinking, for templates that take it; none: the template's default",
+        flag=False,
+    )  # fmt: skip
+    drop_oldest: bool = setting(
+        False, "when over the context, leave out the oldest turns (and say so)", session=True
+    )
+    plain: bool = setting(False, "no colours, no Markdown")
+    kv_budget_mb: int = setting(
+        4096, "MB of K/V kept on disk for all sessions; the least recently used goes first",
+        session=True, bounds=(0, 100_000_000), metavar="MB",
+    )  # fmt: skip
 
     def with_overrides(self, overrides: dict[str, Any]) -> Settings:
         """These settings with session-level values laid over them (unknown keys ignored)."""
@@ -55,53 +104,124 @@ class Settings:
         return asdict(self)
 
 
-# What `/set` may change for one session, with the parser for each value.
-SESSION_KEYS: dict[str, Any] = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "max_tokens": int,
-    "repetition_penalty": float,
-    "seed": lambda s: None if s.lower() in ("none", "random", "") else int(s),
-    "system": str,
-    "drop_oldest": lambda s: _parse_bool(s),
-    "kv_budget_mb": int,
-}
+@dataclass(frozen=True)
+class Option:
+    """One setting as the flags, the environment, the config file and `/set` see it."""
+
+    name: str
+    type: type  # bool, int, float or str
+    optional: bool  # None is a value: not set
+    default: Any
+    help: str
+    flag: str | None
+    session: bool
+    bounds: tuple[float, float] | None
+    choices: tuple[str, ...] | None
+    metavar: str | None
+
+    @property
+    def env(self) -> str:
+        return f"KVREPL_{self.name.upper()}"
+
+
+def flag_name(name: str) -> str:
+    """The flag a setting gets unless it declares another: `top_p` is `--top-p`."""
+    return "--" + name.replace("_", "-")
+
+
+def _declared() -> dict[str, Option]:
+    hints = get_type_hints(Settings)
+    options: dict[str, Option] = {}
+    for f in fields(Settings):
+        hint = hints[f.name]  # `int` or `int | None`
+        kind = next(t for t in get_args(hint) or (hint,) if t is not type(None))
+        spec = dict(f.metadata["setting"])
+        flag = spec.pop("flag")
+        if flag is True:
+            flag = flag_name(f.name)
+        optional = type(None) in get_args(hint)
+        options[f.name] = Option(f.name, kind, optional, f.default, flag=flag or None, **spec)
+    return options
+
+
+OPTIONS: dict[str, Option] = _declared()
+# What `/set` may change for one session, by key.
+SESSION_KEYS: dict[str, Option] = {k: o for k, o in OPTIONS.items() if o.session}
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_UNSET = ("", "none", "random")  # random: what a seed that is not set means
+_TAKES = {bool: "on or off", int: "a whole number", float: "a number", str: "text"}
 
 
 def _parse_bool(raw: str) -> bool:
-    if raw.lower() in ("1", "true", "yes", "on"):
+    if raw.lower() in _TRUE:
         return True
-    if raw.lower() in ("0", "false", "no", "off"):
+    if raw.lower() in _FALSE:
         return False
     raise ValueError(raw)
+
+
+_FROM_TEXT = {bool: _parse_bool, int: int, float: float, str: str}
+
+
+def option_value(opt: Option, raw: Any) -> Any:
+    """`raw` (text from a flag, a variable or `/set`, or a config file's value) as `opt`'s value,
+    checked; ValueError with the reason (to follow the setting's name) otherwise."""
+    value = _convert(opt, raw)
+    if value is _NOT_A_VALUE:
+        takes = _TAKES[opt.type] + (" or none" if opt.optional else "")
+        raise ValueError(f"does not take {raw!r} ({takes})")
+    if value is None:
+        return value
+    if opt.choices is not None and value not in opt.choices:
+        raise ValueError(f"must be one of {', '.join(opt.choices)}, not {value!r}")
+    if opt.bounds is not None and not opt.bounds[0] <= value <= opt.bounds[1]:
+        raise ValueError(f"must be between {opt.bounds[0]} and {opt.bounds[1]}, not {value}")
+    return value
+
+
+_NOT_A_VALUE = object()
+
+
+def _convert(opt: Option, raw: Any) -> Any:
+    """`raw` as a value of `opt`'s type (not checked further), or `_NOT_A_VALUE`."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if opt.optional and text.lower() in _UNSET:
+            return None
+        try:
+            return _FROM_TEXT[opt.type](text)
+        except ValueError:
+            return _NOT_A_VALUE
+    if opt.type is float and type(raw) in (int, float):
+        return float(raw)
+    return raw if type(raw) is opt.type else _NOT_A_VALUE
+
+
+def checked(key: str, raw: Any, where: str) -> Any:
+    """The value of setting `key` from `raw`, checked; UsageError beginning with `where`."""
+    try:
+        return option_value(OPTIONS[key], raw)
+    except ValueError as exc:
+        raise UsageError(f"{where} {exc}") from None
 
 
 def parse_setting(key: str, raw: str) -> Any:
     """A `/set key value` value, checked; UsageError with the reason otherwise."""
     if key not in SESSION_KEYS:
         raise UsageError(f"unknown setting {key!r}: one of {', '.join(SESSION_KEYS)}")
-    try:
-        value = SESSION_KEYS[key](raw.strip())
-    except ValueError:
-        raise UsageError(f"{key} does not take {raw!r}") from None
-    check_sampling(key, value)
-    return value
+    return checked(key, raw, key)
 
 
-def check_sampling(key: str, value: Any) -> None:
-    bounds = {
-        "temperature": (0.0, 5.0),
-        "top_p": (0.0, 1.0),
-        "top_k": (0, 1_000_000),
-        "max_tokens": (1, 1_000_000),
-        "repetition_penalty": (0.5, 5.0),
-        "kv_budget_mb": (0, 100_000_000),
-    }
-    if key in bounds and value is not None:
-        lo, hi = bounds[key]
-        if not lo <= value <= hi:
-            raise UsageError(f"{key} must be between {lo} and {hi}, not {value}")
+def setting_help(key: str) -> str:
+    """One line on a setting: its help, default and bounds or choices."""
+    opt = OPTIONS[key]
+    notes = [f"default {opt.default!r}"]
+    if opt.bounds is not None:
+        notes.append(f"{opt.bounds[0]} to {opt.bounds[1]}")
+    if opt.choices is not None:
+        notes.append(" or ".join(opt.choices))
+    return f"{opt.help} ({'; '.join(notes)})"
 
 
 def store_path(flag: str | None = None) -> Path:
@@ -121,49 +241,33 @@ def config_path() -> Path:
 
 def load_settings(flags: dict[str, Any] | None = None) -> Settings:
     """Defaults ← the config file (`config_path()`) ← KVREPL_* env ← flags (non-None)."""
-    settings = Settings()
-    cfg_path = config_path()
-    if cfg_path.is_file():
-        try:
-            data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"config file {cfg_path} is not valid TOML: {exc}") from None
-        settings = _merge(settings, data, str(cfg_path))
-    env = {
-        f.name: os.environ[f"KVREPL_{f.name.upper()}"]
-        for f in fields(Settings)
-        if f"KVREPL_{f.name.upper()}" in os.environ
+    given = {
+        key: checked(key, value, OPTIONS[key].flag or key)
+        for key, value in (flags or {}).items()
+        if value is not None
     }
-    settings = _merge(settings, env, "environment")
-    for key, value in (flags or {}).items():
-        if value is not None:
-            check_sampling(key, value)
-    return settings.with_overrides({k: v for k, v in (flags or {}).items() if v is not None})
+    return Settings().with_overrides({**from_config_file(), **from_environment(), **given})
 
 
-def _merge(settings: Settings, data: dict[str, Any], origin: str) -> Settings:
-    types = {f.name: f.type for f in fields(Settings)}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in types:
-            raise UsageError(f"unknown setting {key!r} in {origin}")
-        out[key] = _coerce(key, value, str(types[key]), origin)
-        check_sampling(key, out[key])
-    return settings.with_overrides(out)
-
-
-def _coerce(key: str, value: Any, type_name: str, origin: str) -> Any:
-    if not isinstance(value, str):
-        return value
+def from_config_file() -> dict[str, Any]:
+    """The settings the config file gives (none when it does not exist)."""
+    path = config_path()
+    if not path.is_file():
+        return {}
     try:
-        if type_name.startswith("bool"):
-            if value.lower() in ("", "none") and "None" in type_name:
-                return None
-            return value.lower() in ("1", "true", "yes", "on")
-        if type_name.startswith("float"):
-            return float(value)
-        if type_name.startswith("int"):
-            return None if value.lower() in ("", "none") else int(value)
-    except ValueError:
-        raise UsageError(f"{key} in {origin} takes a number, not {value!r}") from None
-    return value
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    for key in data:
+        if key not in OPTIONS:
+            raise UsageError(f"unknown setting {key!r} in {path}")
+    return {key: checked(key, value, f"{key} in {path}") for key, value in data.items()}
+
+
+def from_environment() -> dict[str, Any]:
+    """The settings KVREPL_<NAME> variables give."""
+    return {
+        key: checked(key, os.environ[opt.env], opt.env)
+        for key, opt in OPTIONS.items()
+        if opt.env in os.environ
+    }

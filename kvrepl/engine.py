@@ -13,12 +13,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from kvrepl.cache import PromptCache, hf_layers
+from kvrepl.config import Settings
 from kvrepl.errors import PromptError
 from kvrepl.events import Finish, Progress, Stats, TextDelta, TurnEvent
 from kvrepl.prompt import IncrementalDecoder
@@ -89,17 +90,25 @@ def runner_for(model: Any) -> HFRunner | FastRunner:
     return FastRunner(model) if getattr(model, "is_fast", False) else HFRunner(model)
 
 
+_DEFAULTS = Settings()
+
+
 @dataclass
 class Sampling:
-    """How the next token is chosen. temperature 0 is greedy."""
+    """How the next token is chosen. temperature 0 is greedy. The defaults are the settings'
+    (config.py declares them once)."""
 
-    temperature: float = 0.2
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int = 1024
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    top_k: int = _DEFAULTS.top_k
+    repetition_penalty: float = _DEFAULTS.repetition_penalty
+    seed: int | None = _DEFAULTS.seed
+    max_tokens: int = _DEFAULTS.max_tokens
     repeat_last_n: int = 64
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Sampling:
+        return cls(**{f.name: getattr(s, f.name) for f in fields(cls) if hasattr(s, f.name)})
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,9 @@ def reference_answer(loaded: Any, messages: list[dict[str, str]] | list[int],
     engine = Engine(loaded.model, loaded.tokenizer, end_ids=ends,
                     context_length=loaded.context_length, reuse=False)  # fmt: skip
     ids = messages if messages and isinstance(messages[0], int) else prompt.render(messages)
-    for _ in engine.stream(ids, Sampling(temperature=0, max_tokens=max_tokens)):
+    # No repetition penalty, as make_harness's settings.
+    greedy = Sampling(temperature=0, max_tokens=max_tokens, repetition_penalty=1.0)
+    for _ in engine.stream(ids, greedy):
         pass
     return list(engine.progress.generated)
 
