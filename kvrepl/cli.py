@@ -159,12 +159,12 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
 def _renderer(settings: Settings, *, split: bool, json_lines: bool = False) -> Any:
     """The renderer: plain when stdout is not a terminal; with `split`, answers on stdout and the
     rest (notices, stats, errors) on stderr."""
-    from kvrepl.render import Renderer, make_console
+    from kvrepl.render import make_console, make_renderer
 
     plain = settings.plain or split or not sys.stdout.isatty()
     err = make_console(sys.stderr, plain=True) if split else None
-    return Renderer(make_console(plain=plain), err=err, json_lines=json_lines,
-                    show_think=settings.show_think, plain=plain)  # fmt: skip
+    return make_renderer(make_console(plain=plain), err=err, json_lines=json_lines,
+                         show_think=settings.show_think, plain=plain)  # fmt: skip
 
 
 def _one_shot(words: list[str]) -> str | None:

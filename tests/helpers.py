@@ -1,9 +1,11 @@
-"""Test helpers for the REPL and command tests: a Chat over the tiny model (or the real one) in a
-tmp store, a Renderer writing to a StringIO, and a counter of model calls."""
+"""Test helpers for the REPL, command and renderer tests: a Chat over the tiny model (or the real
+one) in a tmp store, a Renderer writing to a StringIO, a counter of model calls, and a whole turn
+of events rendered at once."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,10 @@ from rich.console import Console
 from kvrepl.chat import Chat, Runtime
 from kvrepl.commands import build_registry
 from kvrepl.config import Settings
+from kvrepl.events import TurnEvent
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel, ModelSource
-from kvrepl.render import Renderer
+from kvrepl.render import Renderer, TurnResult
 from kvrepl.repl import Repl
 from kvrepl.store import Store
 
@@ -99,3 +102,27 @@ def lines_of(text: str) -> list[str]:
 
 def stats_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("reused ")]
+
+
+def render_events(renderer: Renderer, events: Iterable[TurnEvent]) -> TurnResult:
+    """Render a whole turn: begin, feed each event, end. Ctrl-C (KeyboardInterrupt) ends it
+    cleanly as interrupted; any other exception ends the display and propagates. Either way a
+    generator left suspended is closed, so that its cleanup runs now."""
+    renderer.begin()
+    try:
+        for event in events:
+            renderer.feed(event)
+    except KeyboardInterrupt:
+        _close(events)
+        return renderer.end(interrupted=True)
+    except BaseException:
+        _close(events)
+        renderer.end(interrupted=True)
+        raise
+    return renderer.end()
+
+
+def _close(events: Iterable[TurnEvent]) -> None:
+    close = getattr(events, "close", None)
+    if callable(close):
+        close()
