@@ -1,10 +1,12 @@
 """The conversation: one turn as data, from the user's line to the stored answer and snapshot.
 
-`Chat` ties the rooms together: the Store (the truth: messages as a tree), the Prompt (messages to
-ids), the Engine (the cache, reused down to the first changed token) and the KVStore (the cache on
-disk). It writes the user's message before computing, stores the answer and the turn's stats in
-one transaction when the turn ends (also when it is interrupted), then saves the new K/V. It
-yields events and never prints; the REPL and the line loop render them.
+`Conversation` ties the rooms together: the open session (sessions.py: the session, its lock, its
+settings, its history in the Store), the model (handle.py: the Prompt and the Engine, whose cache
+is reused down to the first changed token) and the snapshots (snapshots.py over the KVStore).
+`send`, `edit` and `retry` return a Turn (turn.py). It writes the user's message before
+computing, stores the answer and the turn's stats in one transaction when the turn ends (also
+when it is interrupted), then saves the new K/V. It never prints; the REPL and the line loop
+render a turn's events.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
 Fitted = tuple[list[dict[str, Any]], list[int], list[int], list[str]]
 
 
-class Chat:
+class Conversation:
     """The conversation: one open session (`sessions`) over one model (`model`, a handle that
     may still be loading). `send`, `edit` and `retry` return a Turn."""
 
@@ -57,7 +59,7 @@ class Chat:
         self._owns_store = False
 
     @classmethod
-    def at(cls, home: Path, settings: Settings, model: ModelHandle) -> Chat:
+    def at(cls, home: Path, settings: Settings, model: ModelHandle) -> Conversation:
         """A conversation over the store in `home` (its database opened here, closed by
         `close`)."""
         chat = cls(settings, Store(home / "kvrepl.db"), None, model, home)
@@ -93,8 +95,7 @@ class Chat:
     def sampling(self) -> Sampling:
         from kvrepl.engine import Sampling
 
-        s = self.settings
-        return Sampling(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed, s.max_tokens)
+        return Sampling.from_settings(self.settings)
 
     def thinking_switch(self) -> bool | None:
         """Whether the model's template has a thinking switch; None while it is not loaded."""

@@ -66,14 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
-    from kvrepl.chat import Chat
+    from kvrepl.chat import Conversation
     from kvrepl.commands import build_registry
     from kvrepl.handle import ModelHandle
     from kvrepl.repl import Repl, interactive_loop, line_loop, stdin_lines
 
     if args.command in ("sessions", "export", "rm"):
         renderer = _renderer(settings, split=False)
-        chat = Chat.at(home, settings, ModelHandle.none(settings))
+        chat = Conversation.at(home, settings, ModelHandle.none(settings))
         try:
             return _subcommand(args, chat, renderer)
         finally:
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     renderer = _renderer(settings, split=split, json_lines=args.json)
     interactive = prompt is None and not args.json and sys.stdin.isatty() and sys.stdout.isatty()
     model = ModelHandle(settings)
-    chat = Chat.at(home, settings, model)
+    chat = Conversation.at(home, settings, model)
     try:
         _open_session(chat, args)  # the session first: a wrong name fails before model work
         model.prepare(renderer.notice)
@@ -109,12 +109,12 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
 def _renderer(settings: Settings, *, split: bool, json_lines: bool = False) -> Any:
     """The renderer: plain when stdout is not a terminal; with `split`, answers on stdout and the
     rest (notices, stats, errors) on stderr."""
-    from kvrepl.render import Renderer, make_console
+    from kvrepl.render import make_console, make_renderer
 
     plain = settings.plain or split or not sys.stdout.isatty()
     err = make_console(sys.stderr, plain=True) if split else None
-    return Renderer(make_console(plain=plain), err=err, json_lines=json_lines,
-                    show_think=settings.show_think, plain=plain)  # fmt: skip
+    return make_renderer(make_console(plain=plain), err=err, json_lines=json_lines,
+                         show_think=settings.show_think, plain=plain)  # fmt: skip
 
 
 def _one_shot(words: list[str]) -> str | None:

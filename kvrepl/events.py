@@ -39,7 +39,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class Finish:
-    """Why generation ended: "stop" (an end token), "length" (max tokens), "interrupted"."""
+    """Why generation ended: "stop" (an end token) or "length" (max tokens or the
+    context); an interrupted turn yields none (its Turn's result says interrupted)."""
 
     reason: str
 

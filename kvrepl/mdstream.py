@@ -8,7 +8,7 @@ machinery: splitting streamed text into finished blocks and the tail, rendering 
 continuation of what was printed before it, and the cropped live region.
 
 Never prints, keeps no state between calls and knows nothing of turns, thinking or stats: the
-Renderer (render.py) decides what to print and when.
+terminal renderer (render_term.py) decides what to print and when.
 """
 
 from __future__ import annotations

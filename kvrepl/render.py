@@ -1,38 +1,36 @@
-"""All terminal output of kvrepl: the one rich Console and everything printed through it.
+"""All output of kvrepl: the one rich Console, and the renderers that print through it.
 
-Owns streaming answer text (live, then Markdown), the thinking panel, notices, the per-turn stats
-line, the progress line of a long prefill, errors, tables and spinners, and plain mode (no ANSI,
-no Live) when output is not a terminal. Which stream gets what is decided here: answers (and a
-command's output) on `console`; notices, stats and errors on `err` (stderr when output is piped,
-the same console in a terminal); with `json_lines`, one JSON object per answer and nothing else on
-`console`. It never generates text and never touches the model, the cache or the database: it
-only consumes the events of `kvrepl.events`. How streamed Markdown is cut into finished blocks
-and a live tail (without rich's Live duplicating lines, rich issue #3263) is mdstream.py's; the
-text of the stats, progress and JSON lines is turnlines.py's.
+`Renderer` is the interface every caller uses and the logic a turn has whatever the output:
+begin/feed/end, the thinking shown or hinted at, the stats line or, under `--json`, one JSON
+object per answer (and nothing else on `console`); notices, a command's output and errors;
+tables, Markdown, the session listing and spinners. Which stream gets what is decided here:
+answers (and a command's output) on `console`; notices, stats and errors on `err` (stderr when
+output is piped, the same console in a terminal). How each thing looks is a renderer's own:
+render_term.py's in a terminal (Live text, then Markdown; a thinking panel; the progress line of
+a long prefill), render_plain.py's otherwise (raw text, streamed, no ANSI). `make_renderer`
+(and `Renderer(...)`, which is the same call) picks one.
+
+It never generates text and never touches the model, the cache or the database: it only
+consumes the events of `kvrepl.events`. The text of the stats, progress and JSON lines is
+turnlines.py's; the session listing's cells are listing.py's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import IO, Any
 
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.markdown import Markdown
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
 from kvrepl.events import Finish, Notice, Progress, Stats, TextDelta, ThinkDelta, TurnEvent
 from kvrepl.listing import SESSION_COLUMNS, SessionRow, session_cells
-from kvrepl.listing import format_size as format_size  # callers take it from here
-from kvrepl.mdstream import Continuation, LiveTail, last_block_stub, split_finished, tail_source
-from kvrepl.turnlines import PROGRESS_AFTER_S, TurnResult, format_progress, turn_object
-from kvrepl.turnlines import format_stats as format_stats  # callers take it from here
+from kvrepl.turnlines import TurnResult, format_stats, turn_object
+
+__all__ = ["Renderer", "make_console", "make_renderer", "renderer_class"]
 
 
 def make_console(
@@ -50,12 +48,51 @@ def make_console(
     return Console(file=file, width=width, force_terminal=force, no_color=no_color, highlight=False)
 
 
-class Renderer:
-    """Prints turns and messages through one Console.
+def renderer_class(
+    console: Console, *, json_lines: bool = False, plain: bool | None = None
+) -> type[Renderer]:
+    """Plain under --json, when `plain` says so, or (`plain` None) when `console` is not
+    interactive; the terminal renderer otherwise."""
+    from kvrepl.render_plain import PlainRenderer
+    from kvrepl.render_term import TermRenderer
+
+    if json_lines or ((not console.is_interactive) if plain is None else plain):
+        return PlainRenderer
+    return TermRenderer
+
+
+def make_renderer(
+    console: Console,
+    *,
+    err: Console | None = None,
+    json_lines: bool = False,
+    show_think: bool = False,
+    plain: bool | None = None,
+    refresh_interval: float = 0.05,
+) -> Renderer:
+    """The renderer for `console` (see `renderer_class`); `err` gets notices, stats and errors
+    (by default `console` too)."""
+    cls = renderer_class(console, json_lines=json_lines, plain=plain)
+    return cls(console, err=err, json_lines=json_lines, show_think=show_think,
+               refresh_interval=refresh_interval)  # fmt: skip
+
+
+class Renderer(ABC):
+    """Prints turns and messages through one Console. `Renderer(console, ...)` makes the
+    renderer that fits, as `make_renderer` does.
 
     Drive a turn with `begin()`, `feed(event)` for each event, and `end()`; `end` is safe at any
-    point (e.g. after Ctrl-C: `end(interrupted=True)`). `turn(events)` does all three.
+    point (e.g. after Ctrl-C: `end(interrupted=True)`). The methods marked abstract are how a
+    renderer shows things; everything else is the same for both.
     """
+
+    plain: bool  # raw text, no ANSI (the class says which)
+
+    def __new__(cls, console: Console, **kwargs: Any) -> Renderer:
+        if cls is Renderer:
+            cls = renderer_class(console, json_lines=kwargs.get("json_lines", False),
+                                 plain=kwargs.get("plain"))  # fmt: skip
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -64,8 +101,8 @@ class Renderer:
         err: Console | None = None,
         json_lines: bool = False,
         show_think: bool = False,
-        plain: bool | None = None,
-        refresh_interval: float = 0.05,
+        plain: bool | None = None,  # chose the class (see renderer_class)
+        refresh_interval: float = 0.05,  # at most this often a live region redraws
     ) -> None:
         self.console = console
         self.err = err or console
@@ -73,28 +110,20 @@ class Renderer:
         # A command's output (/history, tables) is what it answers: stdout, unless that is JSON.
         self.data = self.err if json_lines else console
         self.show_think = show_think
-        self.plain = json_lines or ((not console.is_interactive) if plain is None else plain)
         self.refresh_interval = refresh_interval
-        self._line_start: dict[int, bool] = {}  # per output file, in plain mode
-        self._answers = 0  # answers written so far, to keep a blank line between them
+        self._line_start: dict[int, bool] = {}  # per output file, for raw text
         self._reset()
         self._active = False
 
     def _reset(self) -> None:
-        self._live: Live | None = None
-        self._last_refresh = 0.0
+        """A new turn's state (a renderer adds its own)."""
         self._phase: str | None = None  # None, "think" or "text"
         self._think_parts: list[str] = []
         self._think_segment: list[str] = []
         self._text_parts: list[str] = []
-        self._pending = ""  # answer text not yet printed as Markdown
-        self._unprinted = ""  # a finished chunk whose print may have been cut short
-        self._context = ""  # the last Markdown block printed, for the spacing after it
         self._stats: Stats | None = None
         self._reason: str | None = None
         self._interrupted = False
-        self._progress: Progress | None = None
-        self._wrote_answer = False
         self._about: dict[str, Any] = {}
 
     # ---- a turn --------------------------------------------------------------------------
@@ -118,10 +147,9 @@ class Renderer:
         elif isinstance(event, Notice):
             self.notice(event.text)
         elif isinstance(event, Progress):
-            self._on_progress(event)
+            self._show_progress(event)
         elif isinstance(event, Finish):
             self._reason = event.reason
-            self._interrupted |= event.reason == "interrupted"
         elif isinstance(event, Stats):
             self._stats = event
 
@@ -136,12 +164,7 @@ class Renderer:
                 self._close_think()
             finally:
                 self._stop_live()
-            if self.plain:
-                self._line_break()
-            else:
-                self._print_chunk(self._unprinted + self._pending)
-                self._unprinted = self._pending = ""
-            self._answers += self._wrote_answer
+            self._end_answer()
             self._figures()
         return self._result()
 
@@ -161,60 +184,27 @@ class Renderer:
         if line:
             self._line(line, "dim", self.err)
 
-    def turn(self, events: Iterable[TurnEvent]) -> TurnResult:
-        """Render a whole turn. Ctrl-C (KeyboardInterrupt) ends it cleanly as interrupted; any
-        other exception ends the display and propagates."""
-        self.begin()
-        try:
-            for event in events:
-                self.feed(event)
-        except KeyboardInterrupt:
-            _close(events)
-            return self.end(interrupted=True)
-        except BaseException:
-            _close(events)
-            self.end(interrupted=True)
-            raise
-        return self.end()
-
-    # ---- streaming internals ---------------------------------------------------------------
-
     def _on_think(self, text: str) -> None:
-        if self._phase == "text":
-            self._flush(final=True)
-            self._context = ""  # the forced chunk may end inside a code fence
         if self._phase != "think":
+            if not self.json_lines:
+                self._open_think()
             self._phase = "think"
             self._think_segment = []
-            if self._raw_think():
-                self._line_break()
-                self._write_answer("<think>\n")
         self._think_parts.append(text)
         self._think_segment.append(text)
-        if self.plain:
-            if self._raw_think():
-                self._write_answer(text)
-        else:
-            self._refresh()
-
-    def _raw_think(self) -> bool:
-        """Thinking written out as text, between <think> tags: plain mode with --think."""
-        return self.plain and self.show_think and not self.json_lines
+        if not self.json_lines:  # the object holds the thinking (with --think) or nothing
+            self._show_think(text)
 
     def _close_think(self) -> None:
-        """Leave the thinking phase: the thinking panel, or a hint that there was thinking."""
+        """Leave the thinking phase: the thinking shown, or a hint that there was thinking."""
         if self._phase != "think":
             return
         self._phase = None
         think = "".join(self._think_segment).strip()
-        if self._raw_think():
-            self._line_break()
-            self._write_answer("</think>\n")
-        elif self.json_lines:
-            return  # the object holds the thinking (with --think) or nothing
-        elif think and self.show_think:
-            panel = Panel(Text(think, style="dim"), title="thinking", title_align="left")
-            self.console.print(panel, style="dim")
+        if self.json_lines:
+            return
+        if self.show_think:
+            self._end_think(think)
         elif think:
             self.notice(f"(thought for {len(think):,} chars — /think to show)")
 
@@ -223,79 +213,11 @@ class Renderer:
             self._close_think()
             self._phase = "text"
         self._text_parts.append(text)
-        if self.json_lines:
-            return
-        if self.plain:
-            self._write_answer(text)
-            return
-        self._pending += text
-        if "\n" in text:
-            self._flush()
-        self._refresh()
-
-    def _flush(self, final: bool = False) -> None:
-        """Print the finished Markdown blocks of the pending text once, above the live tail."""
-        finished, rest = (self._pending, "") if final else split_finished(self._pending)
-        if not finished:
-            return
-        self._unprinted, self._pending = finished, rest
-        self._print_chunk(finished)
-        self._unprinted = ""
-        self._refresh(force=True)
-
-    def _print_chunk(self, chunk: str) -> None:
-        if not chunk.strip():
-            return
-        self.console.print(Continuation(self._context, chunk))
-        self._context = last_block_stub(chunk)
-
-    def _on_progress(self, p: Progress) -> None:
-        """A transient line under a long prefill, in a terminal only; the first piece of the
-        answer (or of its thinking) takes its place."""
-        if self.plain or self._phase is not None or p.elapsed_s < PROGRESS_AFTER_S:
-            return
-        self._progress = p
-        if self._live is None:
-            self._refresh()  # starts the live region without drawing it
-        self._refresh(force=True)
-
-    def _live_view(self) -> RenderableType:
-        if self._phase is None and self._progress is not None:
-            return Text(format_progress(self._progress), style="dim")
-        if self._phase == "think":
-            think = "".join(self._think_segment)
-            if not self.show_think:
-                return Text(f"thinking… ({len(think):,} chars)", style="dim italic")
-            return Group(Text("thinking…", style="dim italic"), Text(think.strip(), style="dim"))
-        if not self._pending.strip():
-            return Text("")
-        tail = tail_source(self._pending, self.console.height)
-        return Continuation(self._context, tail, exact=False)
-
-    def _refresh(self, force: bool = False) -> None:
-        if self._live is None:
-            self._live = Live(
-                LiveTail(self._live_view),
-                console=self.console,
-                auto_refresh=False,
-                transient=True,
-                vertical_overflow="crop",
-            )
-            self._live.start()
-            self._last_refresh = time.monotonic()
-            return
-        now = time.monotonic()
-        if force or now - self._last_refresh >= self.refresh_interval:
-            self._live.refresh()
-            self._last_refresh = now
-
-    def _stop_live(self) -> None:
-        live, self._live = self._live, None
-        if live is not None:
-            live.stop()
+        if not self.json_lines:  # the object holds the answer
+            self._show_text(text)
 
     def _write(self, text: str, target: Console | None = None) -> None:
-        """Plain mode: raw text straight to the file, flushed so it streams."""
+        """Raw text straight to the file, flushed so it streams (JSON lines, plain output)."""
         if not text:
             return
         file = (target or self.console).file
@@ -303,28 +225,41 @@ class Renderer:
         file.flush()
         self._line_start[id(file)] = text.endswith("\n")
 
-    def _write_answer(self, text: str) -> None:
-        """Plain mode: answer text; a blank line first between answers when nothing else (the
-        stats line went to stderr) keeps them apart."""
-        if not self._wrote_answer and self._answers and self.err is not self.console:
-            self._write("\n")
-        self._wrote_answer = True
-        self._write(text)
+    # ---- how a renderer shows a turn -----------------------------------------------------
 
-    def _line_break(self, target: Console | None = None) -> None:
-        file = (target or self.console).file
-        if self.plain and not self._line_start.get(id(file), True):
-            self._write("\n", target)
+    @abstractmethod
+    def _open_think(self) -> None:
+        """Thinking starts (after nothing, or after some answer text)."""
+
+    @abstractmethod
+    def _show_think(self, text: str) -> None:
+        """A piece of thinking."""
+
+    @abstractmethod
+    def _end_think(self, think: str) -> None:
+        """Thinking ends and is shown (`show_think`): `think` is all of it, stripped."""
+
+    @abstractmethod
+    def _show_text(self, text: str) -> None:
+        """A piece of the answer."""
+
+    @abstractmethod
+    def _show_progress(self, p: Progress) -> None:
+        """A prefill's progress, before anything of the answer."""
+
+    @abstractmethod
+    def _stop_live(self) -> None:
+        """Let go of a live region, also when ending the turn's display failed."""
+
+    @abstractmethod
+    def _end_answer(self) -> None:
+        """The rest of the answer, before its stats line."""
 
     # ---- single messages -------------------------------------------------------------------
 
+    @abstractmethod
     def _line(self, text: str, style: str = "", target: Console | None = None) -> None:
-        """One message line: styled and wrapped by rich, or raw and unwrapped in plain mode."""
-        if self.plain:
-            self._line_break(target)
-            self._write(text + "\n", target)
-        else:
-            (target or self.console).print(Text(text, style=style))
+        """One message line on `target` (default `console`), in `style` where there are any."""
 
     def notice(self, msg: str) -> None:
         """One dim, italic informative line (cache cuts, dropped snapshots)."""
@@ -338,19 +273,12 @@ class Renderer:
         """A line saying what a command did (`saved as 'demo'`): a notice when output is piped."""
         self._line(msg, "", self.err)
 
-    def warning(self, msg: str) -> None:
-        self._line(f"warning: {msg}", "yellow", self.err)
-
     def error(self, msg: str) -> None:
         self._line(f"error: {msg}", "bold red", self.err)
 
+    @abstractmethod
     def print_markdown(self, text: str) -> None:
-        """A whole message, e.g. from history: Markdown in a terminal, raw text in plain mode."""
-        if self.plain:
-            self._line_break(self.data)
-            self._write(text if text.endswith("\n") else text + "\n", self.data)
-        else:
-            self.data.print(Markdown(text))
+        """A whole message, e.g. from history or an export."""
 
     def print_table(
         self,
@@ -360,35 +288,25 @@ class Renderer:
         title: str | None = None,
         right_align: Sequence[str] = (),
     ) -> None:
-        """A rich Table in a terminal; tab-separated lines without a header in plain mode."""
+        """A table of a command's output; None cells are empty."""
         cells = [["" if value is None else str(value) for value in row] for row in rows]
-        if self.plain:
-            self._write("".join("\t".join(row) + "\n" for row in cells), self.data)
-            return
-        table = Table(title=title, header_style="bold", box=None, pad_edge=False)
-        for name in columns:
-            table.add_column(name, justify="right" if name in right_align else "left")
-        for row in cells:
-            table.add_row(*row)
-        self.data.print(table)
+        self._table(columns, cells, title, right_align)
+
+    @abstractmethod
+    def _table(
+        self,
+        columns: Sequence[str],
+        cells: list[list[str]],
+        title: str | None,
+        right_align: Sequence[str],
+    ) -> None:
+        """Lay out a table's cells."""
 
     def print_sessions(self, sessions: Iterable[SessionRow], *, current: str | None = None) -> None:
         """The session listing; the current session is marked with `*` in a terminal."""
         rows = session_cells(sessions, current, tty=not self.plain)
         self.print_table(SESSION_COLUMNS, rows, right_align=("turns", "tokens", "snapshot"))
 
-    @contextmanager
-    def status(self, text: str) -> Iterator[None]:
-        """A spinner with `text` while the block runs; nothing in plain mode."""
-        if self.plain:
-            yield
-            return
-        with self.err.status(Text(text, style="dim")):
-            yield
-
-
-def _close(events: Iterable[TurnEvent]) -> None:
-    """Close a generator left suspended by an exception, so its cleanup runs now."""
-    close = getattr(events, "close", None)
-    if callable(close):
-        close()
+    @abstractmethod
+    def status(self, text: str) -> AbstractContextManager[None]:
+        """While the block runs, a spinner with `text` where there is one."""

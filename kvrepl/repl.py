@@ -4,7 +4,7 @@ loop, Ctrl-C and Ctrl-D; and the plain line loop used when stdin is not a termin
 Each line is a message or a slash command; both go through `Repl.handle`, so the two loops behave
 alike. A line that fails (an error, a refused command, an interrupted answer) is counted, so that
 the line loop and a one-shot prompt can exit 1. Everything else belongs to the rooms this one
-calls: `Chat` (the conversation), the command registry, the `Renderer` (all output).
+calls: `Conversation` (the conversation), the command registry, the `Renderer` (all output).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from kvrepl.chat import Chat
+from kvrepl.chat import Conversation
 from kvrepl.commands import Context, Generate, Prefill, Quit, Registry
 from kvrepl.errors import KvreplError
 from kvrepl.render import Renderer
@@ -30,7 +30,7 @@ class Repl:
 
     def __init__(
         self,
-        chat: Chat,
+        chat: Conversation,
         renderer: Renderer,
         registry: Registry,
         *,

@@ -73,7 +73,7 @@ def make_loaded(model: Any, tok: Any, *, label: str = "tiny", dtype: str = "floa
 
 
 # ---------------------------------------------------------------------------------------------
-# the harness: Repl in line mode over a Chat in a tmp store
+# the harness: Repl in line mode over a Conversation in a tmp store
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Harness:
 
 
 def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
-    from kvrepl.chat import Chat
+    from kvrepl.chat import Conversation
     from kvrepl.commands import build_registry
     from kvrepl.config import Settings
     from kvrepl.handle import ModelHandle, Runtime
@@ -125,7 +125,7 @@ def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
     renderer = Renderer(make_console(out, plain=True, width=400), plain=True)
     store = Store(home / "kvrepl.db")
     kv = KVStore(home / "kv")
-    chat = Chat(s, store, kv, ModelHandle.ready_with(rt, s), home)
+    chat = Conversation(s, store, kv, ModelHandle.ready_with(rt, s), home)
     repl = Repl(chat, renderer, build_registry(), interactive=False)
     h = Harness(home, loaded, s, out, chat, repl, rt, store, kv)
     stream = rt.engine.stream
@@ -387,9 +387,9 @@ def install_fault(spec: str) -> None:
 
         KVStore.save = save_or_die
     elif name == "snapshot-then-kill":
-        from kvrepl.chat import Chat
+        from kvrepl.chat import Conversation
 
-        store_answer = Chat._store_answer
+        store_answer = Conversation._store_answer
 
         def snapshot_first(self: Any, *a: Any, **k: Any) -> Any:
             if due():
@@ -397,7 +397,7 @@ def install_fault(spec: str) -> None:
                 _kill()
             return store_answer(self, *a, **k)
 
-        Chat._store_answer = snapshot_first
+        Conversation._store_answer = snapshot_first
     elif name == "kill-mid-write":
         import builtins
 

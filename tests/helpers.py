@@ -1,25 +1,28 @@
-"""Test helpers for the REPL and command tests: a Chat over the tiny model (or the real one) in a
-tmp store, a Renderer writing to a StringIO, and a counter of model calls."""
+"""Test helpers for the REPL, command and renderer tests: a Conversation over the tiny model (or
+the real one) in a tmp store, a Renderer writing to a StringIO, a counter of model calls, and a
+whole turn of events rendered at once."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from kvrepl.chat import Chat
+from kvrepl.chat import Conversation
 from kvrepl.commands import build_registry
 from kvrepl.config import Settings
-from kvrepl.events import Stats
+from kvrepl.events import Stats, TurnEvent
 from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel, ModelSource
 from kvrepl.render import Renderer
 from kvrepl.repl import Repl
 from kvrepl.store import Store
+from kvrepl.turnlines import TurnResult
 
 WIDTH = 80
 TINY_SETTINGS = Settings(temperature=0.0, max_tokens=6)
@@ -34,10 +37,11 @@ def tiny_loaded(tiny: tuple[Any, Any]) -> LoadedModel:
 
 @dataclass
 class Harness:
-    """One Chat in `home`, its Repl and where its output goes. `calls` counts model forwards."""
+    """One Conversation in `home`, its Repl and where its output goes. `calls` counts model
+    forwards."""
 
     home: Path
-    chat: Chat
+    chat: Conversation
     repl: Repl
     out: io.StringIO
     store: Store
@@ -86,7 +90,7 @@ def make_harness(
     plain: bool = True,
     runtime: Runtime | None = None,
 ) -> Harness:
-    """A Chat over `loaded` in `home`; the model's forward is wrapped to count calls."""
+    """A Conversation over `loaded` in `home`; the model's forward is wrapped to count calls."""
     out = io.StringIO()
     console = Console(file=out, width=WIDTH, force_terminal=not plain, color_system=None,
                       highlight=False)  # fmt: skip
@@ -102,7 +106,7 @@ def make_harness(
         return forward(ids)
 
     rt.engine._forward = counting_forward  # type: ignore[method-assign]
-    chat = Chat(settings, store, kv, ModelHandle.ready_with(rt, settings), home)
+    chat = Conversation(settings, store, kv, ModelHandle.ready_with(rt, settings), home)
     repl = Repl(chat, renderer, build_registry(), interactive=interactive)
     return Harness(home, chat, repl, out, store, calls)
 
@@ -126,3 +130,27 @@ def lines_of(text: str) -> list[str]:
 
 def stats_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("reused ")]
+
+
+def render_events(renderer: Renderer, events: Iterable[TurnEvent]) -> TurnResult:
+    """Render a whole turn: begin, feed each event, end. Ctrl-C (KeyboardInterrupt) ends it
+    cleanly as interrupted; any other exception ends the display and propagates. Either way a
+    generator left suspended is closed, so that its cleanup runs now."""
+    renderer.begin()
+    try:
+        for event in events:
+            renderer.feed(event)
+    except KeyboardInterrupt:
+        _close(events)
+        return renderer.end(interrupted=True)
+    except BaseException:
+        _close(events)
+        renderer.end(interrupted=True)
+        raise
+    return renderer.end()
+
+
+def _close(events: Iterable[TurnEvent]) -> None:
+    close = getattr(events, "close", None)
+    if callable(close):
+        close()

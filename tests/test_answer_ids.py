@@ -19,7 +19,7 @@ from fault_helpers import (
     make_loaded,
 )
 
-from kvrepl.chat import Chat
+from kvrepl.chat import Conversation
 from kvrepl.config import Settings
 from kvrepl.engine import common_prefix
 from kvrepl.events import Notice, Stats, TextDelta
@@ -117,18 +117,18 @@ def test_an_added_token_that_is_only_vocabulary_may_stay_a_structural_one_may_no
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat: stored with the answer, reused on the next turn
+# Conversation: stored with the answer, reused on the next turn
 
 
 @pytest.fixture
 def chat_over(tmp_path: Path):
-    opened: list[Chat] = []
+    opened: list[Conversation] = []
 
-    def open_chat(loaded: Any, **over: Any) -> Chat:
+    def open_chat(loaded: Any, **over: Any) -> Conversation:
         settings = Settings(**{"temperature": 0.0, "max_tokens": 64, **over})
         rt = Runtime.build(loaded, settings)
         home = tmp_path / "store"
-        chat = Chat(
+        chat = Conversation(
             settings,
             Store(home / "kvrepl.db"),
             KVStore(home / "kv"),
@@ -144,7 +144,7 @@ def chat_over(tmp_path: Path):
         chat.store.close()
 
 
-def turn(chat: Chat, text: str) -> tuple[Stats, list[str], str]:
+def turn(chat: Conversation, text: str) -> tuple[Stats, list[str], str]:
     events = list(chat.send(text))
     (stats,) = [e for e in events if isinstance(e, Stats)]
     answer = "".join(e.text for e in events if isinstance(e, TextDelta))

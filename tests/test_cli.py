@@ -1,6 +1,6 @@
 """The command line (issue 3): `kvrepl path` (the store in the user's data folder, the config
 file in the user's config folder), `sessions`, `export`, `rm`, and the session name given to
-`--session`. Subcommands run in-process through `cli.main` on a store made by a `Chat`
+`--session`. Subcommands run in-process through `cli.main` on a store made by a `Conversation`
 over the tiny model; exit codes and the one-line errors are checked in real processes too (they
 start in well under a second: no model is loaded)."""
 
@@ -19,14 +19,14 @@ import platformdirs
 import pytest
 
 from kvrepl import cli
-from kvrepl.chat import Chat
+from kvrepl.chat import Conversation
 from kvrepl.config import Settings, load_settings
 from kvrepl.events import Stats
 from kvrepl.guards import SessionLock
 from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvstore import KVStore
+from kvrepl.listing import format_size
 from kvrepl.models import LoadedModel, ModelSource
-from kvrepl.render import format_size
 from kvrepl.store import STAT_NAMES, Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,10 +46,10 @@ def tiny_loaded(tiny) -> LoadedModel:
 
 
 def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list[Stats]]:
-    """A session made the way the REPL makes it: a Chat answers each line, then closes."""
+    """A session made the way the REPL makes it: a Conversation answers each line, then closes."""
     settings = TINY
     rt = Runtime.build(tiny_loaded(tiny), settings)
-    chat = Chat(
+    chat = Conversation(
         settings,
         Store(home / "kvrepl.db"),
         KVStore(home / "kv"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import Harness, children, lines_of, make_harness, stats_lines, tiny_loaded
 
-from kvrepl.chat import Chat
+from kvrepl.chat import Conversation
 from kvrepl.commands import build_registry
 from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.handle import ModelHandle
@@ -31,7 +31,8 @@ def h(tmp_path: Path, tiny) -> Iterator[Harness]:
 
 
 def reopen(h: Harness, tiny) -> Harness:
-    """A restart: the first Chat closed, a new one (new engine, empty cache) on the same store."""
+    """A restart: the first Conversation closed, a new one (new engine, empty cache) on the same
+    store."""
     h.close()
     return make_harness(h.home, tiny_loaded(tiny), settings=SETTINGS)
 
@@ -344,9 +345,9 @@ def test_set_is_remembered_with_the_session(h: Harness, tiny):
     h.run("hello there")
     assert h.last_stats.generated_tokens <= 3
     h.close()
-    # a new Chat over a new Store on the same folder: the settings come back with the session
+    # a new Conversation over a new Store on the same folder: the settings come back with it
     store = Store(h.home / "kvrepl.db")
-    chat = Chat(SETTINGS, store, KVStore(h.home / "kv"), ModelHandle.none(SETTINGS), h.home)
+    chat = Conversation(SETTINGS, store, KVStore(h.home / "kv"), ModelHandle.none(SETTINGS), h.home)
     try:
         assert chat.settings.temperature == 0.0  # no session open: the base settings
         chat.sessions.open("demo")

@@ -2,7 +2,7 @@
 
 Each case sets the fault up for real (a truncated file on disk, a process killed with SIGKILL, a
 second process holding the database, a full disk as the OS reports it) and checks the outcome
-through Chat / Repl / the kvrepl CLI: one line saying what happened and what kvrepl did, the
+through Conversation / Repl / the kvrepl CLI: one line saying what happened and what kvrepl did, the
 REPL goes on, the cache is true (`pc.check()` and a recomputation), the database holds whole turns,
 and greedy answers equal a recomputation that reuses nothing.
 
@@ -52,7 +52,7 @@ from fault_helpers import (
 from helpers import control_token_ids
 
 from kvrepl import cli
-from kvrepl.chat import Chat
+from kvrepl.chat import Conversation
 from kvrepl.config import Settings
 from kvrepl.errors import StoreError
 from kvrepl.handle import ModelHandle
@@ -133,7 +133,7 @@ def jobs(request, tmp_path_factory, model_dir) -> Iterator[Jobs]:
         if "test_a_second_kvrepl_on_the_same_session_is_refused" in selected:
             # The session is open in this process: a second kvrepl on it is refused.
             home = j.root / "held" / "store"
-            holder = Chat(Settings(), Store(home / "kvrepl.db"), None,
+            holder = Conversation(Settings(), Store(home / "kvrepl.db"), None,
                           ModelHandle.none(Settings()), home)  # fmt: skip
             holder.sessions.open_or_create("held")
             j.start("held", tiny_cli(home, model_dir, "--session", "held"), b"hello there\n")
@@ -192,8 +192,8 @@ def one_turn_ok(h: Harness, text: str, new_turns: int = 1) -> str:
 
 
 # =============================================================================================
-# Snapshots: corrupt the session's chunks in <home>/kv/chunks/<fingerprint>/, start a new Chat, send
-# the next turn
+# Snapshots: corrupt the session's chunks in <home>/kv/chunks/<fingerprint>/, start a new
+# Conversation, send the next turn
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ starts; plain (piped) output shows nothing of it."""
 from __future__ import annotations
 
 import torch
-from helpers import make_harness, tiny_loaded
+from helpers import make_harness, render_events, tiny_loaded
 from test_render import (
     STATS,
     STATS_LINE,
@@ -138,8 +138,8 @@ def test_ctrl_c_during_the_prefill_leaves_only_the_stats_line():
 
 def test_plain_output_never_shows_progress():
     console = plain_console()
-    Renderer(console).turn([EARLY, LATE, TextDelta("Hi."), Finish("stop"), STATS])
+    render_events(Renderer(console), [EARLY, LATE, TextDelta("Hi."), Finish("stop"), STATS])
     assert output(console) == f"Hi.\n{STATS_LINE}\n"
     err, out = plain_console(), plain_console()
-    Renderer(out, err=err).turn([LATE, TextDelta("Hi."), Finish("stop"), STATS])
+    render_events(Renderer(out, err=err), [LATE, TextDelta("Hi."), Finish("stop"), STATS])
     assert (output(out), output(err)) == ("Hi.\n", f"{STATS_LINE}\n")

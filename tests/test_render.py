@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import io
 import re
-import time
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import pytest
+from helpers import render_events
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
 from kvrepl.events import Finish, Notice, Stats, TextDelta, ThinkDelta, TurnEvent
-from kvrepl.render import (
-    Renderer,
-    SessionRow,
-    format_size,
-    format_stats,
-    make_console,
-    split_finished,
-)
+from kvrepl.listing import SessionRow, format_size
+from kvrepl.mdstream import split_finished
+from kvrepl.render import Renderer, make_console, make_renderer
+from kvrepl.render_plain import PlainRenderer
+from kvrepl.render_term import TermRenderer
+from kvrepl.turnlines import format_stats
 
 WIDTH, HEIGHT = 60, 10
 STATS = Stats(
@@ -169,6 +168,21 @@ def static_markdown(text: str) -> str:
     return screen_of(console)
 
 
+# ---- which renderer -----------------------------------------------------------------------
+
+
+def test_the_console_or_the_flags_choose_the_renderer() -> None:
+    tty, plain = tty_console(), plain_console()
+    for make in (Renderer, make_renderer):
+        assert type(make(tty)) is TermRenderer and type(make(plain)) is PlainRenderer
+        assert type(make(tty, plain=True)) is PlainRenderer
+        assert type(make(plain, plain=False)) is TermRenderer
+        assert type(make(tty, json_lines=True, plain=False)) is PlainRenderer
+    r = Renderer(tty, err=plain, show_think=True, refresh_interval=0)
+    assert isinstance(r, Renderer) and r.err is plain and r.show_think and not r.plain
+    assert PlainRenderer(tty).plain  # a renderer made by its own class stays that class
+
+
 # ---- the emulator itself -----------------------------------------------------------------
 
 
@@ -189,7 +203,7 @@ def test_screen_reproduces_rich_3263_with_a_naive_live() -> None:
 @pytest.mark.parametrize("refresh_interval", [0, 0.05])
 def test_streamed_answer_taller_than_screen_has_every_line_once(refresh_interval: float) -> None:
     console = tty_console()
-    result = Renderer(console, refresh_interval=refresh_interval).turn(answer_events())
+    result = render_events(Renderer(console, refresh_interval=refresh_interval), answer_events())
     screen = screen_of(console)
     for marker in MARKERS:
         assert screen.count(marker) == 1, marker
@@ -224,7 +238,7 @@ fence right after heading xray24
 
 def test_block_spacing_matches_rendering_the_whole_text_at_once() -> None:
     console = tty_console()
-    Renderer(console, refresh_interval=0).turn(answer_events(MIXED))
+    render_events(Renderer(console, refresh_interval=0), answer_events(MIXED))
     body, line = split_stats(screen_of(console))
     assert body == static_markdown(MIXED) and line == STATS_LINE
 
@@ -233,20 +247,39 @@ def test_long_code_fence_is_cropped_live_and_printed_once() -> None:
     code = "\n".join(f"line_{i:02d} = {i}" + ("\n" if i % 7 == 0 else "") for i in range(40))
     text = f"Intro text.\n\n```python\n{code}\n```\n\nAfter the fence.\n"
     console = tty_console()
-    Renderer(console, refresh_interval=0).turn(answer_events(text))
+    render_events(Renderer(console, refresh_interval=0), answer_events(text))
     screen = screen_of(console)
     for i in range(40):
         assert screen.count(f"line_{i:02d} =") == 1, i
     assert screen.count("After the fence.") == 1
 
 
+class CountingConsole(Console):
+    """A terminal console that notes, for each Markdown it renders, its lines of source."""
+
+    def __init__(self) -> None:
+        super().__init__(file=io.StringIO(), width=WIDTH, height=HEIGHT, force_terminal=True,
+                         color_system="truecolor")  # fmt: skip
+        self.markdown_lines: list[int] = []
+
+    def render_lines(self, renderable: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(renderable, Markdown):
+            self.markdown_lines.append(renderable.markup.count("\n") + 1)
+        return super().render_lines(renderable, *args, **kwargs)
+
+
 def test_a_growing_code_block_is_not_redrawn_whole() -> None:
+    """Each redraw of the live tail renders about a screenful of the block, however long it has
+    grown (redrawing it whole took over a minute); the finished block is rendered once."""
     code = "\n".join(f"value_{i:03d} = compute({i}, 'text')" for i in range(300))
     text = f"```python\n{code}\n```\n\nDone.\n"
-    console = tty_console()
-    start = time.perf_counter()
-    Renderer(console).turn(answer_events(text))
-    assert time.perf_counter() - start < 2  # redrawing it whole took over a minute
+    console = CountingConsole()
+    pieces = deltas(text, (160,))  # about five lines a piece
+    render_events(Renderer(console, refresh_interval=0), [*map(TextDelta, pieces), STATS])
+    redraws = [n for n in console.markdown_lines if n <= HEIGHT + 2]
+    whole = [n for n in console.markdown_lines if n > HEIGHT + 2]
+    assert len(redraws) >= len(pieces)  # the tail was redrawn live for every piece
+    assert len(whole) == 1 and whole[0] > 300  # the block, printed once when finished
     screen = screen_of(console)
     assert all(screen.count(f"value_{i:03d} =") == 1 for i in range(300))
 
@@ -277,7 +310,7 @@ def test_keyboard_interrupt_inside_the_event_loop_ends_cleanly() -> None:
             closed.append(True)
 
     console = tty_console()
-    result = Renderer(console, refresh_interval=0).turn(events())
+    result = render_events(Renderer(console, refresh_interval=0), events())
     screen = screen_of(console)
     assert screen.count("bravo02") == 1 and "juliet10" not in screen
     assert split_stats(screen)[1] == "interrupted"
@@ -297,7 +330,7 @@ def test_end_twice_and_end_without_begin_are_harmless() -> None:
 def test_think_panel_shown_when_on() -> None:
     console = tty_console()
     events = [ThinkDelta("pondering "), ThinkDelta("quebec17"), *answer_events("Answer romeo18.")]
-    result = Renderer(console, show_think=True, refresh_interval=0).turn(events)
+    result = render_events(Renderer(console, show_think=True, refresh_interval=0), events)
     screen = screen_of(console)
     assert screen.count("quebec17") == 1 and screen.count("romeo18") == 1
     assert "thinking" in screen.splitlines()[0]
@@ -308,7 +341,7 @@ def test_think_panel_shown_when_on() -> None:
 def test_think_hidden_when_off() -> None:
     console = tty_console()
     events = [ThinkDelta("pondering "), ThinkDelta("quebec17"), *answer_events("Answer romeo18.")]
-    Renderer(console, show_think=False, refresh_interval=0).turn(events)
+    render_events(Renderer(console, show_think=False, refresh_interval=0), events)
     screen = screen_of(console)
     assert "quebec17" not in screen
     assert "(thought for 18 chars — /think to show)" in screen
@@ -318,7 +351,7 @@ def test_think_hidden_when_off() -> None:
 def test_notice_is_one_line_before_the_answer() -> None:
     console = tty_console()
     note = "cache: 1,204 tokens reused, cut at turn 3, recomputing 57"
-    Renderer(console).turn([Notice(note), *answer_events("Hi.")])
+    render_events(Renderer(console), [Notice(note), *answer_events("Hi.")])
     assert split_stats(screen_of(console)) == (f"{note}\nHi.", STATS_LINE)
 
 
@@ -329,7 +362,7 @@ def test_plain_output_is_the_deltas_and_the_stats_line() -> None:
     console = plain_console()
     renderer = Renderer(console)
     assert renderer.plain
-    result = renderer.turn(answer_events())
+    result = render_events(renderer, answer_events())
     assert output(console) == ANSWER + STATS_LINE + "\n"
     assert "\x1b" not in output(console)
     assert result.text == ANSWER
@@ -339,24 +372,23 @@ def test_plain_adds_a_newline_before_stats_and_marks_interruption() -> None:
     console = plain_console()
     renderer = Renderer(console)
     renderer.feed(TextDelta("partial ans"))
-    renderer.feed(Finish("interrupted"))
-    renderer.end(stats=STATS)
+    renderer.end(interrupted=True, stats=STATS)
     assert output(console) == f"partial ans\n{STATS_LINE} · interrupted\n"
 
 
 def test_plain_notice_mid_line_starts_a_new_line() -> None:
     console = plain_console()
-    Renderer(console).turn([TextDelta("abc"), Notice("note"), TextDelta("def"), STATS])
+    render_events(Renderer(console), [TextDelta("abc"), Notice("note"), TextDelta("def"), STATS])
     assert output(console) == f"abc\nnote\ndef\n{STATS_LINE}\n"
 
 
 def test_plain_think_shown_and_hidden() -> None:
     events = [ThinkDelta("hmm"), TextDelta("Yes."), STATS]
     shown = plain_console()
-    Renderer(shown, show_think=True).turn(events)
+    render_events(Renderer(shown, show_think=True), events)
     assert output(shown) == f"<think>\nhmm\n</think>\nYes.\n{STATS_LINE}\n"
     hidden = plain_console()
-    Renderer(hidden).turn(events)
+    render_events(Renderer(hidden), events)
     assert output(hidden) == f"(thought for 3 chars — /think to show)\nYes.\n{STATS_LINE}\n"
 
 
@@ -366,9 +398,8 @@ def test_make_console_plain_has_no_ansi(monkeypatch: pytest.MonkeyPatch) -> None
     renderer = Renderer(console)
     assert renderer.plain
     renderer.error("boom")
-    renderer.warning("careful")
     renderer.print_markdown("# Title\n\n**bold**")
-    assert file.getvalue() == "error: boom\nwarning: careful\n# Title\n\n**bold**\n"
+    assert file.getvalue() == "error: boom\n# Title\n\n**bold**\n"
     monkeypatch.setenv("NO_COLOR", "1")
     coloured = make_console(io.StringIO(), plain=False, width=WIDTH)
     Renderer(coloured).error("boom")
@@ -395,7 +426,7 @@ def test_format_stats() -> None:
 
 def test_length_finish_shows_max_tokens() -> None:
     console = plain_console()
-    Renderer(console).turn([TextDelta("x\n"), Finish("length"), STATS])
+    render_events(Renderer(console), [TextDelta("x\n"), Finish("length"), STATS])
     assert output(console).endswith(f"{STATS_LINE} · max tokens\n")
 
 

@@ -3,9 +3,9 @@
 1. Round trip across processes on the real model (`python -m kvrepl` with piped stdin): a resumed
    session prefills only the new turn, says what it restored, and answers exactly as one
    uninterrupted process does.
-2. Every kind of invalid snapshot, made on the real files a `Chat` wrote: a notice, a correct
-   recompute (greedy tokens equal a run that reuses nothing), the cache invariant, and a healed
-   snapshot afterwards.
+2. Every kind of invalid snapshot, made on the real files a `Conversation` wrote: a notice, a
+   correct recompute (greedy tokens equal a run that reuses nothing), the cache invariant, and a
+   healed snapshot afterwards.
 3. kill -9 in the middle of saving, at chosen points (the child kills itself) and at random
    moments (the test kills `kvrepl`): the store opens, no half turn, `kvrepl --resume` works and
    its first turn is consistent.
@@ -36,7 +36,7 @@ import torch
 from conftest import make_tokenizer
 
 from kvrepl import models
-from kvrepl.chat import Chat
+from kvrepl.chat import Conversation
 from kvrepl.config import Settings
 from kvrepl.engine import common_prefix
 from kvrepl.events import Finish, Notice, Stats, TextDelta
@@ -109,19 +109,21 @@ def tinies(tmp_path_factory: pytest.TempPathFactory) -> Tinies:
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat helpers
+# Conversation helpers
 
 
 @pytest.fixture
-def chats() -> Iterator[Callable[..., Chat]]:
+def chats() -> Iterator[Callable[..., Conversation]]:
     """open_chat(loaded, home, **settings): a Chat with its own engine (a fresh process, as far
     as the cache goes) over `home`; all are closed at the end."""
-    opened: list[Chat] = []
+    opened: list[Conversation] = []
 
-    def open_chat(loaded: LoadedModel, home: Path, base: Settings = TINY, **over: Any) -> Chat:
+    def open_chat(
+        loaded: LoadedModel, home: Path, base: Settings = TINY, **over: Any
+    ) -> Conversation:
         settings = replace(base, **over)
         rt = Runtime.build(loaded, settings)
-        chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"),
+        chat = Conversation(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"),
                     ModelHandle.ready_with(rt, settings), home)  # fmt: skip
         opened.append(chat)
         return chat
@@ -132,7 +134,7 @@ def chats() -> Iterator[Callable[..., Chat]]:
         chat.store.close()
 
 
-def shut(chat: Chat) -> None:
+def shut(chat: Conversation) -> None:
     chat.close()
     chat.store.close()
 
@@ -146,7 +148,7 @@ class Turn:
     ids: list[int]  # the engine's cached ids after the turn: prompt + generated
 
 
-def turn(chat: Chat, text: str) -> Turn:
+def turn(chat: Conversation, text: str) -> Turn:
     events = list(chat.send(text))
     stats = [e for e in events if isinstance(e, Stats)]
     finish = [e.reason for e in events if isinstance(e, Finish)]
@@ -160,9 +162,9 @@ def turn(chat: Chat, text: str) -> Turn:
     )
 
 
-def fresh_ids(open_chat: Callable[..., Chat], loaded: LoadedModel, history: list[Message],
+def fresh_ids(open_chat: Callable[..., Conversation], loaded: LoadedModel, history: list[Message],
               text: str, home: Path, base: Settings = TINY) -> Turn:  # fmt: skip
-    """The same turn on the same messages by a Chat that reuses nothing (reuse off, no
+    """The same turn on the same messages by a Conversation that reuses nothing (reuse off, no
     snapshot): the reference every restored or cut cache must match token for token."""
     chat = open_chat(loaded, home, base, reuse=False)
     session = chat.sessions.new_session("reference")
@@ -183,7 +185,7 @@ def as_prompt(m: Message) -> dict[str, Any]:
                                                      else {})}  # fmt: skip
 
 
-def prompt_ids(chat: Chat, history: list[Message], text: str) -> list[int]:
+def prompt_ids(chat: Conversation, history: list[Message], text: str) -> list[int]:
     """What the prompt of a turn `text` after `history` renders to, by kvrepl's Prompt."""
     msgs = chat.prompt_messages(history) if history else chat.prompt_messages([])
     msgs = [*msgs, {"role": "user", "content": text}]
@@ -201,7 +203,7 @@ def snapshot(home: Path, session_id: str, loaded: LoadedModel):
     return KVStore(home / "kv").load_session(session_id, loaded.fingerprint)
 
 
-def assert_snapshot_is_cache(chat: Chat) -> None:
+def assert_snapshot_is_cache(chat: Conversation) -> None:
     """The session's last snapshot is exactly the engine's cache: ids, and K/V bit for bit;
     what else the pool keeps for it is other branches (at least the cache's tokens in all)."""
     assert chat.session is not None
@@ -241,11 +243,12 @@ def no_half_turn(db_path: Path) -> None:
         conn.close()
 
 
-def build_session(open_chat: Callable[..., Chat], loaded: LoadedModel, home: Path,
+def build_session(open_chat: Callable[..., Conversation], loaded: LoadedModel, home: Path,
                   history: list[tuple[str, str]], *, turns: tuple[str, ...] = (),
                   name: str = "demo") -> str:  # fmt: skip
     """A session with `history` written to the store, warmed (snapshot chunk 0 = the history),
-    then `turns` answered (one more chunk each). Returns the session id; the Chat is closed."""
+    then `turns` answered (one more chunk each). Returns the session id; the Conversation is
+    closed."""
     chat = open_chat(loaded, home)
     session = chat.sessions.open_or_create(name)
     for role, text in history:  # answers as a finished turn would store them: with stats
@@ -806,12 +809,12 @@ def big_history(n_pairs: int = 16) -> list[tuple[str, str]]:
 def kill_base(tinies, tmp_path_factory) -> Path:
     """A store with a big history (about 2k tokens) and its snapshot, built once."""
     home = tmp_path_factory.mktemp("kill-base") / "store"
-    opened: list[Chat] = []
+    opened: list[Conversation] = []
 
     def open_chat(loaded, home, base=TINY, **over):
         settings = replace(base, **over)
         rt = Runtime.build(loaded, settings)
-        chat = Chat(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"),
+        chat = Conversation(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"),
                     ModelHandle.ready_with(rt, settings), home)  # fmt: skip
         opened.append(chat)
         return chat

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tokenizer
 from fault_helpers import make_fault_model
-from helpers import make_harness, tiny_loaded
+from helpers import make_harness, render_events, tiny_loaded
 from test_render import STATS, STATS_LINE, output, plain_console
 
 from kvrepl import cli
@@ -89,8 +89,9 @@ def split_renderer(**kwargs) -> tuple[Renderer, object, object]:
 
 def test_piped_answers_go_to_stdout_and_the_rest_to_stderr():
     r, out, err = split_renderer()
-    r.turn([Notice("snapshot: restored 40 cached tokens"), TextDelta("Hi"), Finish("stop"), STATS])
-    r.turn([TextDelta("Two\nlines"), Finish("length"), STATS])
+    restored = Notice("snapshot: restored 40 cached tokens")
+    render_events(r, [restored, TextDelta("Hi"), Finish("stop"), STATS])
+    render_events(r, [TextDelta("Two\nlines"), Finish("length"), STATS])
     assert output(out) == "Hi\n\nTwo\nlines\n"  # a blank line between answers
     assert output(err) == (f"snapshot: restored 40 cached tokens\n{STATS_LINE}\n"
                            f"{STATS_LINE} · max tokens\n")  # fmt: skip
@@ -102,20 +103,19 @@ def test_piped_commands_print_their_output_on_stdout_and_what_they_did_on_stderr
     r.print_table(("key", "value"), [("top_k", 0)])
     r.print_markdown("# demo")
     r.confirm("saved as 'demo'")
-    r.warning("careful")
     r.error("boom")
     assert output(out) == "[1. you] hello\ntop_k\t0\n# demo\n"
-    assert output(err) == "saved as 'demo'\nwarning: careful\nerror: boom\n"
+    assert output(err) == "saved as 'demo'\nerror: boom\n"
 
 
 def test_piped_thinking_is_a_hint_on_stderr_unless_shown():
     events = [ThinkDelta("hmm"), TextDelta("Yes."), Finish("stop"), STATS]
     r, out, err = split_renderer()
-    r.turn(events)
+    render_events(r, events)
     assert output(out) == "Yes.\n"
     assert output(err) == f"(thought for 3 chars — /think to show)\n{STATS_LINE}\n"
     r, out, err = split_renderer(show_think=True)
-    r.turn(events)
+    render_events(r, events)
     assert output(out) == "<think>\nhmm\n</think>\nYes.\n"
 
 
@@ -140,7 +140,7 @@ def test_json_lines_print_one_object_per_answer_and_nothing_else_on_stdout():
     assert (second["answer"], second["finish_reason"]) == ("Par", "interrupted")
     assert output(err) == "note\n[1. you] hello\nerror: over the context\n"
     r, out, _ = split_renderer(json_lines=True, show_think=True)
-    r.turn([ThinkDelta("hmm"), TextDelta("Yes."), Finish("stop"), STATS])
+    render_events(r, [ThinkDelta("hmm"), TextDelta("Yes."), Finish("stop"), STATS])
     assert json.loads(output(out))["think"] == "hmm"
 
 

@@ -15,7 +15,7 @@ STATS = Stats(3, 4, 2, 0.1, 20.0)
 
 
 def answer(stored: list[str], *, fail: BaseException | None = None):
-    """What Chat._answer does, in small: fill the result; on an interrupt, store the partial
+    """What Conversation._answer does, in small: fill the result; on an interrupt, store the partial
     answer, marked, and re-raise."""
 
     def make(result: Result) -> Iterator[TurnEvent]:
