@@ -416,7 +416,7 @@ def decode_prompt(prompt: Prompt, ctx: int) -> list[int]:
         "content": "Write a long, detailed story about a lighthouse keeper "
         "and a storm. Use many paragraphs.",
     }
-    if ctx <= 120:
+    if ctx <= 60:  # the request alone is about 48 tokens
         return prompt.render([ask])
     msgs, _ = build_history(prompt, ctx - 40, seed=10_000 + ctx)
     return prompt.render(msgs + [ask])
