@@ -170,24 +170,22 @@ STATS = re.compile(r"reused ([\d,]+) · prefilled ([\d,]+) · .*ttft ([\d.]+) s"
 
 def make_session(fast: Any, store: Path, target: int) -> int:
     """A session `bench` of about `target` tokens of history, with its snapshot, made through
-    kvrepl's own Chat (messages in SQLite, the cache prefilled and saved)."""
-    from kvrepl.chat import Chat, Runtime
+    kvrepl's own Conversation (messages in SQLite, the cache prefilled and saved, as `/load`
+    does)."""
+    from kvrepl.chat import Conversation
     from kvrepl.config import Settings
-    from kvrepl.kvstore import KVStore
-    from kvrepl.store import Store
+    from kvrepl.handle import ModelHandle, Runtime
 
     settings = Settings(temperature=0.0)
     rt = Runtime.build(fast, settings)
-    db = Store(store / "kvrepl.db")
-    chat = Chat(settings, db, KVStore(store / "kv"), lambda: rt, store)
-    chat.open_or_create("bench")
+    chat = Conversation.at(store, settings, ModelHandle.ready_with(rt, settings))
+    session = chat.sessions.open_or_create("bench")
     msgs, _ = be.build_history(rt.prompt, target, seed=5)
     for m in msgs:
-        db.add_message(chat.session.id, m["role"], m["content"])
-    chat._refresh()
+        chat.store.add_message(session.id, m["role"], m["content"])
+    chat.sessions.refresh()
     _, prefilled, _ = chat.warm()
     chat.close()
-    db.close()
     return prefilled
 
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
@@ -115,6 +116,14 @@ def _named(name: str, default: tuple[int, int]) -> tuple[int, int]:
 
 def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
     """Validate the safetensors framing and our metadata; `buf` holds at least the header."""
+    hlen, header, meta = _framing(buf, size)
+    entries = _entries(header, size - 8 - hlen)
+    chunk, check, names = _kvrepl_meta(meta, entries, st, name)
+    return chunk, check, 8 + hlen, [entries[k][2:] for k in names]  # spans in tensor_names order
+
+
+def _framing(buf: bytes, size: int) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """The safetensors frame: header length, the header's tensor entries, its metadata."""
     if size < 8:
         raise BadChunk(f"is only {size} bytes long")
     hlen = int.from_bytes(buf[:8], "little")
@@ -131,6 +140,11 @@ def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise BadChunk("has malformed metadata")
+    return hlen, header, meta
+
+
+def _entries(header: dict[str, Any], data: int) -> dict[str, tuple[str, list[int], int, int]]:
+    """Each tensor entry checked (dtype, shape, span), the spans tiling exactly `data` bytes."""
     entries: dict[str, tuple[str, list[int], int, int]] = {}
     for key, e in header.items():
         try:
@@ -151,12 +165,16 @@ def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
         if a != end:
             raise BadChunk("has tensors whose data overlap or leave holes")
         end = b
-    data = size - 8 - hlen
     if data < end:
         raise BadChunk("is truncated")
     if data > end:
         raise BadChunk(f"has {data - end:,} bytes of trailing garbage after its data")
+    return entries
 
+
+def _kvrepl_meta(meta: dict[str, str], entries: dict[str, tuple[str, list[int], int, int]],
+                 st: os.stat_result, name: str) -> tuple[Chunk, DataCheck, list[str]]:  # fmt: skip
+    """kvrepl's metadata, checked against the file name and the tensors it describes."""
     if meta.get("format") != FORMAT:
         raise BadChunk("is not a kvrepl snapshot (no kvrepl metadata)")
     version = meta.get("format_version")
@@ -176,6 +194,16 @@ def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
     if n < 1 or n_layers < 1 or dname not in DTYPES:
         raise BadChunk("has invalid metadata (tokens, layers or dtype)")
     names = tensor_names(n_layers)
+    shape = _kv_shape(entries, names, n, dname)
+    if check[0] == "crc32" and len(check[1]) != len(names):
+        raise BadChunk("has incomplete metadata")
+    layout = (dname, n_layers, shape[1], shape[3])
+    return Chunk(name, start, start + n, ph, fp, layout, file_sig(st)), check, names
+
+
+def _kv_shape(entries: dict[str, tuple[str, list[int], int, int]], names: list[str], n: int,
+              dname: str) -> tuple[int, ...]:  # fmt: skip
+    """The one [1, heads, n, head_dim] shape and dtype every K/V tensor must have."""
     if set(entries) != set(names):
         raise BadChunk("has tensors that disagree with its metadata")
     if entries["ids"][:2] != ("I64", [n]):
@@ -187,12 +215,7 @@ def parse_chunk(buf: bytes, size: int, st: os.stat_result, name: str) -> Header:
     shape = shapes.pop()
     if len(shape) != 4 or shape[0] != 1 or shape[2] != n:
         raise BadChunk("has a token count that disagrees with its tensors")
-    chunk = Chunk(
-        name, start, start + n, ph, fp, (dname, n_layers, shape[1], shape[3]), file_sig(st)
-    )
-    if check[0] == "crc32" and len(check[1]) != len(names):
-        raise BadChunk("has incomplete metadata")
-    return chunk, check, 8 + hlen, [entries[k][2:] for k in names]  # spans in tensor_names order
+    return shape
 
 
 def claimed_end(path: Path) -> int:
