@@ -205,6 +205,7 @@ class Engine:
         why = "empty" if not cached else ("extend" if keep >= cached - 1 else "cut")
         return Plan(keep, len(ids) - keep, cached, why)
 
+    @torch.inference_mode()  # the buffers a turn left are inference tensors: copied into here
     def restore(self, snapshot: Any) -> list[str]:
         """Continue the cache from a snapshot's chunks (kvstore.LoadResult): the cache is cut to
         where they start, then they are copied in. Returns the snapshot's notes, and a line when

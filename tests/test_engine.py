@@ -344,6 +344,23 @@ def test_invariant_after_restore(tiny):
     dst.pc.check()
 
 
+def test_restore_into_a_cache_that_holds_room_from_an_earlier_turn(tiny, tmp_path):
+    """Going back to a branch whose chunks are on disk: they are copied into buffers a longer
+    turn left (made under inference mode), not into new ones."""
+    from kvrepl.kvstore import KVStore
+
+    store, e = KVStore(tmp_path), make_engine(tiny)
+    a = random_ids(40, seed=18)
+    run(e, a)  # decode grows the buffers past 40 positions
+    saved = list(e.cached_ids)
+    store.save("s", *e.export(), "fp")
+    e.prefill(a[:5] + random_ids(400, seed=19))  # another branch: room for the first
+    snapshot = store.load("fp", saved)
+    assert snapshot.chunks and e.restore(snapshot) == []
+    assert list(e.cached_ids) == saved
+    assert_consistent(e)
+
+
 def test_restore_with_the_wrong_layer_count_leaves_an_empty_consistent_cache(tiny):
     src = make_engine(tiny)
     ids = random_ids(10, seed=18)

@@ -246,6 +246,29 @@ def test_reuse_equals_recompute_bit_for_bit_on_a_quantized_tiny_model(kernels):
             assert torch.equal(la.keys, lb.keys)
 
 
+def test_a_branch_on_disk_restores_into_the_room_a_longer_turn_left(kernels, tmp_path):
+    """/branch back to a branch whose chunks are on disk: they are copied into the buffers the
+    turns before left (made under inference mode), and decoding goes on from them exactly."""
+    from kvrepl.kvstore import KVStore
+
+    tok = make_tokenizer()
+    fast = from_hf(make_family("llama", len(tok), seed=4), "Q4_1", kernels, 512)
+    e = Engine(fast, tok, end_ids=set(), context_length=512)
+    fresh = Engine(fast, tok, end_ids=set(), context_length=512, reuse=False)
+    rng = torch.Generator().manual_seed(8)
+    a = torch.randint(3, len(tok), (40,), generator=rng).tolist()
+    list(e.stream(a, Sampling(temperature=0, max_tokens=12)))
+    saved, store = list(e.cached_ids), KVStore(tmp_path)
+    store.save("s", *e.export(), "fp")
+    other = a[:5] + torch.randint(3, len(tok), (400,), generator=rng).tolist()
+    list(e.stream(other, Sampling(temperature=0, max_tokens=12)))  # a longer branch
+    snapshot = store.load("fp", saved)
+    assert snapshot.chunks and e.restore(snapshot) == []
+    assert list(e.cached_ids) == saved
+    more = saved + [7, 8, 9]
+    assert torch.equal(e.prefill(more), fresh.prefill(more))
+
+
 # ---------------------------------------------------------------------------------------------
 # a GGUF file written here
 
