@@ -104,12 +104,12 @@ class Repl:
         session = self.chat.session
         about = {"session_id": session.id, "session_name": session.name} if session else {}
         self.renderer.begin(about)
+        result = None
         try:
             result = turn.run(self.renderer.feed)
-        except BaseException:
-            self.renderer.end()  # a refused or failed turn: its error line follows, no figures
-            raise
-        self.renderer.end(interrupted=result.interrupted, stats=result.stats)
+        finally:  # a refused or failed turn shows no figures: its error line follows
+            self.renderer.end(interrupted=bool(result and result.interrupted),
+                              stats=result.stats if result else None)  # fmt: skip
         self.failures += result.interrupted
 
     def _wait_for_model(self) -> None:
