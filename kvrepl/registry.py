@@ -84,23 +84,6 @@ class Registry:
         for alias in cmd.aliases:
             self._aliases[alias] = cmd.name
 
-    def command(
-        self,
-        name: str,
-        usage: str = "",
-        help: str = "",
-        *,
-        aliases: tuple[str, ...] = (),
-        completes: tuple[str, ...] | str = (),
-    ) -> Callable[[CommandFunc], CommandFunc]:
-        """A decorator adding a function to this registry as a command."""
-
-        def register(func: CommandFunc) -> CommandFunc:
-            self.add(Command(name, func, usage, help, aliases, completes))
-            return func
-
-        return register
-
     def find(self, name: str) -> Command | None:
         return self.commands.get(self._aliases.get(name, name))
 

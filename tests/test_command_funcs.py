@@ -12,6 +12,7 @@ from rich.console import Console
 
 from kvrepl.commands import (
     BUILTINS,
+    Command,
     Context,
     Generate,
     Prefill,
@@ -92,7 +93,7 @@ def test_every_builtin_is_a_plain_module_function_declared_once():
 
 def test_each_registry_is_fresh():
     reg = build_registry()
-    reg.command("zzlocal")(lambda ctx, arg: None)
+    reg.add(Command("zzlocal", lambda ctx, arg: None))
     assert reg.find("zzlocal") and build_registry().find("zzlocal") is None
 
 

@@ -16,6 +16,7 @@ from kvrepl.commands import build_registry
 from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.handle import ModelHandle
 from kvrepl.kvstore import KVStore
+from kvrepl.registry import Command
 from kvrepl.repl import line_loop
 from kvrepl.store import STAT_NAMES, Store
 
@@ -55,9 +56,10 @@ def test_help_lists_every_registered_command(h: Harness):
 
 
 def test_help_is_generated_from_the_registry(h: Harness):
-    @h.repl.registry.command("zzfrob", "THING", "frobnicate a thing", aliases=("zf",))
     def _frob(ctx, arg):
         ctx.renderer.info(f"frobbed {arg}")
+
+    h.repl.registry.add(Command("zzfrob", _frob, "THING", "frobnicate a thing", aliases=("zf",)))
 
     out = h.run("/help")
     assert "/zzfrob THING\tfrobnicate a thing (also /zf)" in out
