@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_thinking_tokenizer
 from fault_helpers import (
     assert_cache_true,
     assert_last_answer_is_recompute,
@@ -18,6 +17,7 @@ from fault_helpers import (
     make_harness,
     make_loaded,
 )
+from makers import make_thinking_tokenizer
 
 from kvrepl.chat import Conversation
 from kvrepl.config import Settings

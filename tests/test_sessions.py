@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from makers import make_tokenizer
 
 from kvrepl import models
 from kvrepl.chat import Conversation

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tokenizer
 from fault_helpers import make_fault_model
 from helpers import make_harness, render_events, tiny_loaded
+from makers import make_tokenizer
 from test_render import STATS, STATS_LINE, output, plain_console
 
 from kvrepl import cli
