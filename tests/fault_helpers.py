@@ -1,40 +1,19 @@
 """Helpers for tests/test_faults.py: a line-mode REPL over a tiny model in a tmp store, checks of
-what the user is left with (the cache, the snapshot, the history), ways to break files for real,
-and an entry point that runs the real kvrepl CLI with one fault injected, so that a test can kill
-a real process at a chosen moment:
-
-    python tests/fault_helpers.py FAULT:N [kvrepl arguments...]
-
-FAULT is one of
-    kill-after-commit   SIGKILL at the Nth snapshot save: the turn's answer is committed to
-                        SQLite, the snapshot is not written
-    snapshot-then-kill  at the Nth turn end, write the snapshot first, then SIGKILL before the
-                        answer is committed (the other order)
-    kill-mid-write      at the Nth chunk write, write half the bytes of the temp file, then
-                        SIGKILL (a kill during a save; the writes of sessions' lists of
-                        chunks do not count)
-"""
+what the user is left with (the cache, the snapshot, the history), and ways to break files for
+real. Real kvrepl processes, with or without a fault injected, are procs.py's."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-# The interpreter running the tests and its environment's console script (a git worktree has no
-# .venv of its own); cli_env puts this checkout first on the path, so children run its code.
-PYTHON = Path(sys.executable)
-KVREPL = PYTHON.with_name("kvrepl")
 ANSI = "\x1b"
 
 
@@ -277,160 +256,3 @@ def forge_dtype(path: Path, dtype: torch.dtype) -> None:
     meta = dict(meta, dtype=str(dtype).removeprefix("torch."),
                 data_crc32=",".join(f"{c:08x}" for c in crcs))  # fmt: skip
     path.write_bytes(save(tensors, metadata=meta))
-
-
-# ---------------------------------------------------------------------------------------------
-# running the real CLI
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """This environment without KVREPL_* settings (the model cache stays), one CPU thread."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("KVREPL_") or k == "KVREPL_CACHE"}  # fmt: skip
-    for k in ("NO_COLOR", "FORCE_COLOR", "PYTHONIOENCODING"):
-        env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), **extra)
-    return env
-
-
-def kvrepl_cmd(args: list[str], fault: str | None = None) -> list[str]:
-    """The kvrepl console script, or this module's entry point with a fault injected."""
-    return [str(KVREPL), *args] if fault is None else [str(PYTHON), __file__, fault, *args]
-
-
-@dataclass
-class Done:
-    rc: int
-    out: str
-    err: str
-
-
-class Jobs:
-    """Real kvrepl processes, started together (each spends seconds importing torch, so they
-    run side by side while the in-process tests go on); a test waits for its own by name."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-        self.cleanups: dict[str, Any] = {}  # run when the job's result is taken
-        self.data: dict[str, Any] = {}  # what a job's test needs to know from its set-up
-
-    def start(self, name: str, args: list[str], stdin: bytes | None = b"", *,
-              fault: str | None = None, **env: str) -> Path:  # fmt: skip
-        """Start kvrepl ARGS with `stdin` piped in (None: /dev/null), stdout and stderr going to
-        files in the job's folder (not a terminal)."""
-        d = self.root / name
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / "stdout", "wb") as o, open(d / "stderr", "wb") as e:
-            p = subprocess.Popen(kvrepl_cmd(args, fault), stdout=o, stderr=e, cwd=ROOT,
-                                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
-                                 env=cli_env(**env))  # fmt: skip
-        if stdin is not None:  # as `echo ... | kvrepl`: written, then the pipe closed
-            assert p.stdin is not None
-            try:
-                p.stdin.write(stdin)
-                p.stdin.close()
-            except BrokenPipeError:
-                pass
-        self.procs[name] = (p, d)
-        return d
-
-    def wait(self, name: str, timeout: float = 300) -> Done:
-        p, d = self.procs[name]
-        rc = p.wait(timeout=timeout)
-        cleanup = self.cleanups.pop(name, None)
-        if cleanup is not None:
-            cleanup()
-        read = lambda n: (d / n).read_bytes().decode("utf-8", "replace")  # noqa: E731
-        return Done(rc, read("stdout"), read("stderr"))
-
-    def stop(self) -> None:
-        for p, _ in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for cleanup in self.cleanups.values():
-            cleanup()
-
-
-def _kill() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _writes_a_chunk(file: Any, mode: str) -> bool:
-    """Whether `open` writes a chunk's temp file, not a session's list of chunks: the atomic
-    writer opens it by descriptor, and its name says which."""
-    name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
-    return "w" in mode and ".safetensors-" in name
-
-
-def install_fault(spec: str) -> None:
-    name, _, n = spec.partition(":")
-    nth = int(n or 1)
-    count = [0]
-
-    def due() -> bool:
-        count[0] += 1
-        return count[0] == nth
-
-    if name == "kill-after-commit":
-        from kvrepl.kvstore import KVStore
-
-        save = KVStore.save
-
-        def save_or_die(self: Any, *a: Any, **k: Any) -> Any:
-            if due():
-                _kill()
-            return save(self, *a, **k)
-
-        KVStore.save = save_or_die
-    elif name == "snapshot-then-kill":
-        from kvrepl.chat import Conversation
-
-        store_answer = Conversation._store_answer
-
-        def snapshot_first(self: Any, *a: Any, **k: Any) -> Any:
-            if due():
-                self._save_snapshot([])
-                _kill()
-            return store_answer(self, *a, **k)
-
-        Conversation._store_answer = snapshot_first
-    elif name == "kill-mid-write":
-        import builtins
-
-        from kvrepl import kvbook
-
-        class HalfWriter(io.RawIOBase):
-            def __init__(self, f: Any) -> None:
-                self.f = f
-
-            def write(self, data: Any) -> int:
-                self.f.write(bytes(data)[: len(data) // 2])
-                self.f.flush()
-                os.fsync(self.f.fileno())
-                _kill()
-                return 0
-
-            def __enter__(self) -> Any:
-                return self
-
-            def __exit__(self, *exc: Any) -> None:
-                self.f.close()
-
-        def fault_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
-            f = builtins.open(file, mode, *a, **k)
-            return HalfWriter(f) if _writes_a_chunk(file, mode) and due() else f
-
-        kvbook.open = fault_open  # the module's own `open`, used by its atomic writer
-    else:
-        raise SystemExit(f"unknown fault {spec!r}")
-
-
-if __name__ == "__main__":
-    install_fault(sys.argv[1])
-    from kvrepl.cli import main
-
-    sys.exit(main(sys.argv[2:]))

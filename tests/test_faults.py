@@ -30,9 +30,7 @@ import pytest
 import torch
 from fault_helpers import (
     ANSI,
-    PYTHON,
     Harness,
-    Jobs,
     assert_cache_true,
     assert_last_answer_is_recompute,
     assert_snapshot_clean,
@@ -50,6 +48,7 @@ from fault_helpers import (
     tree,
 )
 from helpers import control_token_ids
+from procs import PYTHON, Jobs
 
 from kvrepl import cli
 from kvrepl.chat import Conversation

@@ -4,10 +4,7 @@ during generation, completion, and kvrepl run with piped stdin (no prompt-toolki
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Harness, lines_of, make_harness, stats_lines, tiny_loaded
+from procs import run_kvrepl
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
@@ -431,23 +429,16 @@ def test_real_model_answer_is_rendered_with_a_stats_line(real, tmp_path):
 # piped stdin: the line loop, no prompt-toolkit, no ANSI
 
 
-def kvrepl(home: Path, *args: str, stdin, stdout) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KVREPL_HOME": str(home)}
-    env.pop("NO_COLOR", None)  # no ANSI must come from plain mode, not from NO_COLOR
-    return subprocess.run([sys.executable, "-m", "kvrepl", *args], stdin=stdin, stdout=stdout,
-                          stderr=subprocess.PIPE, env=env, timeout=300)  # fmt: skip
-
-
 @pytest.mark.model
 def test_piped_stdin_answers_and_runs_commands_without_ansi(tmp_path):
     home = tmp_path / "home"
     questions = tmp_path / "in.txt"
     questions.write_text("What is the capital of France?\n/history\n")
-    out_file = tmp_path / "out.txt"
-    with questions.open() as stdin, out_file.open("w") as stdout:
-        proc = kvrepl(home, "--temperature", "0", "--max-tokens", "20", stdin=stdin, stdout=stdout)
-    out, err = out_file.read_text(), proc.stderr.decode()
-    assert proc.returncode == 0, err
+    # stdin and stdout files; NO_COLOR is not set: no ANSI must come from plain mode alone
+    done = run_kvrepl(["--temperature", "0", "--max-tokens", "20"], home=home, stdin=questions,
+                      out_dir=tmp_path / "run")  # fmt: skip
+    out, err = done.out, done.err
+    assert done.rc == 0, err
     assert "\x1b" not in out and "\x1b" not in err
     assert "Paris" in out
     (line,) = stats_lines(err)  # piped: the figures go to stderr, the answer alone to stdout
@@ -464,11 +455,9 @@ def test_stdin_lines_replace_invalid_utf8():
 
 
 def test_stdin_from_dev_null_exits_zero_with_no_ansi(tmp_path):
-    out_file = tmp_path / "out.txt"
-    with open(os.devnull) as stdin, out_file.open("w") as stdout:
-        proc = kvrepl(tmp_path / "home", stdin=stdin, stdout=stdout)
-    assert proc.returncode == 0, proc.stderr
-    assert out_file.read_text() == "" and proc.stderr == b""
+    done = run_kvrepl([], home=tmp_path / "home", stdin=None, out_dir=tmp_path / "run")
+    assert done.rc == 0, done.err
+    assert done.out == "" and done.err == ""
 
 
 def test_tab_completes_in_the_prompt(h: Harness):

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 import torch
 from makers import make_tokenizer
+from procs import Done, Kvrepl, kvrepl_env, run_kvrepl, stats_of
 
 from kvrepl import models
 from kvrepl.chat import Conversation
@@ -45,8 +46,6 @@ from kvrepl.kvbook import Ref
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel
 from kvrepl.store import STAT_NAMES, Message, Store
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # Greedy, with a repetition penalty so that the random tiny model writes text (it repeats "\n"
 # otherwise, which the think splitter strips to an empty answer).
@@ -264,51 +263,6 @@ def build_session(open_chat: Callable[..., Conversation], loaded: LoadedModel, h
     return session.id
 
 
-# ---------------------------------------------------------------------------------------------
-# subprocesses
-
-
-def child_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVREPL_")}
-    env.update(KVREPL_HOME=str(home), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT))  # fmt: skip
-    if "KVREPL_CACHE" in os.environ:  # the converted embedded model lives there
-        env["KVREPL_CACHE"] = os.environ["KVREPL_CACHE"]
-    return env
-
-
-def spawn(args: list[str], home: Path, *, cwd: Path | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kvrepl", *args],
-        cwd=cwd or home.parent, env=child_env(home), text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-
-
-@dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-
-    def stats_lines(self) -> list[tuple[int, int, int]]:
-        """The figures of each stats line, read from stderr: piped, that is where they go."""
-        pat = r"reused ([\d,]+) · prefilled ([\d,]+) · generated ([\d,]+)"
-        return [
-            tuple(int(x.replace(",", "")) for x in m.groups())  # type: ignore[misc]
-            for m in re.finditer(pat, self.err)
-        ]
-
-
-def finish(proc: subprocess.Popen[str], stdin: str = "", timeout: float = 240) -> Run:
-    out, err = proc.communicate(stdin, timeout=timeout)
-    return Run(proc.returncode, out, err)
-
-
-def kvrepl(args: list[str], home: Path, stdin: str, timeout: float = 240) -> Run:
-    return finish(spawn(args, home), stdin, timeout)
-
-
 def session_turns(home: Path, name: str = "demo") -> tuple[str, list[tuple[Message, dict]]]:
     store = Store(home / "kvrepl.db")
     try:
@@ -327,9 +281,9 @@ QUESTIONS = ["What is the capital of France?", "And of Italy?", "And of Spain?"]
 
 @dataclass
 class RealRuns:
-    a: Run  # --session demo, turns 1-2, then EOF
-    resumed: dict[str, Run]  # "--resume" / "--session": turn 3 in a copy of a's store
-    whole: Run  # one process, turns 1-3
+    a: Done  # --session demo, turns 1-2, then EOF
+    resumed: dict[str, Done]  # "--resume" / "--session": turn 3 in a copy of a's store
+    whole: Done  # one process, turns 1-3
     homes: dict[str, Path]
 
 
@@ -340,16 +294,17 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> RealRuns:
     for home in homes.values():
         home.parent.mkdir(parents=True)
     # Two at a time: the machine has two cores and each child runs one thread.
-    pa = spawn(["--session", "demo", *REAL_FLAGS], homes["a"])
-    pw = spawn(["--session", "demo", *REAL_FLAGS], homes["whole"])
-    a = finish(pa, "\n".join(QUESTIONS[:2]) + "\n")
-    whole = finish(pw, "\n".join(QUESTIONS) + "\n")
+    pa = Kvrepl(["--session", "demo", *REAL_FLAGS], home=homes["a"],
+                stdin="\n".join(QUESTIONS[:2]) + "\n")  # fmt: skip
+    pw = Kvrepl(["--session", "demo", *REAL_FLAGS], home=homes["whole"],
+                stdin="\n".join(QUESTIONS) + "\n")  # fmt: skip
+    a, whole = pa.finish(240), pw.finish(240)
     for k in ("resume", "session"):
         shutil.copytree(homes["a"], homes[k])
-    pr = spawn(["--resume", *REAL_FLAGS], homes["resume"])
-    ps = spawn(["--session", "demo", *REAL_FLAGS], homes["session"])
-    resumed = {"resume": finish(pr, QUESTIONS[2] + "\n"),
-               "session": finish(ps, QUESTIONS[2] + "\n")}  # fmt: skip
+    pr = Kvrepl(["--resume", *REAL_FLAGS], home=homes["resume"], stdin=QUESTIONS[2] + "\n")
+    ps = Kvrepl(["--session", "demo", *REAL_FLAGS], home=homes["session"],
+                stdin=QUESTIONS[2] + "\n")  # fmt: skip
+    resumed = {"resume": pr.finish(240), "session": ps.finish(240)}
     for name, run in [("a", a), ("whole", whole), *resumed.items()]:
         assert run.rc == 0, f"{name}: rc {run.rc}\n{run.out}\n{run.err}"
     return RealRuns(a, resumed, whole, homes)
@@ -392,7 +347,7 @@ def test_resumed_process_prefills_only_the_new_turn(real_runs: RealRuns, real, h
     run = real_runs.resumed[how]
     assert f"snapshot: restored {len(on_disk.ids):,} cached tokens" in run.err
     assert "session demo: 2 turn(s)" in run.err
-    lines = run.stats_lines()
+    lines = run.stats()
     assert lines == [(reused, len(ids3) - reused, stats["generated_tokens"])]
 
 
@@ -416,7 +371,7 @@ def test_quitting_at_eof_loses_nothing(real_runs: RealRuns, real):
     sid, turns = session_turns(home)
     assert [m.role for m, _ in turns] == ["assistant", "assistant"]
     assert all(set(s) == set(STAT_NAMES) and None not in s.values() for _, s in turns)
-    assert real_runs.a.stats_lines() == [
+    assert real_runs.a.stats() == [
         (s["reused_tokens"], s["prefilled_tokens"], s["generated_tokens"]) for _, s in turns
     ]
     last = turns[-1][1]
@@ -829,7 +784,7 @@ def fork_server(job: dict[str, Any], root: Path, timeout: float = 300) -> Any:
     (root / "job.json").write_text(json.dumps(job))
     proc = subprocess.run(
         [sys.executable, str(root / "server.py"), str(root / "job.json")],
-        cwd=root, env=child_env(root / "unused"), capture_output=True, text=True,
+        cwd=root, env=kvrepl_env(root / "unused"), capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -837,7 +792,7 @@ def fork_server(job: dict[str, Any], root: Path, timeout: float = 300) -> Any:
 
 
 @pytest.fixture(scope="module")
-def killed(tinies, kill_base, tmp_path_factory) -> dict[str, tuple[Path, Run]]:
+def killed(tinies, kill_base, tmp_path_factory) -> dict[str, tuple[Path, Done]]:
     """Each kill point in its own copy of the big store."""
     root = tmp_path_factory.mktemp("killed")
     for point in KILL_POINTS:
@@ -849,7 +804,7 @@ def killed(tinies, kill_base, tmp_path_factory) -> dict[str, tuple[Path, Run]]:
            "argv": ["--model", str(tinies.folder), "--resume", *TINY_FLAGS]}  # fmt: skip
     results = fork_server(job, root)
     # One file held each child's stdout and stderr.
-    return {p: (root / p / "store", Run(r["rc"], r["out"], r["out"])) for p, r in results.items()}
+    return {p: (root / p / "store", Done(r["rc"], r["out"], r["out"])) for p, r in results.items()}
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
@@ -859,7 +814,7 @@ def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tin
     home = tmp_path / "store"  # resume in a copy: the killed store stays as the kill left it
     shutil.copytree(killed_home, home)
     assert run.rc == -signal.SIGKILL, f"the child was not killed at {point}:\n{run.out}"
-    assert len(run.stats_lines()) >= 1  # it got past one turn of its own
+    assert len(run.stats()) >= 1  # it got past one turn of its own
     no_half_turn(home / "kvrepl.db")
 
     store = Store(home / "kvrepl.db")  # opens: no exception
@@ -949,7 +904,7 @@ def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, t
     print("kill moments:", moments)
     for life in lives:
         assert life["rc"] == -signal.SIGKILL, (moments, life["out"])
-        assert Run(0, life["out"], life["out"]).stats_lines(), life["out"]
+        assert stats_of(life["out"]), life["out"]
     no_half_turn(home / "kvrepl.db")
 
     # The store opens, the last session resumes and its first turn is consistent.
@@ -963,12 +918,12 @@ def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, t
     rt = Runtime.build(tinies.a, TINY)
     msgs = [as_prompt(m) for m in history]  # answers as the ids they were generated as
     prompt = rt.prompt.render([*msgs, {"role": "user", "content": text}])
-    run = kvrepl(args, home, text + "\n")
+    run = run_kvrepl(args, home=home, stdin=text + "\n", timeout=240)
     assert run.rc == 0, run.err
     assert f"snapshot: restored {len(on_disk.ids):,} cached tokens" in run.err
     reused = expected_reuse(on_disk.ids, prompt)
     assert reused > 1800
-    ((r, p, g),) = run.stats_lines()
+    ((r, p, g),) = run.stats()
     assert (r, p) == (reused, len(prompt) - reused), moments
     _, turns = session_turns(home)
     last, stats = turns[-1]
