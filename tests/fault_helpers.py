@@ -1,20 +1,34 @@
-"""Helpers for tests/test_faults.py: a line-mode REPL over a tiny model in a tmp store, checks of
-what the user is left with (the cache, the snapshot, the history), and ways to break files for
-real. Real kvrepl processes, with or without a fault injected, are procs.py's."""
+"""Helpers for the fault tests (tests/faults/) and the others that break things: tiny random
+models whose greedy answers are varied text, the harness as those tests run it, checks of what
+the user is left with (the cache, the snapshot, the history), and ways to break files for real.
+Real kvrepl processes, with or without a fault injected, are procs.py's."""
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import os
+import re
 import sqlite3
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from helpers import Harness, make_harness
+
+from kvrepl.config import Settings
+from kvrepl.kvstore import KVStore
+from kvrepl.store import Store
 
 ANSI = "\x1b"
+STATS = re.compile(r"^reused [\d,]+ · prefilled [\d,]+ · generated [\d,]+ ", re.M)
+# The faults tests/faulty_kvrepl.py injects in a real kvrepl: killed around the second turn's write.
+KILLS = ["kill-after-commit:2", "snapshot-then-kill:2", "kill-mid-write:2"]
+# Greedy and no repetition penalty (as reference_answer), plain; lines up to 400 columns, so
+# that one message is one line.
+FAULT_SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=1.0, plain=True)
+FAULT_WIDTH = 400
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,69 +66,28 @@ def make_loaded(model: Any, tok: Any, *, label: str = "tiny", dtype: str = "floa
 
 
 # ---------------------------------------------------------------------------------------------
-# the harness: Repl in line mode over a Conversation in a tmp store
+# the harness
 
 
-@dataclass
-class Harness:
-    home: Path
-    loaded: Any
-    settings: Any
-    out: io.StringIO
-    chat: Any
-    repl: Any
-    rt: Any
-    store: Any
-    kv: Any
-    streams: list[list[int]] = field(default_factory=list)  # ids of each engine.stream call
-
-    def line(self, text: str) -> str:
-        """Handle one line as the line loop does; return what it printed. The REPL must go on."""
-        start = len(self.out.getvalue())
-        assert self.repl.handle(text) is True, f"the REPL ended on {text!r}"
-        return self.out.getvalue()[start:]
-
-    def lines(self, *texts: str) -> str:
-        return "".join(self.line(t) for t in texts)
-
-    @property
-    def sid(self) -> str:
-        assert self.chat.session is not None
-        return self.chat.session.id
-
-    def close(self) -> None:
-        self.chat.close()
-        self.store.close()
+def fault_harness(home: Path, loaded: Any, *, store: Callable[[Path], Store] = Store,
+                  kv: Callable[[Path], KVStore] = KVStore, **settings: Any) -> Harness:  # fmt: skip
+    """The harness (helpers.make_harness, `store` and `kv` as there) with FAULT_SETTINGS, and
+    `settings` over them."""
+    return make_harness(home, loaded, settings=dataclasses.replace(FAULT_SETTINGS, **settings),
+                        width=FAULT_WIDTH, store=store, kv=kv)  # fmt: skip
 
 
-def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
-    from kvrepl.chat import Conversation
-    from kvrepl.commands import build_registry
-    from kvrepl.config import Settings
-    from kvrepl.handle import ModelHandle, Runtime
-    from kvrepl.kvstore import KVStore
-    from kvrepl.render import Renderer, make_console
-    from kvrepl.repl import Repl
-    from kvrepl.store import Store
-
-    s = Settings(**{"temperature": 0.0, "max_tokens": 6, "repetition_penalty": 1.0, "plain": True,
-                    **settings})  # fmt: skip
-    rt = Runtime.build(loaded, s)
-    out = io.StringIO()
-    renderer = Renderer(make_console(out, plain=True, width=400), plain=True)
-    store = Store(home / "kvrepl.db")
-    kv = KVStore(home / "kv")
-    chat = Conversation(s, store, kv, ModelHandle.ready_with(rt, s), home)
-    repl = Repl(chat, renderer, build_registry(), interactive=False)
-    h = Harness(home, loaded, s, out, chat, repl, rt, store, kv)
-    stream = rt.engine.stream
-
-    def counting_stream(ids: Any, sampling: Any, **kwargs: Any) -> Any:
-        h.streams.append(list(ids))
-        return stream(ids, sampling, **kwargs)
-
-    rt.engine.stream = counting_stream
-    return h
+def one_turn_ok(h: Harness, text: str, new_turns: int = 1) -> str:
+    """Send a message (or an /edit: new_turns=0); it must be answered (one stats line, no
+    error), the cache stay true and the answer equal a recomputation."""
+    n = len(h.chat.sessions.user_turns())
+    out = h.line(text)
+    assert "error:" not in out, out
+    assert len(STATS.findall(out)) == 1, out
+    assert len(h.chat.sessions.user_turns()) == n + new_turns
+    assert_cache_true(h.rt.engine)
+    assert_last_answer_is_recompute(h)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +186,11 @@ def db_messages(home: Path) -> list[tuple[str, str, int]]:
         return con.execute("SELECT role, content, interrupted FROM messages ORDER BY id").fetchall()
     finally:
         con.close()
+
+
+def files_outside(root: Path, home: Path) -> set[Path]:
+    """Every path under `root` that is not the store `home` or in it."""
+    return {p for p in root.rglob("*") if home not in p.parents and p != home}
 
 
 def fault_lines(out: str) -> list[str]:

@@ -6,11 +6,14 @@
 FAULT is one of
     kill-after-commit   SIGKILL at the Nth snapshot save: the turn's answer is committed to
                         SQLite, the snapshot is not written
-    snapshot-then-kill  at the Nth turn end, write the snapshot first, then SIGKILL before the
-                        answer is committed (the other order)
+    snapshot-then-kill  at the Nth answer stored, write the snapshot first, then SIGKILL before
+                        the answer is committed (the other order)
     kill-mid-write      at the Nth chunk write, write half the bytes of the temp file, then
                         SIGKILL (a kill during a save; the writes of sessions' lists of
                         chunks do not count)
+
+The faults go in at public doors: the snapshot store's `save`, the conversation's store's
+`finish_answer` and its `snapshots`, and the `open` of the module that writes chunk files.
 """
 
 from __future__ import annotations
@@ -78,15 +81,24 @@ def install_fault(spec: str) -> None:
     elif name == "snapshot-then-kill":
         from kvrepl.chat import Conversation
 
-        store_answer = Conversation._store_answer
+        at = Conversation.at
 
-        def snapshot_first(self: Any, *a: Any, **k: Any) -> Any:
-            if due():
-                self._save_snapshot([])
-                _kill()
-            return store_answer(self, *a, **k)
+        def at_(home: Any, settings: Any, model: Any) -> Conversation:
+            chat = at(home, settings, model)  # the one the CLI runs
+            finish_answer = chat.store.finish_answer
 
-        Conversation._store_answer = snapshot_first
+            def snapshot_first(session_id: str, *a: Any, **k: Any) -> Any:
+                if due():  # the snapshot the turn's end would save after this commit
+                    rt = chat.model.get()
+                    chat.kv.budget = chat.settings.kv_budget_mb << 20
+                    chat.snapshots.save(session_id, rt.engine, rt.loaded.fingerprint)
+                    _kill()
+                return finish_answer(session_id, *a, **k)
+
+            chat.store.finish_answer = snapshot_first
+            return chat
+
+        Conversation.at = staticmethod(at_)  # type: ignore[method-assign]
     elif name == "kill-mid-write":
         import builtins
 

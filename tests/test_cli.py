@@ -16,14 +16,13 @@ from pathlib import Path
 
 import platformdirs
 import pytest
+from helpers import close_conversation, open_conversation
 from procs import Done, run_kvrepl
 
 from kvrepl import cli
-from kvrepl.chat import Conversation
 from kvrepl.config import Settings, load_settings
 from kvrepl.events import Stats
 from kvrepl.guards import SessionLock
-from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvstore import KVStore
 from kvrepl.listing import format_size
 from kvrepl.models import LoadedModel, ModelSource
@@ -46,15 +45,7 @@ def tiny_loaded(tiny) -> LoadedModel:
 
 def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list[Stats]]:
     """A session made the way the REPL makes it: a Conversation answers each line, then closes."""
-    settings = TINY
-    rt = Runtime.build(tiny_loaded(tiny), settings)
-    chat = Conversation(
-        settings,
-        Store(home / "kvrepl.db"),
-        KVStore(home / "kv"),
-        ModelHandle.ready_with(rt, settings),
-        home,
-    )
+    chat = open_conversation(tiny_loaded(tiny), home, TINY)
     try:
         if name:
             chat.sessions.open_or_create(name)
@@ -64,8 +55,7 @@ def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list
         assert chat.session is not None
         return chat.session.id, stats
     finally:
-        chat.close()
-        chat.store.close()
+        close_conversation(chat)
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:

@@ -30,24 +30,26 @@ import pytest
 import torch
 from fault_helpers import (
     ANSI,
-    Harness,
+    KILLS,
+    STATS,
     assert_cache_true,
-    assert_last_answer_is_recompute,
     assert_snapshot_clean,
     assert_whole_turns,
     chunk_files,
     db_messages,
+    fault_harness,
     fault_lines,
+    files_outside,
     forge_dtype,
     header,
     make_fault_model,
-    make_harness,
     make_loaded,
+    one_turn_ok,
     reference_answer,
     resave,
     tree,
 )
-from helpers import control_token_ids
+from helpers import Harness, control_token_ids
 from procs import PYTHON, Jobs
 
 from kvrepl import cli
@@ -58,8 +60,6 @@ from kvrepl.handle import ModelHandle
 from kvrepl.kvstore import KVStore
 from kvrepl.schema import SCHEMA_VERSION
 from kvrepl.store import Store
-
-STATS = re.compile(r"^reused [\d,]+ · prefilled [\d,]+ · generated [\d,]+ ", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,6 @@ def tiny_cli(home: Path, model_dir: Path, *more: str) -> list[str]:
             "--max-tokens", "6", *more]  # fmt: skip
 
 
-KILLS = ["kill-after-commit:2", "snapshot-then-kill:2", "kill-mid-write:2"]
 BAD_INPUT = (b"\xff\xfe hi\n/load nosuch\n/bogus\n/save ../../x\n\n   \n/edit\n"
              b"hello there\n/history\n")  # fmt: skip
 
@@ -132,11 +131,10 @@ def jobs(request, tmp_path_factory, model_dir) -> Iterator[Jobs]:
         if "test_a_second_kvrepl_on_the_same_session_is_refused" in selected:
             # The session is open in this process: a second kvrepl on it is refused.
             home = j.root / "held" / "store"
-            holder = Conversation(Settings(), Store(home / "kvrepl.db"), None,
-                          ModelHandle.none(Settings()), home)  # fmt: skip
+            holder = Conversation.at(home, Settings(), ModelHandle.none(Settings()))
             holder.sessions.open_or_create("held")
             j.start("held", tiny_cli(home, model_dir, "--session", "held"), b"hello there\n")
-            j.cleanups["held"] = lambda: (holder.close(), holder.store.close())
+            j.cleanups["held"] = holder.close  # its database too: it opened it
         if "test_a_database_from_a_newer_kvrepl_is_refused_untouched" in selected:
             home = j.root / "schema" / "store"
             home.mkdir(parents=True)
@@ -164,30 +162,18 @@ def jobs(request, tmp_path_factory, model_dir) -> Iterator[Jobs]:
 
 @pytest.fixture
 def make(tmp_path: Path) -> Iterator[Any]:
-    """make(loaded, home=None, **settings) -> Harness; all closed at the end of the test."""
+    """make(loaded, home=None, **settings) -> Harness (fault_harness); all closed at the end of
+    the test."""
     made: list[Harness] = []
 
     def _make(loaded: Any, home: Path | None = None, **settings: Any) -> Harness:
-        h = make_harness(home or tmp_path / "store", loaded, **settings)
+        h = fault_harness(home or tmp_path / "store", loaded, **settings)
         made.append(h)
         return h
 
     yield _make
     for h in made:
         h.close()
-
-
-def one_turn_ok(h: Harness, text: str, new_turns: int = 1) -> str:
-    """Send a message (or an /edit: new_turns=0); it must be answered (one stats line, no
-    error), the cache stay true and the answer equal a recomputation."""
-    n = len(h.chat.sessions.user_turns())
-    out = h.line(text)
-    assert "error:" not in out, out
-    assert len(STATS.findall(out)) == 1, out
-    assert len(h.chat.sessions.user_turns()) == n + new_turns
-    assert_cache_true(h.rt.engine)
-    assert_last_answer_is_recompute(h)
-    return out
 
 
 # =============================================================================================
@@ -199,7 +185,7 @@ def one_turn_ok(h: Harness, text: str, new_turns: int = 1) -> str:
 def snap_home(tmp_path_factory, loaded) -> tuple[Path, str]:
     """A store whose session 'snap' has 3 turns and a snapshot of at least two chunks."""
     home = tmp_path_factory.mktemp("snap") / "store"
-    h = make_harness(home, loaded)
+    h = fault_harness(home, loaded)
     try:
         h.lines("/save snap", "hello there", "how are you")
         h.line("/load snap")  # the whole conversation: the next turn appends a chunk
@@ -301,16 +287,15 @@ def test_a_broken_snapshot_chunk_is_cut_or_rebuilt_with_one_line(
     before = {n: b for n, b in good.items() if n != victim}
     seen_at_save: list[dict[str, bytes]] = []
 
-    h = make(loaded, home)
-    save = h.kv.save
+    class FirstSaveSeen(KVStore):
+        def save(self, *a, **k):
+            if not seen_at_save:  # what loading left on disk, before this session's first save
+                seen_at_save.append({n: b for n, b in chunk_files(home, sid).items()
+                                     if n != victim})  # fmt: skip
+                assert os.path.lexists(victim_path)
+            return super().save(*a, **k)
 
-    def spy(*a, **k):
-        if not seen_at_save:  # what loading left on disk, before this session's first save
-            seen_at_save.append({n: b for n, b in chunk_files(home, sid).items() if n != victim})
-            assert os.path.lexists(victim_path)
-        return save(*a, **k)
-
-    h.kv.save = spy
+    h = make(loaded, home, kv=FirstSaveSeen)
     h.line("/load snap")
     out = h.out.getvalue()
     lines = fault_lines(out)
@@ -673,10 +658,6 @@ BAD_NAMES = {
 }
 
 
-def files_outside(root: Path, home: Path) -> set[Path]:
-    return {p for p in root.rglob("*") if home not in p.parents and p != home}
-
-
 def _name_id(name: str) -> str:
     return repr(name if len(name) < 20 else f"{name[:3]}...({len(name)} chars)")
 
@@ -710,10 +691,10 @@ def no_background_load(monkeypatch):
     """`kvrepl` in this process: the model is not needed before the name is refused."""
     from kvrepl.errors import ModelError
 
-    def fail(settings, progress):
+    def fail(*args, **kwargs):
         raise ModelError("the model is not loaded in this test")
 
-    monkeypatch.setattr("kvrepl.handle._load", fail)
+    monkeypatch.setattr("kvrepl.models.load", fail)  # what the model handle loads with
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
-from fault_helpers import make_harness, reference_answer
+from fault_helpers import fault_harness, reference_answer
 from procs import run_kvrepl
 
 from kvrepl import models
@@ -83,7 +83,7 @@ def turn_ok(h, text: str) -> tuple[int, int, int]:
 
 
 def test_gemma_reuses_over_turns_edits_retries_and_undos(gemma, tmp_path):
-    h = make_harness(tmp_path / "store", gemma, max_tokens=6)
+    h = fault_harness(tmp_path / "store", gemma, max_tokens=6)
     try:
         h.line("/save g")
         first = turn_ok(h, LONG)
@@ -105,7 +105,7 @@ def test_gemma_reuses_over_turns_edits_retries_and_undos(gemma, tmp_path):
 
 def test_a_second_process_resumes_gemma_from_the_snapshot(gemma, tmp_path):
     home = tmp_path / "store"
-    h = make_harness(home, gemma, max_tokens=4)
+    h = fault_harness(home, gemma, max_tokens=4)
     try:
         h.line("/save g2")
         turn_ok(h, LONG)

@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 
 import pytest
-from fault_helpers import make_fault_model, make_harness, make_loaded
+from fault_helpers import fault_harness, make_fault_model, make_loaded
 
 from kvrepl.engine import Engine, Sampling
 from kvrepl.errors import KvreplError
@@ -35,7 +35,7 @@ def test_ctrl_c_inside_the_first_prefill_is_an_interrupt_not_an_internal_error(
 ):
     """Layers the forward pass never reached hold nothing; saving must not trip on them."""
     loaded = make_loaded(make_fault_model(tok), tok)
-    h = make_harness(tmp_path / "store", loaded)
+    h = fault_harness(tmp_path / "store", loaded)
     try:
         layer = loaded.model.model.layers[1]
         original = layer.forward
@@ -76,7 +76,7 @@ def test_decode_rate_counts_only_the_generated_tokens(tiny, monkeypatch: pytest.
 
 def test_retry_moves_nothing_when_the_model_cannot_answer(tok, tmp_path: Path):
     loaded = make_loaded(make_fault_model(tok), tok)
-    h = make_harness(tmp_path / "store", loaded)
+    h = fault_harness(tmp_path / "store", loaded)
     try:
         h.line("hello there")
         before = [m.id for m in h.chat.history()]
@@ -94,7 +94,7 @@ def test_retry_moves_nothing_when_the_model_cannot_answer(tok, tmp_path: Path):
 
 def test_branch_without_a_session_creates_none(tok, tmp_path: Path):
     loaded = make_loaded(make_fault_model(tok), tok)
-    h = make_harness(tmp_path / "store", loaded)
+    h = fault_harness(tmp_path / "store", loaded)
     try:
         out = h.line("/branch 3")
         assert out.startswith("error: no branches yet"), out

@@ -218,18 +218,9 @@ def interrupt_renderer_at(h: Harness, monkeypatch, n: int, kind: type = TextDelt
     return shown
 
 
-def interrupt_forward_at(h: Harness, monkeypatch, n: int) -> None:
+def interrupt_forward_at(h: Harness, n: int) -> None:
     """Make the model's n-th forward pass (counted from now) raise KeyboardInterrupt, once."""
-    engine = h.rt.engine
-    forward, count = engine._forward, [0]
-
-    def interrupting_forward(ids):
-        count[0] += 1
-        if count[0] == n:
-            raise KeyboardInterrupt
-        return forward(ids)
-
-    monkeypatch.setattr(engine, "_forward", interrupting_forward)
+    h.model.raise_at(n, KeyboardInterrupt)
 
 
 def check_interrupted_turn(h: Harness, out: str) -> None:
@@ -264,10 +255,8 @@ def test_ctrl_c_while_the_answer_is_shown_keeps_the_partial_answer(h: Harness, m
     check_next_turn_reuses(h)
 
 
-def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(
-    h: Harness, monkeypatch, tiny
-):
-    interrupt_forward_at(h, monkeypatch, 3)
+def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(h: Harness, tiny):
+    interrupt_forward_at(h, 3)
     h.run("/new demo", "hello there")
     assert h.chat.history()[-1].interrupted
     cached = len(h.rt.engine.pc.ids)
@@ -284,8 +273,8 @@ def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(
 
 
 @pytest.mark.parametrize("step", [2, 4])
-def test_ctrl_c_inside_the_model_during_decoding(h: Harness, monkeypatch, step):
-    interrupt_forward_at(h, monkeypatch, step)  # forward 1 is the prefill
+def test_ctrl_c_inside_the_model_during_decoding(h: Harness, step):
+    interrupt_forward_at(h, step)  # forward 1 is the prefill
     out = h.run("hello there")
     check_interrupted_turn(h, out)
     assert h.last_stats.generated_tokens == step - 1
@@ -293,9 +282,9 @@ def test_ctrl_c_inside_the_model_during_decoding(h: Harness, monkeypatch, step):
     check_next_turn_reuses(h)
 
 
-def test_ctrl_c_inside_the_model_during_prefill(h: Harness, monkeypatch):
+def test_ctrl_c_inside_the_model_during_prefill(h: Harness):
     h.run("hello there")
-    interrupt_forward_at(h, monkeypatch, 1)
+    interrupt_forward_at(h, 1)
     out = h.run("how are you?")
     check_interrupted_turn(h, out)
     assert h.chat.history()[-1].content == ""
@@ -303,9 +292,9 @@ def test_ctrl_c_inside_the_model_during_prefill(h: Harness, monkeypatch):
     check_next_turn_reuses(h)
 
 
-def test_ctrl_c_during_a_chunked_prefill_reports_what_was_prefilled(h: Harness, monkeypatch):
+def test_ctrl_c_during_a_chunked_prefill_reports_what_was_prefilled(h: Harness):
     h.rt.engine.chunk_size = 4
-    interrupt_forward_at(h, monkeypatch, 3)  # after two chunks of 4
+    interrupt_forward_at(h, 3)  # after two chunks of 4
     out = h.run("hello there, how are you?")
     check_interrupted_turn(h, out)
     assert len(h.rt.engine.pc.ids) == 8
@@ -389,20 +378,15 @@ def test_a_refused_edit_leaves_the_tree_as_it_was(h: Harness):
     assert [m.content for m in h.chat.sessions.user_turns()] == [LONG, LONG]
 
 
-def test_a_failure_inside_a_turn_is_one_line_and_the_repl_goes_on(h: Harness, monkeypatch):
+def test_a_failure_inside_a_turn_is_one_line_and_the_repl_goes_on(h: Harness):
     h.run("hello there")
-    forward = h.rt.engine._forward
-
-    def broken(ids):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(h.rt.engine, "_forward", broken)
+    h.model.raise_at(1, RuntimeError("boom"), every=True)
     out = h.run("how are you?")
     assert lines_of(out)[-1] == "error: internal error: RuntimeError: boom"
     assert stats_lines(out) == [] and "interrupted" not in out  # no figures: none were made
     assert "RuntimeError: boom" in (h.home / "kvrepl.log").read_text()
     h.rt.engine.pc.check()
-    monkeypatch.setattr(h.rt.engine, "_forward", forward)
+    h.model.heal()
     assert len(stats_lines(h.run("and then?"))) == 1
 
 

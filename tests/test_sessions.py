@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import close_conversation, open_conversation
 from makers import make_tokenizer
 from procs import Done, Kvrepl, kvrepl_env, run_kvrepl, stats_of
 
@@ -41,7 +42,7 @@ from kvrepl.chat import Conversation
 from kvrepl.config import Settings
 from kvrepl.engine import common_prefix
 from kvrepl.events import Finish, Notice, Stats, TextDelta
-from kvrepl.handle import ModelHandle, Runtime
+from kvrepl.handle import Runtime
 from kvrepl.kvbook import Ref
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel
@@ -113,29 +114,19 @@ def tinies(tmp_path_factory: pytest.TempPathFactory) -> Tinies:
 
 @pytest.fixture
 def chats() -> Iterator[Callable[..., Conversation]]:
-    """open_chat(loaded, home, **settings): a Chat with its own engine (a fresh process, as far
-    as the cache goes) over `home`; all are closed at the end."""
+    """open_chat(loaded, home, base=TINY, **settings): a Conversation with its own engine (a
+    fresh process, as far as the cache goes) over `home`; all are closed at the end."""
     opened: list[Conversation] = []
 
-    def open_chat(
-        loaded: LoadedModel, home: Path, base: Settings = TINY, **over: Any
-    ) -> Conversation:
-        settings = replace(base, **over)
-        rt = Runtime.build(loaded, settings)
-        chat = Conversation(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"),
-                    ModelHandle.ready_with(rt, settings), home)  # fmt: skip
+    def open_chat(loaded: LoadedModel, home: Path, base: Settings = TINY,
+                  **over: Any) -> Conversation:  # fmt: skip
+        chat = open_conversation(loaded, home, replace(base, **over))
         opened.append(chat)
         return chat
 
     yield open_chat
     for chat in opened:
-        chat.close()
-        chat.store.close()
-
-
-def shut(chat: Conversation) -> None:
-    chat.close()
-    chat.store.close()
+        close_conversation(chat)
 
 
 @dataclass
@@ -174,7 +165,7 @@ def fresh_ids(open_chat: Callable[..., Conversation], loaded: LoadedModel, histo
         chat.store.add_message(session.id, m.role, m.content, think=m.think, token_ids=ids)
     result = turn(chat, text)
     assert result.stats.reused_tokens == 0
-    shut(chat)
+    close_conversation(chat)
     return result
 
 
@@ -259,7 +250,7 @@ def build_session(open_chat: Callable[..., Conversation], loaded: LoadedModel, h
         chat.warm()
     for text in turns:
         turn(chat, text)
-    shut(chat)
+    close_conversation(chat)
     return session.id
 
 
@@ -542,7 +533,7 @@ def test_real_model_messages_edited_behind_its_back_cut_at_the_first_changed_tok
     session = chat.sessions.open_or_create("demo")
     first = turn(chat, QUESTIONS[0])
     turn(chat, QUESTIONS[1])
-    shut(chat)
+    close_conversation(chat)
     before = snapshot(home, session.id, real)
     conn = sqlite3.connect(home / "kvrepl.db")
     with conn:
@@ -764,15 +755,9 @@ def big_history(n_pairs: int = 16) -> list[tuple[str, str]]:
 def kill_base(tinies, tmp_path_factory) -> Path:
     """A store with a big history (about 2k tokens) and its snapshot, built once."""
     home = tmp_path_factory.mktemp("kill-base") / "store"
-    opened: list[Conversation] = []
 
-    def open_chat(loaded, home, base=TINY, **over):
-        settings = replace(base, **over)
-        rt = Runtime.build(loaded, settings)
-        chat = Conversation(settings, Store(home / "kvrepl.db"), KVStore(home / "kv"),
-                    ModelHandle.ready_with(rt, settings), home)  # fmt: skip
-        opened.append(chat)
-        return chat
+    def open_chat(loaded: Any, home: Path) -> Any:  # closed by build_session
+        return open_conversation(loaded, home, TINY)
 
     sid = build_session(open_chat, tinies.a, home, big_history(), turns=("Start.",))
     assert KVStore(home / "kv").n_tokens_on_disk(sid) > 1800
