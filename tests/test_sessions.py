@@ -35,7 +35,7 @@ import pytest
 import torch
 from helpers import close_conversation, open_conversation
 from makers import make_tokenizer
-from procs import Done, Kvrepl, kvrepl_env, run_kvrepl, stats_of
+from procs import PYTHON, TESTS, Done, Kvrepl, kvrepl_env, run_kvrepl, stats_of
 
 from kvrepl import models
 from kvrepl.chat import Conversation
@@ -563,170 +563,10 @@ def test_real_model_messages_edited_behind_its_back_cut_at_the_first_changed_tok
 # =============================================================================================
 # 3. kill -9 while saving
 
-# A small fork server: it imports kvrepl, torch and transformers once, then forks one child per
-# job; each child runs kvrepl's own CLI (`cli.main`, line mode, stdin from a file) on its own
-# store. A "point" job patches one thing in the module under test (its `os`, `open` or one
-# method) so that the child SIGKILLs itself the nth time it gets there: the kill lands exactly
-# where a kill -9 from outside might. A "lives" job kills its children from the server at random
-# moments after their first answer, or the moment a temporary snapshot file shows up.
-# (Forking after the imports saves ~4 s of imports per child on this 2-core machine.)
-FORK_SERVER = r"""
-import builtins, json, os, random, signal, sys, time, types
-
-from kvrepl import cli, engine, kvbook, kvstore, models, store  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (imported once)
-
-
-def patch(point, nth):
-    seen = [0]
-
-    def reached():
-        seen[0] += 1
-        if seen[0] == nth:
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    class Os(types.ModuleType):
-        def __getattr__(self, name):
-            return getattr(os, name)
-
-    fake = Os("os")
-    kvstore.os = kvbook.os = fake
-    if point == "mid-write":  # half of the temp file written
-        class Half:
-            def __init__(self, f):
-                self.f = f
-            def write(self, data):
-                self.f.write(data[: len(data) // 2])
-                self.f.flush()
-                os.fsync(self.f.fileno())
-                reached()
-                return self.f.write(data[len(data) // 2:])
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-            def __enter__(self):
-                return self
-            def __exit__(self, *a):
-                return self.f.__exit__(*a)
-        kvbook.open = lambda *a, **k: Half(builtins.open(*a, **k))
-    elif point in ("before-rename", "split-before-rename"):  # temp file whole, not renamed
-        def replace(a, b):
-            reached()
-            return os.replace(a, b)
-        fake.replace = replace
-    elif point == "split-before-cleanup":  # both halves of a split written, the whole not gone
-        def unlink(p):
-            reached()
-            return os.unlink(p)
-        fake.unlink = unlink
-    elif point == "after-commit":  # the answer is committed, its snapshot not yet saved
-        save = kvstore.KVStore.save
-        def save_(self, *a, **k):
-            reached()
-            return save(self, *a, **k)
-        kvstore.KVStore.save = save_
-    elif point == "in-transaction":  # the answer inserted, its turns row not yet, no commit
-        insert = store.Store._insert
-        def insert_(self, session_id, role, *a, **k):
-            mid = insert(self, session_id, role, *a, **k)
-            if role == "assistant":
-                reached()
-            return mid
-        store.Store._insert = insert_
-    elif point == "mid-decode":
-        forward = engine.Engine._forward
-        def forward_(self, ids):
-            if len(ids) == 1:
-                reached()
-            return forward(self, ids)
-        engine.Engine._forward = forward_
-    else:
-        raise SystemExit(f"unknown point {point}")
-
-
-def fork(job, out_path, point=None, nth=0):
-    pid = os.fork()
-    if pid:
-        return pid
-    try:
-        os.environ["KVREPL_HOME"] = job["home"]
-        out = open(out_path, "w", buffering=1, encoding="utf-8")
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
-        sys.stdout = sys.stderr = out
-        sys.stdin = open(job["stdin"], encoding="utf-8")
-        if point:
-            patch(point, nth)
-        rc = cli.main(job["argv"])
-        out.flush()
-        os._exit(rc)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(99)
-
-
-def status(st):
-    return -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
-
-
-def read(path):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:  # the child has not opened it yet
-        return ""
-
-
-def lives(job):
-    rng = random.Random(job["seed"])
-    kv = os.path.join(job["home"], "kv")
-    results = []
-    for i, mode in enumerate(job["modes"]):
-        out = os.path.join(job["outdir"], f"life{i}.out")
-        pid = fork(job, out)
-        moment, deadline = "random", time.monotonic() + 120
-        while "\nreused " not in "\n" + read(out) and time.monotonic() < deadline:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                break
-            time.sleep(0.01)
-        if mode == "tmp":
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                if any(n.startswith(".tmp-") for _, _, names in os.walk(kv) for n in names):
-                    moment = "mid-save (a temp file was present)"
-                    break
-                time.sleep(0.0003)
-        if moment == "random":
-            time.sleep(rng.uniform(0.0, 0.5))
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _, st = os.waitpid(pid, 0)
-        results.append({"moment": moment, "rc": status(st), "out": read(out)})
-    return results
-
-
-job = json.loads(read(sys.argv[1]))
-models.load(job["model"], device="cpu", progress=False)  # the model's modules, imported once
-if job["kind"] == "points":
-    results = {}
-    for point, nth in job["points"].items():
-        home = os.path.join(job["root"], point, "store")
-        out = os.path.join(job["root"], point, "out.txt")
-        t0 = time.monotonic()
-        _, st = os.waitpid(fork({**job, "home": home}, out, point, nth), 0)
-        results[point] = {"rc": status(st), "out": read(out), "s": time.monotonic() - t0}
-else:
-    results = lives(job)
-print(json.dumps(results))
-"""
-
-# point -> nth arrival. The child's first line saves a chunk and the session's list (files 1, 2);
-# its second, an /edit of that turn, splits the chunk the edit leaves in its middle (files 3 and
-# 4 are the halves, 5 the new chunk, then the whole goes)
+# point (tests/fork_server.py says what each is) -> nth arrival. The child's first line saves a
+# chunk and the session's list (files 1, 2); its second, an /edit of that turn, splits the chunk
+# the edit leaves in its middle (files 3 and 4 are the halves, 5 the new chunk, then the whole
+# goes)
 KILL_POINTS = {
     "mid-write": 3,
     "before-rename": 5,
@@ -765,13 +605,11 @@ def kill_base(tinies, tmp_path_factory) -> Path:
 
 
 def fork_server(job: dict[str, Any], root: Path, timeout: float = 300) -> Any:
-    (root / "server.py").write_text(FORK_SERVER)
+    """Run tests/fork_server.py on `job`; returns its results."""
     (root / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run(
-        [sys.executable, str(root / "server.py"), str(root / "job.json")],
-        cwd=root, env=kvrepl_env(root / "unused"), capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
+    proc = subprocess.run([str(PYTHON), str(TESTS / "fork_server.py"), str(root / "job.json")],
+                          cwd=root, env=kvrepl_env(root / "unused"), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
