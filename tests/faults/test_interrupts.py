@@ -17,6 +17,8 @@ from fault_helpers import (
     assert_snapshot_clean,
     assert_whole_turns,
     chunk_files,
+    make_fault_model,
+    make_loaded,
     one_turn_ok,
     tree,
 )
@@ -74,6 +76,29 @@ def test_ctrl_c_in_the_model_leaves_everything_consistent(when, loaded, make):
         assert 0 < len(h.rt.engine.pc.ids) < len(h.streams[-1])  # kept the chunks it finished
     h.rt.engine.chunk_size = 512
     after_interrupt_all_is_consistent(h, out, 2)
+
+
+def test_ctrl_c_inside_the_first_prefill_is_an_interrupt_not_an_internal_error(
+    tok, make, monkeypatch: pytest.MonkeyPatch
+):
+    """Layers the forward pass never reached hold nothing; saving must not trip on them."""
+    loaded = make_loaded(make_fault_model(tok), tok)
+    h = make(loaded)
+    layer = loaded.model.model.layers[1]
+    original = layer.forward
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layer, "forward", explode)
+    out = h.line("hello there")
+    monkeypatch.setattr(layer, "forward", original)
+    assert "internal error" not in out, out
+    assert "interrupted" in out, out
+    assert [m.role for m in h.chat.history()] == ["user", "assistant"]
+    assert h.chat.history()[-1].interrupted
+    h.rt.engine.pc.check()
+    assert "internal error" not in h.line("and now?")
 
 
 def test_ctrl_c_while_load_warms_the_cache_leaves_everything_consistent(snap_home, loaded, make,
