@@ -1,41 +1,34 @@
-"""Helpers for tests/test_faults.py: a line-mode REPL over a tiny model in a tmp store, checks of
-what the user is left with (the cache, the snapshot, the history), ways to break files for real,
-and an entry point that runs the real kvrepl CLI with one fault injected, so that a test can kill
-a real process at a chosen moment:
-
-    python tests/fault_helpers.py FAULT:N [kvrepl arguments...]
-
-FAULT is one of
-    kill-after-commit   SIGKILL at the Nth snapshot save: the turn's answer is committed to
-                        SQLite, the snapshot is not written
-    snapshot-then-kill  at the Nth turn end, write the snapshot first, then SIGKILL before the
-                        answer is committed (the other order)
-    kill-mid-write      at the Nth chunk write, write half the bytes of the temp file, then
-                        SIGKILL (a kill during a save; the writes of sessions' lists of
-                        chunks do not count)
-"""
+"""Helpers for the fault tests (tests/faults/) and the others that break things: tiny random
+models whose greedy answers are varied text, the harness as those tests run it, checks of what
+the user is left with (the cache, the snapshot, the history), and ways to break files for real.
+Real kvrepl processes, with or without a fault injected, are procs.py's."""
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import os
-import signal
+import re
 import sqlite3
-import subprocess
-import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from helpers import Harness, make_harness
 
-ROOT = Path(__file__).resolve().parent.parent
-# The interpreter running the tests and its environment's console script (a git worktree has no
-# .venv of its own); cli_env puts this checkout first on the path, so children run its code.
-PYTHON = Path(sys.executable)
-KVREPL = PYTHON.with_name("kvrepl")
+from kvrepl.config import Settings
+from kvrepl.kvstore import KVStore
+from kvrepl.store import Store
+
 ANSI = "\x1b"
+STATS = re.compile(r"^reused [\d,]+ · prefilled [\d,]+ · generated [\d,]+ ", re.M)
+# The faults tests/faulty_kvrepl.py injects in a real kvrepl: killed around the second turn's write.
+KILLS = ["kill-after-commit:2", "snapshot-then-kill:2", "kill-mid-write:2"]
+# Greedy and no repetition penalty (as reference_answer), plain; lines up to 400 columns, so
+# that one message is one line.
+FAULT_SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=1.0, plain=True)
+FAULT_WIDTH = 400
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,69 +66,28 @@ def make_loaded(model: Any, tok: Any, *, label: str = "tiny", dtype: str = "floa
 
 
 # ---------------------------------------------------------------------------------------------
-# the harness: Repl in line mode over a Conversation in a tmp store
+# the harness
 
 
-@dataclass
-class Harness:
-    home: Path
-    loaded: Any
-    settings: Any
-    out: io.StringIO
-    chat: Any
-    repl: Any
-    rt: Any
-    store: Any
-    kv: Any
-    streams: list[list[int]] = field(default_factory=list)  # ids of each engine.stream call
-
-    def line(self, text: str) -> str:
-        """Handle one line as the line loop does; return what it printed. The REPL must go on."""
-        start = len(self.out.getvalue())
-        assert self.repl.handle(text) is True, f"the REPL ended on {text!r}"
-        return self.out.getvalue()[start:]
-
-    def lines(self, *texts: str) -> str:
-        return "".join(self.line(t) for t in texts)
-
-    @property
-    def sid(self) -> str:
-        assert self.chat.session is not None
-        return self.chat.session.id
-
-    def close(self) -> None:
-        self.chat.close()
-        self.store.close()
+def fault_harness(home: Path, loaded: Any, *, store: Callable[[Path], Store] = Store,
+                  kv: Callable[[Path], KVStore] = KVStore, **settings: Any) -> Harness:  # fmt: skip
+    """The harness (helpers.make_harness, `store` and `kv` as there) with FAULT_SETTINGS, and
+    `settings` over them."""
+    return make_harness(home, loaded, settings=dataclasses.replace(FAULT_SETTINGS, **settings),
+                        width=FAULT_WIDTH, store=store, kv=kv)  # fmt: skip
 
 
-def make_harness(home: Path, loaded: Any, **settings: Any) -> Harness:
-    from kvrepl.chat import Conversation
-    from kvrepl.commands import build_registry
-    from kvrepl.config import Settings
-    from kvrepl.handle import ModelHandle, Runtime
-    from kvrepl.kvstore import KVStore
-    from kvrepl.render import Renderer, make_console
-    from kvrepl.repl import Repl
-    from kvrepl.store import Store
-
-    s = Settings(**{"temperature": 0.0, "max_tokens": 6, "repetition_penalty": 1.0, "plain": True,
-                    **settings})  # fmt: skip
-    rt = Runtime.build(loaded, s)
-    out = io.StringIO()
-    renderer = Renderer(make_console(out, plain=True, width=400), plain=True)
-    store = Store(home / "kvrepl.db")
-    kv = KVStore(home / "kv")
-    chat = Conversation(s, store, kv, ModelHandle.ready_with(rt, s), home)
-    repl = Repl(chat, renderer, build_registry(), interactive=False)
-    h = Harness(home, loaded, s, out, chat, repl, rt, store, kv)
-    stream = rt.engine.stream
-
-    def counting_stream(ids: Any, sampling: Any, **kwargs: Any) -> Any:
-        h.streams.append(list(ids))
-        return stream(ids, sampling, **kwargs)
-
-    rt.engine.stream = counting_stream
-    return h
+def one_turn_ok(h: Harness, text: str, new_turns: int = 1) -> str:
+    """Send a message (or an /edit: new_turns=0); it must be answered (one stats line, no
+    error), the cache stay true and the answer equal a recomputation."""
+    n = len(h.chat.sessions.user_turns())
+    out = h.line(text)
+    assert "error:" not in out, out
+    assert len(STATS.findall(out)) == 1, out
+    assert len(h.chat.sessions.user_turns()) == n + new_turns
+    assert_cache_true(h.rt.engine)
+    assert_last_answer_is_recompute(h)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +188,11 @@ def db_messages(home: Path) -> list[tuple[str, str, int]]:
         con.close()
 
 
+def files_outside(root: Path, home: Path) -> set[Path]:
+    """Every path under `root` that is not the store `home` or in it."""
+    return {p for p in root.rglob("*") if home not in p.parents and p != home}
+
+
 def fault_lines(out: str) -> list[str]:
     """The lines that say a snapshot was cut or dropped (not the 'restored' line)."""
     return [ln for ln in out.splitlines()
@@ -277,160 +234,3 @@ def forge_dtype(path: Path, dtype: torch.dtype) -> None:
     meta = dict(meta, dtype=str(dtype).removeprefix("torch."),
                 data_crc32=",".join(f"{c:08x}" for c in crcs))  # fmt: skip
     path.write_bytes(save(tensors, metadata=meta))
-
-
-# ---------------------------------------------------------------------------------------------
-# running the real CLI
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """This environment without KVREPL_* settings (the model cache stays), one CPU thread."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("KVREPL_") or k == "KVREPL_CACHE"}  # fmt: skip
-    for k in ("NO_COLOR", "FORCE_COLOR", "PYTHONIOENCODING"):
-        env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), **extra)
-    return env
-
-
-def kvrepl_cmd(args: list[str], fault: str | None = None) -> list[str]:
-    """The kvrepl console script, or this module's entry point with a fault injected."""
-    return [str(KVREPL), *args] if fault is None else [str(PYTHON), __file__, fault, *args]
-
-
-@dataclass
-class Done:
-    rc: int
-    out: str
-    err: str
-
-
-class Jobs:
-    """Real kvrepl processes, started together (each spends seconds importing torch, so they
-    run side by side while the in-process tests go on); a test waits for its own by name."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-        self.cleanups: dict[str, Any] = {}  # run when the job's result is taken
-        self.data: dict[str, Any] = {}  # what a job's test needs to know from its set-up
-
-    def start(self, name: str, args: list[str], stdin: bytes | None = b"", *,
-              fault: str | None = None, **env: str) -> Path:  # fmt: skip
-        """Start kvrepl ARGS with `stdin` piped in (None: /dev/null), stdout and stderr going to
-        files in the job's folder (not a terminal)."""
-        d = self.root / name
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / "stdout", "wb") as o, open(d / "stderr", "wb") as e:
-            p = subprocess.Popen(kvrepl_cmd(args, fault), stdout=o, stderr=e, cwd=ROOT,
-                                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
-                                 env=cli_env(**env))  # fmt: skip
-        if stdin is not None:  # as `echo ... | kvrepl`: written, then the pipe closed
-            assert p.stdin is not None
-            try:
-                p.stdin.write(stdin)
-                p.stdin.close()
-            except BrokenPipeError:
-                pass
-        self.procs[name] = (p, d)
-        return d
-
-    def wait(self, name: str, timeout: float = 300) -> Done:
-        p, d = self.procs[name]
-        rc = p.wait(timeout=timeout)
-        cleanup = self.cleanups.pop(name, None)
-        if cleanup is not None:
-            cleanup()
-        read = lambda n: (d / n).read_bytes().decode("utf-8", "replace")  # noqa: E731
-        return Done(rc, read("stdout"), read("stderr"))
-
-    def stop(self) -> None:
-        for p, _ in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for cleanup in self.cleanups.values():
-            cleanup()
-
-
-def _kill() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _writes_a_chunk(file: Any, mode: str) -> bool:
-    """Whether `open` writes a chunk's temp file, not a session's list of chunks: the atomic
-    writer opens it by descriptor, and its name says which."""
-    name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
-    return "w" in mode and ".safetensors-" in name
-
-
-def install_fault(spec: str) -> None:
-    name, _, n = spec.partition(":")
-    nth = int(n or 1)
-    count = [0]
-
-    def due() -> bool:
-        count[0] += 1
-        return count[0] == nth
-
-    if name == "kill-after-commit":
-        from kvrepl.kvstore import KVStore
-
-        save = KVStore.save
-
-        def save_or_die(self: Any, *a: Any, **k: Any) -> Any:
-            if due():
-                _kill()
-            return save(self, *a, **k)
-
-        KVStore.save = save_or_die
-    elif name == "snapshot-then-kill":
-        from kvrepl.chat import Conversation
-
-        store_answer = Conversation._store_answer
-
-        def snapshot_first(self: Any, *a: Any, **k: Any) -> Any:
-            if due():
-                self._save_snapshot([])
-                _kill()
-            return store_answer(self, *a, **k)
-
-        Conversation._store_answer = snapshot_first
-    elif name == "kill-mid-write":
-        import builtins
-
-        from kvrepl import kvbook
-
-        class HalfWriter(io.RawIOBase):
-            def __init__(self, f: Any) -> None:
-                self.f = f
-
-            def write(self, data: Any) -> int:
-                self.f.write(bytes(data)[: len(data) // 2])
-                self.f.flush()
-                os.fsync(self.f.fileno())
-                _kill()
-                return 0
-
-            def __enter__(self) -> Any:
-                return self
-
-            def __exit__(self, *exc: Any) -> None:
-                self.f.close()
-
-        def fault_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
-            f = builtins.open(file, mode, *a, **k)
-            return HalfWriter(f) if _writes_a_chunk(file, mode) and due() else f
-
-        kvbook.open = fault_open  # the module's own `open`, used by its atomic writer
-    else:
-        raise SystemExit(f"unknown fault {spec!r}")
-
-
-if __name__ == "__main__":
-    install_fault(sys.argv[1])
-    from kvrepl.cli import main
-
-    sys.exit(main(sys.argv[2:]))

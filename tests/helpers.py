@@ -1,15 +1,17 @@
-"""Test helpers for the REPL, command and renderer tests: a Conversation over the tiny model (or
-the real one) in a tmp store, a Renderer writing to a StringIO, a counter of model calls, and a
-whole turn of events rendered at once."""
+"""Test helpers: one harness (a Conversation over the tiny model, or any other, in a tmp store,
+its Repl and a Renderer writing to a StringIO; the model reached through a probe that counts its
+forwards), a Conversation alone, and a whole turn of events rendered at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from probes import ModelProbe
 from rich.console import Console
 
 from kvrepl.chat import Conversation
@@ -19,7 +21,7 @@ from kvrepl.events import Stats, TurnEvent
 from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvstore import KVStore
 from kvrepl.models import LoadedModel, ModelSource
-from kvrepl.render import Renderer
+from kvrepl.render import Renderer, make_console
 from kvrepl.repl import Repl
 from kvrepl.store import Store
 from kvrepl.turnlines import TurnResult
@@ -35,24 +37,54 @@ def tiny_loaded(tiny: tuple[Any, Any]) -> LoadedModel:
     return LoadedModel(model, tok, source, "cpu", "float32", "tiny-fingerprint", 512)
 
 
+def open_conversation(
+    loaded: LoadedModel,
+    home: Path,
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    kv: KVStore | None = None,
+) -> Conversation:
+    """A Conversation over `loaded` in `home`, with its own engine (a fresh process, as far as
+    the cache goes); `store` and `kv` are the stores it is given (by default new ones in
+    `home`). Close it with `close_conversation`."""
+    rt = Runtime.build(loaded, settings)
+    return Conversation(settings, store or Store(home / "kvrepl.db"), kv or KVStore(home / "kv"),
+                        ModelHandle.ready_with(rt, settings), home)  # fmt: skip
+
+
+def close_conversation(chat: Conversation) -> None:
+    chat.close()
+    chat.store.close()
+
+
 @dataclass
 class Harness:
-    """One Conversation in `home`, its Repl and where its output goes. `calls` counts model
-    forwards."""
+    """One Conversation in `home`, its Repl and where its output goes. The engine runs the model
+    through a probe (`model`): `calls` holds the number of ids of each forward, and
+    `model.raise_at` breaks one; `streams` holds the prompt ids of each engine stream. `loaded`
+    is the model as given (the runtime's holds the probe)."""
 
     home: Path
+    loaded: LoadedModel
+    settings: Settings
     chat: Conversation
     repl: Repl
     out: io.StringIO
     store: Store
-    calls: list[int] = field(default_factory=list)
-
-    def text(self) -> str:
-        return self.out.getvalue()
+    kv: KVStore
+    rt: Runtime
+    model: ModelProbe
+    streams: list[list[int]] = field(default_factory=list)
 
     @property
-    def rt(self) -> Runtime:
-        return self.chat.model.get()
+    def calls(self) -> list[int]:
+        return self.model.calls
+
+    @property
+    def sid(self) -> str:
+        assert self.chat.session is not None
+        return self.chat.session.id
 
     @property
     def last_stats(self) -> Stats | None:
@@ -62,6 +94,9 @@ class Harness:
         rows = self.store.turn_stats(self.chat.session.id)
         return Stats(**rows[-1][1]) if rows else None
 
+    def text(self) -> str:
+        return self.out.getvalue()
+
     def take(self) -> str:
         """The output since the last take."""
         text = self.out.getvalue()
@@ -70,11 +105,20 @@ class Harness:
         return text
 
     def run(self, *lines: str) -> str:
-        """Handle each line (line mode), return what was printed."""
+        """Handle each line (line mode), return what was printed (since the last take)."""
         self.take()
         for line in lines:
             self.repl.handle(line)
         return self.take()
+
+    def line(self, text: str) -> str:
+        """Handle one line as the line loop does; return what it printed. The REPL must go on."""
+        start = len(self.out.getvalue())
+        assert self.repl.handle(text) is True, f"the REPL ended on {text!r}"
+        return self.out.getvalue()[start:]
+
+    def lines(self, *texts: str) -> str:
+        return "".join(self.line(t) for t in texts)
 
     def close(self) -> None:
         self.chat.close()
@@ -88,27 +132,33 @@ def make_harness(
     settings: Settings = TINY_SETTINGS,
     interactive: bool = False,
     plain: bool = True,
-    runtime: Runtime | None = None,
+    width: int = WIDTH,
+    store: Callable[[Path], Store] = Store,
+    kv: Callable[[Path], KVStore] = KVStore,
 ) -> Harness:
-    """A Conversation over `loaded` in `home`; the model's forward is wrapped to count calls."""
+    """A Conversation over `loaded` in `home` and its Repl. `store` and `kv` make the stores
+    from their paths (a subclass there sees the moments it overrides)."""
     out = io.StringIO()
-    console = Console(file=out, width=WIDTH, force_terminal=not plain, color_system=None,
-                      highlight=False)  # fmt: skip
+    if plain:
+        console = make_console(out, plain=True, width=width)
+    else:
+        console = Console(file=out, width=width, force_terminal=True, color_system=None,
+                          highlight=False)  # fmt: skip
     renderer = Renderer(console, plain=plain)
-    store = Store(home / "kvrepl.db")
-    kv = KVStore(home / "kv")
-    rt = runtime or Runtime.build(loaded, settings)
-    calls: list[int] = []
-    forward = rt.engine._forward
-
-    def counting_forward(ids: list[int]) -> Any:
-        calls.append(len(ids))
-        return forward(ids)
-
-    rt.engine._forward = counting_forward  # type: ignore[method-assign]
-    chat = Conversation(settings, store, kv, ModelHandle.ready_with(rt, settings), home)
+    probe = ModelProbe(loaded.model)
+    rt = Runtime.build(dataclasses.replace(loaded, model=probe), settings)
+    db, snapshots = store(home / "kvrepl.db"), kv(home / "kv")
+    chat = Conversation(settings, db, snapshots, ModelHandle.ready_with(rt, settings), home)
     repl = Repl(chat, renderer, build_registry(), interactive=interactive)
-    return Harness(home, chat, repl, out, store, calls)
+    h = Harness(home, loaded, settings, chat, repl, out, db, snapshots, rt, probe)
+    stream = rt.engine.stream
+
+    def recording_stream(ids: Any, sampling: Any, **kwargs: Any) -> Any:
+        h.streams.append(list(ids))
+        return stream(ids, sampling, **kwargs)
+
+    rt.engine.stream = recording_stream  # type: ignore[method-assign]  # public: what it is given
+    return h
 
 
 def control_token_ids(tokenizer: Any) -> set[int]:

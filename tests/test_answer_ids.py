@@ -9,24 +9,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_thinking_tokenizer
 from fault_helpers import (
     assert_cache_true,
     assert_last_answer_is_recompute,
     assert_snapshot_clean,
+    fault_harness,
     make_fault_model,
-    make_harness,
     make_loaded,
 )
+from helpers import close_conversation, open_conversation
+from makers import make_thinking_tokenizer
 
 from kvrepl.chat import Conversation
 from kvrepl.config import Settings
 from kvrepl.engine import common_prefix
 from kvrepl.events import Notice, Stats, TextDelta
-from kvrepl.handle import ModelHandle, Runtime
-from kvrepl.kvstore import KVStore
 from kvrepl.prompt import Prompt
-from kvrepl.store import Store
 
 ANSWER = "The capital of France is Paris."
 
@@ -126,22 +124,13 @@ def chat_over(tmp_path: Path):
 
     def open_chat(loaded: Any, **over: Any) -> Conversation:
         settings = Settings(**{"temperature": 0.0, "max_tokens": 64, **over})
-        rt = Runtime.build(loaded, settings)
-        home = tmp_path / "store"
-        chat = Conversation(
-            settings,
-            Store(home / "kvrepl.db"),
-            KVStore(home / "kv"),
-            ModelHandle.ready_with(rt, settings),
-            home,
-        )
+        chat = open_conversation(loaded, tmp_path / "store", settings)
         opened.append(chat)
         return chat
 
     yield open_chat
     for chat in opened:
-        chat.close()
-        chat.store.close()
+        close_conversation(chat)
 
 
 def turn(chat: Conversation, text: str) -> tuple[Stats, list[str], str]:
@@ -243,7 +232,7 @@ def test_reuse_equals_recompute_with_answers_as_their_ids(tmp_path, tiny):
     that reuses nothing over the stored messages (which render the same ids)."""
     tok = tiny[1]
     loaded = make_loaded(make_fault_model(tok), tok)
-    h = make_harness(tmp_path / "store", loaded, max_tokens=12)
+    h = fault_harness(tmp_path / "store", loaded, max_tokens=12)
     try:
         for text in ("hello there", "how are you, and what is the capital of France?", "thanks"):
             h.line(text)

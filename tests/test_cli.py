@@ -10,26 +10,24 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
 
 import platformdirs
 import pytest
+from helpers import close_conversation, open_conversation
+from procs import Done, run_kvrepl
 
 from kvrepl import cli
-from kvrepl.chat import Conversation
 from kvrepl.config import Settings, load_settings
 from kvrepl.events import Stats
 from kvrepl.guards import SessionLock
-from kvrepl.handle import ModelHandle, Runtime
 from kvrepl.kvstore import KVStore
 from kvrepl.listing import format_size
 from kvrepl.models import LoadedModel, ModelSource
 from kvrepl.store import STAT_NAMES, Store
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = Settings(temperature=0.0, max_tokens=8, repetition_penalty=3.0)
 FP = "tiny-fingerprint"
 
@@ -47,15 +45,7 @@ def tiny_loaded(tiny) -> LoadedModel:
 
 def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list[Stats]]:
     """A session made the way the REPL makes it: a Conversation answers each line, then closes."""
-    settings = TINY
-    rt = Runtime.build(tiny_loaded(tiny), settings)
-    chat = Conversation(
-        settings,
-        Store(home / "kvrepl.db"),
-        KVStore(home / "kv"),
-        ModelHandle.ready_with(rt, settings),
-        home,
-    )
+    chat = open_conversation(tiny_loaded(tiny), home, TINY)
     try:
         if name:
             chat.sessions.open_or_create(name)
@@ -65,8 +55,7 @@ def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list
         assert chat.session is not None
         return chat.session.id, stats
     finally:
-        chat.close()
-        chat.store.close()
+        close_conversation(chat)
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
@@ -75,18 +64,10 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def kvrepl(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("KVREPL_")}
-    base["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, "-m", "kvrepl", *argv],
-        cwd=cwd,
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+def kvrepl(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> Done:
+    """kvrepl ARGV in a real process, stdin /dev/null (no model is loaded: it starts in well
+    under a second)."""
+    return run_kvrepl(list(argv), cwd=cwd, env=env, stdin=None, timeout=120)
 
 
 def tree(root: Path, skip: Path | None = None) -> set[str]:
@@ -140,12 +121,12 @@ def test_path_in_a_real_process(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         p = kvrepl("path", cwd=tmp_path / folder, env=xdg)
-        assert (p.returncode, p.stdout, p.stderr) == (0, f"{tmp_path / 'data' / 'kvrepl'}\n", "")
+        assert (p.rc, p.out, p.err) == (0, f"{tmp_path / 'data' / 'kvrepl'}\n", "")
     p = kvrepl("path", "--config", cwd=tmp_path, env=xdg)
-    assert (p.returncode, p.stdout) == (0, f"{tmp_path / 'config' / 'kvrepl' / 'config.toml'}\n")
+    assert (p.rc, p.out) == (0, f"{tmp_path / 'config' / 'kvrepl' / 'config.toml'}\n")
     p = kvrepl("--store", str(tmp_path / "s"), "path", cwd=tmp_path,
                env={"KVREPL_HOME": str(tmp_path / "h")})  # fmt: skip
-    assert (p.returncode, p.stdout) == (0, f"{tmp_path / 's'}\n")
+    assert (p.rc, p.out) == (0, f"{tmp_path / 's'}\n")
 
 
 def test_path_config_follows_kvrepl_config(tmp_path, monkeypatch, capsys):
@@ -331,9 +312,9 @@ def test_rm_refuses_a_session_open_in_another_kvrepl(tiny, home, capsys):
 def test_unknown_session_is_one_line_and_a_non_zero_exit(tiny, home, tmp_path, argv):
     converse(tiny, home, "demo", "Hello there")  # a store that has other sessions
     p = kvrepl(*argv, cwd=tmp_path, env={"KVREPL_HOME": str(home)})
-    assert p.returncode != 0
-    assert p.stdout == ""
-    assert p.stderr == "kvrepl: no session 'x'\n"
+    assert p.rc != 0
+    assert p.out == ""
+    assert p.err == "kvrepl: no session 'x'\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,9 +336,9 @@ def test_bad_session_name_is_one_clear_line_and_creates_nothing_outside(tmp_path
     cwd.mkdir(parents=True)
     before = tree(tmp_path, skip=store)
     p = kvrepl("--session", name, cwd=cwd, env={"KVREPL_HOME": str(store)})
-    assert p.returncode != 0
-    assert p.stdout == ""
-    assert p.stderr == BAD_NAMES[name] + "\n"
+    assert p.rc != 0
+    assert p.out == ""
+    assert p.err == BAD_NAMES[name] + "\n"
     assert tree(tmp_path, skip=store) == before  # nothing outside the store
     if (store / "kvrepl.db").exists():  # and no session inside it
         s = Store(store / "kvrepl.db")
@@ -370,5 +351,5 @@ def test_bad_session_name_is_one_clear_line_and_creates_nothing_outside(tmp_path
 
 def test_resume_with_no_session_is_one_line(tmp_path):
     p = kvrepl("--resume", cwd=tmp_path, env={"KVREPL_HOME": str(tmp_path / "s")})
-    assert p.returncode != 0
-    assert p.stderr == "kvrepl: there is no session to resume yet\n"
+    assert p.rc != 0
+    assert p.err == "kvrepl: there is no session to resume yet\n"

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fault_helpers import fault_harness, make_fault_model, make_loaded
 from helpers import Harness, children, lines_of, make_harness, stats_lines, tiny_loaded
 
 from kvrepl.chat import Conversation
 from kvrepl.commands import build_registry
 from kvrepl.config import SESSION_KEYS, Settings
+from kvrepl.errors import KvreplError
 from kvrepl.handle import ModelHandle
 from kvrepl.kvstore import KVStore
 from kvrepl.registry import Command
@@ -411,6 +413,24 @@ def test_retry_makes_a_sibling_answer(h: Harness):
     assert h.last_stats.prefilled_tokens == 1  # the prompt is all in the cache
 
 
+def test_retry_moves_nothing_when_the_model_cannot_answer(tiny, tmp_path: Path):
+    tok = tiny[1]
+    h = fault_harness(tmp_path / "store", make_loaded(make_fault_model(tok), tok))
+    try:
+        h.line("hello there")
+        before = [m.id for m in h.chat.history()]
+
+        def no_model():
+            raise KvreplError("the model failed to load: gone")
+
+        h.chat.model = ModelHandle(h.chat.settings, load=no_model)
+        out = h.line("/retry")
+        assert out.startswith("error: the model failed to load"), out
+        assert [m.id for m in h.chat.history()] == before
+    finally:
+        h.close()
+
+
 def test_undo_drops_the_last_exchange_but_keeps_it_in_the_db(h: Harness):
     h.run("hello there", "how are you?")
     dropped = h.chat.history()[-2:]
@@ -422,6 +442,18 @@ def test_undo_drops_the_last_exchange_but_keeps_it_in_the_db(h: Harness):
     assert lines_of(h.run("/undo"))[0].startswith("error: nothing to undo")
     h.run("fresh start")
     assert user_texts(h) == ["fresh start"]
+
+
+def test_branch_without_a_session_creates_none(tiny, tmp_path: Path):
+    tok = tiny[1]
+    h = fault_harness(tmp_path / "store", make_loaded(make_fault_model(tok), tok))
+    try:
+        out = h.line("/branch 3")
+        assert out.startswith("error: no branches yet"), out
+        assert h.chat.session is None
+        assert h.chat.store.list_sessions() == []
+    finally:
+        h.close()
 
 
 def test_branches_and_branch_switch(h: Harness):

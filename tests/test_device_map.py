@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tokenizer
+from makers import make_tiny_model, make_tokenizer
 
 from kvrepl.engine import Engine, Sampling
 from kvrepl.kvstore import KVStore

@@ -5,10 +5,12 @@ reuse against recomputation on the real embedded model."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import pytest
 import torch
+from fault_helpers import make_fault_model
 from transformers.cache_utils import DynamicLayer
 
 from kvrepl.cache import _GROW_STEP, GrowingLayer, PromptCache, hf_layers
@@ -228,6 +230,19 @@ def test_generation_stops_at_the_context_limit(tiny):
     assert len(e.pc.ids) < 14
     assert len(e.progress.generated) < 50
     assert_consistent(e)
+
+
+def test_a_sliding_window_model_reuses_a_pure_extension(tiny):
+    """Sliding-window layers keep every position: a longer prompt reuses all of the cache."""
+    tok = tiny[1]
+    model = make_fault_model(tok, sliding_window=4)
+    engine = Engine(model, tok, end_ids=set(), context_length=256)
+    assert engine.pc.croppable
+    first = tok("hello there, how are you?", add_special_tokens=False).input_ids
+    engine.prefill(first)
+    engine.prefill(first + tok(" fine, thanks", add_special_tokens=False).input_ids)
+    assert engine.progress.reused == len(first)
+    engine.pc.check()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,6 +633,24 @@ def test_end_token_finishes_with_stop_and_is_not_kept(tiny):
     stats = assert_tail(events, "stop")
     assert stats.generated_tokens == 0 and e.pc.ids == ids
     assert not any(isinstance(ev, TextDelta) for ev in events)
+
+
+def test_decode_rate_counts_only_the_generated_tokens(tiny, monkeypatch: pytest.MonkeyPatch):
+    """A turn that ends on an end token: n tokens over the n-1 intervals between them."""
+    model, tok = tiny
+    greedy = Sampling(temperature=0, max_tokens=8, repetition_penalty=3.0)
+    ids = tok("hello there, how are you?", add_special_tokens=False).input_ids
+    probe = Engine(model, tok, end_ids=set(), context_length=512)
+    list(probe.stream(ids, greedy))
+    first = probe.progress.generated
+    stop = next(t for i, t in enumerate(first) if i >= 2 and t not in first[:i])
+    n = first.index(stop)
+    clock = itertools.count()
+    monkeypatch.setattr("kvrepl.engine.time.perf_counter", lambda: float(next(clock)))
+    engine = Engine(model, tok, end_ids={stop}, context_length=512)
+    stats = list(engine.stream(ids, greedy))[-1]
+    assert stats.generated_tokens == n
+    assert stats.decode_tok_s == 1.0  # one clock tick per sampled token
 
 
 # ---------------------------------------------------------------------------------------------

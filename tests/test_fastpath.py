@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tokenizer
+from makers import make_tokenizer
 
 from kvrepl import models, native
 from kvrepl.engine import Engine, Sampling

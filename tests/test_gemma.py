@@ -12,12 +12,11 @@ import hashlib
 import importlib.util
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from fault_helpers import make_harness, reference_answer
+from fault_helpers import fault_harness, reference_answer
+from procs import run_kvrepl
 
 from kvrepl import models
 
@@ -84,7 +83,7 @@ def turn_ok(h, text: str) -> tuple[int, int, int]:
 
 
 def test_gemma_reuses_over_turns_edits_retries_and_undos(gemma, tmp_path):
-    h = make_harness(tmp_path / "store", gemma, max_tokens=6)
+    h = fault_harness(tmp_path / "store", gemma, max_tokens=6)
     try:
         h.line("/save g")
         first = turn_ok(h, LONG)
@@ -106,20 +105,18 @@ def test_gemma_reuses_over_turns_edits_retries_and_undos(gemma, tmp_path):
 
 def test_a_second_process_resumes_gemma_from_the_snapshot(gemma, tmp_path):
     home = tmp_path / "store"
-    h = make_harness(home, gemma, max_tokens=4)
+    h = fault_harness(home, gemma, max_tokens=4)
     try:
         h.line("/save g2")
         turn_ok(h, LONG)
         cached = len(h.rt.engine.pc.ids)
     finally:
         h.close()
-    env = dict(os.environ, KVREPL_HOME=str(home))
-    cmd = [sys.executable, "-m", "kvrepl", "--model", str(gemma_gguf()), "--session", "g2",
-           "--temperature", "0", "--max-tokens", "4"]  # fmt: skip
-    done = subprocess.run(cmd, input="And then?\n", capture_output=True, text=True, env=env,
-                          timeout=600)  # fmt: skip
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out
+    args = ["--model", str(gemma_gguf()), "--session", "g2", "--temperature", "0",
+            "--max-tokens", "4"]  # fmt: skip
+    done = run_kvrepl(args, home=home, stdin="And then?\n", timeout=600)
+    out = done.out + done.err
+    assert done.rc == 0, out
     assert f"snapshot: restored {cached:,} cached tokens from disk" in out, out
     reused = int(STATS.search(out).group(1).replace(",", ""))
     assert reused == cached

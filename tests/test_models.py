@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHATML
+from makers import CHATML
 
 from kvrepl import models
 from kvrepl.errors import ModelError

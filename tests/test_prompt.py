@@ -7,8 +7,8 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from conftest import CHATML, make_tokenizer
 from helpers import control_token_ids
+from makers import CHATML, make_tokenizer
 
 from kvrepl.errors import PromptError
 from kvrepl.events import TextDelta, ThinkDelta

@@ -4,10 +4,7 @@ during generation, completion, and kvrepl run with piped stdin (no prompt-toolki
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Harness, lines_of, make_harness, stats_lines, tiny_loaded
+from procs import run_kvrepl
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
@@ -220,18 +218,9 @@ def interrupt_renderer_at(h: Harness, monkeypatch, n: int, kind: type = TextDelt
     return shown
 
 
-def interrupt_forward_at(h: Harness, monkeypatch, n: int) -> None:
+def interrupt_forward_at(h: Harness, n: int) -> None:
     """Make the model's n-th forward pass (counted from now) raise KeyboardInterrupt, once."""
-    engine = h.rt.engine
-    forward, count = engine._forward, [0]
-
-    def interrupting_forward(ids):
-        count[0] += 1
-        if count[0] == n:
-            raise KeyboardInterrupt
-        return forward(ids)
-
-    monkeypatch.setattr(engine, "_forward", interrupting_forward)
+    h.model.raise_at(n, KeyboardInterrupt)
 
 
 def check_interrupted_turn(h: Harness, out: str) -> None:
@@ -266,10 +255,8 @@ def test_ctrl_c_while_the_answer_is_shown_keeps_the_partial_answer(h: Harness, m
     check_next_turn_reuses(h)
 
 
-def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(
-    h: Harness, monkeypatch, tiny
-):
-    interrupt_forward_at(h, monkeypatch, 3)
+def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(h: Harness, tiny):
+    interrupt_forward_at(h, 3)
     h.run("/new demo", "hello there")
     assert h.chat.history()[-1].interrupted
     cached = len(h.rt.engine.pc.ids)
@@ -286,8 +273,8 @@ def test_the_snapshot_after_an_interrupt_is_valid_and_reused_after_a_restart(
 
 
 @pytest.mark.parametrize("step", [2, 4])
-def test_ctrl_c_inside_the_model_during_decoding(h: Harness, monkeypatch, step):
-    interrupt_forward_at(h, monkeypatch, step)  # forward 1 is the prefill
+def test_ctrl_c_inside_the_model_during_decoding(h: Harness, step):
+    interrupt_forward_at(h, step)  # forward 1 is the prefill
     out = h.run("hello there")
     check_interrupted_turn(h, out)
     assert h.last_stats.generated_tokens == step - 1
@@ -295,9 +282,9 @@ def test_ctrl_c_inside_the_model_during_decoding(h: Harness, monkeypatch, step):
     check_next_turn_reuses(h)
 
 
-def test_ctrl_c_inside_the_model_during_prefill(h: Harness, monkeypatch):
+def test_ctrl_c_inside_the_model_during_prefill(h: Harness):
     h.run("hello there")
-    interrupt_forward_at(h, monkeypatch, 1)
+    interrupt_forward_at(h, 1)
     out = h.run("how are you?")
     check_interrupted_turn(h, out)
     assert h.chat.history()[-1].content == ""
@@ -305,9 +292,9 @@ def test_ctrl_c_inside_the_model_during_prefill(h: Harness, monkeypatch):
     check_next_turn_reuses(h)
 
 
-def test_ctrl_c_during_a_chunked_prefill_reports_what_was_prefilled(h: Harness, monkeypatch):
+def test_ctrl_c_during_a_chunked_prefill_reports_what_was_prefilled(h: Harness):
     h.rt.engine.chunk_size = 4
-    interrupt_forward_at(h, monkeypatch, 3)  # after two chunks of 4
+    interrupt_forward_at(h, 3)  # after two chunks of 4
     out = h.run("hello there, how are you?")
     check_interrupted_turn(h, out)
     assert len(h.rt.engine.pc.ids) == 8
@@ -391,20 +378,15 @@ def test_a_refused_edit_leaves_the_tree_as_it_was(h: Harness):
     assert [m.content for m in h.chat.sessions.user_turns()] == [LONG, LONG]
 
 
-def test_a_failure_inside_a_turn_is_one_line_and_the_repl_goes_on(h: Harness, monkeypatch):
+def test_a_failure_inside_a_turn_is_one_line_and_the_repl_goes_on(h: Harness):
     h.run("hello there")
-    forward = h.rt.engine._forward
-
-    def broken(ids):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(h.rt.engine, "_forward", broken)
+    h.model.raise_at(1, RuntimeError("boom"), every=True)
     out = h.run("how are you?")
     assert lines_of(out)[-1] == "error: internal error: RuntimeError: boom"
     assert stats_lines(out) == [] and "interrupted" not in out  # no figures: none were made
     assert "RuntimeError: boom" in (h.home / "kvrepl.log").read_text()
     h.rt.engine.pc.check()
-    monkeypatch.setattr(h.rt.engine, "_forward", forward)
+    h.model.heal()
     assert len(stats_lines(h.run("and then?"))) == 1
 
 
@@ -431,23 +413,16 @@ def test_real_model_answer_is_rendered_with_a_stats_line(real, tmp_path):
 # piped stdin: the line loop, no prompt-toolkit, no ANSI
 
 
-def kvrepl(home: Path, *args: str, stdin, stdout) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KVREPL_HOME": str(home)}
-    env.pop("NO_COLOR", None)  # no ANSI must come from plain mode, not from NO_COLOR
-    return subprocess.run([sys.executable, "-m", "kvrepl", *args], stdin=stdin, stdout=stdout,
-                          stderr=subprocess.PIPE, env=env, timeout=300)  # fmt: skip
-
-
 @pytest.mark.model
 def test_piped_stdin_answers_and_runs_commands_without_ansi(tmp_path):
     home = tmp_path / "home"
     questions = tmp_path / "in.txt"
     questions.write_text("What is the capital of France?\n/history\n")
-    out_file = tmp_path / "out.txt"
-    with questions.open() as stdin, out_file.open("w") as stdout:
-        proc = kvrepl(home, "--temperature", "0", "--max-tokens", "20", stdin=stdin, stdout=stdout)
-    out, err = out_file.read_text(), proc.stderr.decode()
-    assert proc.returncode == 0, err
+    # stdin and stdout files; NO_COLOR is not set: no ANSI must come from plain mode alone
+    done = run_kvrepl(["--temperature", "0", "--max-tokens", "20"], home=home, stdin=questions,
+                      out_dir=tmp_path / "run")  # fmt: skip
+    out, err = done.out, done.err
+    assert done.rc == 0, err
     assert "\x1b" not in out and "\x1b" not in err
     assert "Paris" in out
     (line,) = stats_lines(err)  # piped: the figures go to stderr, the answer alone to stdout
@@ -464,11 +439,9 @@ def test_stdin_lines_replace_invalid_utf8():
 
 
 def test_stdin_from_dev_null_exits_zero_with_no_ansi(tmp_path):
-    out_file = tmp_path / "out.txt"
-    with open(os.devnull) as stdin, out_file.open("w") as stdout:
-        proc = kvrepl(tmp_path / "home", stdin=stdin, stdout=stdout)
-    assert proc.returncode == 0, proc.stderr
-    assert out_file.read_text() == "" and proc.stderr == b""
+    done = run_kvrepl([], home=tmp_path / "home", stdin=None, out_dir=tmp_path / "run")
+    assert done.rc == 0, done.err
+    assert done.out == "" and done.err == ""
 
 
 def test_tab_completes_in_the_prompt(h: Harness):

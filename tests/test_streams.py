@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import subprocess
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
-from conftest import make_tokenizer
 from fault_helpers import make_fault_model
 from helpers import make_harness, render_events, tiny_loaded
+from makers import make_tokenizer
+from procs import Kvrepl, run_kvrepl
 from test_render import STATS, STATS_LINE, output, plain_console
 
 from kvrepl import cli
@@ -31,7 +31,6 @@ from kvrepl.render import Renderer
 from kvrepl.repl import line_loop
 from kvrepl.store import Store
 
-ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--temperature", "0", "--max-tokens", "6", "--device", "cpu", "--dtype", "float32"]
 STATS_RE = re.compile(r"^reused [\d,]+ · prefilled [\d,]+ · generated [\d,]+ ", re.M)
 LONG = "hello there " * 400  # over the tiny model's context of 512
@@ -266,52 +265,30 @@ def test_json_in_line_mode_keeps_stdout_for_the_objects(model_dir, home, capsys,
 # real processes: file descriptors and exit statuses
 
 
-def kvrepl(home: Path, args: list[str], stdin: bytes | None) -> subprocess.Popen[bytes]:
-    """kvrepl ARGS with `stdin` from a file (None: /dev/null), stdout and stderr apart."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVREPL_")}
-    env.update(KVREPL_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if "KVREPL_CACHE" in os.environ:  # the converted models live there
-        env["KVREPL_CACHE"] = os.environ["KVREPL_CACHE"]
-    source = home.parent / "stdin"
-    source.write_bytes(stdin or b"")
-    with open(os.devnull if stdin is None else source, "rb") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kvrepl", *args],
-            env=env,
-            stdin=f,
-            cwd=home.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-
-
-def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out.decode(), err.decode()
-
-
 def test_real_processes_line_mode_one_shot_and_continue(model_dir, tmp_path):
     lines, shot = tmp_path / "lines" / "store", tmp_path / "shot" / "store"
     for home in (lines, shot):
         home.parent.mkdir()
-    # Two at a time (two cores): a line loop with a refused line, and a one-shot question.
-    a = kvrepl(lines, ["--model", str(model_dir), *FLAGS],
-               b"Hello there\n/bogus\nhow are you?\n")  # fmt: skip
-    b = kvrepl(shot, ["--model", str(model_dir), *FLAGS, "Hello there"], None)
-    rc, out, err = finish(a)
+    # Two at a time (two cores): a line loop with a refused line (its stdin a file), and a
+    # one-shot question (stdin /dev/null).
+    piped = lines.parent / "stdin"
+    piped.write_bytes(b"Hello there\n/bogus\nhow are you?\n")
+    a = Kvrepl(["--model", str(model_dir), *FLAGS], home=lines, stdin=piped)
+    b = Kvrepl(["--model", str(model_dir), *FLAGS, "Hello there"], home=shot, stdin=None)
+    rc, out, err = astuple(a.finish())
     assert rc == 1, err
     assert out == printed(*[text for _, _, text, _ in answers(lines)])
     assert len(STATS_RE.findall(err)) == 2
     assert "error: unknown command /bogus: /help lists them\n" in err
 
-    rc, out, err = finish(b)
+    rc, out, err = astuple(b.finish())
     assert rc == 0, err
     ((sid, _, first, stats),) = answers(shot)
     assert out == printed(first) and len(STATS_RE.findall(err)) == 1
 
     # -c in a new process: the same session, its snapshot reused whole.
-    rc, out, err = finish(kvrepl(shot, ["--model", str(model_dir), *FLAGS, "-c", "--json",
-                                        "how are you?"], None))  # fmt: skip
+    rc, out, err = astuple(run_kvrepl(["--model", str(model_dir), *FLAGS, "-c", "--json",
+                                       "how are you?"], home=shot, stdin=None))  # fmt: skip
     assert rc == 0, err
     (obj,) = [json.loads(line) for line in out.splitlines()]
     cached = stats["reused_tokens"] + stats["prefilled_tokens"] + stats["generated_tokens"]

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CHATML, make_tokenizer
 from helpers import TINY_SETTINGS, control_token_ids, make_harness
+from makers import CHATML, make_tokenizer
 
 from kvrepl import models, templates
 from kvrepl.errors import PromptError

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_thinking_tokenizer, make_tiny_model
 from helpers import Harness, make_harness, tiny_loaded
+from makers import make_thinking_tokenizer, make_tiny_model
 
 from kvrepl.config import Settings
 from kvrepl.export import export

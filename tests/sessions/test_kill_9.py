@@ -1,0 +1,237 @@
+"""Sessions on disk (issue 3): kill -9 in the middle of saving, at chosen points (the child kills
+itself: tests/fork_server.py) and at random moments (the test kills `kvrepl`): the store opens,
+no half turn, `kvrepl --resume` works and its first turn is consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import open_conversation
+from procs import PYTHON, TESTS, Done, kvrepl_env, run_kvrepl, stats_of
+from session_helpers import (
+    TINY,
+    TINY_FLAGS,
+    as_prompt,
+    assert_snapshot_is_cache,
+    build_session,
+    expected_reuse,
+    fresh_ids,
+    no_half_turn,
+    prompt_ids,
+    session_turns,
+    snapshot,
+    turn,
+)
+
+from kvrepl.handle import Runtime
+from kvrepl.kvbook import Ref
+from kvrepl.kvstore import KVStore
+from kvrepl.store import Store
+
+# =============================================================================================
+# kill -9 while saving
+
+# point (tests/fork_server.py says what each is) -> nth arrival. The child's first line saves a
+# chunk and the session's list (files 1, 2); its second, an /edit of that turn, splits the chunk
+# the edit leaves in its middle (files 3 and 4 are the halves, 5 the new chunk, then the whole
+# goes)
+KILL_POINTS = {
+    "mid-write": 3,
+    "before-rename": 5,
+    "split-before-rename": 3,
+    "split-before-cleanup": 1,
+    "after-commit": 2,
+    "in-transaction": 2,
+    "mid-decode": 20,
+}
+LINES = [f"Question {i}: tell me about caches, keys and values, and the prefix {i}." for i in
+         range(30)]  # fmt: skip
+
+
+def big_history(n_pairs: int = 16) -> list[tuple[str, str]]:
+    rng = random.Random(7)
+    words = ("the cache keys values tokens prefix model capital France Paris hello there how "
+             "are you user assistant system more words for merges").split()  # fmt: skip
+    out = []
+    for i in range(n_pairs):
+        out.append(("user", f"{i}. " + " ".join(rng.choice(words) for _ in range(20)) + "?"))
+        out.append(("assistant", " ".join(rng.choice(words) for _ in range(60)) + "."))
+    return out
+
+
+@pytest.fixture(scope="module")
+def kill_base(tinies, tmp_path_factory) -> Path:
+    """A store with a big history (about 2k tokens) and its snapshot, built once."""
+    home = tmp_path_factory.mktemp("kill-base") / "store"
+
+    def open_chat(loaded: Any, home: Path) -> Any:  # closed by build_session
+        return open_conversation(loaded, home, TINY)
+
+    sid = build_session(open_chat, tinies.a, home, big_history(), turns=("Start.",))
+    assert KVStore(home / "kv").n_tokens_on_disk(sid) > 1800
+    return home
+
+
+def fork_server(job: dict[str, Any], root: Path, timeout: float = 300) -> Any:
+    """Run tests/fork_server.py on `job`; returns its results."""
+    (root / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([str(PYTHON), str(TESTS / "fork_server.py"), str(root / "job.json")],
+                          cwd=root, env=kvrepl_env(root / "unused"), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def killed(tinies, kill_base, tmp_path_factory) -> dict[str, tuple[Path, Done]]:
+    """Each kill point in its own copy of the big store."""
+    root = tmp_path_factory.mktemp("killed")
+    for point in KILL_POINTS:
+        shutil.copytree(kill_base, root / point / "store")
+    lines = [LINES[0], f"/edit 18 {LINES[1]}", *LINES[2:8]]  # the store holds 17 turns
+    (root / "lines.txt").write_text("\n".join(lines) + "\n")
+    job = {"kind": "points", "root": str(root), "points": KILL_POINTS, "model": str(tinies.folder),
+           "stdin": str(root / "lines.txt"),
+           "argv": ["--model", str(tinies.folder), "--resume", *TINY_FLAGS]}  # fmt: skip
+    results = fork_server(job, root)
+    # One file held each child's stdout and stderr.
+    return {p: (root / p / "store", Done(r["rc"], r["out"], r["out"])) for p, r in results.items()}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tinies, chats,
+                                                              tmp_path):  # fmt: skip
+    killed_home, run = killed[point]
+    home = tmp_path / "store"  # resume in a copy: the killed store stays as the kill left it
+    shutil.copytree(killed_home, home)
+    assert run.rc == -signal.SIGKILL, f"the child was not killed at {point}:\n{run.out}"
+    assert len(run.stats()) >= 1  # it got past one turn of its own
+    no_half_turn(home / "kvrepl.db")
+
+    store = Store(home / "kvrepl.db")  # opens: no exception
+    session = store.latest_session()
+    assert session is not None and session.name == "demo"
+    branch = store.active_branch(session.id)
+    with_stats = {m.id for m, _ in store.turn_stats(session.id)}
+    assert all(m.id in with_stats for m in branch if m.role == "assistant")
+    store.close()
+    on_disk = snapshot(home, session.id, tinies.a)
+    assert on_disk.notes == [], on_disk.notes  # a kill leaves a valid snapshot, never a torn one
+    assert on_disk.ids
+
+    # Evidence that the kill landed where it was meant to.
+    names = os.listdir(KVStore(home / "kv").pool_dir(tinies.a.fingerprint))
+    if point in ("mid-write", "before-rename", "split-before-rename"):
+        assert any(n.startswith(".tmp-") for n in names), names  # a temp file, never trusted
+    if point == "split-before-cleanup":  # the whole chunk and its first half start together
+        starts = [Ref.parse(n).start for n in names if Ref.parse(n)]
+        assert len(starts) > len(set(starts)), names
+    last = (branch[-1].role, turn_row_sum(home, branch[-1].id))
+    if point == "after-commit":  # the edited turn is stored, its snapshot is the previous one
+        assert last[0] == "assistant" and len(on_disk.ids) <= last[1]
+    if point in ("in-transaction", "mid-decode"):  # the answer was never stored
+        assert last[0] == "user"
+
+    chat = chats(tinies.a, home)
+    chat.sessions.resume_latest()
+    history = chat.history()
+    text = "After the crash: what is a prefix?"
+    prompt = prompt_ids(chat, history, text)
+    result = turn(chat, text)
+    reused = expected_reuse(on_disk.ids, prompt)
+    # Restored: the last snapshot (then cut where the messages differ), or, killed after an
+    # edit's save split a chunk, just the part before the edit, which the pool holds as a chunk
+    assert result.notices[0] in {f"snapshot: restored {n:,} cached tokens from disk"
+                                 for n in (len(on_disk.ids), reused)}, result.notices  # fmt: skip
+    assert reused > 1800  # the big history is not recomputed
+    assert (result.stats.reused_tokens, result.stats.prefilled_tokens) == (
+        reused, len(prompt) - reused)  # fmt: skip
+    chat.model.get().engine.pc.check()
+    ref = fresh_ids(chats, tinies.a, history, text, tmp_path / "ref")
+    assert result.ids == ref.ids
+    assert_snapshot_is_cache(chat)
+    no_half_turn(home / "kvrepl.db")
+
+
+def turn_row_sum(home: Path, message_id: int) -> int:
+    """reused + prefilled + generated of a turns row: the cache length after that turn."""
+    conn = sqlite3.connect(home / "kvrepl.db")
+    row = conn.execute(
+        "SELECT reused_tokens + prefilled_tokens + generated_tokens FROM turns "
+        "WHERE message_id = ?", [message_id]
+    ).fetchone()  # fmt: skip
+    conn.close()
+    return row[0] if row else 0
+
+
+def test_in_transaction_kill_rolls_the_answer_back(killed):
+    """Killed between the answer's insert and its turns row: neither is in the database, and
+    the user message of that turn (written before computing) is the head."""
+    home, _ = killed["in-transaction"]
+    store = Store(home / "kvrepl.db")
+    session = store.latest_session()
+    assert session is not None
+    branch = store.active_branch(session.id)
+    store.close()
+    assert branch[-1].role == "user" and branch[-1].content == LINES[1]  # the edit of LINES[0]
+    assert branch[-3].content == "Start." and LINES[0] not in [m.content for m in branch]
+
+
+def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, tmp_path):
+    """Three lives of kvrepl on one store, each killed after its first answer: at a random
+    moment, the moment a temporary snapshot file exists (mid-save), at a random moment. Then a
+    real `kvrepl --resume` process answers, consistently with what is on disk."""
+    home = tmp_path / "store"
+    shutil.copytree(kill_base, home)
+    sid, _ = session_turns(home)
+    args = ["--model", str(tinies.folder), "--resume", *TINY_FLAGS]
+    (tmp_path / "lines.txt").write_text("\n".join(LINES) + "\n")
+    job = {"kind": "lives", "home": str(home), "sid": sid, "seed": 1234, "argv": args,
+           "model": str(tinies.folder),
+           "modes": ["random", "tmp", "random"], "stdin": str(tmp_path / "lines.txt"),
+           "outdir": str(tmp_path)}  # fmt: skip
+    lives = fork_server(job, tmp_path)
+    moments = [life["moment"] for life in lives]
+    print("kill moments:", moments)
+    for life in lives:
+        assert life["rc"] == -signal.SIGKILL, (moments, life["out"])
+        assert stats_of(life["out"]), life["out"]
+    no_half_turn(home / "kvrepl.db")
+
+    # The store opens, the last session resumes and its first turn is consistent.
+    store = Store(home / "kvrepl.db")
+    assert store.latest_session().id == sid  # type: ignore[union-attr]
+    history = store.active_branch(sid)
+    store.close()
+    on_disk = snapshot(home, sid, tinies.a)
+    assert on_disk.notes == [] and on_disk.ids, (moments, on_disk.notes)
+    text = "After three crashes: what is a prefix?"
+    rt = Runtime.build(tinies.a, TINY)
+    msgs = [as_prompt(m) for m in history]  # answers as the ids they were generated as
+    prompt = rt.prompt.render([*msgs, {"role": "user", "content": text}])
+    run = run_kvrepl(args, home=home, stdin=text + "\n", timeout=240)
+    assert run.rc == 0, run.err
+    assert f"snapshot: restored {len(on_disk.ids):,} cached tokens" in run.err
+    reused = expected_reuse(on_disk.ids, prompt)
+    assert reused > 1800
+    ((r, p, g),) = run.stats()
+    assert (r, p) == (reused, len(prompt) - reused), moments
+    _, turns = session_turns(home)
+    last, stats = turns[-1]
+    assert (stats["reused_tokens"], stats["prefilled_tokens"], stats["generated_tokens"]) == (
+        r, p, g)  # fmt: skip
+    assert KVStore(home / "kv").n_tokens_on_disk(sid) == r + p + g
+    no_half_turn(home / "kvrepl.db")
+    # The answer is the one a process that reuses nothing gives.
+    ref = fresh_ids(chats, tinies.a, history, text, tmp_path / "ref")
+    assert last.content == ref.answer and g == ref.stats.generated_tokens
