@@ -168,17 +168,6 @@ def chunk_files(home: Path, sid: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in KVStore(home / "kv").session_paths(sid)}
 
 
-def tree(d: Path) -> dict[str, bytes]:
-    """Every file under d, path -> bytes (a symbolic link: its target's name, never followed)."""
-    out = {}
-    for p in sorted(d.rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(d))] = b"-> " + os.readlink(p).encode()
-        elif p.is_file():
-            out[str(p.relative_to(d))] = p.read_bytes()
-    return out
-
-
 def db_messages(home: Path) -> list[tuple[str, str, int]]:
     """(role, content, interrupted) of every message, read with plain sqlite3."""
     con = sqlite3.connect(home / "kvrepl.db")

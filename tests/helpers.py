@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,17 @@ def make_harness(
 
     rt.engine.stream = recording_stream  # type: ignore[method-assign]  # public: what it is given
     return h
+
+
+def tree(d: Path) -> dict[str, bytes]:
+    """Every file under d, path -> bytes (a symbolic link: its target's name, never followed)."""
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(d))] = b"-> " + os.readlink(p).encode()
+        elif p.is_file():
+            out[str(p.relative_to(d))] = p.read_bytes()
+    return out
 
 
 def control_token_ids(tokenizer: Any) -> set[int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -128,17 +129,6 @@ def one_note(result, *words):
     for w in words:
         assert w in note, note
     return note
-
-
-def tree(d: Path) -> dict[str, bytes]:
-    """Every file under d (a link: its target's name, never followed)."""
-    out = {}
-    for p in sorted(d.rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(d))] = b"-> " + os.readlink(p).encode()
-        elif p.is_file():
-            out[str(p.relative_to(d))] = p.read_bytes()
-    return out
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from fault_helpers import (
     make_loaded,
     one_turn_ok,
     resave,
-    tree,
 )
+from helpers import tree
 
 from kvrepl.kvstore import KVStore
 

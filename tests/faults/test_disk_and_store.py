@@ -21,8 +21,8 @@ from fault_helpers import (
     db_messages,
     fault_lines,
     one_turn_ok,
-    tree,
 )
+from helpers import tree
 from procs import PYTHON
 
 from kvrepl import cli
