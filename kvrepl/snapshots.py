@@ -59,12 +59,12 @@ class Snapshots:
         at least as far as the chunks found by them (it does, unless they changed behind
         kvrepl's back or another process saved another branch). On a tie it is the session's
         own: restored whatever its length, where the chunks found would need MIN_GAIN tokens."""
+        from kvrepl.engine import common_prefix  # here, not at start-up: it imports torch
+
         last = self.kv.load_session(session_id, fingerprint)
         if not last.chunks and not last.notes:
             return None
-        agree = 0
-        while agree < min(len(last.ids), len(ids)) and last.ids[agree] == ids[agree]:
-            agree += 1
+        agree = common_prefix(last.ids, ids)
         return last if agree >= (chain[-1].end if chain else 0) or last.notes else None
 
     def _why_none(self, session_id: str, fingerprint: str) -> str:
