@@ -47,13 +47,6 @@ from kvrepl.engine import Engine, Sampling  # noqa: E402
 from kvrepl.events import Stats  # noqa: E402
 from kvrepl.prompt import Prompt  # noqa: E402
 
-
-def greedy(n: int) -> Sampling:
-    """Plain greedy decoding of n tokens: no repetition penalty (llama.cpp's and generate()'s
-    runs here use none either), whatever kvrepl's interactive default is."""
-    return Sampling(temperature=0, repetition_penalty=1.0, max_tokens=n)
-
-
 # Reference figures measured earlier on this machine (see bench/README.md).
 REF_RAW_FORWARD_TTFT = {1000: 10.0, 4000: 29.0, 7000: 45.0}
 REF_LLAMA_CPP = {100: 106.0, 2000: 62.0, 6000: 33.0}
@@ -232,7 +225,7 @@ def engine_decode(engine: Engine, ids: Sequence[int], n: int) -> dict[str, Any]:
     stamps: list[tuple[float, int]] = []
     stats: Stats | None = None
     tokens: list[int] = []
-    for ev in engine.stream(ids, greedy(n)):
+    for ev in engine.stream(ids, Sampling.greedy(n)):
         now = time.perf_counter()
         if isinstance(ev, Stats):
             stats = ev
@@ -355,7 +348,7 @@ def ttft_at(lm: Any, prompt: Prompt, ends: set[int], ctx: int, reps: int) -> dic
         if engine.reuse:
             engine.prefill(hist_ids)  # back to exactly the history (feeds 1 token, untimed)
         t0 = time.perf_counter()
-        sampling = greedy(1)
+        sampling = Sampling.greedy(1)
         stats = [e for e in engine.stream(full_ids, sampling) if isinstance(e, Stats)][0]
         return {
             "ttft_s": stats.ttft_s,

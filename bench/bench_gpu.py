@@ -42,12 +42,6 @@ SHAPES = {  # hidden, layers, heads, kv heads, ffn
 VOCAB = 49152
 
 
-def greedy(n: int) -> Sampling:
-    """Plain greedy decoding of n tokens: no repetition penalty (llama.cpp's and generate()'s
-    runs here use none either), whatever kvrepl's interactive default is."""
-    return Sampling(temperature=0, repetition_penalty=1.0, max_tokens=n)
-
-
 def build(shape: str, ctx: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -177,8 +171,8 @@ def check_engine(gm: Any) -> dict:
         ids = ids + tokens(60 + 10 * turn, 10 + turn)
         if turn == 2:
             ids = ids[:70] + ids[90:]  # an edit
-        list(reuse.stream(ids, greedy(16)))
-        list(fresh.stream(ids, greedy(16)))
+        list(reuse.stream(ids, Sampling.greedy(16)))
+        list(fresh.stream(ids, Sampling.greedy(16)))
         same &= reuse.progress.generated == fresh.progress.generated
         ids = ids + reuse.progress.generated
         logits_same &= torch.equal(reuse.prefill(ids), fresh.prefill(ids))
@@ -207,7 +201,7 @@ def kvrepl_decode(gm: Any, prompt: list[int], n: int) -> float:
     """Decode tokens/s as the engine's own Stats count it (random ids decode to no text, so
     there is no event per token to time)."""
     e = engine(gm)
-    stats = list(e.stream(prompt, greedy(n)))[-1]
+    stats = list(e.stream(prompt, Sampling.greedy(n)))[-1]
     return stats.decode_tok_s
 
 
@@ -235,7 +229,7 @@ def ttft(gm: Any, history: int) -> dict:
     out = {}
     for name, eng in (("reuse", e), ("recompute", engine(gm, reuse=False))):
         torch.cuda.synchronize()
-        stats = list(eng.stream(hist + turn, greedy(1)))[-1]
+        stats = list(eng.stream(hist + turn, Sampling.greedy(1)))[-1]
         out[name] = stats.ttft_s  # Enter to the first token, as kvrepl shows it
     return out
 

@@ -91,18 +91,20 @@ def _config_row(rows, n, k):
 
 
 def step_135m():
-    from bench_gpu import build, engine, gpu_model, greedy, tokens
+    from bench_gpu import build, engine, gpu_model, tokens
+
+    from kvrepl.engine import Sampling
 
     model = build("135M", 4096)
     gm = gpu_model(model, 4096)
     e = engine(gm)
-    list(e.stream(tokens(128, 1), greedy(8)))
+    list(e.stream(tokens(128, 1), Sampling.greedy(8)))
     layers = e.pc.cache.layers
     b = gm._buffers(1)
     g = gm._graph(b, layers)
     graph_s = timed(g.replay, reps=200)
     t = time.perf_counter()
-    stats = list(e.stream(tokens(128, 1), greedy(200)))[-1]
+    stats = list(e.stream(tokens(128, 1), Sampling.greedy(200)))[-1]
     step = 1e6 / stats.decode_tok_s
     return {"graph_replay_us": graph_s * 1e6, "engine_tok_s": stats.decode_tok_s,
             "engine_step_us": step, "wall_s": time.perf_counter() - t}  # fmt: skip

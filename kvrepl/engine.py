@@ -110,6 +110,12 @@ class Sampling:
     def from_settings(cls, s: Settings) -> Sampling:
         return cls(**{f.name: getattr(s, f.name) for f in fields(cls) if hasattr(s, f.name)})
 
+    @classmethod
+    def greedy(cls, max_tokens: int) -> Sampling:
+        """Plain greedy decoding: the likeliest token each step, no repetition penalty (the
+        settings' default has one), as llama.cpp and `generate()` are compared in bench/."""
+        return cls(temperature=0, repetition_penalty=1.0, max_tokens=max_tokens)
+
 
 @dataclass(frozen=True)
 class Plan:

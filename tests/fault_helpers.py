@@ -107,8 +107,7 @@ def reference_answer(loaded: Any, messages: list[dict[str, str]] | list[int],
                     context_length=loaded.context_length, reuse=False)  # fmt: skip
     ids = messages if messages and isinstance(messages[0], int) else prompt.render(messages)
     # No repetition penalty, as make_harness's settings.
-    greedy = Sampling(temperature=0, max_tokens=max_tokens, repetition_penalty=1.0)
-    for _ in engine.stream(ids, greedy):
+    for _ in engine.stream(ids, Sampling.greedy(max_tokens)):
         pass
     return list(engine.progress.generated)
 
