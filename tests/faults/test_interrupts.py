@@ -20,9 +20,8 @@ from fault_helpers import (
     make_fault_model,
     make_loaded,
     one_turn_ok,
-    tree,
 )
-from helpers import Harness
+from helpers import Harness, tree
 
 # =============================================================================================
 # Interrupts: Ctrl-C during prefill, during generation, during a save
