@@ -42,14 +42,20 @@ SHAPES = {  # hidden, layers, heads, kv heads, ffn
 VOCAB = 49152
 
 
-def build(shape: str, ctx: int) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_config(shape: str, ctx: int) -> Any:
+    from transformers import LlamaConfig
 
     hidden, layers, heads, kv, ffn = SHAPES[shape]
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn,
-                      max_position_embeddings=ctx, tie_word_embeddings=shape == "135M",
-                      rope_theta=100000.0)  # fmt: skip
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn,
+                       max_position_embeddings=ctx, tie_word_embeddings=shape == "135M",
+                       rope_theta=100000.0)  # fmt: skip
+
+
+def build(shape: str, ctx: int) -> Any:
+    from transformers import LlamaForCausalLM
+
+    cfg = build_config(shape, ctx)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cuda").to(torch.bfloat16).eval()
@@ -89,29 +95,42 @@ class _Tok:  # the engine decodes text with a tokenizer; random ids need none
 # -- --check -------------------------------------------------------------------------------
 
 
+def _alone(fn: Any, rows: tuple[int, ...], batch: torch.Tensor) -> bool:
+    """fn(r) computes row r alone; each must equal the batch's row r bit for bit."""
+    return all(torch.equal(fn(r), batch[r]) for r in rows)
+
+
 def check_kernels() -> dict:
     from kvrepl.gpu import triton_ops as T
 
     torch.manual_seed(0)
     out: dict[str, Any] = {}
-    x = torch.randn(200, 4096, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(1536, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
-    y = torch.empty(200, 1536, device="cuda", dtype=torch.bfloat16)
+    bf = {"device": "cuda", "dtype": torch.bfloat16}
+    rows = (0, 1, 7, 15, 16, 100, 199)
+    x = torch.randn(200, 4096, **bf)
+    w = torch.randn(1536, 4096, **bf) * 0.02
+    y = torch.empty(200, 1536, **bf)
     T.matmul(x, w, y)
     ref = x.float() @ w.float().T
     out["matmul_rel_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
-    alone = [torch.equal(T.matmul(x[r : r + 1].contiguous(), w, torch.empty_like(y[:1]))[0], y[r])
-             for r in (0, 1, 7, 15, 16, 100, 199)]  # fmt: skip
-    out["matmul_invariant"] = all(alone)
-    n = torch.empty_like(x)
-    T.rmsnorm(x, w[0, :4096].contiguous(), 1e-5, n)
-    out["rmsnorm_invariant"] = all(
-        torch.equal(T.rmsnorm(x[r : r + 1].contiguous(), w[0, :4096].contiguous(), 1e-5,
-                              torch.empty_like(x[:1]))[0], n[r]) for r in (0, 5, 199))  # fmt: skip
+    one = lambda n: torch.empty(1, n, **bf)  # noqa: E731
+    out["matmul_invariant"] = _alone(lambda r: T.matmul(x[r : r + 1], w, one(1536))[0], rows, y)
+    g = torch.empty(200, 768, **bf)  # silu(gate) * up, in the matmul's epilogue
+    T.matmul(x, w, g, glu=True)
+    want = torch.nn.functional.silu(ref[:, :768]) * ref[:, 768:]
+    out["glu_rel_err"] = float((g.float() - want).abs().max() / want.abs().max())
+    out["glu_invariant"] = _alone(lambda r: T.matmul(x[r : r + 1], w, one(768), glu=True)[0],
+                                  rows, g)  # fmt: skip
+    nw = torch.rand(4096, **bf) + 0.5
+    n0 = torch.empty_like(x)
+    T.rmsnorm(x, nw, 1e-5, n0)
+    out["rmsnorm_invariant"] = _alone(
+        lambda r: T.rmsnorm(x[r : r + 1], nw, 1e-5, one(4096))[0], (0, 5, 199), n0
+    )
     kvh, cap, d, heads, m, pos0 = 8, 4096, 128, 32, 300, 1900
-    kc = torch.randn(kvh, cap, d, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn(kvh, cap, d, device="cuda", dtype=torch.bfloat16)
-    q = torch.randn(m, heads * d, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(kvh, cap, d, **bf)
+    vc = torch.randn(kvh, cap, d, **bf)
+    q = torch.randn(m, heads * d, **bf)
     o = torch.empty_like(q)
     part = torch.empty(T.part_floats(m, kvh, cap, heads // kvh, d), device="cuda")
     T.attention(q, kc, vc, torch.tensor([pos0], device="cuda"), o, part, 0, d**-0.5)
@@ -129,8 +148,44 @@ def check_kernels() -> dict:
         same.append(torch.equal(o1[0], o[r]))
     out["attention_max_err"] = max(errs)
     out["attention_invariant"] = all(same)
-    out["ok"] = out["matmul_invariant"] and out["rmsnorm_invariant"] and out["attention_invariant"]
+    out.update(check_rope(T))
+    out["ok"] = all(v for k, v in out.items() if isinstance(v, bool))
     return out
+
+
+def check_rope(T: Any) -> dict:
+    """matmul_rope against the torch contract (kvrepl/gpu/model.py), and row by row."""
+    from kvrepl.fastmodel import RopeTable
+    from kvrepl.gpu.model import ops_for
+
+    bf = {"device": "cuda", "dtype": torch.bfloat16}
+    heads, kvh, d, m, pos0 = 32, 8, 128, 64, 1000
+    x = torch.randn(m, 4096, **bf)
+    w = torch.randn((heads + 2 * kvh) * d, 4096, **bf) * 0.02
+    cfg = build_config("8B", 4096)
+    rope = RopeTable(cfg)
+    rope.upto(4096)
+    cos, sin = (t.cuda() for t in next(iter(rope.tables.values())))
+    pos = torch.tensor([pos0], device="cuda")
+
+    def run(ops: Any, xs: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = xs.shape[0]
+        q = torch.empty(n, heads * d, **bf)
+        kc, vc = torch.zeros(kvh, 4096, d, **bf), torch.zeros(kvh, 4096, d, **bf)
+        ops.matmul_rope(xs, w, q, cos, sin, kc, vc, p, heads, kvh)
+        return q, kc, vc
+
+    q, kc, vc = run(T, x, pos)
+    q2, kc2, vc2 = run(ops_for("torch"), x, pos)
+    pairs = ((q, q2), (kc, kc2), (vc, vc2))
+    err = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
+    same = []
+    for r in (0, 17, 63):
+        qa, ka, va = run(T, x[r : r + 1], pos + r)
+        p = pos0 + r
+        same.append(torch.equal(qa[0], q[r]) and torch.equal(ka[:, p], kc[:, p])
+                    and torch.equal(va[:, p], vc[:, p]))  # fmt: skip
+    return {"rope_max_err": err, "rope_invariant": all(same)}
 
 
 def check_model() -> dict:

@@ -24,22 +24,28 @@ from kvrepl.fastmodel import Arch, FastPathError, RopeTable
 def _torch_ops() -> Any:
     """The kernels' contract in plain torch (no invariance promised): for CPU tests."""
 
+    def _norm(x, w, eps, out):
+        v = x.float()
+        y = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
+        return out.copy_((w.float() * y.float()).to(out.dtype))
+
     class Ops:
+        rmsnorm = staticmethod(_norm)
+
         @staticmethod
-        def matmul(x, w, out, residual=None):
-            y = (x @ w.T).to(out.dtype)
+        def matmul(x, w, out, residual=None, *, glu=False):
+            if glu:
+                f = out.shape[1]
+                g, u = (x @ w[:f].T).to(out.dtype), (x @ w[f:].T).to(out.dtype)
+                y = (torch.nn.functional.silu(g.float()) * u.float()).to(out.dtype)
+            else:
+                y = (x @ w.T).to(out.dtype)
             out.copy_(y if residual is None else (residual.float() + y.float()).to(out.dtype))
             return out
 
         @staticmethod
-        def rmsnorm(x, w, eps, out):
-            v = x.float()
-            y = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
-            out.copy_((w.float() * y.float()).to(out.dtype))
-            return out
-
-        @staticmethod
-        def rope_store(qkv, cos_t, sin_t, kc, vc, pos0, heads, kv_heads):
+        def matmul_rope(x, w, q, cos_t, sin_t, kc, vc, pos0, heads, kv_heads):
+            qkv = (x @ w.T).to(q.dtype)
             m, d = qkv.shape[0], kc.shape[2]
             p = int(pos0[0])
             c, s = cos_t[p : p + m, None, :], sin_t[p : p + m, None, :]
@@ -47,28 +53,22 @@ def _torch_ops() -> Any:
             half = d // 2
             rot = torch.cat([-qk[..., half:], qk[..., :half]], -1)
             r = (qk * c + rot * s).to(qkv.dtype)
-            qkv[:, : heads * d] = r[:, :heads].reshape(m, -1)
+            q.copy_(r[:, :heads].reshape(m, -1))
             kc[:, p : p + m] = r[:, heads:].transpose(0, 1)
             vc[:, p : p + m] = qkv[:, (heads + kv_heads) * d :].view(m, kv_heads, d).transpose(0, 1)
+            return q
 
         @staticmethod
         def attention(q, kc, vc, pos0, out, part, window, scale):
             m, p0 = q.shape[0], int(pos0[0])
             kvh, _, d = kc.shape
-            g = out.shape[1] // d // kvh  # q may be the whole qkv row: its first H*D are q
+            g = out.shape[1] // d // kvh
             for r in range(m):
                 lo = max(0, p0 + r - window + 1) if window else 0
                 k, v = kc[:, lo : p0 + r + 1].float(), vc[:, lo : p0 + r + 1].float()
                 qr = q[r, : out.shape[1]].view(kvh, g, d).float()
                 w = torch.softmax(qr @ k.transpose(1, 2) * scale, -1)
                 out[r] = (w @ v).reshape(-1).to(out.dtype)
-            return out
-
-        @staticmethod
-        def silu_mul(gu, out):
-            f = out.shape[1]
-            g = gu[:, :f].float()
-            out.copy_((torch.nn.functional.silu(g) * gu[:, f:].float()).to(out.dtype))
             return out
 
         @staticmethod
@@ -147,12 +147,12 @@ class GpuModel:
         b = self._bufs.get(m)
         if b is None:
             a, dev, dt = self.arch, self.device, self.kv_dtype
-            width = (a.n_heads + 2 * a.n_kv) * a.head_dim
             mk = lambda n: torch.empty(m, n, device=dev, dtype=dt)  # noqa: E731
             g = a.n_heads // a.n_kv
             part = self.ops.part_floats(m, a.n_kv, self.capacity, g, a.head_dim)
-            b = {"x": mk(a.hidden), "h": mk(a.hidden), "qkv": mk(width),
-                 "att": mk(a.n_heads * a.head_dim), "gu": mk(2 * a.ffn), "act": mk(a.ffn),
+            b = {"x": mk(a.hidden), "h": mk(a.hidden),
+                 "q": mk(a.n_heads * a.head_dim), "att": mk(a.n_heads * a.head_dim),
+                 "act": mk(a.ffn),
                  "logits": torch.empty(1, self.lm_head.shape[0], device=dev, dtype=dt),
                  "part": torch.empty(part, device=dev, dtype=torch.float32),
                  "ids": torch.zeros(m, dtype=torch.long, device=dev),
@@ -165,21 +165,21 @@ class GpuModel:
     # -- the forward -------------------------------------------------------------------------
     def _run(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> None:
         """One forward of b["ids"] at positions b["pos"][0].. (device tensors: a graph replays
-        it with new values)."""
+        it with new values): eight kernels a layer (rotary and the cache writes ride on the
+        QKV matmul, silu * up on the gate/up one)."""
         a, ops = self.arch, self.ops
-        x, h, qkv, att, gu, act = (b[k] for k in ("x", "h", "qkv", "att", "gu", "act"))
+        x, h, q, att, act = (b[k] for k in ("x", "h", "q", "att", "act"))
         m = x.shape[0]
         torch.index_select(self.embed, 0, b["ids"], out=x)
         for lw, cache in zip(self.layers, layers, strict=True):
             kc, vc = cache._k[0], cache._v[0]
             ops.rmsnorm(x, lw["attn_norm"], a.eps, h)
-            ops.matmul(h, lw["qkv"], qkv)
-            ops.rope_store(qkv, self.cos, self.sin, kc, vc, b["pos"], a.n_heads, a.n_kv)
-            ops.attention(qkv, kc, vc, b["pos"], att, b["part"], 0, a.attn_scale)
+            ops.matmul_rope(h, lw["qkv"], q, self.cos, self.sin, kc, vc, b["pos"],
+                            a.n_heads, a.n_kv)  # fmt: skip
+            ops.attention(q, kc, vc, b["pos"], att, b["part"], 0, a.attn_scale)
             ops.matmul(att, lw["o"], x, residual=x)
             ops.rmsnorm(x, lw["ffn_norm"], a.eps, h)
-            ops.matmul(h, lw["gate_up"], gu)
-            ops.silu_mul(gu, act)
+            ops.matmul(h, lw["gate_up"], act, glu=True)
             ops.matmul(act, lw["down"], x, residual=x)
         ops.rmsnorm(x[m - 1 : m], self.final_norm, a.eps, h[:1])
         ops.matmul(h[:1], self.lm_head, b["logits"])
