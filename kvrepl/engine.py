@@ -11,7 +11,6 @@ Only the engine's modules and `kvstore.py` touch K/V tensors.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -23,6 +22,7 @@ from kvrepl.config import Settings
 from kvrepl.errors import PromptError
 from kvrepl.events import Finish, Progress, Stats, TextDelta, TurnEvent
 from kvrepl.prompt import IncrementalDecoder
+from kvrepl.sampler import Sampler, TokenReader
 
 
 class HFRunner:
@@ -30,6 +30,7 @@ class HFRunner:
     the last position's logits out."""
 
     is_fast = False
+    ahead = False
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -78,12 +79,17 @@ class FastRunner:
         self.device, self.kv_dtype = model.device, model.kv_dtype
         self.layer_devices: list[Any] = []
         self.logits_device = model.device
+        # the GPU path feeds a token from the device, queued behind the step that chose it
+        self.ahead = hasattr(model, "forward_token")
 
     def new_layers(self) -> list[Any]:
         return self.model.new_layers()
 
     def forward(self, ids: list[int], pc: PromptCache) -> torch.Tensor:
         return self.model.forward(ids, pc.cache.layers)
+
+    def forward_token(self, token: torch.Tensor, pc: PromptCache) -> torch.Tensor:
+        return self.model.forward_token(token, pc.cache.layers)
 
 
 def runner_for(model: Any) -> HFRunner | FastRunner:
@@ -290,26 +296,9 @@ class Engine:
         logits = yield from self._prefill(ids)
         sampler.seen(ids)
         decoder = IncrementalDecoder(self.tokenizer)
-        reason = "length"
+        decode = self._decode_ahead if self.runner.ahead else self._decode
         try:
-            while len(progress.generated) < sampling.max_tokens:
-                token = sampler.next(logits)
-                now = time.perf_counter()
-                if progress.t_first is None:
-                    progress.t_first = now
-                if token in self.end_ids:
-                    reason = "stop"
-                    break
-                progress.t_last = now  # rate: generated tokens over the time they took
-                progress.generated.append(token)
-                text = decoder.add(token)
-                if text:
-                    yield TextDelta(text)
-                if len(self.pc.ids) + 1 >= self.context_length:
-                    break
-                logits = self._forward([token])
-                self.pc.ids.append(token)
-                sampler.seen([token])
+            reason = yield from decode(logits, sampler, sampling.max_tokens, decoder)
             tail = decoder.flush()
             if tail:
                 yield TextDelta(tail)
@@ -318,43 +307,63 @@ class Engine:
         yield Finish(reason)
         yield progress.stats()
 
+    def _decode(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int,
+                decoder: IncrementalDecoder) -> Generator[TextDelta, None, str]:  # fmt: skip
+        """Token by token: sample, then feed the token (its K/V joins the cache); the reason
+        the answer ended."""
+        progress = self.progress
+        while len(progress.generated) < max_tokens:
+            token = sampler.next(logits)
+            if self._took(token):
+                return "stop"
+            text = decoder.add(token)
+            if text:
+                yield TextDelta(text)
+            if len(self.pc.ids) + 1 >= self.context_length:
+                break
+            logits = self._forward([token])
+            self.pc.ids.append(token)
+            sampler.seen([token])
+        return "length"
 
-class Sampler:
-    """Temperature, top-k, top-p and a repetition penalty over the last `repeat_last_n` ids (as
-    llama.cpp does: a small model loops without it), with an optional seed. Plain argmax when
-    the temperature is 0."""
+    def _decode_ahead(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int,
+                      decoder: IncrementalDecoder) -> Generator[TextDelta, None, str]:  # fmt: skip
+        """`_decode` for a device that runs ahead of the host (a GPU): token n is fed to the
+        model straight from the device before the host reads it, so the host's work on token n
+        overlaps the model's step n + 1. If token n ends the answer, that step's position is
+        cut again (pc.sync), as after an interrupt: the same cache and tokens as `_decode`."""
+        progress = self.progress
+        if max_tokens <= 0:
+            return "length"
+        reader = TokenReader(self.runner.logits_device)
+        token_t = sampler.next_tensor(logits)
+        reader.start(token_t)
+        while True:
+            fed = len(self.pc.ids) + 1 < self.context_length
+            if fed:
+                logits = self.runner.forward_token(token_t, self.pc)
+            token = reader.get()
+            if self._took(token):
+                return "stop"
+            text = decoder.add(token)
+            if text:
+                yield TextDelta(text)
+            if not fed:
+                return "length"
+            self.pc.ids.append(token)
+            sampler.seen([token])
+            if len(progress.generated) >= max_tokens:
+                return "length"
+            token_t = sampler.next_tensor(logits)
+            reader.start(token_t)
 
-    def __init__(self, s: Sampling, vocab_size: int, device: torch.device) -> None:
-        self.s = s
-        self.vocab_size = vocab_size
-        self.device = device
-        self.recent: deque[int] = deque(maxlen=max(1, s.repeat_last_n))
-        self.gen = torch.Generator(device=device)
-        if s.seed is not None:
-            self.gen.manual_seed(s.seed)
-        else:
-            self.gen.seed()
-
-    def seen(self, ids: Sequence[int]) -> None:
-        self.recent.extend(i for i in ids[-self.recent.maxlen :] if 0 <= i < self.vocab_size)
-
-    def next(self, logits: torch.Tensor) -> int:
-        logits = logits.float().clone()  # never write into the caller's logits
-        if self.s.repetition_penalty != 1.0 and self.recent:
-            idx = torch.tensor(sorted(set(self.recent)), device=logits.device)
-            picked = logits[idx]
-            p = self.s.repetition_penalty
-            logits[idx] = torch.where(picked > 0, picked / p, picked * p)
-        if self.s.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits / self.s.temperature
-        if self.s.top_k > 0:
-            kth = torch.topk(logits, min(self.s.top_k, logits.numel())).values[-1]
-            logits[logits < kth] = float("-inf")
-        if 0 < self.s.top_p < 1:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            drop = probs.cumsum(-1) - probs > self.s.top_p
-            logits[order[drop]] = float("-inf")
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+    def _took(self, token: int) -> bool:
+        """Count a sampled token into the turn; True if it ends the answer (not kept)."""
+        now = time.perf_counter()
+        if self.progress.t_first is None:
+            self.progress.t_first = now
+        if token in self.end_ids:
+            return True
+        self.progress.t_last = now  # rate: generated tokens over the time they took
+        self.progress.generated.append(token)
+        return False

@@ -78,3 +78,53 @@ def test_a_machine_without_cuda_imports_none_of_the_gpu_path():
         "sorted(m for m in sys.modules if 'gpu' in m or 'triton' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _pair(fm, tok, **kw):
+    """Two engines over one GPU model: one feeds tokens from the device ahead of the host
+    (the GPU path's way), the other samples and feeds them one by one."""
+    ahead = Engine(fm, tok, context_length=512, **kw)
+    plain = Engine(fm, tok, context_length=512, **kw)
+    plain.runner.ahead = False
+    assert ahead.runner.ahead
+    return ahead, plain
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=0, max_tokens=12),
+                                      Sampling(temperature=0.8, top_k=20, top_p=0.9, seed=3,
+                                               max_tokens=12)])  # fmt: skip
+def test_decoding_ahead_equals_token_by_token(gpu, sampling):
+    fm, tok = gpu
+    ids = list(range(5, 60))
+    plain_run = Engine(fm, tok, end_ids=set(), context_length=512)
+    plain_run.runner.ahead = False
+    list(plain_run.stream(ids, sampling))
+    want = plain_run.progress.generated
+    stop = want[5]  # an end id met mid-answer: the step fed ahead is cut again
+    for end_ids in (set(), {stop}):
+        ahead, plain = _pair(fm, tok, end_ids=end_ids)
+        a = list(ahead.stream(ids, sampling))
+        b = list(plain.stream(ids, sampling))
+        assert ahead.progress.generated == plain.progress.generated
+        assert a[-2] == b[-2]  # the Finish: the same reason
+        assert ahead.pc.ids == plain.pc.ids
+        ahead.pc.check()
+        for (k, v), (k2, v2) in zip(ahead.pc.export(), plain.pc.export(), strict=True):
+            assert torch.equal(k, k2) and torch.equal(v, v2)
+    assert ahead.progress.generated == want[: want.index(stop)]
+
+
+def test_decoding_ahead_stops_at_the_context_and_when_closed(gpu):
+    fm, tok = gpu
+    ahead, plain = _pair(fm, tok, end_ids=set())
+    ids = [5 + i % 200 for i in range(495)]  # 16 positions of room: ends at the context
+    for e in (ahead, plain):
+        list(e.stream(ids, Sampling(temperature=0, max_tokens=50)))
+        e.pc.check()
+    assert ahead.progress.generated == plain.progress.generated
+    assert len(ahead.pc.ids) == len(plain.pc.ids) == 511
+    events = ahead.stream(list(range(5, 40)), Sampling(temperature=0, max_tokens=50))
+    for _ in range(3):  # closed mid-answer (Ctrl-C): the cache holds its ids, no more
+        next(events)
+    events.close()
+    ahead.pc.check()

@@ -186,11 +186,22 @@ class GpuModel:
 
     @torch.inference_mode()
     def forward(self, ids: list[int], layers: list[GrowingLayer]) -> torch.Tensor:
-        m, pos0 = len(ids), layers[0].get_seq_length()
+        b = self._buffers(len(ids))
+        b["ids"].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        return self._step(b, layers)
+
+    @torch.inference_mode()
+    def forward_token(self, token: torch.Tensor, layers: list[GrowingLayer]) -> torch.Tensor:
+        """`forward([token])` with the token a 0-d tensor on the device (the sampler's): queued
+        behind the step that chose it, with no wait for its value."""
+        b = self._buffers(1)
+        b["ids"].copy_(token.view(1))
+        return self._step(b, layers)
+
+    def _step(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> torch.Tensor:
+        m, pos0 = b["ids"].shape[0], layers[0].get_seq_length()
         if pos0 + m > self.context_length:
             raise ValueError("past the model's context")
-        b = self._buffers(m)
-        b["ids"].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
         b["pos"].fill_(pos0)
         if m == 1 and self.graphs:
             self._graph(b, layers).replay()
