@@ -239,7 +239,27 @@ def check_engine(gm: Any) -> dict:
         restored = all(torch.equal(x.keys, y.keys) for x, y in
                        zip(back.pc.cache.layers, reuse.pc.cache.layers, strict=True))  # fmt: skip
     return {"reuse_tokens_equal": same, "reuse_logits_bitwise": logits_same,
-            "snapshot_restored_bitwise": restored}  # fmt: skip
+            "snapshot_restored_bitwise": restored, **check_ahead(gm)}  # fmt: skip
+
+
+def check_ahead(gm: Any) -> dict:
+    """Decoding ahead of the host (the engine's GPU loop) against token by token: the same
+    tokens and K/V, greedy and sampled with the settings' penalty, and after an end id."""
+    prompt = tokens(90, 20)
+    same = True
+    for sampling in (Sampling.greedy(24), Sampling(temperature=0.7, seed=5, max_tokens=24)):
+        ahead, plain = engine(gm), engine(gm)
+        plain.runner.ahead = False
+        list(plain.stream(prompt, sampling))
+        want = list(plain.progress.generated)
+        for e in (ahead, plain):
+            e.end_ids = {want[10]}
+            e.pc.truncate(0)
+            list(e.stream(prompt, sampling))
+        same &= ahead.progress.generated == plain.progress.generated == want[: want.index(want[10])]
+        pairs = zip(ahead.pc.cache.layers, plain.pc.cache.layers, strict=True)
+        same &= ahead.pc.ids == plain.pc.ids and all(torch.equal(x.keys, y.keys) for x, y in pairs)
+    return {"ahead_equals_token_by_token": same}
 
 
 # -- figures -------------------------------------------------------------------------------

@@ -338,24 +338,27 @@ class Engine:
         reader = TokenReader(self.runner.logits_device)
         token_t = sampler.next_tensor(logits)
         reader.start(token_t)
+        token, fed = reader.get(), False  # the first is shown before its step (a graph capture)
         while True:
-            fed = len(self.pc.ids) + 1 < self.context_length
-            if fed:
-                logits = self.runner.forward_token(token_t, self.pc)
-            token = reader.get()
             if self._took(token):
                 return "stop"
             text = decoder.add(token)
             if text:
                 yield TextDelta(text)
-            if not fed:
+            if len(self.pc.ids) + 1 >= self.context_length:
                 return "length"
+            if not fed:
+                logits = self.runner.forward_token(token_t, self.pc)
             self.pc.ids.append(token)
             sampler.seen([token])
             if len(progress.generated) >= max_tokens:
                 return "length"
             token_t = sampler.next_tensor(logits)
             reader.start(token_t)
+            fed = len(self.pc.ids) + 1 < self.context_length
+            if fed:  # fed before it is read: the host's work on it overlaps the model's step
+                logits = self.runner.forward_token(token_t, self.pc)
+            token = reader.get()
 
     def _took(self, token: int) -> bool:
         """Count a sampled token into the turn; True if it ends the answer (not kept)."""

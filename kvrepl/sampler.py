@@ -58,7 +58,10 @@ class Sampler:
             dropped = torch.zeros_like(drop).scatter(0, order, drop)  # back in vocabulary order
             logits = logits.masked_fill(dropped, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.gen)[0]
+        # multinomial's own draw for one sample (probs / Exp(1) noise, the largest), without
+        # its checks of the probabilities, which wait for the GPU: the same token, seed for seed
+        noise = torch.empty_like(probs).exponential_(1, generator=self.gen)
+        return torch.argmax(probs / noise)
 
 
 def _to_device(ids: list[int], device: torch.device) -> torch.Tensor:
