@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import Harness, lines_of, make_harness, stats_lines, tiny_loaded
@@ -444,14 +445,34 @@ def test_stdin_from_dev_null_exits_zero_with_no_ansi(tmp_path):
     assert done.out == "" and done.err == ""
 
 
-def test_tab_completes_in_the_prompt(h: Harness):
-    """The completer is wired to the prompt: Tab, then (after completion ran) Enter."""
+def test_tab_completes_in_the_prompt(h: Harness, monkeypatch: pytest.MonkeyPatch):
+    """The completer is wired to the prompt: Tab, then (once the completion is in the line)
+    Enter."""
+    import prompt_toolkit
+
+    sessions: list[Any] = []
+
+    class Recorded(prompt_toolkit.PromptSession):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            sessions.append(self)
+
+    monkeypatch.setattr(prompt_toolkit, "PromptSession", Recorded)
     with create_pipe_input() as pipe:
 
         def typist() -> None:
             # Keys apart, as typed: completion runs as a task that a key arriving in the same
-            # read would cancel (so would a fast typist's Tab; this is prompt-toolkit's way)
-            for key in ("/hist", "\t", ENTER, CTRL_D):
+            # read would cancel (so would a fast typist's Tab; this is prompt-toolkit's way).
+            # Enter waits until the completion is in the line: a loaded machine is slow.
+            pipe.send_text("/hist")
+            time.sleep(0.2)
+            pipe.send_text("\t")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (
+                sessions and sessions[0].default_buffer.text != "/hist"
+            ):
+                time.sleep(0.05)
+            for key in (ENTER, CTRL_D):
                 pipe.send_text(key)
                 time.sleep(0.2)
 
