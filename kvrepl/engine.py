@@ -296,9 +296,8 @@ class Engine:
         logits = yield from self._prefill(ids)
         sampler.seen(ids)
         decoder = IncrementalDecoder(self.tokenizer)
-        decode = self._decode_ahead if self.runner.ahead else self._decode
         try:
-            reason = yield from decode(logits, sampler, sampling.max_tokens, decoder)
+            reason = yield from self._decode(logits, sampler, sampling.max_tokens, decoder)
             tail = decoder.flush()
             if tail:
                 yield TextDelta(tail)
@@ -309,36 +308,19 @@ class Engine:
 
     def _decode(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int,
                 decoder: IncrementalDecoder) -> Generator[TextDelta, None, str]:  # fmt: skip
-        """Token by token: sample, then feed the token (its K/V joins the cache); the reason
-        the answer ended."""
-        progress = self.progress
-        while len(progress.generated) < max_tokens:
-            token = sampler.next(logits)
-            if self._took(token):
-                return "stop"
-            text = decoder.add(token)
-            if text:
-                yield TextDelta(text)
-            if len(self.pc.ids) + 1 >= self.context_length:
-                break
-            logits = self._forward([token])
-            self.pc.ids.append(token)
-            sampler.seen([token])
-        return "length"
-
-    def _decode_ahead(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int,
-                      decoder: IncrementalDecoder) -> Generator[TextDelta, None, str]:  # fmt: skip
-        """`_decode` for a device that runs ahead of the host (a GPU): token n is fed to the
-        model straight from the device before the host reads it, so the host's work on token n
-        overlaps the model's step n + 1. If token n ends the answer, that step's position is
-        cut again (pc.sync), as after an interrupt: the same cache and tokens as `_decode`."""
+        """Sample a token, then feed it (its K/V joins the cache); the reason the answer ended.
+        On a device that runs ahead of the host (a GPU: runner.ahead), token n + 1 is fed
+        straight from the device before the host reads it, so the host's work on it overlaps
+        the model's step; if it ends the answer, that step's position is cut again (pc.sync),
+        as after an interrupt: the same cache and tokens as feeding after reading. The first
+        token is read first (its step may capture a graph)."""
         progress = self.progress
         if max_tokens <= 0:
             return "length"
         reader = TokenReader(self.runner.logits_device)
         token_t = sampler.next_tensor(logits)
         reader.start(token_t)
-        token, fed = reader.get(), False  # the first is shown before its step (a graph capture)
+        token, fed = reader.get(), False
         while True:
             if self._took(token):
                 return "stop"
@@ -348,15 +330,15 @@ class Engine:
             if len(self.pc.ids) + 1 >= self.context_length:
                 return "length"
             if not fed:
-                logits = self.runner.forward_token(token_t, self.pc)
+                logits = self._forward([token])
             self.pc.ids.append(token)
             sampler.seen([token])
             if len(progress.generated) >= max_tokens:
                 return "length"
             token_t = sampler.next_tensor(logits)
             reader.start(token_t)
-            fed = len(self.pc.ids) + 1 < self.context_length
-            if fed:  # fed before it is read: the host's work on it overlaps the model's step
+            fed = self.runner.ahead and len(self.pc.ids) + 1 < self.context_length
+            if fed:
                 logits = self.runner.forward_token(token_t, self.pc)
             token = reader.get()
 

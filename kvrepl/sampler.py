@@ -1,6 +1,6 @@
 """The sampler: the next token from a step's logits, by the turn's Sampling (engine.py), with
 every operation on the logits' device and no wait for it until the token is read: on a GPU the
-engine reads token n while the model already computes step n + 1 (engine._decode_ahead).
+engine reads token n while the model already computes step n + 1 (engine._decode).
 
 Owns: the penalty window of recent ids, the seeded generator, and TokenReader (a token's copy
 to the host, waited for alone).

@@ -67,8 +67,8 @@ def script(monkeypatch: pytest.MonkeyPatch):
         def seen(self, ids: object) -> None:
             pass
 
-        def next(self, logits: object) -> int:
-            return next(self.ids)
+        def next_tensor(self, logits: object) -> torch.Tensor:
+            return torch.tensor(next(self.ids))
 
     monkeypatch.setattr("kvrepl.engine.Sampler", Scripted)
     return lambda *answers: queue.extend(list(a) for a in answers)
