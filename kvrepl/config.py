@@ -56,6 +56,12 @@ class Settings:
         choices=("auto", "gguf", "float32", "bfloat16", "float16"),
     )
     device: str = setting("auto", "cpu, cuda, cuda:1 … (default: cuda when available)")
+    # Ollama's num_ctx, llama.cpp's -c: what the cache may hold. The model's maximum (often
+    # 131,072 tokens) would reserve 16 GiB of K/V for an 8B model on a GPU.
+    context: int = setting(
+        8192, "tokens the cache may hold (prompt and answers); 0: the model's maximum",
+        bounds=(0, 10_000_000), metavar="TOKENS",
+    )  # fmt: skip
     chat_template: str | None = setting(None, "a Jinja chat template file", metavar="FILE")
     # SmolLM2's model card samples at a low temperature with top-p; greedy is --temperature 0.
     # A 135M model loops without a repetition penalty; 1.1 over the last 64 ids, as llama.cpp.
