@@ -1,18 +1,18 @@
 """The CPU fast path: a decoder that runs a model's quantized weights as they are in the file,
 with kvrepl's own kernels (native/), float32 activations and a float16 K/V cache.
 
-Owns: the layer loop of the decoder families it knows (Llama, Mistral, Qwen2, Qwen3, Gemma 3
-text), built from a transformers config and `Packed` weights; its cache layers (float16, every
-layer full length and croppable: sliding-window layers attend within their window by position);
-its buffers. Every kernel computes each row independently of how many rows run with it, so a
-token's K/V and logits are bit-identical in a prefill chunk of any size and in a decode step.
+Owns: the layer loop of every decoder family describe.py describes (Llama, Mistral, Qwen2,
+Qwen3, Gemma 2 and 3, Phi-3), built from a transformers config and `Packed` weights; its cache
+layers (float16, every layer full length and croppable: sliding-window layers attend within their
+window by position); its buffers. Every kernel computes each row independently of how many rows
+run with it, so a token's K/V and logits are bit-identical in a prefill chunk of any size and in
+a decode step.
 Never tokenizes, never samples, never touches the prompt cache's ids (the engine does).
 """
 
 from __future__ import annotations
 
 import ctypes
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,81 +21,13 @@ import torch
 
 from kvrepl import native
 from kvrepl.cache import GrowingLayer
+from kvrepl.describe import Arch, RopeTable, Unsupported
 from kvrepl.quant import Packed
 
-FAMILIES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
-}
-
-
-class FastPathError(Exception):
-    """A model the fast path does not run; the message says why in one line."""
-
-
-@dataclass
-class Arch:
-    """What the layer loop needs from a transformers config."""
-
-    family: str
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv: int
-    head_dim: int
-    ffn: int
-    eps: float
-    act: int
-    attn_scale: float
-    windows: list[int]  # per layer: 0 = full attention, else the sliding window
-    layer_types: list[str]
-    rope_dim: int
-    embed_scale: float = 1.0
-    attn_softcap: float = 0.0
-    final_softcap: float = 0.0
-
-    @classmethod
-    def from_config(cls, config: Any) -> Arch:
-        cfg = config.get_text_config(decoder=True)
-        family = FAMILIES.get(cfg.model_type)
-        if family is None:
-            raise FastPathError(f"architecture {cfg.model_type!r} is not one it runs")
-        n_layers = cfg.num_hidden_layers
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)[:n_layers]
-        window = getattr(cfg, "sliding_window", None) or 0
-        act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
-        if act not in native.ACT:
-            raise FastPathError(f"activation {act!r} is not one it runs")
-        if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2":
-            raise FastPathError("attention biases are only run for Qwen2")
-        if family == "gemma3":
-            scale, embed = cfg.query_pre_attn_scalar**-0.5, cfg.hidden_size**0.5
-        else:
-            scale, embed = head_dim**-0.5, 1.0
-        rope_dim = int(head_dim * (getattr(cfg, "partial_rotary_factor", None) or 1.0))
-        return cls(
-            family=family,
-            n_layers=n_layers,
-            hidden=cfg.hidden_size,
-            n_heads=cfg.num_attention_heads,
-            n_kv=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-            head_dim=head_dim,
-            ffn=cfg.intermediate_size,
-            eps=float(cfg.rms_norm_eps),
-            act=native.ACT[act],
-            attn_scale=float(scale),
-            windows=[window if t == "sliding_attention" else 0 for t in types],
-            layer_types=types,
-            rope_dim=rope_dim,
-            embed_scale=float(embed),
-            attn_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
-            final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0),
-        )
+# What the fast path computes beyond a plain Llama layer (describe.Arch.terms).
+COMPUTES = {"q/k/v biases", "q/k norms", "Gemma norms", "sliding windows", "attention softcap",
+            "final softcap", "partial rotary", "GELU"}  # fmt: skip
+FastPathError = Unsupported  # a model (or tensor) the fast path does not run, in one line
 
 
 @dataclass
@@ -131,46 +63,6 @@ def fuse(parts: list[Packed]) -> list[tuple[Packed, int]]:
     return out
 
 
-class RopeTable:
-    """cos/sin [positions, rope_dim] per layer type, from the model's own rotary embedding,
-    computed in fixed blocks of positions as they are first needed, so a position's values never
-    depend on which positions were computed with it."""
-
-    BLOCK = 1024
-
-    def __init__(self, config: Any) -> None:
-        import importlib
-
-        cfg = config.get_text_config(decoder=True)
-        name = {"gemma3_text": "gemma3"}.get(cfg.model_type, cfg.model_type)
-        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
-        cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-        self.rotary = cls(cfg)
-        self.takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        self.kinds = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
-        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.n = 0
-
-    def upto(self, n: int) -> None:
-        """Make sure positions [0, n) are in the tables."""
-        if n <= self.n:
-            return
-        end = -(-n // self.BLOCK) * self.BLOCK
-        x = torch.zeros(1, dtype=torch.float32)
-        for kind in self.kinds:
-            parts = [self.tables[kind]] if kind in self.tables else []
-            for b in range(self.n, end, self.BLOCK):
-                pos = torch.arange(b, b + self.BLOCK).unsqueeze(0)
-                with torch.no_grad():
-                    cos, sin = self.rotary(x, pos, kind) if self.takes_type else self.rotary(x, pos)
-                parts.append((cos[0].float(), sin[0].float()))
-            self.tables[kind] = (
-                torch.cat([p[0] for p in parts]).contiguous(),
-                torch.cat([p[1] for p in parts]).contiguous(),
-            )
-        self.n = end
-
-
 class FastModel:
     """A decoder over Packed weights. `forward(ids, layers)` appends the ids' K/V to the cache
     layers and returns the last position's logits (float32)."""
@@ -190,6 +82,8 @@ class FastModel:
     ) -> None:
         self.config = config
         self.arch = a = Arch.from_config(config)
+        a.refusal("the CPU fast path", COMPUTES)
+        check_sizes(a)
         for lw in layers:  # tiles of 4 rows read one stream (37% off the 35 MB head's time here)
             lw.qkv = [(p.interleaved(), col) for p, col in lw.qkv]
             lw.gate_up = [(p.interleaved(), col) for p, col in lw.gate_up]
@@ -278,7 +172,8 @@ class FastModel:
                 window,
             )
         self._cm = native.Model(
-            a.n_layers, a.hidden, a.n_heads, a.n_kv, a.head_dim, a.ffn, a.rope_dim, a.act, 0,
+            a.n_layers, a.hidden, a.n_heads, a.n_kv, a.head_dim, a.ffn, a.rope_dim,
+            native.ACT[a.act], 0,
             a.eps, a.attn_scale, a.attn_softcap, a.embed_scale, self._desc(self.embed),
             self._desc(self.lm_head), self.final_norm.data_ptr(), c_layers,
         )  # fmt: skip
@@ -307,7 +202,7 @@ class FastModel:
         for cl, cache, kind in zip(self._c_layers, layers, a.layer_types, strict=True):
             kc, vc = cache.room(pos0 + m)
             cl.kc, cl.vc, cl.cap = kc.data_ptr(), vc.data_ptr(), kc.shape[2]
-            cos, sin = self.rope.tables[kind]
+            cos, sin = self.rope.table(kind)
             cl.cos_t, cl.sin_t = cos.data_ptr(), sin.data_ptr()
         rows, cref = torch.tensor(ids, dtype=torch.int64), ctypes.byref(cm)
         # A decode step in one call; a prefill chunk a layer at a time, so that Ctrl-C (which
@@ -342,13 +237,8 @@ class FastModel:
         return sum(p.nbytes() for p in mats)
 
 
-def rms_weight(w: torch.Tensor, family: str) -> torch.Tensor:
-    """A norm weight as the layer loop multiplies by it: Gemma's norms scale by (1 + w)."""
-    w = w.detach().float()
-    return (1.0 + w).contiguous() if family == "gemma3" else w.contiguous()
-
-
 def check_sizes(arch: Arch) -> None:
+    """Refuse sizes the kernels do not tile."""
     if arch.hidden % 32 or arch.ffn % 32 or (arch.n_heads * arch.head_dim) % 32:
         raise FastPathError("layer sizes are not multiples of 32")
     if not math.isfinite(arch.attn_scale):

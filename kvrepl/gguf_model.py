@@ -17,7 +17,17 @@ import numpy as np
 import torch
 
 from kvrepl import native
-from kvrepl.fastmodel import Arch, FastModel, FastPathError, Layer, check_sizes, fuse, rms_weight
+from kvrepl.describe import (
+    GGUF_FUSED,
+    GGUF_NAMES,
+    GGUF_PERMUTED,
+    GGUF_TOP,
+    Arch,
+    gguf_layer_roles,
+    hf_weights,
+    norm_weight,
+)
+from kvrepl.fastmodel import FastModel, FastPathError, Layer, check_sizes, fuse
 from kvrepl.quant import Packed, QuantError, pack, quantize
 
 
@@ -130,92 +140,78 @@ def from_gguf(path: Path, config: Any, kernels: native.Kernels, context_length: 
 
 
 def build(f: GGUFTensors, config: Any, kernels: native.Kernels, context_length: int) -> FastModel:
+    """The fast model over a GGUF file's tensors, found by role under llama.cpp's names."""
     arch = Arch.from_config(config)
     check_sizes(arch)
-    gemma = arch.family == "gemma3"
 
     def norm(name: str) -> torch.Tensor:
-        w = f.vector(name)
-        return rms_weight(w - 1.0 if gemma else w, arch.family)
+        w = f.vector(name)  # llama.cpp stores Gemma's norms as 1 + w; transformers reads w
+        return norm_weight(w - 1.0 if arch.gemma else w, arch)
 
     layers = []
     for i in range(arch.n_layers):
         b = f"blk.{i}."
-        q, k = f.packed(b + "attn_q.weight"), f.packed(b + "attn_k.weight")
-        if f.arch == "llama":
-            q, k = q.rows(qk_order(q.n, arch.n_heads)), k.rows(qk_order(k.n, arch.n_kv))
-        bias = None
-        if f.has(b + "attn_q.bias"):
-            bias = torch.cat([f.vector(b + f"attn_{x}.bias") for x in "qkv"]).contiguous()
-        layer = Layer(
-            attn_norm=norm(b + "attn_norm.weight"),
-            qkv=fuse([q, k, f.packed(b + "attn_v.weight")]),
-            o=f.packed(b + "attn_output.weight"),
-            ffn_norm=norm(b + "ffn_norm.weight"),
-            gate_up=fuse([f.packed(b + "ffn_gate.weight"), f.packed(b + "ffn_up.weight")]),
-            down=f.packed(b + "ffn_down.weight"),
-            qkv_bias=bias,
-        )
-        if f.has(b + "attn_q_norm.weight"):
-            layer.q_norm, layer.k_norm = (
-                norm(b + "attn_q_norm.weight"),
-                norm(b + "attn_k_norm.weight"),
-            )
-        if gemma:
-            layer.post_attn_norm = norm(b + "post_attention_norm.weight")
-            layer.post_ffn_norm = norm(b + "post_ffw_norm.weight")
+        got = {r: b + GGUF_NAMES[r] for r in gguf_layer_roles(arch)}
+        if arch.family.fused:
+            qkv = [(f.packed(b + GGUF_FUSED["qkv"]), 0)]
+            gate_up = [(f.packed(b + GGUF_FUSED["gate_up"]), 0)]
+        else:
+            q, k = f.packed(got["q"]), f.packed(got["k"])
+            if f.arch in GGUF_PERMUTED:
+                q, k = q.rows(qk_order(q.n, arch.n_heads)), k.rows(qk_order(k.n, arch.n_kv))
+            qkv = fuse([q, k, f.packed(got["v"])])
+            gate_up = fuse([f.packed(got["gate"]), f.packed(got["up"])])
+        layer = Layer(attn_norm=norm(got["attn_norm"]), qkv=qkv, o=f.packed(got["o"]),
+                      ffn_norm=norm(got["ffn_norm"]), gate_up=gate_up,
+                      down=f.packed(got["down"]))  # fmt: skip
+        if arch.qkv_bias:
+            layer.qkv_bias = torch.cat([f.vector(got[r]) for r in ("q_bias", "k_bias", "v_bias")])
+        if arch.qk_norm:
+            layer.q_norm, layer.k_norm = norm(got["q_norm"]), norm(got["k_norm"])
+        if arch.gemma:
+            layer.post_attn_norm = norm(got["post_attn_norm"])
+            layer.post_ffn_norm = norm(got["post_ffn_norm"])
         layers.append(layer)
-    embed = f.packed("token_embd.weight")
-    head = f.packed("output.weight") if f.has("output.weight") else embed
-    return FastModel(config, embed, layers, norm("output_norm.weight"), head, kernels,
+    embed = f.packed(GGUF_TOP["embed"])
+    head = f.packed(GGUF_TOP["lm_head"]) if f.has(GGUF_TOP["lm_head"]) else embed
+    return FastModel(config, embed, layers, norm(GGUF_TOP["final_norm"]), head, kernels,
                      context_length)  # fmt: skip
 
 
 def from_hf(model: Any, qtype: str, kernels: native.Kernels, context_length: int) -> FastModel:
-    """The fast model over a transformers model's weights quantized to `qtype` (llama.cpp's
-    quantizers; norms and biases stay float32)."""
-    config = model.config
-    arch = Arch.from_config(config)
+    """The fast model over a transformers model's weights, found by role (describe.hf_weights)
+    and quantized to `qtype` (llama.cpp's quantizers; norms and biases stay float32)."""
+    arch = Arch.from_config(model.config)
     check_sizes(arch)
-    inner = model.model
+    top, roles = hf_weights(model, arch)
 
-    def mat(lin: Any) -> Packed:
-        return quantize(lin.weight, qtype)
+    def mat(w: torch.Tensor) -> Packed:
+        return quantize(w, qtype)
 
     layers = []
-    for hl in inner.layers:
-        at, mlp = hl.self_attn, hl.mlp
-        bias = None
-        if getattr(at.q_proj, "bias", None) is not None:
-            bias = torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]).detach().float()
+    for r in roles:
         layer = Layer(
-            attn_norm=rms_weight(hl.input_layernorm.weight, arch.family),
-            qkv=fuse([mat(at.q_proj), mat(at.k_proj), mat(at.v_proj)]),
-            o=mat(at.o_proj),
-            ffn_norm=_ffn_norm(hl, arch.family),
-            gate_up=fuse([mat(mlp.gate_proj), mat(mlp.up_proj)]),
-            down=mat(mlp.down_proj),
-            qkv_bias=bias.contiguous() if bias is not None else None,
+            attn_norm=norm_weight(r["attn_norm"], arch),
+            qkv=fuse([mat(r["q"]), mat(r["k"]), mat(r["v"])]),
+            o=mat(r["o"]),
+            ffn_norm=norm_weight(r["ffn_norm"], arch),
+            gate_up=fuse([mat(r["gate"]), mat(r["up"])]),
+            down=mat(r["down"]),
         )
-        if getattr(at, "q_norm", None) is not None:
-            layer.q_norm = rms_weight(at.q_norm.weight, arch.family)
-            layer.k_norm = rms_weight(at.k_norm.weight, arch.family)
-        if arch.family == "gemma3":
-            layer.post_attn_norm = rms_weight(hl.post_attention_layernorm.weight, arch.family)
-            layer.post_ffn_norm = rms_weight(hl.post_feedforward_layernorm.weight, arch.family)
+        if arch.qkv_bias:
+            layer.qkv_bias = torch.cat([r["q_bias"], r["k_bias"], r["v_bias"]]).float()
+        if arch.qk_norm:
+            layer.q_norm = norm_weight(r["q_norm"], arch)
+            layer.k_norm = norm_weight(r["k_norm"], arch)
+        if arch.gemma:
+            layer.post_attn_norm = norm_weight(r["post_attn_norm"], arch)
+            layer.post_ffn_norm = norm_weight(r["post_ffn_norm"], arch)
         layers.append(layer)
-    embed = quantize(inner.embed_tokens.weight, qtype)
-    tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-    head = embed if tied else quantize(model.lm_head.weight, qtype)
-    final = rms_weight(inner.norm.weight, arch.family)
-    return FastModel(config, embed, layers, final, head, kernels, context_length)
-
-
-def _ffn_norm(hl: Any, family: str) -> torch.Tensor:
-    """The norm before the feed-forward block: Gemma calls it pre_feedforward_layernorm."""
-    if family == "gemma3":
-        return rms_weight(hl.pre_feedforward_layernorm.weight, family)
-    return rms_weight(hl.post_attention_layernorm.weight, family)
+    embed = quantize(top["embed"], qtype)
+    tied = top["lm_head"].data_ptr() == top["embed"].data_ptr()
+    head = embed if tied else quantize(top["lm_head"], qtype)
+    final = norm_weight(top["final_norm"], arch)
+    return FastModel(model.config, embed, layers, final, head, kernels, context_length)
 
 
 def load_fast(source: Any, folder: Path, chat_template: str | None) -> Any:
