@@ -128,6 +128,13 @@ class GGUFTensors:
             raise FastPathError(f"{name}: {exc}") from None
 
     def vector(self, name: str) -> torch.Tensor:
+        """A norm or a bias (any length: a q/k norm is one head wide), as float32."""
+        qtype, dims, off = self.by_name.get(name, ("", [0], 0))
+        plain = {"F32": np.float32, "F16": np.float16}
+        if qtype in plain:
+            n = int(np.prod(dims))
+            raw = self.data[off : off + n * np.dtype(plain[qtype]).itemsize]
+            return torch.from_numpy(raw.view(plain[qtype]).astype(np.float32))
         return self.packed(name).dequantize().reshape(-1)
 
     def types(self) -> set[str]:
