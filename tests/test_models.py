@@ -4,11 +4,13 @@ choice, the fingerprint, and reuse of the converted GGUF folder."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from makers import CHATML
+from procs import PYTHON, kvrepl_env
 
 from kvrepl import models
 from kvrepl.errors import ModelError
@@ -112,7 +114,14 @@ def test_pick_dtype():
     with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
         models.pick_dtype("fp8", "cpu")
     assert models.pick_device("cpu") == "cpu"
-    assert models.pick_device("auto") in ("cpu", "cuda")
+    assert models.pick_device("cuda:1") == "cuda:1"
+
+
+def test_pick_device_auto_takes_cuda_only_where_there_is_one(monkeypatch):
+    for available, want in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda a=available: a)
+        assert models.pick_device("auto") == want
+        assert models.pick_device(None) == want
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -138,21 +147,24 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 def test_fingerprint_is_stable_and_changes_with_dtype_and_chat_template(real32, monkeypatch):
     real = real32
     cfg, tok, label = real.model.config, real.tokenizer, real.source.label
-    weights = models.weights_digest(real.model)
+    weights = fingerprint.weights_digest(real.model)
 
     def fp(identity: str = label, dtype: str = real.dtype, w: str = weights) -> str:
-        return models.fingerprint(identity, cfg, dtype, tok, w)
+        return fingerprint.fingerprint(identity, cfg, dtype, tok, w)
 
     base = fp()
-    assert base == real.fingerprint
-    assert fp() == base
+    # Stable: the same model loaded again, from its files, by another process, gets it.
+    code = ("from kvrepl import models; "
+            "print(models.load(dtype='float32', progress=False).fingerprint)")  # fmt: skip
+    again = subprocess.run([str(PYTHON), "-c", code], capture_output=True, text=True, check=True,
+                           env=kvrepl_env(PYTHONHASHSEED="12345"))  # fmt: skip
+    assert again.stdout.strip().splitlines()[-1] == real.fingerprint == base
     assert fp(w="") != base  # the weights count too
     assert fp(dtype="bfloat16") != base
     assert fp("another model") != base
     with monkeypatch.context() as mp:
         mp.setattr(tok, "chat_template", CHATML)
         assert fp() != base
-    assert fp() == base
     # what does not change the K/V does not change the fingerprint
     monkeypatch.setattr(cfg, "_name_or_path", "/somewhere/else")
     assert fp() == base

@@ -71,7 +71,9 @@ def test_stopping_at_a_progress_event_leaves_the_cache_at_what_was_computed(tiny
     stream.close()
     assert e.pc.ids == ids[:4] and e.progress.prefilled == 4
     e.pc.check()
-    assert e.stream(ids, GREEDY) and e.align(ids).keep == 4  # the next turn starts from there
+    assert e.align(ids).keep == 4  # the next turn starts from there ...
+    events = list(e.stream(ids, GREEDY))
+    assert (events[-1].reused_tokens, events[-1].prefilled_tokens) == (4, 6)  # ... and does
 
 
 def test_the_conversation_passes_progress_on_and_plain_output_shows_none(tmp_path, tiny):
