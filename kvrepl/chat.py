@@ -21,7 +21,6 @@ from kvrepl.errors import PromptError, StoreError, UsageError
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
 from kvrepl.guards import deferred_interrupts
 from kvrepl.handle import ModelHandle
-from kvrepl.models import LoadedModel
 from kvrepl.prompt import ThinkSplitter
 from kvrepl.sessions import OpenSession
 from kvrepl.snapshots import Snapshots
@@ -339,7 +338,7 @@ class Conversation:
         rt = self.model.peek()
         if rt is not None:
             figures["model"] = rt.loaded.source.label
-            figures["weights"] = _weights_line(rt.loaded)
+            figures["weights"] = rt.engine.runner.describe()
             figures["cached_tokens"] = rt.engine.cached_tokens
             figures["context_length"] = rt.engine.context_length
         if self.session is not None:
@@ -350,15 +349,6 @@ class Conversation:
             figures["kv_budget_bytes"] = self.kv.budget
             figures.update(self.store.session_totals(self.session.id))
         return figures
-
-
-def _weights_line(loaded: LoadedModel) -> str:
-    """How the model computes: the fast path's file weights and kernels, or a dtype."""
-    model = loaded.model
-    if getattr(model, "is_fast", False):
-        kv = str(model.kv_dtype).removeprefix("torch.")
-        return f"{model.weight_types} as in the file, {model.k.label}, {kv} K/V"
-    return f"{loaded.dtype} on {loaded.device}"
 
 
 def _cut_line(msgs: list[dict[str, Any]], starts: list[int], plan: Plan) -> str:

@@ -9,14 +9,13 @@ are read as w. A tensor of a type the kernels do not take raises `FastPathError`
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvrepl import native
+from kvrepl import ggufinfo, native
 from kvrepl.describe import (
     GGUF_FUSED,
     GGUF_NAMES,
@@ -36,77 +35,17 @@ def qk_order(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(-1)
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-            11: "<q", 12: "<d"}  # fmt: skip
-
-
-class _Reader:
-    """Just enough of GGUF to find its tensors: the key/value section is skipped, not parsed
-    (gguf-py's reader parses every vocabulary string: 5 s for this model)."""
-
-    def __init__(self, buf: memoryview) -> None:
-        self.buf, self.pos = buf, 0
-
-    def take(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.take("<Q")
-        self.pos += n
-        return bytes(self.buf[self.pos - n : self.pos]).decode("utf-8", "replace")
-
-    def skip(self, vtype: int, want: bool = False) -> Any:
-        if vtype == 8 and not want:
-            n = self.take("<Q")
-            self.pos += n
-            return None
-        if vtype == 8:
-            return self.string()
-        if vtype == 9:
-            itype, count = self.take("<I"), self.take("<Q")
-            if itype in _SCALARS:
-                self.pos += struct.calcsize(_SCALARS[itype]) * count
-            else:
-                for _ in range(count):
-                    self.skip(itype)
-            return None
-        return self.take(_SCALARS[vtype])
-
-
 class GGUFTensors:
     """The tensors of one GGUF file by name (memory-mapped), packed on request."""
 
     def __init__(self, path: Path) -> None:
-        from gguf import GGMLQuantizationType
-
         self.data = np.memmap(path, dtype=np.uint8, mode="r")
-        r = _Reader(memoryview(self.data))
         try:
-            if bytes(r.buf[:4]) != b"GGUF":
-                raise ValueError("not a GGUF file")
-            r.pos = 4
-            r.take("<I")
-            n_tensors, n_kv = r.take("<Q"), r.take("<Q")
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key, vtype = r.string(), r.take("<I")
-                want = key in ("general.architecture", "general.alignment")
-                value = r.skip(vtype, want)
-                if want:
-                    meta[key] = value
-            infos = []
-            for _ in range(n_tensors):
-                name, nd = r.string(), r.take("<I")
-                dims = [r.take("<Q") for _ in range(nd)]
-                infos.append((name, dims, GGMLQuantizationType(r.take("<I")).name, r.take("<Q")))
-        except (ValueError, IndexError, KeyError, struct.error) as exc:
-            raise FastPathError(f"cannot read the GGUF file's tensors ({exc})") from None
-        align = int(meta.get("general.alignment") or 32)
-        start = -(-r.pos // align) * align
-        self.arch = str(meta.get("general.architecture", ""))
-        self.by_name = {n: (t, dims, start + off) for n, dims, t, off in infos}
+            head = ggufinfo.read(memoryview(self.data))
+        except ggufinfo.GGUFError as exc:
+            raise FastPathError(str(exc)) from None
+        self.arch = head.arch
+        self.by_name = head.tensors
 
     def has(self, name: str) -> bool:
         return name in self.by_name
@@ -219,37 +158,3 @@ def from_hf(model: Any, qtype: str, kernels: native.Kernels, context_length: int
     head = embed if tied else quantize(top["lm_head"], qtype)
     final = norm_weight(top["final_norm"], arch)
     return FastModel(model.config, embed, layers, final, head, kernels, context_length)
-
-
-def load_fast(source: Any, folder: Path, chat_template: str | None) -> Any:
-    """A GGUF file on the CPU fast path, as a models.LoadedModel. ModelError("fast path off:
-    ...") when it cannot run (no compiler, a tensor type or architecture it does not take)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from kvrepl import models
-    from kvrepl.errors import ModelError
-
-    try:
-        kernels = native.kernels(models.cache_dir())
-        tensors = GGUFTensors(source.path)
-    except (native.NativeError, FastPathError) as exc:
-        raise ModelError(f"fast path off: {exc}") from None
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:
-        raise ModelError(f"cannot load model from {folder}: {exc}") from exc
-    ctx = int(getattr(config, "max_position_embeddings", 0) or 4096)
-    try:
-        model = build(tensors, config, kernels, ctx)
-    except FastPathError as exc:
-        raise ModelError(f"fast path off: {exc}") from None
-    try:
-        model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    except OSError:
-        model.generation_config = GenerationConfig.from_model_config(config)
-    notes = models.settle_template(tokenizer, config, chat_template)
-    model.weight_types = "+".join(sorted(tensors.types() - {"F32"}))
-    mode = f"gguf/{kernels.label}/float16-kv"
-    fp = models.fingerprint(source.label, config, mode, tokenizer, model.weights_digest())
-    return models.LoadedModel(model, tokenizer, source, "cpu", "gguf", fp, ctx, notes)

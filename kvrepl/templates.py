@@ -63,3 +63,20 @@ def pick(model_type: str, tokenizer: Any) -> tuple[str, str] | None:
         if (types is None or model_type in types) and set(needs) <= added:
             return name, template
     return None
+
+
+def settle(tokenizer: Any, config: Any, chat_template: str | None) -> list[str]:
+    """Give the tokenizer the chat template the model runs with: the one passed
+    (--chat-template), else its own, else a built-in picked by architecture, with a line saying
+    which. None fits: it stays without, and the prompt refuses it with a hint."""
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    picked = pick(getattr(config, "model_type", "") or "", tokenizer)
+    if picked is None:
+        return []
+    name, template = picked
+    tokenizer.chat_template = template
+    return [f"chat template: built-in {name} (the model has none)"]

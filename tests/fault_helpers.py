@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from helpers import Harness, make_harness
 
+from kvrepl import fingerprint as fingerprints
 from kvrepl.config import Settings
 from kvrepl.kvstore import KVStore
 from kvrepl.store import Store
@@ -60,7 +61,7 @@ def make_loaded(model: Any, tok: Any, *, label: str = "tiny", dtype: str = "floa
     """A LoadedModel built by hand; the fingerprint is the product's own function of it."""
     from kvrepl import models
 
-    fp = fingerprint or models.fingerprint(label, model.config, dtype, tok)
+    fp = fingerprint or fingerprints.fingerprint(label, model.config, dtype, tok)
     source = models.ModelSource("folder", Path("/nonexistent") / label, label)
     return models.LoadedModel(model, tok, source, "cpu", dtype, fp, context_length)
 

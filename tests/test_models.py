@@ -12,7 +12,7 @@ import torch
 from makers import CHATML
 from procs import PYTHON, kvrepl_env
 
-from kvrepl import models
+from kvrepl import fingerprint, models
 from kvrepl.errors import ModelError
 
 

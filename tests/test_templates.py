@@ -49,7 +49,7 @@ def bare_tokenizer():
 
 
 def settled(tok, model_type: str, chat_template: str | None = None) -> list[str]:
-    return models.settle_template(tok, SimpleNamespace(model_type=model_type), chat_template)
+    return templates.settle(tok, SimpleNamespace(model_type=model_type), chat_template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +195,6 @@ def test_a_gemma_folder_without_a_template_chats_and_says_so_once(tmp_path, scri
 def test_the_fast_path_picks_a_builtin_for_a_gguf_without_a_template(tmp_path):
     """The embedded GGUF on the CPU fast path, its tokenizer stripped of its template (as a
     GGUF without one reads): ChatML, SmolLM2's own format, said in one line."""
-    from kvrepl.gguf_model import load_fast
-
     source = models.resolve(None)
     meta = models.prepare_meta(source.path)
     folder = tmp_path / "meta"
@@ -206,6 +204,6 @@ def test_the_fast_path_picks_a_builtin_for_a_gguf_without_a_template(tmp_path):
     config = json.loads((meta / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    loaded = load_fast(source, folder, None)
+    loaded = models._fast_gguf(source, folder, None, 0)
     assert loaded.notes == ["chat template: built-in ChatML (the model has none)"]
     assert loaded.tokenizer.chat_template == templates.CHATML
