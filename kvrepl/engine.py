@@ -46,6 +46,11 @@ class HFRunner:
     def new_layers(self) -> list[Any]:
         return hf_layers(self.config)
 
+    def describe(self) -> str:
+        """How the model computes, for /stats."""
+        dt = str(self.kv_dtype).removeprefix("torch.")
+        return f"{dt} on {self.device}, transformers' kernels"
+
     def forward(self, ids: list[int], pc: PromptCache) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=x, cache=pc.cache, use_cache=True, logits_to_keep=1)
@@ -80,10 +85,13 @@ class FastRunner:
         self.layer_devices: list[Any] = []
         self.logits_device = model.device
         # the GPU path feeds a token from the device, queued behind the step that chose it
-        self.ahead = hasattr(model, "forward_token")
+        self.ahead = model.feeds_ahead
 
     def new_layers(self) -> list[Any]:
         return self.model.new_layers()
+
+    def describe(self) -> str:
+        return self.model.describe()
 
     def forward(self, ids: list[int], pc: PromptCache) -> torch.Tensor:
         return self.model.forward(ids, pc.cache.layers)

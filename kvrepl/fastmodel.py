@@ -68,7 +68,9 @@ class FastModel:
     layers and returns the last position's logits (float32)."""
 
     is_fast = True
+    feeds_ahead = False  # the host reads each token before the next step (no device queue)
     kv_dtype = torch.float16
+    weight_types = "quantized"  # the loader names them (the GGUF file's types, or the conversion)
 
     def __init__(
         self,
@@ -216,6 +218,10 @@ class FastModel:
         if a.final_softcap:
             out = torch.tanh(out / a.final_softcap) * a.final_softcap
         return out
+
+    def describe(self) -> str:
+        """How this model computes, for /stats."""
+        return f"{self.weight_types} weights, {self.k.label}, float16 K/V"
 
     def weights_digest(self) -> str:
         """A hash of a sample of every packed weight (for the fingerprint)."""

@@ -355,12 +355,10 @@ def test_no_compiler_means_a_reason_not_a_crash(tmp_path, monkeypatch):
 
 @pytest.mark.model
 def test_load_falls_back_to_float32_with_one_line_saying_why(monkeypatch):
-    from kvrepl import gguf_model
-
     def refuse(*args, **kwargs):
         raise ModelError("fast path off: blk.0.attn_q.weight: tensor type Q3_K is not supported")
 
-    monkeypatch.setattr(gguf_model, "load_fast", refuse)
+    monkeypatch.setattr(models, "_fast_gguf", refuse)
     loaded = models.load(progress=False)
     assert loaded.dtype == "float32"
     assert loaded.notes == [
@@ -371,10 +369,10 @@ def test_load_falls_back_to_float32_with_one_line_saying_why(monkeypatch):
         models.load(dtype="gguf", progress=False)
 
 
-def test_dtype_gguf_needs_a_gguf_file_on_the_cpu(tmp_path):
+def test_dtype_gguf_runs_on_the_cpu_only(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelError, match="gguf files on the CPU"):
-        models.load(str(tmp_path), dtype="gguf", progress=False)
+    with pytest.raises(ModelError, match="on the CPU only"):
+        models.load(str(tmp_path), dtype="gguf", device="cuda", progress=False)
 
 
 @pytest.mark.model
