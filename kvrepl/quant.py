@@ -1,12 +1,14 @@
 """Quantized weights: GGUF's block formats repacked, exactly, into the kernels' formats.
 
-Owns the byte layouts of the GGUF types the CPU fast path runs (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1,
-Q6_K, Q8_0, F16, BF16, F32) and their conversion into `Packed` weights: 4-bit values with a float
-(scale, min) per 32 (`u4`), 8-bit values with a float (scale, min) per 32 or 16 (`i8`), or plain
-`f16`/`f32`. Every conversion is exact: `Packed.dequantize()` equals gguf-py's dequantization
-(what transformers loads) bit for bit, so the fast path computes with the file's own weights.
-Never runs a kernel and never reads a file (gguf_model.py does).
-"""
+Owns the byte layouts of the GGUF types the CPU fast path runs and their conversion into `Packed`
+weights: 4-bit values with a float (scale, min) per 32 (`u4`: Q4_0, Q4_1, Q4_K), 8-bit values
+with a float (scale, min) per 32 (`i8`: Q5_0, Q5_1, Q5_K, Q8_0, IQ4_NL, IQ4_XS, the IQ4 types as
+their table's int8 levels) or per 16 (`i8`: Q2_K, Q3_K, Q6_K), or plain `f16` (F16) / `f32`
+(BF16, F32). So the common downloads' mixes (Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0,
+IQ4_NL, IQ4_XS) run; the other IQ types (grids) are refused. Every conversion is exact:
+`Packed.dequantize()` equals gguf-py's dequantization (what transformers loads) bit for bit
+(Q4_0: up to the sign of a zero), so the fast path computes with the file's own weights.
+Never runs a kernel and never reads a file (gguf_model.py does)."""
 
 from __future__ import annotations
 
@@ -23,13 +25,17 @@ LAYOUT = {
     "Q5_0": (32, 22),
     "Q5_1": (32, 24),
     "Q8_0": (32, 34),
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
     "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
     "Q6_K": (256, 210),
+    "IQ4_NL": (32, 18),
+    "IQ4_XS": (256, 136),
     "F16": (1, 2),
     "BF16": (1, 2),
     "F32": (1, 4),
 }
-SUPPORTED = frozenset(LAYOUT)
 
 
 class QuantError(ValueError):
@@ -91,12 +97,12 @@ class Packed:
         return torch.addcmul(m, q, s).reshape(self.n, self.k)  # q * s + m, one rounding
 
     def rows(self, order: np.ndarray | torch.Tensor) -> Packed:
-        """The same weights with rows reordered (transformers' Q/K permutation)."""
+        """These rows, in this order (transformers' Q/K permutation; a selection for checks)."""
         if self.group != 1:
             return self.canonical().rows(order)
         idx = torch.as_tensor(order, dtype=torch.long)
         sc = self.sc[idx].contiguous() if self.sc is not None else None
-        return Packed(self.fmt, self.q[idx].contiguous(), sc, self.n, self.k, self.block)
+        return Packed(self.fmt, self.q[idx].contiguous(), sc, len(idx), self.k, self.block)
 
 
 def _regroup(t: torch.Tensor, n: int, g: int, width: int, forward: bool) -> torch.Tensor:
@@ -121,14 +127,28 @@ def _pack_u4(q: np.ndarray, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy((q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).copy())
 
 
-def _scales(scale: np.ndarray, minimum: np.ndarray, n: int) -> torch.Tensor:
-    sc = np.stack([scale.astype(np.float32), minimum.astype(np.float32)], axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(sc.reshape(n, -1, 2)))
+def _scales(scale: np.ndarray, minimum: np.ndarray | None, n: int) -> torch.Tensor:
+    """(scale, min) pairs [n, blocks, 2]. No minimum: -0.0, which adds nothing and keeps the sign
+    of a zero q * scale as gguf-py's product has it (the kernels take it as no min)."""
+    scale = scale.astype(np.float32).reshape(-1)
+    minimum = np.full_like(scale, -0.0) if minimum is None else minimum.astype(np.float32)
+    minimum = minimum.reshape(-1)
+    return torch.from_numpy(np.ascontiguousarray(np.stack([scale, minimum], -1).reshape(n, -1, 2)))
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[blocks, 16] bytes -> [blocks, 32] values (low nibbles first), ggml's 32-weight order."""
-    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+def _i8(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray | None, n: int, k: int,
+        block: int = 32) -> Packed:  # fmt: skip
+    q = torch.from_numpy(np.ascontiguousarray(q.astype(np.int8).reshape(n, k)))
+    return Packed("i8", q, _scales(scale, minimum, n), n, k, block)
+
+
+def _fields(x: np.ndarray, chunk: int, bits: int) -> np.ndarray:
+    """Bytes [blocks, c * chunk] -> values [blocks, c * 8/bits, chunk]: each run of `chunk` bytes
+    read as 8/bits planes of `bits`-bit values, lowest bits first (ggml's order for every block
+    type here: e.g. a Q4_0 block's 16 bytes are weights 0-15 in the low nibbles, 16-31 high)."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8).reshape(1, 1, -1, 1)
+    planes = (x.reshape(x.shape[0], -1, 1, chunk) >> shifts) & np.uint8((1 << bits) - 1)
+    return planes.reshape(x.shape[0], -1, chunk)
 
 
 def pack(raw: np.ndarray, qtype: str, n: int, k: int) -> Packed:
@@ -137,7 +157,7 @@ def pack(raw: np.ndarray, qtype: str, n: int, k: int) -> Packed:
         raise QuantError(f"tensor type {qtype} is not supported by the fast path")
     bs, nbytes = LAYOUT[qtype]
     if k % 32 or k % bs:
-        raise QuantError(f"a {qtype} row of {k} weights does not split into blocks of 32")
+        raise QuantError(f"a {qtype} row of {k} weights does not split into blocks of {bs}")
     raw = np.ascontiguousarray(raw).reshape(-1)
     if qtype in ("F16", "BF16", "F32"):
         if qtype == "F16":
@@ -153,61 +173,99 @@ def pack(raw: np.ndarray, qtype: str, n: int, k: int) -> Packed:
     return _PACKERS[qtype](blocks, n, k)
 
 
+# Every packer below keeps gguf-py's float32 scale products (d * sub-block scale, computed the
+# same way) and its integer values; q * scale is then exact in float32 (at most 11 + 7 + 5
+# significant bits), so the one rounding left, of adding the min, is gguf-py's own.
+
+
 def _q4_0(b: np.ndarray, n: int, k: int) -> Packed:
     d = _f16(b[:, :2]).reshape(-1)
-    q = _nibbles(b[:, 2:18])
+    q = _fields(b[:, 2:18], 16, 4)
     return Packed("u4", _pack_u4(q, n, k), _scales(d, -8.0 * d, n), n, k)
 
 
 def _q4_1(b: np.ndarray, n: int, k: int) -> Packed:
-    d, m = _f16(b[:, :2]).reshape(-1), _f16(b[:, 2:4]).reshape(-1)
-    q = _nibbles(b[:, 4:20])
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    q = _fields(b[:, 4:20], 16, 4)
     return Packed("u4", _pack_u4(q, n, k), _scales(d, m, n), n, k)
 
 
 def _q5(b: np.ndarray, n: int, k: int, with_min: bool) -> Packed:
-    d = _f16(b[:, :2]).reshape(-1)
+    d = _f16(b[:, :2])
     off = 4 if with_min else 2
-    m = _f16(b[:, 2:4]).reshape(-1) if with_min else np.zeros_like(d)
-    qh = np.ascontiguousarray(b[:, off : off + 4]).view(np.uint32).reshape(-1, 1)
+    m = _f16(b[:, 2:4]) if with_min else None
+    qh = np.ascontiguousarray(b[:, off : off + 4]).view(np.uint32)  # bit j: weight j's 5th bit
     high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    q = _nibbles(b[:, off + 4 : off + 20]) | (high << 4)
-    q = q.astype(np.int16) - (0 if with_min else 16)
-    return Packed("i8", torch.from_numpy(q.astype(np.int8).reshape(n, k)), _scales(d, m, n), n, k)
+    q = _fields(b[:, off + 4 : off + 20], 16, 4).reshape(-1, 32) | (high << 4)
+    return _i8(q.astype(np.int16) - (0 if with_min else 16), d, m, n, k)
 
 
 def _q8_0(b: np.ndarray, n: int, k: int) -> Packed:
-    d = _f16(b[:, :2]).reshape(-1)
-    q = np.ascontiguousarray(b[:, 2:34]).view(np.int8).reshape(n, k).copy()
-    return Packed("i8", torch.from_numpy(q), _scales(d, np.zeros_like(d), n), n, k)
+    d = _f16(b[:, :2])
+    return _i8(np.ascontiguousarray(b[:, 2:34]).view(np.int8), d, None, n, k)
 
 
-def _q4_k(b: np.ndarray, n: int, k: int) -> Packed:
+def _k_scale_min(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: the 8 sub-blocks' scales d * sc and mins -(dmin * m) (6-bit sc, m)."""
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
     s = b[:, 4:16].reshape(-1, 3, 4)
     sd, sm, smd = s[:, 0], s[:, 1], s[:, 2]
     sc = np.concatenate([sd & 0x3F, (smd & 0x0F) | ((sd >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([sm & 0x3F, (smd >> 4) | ((sm >> 2) & 0x30)], axis=-1)
-    qs = b[:, 16:144].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    q = (qs & 15).reshape(-1, 8, 32)  # sub-block j: low nibbles (j even) or high of 32 bytes
-    scale = (d * sc.astype(np.float32)).reshape(-1)
-    minimum = -(dmin * mn.astype(np.float32)).reshape(-1)
-    return Packed("u4", _pack_u4(q.reshape(n, k), n, k), _scales(scale, minimum, n), n, k)
+    return d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+
+
+def _q4_k(b: np.ndarray, n: int, k: int) -> Packed:
+    scale, minimum = _k_scale_min(b)
+    q = _fields(b[:, 16:144], 32, 4)  # sub-block j: low (j even) or high nibbles of 32 bytes
+    return Packed("u4", _pack_u4(q, n, k), _scales(scale, minimum, n), n, k)
+
+
+def _q5_k(b: np.ndarray, n: int, k: int) -> Packed:
+    scale, minimum = _k_scale_min(b)
+    q = _fields(b[:, 48:176], 32, 4) | (_fields(b[:, 16:48], 32, 1) << 4)
+    return _i8(q, scale, minimum, n, k)
 
 
 def _q6_k(b: np.ndarray, n: int, k: int) -> Packed:
-    ql, qh = b[:, :128], b[:, 128:192]
     scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
     d = _f16(b[:, 208:210])
-    lo = ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    lo = (lo & 15).reshape(-1, 2, 4, 32)
-    hi = qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-    hi = (hi & 3).reshape(-1, 2, 4, 32)
-    q = ((lo | (hi << 4)).astype(np.int16) - 32).astype(np.int8).reshape(n, k)
-    scale = (d * scales).reshape(-1)
-    return Packed(
-        "i8", torch.from_numpy(q.copy()), _scales(scale, np.zeros_like(scale), n), n, k, 16
-    )
+    lo = _fields(b[:, :128], 64, 4).reshape(-1, 8, 32)
+    q = (lo | (_fields(b[:, 128:192], 32, 2) << 4)).astype(np.int16) - 32
+    return _i8(q, d * scales, None, n, k, 16)
+
+
+def _q3_k(b: np.ndarray, n: int, k: int) -> Packed:
+    d = _f16(b[:, 108:110])
+    low, high = _fields(b[:, 96:104], 8, 4), _fields(b[:, 104:108], 4, 2)
+    scales = (low.reshape(-1, 16) | (high.reshape(-1, 16) << 4)).astype(np.int8) - 32
+    ql = _fields(b[:, 32:96], 32, 2).astype(np.int16)
+    q = ql - 4 * (1 - _fields(b[:, :32], 32, 1).astype(np.int16))  # hmask bit set: no offset
+    return _i8(q, d * scales.astype(np.float32), None, n, k, 16)
+
+
+def _q2_k(b: np.ndarray, n: int, k: int) -> Packed:
+    sc, d, dmin = b[:, :16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    scale = d * (sc & 0xF).astype(np.float32)
+    minimum = -(dmin * (sc >> 4).astype(np.float32))
+    return _i8(_fields(b[:, 16:80], 32, 2), scale, minimum, n, k, 16)
+
+
+IQ4NL_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
+)  # ggml's kvalues_iq4nl: the 16 levels a 4-bit IQ4 index stands for
+
+
+def _iq4_nl(b: np.ndarray, n: int, k: int) -> Packed:
+    return _i8(IQ4NL_VALUES[_fields(b[:, 2:18], 16, 4)], _f16(b[:, :2]), None, n, k)
+
+
+def _iq4_xs(b: np.ndarray, n: int, k: int) -> Packed:
+    d = _f16(b[:, :2])
+    low, high = _fields(b[:, 4:8], 1, 4), _fields(b[:, 2:4], 1, 2)  # high: 2 bits j of a uint16
+    ls = (low | (high << 4)).reshape(-1, 8).astype(np.int8) - 32
+    q = IQ4NL_VALUES[_fields(b[:, 8:136], 16, 4)]
+    return _i8(q, d * ls.astype(np.float32), None, n, k)
 
 
 _PACKERS = {
@@ -216,8 +274,13 @@ _PACKERS = {
     "Q5_0": lambda b, n, k: _q5(b, n, k, False),
     "Q5_1": lambda b, n, k: _q5(b, n, k, True),
     "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
     "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
     "Q6_K": _q6_k,
+    "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
 }
 
 
