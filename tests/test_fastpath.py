@@ -2,7 +2,8 @@
 (native/): results close to a float64 reference and bit-identical whatever the rows computed
 with them, the scalar fallback bit-identical to AVX2; the decoder (fastmodel.py) against
 transformers on tiny models of each family it runs, quantized in the test; a GGUF file written
-here and read back (gguf_model.py); and the fallback when the fast path cannot run."""
+here and read back (gguf_model.py); and the fallback when the fast path cannot run (a real
+process where no C compiler runs, end to end)."""
 
 from __future__ import annotations
 
@@ -164,13 +165,15 @@ def test_attention_matches_float64_and_each_row_is_independent(kernels, window):
 # the decoder on tiny models of each family
 
 
-def make_family(family: str, vocab: int, seed: int = 0):
+def make_family(family: str, vocab: int, seed: int = 0, *, tied: bool = True):
+    """A tiny random model of `family`. Tied, its greedy answer repeats the prompt's last token;
+    untied, it varies (what a comparison of answers needs)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=True)  # fmt: skip
+                  tie_word_embeddings=tied)  # fmt: skip
     if family == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     elif family == "qwen2":
@@ -226,7 +229,7 @@ def test_decoder_matches_transformers_and_is_chunk_invariant(kernels, family):
 
 def test_reuse_equals_recompute_bit_for_bit_on_a_quantized_tiny_model(kernels):
     tok = make_tokenizer()
-    fast = from_hf(make_family("llama", len(tok), seed=3), "Q4_1", kernels, 512)
+    fast = from_hf(make_family("llama", len(tok), seed=3, tied=False), "Q4_1", kernels, 512)
     reuse = Engine(fast, tok, end_ids=set(), context_length=512)
     fresh = Engine(fast, tok, end_ids=set(), context_length=512, reuse=False)
     rng = torch.Generator().manual_seed(7)
@@ -239,11 +242,13 @@ def test_reuse_equals_recompute_bit_for_bit_on_a_quantized_tiny_model(kernels):
         b = list(fresh.stream(ids, Sampling(temperature=0, max_tokens=12)))
         assert a[-2] == b[-2]  # the same finish
         assert reuse.progress.generated == fresh.progress.generated
+        assert len(set(reuse.progress.generated)) >= 3, reuse.progress.generated  # not a loop
         assert a[-1].reused_tokens > 0 or turn == 0
         ids = ids + reuse.progress.generated
         assert torch.equal(reuse.prefill(ids), fresh.prefill(ids))  # the logits, bit for bit
+        assert reuse.progress.reused == len(ids) - 1 and fresh.progress.reused == 0
         for la, lb in zip(reuse.pc.cache.layers, fresh.pc.cache.layers, strict=True):
-            assert torch.equal(la.keys, lb.keys)
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
 
 
 def test_a_branch_on_disk_restores_into_the_room_a_longer_turn_left(kernels, tmp_path):
@@ -252,7 +257,7 @@ def test_a_branch_on_disk_restores_into_the_room_a_longer_turn_left(kernels, tmp
     from kvrepl.kvstore import KVStore
 
     tok = make_tokenizer()
-    fast = from_hf(make_family("llama", len(tok), seed=4), "Q4_1", kernels, 512)
+    fast = from_hf(make_family("llama", len(tok), seed=4, tied=False), "Q4_1", kernels, 512)
     e = Engine(fast, tok, end_ids=set(), context_length=512)
     fresh = Engine(fast, tok, end_ids=set(), context_length=512, reuse=False)
     rng = torch.Generator().manual_seed(8)
@@ -267,6 +272,13 @@ def test_a_branch_on_disk_restores_into_the_room_a_longer_turn_left(kernels, tmp
     assert list(e.cached_ids) == saved
     more = saved + [7, 8, 9]
     assert torch.equal(e.prefill(more), fresh.prefill(more))
+    assert e.progress.reused == len(saved)
+    for la, lb in zip(e.pc.cache.layers, fresh.pc.cache.layers, strict=True):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+    for engine in (e, fresh):  # and the answer goes on as a recomputation's
+        list(engine.stream(more + [10], Sampling(temperature=0, max_tokens=12)))
+    assert e.progress.generated == fresh.progress.generated
+    assert len(set(e.progress.generated)) >= 3, e.progress.generated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +379,37 @@ def test_load_falls_back_to_float32_with_one_line_saying_why(monkeypatch):
     ]
     with pytest.raises(ModelError, match="Q3_K"):
         models.load(dtype="gguf", progress=False)
+
+
+@pytest.mark.model
+def test_a_start_where_no_compiler_runs_falls_back_with_one_line(real32, tmp_path):
+    """End to end, a real kvrepl process where the C compiler cannot run (`CC` names nothing,
+    which native/ tries before any other): it says why in one line, runs the dequantized float32
+    model, and answers as that model does."""
+    from fault_helpers import reference_answer
+    from procs import run_kvrepl
+
+    from kvrepl.store import Store
+
+    home, cc = tmp_path / "store", tmp_path / "no-such-cc"
+    args = ["--temperature", "0", "--repetition-penalty", "1", "--max-tokens", "6", "Say hi."]
+    done = run_kvrepl(args, home=home, env={"CC": str(cc)}, timeout=300)
+    assert done.rc == 0, done.err
+    err = done.err.splitlines()
+    assert err[0] == (
+        f"fast path off: the C compiler {cc} does not run: [Errno 2] No such file or directory: "
+        f"'{cc}': running the dequantized float32 model instead"
+    ), done.err
+    assert len(err) == 2 and err[1].startswith("reused 0 · prefilled "), done.err  # no more
+    store = Store(home / "kvrepl.db")
+    try:
+        session = store.latest_session()
+        assert session is not None
+        answer = store.active_branch(session.id)[-1]
+    finally:
+        store.close()
+    want = reference_answer(real32, [{"role": "user", "content": "Say hi."}], 6)
+    assert list(answer.token_ids or ()) == want and done.out.strip() == answer.content
 
 
 def test_dtype_gguf_runs_on_the_cpu_only(tmp_path):
