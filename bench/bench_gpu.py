@@ -7,11 +7,13 @@ to first token of a 50-token turn after 16k tokens of history, reused against re
     python bench/bench_gpu.py --check    # correctness first: kernels, invariance, graphs (~1 min)
     python bench/bench_gpu.py            # the figures (~6 min on an H200)
     python bench/bench_gpu.py --shapes 135M,1B --no-static
+    python bench/bench_gpu.py --memory   # GPU memory at Llama-3.1-8B's and Qwen3-4B's shapes
 
 --check: each kernel against torch; a row computed alone and in a batch bit-identical (matmul,
 norm, attention across splits); a 135M-shaped model's logits and K/V bit-identical whether its
 prompt ran in one prefill or in chunks and graph-replayed decode steps; reuse against --no-reuse
-over turns and an edit, tokens and logits; a snapshot saved and restored through the store.
+over turns and an edit, tokens and logits; a snapshot saved and restored through the store;
+every model family (tests/families.py) against transformers, chunk/decode bitwise, reuse.
 Prints one JSON line per part; exits 1 if any fails.
 """
 
@@ -155,7 +157,7 @@ def check_kernels() -> dict:
 
 def check_rope(T: Any) -> dict:
     """matmul_rope against the torch contract (kvrepl/gpu/model.py), and row by row."""
-    from kvrepl.fastmodel import RopeTable
+    from kvrepl.describe import RopeTable
     from kvrepl.gpu.model import ops_for
 
     bf = {"device": "cuda", "dtype": torch.bfloat16}
@@ -262,6 +264,117 @@ def check_ahead(gm: Any) -> dict:
     return {"ahead_equals_token_by_token": same}
 
 
+def check_families(device: str = "cuda", backend: str = "triton") -> dict:
+    """Every family the description holds, on the Triton kernels: last logits against
+    transformers' float32 forward of the same model (as close as transformers' own bf16 forward
+    is, at worst twice as far), one prefill against chunks and graph-replayed decode steps bit for
+    bit (logits, K/V), reuse against --no-reuse token for token; a family the kernels lack a
+    term of is refused by name."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from families import FAMILIES, make_model, reference_logits
+
+    from kvrepl.describe import Unsupported
+    from kvrepl.gpu.model import GpuModel
+
+    out: dict[str, Any] = {}
+    ids = tokens(40, 7)
+    ids = [i % 300 + 3 for i in ids]
+    for family in FAMILIES:
+        model = make_model(family, seed=3)
+        want = reference_logits(model, ids)
+        bf = model.to(device, torch.bfloat16)
+        hf_bf16 = reference_logits(bf, ids).cpu()
+        try:
+            gm = GpuModel(bf, 512, backend=backend)
+        except Unsupported as exc:
+            out[family] = {"refused": str(exc)}
+            continue
+        whole = gm.new_layers()
+        a = gm.forward(ids, whole).cpu()
+        parts = gm.new_layers()
+        gm.forward(ids[:17], parts)
+        for t in ids[17:30]:
+            gm.forward([t], parts)
+        b = gm.forward(ids[30:], parts).cpu()
+        kv = all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+                 for x, y in zip(whole, parts, strict=True))  # fmt: skip
+        rel = float((a - want).abs().max() / want.abs().max())
+        hf_rel = float((hf_bf16 - want).abs().max() / want.abs().max())
+        reuse, fresh = engine(gm), engine(gm, reuse=False)
+        seq, same = list(ids), True
+        for turn in range(3):
+            seq = seq + [(7 * turn + j) % 300 + 3 for j in range(9)]
+            list(reuse.stream(seq, Sampling.greedy(8)))
+            list(fresh.stream(seq, Sampling.greedy(8)))
+            same &= reuse.progress.generated == fresh.progress.generated
+            seq = seq + reuse.progress.generated
+        out[family] = {"rel_err": rel, "transformers_bf16_rel_err": hf_rel,
+                       "close": rel <= 2 * hf_rel + 0.02, "chunks_bitwise": torch.equal(a, b),
+                       "kv_bitwise": kv, "reuse_tokens_equal": same}  # fmt: skip
+    oks = [v[k] for v in out.values() for k in ("close", "chunks_bitwise", "kv_bitwise",
+                                                  "reuse_tokens_equal") if k in v]  # fmt: skip
+    out["gemma2_refused_by_name"] = "attention softcap" in out.get("gemma2", {}).get("refused", "")
+    out["ok"] = all(oks) and out["gemma2_refused_by_name"]
+    return out
+
+
+MEMORY_SHAPES = {  # config class, sizes: Llama-3.1-8B's and Qwen3-4B's
+    "llama3.1-8B": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                         "rope_theta": 500000.0})),
+    "qwen3-4B": ("Qwen3Config", dict(
+        vocab_size=151936, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, intermediate_size=9728,
+        max_position_embeddings=40960, tie_word_embeddings=True)),
+}  # fmt: skip
+
+
+def memory(context: int = 8192) -> list[dict]:
+    """GPU memory of the CUDA path for real model shapes (random bf16 weights): the weights as
+    transformers holds them, then kvrepl's (held once) and a cache of `context` tokens, and the
+    peak while building; plus what the model's whole context would need."""
+    import transformers
+
+    from kvrepl import placement
+    from kvrepl.describe import Arch
+    from kvrepl.gpu.model import GpuModel
+
+    rows = []
+    for name, (cls, sizes) in MEMORY_SHAPES.items():
+        gc.collect()
+        torch.cuda.empty_cache()
+        cfg = getattr(transformers, cls)(**sizes)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        base = torch.cuda.memory_allocated()
+        model = model.to_empty(device="cuda").to(torch.bfloat16).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+        model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to("cuda")
+        weights = torch.cuda.memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
+        placement.check_cache_fits(model, context)
+        gm = GpuModel(model, context, consume=True)
+        del model
+        gc.collect()
+        layers = gm.new_layers()
+        held = torch.cuda.memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated() - base
+        arch = Arch.from_config(cfg)
+        gib = 2**30
+        rows.append({"shape": name, "context": context, "weights_gib": weights / gib,
+                     "held_gib": held / gib, "peak_gib": peak / gib,
+                     "kv_gib": arch.kv_bytes(context, 2) / gib,
+                     "kv_full_context_gib": arch.kv_bytes(arch.max_context, 2) / gib,
+                     "full_context": arch.max_context})  # fmt: skip
+        del gm, layers
+    return rows
+
+
 # -- figures -------------------------------------------------------------------------------
 
 
@@ -336,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="135M,1B,8B")
     ap.add_argument("--no-static", action="store_true")
     ap.add_argument("--static-only", action="store_true", help="8B generate(static) alone")
+    ap.add_argument("--memory", action="store_true", help="GPU memory at 8B and 4B shapes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import triton
@@ -358,8 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(r), flush=True)
         return 0
+    if args.memory:
+        for r in memory():
+            print(json.dumps(r), flush=True)
+        return 0
     if args.check:
-        for part in (check_kernels, check_model):
+        for part in (check_kernels, check_model, check_families):
             r = {"part": part.__name__, **part()}
             print(json.dumps(r), flush=True)
             results.append(r)

@@ -1,0 +1,106 @@
+"""Every backend through the doors users use: a turn and every read-only command (/stats first:
+it crashed on the GPU path) on the CPU fast path, the GPU path's logic (torch backend) and the
+transformers fallback; a model folder on the CPU takes the fast path, converted once at load, and
+`--dtype float32` keeps transformers; the context setting sizes the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from families import make_model
+from helpers import Harness, lines_of, make_harness, tiny_loaded
+
+from kvrepl import models, native, placement
+from kvrepl.config import Settings
+from kvrepl.describe import Arch, context_for
+from kvrepl.gguf_model import from_hf
+from kvrepl.gpu.model import GpuModel
+
+SETTINGS = Settings(temperature=0.0, max_tokens=6, kv_budget_mb=64)
+
+
+def _backend(kind: str, tiny) -> object:
+    model, _ = tiny
+    if kind == "fast":
+        return from_hf(model, "Q8_0", native.kernels(models.cache_dir()), 512)
+    if kind == "gpu-logic":
+        return GpuModel(model, 512, backend="torch")
+    return model
+
+
+@pytest.mark.parametrize("kind", ["fast", "gpu-logic", "transformers"])
+def test_every_command_works_on_every_backend(kind, tiny, tmp_path: Path):
+    loaded = dataclasses.replace(tiny_loaded(tiny), model=_backend(kind, tiny))
+    h: Harness = make_harness(tmp_path / "home", loaded, settings=SETTINGS)
+    try:
+        h.run("hello there", "and again")
+        rows = dict(line.split("\t") for line in lines_of(h.run("/stats")))
+        want = {"fast": "kvrepl-kernels", "gpu-logic": "torch GPU kernels",
+                "transformers": "transformers' kernels"}  # fmt: skip
+        assert want[kind] in rows["weights"]
+        assert int(rows["cached_tokens"].replace(",", "")) == len(h.rt.engine.pc.ids)
+        for line in ("/history", "/sessions", "/branches", "/export md", "/undo", "/retry"):
+            out = h.run(line)
+            assert "internal error" not in out and "Traceback" not in out, (line, out)
+    finally:
+        h.chat.close()
+
+
+def test_the_fast_path_names_its_weights_in_stats(tiny, tmp_path: Path):
+    fast = _backend("fast", tiny)
+    fast.weight_types = "Q8_0 (converted at load)"
+    assert fast.describe().startswith("Q8_0 (converted at load) weights, kvrepl-kernels")
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> Path:
+    """A tiny Llama saved as a model folder, with a tokenizer and a chat template."""
+    from makers import CHATML, make_tokenizer
+
+    folder = tmp_path_factory.mktemp("llama")
+    tok = make_tokenizer()
+    tok.chat_template = CHATML
+    model = make_model("llama")
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_model_folder_on_the_cpu_takes_the_fast_path(llama_folder):
+    loaded = models.load(str(llama_folder), device="cpu", progress=False, context=300)
+    assert type(loaded.model).__name__ == "FastModel"
+    assert loaded.model.weight_types.startswith(placement.HF_FAST_QTYPE)
+    assert any("converted to Q8_0 at load" in n for n in loaded.notes), loaded.notes
+    assert loaded.context_length == 300
+    exact = models.load(str(llama_folder), device="cpu", dtype="float32", progress=False)
+    assert type(exact.model).__name__ == "LlamaForCausalLM"
+    assert exact.fingerprint != loaded.fingerprint  # a snapshot of one never restores the other
+    ids = [1, 5, 9, 40, 7, 3]
+    with torch.no_grad():
+        want = exact.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    got = loaded.model.forward(ids, loaded.model.new_layers())
+    assert int(got.argmax()) == int(want.argmax())
+    assert float((got - want).abs().max() / want.abs().max()) < 0.05  # Q8_0, 8 bits a weight
+
+
+def test_the_context_setting_sizes_the_cache_within_the_models_limit():
+    arch = Arch.from_config(make_model("llama").config)  # 4,096 positions
+    assert context_for(arch, 1000) == (1000, None)
+    assert context_for(arch, 0) == (4096, None)
+    assert context_for(arch, 100_000) == (4096, None)
+    phi = Arch.from_config(make_model("phi3").config)
+    phi.rope_type, phi.max_context = "longrope", 2048
+    ctx, line = context_for(phi, 8192)
+    assert ctx == 2048 and "longrope" in line
+
+
+def test_the_context_setting_is_checked_where_it_is_given():
+    from kvrepl.config import load_settings
+
+    assert load_settings({"context": "2048"}).context == 2048
+    with pytest.raises(Exception, match="context"):
+        load_settings({"context": "-5"})
