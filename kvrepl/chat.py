@@ -179,14 +179,7 @@ class Conversation:
         if not text.strip():
             raise UsageError("empty message: type something, or /help")
         rt = self.model.get()
-        n = rt.prompt.count_tokens(text)
-        limit = rt.engine.context_length - _ANSWER_ROOM
-        if n > limit:
-            raise PromptError(
-                f"this message is {n:,} tokens; the model's context is "
-                f"{rt.engine.context_length:,} tokens (at most {limit:,} for a message): "
-                "shorten it or send it in parts"
-            )
+        _check_fits("message", rt.prompt.count_tokens(text), rt.engine.context_length)
         msgs = [*self.prompt_messages(before), {"role": "user", "content": text}]
         return msgs, *self._fit(msgs)
 
@@ -196,21 +189,15 @@ class Conversation:
         rt, notes = self.model.get(), []
         think = self.settings.thinking
         ids, starts = rt.prompt.render_with_offsets(msgs, enable_thinking=think)
-        limit = rt.engine.context_length - _ANSWER_ROOM
         dropped = 0
-        while len(ids) > limit and self.settings.drop_oldest:
+        while len(ids) > _room(rt.engine.context_length) and self.settings.drop_oldest:
             first = 1 if msgs and msgs[0]["role"] == "system" else 0
             if len(msgs) - first <= 1:
                 break
             del msgs[first : first + 2]
             dropped += 1
             ids, starts = rt.prompt.render_with_offsets(msgs, enable_thinking=think)
-        if len(ids) > limit:
-            raise PromptError(
-                f"the conversation is {len(ids):,} tokens; the model's context is "
-                f"{rt.engine.context_length:,}: use /new to start over, /undo to drop the last "
-                "exchange, /edit to shorten a turn, or `/set drop_oldest on` to drop old turns"
-            )
+        _check_fits("conversation", len(ids), rt.engine.context_length)
         if dropped:
             notes.append(
                 f"context: left out the oldest {dropped} exchange(s) to fit; "
@@ -247,12 +234,10 @@ class Conversation:
             enable_thinking=self.settings.thinking,
         )
         notes += self.bring(ids)
-        if len(ids) >= engine.context_length - _ANSWER_ROOM:
-            return (
-                0,
-                0,
-                [*notes, "the conversation fills the context: the next turn will say what to do"],
-            )
+        try:
+            _check_fits("conversation", len(ids), engine.context_length)
+        except PromptError as exc:
+            return 0, 0, [*notes, str(exc)]
         engine.prefill(ids)
         self._save_snapshot(notes)
         return engine.progress.reused, engine.progress.prefilled, notes
@@ -277,8 +262,8 @@ class Conversation:
             for line in [*notes, *self.bring(ids)]:
                 yield Notice(line)
             plan = rt.engine.align(ids)
-            if plan.cached and plan.keep < plan.cached - 1:
-                yield Notice(_cut_line(msgs, starts, plan))
+            if self.settings.reuse and plan.cached and plan.keep < plan.cached - 1:
+                yield Notice(_cut_line(msgs, starts, plan))  # --no-reuse cuts every turn: silent
             splitter.in_think = rt.prompt.opens_in_think(ids)
             events = rt.engine.stream(ids, self.sampling(), started=started)
             for event in events:
@@ -351,6 +336,31 @@ class Conversation:
         return figures
 
 
+def _room(context: int) -> int:
+    """The most tokens a prompt may hold: the context less the room an answer needs."""
+    return context - _ANSWER_ROOM
+
+
+def _check_fits(what: str, n: int, context: int) -> None:
+    """The one context check, before anything is stored or computed: a message or a whole
+    conversation of `n` tokens must leave an answer room in the context."""
+    if n <= _room(context):
+        return
+    if what == "message":
+        raise PromptError(f"this message is {n:,} tokens; the model's context is {context:,} "
+                          f"tokens (at most {_room(context):,} for a message): shorten it or send "
+                          "it in parts")  # fmt: skip
+    raise PromptError(
+        f"the conversation is {n:,} tokens; the model's context is {context:,}: use /new to start "
+        "over, /undo to drop the last exchange, /edit to shorten a turn, or `/set drop_oldest on` "
+        "to drop old turns"
+    )
+
+
+def _tokens(n: int) -> str:
+    return f"{n:,} token" + ("" if n == 1 else "s")
+
+
 def _cut_line(msgs: list[dict[str, Any]], starts: list[int], plan: Plan) -> str:
     """The notice for a prefill that cuts the cache back: where (the turn and role of the
     message it falls in) and how much is recomputed."""
@@ -358,9 +368,9 @@ def _cut_line(msgs: list[dict[str, Any]], starts: list[int], plan: Plan) -> str:
     if plan.why == "cannot cut":
         return (
             f"cache: this model's cache (chunked or linear-attention layers) cannot be cut: "
-            f"rebuilding it, recomputing {total:,} tokens"
+            f"rebuilding it, recomputing {_tokens(total)}"
         )
     j = max((i for i, s in enumerate(starts) if 0 <= s <= plan.keep), default=0)
     turn = sum(1 for m in msgs[: j + 1] if m["role"] == "user")
     where = f"turn {turn}, {msgs[j]['role']}" if msgs else "start"
-    return f"cache: cut at token {plan.keep:,} ({where}); recomputing {plan.recompute:,} tokens"
+    return f"cache: cut at token {plan.keep:,} ({where}); recomputing {_tokens(plan.recompute)}"

@@ -1,0 +1,39 @@
+"""The conversation's own lines: the cut notice (said when the cache is cut back, never on every
+turn under --no-reuse, in the singular for one token) and the one context check's wording."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from helpers import make_harness, tiny_loaded
+
+from kvrepl.chat import _check_fits, _tokens
+from kvrepl.config import Settings
+from kvrepl.errors import PromptError
+
+SETTINGS = Settings(temperature=0.0, max_tokens=4)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_the_cut_line_is_said_only_when_reuse_cuts(reuse, tiny, tmp_path: Path):
+    h = make_harness(tmp_path / "h", tiny_loaded(tiny), settings=dataclasses.replace(
+        SETTINGS, reuse=reuse))  # fmt: skip
+    try:
+        out = h.run("hello there", "and again", "/edit 1 hello here")
+    finally:
+        h.chat.close()
+    assert ("cache: cut at token" in out) == reuse, out
+
+
+def test_one_token_is_one_token():
+    assert _tokens(1) == "1 token" and _tokens(2) == "2 tokens" and _tokens(1234) == "1,234 tokens"
+
+
+def test_one_context_check_for_a_message_and_a_conversation():
+    _check_fits("message", 240, 256)
+    with pytest.raises(PromptError, match="this message is 241 tokens"):
+        _check_fits("message", 241, 256)
+    with pytest.raises(PromptError, match="the conversation is 300 tokens.*/new"):
+        _check_fits("conversation", 300, 256)
