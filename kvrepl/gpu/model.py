@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvrepl.backend import KernelBackend
 from kvrepl.cache import GrowingLayer
 from kvrepl.describe import Arch, RopeTable, hf_weights, norm_weight
 
@@ -96,7 +97,7 @@ def ops_for(backend: str) -> Any:
     return _torch_ops()
 
 
-class GpuModel:
+class GpuModel(KernelBackend):
     """A decoder on the GPU kernels. `forward(ids, layers)` appends the ids' K/V to the cache
     layers and returns the last position's logits (float32)."""
 
