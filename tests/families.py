@@ -75,9 +75,9 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def write_gguf(model: Any, family: str, path: Path) -> Path:
-    """The model as a GGUF file of F32 tensors, named and laid out as llama.cpp's converter
-    writes this architecture."""
+def write_gguf(model: Any, family: str, path: Path, qtype: str = "F32") -> Path:
+    """The model as a GGUF file, named and laid out as llama.cpp's converter writes this
+    architecture: matrices in `qtype` (gguf-py's quantizers), norms and biases F32."""
     import gguf
 
     from kvrepl.describe import GGUF_FUSED, GGUF_NAMES, GGUF_TOP, Arch, hf_weights
@@ -90,6 +90,10 @@ def write_gguf(model: Any, family: str, path: Path) -> Path:
 
     def put(name: str, t: torch.Tensor, norm: bool = False) -> None:
         a = t.detach().float().numpy().copy()
+        if a.ndim == 2 and qtype != "F32":
+            kind = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+            return
         w.add_tensor(name, a + np.float32(1.0) if norm and arch.gemma else a)
 
     for i, roles in enumerate(layers):

@@ -65,6 +65,19 @@ def test_gguf_as_llama_cpp_writes_it_computes_the_same_model(family, kernels, tm
         assert torch.equal(got, same)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.startswith("gemma")])
+def test_a_quantized_gguf_holds_exactly_the_quantized_model(family, kernels, tmp_path: Path):
+    """Q8_0 matrices written by gguf-py's quantizer under llama.cpp's names and layout (Q/K rows
+    permuted for Llama) are read back as exactly the weights kvrepl quantizes itself: logits
+    bit for bit."""
+    model = make_model(family, seed=4)
+    path = write_gguf(model, family, tmp_path / f"{family}-q8.gguf", qtype="Q8_0")
+    got, _ = _run(build(GGUFTensors(path), model.config, kernels, 4096), IDS, [len(IDS)])
+    same, _ = _run(from_hf(model, "Q8_0", kernels, 4096), IDS, [len(IDS)])
+    assert torch.equal(got, same)
+    assert _rel(got, reference_logits(model, IDS)) < 0.05
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fast_path_is_batch_invariant_on_every_family(family, kernels):
     fast = from_hf(make_model(family, seed=2), "Q8_0", kernels, 4096)
