@@ -23,6 +23,7 @@ from kvrepl.render import Renderer
 from kvrepl.turn import Turn
 
 QUIT_WORDS = {"q", "/q", "/quit", "/exit"}
+PROMPT = "› "
 
 
 class Repl:
@@ -173,7 +174,9 @@ def interactive_loop(repl: Repl, home: Path, *, toolbar: Callable[[], str],
     from prompt_toolkit import PromptSession
     from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
     from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.utils import get_cwidth
 
+    from kvrepl.fold import FoldTallLines
     from kvrepl.keys import SlashCompleter, make_key_bindings
 
     try:
@@ -187,6 +190,7 @@ def interactive_loop(repl: Repl, home: Path, *, toolbar: Callable[[], str],
         completer=SlashCompleter(repl.registry, repl.chat),
         complete_while_typing=True,
         key_bindings=make_key_bindings(),
+        input_processors=[FoldTallLines(get_cwidth(PROMPT))],  # a paste of any size stays shown
         bottom_toolbar=toolbar,
         refresh_interval=0.5,
         input=input,
@@ -195,7 +199,7 @@ def interactive_loop(repl: Repl, home: Path, *, toolbar: Callable[[], str],
     while True:
         default = repl.prefill.text if repl.prefill else ""
         try:
-            line = session.prompt("› ", default=default)
+            line = session.prompt(PROMPT, default=default)
         except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
             repl.prefill = None
             continue

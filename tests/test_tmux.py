@@ -61,8 +61,23 @@ class Terminal:
         self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").strip()
 
     def type(self, text: str) -> None:
-        self.tmux("send-keys", "-t", self.target, "-l", text)
+        self.type_keys(text)
         self.tmux("send-keys", "-t", self.target, "Enter")
+
+    def type_keys(self, text: str) -> None:
+        """Type `text`, without Enter."""
+        self.tmux("send-keys", "-t", self.target, "-l", text)
+
+    def paste(self, text: str) -> None:
+        """Paste `text` as a terminal does: bracketed, when the program asked for it."""
+        source = self.cwd / "pasted.txt"
+        source.write_text(text, encoding="utf-8")
+        self.tmux("load-buffer", str(source))
+        self.tmux("paste-buffer", "-p", "-d", "-t", self.target)
+
+    def pane(self) -> list[str]:
+        """The rows the pane shows now (no scrollback), as the user sees them."""
+        return self.tmux("capture-pane", "-p", "-t", self.target).split("\n")[: self.height]
 
     def screen(self) -> str:
         """The pane's text, scrollback included, wrapped lines joined."""
@@ -161,3 +176,51 @@ def test_chat_save_quit_load_edit_in_a_real_terminal(terminal: Terminal, tmp_pat
     assert [content for _, content in rows] == [question, "What is the capital of Italy?"]
     assert rows[0][0] == rows[1][0]  # siblings: the edit is a new branch, the old one is kept
     assert answers == 2
+
+
+def pasted_text(size: int) -> str:
+    """`size` characters of numbered words, one line, ending in THE-END (its last columns)."""
+    words = " ".join(f"w{i:05d}" for i in range(size // 7 + 1))
+    return words[: size - 8].rstrip() + " THE-END"
+
+
+@pytest.mark.parametrize("size", [6_000, 20_000])
+@pytest.mark.parametrize("newline", ["", "\n"], ids=["no-newline", "newline"])
+def test_a_paste_taller_than_the_screen_shows_the_prompt_and_the_text(
+    terminal: Terminal, tmp_path: Path, size: int, newline: str
+):
+    """A paste of 6,000 or 20,000 characters (50 and 167 rows of a 120 x 40 terminal), with a
+    newline at its end or not: the prompt, the paste's start and end, the toolbar, and a key
+    typed next where the cursor is. Before the fold, a paste ending in a newline left the screen
+    blank but the toolbar, and the key typed next appeared at the top left."""
+    home = tmp_path / "store"
+    command = shlex.join(["env", f"KVREPL_HOME={home}", "TERM=xterm-256color", sys.executable,
+                          "-m", "kvrepl", "--temperature", "0", "--max-tokens", "1"])  # fmt: skip
+    terminal.start("paste", command)
+    terminal.wait_for_prompt(1)
+    text = pasted_text(size) + newline
+    terminal.paste(text)
+    terminal.type_keys("x")
+    tail = "THE-END\nx" if newline else "THE-ENDx"
+
+    def shown(_: str) -> list[str] | None:
+        rows = terminal.pane()
+        flat = "\n".join(r.rstrip() for r in rows)
+        return rows if tail in flat and re.search(r"… [\d,]+ characters …", flat) else None
+
+    rows = terminal.wait_for(shown, "the folded paste and the key typed after it")
+    text_rows = [r for r in rows if r.strip()]
+    assert text_rows[0].startswith("kvrepl: /help") and text_rows[1].startswith("› w00000 w00001")
+    assert re.search(r"(loading the model…|SmolLM2)", text_rows[-1])  # the toolbar, at the bottom
+    assert rows[0].strip() != "x"  # not typed into an empty screen's corner
+    hidden = int(re.search(r"… ([\d,]+) characters …", "\n".join(rows)).group(1).replace(",", ""))
+    assert 0 < hidden < size
+    if size == 6_000 and newline:  # the whole text is there: Enter sends it
+        terminal.tmux("send-keys", "-t", terminal.target, "Enter")
+        terminal.wait_for(lambda s: STATS.search(s), "the answer's stats line")
+        db = sqlite3.connect(home / "kvrepl.db")
+        try:
+            (content,) = db.execute("SELECT content FROM messages WHERE role = 'user'").fetchone()
+        finally:
+            db.close()
+        assert content == text + "x"
