@@ -43,9 +43,28 @@ def fast_gguf(path: Path, config: Any, kernels_dir: Path, context: int) -> tuple
         kernels = native.kernels(kernels_dir)
     except native.NativeError as exc:
         raise Unsupported(str(exc)) from None
+    check_memory_fits(config, context)
     tensors = GGUFTensors(path)
     model = build(tensors, config, kernels, context)
     return model, "+".join(sorted(tensors.types() - {"F32"}))
+
+
+def check_memory_fits(config: Any, context: int) -> None:
+    """On the CPU the cache grows as the conversation does; one line, before anything is
+    computed, when a full `context` of float16 K/V would not fit the memory free now."""
+    import os
+
+    try:
+        arch = Arch.from_config(config)
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (Unsupported, ValueError, OSError, AttributeError):
+        return  # not one kvrepl's kernels compute, or an OS that does not say
+    need = arch.kv_bytes(context, 2)
+    if need > free:
+        fits = free // max(1, arch.kv_bytes(1, 2)) // 1024 * 1024
+        raise ModelError(f"a {context:,}-token context needs {need / 2**30:.1f} GiB of K/V and "
+                         f"{free / 2**30:.1f} GiB of memory is free: use --context {fits:,} "
+                         "or less")  # fmt: skip
 
 
 def fast_transformers(model: Any, kernels_dir: Path, context: int) -> Any:
@@ -57,6 +76,7 @@ def fast_transformers(model: Any, kernels_dir: Path, context: int) -> Any:
         kernels = native.kernels(kernels_dir)
     except native.NativeError as exc:
         raise Unsupported(str(exc)) from None
+    check_memory_fits(model.config, context)
     fast = from_hf(model, HF_FAST_QTYPE, kernels, context)
     fast.weight_types = f"{HF_FAST_QTYPE} (converted at load)"
     return fast

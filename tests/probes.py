@@ -25,6 +25,11 @@ class ModelProbe:
         self.calls: list[int] = []
         self.before: Callable[[int], None] | None = None
 
+    @property
+    def __class__(self) -> type:  # noqa: D105
+        """The model's class: the engine picks its runner by what the model is."""
+        return type(self.wrapped)
+
     def __getattr__(self, name: str) -> Any:
         if name == "wrapped":  # not set yet (a copy being made): no recursion
             raise AttributeError(name)
@@ -34,10 +39,10 @@ class ModelProbe:
         self._enter(kwargs["input_ids"].shape[-1])
         return self.wrapped(*args, **kwargs)
 
-    def forward(self, ids: list[int], *args: Any) -> Any:
+    def forward(self, ids: list[int], *args: Any, **kwargs: Any) -> Any:
         """The fast model's forward; a transformers model is called, never this."""
         self._enter(len(ids))
-        return self.wrapped.forward(ids, *args)
+        return self.wrapped.forward(ids, *args, **kwargs)
 
     def _enter(self, n: int) -> None:
         if self.before is not None:

@@ -104,3 +104,15 @@ def test_the_context_setting_is_checked_where_it_is_given():
     assert load_settings({"context": "2048"}).context == 2048
     with pytest.raises(Exception, match="context"):
         load_settings({"context": "-5"})
+
+
+def test_a_context_the_memory_cannot_hold_is_refused_in_one_line(monkeypatch):
+    import os
+
+    from kvrepl.errors import ModelError
+
+    config = make_model("llama").config
+    placement.check_memory_fits(config, 4096)  # 3 layers: a few MB
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)
+    with pytest.raises(ModelError, match=r"4,096-token context needs .* use --context 0 or less"):
+        placement.check_memory_fits(config, 4096)
