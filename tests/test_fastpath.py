@@ -1,6 +1,6 @@
 """Tests for the CPU fast path: the GGUF block formats repacked exactly (quant.py), the kernels
 (native/): results close to a float64 reference and bit-identical whatever the rows computed
-with them, the scalar fallback bit-identical to AVX2; the decoder (fastmodel.py) against
+with them, AVX-512, AVX2 and the scalar fallback bit-identical; the decoder (fastmodel.py) against
 transformers on tiny models of each family it runs, quantized in the test; a GGUF file written
 here and read back (gguf_model.py); and the fallback when the fast path cannot run (a real
 process where no C compiler runs, end to end)."""
@@ -33,8 +33,22 @@ def kernels(tmp_path_factory) -> native.Kernels:
 @pytest.fixture(scope="module")
 def scalar_kernels() -> native.Kernels:
     """The portable fallback, built for a baseline x86-64 (no AVX2) on this machine."""
-    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64"]
-    return native.kernels(models.cache_dir(), flags)
+    return native.kernels(models.cache_dir(), native.flags_for("scalar"))
+
+
+@pytest.fixture(scope="module")
+def avx2_kernels() -> native.Kernels:
+    """The AVX2 build (no AVX-512), whatever this CPU has beyond it."""
+    return native.kernels(models.cache_dir(), native.flags_for("avx2"))
+
+
+def cpu_isa() -> str:
+    """The kernels' best instruction set that this CPU has, read from /proc/cpuinfo."""
+    text = Path("/proc/cpuinfo").read_text()
+    flags = set(next(ln for ln in text.splitlines() if ln.startswith("flags")).split())
+    if {"avx512f", "avx512bw"} <= flags:
+        return "avx512vnni" if "avx512_vnni" in flags else "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar"
 
 
 def raw_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,23 +124,32 @@ def test_interleaving_rows_changes_no_bit_of_a_result(kernels):
     assert torch.equal(p.interleaved(4).canonical().q, p.q)
 
 
-def test_scalar_fallback_is_bit_identical_to_avx2(kernels, scalar_kernels):
-    if kernels.isa != "avx2":
-        pytest.skip("this machine has no AVX2 kernels to compare with")
-    assert scalar_kernels.isa == "scalar"
+def test_every_instruction_set_gives_the_same_bits(kernels, avx2_kernels, scalar_kernels):
+    """The default build (AVX-512 where the CPU has it), AVX2 and the scalar fallback, on every
+    format, on decode rows (one) and prefill tiles (4 rows and the tails), interleaved or not."""
+    if kernels.isa == "scalar":
+        pytest.skip("this machine has no vector kernels to compare with")
+    assert (avx2_kernels.isa, scalar_kernels.isa) == ("avx2", "scalar")
     rng = np.random.default_rng(3)
-    x = torch.randn(5, 256)
     for qtype in ALL_TYPES:
-        p = pack(raw_blocks(qtype, 20, 256, rng), qtype, 20, 256)
-        assert torch.equal(matmul(kernels, x, p), matmul(scalar_kernels, x, p)), qtype
+        odd = pack(raw_blocks(qtype, 21, 256, rng), qtype, 21, 256)  # the 1-output tails too
+        for w in (odd, pack(raw_blocks(qtype, 20, 256, rng), qtype, 20, 256).interleaved(4)):
+            for rows in (1, 2, 7):
+                x = torch.randn(rows, 256)
+                want = matmul(scalar_kernels, x, w)
+                assert torch.equal(matmul(kernels, x, w), want), (qtype, w.group, rows)
+                assert torch.equal(matmul(avx2_kernels, x, w), want), (qtype, w.group, rows)
     tok = make_tokenizer()
     model = make_family("llama", len(tok))
-    fast = from_hf(model, "Q4_1", kernels, 512)
-    slow = from_hf(model, "Q4_1", scalar_kernels, 512)
     ids = torch.randint(0, len(tok), (150,)).tolist()
-    la, lb = fast.new_layers(), slow.new_layers()
-    assert torch.equal(fast.forward(ids, la), slow.forward(ids, lb))
-    assert all(torch.equal(a.keys, b.keys) for a, b in zip(la, lb, strict=True))
+    runs = []
+    for k in (kernels, avx2_kernels, scalar_kernels):
+        fast = from_hf(model, "Q4_1", k, 512)
+        layers = fast.new_layers()
+        runs.append((fast.forward(ids, layers), layers))
+    for logits, layers in runs[1:]:
+        assert torch.equal(logits, runs[0][0])
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(layers, runs[0][1], strict=True))
 
 
 def attention(k, q, kc, vc, pos0, window, scale):
@@ -422,5 +445,5 @@ def test_dtype_gguf_runs_on_the_cpu_only(tmp_path):
 def test_the_embedded_model_runs_on_the_fast_path_by_default(real):
     assert real.dtype == "gguf"
     assert real.model.weight_types == "Q4_1+Q8_0"
-    assert real.model.k.isa in ("avx2", "scalar")
+    assert real.model.k.isa == cpu_isa()  # -march=native picked the best this CPU has
     assert real.model.kv_dtype == torch.float16

@@ -1,10 +1,13 @@
-"""kvrepl's CPU kernels (kernels.c), compiled once for this machine and called through ctypes.
+"""kvrepl's CPU kernels (kernels.c, and pool.c: their threads), compiled once for this machine and
+called through ctypes.
 
-Owns: building the shared library (`cc -O3 -march=native -fopenmp`, into the cache directory,
-keyed by the source, the compiler and the CPU, written atomically), loading it after torch (so it
-shares torch's OpenMP runtime and thread count), and thin typed wrappers that take torch tensors.
-Never imported on a machine that does not run the CPU fast path; raises `NativeError` with a
-one-line reason when there is no compiler or the build fails, and the caller falls back.
+Owns: building the shared library (`cc -O3 -march=native`, into the cache directory, keyed by the
+sources, the compiler and the CPU, written atomically; -march=native picks the instructions: the
+AVX-512 loops where the CPU has them, else AVX2, else the portable fallback, all bit-identical),
+loading it after torch (it takes torch's thread count from the OpenMP runtime torch loaded), and
+thin typed wrappers that take torch tensors. Never imported on a machine that does not run the
+CPU fast path; raises `NativeError` with a one-line reason when there is no compiler or the build
+fails, and the caller falls back.
 """
 
 from __future__ import annotations
@@ -21,10 +24,22 @@ from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC"]
+SOURCES = [Path(__file__).with_name("kernels.c"), Path(__file__).with_name("pool.c")]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
+         "-fPIC"]  # fmt: skip
 FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4}
 ACT = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2}
+
+
+def flags_for(isa: str) -> list[str]:
+    """FLAGS that build a lesser variant on this machine: "avx2" (no AVX-512, whatever the CPU
+    has) or "scalar" (a baseline x86-64); the tests compare them with the default, bit for bit."""
+    if isa == "avx2":
+        return [*FLAGS, "-mno-avx512f"]
+    if isa == "scalar":
+        return [f for f in FLAGS if f != "-march=native"] + ["-march=x86-64"]
+    raise ValueError(f"no variant {isa!r}")
+
 
 i64 = ctypes.c_int64
 ptr = ctypes.c_void_p
@@ -71,8 +86,8 @@ def library_path(cache: Path, flags: list[str] = FLAGS) -> tuple[Path, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeError(f"the C compiler {cc} does not run: {exc}") from exc
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.stdout.encode(), " ".join(flags).encode(),
-                 _cpu_identity().encode()):  # fmt: skip
+    for part in (*[src.read_bytes() for src in SOURCES], version.stdout.encode(),
+                 " ".join(flags).encode(), _cpu_identity().encode()):  # fmt: skip
         key.update(part)
     return cache / "kernels" / f"kvrepl-kernels-{key.hexdigest()[:16]}.so", cc
 
@@ -86,7 +101,7 @@ def build(cache: Path, flags: list[str] = FLAGS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=path.parent)
     os.close(fd)
-    cmd = [cc, *flags, "-shared", str(SOURCE), "-o", tmp, "-lm"]
+    cmd = [cc, *flags, "-shared", *map(str, SOURCES), "-o", tmp, "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -178,7 +193,9 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     ),  # fmt: skip
     "kv_version": (ctypes.c_int, []),
     "kv_isa": (ctypes.c_char_p, []),
-    "kv_max_threads": (ctypes.c_int, []),
+    "kv_threads": (ctypes.c_int, []),
+    "kv_set_threads": (None, [ctypes.c_int, ctypes.c_int]),
+    "kv_worker_items": (i64, []),
 }
 
 
@@ -205,6 +222,20 @@ class Kernels:
         self.attention = self.lib.kv_attention
         self.attention_scratch = self.lib.kv_attention_scratch
         self.forward = self.lib.kv_forward
+
+    def threads(self) -> int:
+        """Threads the next kernel may use: torch's count, less the cores other processes keep
+        busy (when adapting)."""
+        return int(self.lib.kv_threads())
+
+    def set_threads(self, adapt: bool = True, fixed: int = 0) -> None:
+        """adapt: use fewer threads while other processes keep cores busy (the default); fixed:
+        exactly that many threads whatever torch says (0: torch's count)."""
+        self.lib.kv_set_threads(int(adapt), fixed)
+
+    def worker_items(self) -> int:
+        """Work items the pool's threads (not the caller's) have run since the library loaded."""
+        return int(self.lib.kv_worker_items())
 
     @property
     def label(self) -> str:

@@ -7,11 +7,14 @@
  * (reuse equals recompute, bit for bit). The rules that make it so:
  *   - a dot product accumulates 8 lanes in k order (lane = k mod 8) and ends with one fixed
  *     horizontal sum; tiles over rows/columns only change which outputs run side by side;
- *   - threads split outputs, never a reduction;
+ *   - threads split outputs, never a reduction: a job is items of fixed size (pool.c runs them
+ *     on however many threads, in any order);
  *   - attention splits a query's keys into blocks at fixed absolute positions (ATT_B), computes
  *     each block's (max, sum, weighted values) and combines blocks in order, whatever ran them;
  *   - no fused multiply-add that the compiler chooses: built with -ffp-contract=off, FMAs are
- *     explicit. The scalar fallback mirrors the AVX2 path operation for operation.
+ *     explicit. The scalar fallback mirrors the AVX2 path operation for operation; the AVX-512
+ *     loops put two rows' (or keys') 8 lanes side by side in one register, each half doing
+ *     what the AVX2 path does (integer dot products are exact, whichever instructions add).
  *
  * Weights are kept in the file's own quantized values, repacked at load (exactly) into:
  *   U4: 4-bit unsigned per weight, blocks of 32 along k, a float (scale, min) per block:
@@ -24,17 +27,23 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
 
-#define KV_VERSION 1
+#define KV_VERSION 2
 #define ATT_B 256 /* keys per attention block, at absolute positions */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define KV_AVX2 1
 #include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KV_AVX512 1 /* the hot loops on 512-bit registers; the rest stays on the 8-lane path */
+#endif
 #endif
 
 typedef int64_t i64;
+
+/* pool.c: the kernel threads */
+typedef void (*kv_task)(const void *ctx, i64 item);
+void kv_parallel(kv_task fn, const void *ctx, i64 n);
 
 /* ---------------------------------------------------------------- 8-lane vectors */
 #ifdef KV_AVX2
@@ -78,7 +87,13 @@ static inline void v_u4(const uint8_t *p, v8 w[4]) {
     w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
     w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
+#if defined(KV_AVX512) && defined(__AVX512VNNI__)
+#define KV_ISA "avx512vnni"
+#elif defined(KV_AVX512)
+#define KV_ISA "avx512"
+#else
 #define KV_ISA "avx2"
+#endif
 #else
 typedef struct { float f[8]; } v8;
 #define LANES(expr) do { for (int l_ = 0; l_ < 8; l_++) { expr; } } while (0)
@@ -294,19 +309,34 @@ static inline void q16_store(int16_t *q, const float *x, float inv) {
 }
 #endif
 
+typedef struct {
+    const float *x;
+    i64 M, ldx, K;
+    int16_t *q;
+    float *d, *s16, *s32;
+} QuantJob;
+
+#define QROWS 8 /* rows of x an item quantizes */
+
+static void quantize_rows(const void *ctx, i64 item) {
+    const QuantJob *j = ctx;
+    i64 K = j->K, m1 = (item + 1) * QROWS < j->M ? (item + 1) * QROWS : j->M;
+    for (i64 m = item * QROWS; m < m1; m++)
+        for (i64 b = 0; b < K / 32; b++) {
+            const float *xb = j->x + m * j->ldx + b * 32;
+            float amax = v_amax(xb);
+            j->d[m * (K / 32) + b] = amax / 32767.0f;
+            q16_store(j->q + m * K + b * 32, xb, amax > 0.0f ? 32767.0f / amax : 0.0f);
+            float *sh = j->s16 + m * (K / 16) + 2 * b;
+            for (int h = 0; h < 2; h++) sh[h] = v_hsum(v_add(v_load(xb + 16 * h), v_load(xb + 16 * h + 8)));
+            j->s32[m * (K / 32) + b] = sh[0] + sh[1];
+        }
+}
+
 static void quantize_x(const float *x, i64 M, i64 ldx, i64 K, int16_t *q, float *d, float *s16,
                        float *s32) {
-#pragma omp parallel for schedule(static) if (M > 8)
-    for (i64 m = 0; m < M; m++)
-        for (i64 b = 0; b < K / 32; b++) {
-            const float *xb = x + m * ldx + b * 32;
-            float amax = v_amax(xb);
-            d[m * (K / 32) + b] = amax / 32767.0f;
-            q16_store(q + m * K + b * 32, xb, amax > 0.0f ? 32767.0f / amax : 0.0f);
-            float *sh = s16 + m * (K / 16) + 2 * b;
-            for (int h = 0; h < 2; h++) sh[h] = v_hsum(v_add(v_load(xb + 16 * h), v_load(xb + 16 * h + 8)));
-            s32[m * (K / 32) + b] = sh[0] + sh[1];
-        }
+    QuantJob j = {x, M, ldx, K, q, d, s16, s32};
+    kv_parallel(quantize_rows, &j, (M + QROWS - 1) / QROWS);
 }
 
 static inline float finish(float r, const float *bias, i64 n, int accumulate, const float *prev) {
@@ -346,16 +376,17 @@ static inline float finish(float r, const float *bias, i64 n, int accumulate, co
                 wv16 w0, w1;                                                                     \
                 WFN((const void *)(wr[i] + b * BYTES * w->group), &w0, &w1);                     \
                 const float *s = sr[i] + b * SUB * 2 * w->group;                                 \
+                v8 sc0 = v_set1(s[0]), sc2 = v_set1(s[SUB == 2 ? 2 : 0]);                        \
                 _Pragma("GCC unroll 8")                                                          \
                 for (int j = 0; j < MT; j++) {                                                   \
-                    float step = dr[j][b];                                                       \
+                    v8 step = v_set1(dr[j][b]); /* scale * step, per lane */                     \
                     vi p0 = vi_dot(w0, xr[j] + b * 32), p1 = vi_dot(w1, xr[j] + b * 32 + 16);    \
                     if (SUB == 1) {                                                              \
-                        acc[i][j] = v_fma(v_set1(s[0] * step), vi_float(vi_add(p0, p1)), acc[i][j]); \
+                        acc[i][j] = v_fma(v_mul(sc0, step), vi_float(vi_add(p0, p1)), acc[i][j]); \
                         if (MIN) mins[i][j] = fmaf(s[1], sx32[j][b], mins[i][j]);                \
                     } else {                                                                     \
-                        acc[i][j] = v_fma(v_set1(s[0] * step), vi_float(p0), acc[i][j]);         \
-                        acc[i][j] = v_fma(v_set1(s[2] * step), vi_float(p1), acc[i][j]);         \
+                        acc[i][j] = v_fma(v_mul(sc0, step), vi_float(p0), acc[i][j]);            \
+                        acc[i][j] = v_fma(v_mul(sc2, step), vi_float(p1), acc[i][j]);            \
                         if (MIN) {                                                               \
                             mins[i][j] = fmaf(s[1], sxr[j][2 * b], mins[i][j]);                  \
                             mins[i][j] = fmaf(s[3], sxr[j][2 * b + 1], mins[i][j]);              \
@@ -370,18 +401,178 @@ static inline float finish(float r, const float *bias, i64 n, int accumulate, co
                 *o = finish(v_hsum(acc[i][j]) + mins[i][j], bias, n0 + i, accumulate, o);        \
             }                                                                                    \
     }
-#define DEF_qKIND(KIND, WFN, BYTES, SUB, MIN)                                                    \
+#ifdef KV_AVX512
+/* Two weight rows side by side in one 512-bit register, row i in lanes 0-7 and row i+1 in lanes
+ * 8-15: each half does what the 8-lane path does for its row, operation for operation (integer
+ * sums are exact whichever instruction adds them), so the results are bit-identical, with about
+ * half the instructions. */
+static inline __m256i pair128(const uint8_t *a, const uint8_t *b) {
+    __m128i lo = _mm_loadu_si128((const __m128i *)a), hi = _mm_loadu_si128((const __m128i *)b);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+/* one block of rows a and b as int16: w0 = [a k0-15 | b k0-15], w1 = [a k16-31 | b k16-31] */
+static inline void w2_u4(const uint8_t *a, const uint8_t *b, __m512i *w0, __m512i *w1) {
+    __m256i raw = pair128(a, b), m = _mm256_set1_epi8(15);
+    *w0 = _mm512_cvtepu8_epi16(_mm256_and_si256(raw, m));
+    *w1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m));
+}
+static inline void w2_i8(const uint8_t *a, const uint8_t *b, __m512i *w0, __m512i *w1) {
+    *w0 = _mm512_cvtepi8_epi16(pair128(a, b));
+    *w1 = _mm512_cvtepi8_epi16(pair128(a + 16, b + 16));
+}
+static inline __m512i x_both(const int16_t *x) { /* 16 int16 of x in both halves */
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x));
+}
+static inline __m512i dot_both(__m512i w0, __m512i x0, __m512i w1, __m512i x1) { /* p0 + p1 */
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(_mm512_madd_epi16(w0, x0), w1, x1);
+#else
+    return _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
+#endif
+}
+static inline __m512 halves(float a, float b) { /* a in lanes 0-7, b in 8-15 */
+    return _mm512_mask_broadcastss_ps(_mm512_set1_ps(a), 0xFF00, _mm_set_ss(b));
+}
+static inline v8 half_lo(__m512 a) { return _mm512_castps512_ps256(a); }
+static inline v8 half_hi(__m512 a) {
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+}
+
+#define DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, MT, NT, NAME) /* NT even: rows in pairs */     \
+    static void NAME(const Xq *x, const Wv *w, float *out, i64 ldo,                              \
+                                            const float *bias, int accumulate, i64 m0, i64 n0) { \
+        __m512 acc[NT / 2][MT];                                                                  \
+        float mins[NT][MT];                                                                      \
+        const uint8_t *wr[NT];                                                                   \
+        const float *sr[NT];                                                                     \
+        const int16_t *xr[MT];                                                                   \
+        const float *dr[MT], *sxr[MT], *sx32[MT];                                                \
+        i64 nb = w->k / 32;                                                                      \
+        for (int i = 0; i < NT; i++) {                                                           \
+            wr[i] = qblock(w, n0 + i, 0, BYTES);                                                 \
+            sr[i] = sblock(w, n0 + i, 0);                                                        \
+            for (int j = 0; j < MT; j++) acc[i / 2][j] = _mm512_setzero_ps(), mins[i][j] = 0.0f; \
+        }                                                                                        \
+        for (int j = 0; j < MT; j++) {                                                           \
+            xr[j] = x->q + (m0 + j) * w->k;                                                      \
+            dr[j] = x->d + (m0 + j) * nb;                                                        \
+            sxr[j] = x->s16 + (m0 + j) * (w->k / 16);                                            \
+            sx32[j] = x->s32 + (m0 + j) * nb;                                                    \
+        }                                                                                        \
+        for (i64 b = 0; b < nb; b++) {                                                           \
+            _Pragma("GCC unroll 4")                                                              \
+            for (int i = 0; i < NT; i += 2) {                                                    \
+                __m512i w0, w1;                                                                  \
+                WFN2(wr[i] + b * BYTES * w->group, wr[i + 1] + b * BYTES * w->group, &w0, &w1);  \
+                const float *s = sr[i] + b * SUB * 2 * w->group;                                 \
+                const float *t = sr[i + 1] + b * SUB * 2 * w->group;                             \
+                __m512 sc0 = halves(s[0], t[0]), sc2 = SUB == 2 ? halves(s[2], t[2]) : sc0;      \
+                _Pragma("GCC unroll 8")                                                          \
+                for (int j = 0; j < MT; j++) {                                                   \
+                    __m512 step = _mm512_set1_ps(dr[j][b]); /* scale * step, per lane */         \
+                    __m512i x0 = x_both(xr[j] + b * 32), x1 = x_both(xr[j] + b * 32 + 16);       \
+                    __m512 *a = &acc[i / 2][j];                                                  \
+                    if (SUB == 1) {                                                              \
+                        __m512 p = _mm512_cvtepi32_ps(dot_both(w0, x0, w1, x1));                 \
+                        *a = _mm512_fmadd_ps(_mm512_mul_ps(sc0, step), p, *a);                   \
+                        if (MIN) {                                                               \
+                            mins[i][j] = fmaf(s[1], sx32[j][b], mins[i][j]);                     \
+                            mins[i + 1][j] = fmaf(t[1], sx32[j][b], mins[i + 1][j]);             \
+                        }                                                                        \
+                    } else {                                                                     \
+                        __m512 p0 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w0, x0));               \
+                        __m512 p1 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w1, x1));               \
+                        *a = _mm512_fmadd_ps(_mm512_mul_ps(sc0, step), p0, *a);                  \
+                        *a = _mm512_fmadd_ps(_mm512_mul_ps(sc2, step), p1, *a);                  \
+                        if (MIN) {                                                               \
+                            mins[i][j] = fmaf(s[1], sxr[j][2 * b], mins[i][j]);                  \
+                            mins[i][j] = fmaf(s[3], sxr[j][2 * b + 1], mins[i][j]);              \
+                            mins[i + 1][j] = fmaf(t[1], sxr[j][2 * b], mins[i + 1][j]);          \
+                            mins[i + 1][j] = fmaf(t[3], sxr[j][2 * b + 1], mins[i + 1][j]);      \
+                        }                                                                        \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int i = 0; i < NT; i++)                                                             \
+            for (int j = 0; j < MT; j++) {                                                       \
+                float *o = out + (m0 + j) * ldo + n0 + i;                                        \
+                v8 h = i % 2 ? half_hi(acc[i / 2][j]) : half_lo(acc[i / 2][j]);                  \
+                *o = finish(v_hsum(h) + mins[i][j], bias, n0 + i, accumulate, o);                \
+            }                                                                                    \
+    }
+/* Decode over 4 rows interleaved in a group (w->group == 4): block b of the 4 rows is one run
+ * of bytes and of (scale, min) pairs, so the 4 rows' scale * step is one multiply and their
+ * mins one fma (lane 2r+1 is row r's fmaf), each lane as the 8-lane path computes it. */
+#define DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN)                                                  \
+    static void qdec4_##KIND(const Xq *x, const Wv *w, float *out, const float *bias,            \
+                             int accumulate, i64 n0) {                                           \
+        const uint8_t *q = qblock(w, n0, 0, BYTES);                                              \
+        const float *sc = sblock(w, n0, 0), *step = x->d, *sx32 = x->s32, *sx16 = x->s16;        \
+        const int16_t *xq = x->q;                                                                \
+        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};                              \
+        __m512 mins = _mm512_setzero_ps();                                                       \
+        const __m512i pick0 = _mm512_set_epi32(2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 0, 0, 0, 0, 0, 0, 0, 0); \
+        const __m512i next = _mm512_set1_epi32(4 * SUB), two = _mm512_set1_epi32(2);              \
+        const __m512i up2 = _mm512_set_epi32(15, 15, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); \
+        for (i64 b = 0; b < w->k / 32; b++, q += 4 * BYTES, sc += 8 * SUB) {                     \
+            __m512i x0 = x_both(xq + b * 32), x1 = x_both(xq + b * 32 + 16);                     \
+            __m512 sv = SUB == 1 ? _mm512_castps256_ps512(_mm256_loadu_ps(sc)) : _mm512_loadu_ps(sc); \
+            __m512 st = _mm512_mul_ps(sv, _mm512_set1_ps(step[b]));                              \
+            _Pragma("GCC unroll 2")                                                              \
+            for (int p = 0; p < 2; p++) {                                                        \
+                __m512i w0, w1, pick = p ? _mm512_add_epi32(pick0, next) : pick0;                \
+                WFN2(q + 2 * p * BYTES, q + (2 * p + 1) * BYTES, &w0, &w1);                      \
+                if (SUB == 1) {                                                                  \
+                    __m512 d = _mm512_cvtepi32_ps(dot_both(w0, x0, w1, x1));                     \
+                    acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick, st), d, acc[p]);        \
+                } else {                                                                         \
+                    __m512 d0 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w0, x0));                   \
+                    __m512 d1 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w1, x1));                   \
+                    acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick, st), d0, acc[p]);       \
+                    acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_add_epi32(pick, two), st), d1, acc[p]); \
+                }                                                                                \
+            }                                                                                    \
+            if (MIN && SUB == 1) mins = _mm512_fmadd_ps(sv, _mm512_set1_ps(sx32[b]), mins);      \
+            if (MIN && SUB == 2) {                                                               \
+                mins = _mm512_fmadd_ps(sv, _mm512_set1_ps(sx16[2 * b]), mins);                   \
+                mins = _mm512_fmadd_ps(_mm512_permutexvar_ps(up2, sv), _mm512_set1_ps(sx16[2 * b + 1]), mins); \
+            }                                                                                    \
+        }                                                                                        \
+        float m[16];                                                                             \
+        _mm512_storeu_ps(m, mins);                                                               \
+        for (int r = 0; r < 4; r++) {                                                            \
+            v8 h = r % 2 ? half_hi(acc[r / 2]) : half_lo(acc[r / 2]);                            \
+            float *o = out + n0 + r;                                                             \
+            *o = finish(v_hsum(h) + (MIN ? m[r * 2 * SUB + 1] : 0.0f), bias, n0 + r, accumulate, o); \
+        }                                                                                        \
+    }
+#define DEF_qKIND(KIND, WFN, WFN2, BYTES, SUB, MIN)                                              \
+    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 1)                                                  \
+    DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN)                                                       \
+    DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 4, qtile_##KIND##_1_4p)                          \
+    static void qtile_##KIND##_1_4(const Xq *x, const Wv *w, float *out, i64 ldo,                \
+                                   const float *bias, int accumulate, i64 m0, i64 n0) {          \
+        if (w->group == 4 && m0 == 0) qdec4_##KIND(x, w, out, bias, accumulate, n0);             \
+        else qtile_##KIND##_1_4p(x, w, out, ldo, bias, accumulate, m0, n0);                      \
+    }                                                                                            \
+    DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 2, qtile_##KIND##_1_2)                           \
+    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 1)                                                  \
+    DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 4, 2, qtile_##KIND##_4_2)
+#else
+#define DEF_qKIND(KIND, WFN, WFN2, BYTES, SUB, MIN)                                              \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 1)                                                  \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 4)                                                  \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 2)                                                  \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 1)                                                  \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 2)
-DEF_qKIND(u4, w16_u4, 16, 1, 1)
-DEF_qKIND(u4n, w16_u4, 16, 1, 0)
-DEF_qKIND(i8, w16_i8, 32, 1, 0)
-DEF_qKIND(i8m, w16_i8, 32, 1, 1)
-DEF_qKIND(i8s, w16_i8, 32, 2, 0)
-DEF_qKIND(i8sm, w16_i8, 32, 2, 1)
+#endif
+DEF_qKIND(u4, w16_u4, w2_u4, 16, 1, 1)
+DEF_qKIND(u4n, w16_u4, w2_u4, 16, 1, 0)
+DEF_qKIND(i8, w16_i8, w2_i8, 32, 1, 0)
+DEF_qKIND(i8m, w16_i8, w2_i8, 32, 1, 1)
+DEF_qKIND(i8s, w16_i8, w2_i8, 32, 2, 0)
+DEF_qKIND(i8sm, w16_i8, w2_i8, 32, 2, 1)
 
 /* Float weights: per output, acc = fma(x, w, acc) over k in order, then hsum. */
 static inline void wf_f16(const Wv *w, i64 n, i64 b, v8 o[4]) {
@@ -421,34 +612,54 @@ static inline void wf_f32(const Wv *w, i64 n, i64 b, v8 o[4]) {
     }
 
 /* The loops over tiles: decode (M = 1) 4 outputs at a time; otherwise 64 rows of x at a time
- * (kept in cache while W streams past), in tiles of 4 rows x 2 outputs. */
-#define DEF_MM(KIND, FMT, XARGS, XPASS, XSTEP)                                                   \
-    static void mm_##FMT(XARGS, i64 M, const Wv *w, i64 N, float *out, i64 ldo,                  \
-                         const float *bias, int acc) {                                           \
-        if (M == 1) {                                                                            \
-            i64 tiles = (N + 3) / 4;                                                             \
-            _Pragma("omp parallel for schedule(static)")                                         \
-            for (i64 t = 0; t < tiles; t++) {                                                    \
-                i64 n = t * 4;                                                                   \
-                if (n + 4 <= N) KIND##tile_##FMT##_1_4(XPASS, w, out, ldo, bias, acc, 0, n);     \
-                else for (; n < N; n++) KIND##tile_##FMT##_1_1(XPASS, w, out, ldo, bias, acc, 0, n); \
-            }                                                                                    \
+ * (kept in cache while W streams past), in tiles of 4 rows x 2 outputs. An item is a fixed run
+ * of tiles (about MM_WORK products), so threads share a matrix whatever their number. */
+typedef struct {
+    const Xq *xq;
+    const float *x;
+    i64 ldx, M, N, ldo, per, chunks; /* tiles per item; items per block of 64 rows */
+    const Wv *w;
+    float *out;
+    const float *bias;
+    int acc;
+} MmJob;
+
+#define MM_WORK 32768
+#define XQ j->xq
+#define XF j->x, j->ldx
+#define DEF_MM(KIND, FMT, XPASS)                                                                 \
+    static void mm1_##FMT(const void *ctx, i64 item) {                                           \
+        const MmJob *j = ctx;                                                                    \
+        i64 N = j->N, n = item * j->per * 4, end = n + j->per * 4 < N ? n + j->per * 4 : N;      \
+        for (; n + 4 <= end; n += 4) KIND##tile_##FMT##_1_4(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, 0, n); \
+        for (; n < end; n++) KIND##tile_##FMT##_1_1(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, 0, n); \
+    }                                                                                            \
+    static void mmb_##FMT(const void *ctx, i64 item) {                                           \
+        const MmJob *j = ctx;                                                                    \
+        i64 mb = item / j->chunks * 64, me = mb + 64 < j->M ? mb + 64 : j->M, N = j->N;          \
+        i64 n0 = item % j->chunks * j->per * 2, n1 = n0 + j->per * 2 < N ? n0 + j->per * 2 : N;  \
+        for (i64 n = n0; n < n1; n += 2) {                                                       \
+            int two = n + 2 <= N;                                                                \
+            i64 m = mb;                                                                          \
+            for (; m + 4 <= me; m += 4)                                                          \
+                if (two) KIND##tile_##FMT##_4_2(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
+                else KIND##tile_##FMT##_4_1(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
+            for (; m < me; m++)                                                                  \
+                if (two) KIND##tile_##FMT##_1_2(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
+                else KIND##tile_##FMT##_1_1(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
+        }                                                                                        \
+    }                                                                                            \
+    static void mm_##FMT(MmJob *j) {                                                             \
+        i64 K = j->w->k;                                                                         \
+        if (j->M == 1) {                                                                         \
+            j->per = MM_WORK / (4 * K) > 1 ? MM_WORK / (4 * K) : 1;                              \
+            kv_parallel(mm1_##FMT, j, ((j->N + 3) / 4 + j->per - 1) / j->per);                   \
             return;                                                                              \
         }                                                                                        \
-        for (i64 mb = 0; mb < M; mb += 64) {                                                     \
-            i64 me = mb + 64 < M ? mb + 64 : M, tiles = (N + 1) / 2;                             \
-            _Pragma("omp parallel for schedule(static)")                                         \
-            for (i64 t = 0; t < tiles; t++) {                                                    \
-                i64 n = t * 2, m = mb;                                                           \
-                int two = n + 2 <= N;                                                            \
-                for (; m + 4 <= me; m += 4)                                                      \
-                    if (two) KIND##tile_##FMT##_4_2(XPASS, w, out, ldo, bias, acc, m, n);        \
-                    else KIND##tile_##FMT##_4_1(XPASS, w, out, ldo, bias, acc, m, n);            \
-                for (; m < me; m++)                                                              \
-                    if (two) KIND##tile_##FMT##_1_2(XPASS, w, out, ldo, bias, acc, m, n);        \
-                    else KIND##tile_##FMT##_1_1(XPASS, w, out, ldo, bias, acc, m, n);            \
-            }                                                                                    \
-        }                                                                                        \
+        i64 rows = j->M < 64 ? j->M : 64;                                                        \
+        j->per = 8 * MM_WORK / (2 * rows * K) > 1 ? 8 * MM_WORK / (2 * rows * K) : 1;            \
+        j->chunks = ((j->N + 1) / 2 + j->per - 1) / j->per;                                      \
+        kv_parallel(mmb_##FMT, j, (j->M + 63) / 64 * j->chunks);                                 \
     }
 #define DEF_fKIND(FMT)                                                                           \
     DEF_fTILE(FMT, 1, 1)                                                                         \
@@ -458,15 +669,14 @@ static inline void wf_f32(const Wv *w, i64 n, i64 b, v8 o[4]) {
     DEF_fTILE(FMT, 4, 2)
 DEF_fKIND(f16)
 DEF_fKIND(f32)
-#define COMMA ,
-DEF_MM(q, u4, const Xq *x, x, 0)
-DEF_MM(q, u4n, const Xq *x, x, 0)
-DEF_MM(q, i8, const Xq *x, x, 0)
-DEF_MM(q, i8m, const Xq *x, x, 0)
-DEF_MM(q, i8s, const Xq *x, x, 0)
-DEF_MM(q, i8sm, const Xq *x, x, 0)
-DEF_MM(f, f16, const float *x COMMA i64 ldx, x COMMA ldx, 0)
-DEF_MM(f, f32, const float *x COMMA i64 ldx, x COMMA ldx, 0)
+DEF_MM(q, u4, XQ)
+DEF_MM(q, u4n, XQ)
+DEF_MM(q, i8, XQ)
+DEF_MM(q, i8m, XQ)
+DEF_MM(q, i8s, XQ)
+DEF_MM(q, i8sm, XQ)
+DEF_MM(f, f16, XF)
+DEF_MM(f, f32, XF)
 
 static Wv view(const Weight *W) {
     Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0, W->group > 1 ? W->group : 1};
@@ -484,20 +694,22 @@ static Wv view(const Weight *W) {
 void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 ldo,
                const float *bias, int accumulate) {
     Wv w = view(W);
-    if (W->fmt == FMT_F16) { mm_f16(x, ldx, M, &w, W->n, out, ldo, bias, accumulate); return; }
-    if (W->fmt == FMT_F32) { mm_f32(x, ldx, M, &w, W->n, out, ldo, bias, accumulate); return; }
+    MmJob j = {0, x, ldx, M, W->n, ldo, 0, 0, &w, out, bias, accumulate};
+    if (W->fmt == FMT_F16) { mm_f16(&j); return; }
+    if (W->fmt == FMT_F32) { mm_f32(&j); return; }
     i64 K = W->k, bytes = M * K * 2 + M * (K / 32) * 8 + M * (K / 16) * 4;
     char small[65536], *buf = bytes <= (i64)sizeof small ? small : malloc((size_t)bytes);
     int16_t *q = (int16_t *)buf;
     float *d = (float *)(buf + M * K * 2), *s16 = d + M * (K / 32), *s32 = s16 + M * (K / 16);
     quantize_x(x, M, ldx, K, q, d, s16, s32);
     Xq xq = {q, d, s16, s32, K};
-    if (W->fmt == FMT_U4 && w.has_min) mm_u4(&xq, M, &w, W->n, out, ldo, bias, accumulate);
-    else if (W->fmt == FMT_U4) mm_u4n(&xq, M, &w, W->n, out, ldo, bias, accumulate);
-    else if (w.block == 32 && w.has_min) mm_i8m(&xq, M, &w, W->n, out, ldo, bias, accumulate);
-    else if (w.block == 32) mm_i8(&xq, M, &w, W->n, out, ldo, bias, accumulate);
-    else if (w.has_min) mm_i8sm(&xq, M, &w, W->n, out, ldo, bias, accumulate);
-    else mm_i8s(&xq, M, &w, W->n, out, ldo, bias, accumulate);
+    j.xq = &xq;
+    if (W->fmt == FMT_U4 && w.has_min) mm_u4(&j);
+    else if (W->fmt == FMT_U4) mm_u4n(&j);
+    else if (w.block == 32 && w.has_min) mm_i8m(&j);
+    else if (w.block == 32) mm_i8(&j);
+    else if (w.has_min) mm_i8sm(&j);
+    else mm_i8s(&j);
     if (buf != small) free(buf);
 }
 
@@ -539,20 +751,42 @@ static float sum_squares(const float *x, i64 n) {
     return s;
 }
 
+typedef struct {
+    const float *x, *w;
+    i64 M, ldx, H, n, ldo, per; /* per: head rows an item normalizes */
+    float eps, *out;
+    int accumulate;
+} NormJob;
+
+static void norm_rows(const void *ctx, i64 item) {
+    const NormJob *j = ctx;
+    i64 H = j->H, n = j->n, r1 = (item + 1) * j->per < j->M * H ? (item + 1) * j->per : j->M * H;
+    for (i64 r = item * j->per; r < r1; r++) {
+        const float *xr = j->x + (r / H) * j->ldx + (r % H) * n;
+        float *o = j->out + (r / H) * j->ldo + (r % H) * n;
+        float inv = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + j->eps);
+        for (i64 i = 0; i < n; i++) {
+            float y = (xr[i] * inv) * j->w[i];
+            o[i] = j->accumulate ? o[i] + y : y;
+        }
+    }
+}
+
+/* fn over n items: on the pool when the work is worth a job's hand-over, else here */
+static void parallel_if(int worth, kv_task fn, const void *ctx, i64 n) {
+    if (worth) kv_parallel(fn, ctx, n);
+    else for (i64 i = 0; i < n; i++) fn(ctx, i);
+}
+
+#define ROW_WORK 16384 /* floats an item of the row-wise kernels goes through */
+
 /* RMSNorm of the H heads (slices of n) of each of M rows: out = (x * rsqrt(mean(x^2) + eps)) * w,
  * or out += that when accumulate. In place is fine. */
 void kv_rmsnorm(const float *x, i64 M, i64 ldx, i64 H, i64 n, const float *w, float eps,
                 float *out, i64 ldo, int accumulate) {
-#pragma omp parallel for schedule(static) if (M * H * n > 65536)
-    for (i64 r = 0; r < M * H; r++) {
-        const float *xr = x + (r / H) * ldx + (r % H) * n;
-        float *o = out + (r / H) * ldo + (r % H) * n;
-        float inv = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
-        for (i64 i = 0; i < n; i++) {
-            float y = (xr[i] * inv) * w[i];
-            o[i] = accumulate ? o[i] + y : y;
-        }
-    }
+    i64 per = ROW_WORK / n > 1 ? ROW_WORK / n : 1;
+    NormJob j = {x, w, M, ldx, H, n, ldo, per, eps, out, accumulate};
+    parallel_if(M * H * n > 4 * ROW_WORK, norm_rows, &j, (M * H + per - 1) / per);
 }
 
 /* Rotate the first rdim dims of each of H heads (of D) in M rows, in place, the way transformers
@@ -594,15 +828,29 @@ static inline v8 v_gelu_tanh(v8 g) { /* 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715
     return v_mul(v_mul(v_set1(0.5f), g), v_add(v_set1(1.0f), t));
 }
 
+typedef struct {
+    const float *gu;
+    i64 M, ld, F, ldo, per;
+    int act;
+    float *out;
+} ActJob;
+
+static void act_rows(const void *ctx, i64 item) {
+    const ActJob *j = ctx;
+    i64 m1 = (item + 1) * j->per < j->M ? (item + 1) * j->per : j->M;
+    for (i64 m = item * j->per; m < m1; m++)
+        for (i64 i = 0; i < j->F; i += 8) {
+            v8 g = v_load(j->gu + m * j->ld + i), u = v_load(j->gu + m * j->ld + j->F + i);
+            v8 a = j->act == 2 ? v_gelu_tanh(g) : v_silu(g);
+            v_store(j->out + m * j->ldo + i, v_mul(a, u));
+        }
+}
+
 /* out[m, :F] = act(gu[m, :F]) * gu[m, F:2F]; act 1 = SiLU, 2 = GELU (tanh); F % 8 == 0 */
 void kv_act_mul(const float *gu, i64 M, i64 ld, i64 F, int act, float *out, i64 ldo) {
-#pragma omp parallel for schedule(static) if (M * F > 65536)
-    for (i64 m = 0; m < M; m++)
-        for (i64 i = 0; i < F; i += 8) {
-            v8 g = v_load(gu + m * ld + i), u = v_load(gu + m * ld + F + i);
-            v8 a = act == 2 ? v_gelu_tanh(g) : v_silu(g);
-            v_store(out + m * ldo + i, v_mul(a, u));
-        }
+    i64 per = ROW_WORK / F > 1 ? ROW_WORK / F : 1;
+    ActJob j = {gu, M, ld, F, ldo, per, act, out};
+    parallel_if(M * F > 4 * ROW_WORK, act_rows, &j, (M + per - 1) / per);
 }
 
 /* ---------------------------------------------------------------- attention */
@@ -666,9 +914,35 @@ static inline float max_of(const float *x, i64 n) {
         }                                                                                        \
         for (int h = 0; h < HT; h++) store4(s + h * sstride, v_hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3])); \
     }
+#ifdef KV_AVX512
+/* keys k and k+1 in one register (lanes 0-7 and 8-15), each lane as qk_ computes it */
+#define DEF_QK2(HT)                                                                              \
+    static inline void qk_##HT(const float *q, i64 D, const uint16_t *kr, float *s, i64 sstride) { \
+        __m512 acc[HT][2];                                                                       \
+        for (int h = 0; h < HT; h++) acc[h][0] = acc[h][1] = _mm512_setzero_ps();                \
+        for (i64 c = 0; c < D; c += 8) {                                                         \
+            __m512 qv[HT];                                                                       \
+            for (int h = 0; h < HT; h++)                                                         \
+                qv[h] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(v_load(q + h * D + c)))); \
+            _Pragma("GCC unroll 2")                                                              \
+            for (int k = 0; k < 2; k++) {                                                        \
+                __m512 kv = _mm512_cvtph_ps(pair128((const uint8_t *)(kr + 2 * k * D + c),       \
+                                                    (const uint8_t *)(kr + (2 * k + 1) * D + c))); \
+                for (int h = 0; h < HT; h++) acc[h][k] = _mm512_fmadd_ps(qv[h], kv, acc[h][k]);  \
+            }                                                                                    \
+        }                                                                                        \
+        for (int h = 0; h < HT; h++)                                                             \
+            store4(s + h * sstride, v_hsum4(half_lo(acc[h][0]), half_hi(acc[h][0]),              \
+                                            half_lo(acc[h][1]), half_hi(acc[h][1])));            \
+    }
+DEF_QK2(1)
+DEF_QK2(2)
+DEF_QK2(3)
+#else
 DEF_QK(1)
 DEF_QK(2)
 DEF_QK(3)
+#endif
 
 /* out[h][c0 .. c0+8*NC) = sum over n keys of p[h][j] * v_j, for HT heads */
 #define DEF_PV(HT, NC)                                                                           \
@@ -691,9 +965,35 @@ DEF_QK(3)
         for (int h = 0; h < HT; h++)                                                             \
             for (int c = 0; c < NC; c++) v_store(out + h * ostride + c0 + 8 * c, acc[h][c]);     \
     }
+#ifdef KV_AVX512
+/* 32 columns as two registers of 16: every lane is the same fma chain over the keys as above */
+#define DEF_PV2(HT)                                                                              \
+    static inline void pv_##HT##_4(const float *p, i64 pstride, const uint16_t *vr, i64 D,      \
+                                   i64 n, i64 c0, float *out, i64 ostride) {                     \
+        __m512 acc[HT][2];                                                                       \
+        for (int h = 0; h < HT; h++) acc[h][0] = acc[h][1] = _mm512_setzero_ps();                \
+        for (i64 j = 0; j < n; j++) {                                                            \
+            if (c0 == 0)                                                                         \
+                for (i64 pf = 0; pf < D; pf += 32) prefetch(vr + (j + PF_KEYS) * D + pf);        \
+            __m512 pj[HT];                                                                       \
+            for (int h = 0; h < HT; h++) pj[h] = _mm512_set1_ps(p[h * pstride + j]);             \
+            _Pragma("GCC unroll 2")                                                              \
+            for (int c = 0; c < 2; c++) {                                                        \
+                __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vr + j * D + c0 + 16 * c))); \
+                for (int h = 0; h < HT; h++) acc[h][c] = _mm512_fmadd_ps(pj[h], vv, acc[h][c]);  \
+            }                                                                                    \
+        }                                                                                        \
+        for (int h = 0; h < HT; h++)                                                             \
+            for (int c = 0; c < 2; c++) _mm512_storeu_ps(out + h * ostride + c0 + 16 * c, acc[h][c]); \
+    }
+DEF_PV2(1)
+DEF_PV2(2)
+DEF_PV2(3)
+#else
 DEF_PV(1, 4)
 DEF_PV(2, 4)
 DEF_PV(3, 4)
+#endif
 DEF_PV(1, 1)
 DEF_PV(2, 1)
 DEF_PV(3, 1)
@@ -792,6 +1092,41 @@ i64 kv_attention_scratch(i64 rows, i64 H, i64 D, i64 ctx) {
     return rows * H * ((ctx + ATT_B - 1) / ATT_B + 1) * (D + 2);
 }
 
+typedef struct {
+    const float *q;
+    const uint16_t *kc, *vc;
+    float *out, *scratch;
+    i64 ldq, kvh, D, cap, pos0, window, ldo, nbmax, r0, rn;
+    int G;
+    float scale, softcap;
+} AttJob;
+
+/* item: ATT_ROWS query rows x one kv head x one block of keys -> their blocks' partials */
+static void att_blocks(const void *ctx, i64 it) {
+    const AttJob *j = ctx;
+    i64 kvh = j->kvh, nbmax = j->nbmax, D = j->D, G = j->G, end = j->r0 + j->rn;
+    i64 grp = it / (kvh * nbmax), g = (it / nbmax) % kvh, b = it % nbmax;
+    i64 ma = j->r0 + grp * ATT_ROWS, mz = ma + ATT_ROWS < end ? ma + ATT_ROWS : end;
+    const uint16_t *K = j->kc + g * j->cap * D, *V = j->vc + g * j->cap * D;
+    for (i64 m = ma; m < mz; m++) {
+        i64 pos = j->pos0 + m, lo = first_key(pos, j->window);
+        i64 j0 = b * ATT_B > lo ? b * ATT_B : lo, j1 = (b + 1) * ATT_B < pos + 1 ? (b + 1) * ATT_B : pos + 1;
+        if (j0 >= j1) continue;
+        float *part = j->scratch + (((m - j->r0) * kvh + g) * nbmax + b) * G * (D + 2);
+        att_row(j->q + m * j->ldq + g * G * D, (int)G, D, K + j0 * D, V + j0 * D, j1 - j0,
+                j->scale, j->softcap, part);
+    }
+}
+
+/* item: one query row x one kv head: its blocks' partials combined, in order */
+static void att_rows(const void *ctx, i64 it) {
+    const AttJob *j = ctx;
+    i64 kvh = j->kvh, D = j->D, G = j->G;
+    i64 m = j->r0 + it / kvh, g = it % kvh, pos = j->pos0 + m, b0 = first_key(pos, j->window) / ATT_B;
+    const float *parts = j->scratch + (((m - j->r0) * kvh + g) * j->nbmax + b0) * G * (D + 2);
+    att_combine(parts, pos / ATT_B - b0 + 1, (int)G, D, j->out + m * j->ldo + g * G * D, D);
+}
+
 void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const uint16_t *kc,
                   const uint16_t *vc, i64 cap, i64 pos0, i64 window, float scale, float softcap,
                   float *out, i64 ldo, float *scratch, i64 scratch_floats) {
@@ -801,35 +1136,17 @@ void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const u
     i64 R = scratch_floats / per_row;
     if (R < 1) R = 1; /* the caller sized it for at least one row */
     if (R > M) R = M;
-    for (i64 r0 = 0; r0 < M; r0 += R) {
-        i64 rn = r0 + R < M ? R : M - r0, groups = (rn + ATT_ROWS - 1) / ATT_ROWS;
-        i64 items = groups * kvh * nbmax;
-#pragma omp parallel for schedule(static, 1)
-        for (i64 it = 0; it < items; it++) {
-            i64 grp = it / (kvh * nbmax), g = (it / nbmax) % kvh, b = it % nbmax;
-            i64 ma = r0 + grp * ATT_ROWS, mz = ma + ATT_ROWS < r0 + rn ? ma + ATT_ROWS : r0 + rn;
-            const uint16_t *K = kc + g * cap * D, *V = vc + g * cap * D;
-            for (i64 m = ma; m < mz; m++) {
-                i64 pos = pos0 + m, lo = first_key(pos, window);
-                i64 j0 = b * ATT_B > lo ? b * ATT_B : lo, j1 = (b + 1) * ATT_B < pos + 1 ? (b + 1) * ATT_B : pos + 1;
-                if (j0 >= j1) continue;
-                float *part = scratch + (((m - r0) * kvh + g) * nbmax + b) * G * (D + 2);
-                att_row(q + m * ldq + g * G * D, G, D, K + j0 * D, V + j0 * D, j1 - j0, scale,
-                        softcap, part);
-            }
-        }
-#pragma omp parallel for schedule(static) if (rn * kvh > 1)
-        for (i64 it = 0; it < rn * kvh; it++) {
-            i64 m = r0 + it / kvh, g = it % kvh, pos = pos0 + m, b0 = first_key(pos, window) / ATT_B;
-            const float *parts = scratch + (((m - r0) * kvh + g) * nbmax + b0) * G * (D + 2);
-            att_combine(parts, pos / ATT_B - b0 + 1, G, D, out + m * ldo + g * G * D, D);
-        }
+    AttJob j = {q, kc, vc, out, scratch, ldq, kvh, D, cap, pos0, window, ldo, nbmax, 0, 0, G,
+                scale, softcap};
+    for (j.r0 = 0; j.r0 < M; j.r0 += R) {
+        j.rn = j.r0 + R < M ? R : M - j.r0;
+        kv_parallel(att_blocks, &j, (j.rn + ATT_ROWS - 1) / ATT_ROWS * kvh * nbmax);
+        parallel_if(j.rn * kvh >= 16, att_rows, &j, j.rn * kvh);
     }
 }
 
 int kv_version(void) { return KV_VERSION; }
 const char *kv_isa(void) { return KV_ISA; }
-int kv_max_threads(void) { return omp_get_max_threads(); }
 
 /* ---------------------------------------------------------------- the whole decoder */
 /* One forward of M tokens at positions pos0.. through every layer, with the buffers and caches

@@ -1,0 +1,266 @@
+/* kvrepl's kernel threads: a small pool that runs a job's items, for kernels.c.
+ *
+ * A job is n items (fixed chunks of outputs, cut the same way whatever the thread count, so no
+ * output's arithmetic depends on it). Threads claim items one at a time from a shared counter and
+ * the caller works too; the caller then waits only for items already claimed. A thread that is
+ * late, its core taken by another process, costs the job nothing unless it holds an item: there
+ * is no barrier where every thread must check in, as an OpenMP parallel region has.
+ *
+ * Idle workers spin for SPIN_NS (a decode step's jobs come a few microseconds apart), then sleep
+ * on a futex, so an idle kvrepl leaves the cores to others. How many threads a job uses: torch's
+ * (omp_get_max_threads, which torch.set_num_threads sets), fewer while other processes keep cores
+ * busy (measured from /proc/stat every LOAD_NS): a thread whose core is taken only waits there.
+ */
+#define _GNU_SOURCE
+#include <limits.h>
+#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+typedef int64_t i64;
+typedef void (*kv_task)(const void *ctx, i64 item);
+
+#define SPIN_NS 200000      /* an idle worker spins this long before it sleeps */
+#define WAIT_SPINS 2048     /* the caller spins this many pauses for claimed items, then yields */
+#define LOAD_NS 100000000   /* how often the other processes' load is measured */
+#define MAX_WORKERS 255
+
+static struct {
+    pthread_mutex_t owner;     /* one caller runs a job at a time; another runs its job alone */
+    _Atomic uint32_t seq;      /* 2 x the job number; odd while a job is being set up */
+    _Atomic(kv_task) fn;
+    _Atomic(const void *) ctx;
+    _Atomic i64 n;
+    _Atomic int want;          /* workers 1..want take part */
+    _Atomic uint64_t claim;    /* job number << 32 | next item */
+    _Atomic i64 done;          /* items of the current job finished */
+    _Atomic int sleepers;
+    _Atomic i64 worker_items;  /* items workers ran, ever (the tests look) */
+    int workers;               /* started */
+    int adapt;                 /* fewer threads while other processes are busy */
+    int fixed;                 /* > 0: exactly this many threads (tests, benchmarks) */
+} P = {.owner = PTHREAD_MUTEX_INITIALIZER, .adapt = 1};
+
+static inline void cpu_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static i64 now_ns(clockid_t clock) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (i64)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void sleep_on(_Atomic uint32_t *addr, uint32_t val) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+#else
+    (void)addr, (void)val;
+    struct timespec ts = {0, 50000};
+    nanosleep(&ts, NULL);
+#endif
+}
+
+static void wake_all(_Atomic uint32_t *addr) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)addr;
+#endif
+}
+
+/* Claim and run items of job `job` until none is left; returns how many this thread ran. */
+static i64 run_items(uint32_t job, kv_task fn, const void *ctx, i64 n) {
+    i64 ran = 0;
+    uint64_t c = atomic_load(&P.claim);
+    while ((uint32_t)(c >> 32) == job && (i64)(uint32_t)c < n) {
+        if (!atomic_compare_exchange_weak(&P.claim, &c, c + 1)) continue;
+        fn(ctx, (i64)(uint32_t)c);
+        ran++;
+        c = atomic_load(&P.claim);
+    }
+    if (ran) atomic_fetch_add(&P.done, ran);
+    return ran;
+}
+
+/* A new job's seq (even, not `seen`): spin a while, then sleep until the caller wakes us. */
+static uint32_t next_job(uint32_t seen) {
+    i64 until = 0;
+    for (int i = 0;; i++) {
+        uint32_t s = atomic_load_explicit(&P.seq, memory_order_acquire);
+        if (s != seen && !(s & 1)) return s;
+        cpu_pause();
+        if (i % 64 != 63) continue;
+        i64 t = now_ns(CLOCK_MONOTONIC);
+        if (!until) until = t + SPIN_NS;
+        if (t < until) continue;
+        atomic_fetch_add(&P.sleepers, 1); /* then seq: the caller stores seq, then reads this */
+        s = atomic_load(&P.seq);
+        if (s == seen || (s & 1)) sleep_on(&P.seq, s);
+        atomic_fetch_sub(&P.sleepers, 1);
+        until = 0;
+    }
+}
+
+static void *worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        uint32_t s = seen = next_job(seen);
+        kv_task fn = atomic_load_explicit(&P.fn, memory_order_relaxed);
+        const void *ctx = atomic_load_explicit(&P.ctx, memory_order_relaxed);
+        i64 n = atomic_load_explicit(&P.n, memory_order_relaxed);
+        int want = atomic_load_explicit(&P.want, memory_order_relaxed);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&P.seq, memory_order_relaxed) != s || id > want)
+            continue; /* a newer job is being set up (its claim will say so), or not ours */
+        atomic_fetch_add(&P.worker_items, run_items(s >> 1, fn, ctx, n));
+    }
+    return NULL;
+}
+
+static void after_fork(void) { /* the child has none of the parent's workers */
+    pthread_mutex_init(&P.owner, NULL);
+    P.workers = 0;
+    atomic_store(&P.sleepers, 0);
+}
+
+static void start_workers(int k) {
+    static int hooked;
+    if (!hooked) hooked = !pthread_atfork(NULL, NULL, after_fork);
+    if (k > MAX_WORKERS) k = MAX_WORKERS;
+    for (; P.workers < k; P.workers++) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&t, &attr, worker, (void *)(intptr_t)(P.workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+    }
+}
+
+/* ---------------------------------------------------------------- the other processes' load */
+static struct {
+    i64 t, busy, own; /* when last measured; busy ticks of our CPUs (ns); our process's CPU time */
+    int limit;        /* threads worth running, from the last measurement (0: no limit) */
+} L;
+
+#ifdef __linux__
+/* CPU time (ns) that anything used on the CPUs this process may run on, per /proc/stat */
+static i64 cpus_busy_ns(int *ncpu) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set)) return -1;
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return -1;
+    char line[512];
+    long long busy = 0;
+    *ncpu = 0;
+    while (fgets(line, sizeof line, f)) {
+        int cpu;
+        long long v[8] = {0};
+        if (strncmp(line, "cpu", 3) != 0) break;
+        if (sscanf(line, "cpu%d %lld %lld %lld %lld %lld %lld %lld %lld", &cpu, &v[0], &v[1],
+                   &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]) != 9 || !CPU_ISSET(cpu, &set))
+            continue; /* the "cpu" total, or a CPU we may not use */
+        busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]; /* not idle (3) nor iowait (4) */
+        (*ncpu)++;
+    }
+    fclose(f);
+    return busy * (1000000000 / sysconf(_SC_CLK_TCK));
+}
+#else
+static i64 cpus_busy_ns(int *ncpu) { (void)ncpu; return -1; }
+#endif
+
+/* Threads worth running now: our CPUs less those other processes kept busy since the last look
+ * (half a core or more counts as one). Our own threads are not counted, so the figure does not
+ * move with the choice it makes. */
+static int load_limit(void) {
+    i64 t = now_ns(CLOCK_MONOTONIC);
+    if (L.t && t - L.t < LOAD_NS) return L.limit;
+    int ncpu = 0;
+    i64 busy = cpus_busy_ns(&ncpu), own = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+    if (busy < 0 || ncpu < 1) return L.limit = 0;
+    if (L.t) {
+        double others = (double)((busy - L.busy) - (own - L.own)) / (double)(t - L.t);
+        int free = (int)((double)ncpu - others + 0.5);
+        L.limit = free < 1 ? 1 : free;
+    }
+    L.t = t, L.busy = busy, L.own = own;
+    return L.limit;
+}
+
+/* ---------------------------------------------------------------- the interface */
+static int threads_for(i64 n) {
+    int t = P.fixed > 0 ? P.fixed : omp_get_max_threads();
+    if (t > 1 && P.adapt && P.fixed <= 0) {
+        int lim = load_limit();
+        if (lim > 0 && lim < t) t = lim;
+    }
+    if (t > MAX_WORKERS + 1) t = MAX_WORKERS + 1;
+    return n < t ? (int)n : t;
+}
+
+/* Run fn(ctx, i) for every i < n, on as many threads as threads_for says; returns when all ran. */
+void kv_parallel(kv_task fn, const void *ctx, i64 n) {
+    if (n <= 0) return;
+    if (n == 1 || pthread_mutex_trylock(&P.owner) != 0) { /* a second caller runs alone */
+        for (i64 i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    int t = threads_for(n);
+    if (t > 1) start_workers(t - 1);
+    if (t <= 1 || P.workers < 1) {
+        pthread_mutex_unlock(&P.owner);
+        for (i64 i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    uint32_t s = atomic_load(&P.seq) + 2, job = s >> 1;
+    atomic_store(&P.seq, s - 1); /* odd: a worker that reads the fields now starts over */
+    atomic_thread_fence(memory_order_release);
+    atomic_store_explicit(&P.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&P.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&P.n, n, memory_order_relaxed);
+    atomic_store_explicit(&P.want, t - 1, memory_order_relaxed);
+    atomic_store(&P.done, 0);
+    atomic_store(&P.claim, (uint64_t)job << 32);
+    atomic_store(&P.seq, s); /* then sleepers: a worker adds itself, then reads seq */
+    if (atomic_load(&P.sleepers) > 0) wake_all(&P.seq);
+    run_items(job, fn, ctx, n);
+    for (int i = 0; atomic_load_explicit(&P.done, memory_order_acquire) < n; i++) {
+        if (i < WAIT_SPINS) cpu_pause();
+        else sched_yield(); /* the item's thread may be waiting for this core */
+    }
+    pthread_mutex_unlock(&P.owner);
+}
+
+/* Threads the next job may use (torch's count, less what other processes keep busy). */
+int kv_threads(void) {
+    pthread_mutex_lock(&P.owner);
+    int t = threads_for(INT_MAX);
+    pthread_mutex_unlock(&P.owner);
+    return t;
+}
+
+/* adapt: use fewer threads while other processes are busy (1, the default) or not (0); fixed > 0:
+ * exactly that many threads, whatever torch says (0: torch's). */
+void kv_set_threads(int adapt, int fixed) {
+    pthread_mutex_lock(&P.owner);
+    P.adapt = adapt, P.fixed = fixed;
+    pthread_mutex_unlock(&P.owner);
+}
+
+i64 kv_worker_items(void) { return atomic_load(&P.worker_items); }
