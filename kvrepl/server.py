@@ -62,33 +62,16 @@ TOO_LARGE = "the request body is larger than this server takes (--max-body-kb)"
 def add_server_flags(p: argparse.ArgumentParser) -> None:
     """The server's own flags (the model's and the sampling's are the settings')."""
     g = p.add_argument_group("server")
-    g.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="the address to listen on (default 127.0.0.1: this machine only)",
-    )
-    g.add_argument(
-        "--port", type=int, default=8080, help="the port (default 8080; 0: any free one, printed)"
-    )
-    g.add_argument(
-        "--api-key",
-        metavar="KEY",
-        help=f"answer only requests that send 'Authorization: Bearer KEY' (or set {API_KEY_ENV})",
-    )
-    g.add_argument(
-        "--queue",
-        type=int,
-        default=8,
-        metavar="N",
-        help="requests that may wait while one is answered; more get 503 (default 8)",
-    )
-    g.add_argument(
-        "--max-body-kb",
-        type=int,
-        default=8192,
-        metavar="KB",
-        help="the largest request body, in KiB; larger ones get 413 (default 8192)",
-    )
+    g.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine)")  # fmt: skip
+    g.add_argument("--port", type=int, default=8080,
+                   help="the port (default 8080; 0: any free one, printed)")  # fmt: skip
+    g.add_argument("--api-key", metavar="KEY", default=None, help="answer only requests that send "
+                   f"'Authorization: Bearer KEY' (or set {API_KEY_ENV})")  # fmt: skip
+    g.add_argument("--queue", type=int, default=8, metavar="N", help="requests that may wait "
+                   "while one is answered; more get 503 (default 8)")  # fmt: skip
+    g.add_argument("--max-body-kb", type=int, default=8192, metavar="KB", help="the largest "
+                   "request body, in KiB; larger ones get 413 (default 8192)")  # fmt: skip
 
 
 def run(args: argparse.Namespace, settings: Settings, home: Path) -> int:

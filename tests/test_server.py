@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +144,11 @@ def text_of(chunks: list[Any]) -> str:
                    if isinstance(c, dict) and c["choices"])  # fmt: skip
 
 
-def repl_answers(real: Any, home: Path, *texts: str, max_tokens: int = MAX_TOKENS) -> list[str]:
+def repl_answers(real: Any, home: Path, *texts: str, **settings: Any) -> list[str]:
     """What the REPL answers to these messages sent one after another (a Conversation over the
-    same model, greedy, in the store `home`)."""
-    settings = Settings(temperature=0.0, max_tokens=max_tokens)
-    chat = open_conversation(real, home, settings)
+    same model, in the store `home`; greedy, with the server's settings, unless `settings` say
+    otherwise)."""
+    chat = open_conversation(real, home, replace(SETTINGS, **settings))
     try:
         return ["".join(e.text for e in chat.send(t) if isinstance(e, TextDelta)) for t in texts]
     finally:
@@ -218,6 +219,22 @@ def test_a_stop_string_ends_the_answer_before_it(http: httpx.Client) -> None:
     assert cut["choices"][0]["finish_reason"] == "stop"
     chunks = streamed(http, [user(question)], stop=" Paris")
     assert text_of(chunks) == whole[: whole.index(" Paris")]
+
+
+@pytest.mark.model
+def test_sampling_values_are_the_repls_settings(
+    http: httpx.Client, real: Any, tmp_path: Path
+) -> None:
+    question = "Describe a forest in two sentences."
+    sampled = {"temperature": 0.9, "top_p": 0.95, "seed": 7, "max_tokens": 24}
+    (expected,) = repl_answers(real, tmp_path, question, **sampled)
+    body = complete(http, [user(question)], **sampled)
+    assert content(body) == expected
+    assert body["usage"]["completion_tokens"] <= 24
+    (greedy,) = repl_answers(real, tmp_path / "greedy", question, max_tokens=24)
+    assert expected != greedy  # the sampling values were not ignored
+    cut = complete(http, [user(question)], max_completion_tokens=3)
+    assert cut["usage"]["completion_tokens"] == 3 and cut["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.model
