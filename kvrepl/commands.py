@@ -6,7 +6,8 @@ them, in the order they are declared here, which is the order of `/help`.
 Commands talk to `Conversation` and the `Renderer` and return what the REPL should do next: nothing,
 quit, open the prompt prefilled, or render a turn. What a command shows is `info` (its output:
 stdout) or `confirm` (what it did: a notice, stderr when piped). The session listing's rows are
-gathered here, once, for `/sessions` and the `kvrepl sessions` subcommand alike (`session_rows`).
+gathered here, once, for `/sessions`, `/stats`, the exports and the `kvrepl sessions` subcommand
+alike (`session_row`; what each figure counts is listing.py's).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from kvrepl.chat import Conversation
-from kvrepl.config import SESSION_KEYS, parse_setting
-from kvrepl.errors import UsageError
+from kvrepl.config import SESSION_KEYS, parse_setting, setting_help
+from kvrepl.errors import KvreplError, UsageError
 from kvrepl.export import FORMATS, export
-from kvrepl.listing import SessionRow
+from kvrepl.listing import SessionRow, format_size
 from kvrepl.registry import (
     Command,
     CommandFunc,
@@ -31,9 +32,11 @@ from kvrepl.registry import (
     Quit,
     Registry,
 )
+from kvrepl.store import SessionSummary
 
 __all__ = ["BUILTINS", "Command", "Context", "Generate", "Outcome", "Prefill", "Quit",
-           "Registry", "build_registry", "builtin", "session_rows"]  # fmt: skip
+           "Registry", "build_registry", "builtin", "session_row", "session_rows",
+           "write_file"]  # fmt: skip
 
 # Every built-in command, in the order declared (the order of /help).
 BUILTINS: list[Command] = []
@@ -77,7 +80,7 @@ def cmd_help(ctx: Context, arg: str) -> Outcome:
     ctx.renderer.print_table(("command", "what it does"), rows)
     if not arg:
         ctx.renderer.info("Enter sends; Alt-Enter or Ctrl-J adds a line; Ctrl-C stops an "
-                          "answer or clears the line; Ctrl-D quits.")  # fmt: skip
+                          "answer or clears the line; Ctrl-D, /quit or q alone quits.")  # fmt: skip
     return None
 
 
@@ -123,7 +126,8 @@ def cmd_load(ctx: Context, arg: str) -> Outcome:
 
 @builtin("sessions", "", "list sessions")
 def cmd_sessions(ctx: Context, arg: str) -> Outcome:
-    ctx.renderer.print_sessions(session_rows(ctx.chat), current=_current_name(ctx.chat))
+    ctx.renderer.print_sessions(session_rows(ctx.chat), current=_current_name(ctx.chat),
+                                pool_bytes=ctx.chat.kv.pool_bytes())  # fmt: skip
     return None
 
 
@@ -221,38 +225,60 @@ def cmd_branch(ctx: Context, arg: str) -> Outcome:
 @builtin("set", "[key value]", "show or change sampling and the system prompt for this "
          "session", completes=tuple(SESSION_KEYS))  # fmt: skip
 def cmd_set(ctx: Context, arg: str) -> Outcome:
+    now = ctx.chat.settings
     if not arg:
-        s = ctx.chat.settings
-        ctx.renderer.print_table(("key", "value"), [(k, repr(getattr(s, k))) for k in SESSION_KEYS])
+        rows = [(k, _shown(getattr(now, k))) for k in SESSION_KEYS]
+        ctx.renderer.print_table(("key", "value"), rows)
         return None
     key, _, raw = arg.partition(" ")
-    if not raw and key != "system":
-        raise UsageError(f"give a value for {key}")
+    if not raw.strip():  # the value in force, and what the setting takes
+        if key not in SESSION_KEYS:
+            raise UsageError(f"unknown setting {key!r}: one of {', '.join(SESSION_KEYS)}")
+        ctx.renderer.info(f"{key} = {_shown(getattr(now, key))}: {setting_help(key)}")
+        return None
     value = parse_setting(key, _unquote(raw))
     ctx.chat.sessions.set_option(key, value)
-    ctx.renderer.confirm(f"{key} = {value!r} for this session")
+    ctx.renderer.confirm(f"{key} = {_shown(value)} for this session")
     return None
 
 
-@builtin("stats", "", "this session's cache and turn figures")
+@builtin("stats", "", "this session's figures (as /sessions counts them), the model's cache and "
+         "the totals of every answer computed")  # fmt: skip
 def cmd_stats(ctx: Context, arg: str) -> Outcome:
     figures = ctx.chat.cache_figures()
-    ctx.renderer.print_table(("figure", "value"), [(k, _fmt(v)) for k, v in figures.items()])
+    rows: list[tuple[str, str]] = [("session", ctx.chat.sessions.label or "(none yet)")]
+    rows += [(label, str(figures[key])) for key, label in (("model", "model"),
+             ("weights", "weights")) if key in figures]  # fmt: skip
+    if ctx.chat.session is not None:
+        rows += session_row(ctx.chat, ctx.chat.store.summary(ctx.chat.session.id)).figures()
+    if "cached_tokens" in figures:
+        rows += [("in memory", f"{figures['cached_tokens']:,} tokens in the model's cache now"),
+                 ("context", f"{figures['context_length']:,} tokens")]  # fmt: skip
+    if ctx.chat.session is not None:
+        budget = format_size(figures["kv_budget_bytes"])
+        rows += [("all sessions", f"{format_size(figures['kv_pool_bytes'])} of K/V on disk "
+                  f"(of {budget} allowed)"),
+                 ("answers", f"{figures['answers']:,} computed, every branch; over them:"),
+                 *[(name, _fmt(figures[f"{name}_tokens"])) for name in
+                   ("reused", "prefilled", "generated")],
+                 ("mean ttft", f"{_fmt(figures['ttft_s'])} s"),
+                 ("decode", f"{_fmt(figures['decode_tok_s'])} tok/s")]  # fmt: skip
+    ctx.renderer.print_table(("figure", "value"), rows)
     return None
 
 
-@builtin("export", "[md|json] [file]", "write this conversation out", completes=FORMATS)
+@builtin("export", "[md|json] [file]", "write this conversation out (to a file named .md or "
+         ".json: its format)", completes=FORMATS)  # fmt: skip
 def cmd_export(ctx: Context, arg: str) -> Outcome:
-    parts = arg.split(maxsplit=1)
-    fmt = parts[0] if parts else "md"
-    if fmt not in FORMATS:
-        raise UsageError(f"format is md or json, not {fmt!r}")
-    if ctx.chat.session is None:
+    fmt, target = _export_args(arg)
+    session = ctx.chat.session
+    if session is None:
         raise UsageError("nothing to export yet")
-    text = export(ctx.chat.store, ctx.chat.session, fmt)
-    if len(parts) > 1:
-        Path(parts[1]).expanduser().write_text(text, encoding="utf-8")
-        ctx.renderer.confirm(f"wrote {parts[1]}")
+    row = session_row(ctx.chat, ctx.chat.store.summary(session.id))
+    text = export(ctx.chat.store, session, fmt, row=row, system=ctx.chat.settings.system)
+    if target is not None:
+        write_file(target, text)
+        ctx.renderer.confirm(f"wrote {target}")
     elif fmt == "md":
         ctx.renderer.print_markdown(text)
     else:
@@ -260,20 +286,56 @@ def cmd_export(ctx: Context, arg: str) -> Outcome:
     return None
 
 
+def _export_args(arg: str) -> tuple[str, str | None]:
+    """(format, file or None) of `/export [md|json] [file]`; a file named .md or .json alone
+    says its format."""
+    first, _, rest = arg.partition(" ")
+    if not first:
+        return "md", None
+    if first in FORMATS:
+        return first, _unquote(rest) or None
+    target = _unquote(arg)
+    suffix = Path(target).suffix.lower().lstrip(".")
+    if suffix in FORMATS:
+        return suffix, target
+    raise UsageError(f"format is md or json, not {first!r}")
+
+
+def write_file(target: str, text: str) -> None:
+    """Write `text` to the file the user named; what stops it is one line in their words."""
+    path = Path(target).expanduser()
+    try:
+        path.write_text(text, encoding="utf-8")
+    except IsADirectoryError:
+        raise KvreplError(f"cannot write {target}: it is a folder; name a file in it") from None
+    except FileNotFoundError:
+        raise KvreplError(f"cannot write {target}: there is no folder {path.parent}") from None
+    except NotADirectoryError:
+        raise KvreplError(f"cannot write {target}: part of that path is a file, not a "
+                          "folder") from None  # fmt: skip
+    except PermissionError:
+        raise KvreplError(f"cannot write {target}: permission denied") from None
+    except OSError as exc:
+        raise KvreplError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
 # ---- helpers -------------------------------------------------------------------------------
 
 
 def session_rows(chat: Conversation) -> list[SessionRow]:
-    """One row per stored session, newest first, with its snapshot's tokens and size: the one
-    source of every session listing."""
-    rows = []
-    for s in chat.store.list_sessions():
-        rows.append(SessionRow(
-            name=s.name or s.id, title=s.title, turns=s.turns,
-            tokens=chat.kv.n_tokens_on_disk(s.id), updated=s.updated,
-            snapshot_bytes=chat.kv.size_bytes(s.id),
-        ))  # fmt: skip
-    return rows
+    """One row per stored session, newest first: the one source of every session listing."""
+    return [session_row(chat, s) for s in chat.store.list_sessions()]
+
+
+def session_row(chat: Conversation, s: SessionSummary) -> SessionRow:
+    """A session's figures, counted as listing.py says, for every surface that shows them."""
+    _, chain, _ = chat.kv.last_chain(s.id)
+    saved = chain[-1].end if chain else 0
+    # The last save may hold more than the conversation has now (an /undo since): not cached.
+    cached = min(saved, s.tokens) if s.tokens else saved
+    return SessionRow(name=s.name or s.id, title=s.title, turns=s.turns, tokens=s.tokens,
+                      cached_tokens=cached, updated=s.updated,
+                      bytes_on_disk=chat.kv.size_bytes(s.id) or None, id=s.id)  # fmt: skip
 
 
 def _current_name(chat: Conversation) -> str | None:
@@ -290,6 +352,15 @@ def _unquote(raw: str) -> str:
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
         return shlex.split(raw)[0]
     return raw
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as /set takes it: on/off, none, text quoted."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _fmt(value: Any) -> str:

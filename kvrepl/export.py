@@ -1,27 +1,38 @@
 """Exporting a conversation (its active branch) as Markdown or JSON. Pure functions over what the
-store returns; the JSON holds each turn's stats under the engine's five field names."""
+store returns, the session's figures (listing.py's `SessionRow`, counted as every listing counts
+them) and the system prompt in force; the JSON holds each turn's stats under the engine's five
+field names."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from kvrepl.listing import SessionRow
 from kvrepl.store import Message, Session, Store
 
 FORMATS = ("md", "json")
+FIGURES = ("turns", "tokens", "cached_tokens", "bytes_on_disk")  # SessionRow.as_dict's
 
 
-def export(store: Store, session: Session, fmt: str) -> str:
+def export(store: Store, session: Session, fmt: str, *, row: SessionRow | None = None,
+           system: str | None = None) -> str:  # fmt: skip
+    """The session's active branch as `fmt`; `row`: its figures; `system`: the system prompt in
+    force (by default the one set in the session, `/set system`), which the conversation is
+    rendered under whenever it was set."""
     if fmt not in FORMATS:
         raise ValueError(fmt)
     stats = {m.id: s for m, s in store.turn_stats(session.id)}
     messages = store.active_branch(session.id)
+    system = session.settings.get("system", "") if system is None else system
     if fmt == "json":
-        return to_json(session, messages, stats)
-    return to_markdown(session, messages, stats)
+        return to_json(session, messages, stats, row=row, system=system)
+    return to_markdown(session, messages, stats, row=row, system=system)
 
 
-def to_json(session: Session, messages: list[Message], stats: dict[int, dict[str, Any]]) -> str:
+def to_json(session: Session, messages: list[Message], stats: dict[int, dict[str, Any]], *,
+            row: SessionRow | None = None, system: str = "") -> str:  # fmt: skip
+    figures = row.as_dict() if row is not None else {}
     doc = {
         "session": {
             "id": session.id,
@@ -31,6 +42,8 @@ def to_json(session: Session, messages: list[Message], stats: dict[int, dict[str
             "created": session.created,
             "updated": session.updated,
             "settings": session.settings,
+            "system": system,
+            **{name: figures[name] for name in FIGURES if name in figures},
         },
         "messages": [
             {
@@ -49,9 +62,14 @@ def to_json(session: Session, messages: list[Message], stats: dict[int, dict[str
     return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
 
 
-def to_markdown(session: Session, messages: list[Message], stats: dict[int, dict[str, Any]]) -> str:
+def to_markdown(session: Session, messages: list[Message], stats: dict[int, dict[str, Any]], *,
+                row: SessionRow | None = None, system: str = "") -> str:  # fmt: skip
     title = session.name or session.title or session.id
     lines = [f"# {title}", "", f"model: {session.model} · created {session.created}", ""]
+    if row is not None:
+        lines += [" · ".join(f"{label}: {value}" for label, value in row.figures()), ""]
+    if system:
+        lines += ["## system", "", system, ""]
     turn = 0
     for m in messages:
         if m.role == "user":

@@ -27,7 +27,7 @@ from typing import IO, Any
 from rich.console import Console
 
 from kvrepl.events import Finish, Notice, Progress, Stats, TextDelta, ThinkDelta, TurnEvent
-from kvrepl.listing import SESSION_COLUMNS, SessionRow, session_cells
+from kvrepl.listing import SESSION_COLUMNS, SessionRow, pool_line, session_cells
 from kvrepl.turnlines import TurnResult, format_stats, turn_object
 
 __all__ = ["Renderer", "make_console", "make_renderer", "renderer_class"]
@@ -302,10 +302,16 @@ class Renderer(ABC):
     ) -> None:
         """Lay out a table's cells."""
 
-    def print_sessions(self, sessions: Iterable[SessionRow], *, current: str | None = None) -> None:
-        """The session listing; the current session is marked with `*` in a terminal."""
-        rows = session_cells(sessions, current, tty=not self.plain)
-        self.print_table(SESSION_COLUMNS, rows, right_align=("turns", "tokens", "snapshot"))
+    def print_sessions(self, sessions: Iterable[SessionRow], *, current: str | None = None,
+                       pool_bytes: int | None = None) -> None:  # fmt: skip
+        """The session listing; the current session is marked with `*` in a terminal.
+        `pool_bytes`: the pool's size, said under the rows when several sessions have chunks on
+        disk (a notice: piped, the rows alone are on stdout)."""
+        rows = list(sessions)
+        cells = session_cells(rows, current, tty=not self.plain)
+        self.print_table(SESSION_COLUMNS, cells, right_align=SESSION_COLUMNS[2:6])
+        if pool_bytes is not None and sum(bool(r.bytes_on_disk) for r in rows) > 1:
+            self.notice(pool_line(pool_bytes))
 
     @abstractmethod
     def status(self, text: str) -> AbstractContextManager[None]:

@@ -64,6 +64,9 @@ class SessionSummary:
     turns: int  # user messages on the active branch
     created: str
     updated: str
+    # The conversation's length in tokens at its last answer (its prompt and the answer): the
+    # figures of the last answer on the active branch that got past its prompt; 0 before one.
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,21 +199,39 @@ class Store:
 
     def list_sessions(self) -> list[SessionSummary]:
         """Every session, most recently updated first."""
+        return self._summaries()
+
+    def summary(self, session_id: str) -> SessionSummary:
+        """One session as `list_sessions` lists it."""
+        found = self._summaries(session_id)
+        if not found:
+            raise StoreError(f"no session {session_id!r}")
+        return found[0]
+
+    def _summaries(self, session_id: str | None = None) -> list[SessionSummary]:
         sql = """
-        WITH RECURSIVE branch(session_id, id) AS (
-            SELECT id, head_id FROM sessions WHERE head_id IS NOT NULL
+        WITH RECURSIVE branch(session_id, id, depth) AS (
+            SELECT id, head_id, 0 FROM sessions
+            WHERE head_id IS NOT NULL AND (:sid IS NULL OR id = :sid)
             UNION ALL
-            SELECT b.session_id, m.parent_id FROM messages m JOIN branch b ON m.id = b.id
-            WHERE m.parent_id IS NOT NULL
+            SELECT b.session_id, m.parent_id, b.depth + 1 FROM messages m JOIN branch b
+            ON m.id = b.id WHERE m.parent_id IS NOT NULL
         )
         SELECT s.*, (
             SELECT count(*) FROM branch b JOIN messages m ON m.id = b.id
             WHERE b.session_id = s.id AND m.role = 'user'
-        ) AS turns
-        FROM sessions s ORDER BY s.updated DESC, s.rowid DESC
+        ) AS turns, coalesce((
+            SELECT coalesce(t.reused_tokens, 0) + coalesce(t.prefilled_tokens, 0)
+                + coalesce(t.generated_tokens, 0)
+            FROM branch b JOIN messages m ON m.id = b.id JOIN turns t ON t.message_id = m.id
+            WHERE b.session_id = s.id AND (m.interrupted = 0 OR t.generated_tokens > 0)
+            ORDER BY b.depth LIMIT 1
+        ), 0) AS tokens
+        FROM sessions s WHERE :sid IS NULL OR s.id = :sid ORDER BY s.updated DESC, s.rowid DESC
         """
         fields = SessionSummary.__dataclass_fields__
-        return [SessionSummary(**{k: r[k] for k in fields}) for r in self.db.query(sql)]
+        rows = self.db.query(sql, {"sid": session_id})
+        return [SessionSummary(**{k: r[k] for k in fields}) for r in rows]
 
     def rename_session(self, session_id: str, name: str | None) -> None:
         """Give the session a (unique) name; None removes it."""
@@ -365,11 +386,12 @@ class Store:
         ]
 
     def session_totals(self, session_id: str) -> dict[str, Any]:
-        """Totals over every turn the session ever ran, all branches: token sums, mean time to
-        first token, and decode speed as all generated tokens over all decode time."""
+        """Totals over every answer the session ever computed, all branches (`answers`; its
+        `turns` are the user messages of the active branch, `summary`'s): token sums, mean time
+        to first token, and decode speed as all generated tokens over all decode time."""
         self._session_row(session_id)
         sql = """
-        SELECT count(*) AS turns,
+        SELECT count(*) AS answers,
             coalesce(sum(t.reused_tokens), 0) AS reused_tokens,
             coalesce(sum(t.prefilled_tokens), 0) AS prefilled_tokens,
             coalesce(sum(t.generated_tokens), 0) AS generated_tokens,

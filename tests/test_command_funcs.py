@@ -102,7 +102,8 @@ def test_help_lists_the_registry_and_one_command():
     assert cmd_help(ctx, "") is None
     lines = out.getvalue().splitlines()
     assert lines[0] == "/help [command]\tlist the commands, or show one (also /?)"
-    assert len(lines) == len(ctx.registry.commands) + 1 and "Ctrl-D quits" in lines[-1]
+    assert len(lines) == len(ctx.registry.commands) + 1
+    assert lines[-1].endswith("Ctrl-D, /quit or q alone quits.")
     ctx, out = context()
     cmd_help(ctx, "/quit")
     assert out.getvalue() == "/quit\tleave (everything is saved) (also /exit, /q)\n"
@@ -160,23 +161,56 @@ def test_history_numbers_user_turns_on_one_line_each():
 def test_set_shows_every_key_and_sets_one():
     ctx, out = context()
     cmd_set(ctx, "")
-    assert [line.split("\t")[0] for line in out.getvalue().splitlines()] == list(SESSION_KEYS)
+    rows = dict(line.split("\t") for line in out.getvalue().splitlines())
+    assert list(rows) == list(SESSION_KEYS)
+    assert (rows["drop_oldest"], rows["seed"], rows["system"]) == ("off", "none", "''")
     cmd_set(ctx, "system 'be brief'")
     cmd_set(ctx, "temperature 0.5")
     assert ctx.chat.options == {"system": "be brief", "temperature": 0.5}
-    with pytest.raises(UsageError, match="give a value for top_k"):
-        cmd_set(ctx, "top_k")
+    with pytest.raises(UsageError, match="unknown setting 'top_kk'"):
+        cmd_set(ctx, "top_kk")
+
+
+@pytest.mark.parametrize("key,said", [
+    ("temperature", "temperature = 0.2: 0 is greedy (default 0.2; 0.0 to 5.0)"),
+    ("drop_oldest", "drop_oldest = off: when over the context"),
+    ("seed", "seed = none: a fixed sampling seed"),
+    ("system", "system = '': system prompt"),
+])  # fmt: skip
+def test_set_with_a_key_alone_shows_its_value_and_what_it_takes(key, said):
+    ctx, out = context()
+    assert cmd_set(ctx, key) is None and cmd_set(ctx, key + "   ") is None
+    first, again = out.getvalue().splitlines()
+    assert first.startswith(said) and again == first
+    assert ctx.chat.options == {}  # nothing changed
+
+
+def test_set_answers_in_the_words_it_takes():
+    ctx, out = context()
+    for line in ("drop_oldest on", "drop_oldest off", "seed none", "seed 7", "top_p 0.5"):
+        cmd_set(ctx, line)
+    assert out.getvalue().splitlines() == [
+        "drop_oldest = on for this session", "drop_oldest = off for this session",
+        "seed = none for this session", "seed = 7 for this session",
+        "top_p = 0.5 for this session"]  # fmt: skip
+    assert ctx.chat.options == {"drop_oldest": False, "seed": 7, "top_p": 0.5}
 
 
 def test_session_rows_join_the_store_and_the_snapshots():
-    summaries = [SessionSummary("a1", "work", "Refactor", "m", 3, "c", "2025-01-02"),
-                 SessionSummary("b2", None, "", "m", 0, "c", "2025-01-01")]  # fmt: skip
-    sizes = {"a1": 4096}
+    """tokens are the conversation's (the store's); cached, the last save's end, at most the
+    conversation's tokens (a save longer than it: an /undo since); bytes, the session's chunks."""
+    summaries = [SessionSummary("a1", "work", "Refactor", "m", 3, "c", "2025-01-02", 40),
+                 SessionSummary("b2", None, "", "m", 0, "c", "2025-01-01", 0),
+                 SessionSummary("c3", "undone", "", "m", 1, "c", "2025-01-01", 20)]  # fmt: skip
+    chains = {"a1": [SimpleNamespace(end=16), SimpleNamespace(end=38)],
+              "c3": [SimpleNamespace(end=31)]}  # fmt: skip
+    sizes = {"a1": 4096, "c3": 100}
     chat = SimpleNamespace(
         store=SimpleNamespace(list_sessions=lambda: summaries),
-        kv=SimpleNamespace(n_tokens_on_disk=lambda sid: 12 if sid in sizes else 0,
-                           size_bytes=sizes.get),
+        kv=SimpleNamespace(last_chain=lambda sid: ("fp", chains.get(sid, []), None),
+                           size_bytes=lambda sid: sizes.get(sid, 0)),
     )  # fmt: skip
     rows = session_rows(chat)  # type: ignore[arg-type]
-    assert [(r.name, r.turns, r.tokens, r.snapshot_bytes) for r in rows] == [
-        ("work", 3, 12, 4096), ("b2", 0, 0, None)]  # fmt: skip
+    assert [(r.name, r.turns, r.tokens, r.cached_tokens, r.bytes_on_disk) for r in rows] == [
+        ("work", 3, 40, 38, 4096), ("b2", 0, 0, 0, None), ("undone", 1, 20, 20, 100)]  # fmt: skip
+    assert rows[1].as_dict()["id"] == "b2" and rows[1].as_dict()["bytes_on_disk"] == 0

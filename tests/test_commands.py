@@ -18,6 +18,7 @@ from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.errors import KvreplError
 from kvrepl.handle import ModelHandle
 from kvrepl.kvstore import KVStore
+from kvrepl.listing import format_size
 from kvrepl.registry import Command
 from kvrepl.repl import line_loop
 from kvrepl.store import STAT_NAMES, Store
@@ -98,7 +99,7 @@ def test_unknown_command_is_one_error_line_with_a_hint_and_no_model_call(h: Harn
         ("/branch", "/branch ID"),
         ("/branch abc", "/branch ID"),
         ("/think maybe", "/think [on|off]"),
-        ("/set temperature", "/set [key value]"),
+        ("/set colour", "/set [key value]"),
         ("/set temperature hot", "/set [key value]"),
         ("/set temperature 9", "/set [key value]"),
         ("/set top_k 1.5", "/set [key value]"),
@@ -242,11 +243,13 @@ def test_save_refuses_a_name_another_session_has(h: Harness):
 def test_sessions_lists_them(h: Harness):
     assert h.run("/sessions") == ""
     h.run("hello there", "/save demo", "/new", "second one")
-    rows = [line.split("\t") for line in lines_of(h.run("/sessions"))]
+    *lines, pool = lines_of(h.run("/sessions"))
+    rows = [line.split("\t") for line in lines]
     assert [r[0] for r in rows] == [h.chat.session.id, "demo"]  # most recent first
+    assert pool.startswith("all sessions: ")  # two sessions with chunks: the pool's real size
     demo = rows[1]
     assert demo[1] == "hello there" and demo[2] == "1"
-    assert int(demo[3]) > 0  # tokens in the snapshot
+    assert int(demo[3]) > 0 and demo[4] == demo[3]  # the conversation's tokens, all cached
 
 
 def test_load_after_a_restart_reuses_the_snapshot(h: Harness, tiny):
@@ -340,8 +343,11 @@ def test_set_changes_temperature_and_refuses_bad_values(h: Harness):
     assert h.run("/set system 'be brief'") == "system = 'be brief' for this session\n"
     assert h.chat.prompt_messages()[0] == {"role": "system", "content": "be brief"}
     assert h.run("/set seed 5") == "seed = 5 for this session\n"
-    assert h.run("/set drop_oldest on") == "drop_oldest = True for this session\n"
+    assert h.run("/set drop_oldest on") == "drop_oldest = on for this session\n"
     assert h.chat.settings.drop_oldest is True
+    assert h.run("/set temperature") == (
+        "temperature = 0.7: 0 is greedy (default 0.2; 0.0 to 5.0)\n")  # fmt: skip
+    assert h.chat.settings.temperature == 0.7
 
 
 def test_set_is_remembered_with_the_session(h: Harness, tiny):
@@ -494,12 +500,40 @@ def test_stats_shows_cache_and_turn_figures(h: Harness):
     h.run("hello there", "how are you?")
     rows = dict(line.split("\t") for line in lines_of(h.run("/stats")))
     assert rows["session"] == h.chat.session.id
-    assert int(rows["cached_tokens"].replace(",", "")) == len(h.rt.engine.pc.ids)
-    assert rows["snapshot_tokens"] == rows["cached_tokens"]
-    assert rows["context_length"] == "512"
-    assert rows["turns"] == "2"
-    assert int(rows["generated_tokens"]) == 12
-    assert int(rows["reused_tokens"].replace(",", "")) > 0
+    cached = len(h.rt.engine.pc.ids)
+    assert rows["in memory"] == f"{cached:,} tokens in the model's cache now"
+    assert rows["tokens"] == rows["cached"] == f"{cached:,}"
+    assert rows["context"] == "512 tokens"
+    assert rows["turns"] == "2" and rows["answers"].startswith("2 computed")
+    assert int(rows["generated"]) == 12
+    assert int(rows["reused"].replace(",", "")) > 0
+
+
+def test_every_surface_names_and_counts_the_figures_the_same(h: Harness):
+    """/sessions, /stats and both exports: turns (of the active branch, not every answer
+    computed), the conversation's tokens, its cached tokens and its bytes on disk, the same."""
+    h.run("/new demo", "hello there", "how are you?", "/edit 2 and what about you?")
+    tokens = sum(h.last_stats.as_dict()[k] for k in ("reused_tokens", "prefilled_tokens",
+                                                      "generated_tokens"))  # fmt: skip
+    assert tokens == len(h.rt.engine.pc.ids)
+    h.run("/new other", "hello there", "/load demo")  # shares demo's first chunk
+    stats = dict(line.split("\t") for line in lines_of(h.run("/stats")))
+    assert stats["answers"].startswith("3 computed")  # both branches of turn 2
+    listing = {r[0]: r for r in (line.split("\t") for line in lines_of(h.run("/sessions")))}
+    doc = json.loads(h.run("/export json"))["session"]
+    md = h.run("/export md")
+    on_disk = h.kv.size_bytes(h.chat.session.id)
+    assert (stats["turns"], stats["tokens"], stats["cached"]) == ("2", f"{tokens:,}", f"{tokens:,}")
+    assert stats["on disk"] == format_size(on_disk)
+    assert listing["demo"][2:6] == ["2", str(tokens), str(tokens), format_size(on_disk)]
+    assert (doc["turns"], doc["tokens"], doc["cached_tokens"], doc["bytes_on_disk"]) == (
+        2, tokens, tokens, on_disk)  # fmt: skip
+    assert (f"turns: 2 · tokens: {tokens:,} · cached: {tokens:,} · on disk: "
+            f"{format_size(on_disk)}") in md  # fmt: skip
+    # the sessions share a chunk: each counts it, the pool once
+    other = h.kv.size_bytes(h.store.get_session("other").id)
+    assert h.kv.pool_bytes() < on_disk + other
+    assert stats["all sessions"].startswith(format_size(h.kv.pool_bytes()) + " of K/V on disk")
 
 
 def test_export_json_has_each_turns_stats(h: Harness, tmp_path):
@@ -532,6 +566,34 @@ def test_export_md(h: Harness, tmp_path):
     target = tmp_path / "out.md"
     h.run(f"/export md {target}")
     assert target.read_text().rstrip("\n") == out.rstrip("\n")
+    named = tmp_path / "named.json"  # a file named .json alone: its format
+    assert h.run(f"/export {named}") == f"wrote {named}\n"
+    assert json.loads(named.read_text())["session"]["name"] == "demo"
+
+
+def test_export_md_holds_a_system_prompt_set_mid_session(h: Harness):
+    h.run("/new demo", "hello there", "/set system 'Answer in French.'", "how are you?")
+    out = h.run("/export md")
+    assert "## system\n\nAnswer in French.\n" in out
+    assert out.index("## system") < out.index("## 1. user")
+    assert json.loads(h.run("/export json"))["session"]["system"] == "Answer in French."
+
+
+@pytest.mark.parametrize("where,said", [
+    ("{tmp}/no/such/folder/out.md", "cannot write {tmp}/no/such/folder/out.md: there is no folder "
+                                    "{tmp}/no/such/folder"),
+    ("{tmp}", "cannot write {tmp}: it is a folder; name a file in it"),
+    ("{tmp}/a-file/out.md", "cannot write {tmp}/a-file/out.md: part of that path is a file, not a "
+                            "folder"),
+])  # fmt: skip
+def test_export_to_a_bad_path_is_one_line_in_the_users_words(h: Harness, tmp_path, where, said):
+    (tmp_path / "a-file").write_text("x")
+    h.run("/new demo", "hello there")
+    target = where.format(tmp=tmp_path)
+    out = h.run(f"/export md {target}")
+    assert out == f"error: {said.format(tmp=tmp_path)}\n"
+    assert "internal error" not in out and not (h.home / "kvrepl.log").exists()
+    assert h.run("/history").startswith("[1. you] hello there")  # and the REPL goes on
 
 
 def test_every_command_is_covered_here():

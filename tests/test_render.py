@@ -442,21 +442,27 @@ def test_split_finished_never_splits_inside_an_open_fence() -> None:
 
 def test_sessions_listing_plain_and_table() -> None:
     rows = [
-        SessionRow("work", "Refactor", 3, 1204, datetime(2025, 1, 2, 3, 4), 5 * 1024 * 1024),
-        SessionRow("scratch", "", 0, 0, "2025-01-01 00:00", None),
-        SessionRow("epoch", "t", 1, 9, datetime(2025, 5, 6, 7, 8).timestamp(), 100),
+        SessionRow("work", "Refactor", 3, 1204, 1200, datetime(2025, 1, 2, 3, 4), 5 * 1024 * 1024),
+        SessionRow("scratch", "", 0, 0, 0, "2025-01-01 00:00", None),
+        SessionRow("epoch", "t", 1, 9, 9, datetime(2025, 5, 6, 7, 8).timestamp(), 100),
     ]
     plain = plain_console()
-    Renderer(plain).print_sessions(rows, current="work")
+    Renderer(plain).print_sessions(rows, current="work", pool_bytes=5 * 1024 * 1024 + 10)
     assert output(plain) == (
-        "work\tRefactor\t3\t1204\t2025-01-02 03:04\t5.0 MiB\n"
-        "scratch\t\t0\t0\t2025-01-01 00:00\t-\n"
-        "epoch\tt\t1\t9\t2025-05-06 07:08\t100 B\n"
+        "work\tRefactor\t3\t1204\t1200\t5.0 MiB\t2025-01-02 03:04\n"
+        "scratch\t\t0\t0\t0\t-\t2025-01-01 00:00\n"
+        "epoch\tt\t1\t9\t9\t100 B\t2025-05-06 07:08\n"
+        "all sessions: 5.0 MiB of K/V on disk; a chunk sessions share counts in each one's \"on "
+        'disk", once here\n'
     )
     tty = tty_console()
     Renderer(tty).print_sessions(rows, current="work")
     screen = screen_of(tty)
-    assert "* work" in screen and "1,204" in screen and "snapshot" in screen
+    assert "* work" in screen and "1,204" in screen and "1,200" in screen
+    assert all(column in screen for column in ("turns", "tokens", "cached", "on disk"))
+    alone = plain_console()
+    Renderer(alone).print_sessions(rows[:2], pool_bytes=5 * 1024 * 1024)  # one with chunks
+    assert "all sessions" not in output(alone)
 
 
 def test_format_size() -> None:

@@ -227,8 +227,39 @@ def test_finish_answer_stores_message_and_stats(store: Store) -> None:
     assert first == answer and first.think == "hmm" and first_stats["prefilled_tokens"] == 10
     assert second.interrupted
     totals = store.session_totals(sid)
-    assert (totals["turns"], totals["generated_tokens"], totals["ttft_s"]) == (2, 40, 0.5)
+    assert (totals["answers"], totals["generated_tokens"], totals["ttft_s"]) == (2, 40, 0.5)
     assert totals["decode_tok_s"] == pytest.approx(40 / (2 + 0.5))
+
+
+def test_turns_and_tokens_are_the_active_branchs_and_its_last_answers(store: Store) -> None:
+    """turns: the user messages of the active branch (not every answer ever computed); tokens:
+    the conversation at its last answer that got past its prompt (prompt and answer)."""
+
+    def figures(reused: int, prefilled: int, generated: int) -> dict[str, int]:
+        return dict(reused_tokens=reused, prefilled_tokens=prefilled, generated_tokens=generated)
+
+    sid = store.create_session().id
+    assert (store.summary(sid).turns, store.summary(sid).tokens) == (0, 0)
+    converse(store, sid, "q1")
+    store.finish_answer(sid, "a1", stats=figures(0, 30, 10))
+    q2 = converse(store, sid, "q2")[0]
+    store.finish_answer(sid, "a2", stats=figures(40, 12, 10))
+    assert (store.summary(sid).turns, store.summary(sid).tokens) == (2, 62)
+    store.finish_answer(sid, "a2 again", parent_id=q2.id, stats=figures(51, 1, 4))
+    assert store.session_totals(sid)["answers"] == 3  # every answer computed, both branches
+    assert (store.summary(sid).turns, store.summary(sid).tokens) == (2, 56)
+    # an answer stopped in its prompt holds only what was prefilled: the last whole one counts
+    q3 = converse(store, sid, "q3")[0]
+    store.finish_answer(sid, "", interrupted=True, stats=figures(56, 3, 0))
+    assert (store.summary(sid).turns, store.summary(sid).tokens) == (3, 56)
+    # an interrupted answer that generated counts: its prompt was whole
+    store.finish_answer(sid, "pa", interrupted=True, parent_id=q3.id, stats=figures(58, 7, 2))
+    assert store.summary(sid).tokens == 67
+    store.set_head(sid, q2.parent_id)  # back to turn 1's answer (as /undo leaves it)
+    assert (store.summary(sid).turns, store.summary(sid).tokens) == (1, 40)
+    assert [s.tokens for s in store.list_sessions()] == [40]
+    with pytest.raises(StoreError, match="no session"):
+        store.summary("nope")
 
 
 def test_finish_answer_is_all_or_nothing(store: Store) -> None:
