@@ -3,7 +3,7 @@ is told apart. No I/O beyond argparse's own usage errors and help (exit 2 and 0)
 flags are made from their declaration (config.py), and their values parsed and checked there.
 
     kvrepl [flags] [PROMPT ...]     chat; with a prompt, answer it and exit
-    kvrepl path [--config]          a subcommand, when the first word names one
+    kvrepl path [--config|--log]    a subcommand, when the first word names one
 
 argparse cannot take both a free positional prompt and subcommands in one parser, so there are
 two, and the first word decides, as llm's default command does: `path`, `sessions`, `export` and
@@ -23,8 +23,9 @@ from kvrepl.config import OPTIONS, Option, flag_name, option_value
 SUBCOMMANDS = ("path", "sessions", "export", "rm")
 EPILOG = """\
 subcommands (when the first word names one; `kvrepl -- WORD ...` sends the words as a prompt):
-  path [--config]                  print where sessions are stored (or the config file)
-  sessions                         list sessions
+  path [--config|--log]            print where sessions are stored (or the config file, or
+                                   the log that keeps the details of internal errors)
+  sessions                         list sessions (--json: as a JSON array)
   export NAME [--format md|json]   write a session out
   rm NAME                          delete a session and its snapshots
 
@@ -108,8 +109,13 @@ def subcommand_parser() -> argparse.ArgumentParser:
     store.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help="the store")
     sub = p.add_subparsers(dest="command", metavar="{path,sessions,export,rm}", required=True)
     path = sub.add_parser("path", parents=[store], help="print where sessions are stored")
-    path.add_argument("--config", action="store_true", help="print the config file's path")
-    sub.add_parser("sessions", parents=[store], help="list sessions")
+    which = path.add_mutually_exclusive_group()
+    which.add_argument("--config", action="store_true", help="print the config file's path")
+    which.add_argument("--log", action="store_true",
+                       help="print the log's path (the details of internal errors)")  # fmt: skip
+    listing = sub.add_parser("sessions", parents=[store], help="list sessions")
+    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="one JSON array of the sessions")  # fmt: skip
     e = sub.add_parser("export", parents=[store], help="write a session out")
     e.add_argument("name")
     e.add_argument("--format", choices=("md", "json"), default="md")

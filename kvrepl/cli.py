@@ -1,12 +1,13 @@
 """The command line: environment, streams, subcommands and exit codes (the grammar of its flags is
 args.py's). Domain errors become one line on stderr here (exit 1; usage errors exit 2); in the
-line loop and a one-shot prompt, exit 1 when any line failed. No model or database work of its
-own: it builds the rooms and hands over to the REPL or a subcommand.
+line loop and a one-shot prompt, exit 1 when any line failed; SIGTERM and SIGHUP stop a turn as
+Ctrl-C does (what was generated is kept) and end kvrepl, exit 128 + the signal's number. No model
+or database work of its own: it builds the rooms and hands over to the REPL or a subcommand.
 
     kvrepl [flags]                 chat (a new session; -c/--continue or --session NAME to go on)
     kvrepl [flags] PROMPT ...      answer PROMPT (after any piped text) and exit
-    kvrepl path [--config]         print where sessions are stored (or the config file)
-    kvrepl sessions                list sessions
+    kvrepl path [--config|--log]   print where sessions are stored (or the config file, the log)
+    kvrepl sessions                list sessions (--json: as one JSON array)
     kvrepl export NAME [--format md|json]
     kvrepl rm NAME
 
@@ -18,7 +19,10 @@ and errors go to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +31,10 @@ from typing import Any
 from kvrepl.args import flag_settings, parse
 from kvrepl.config import Settings, config_path, load_settings, store_path
 from kvrepl.errors import KvreplError, UsageError
+from kvrepl.guards import Terminated, ending_signals
 from kvrepl.names import validate_session_name
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what --device takes (models.pick_device)
 
 
 def entry() -> None:
@@ -45,14 +52,19 @@ def entry() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    with ending_signals():
+        return _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = parse(argv)
     home = store_path(args.store)
     try:
         if args.session is not None:  # refused before any model work
             validate_session_name(args.session)
-        settings = load_settings(flag_settings(args))
+        settings = _checked(load_settings(flag_settings(args)), args)
         if args.command == "path":
-            print(config_path() if args.config else home)
+            print(_path(args, home))
             return 0
         return _run(args, settings, home)
     except UsageError as exc:
@@ -61,8 +73,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KvreplError as exc:
         print(f"kvrepl: {exc}", file=sys.stderr)
         return 1
+    except Terminated as exc:
+        print(f"kvrepl: ended by {exc.name}; everything is saved", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
+
+
+def _path(args: argparse.Namespace, home: Path) -> Path:
+    if args.log:
+        from kvrepl.repl import log_path
+
+        return log_path(home)
+    return config_path() if args.config else home
+
+
+def _checked(settings: Settings, args: argparse.Namespace) -> Settings:
+    """What the settings' declaration cannot check itself: the device's form (torch would answer
+    a bad one with its list of every device type), once the model loads. `--think` shows the
+    thinking and switches the model's thinking mode on, as `/think on` does (unless the
+    thinking setting says otherwise)."""
+    if not DEVICE.fullmatch(settings.device):
+        where = f"device in {config_path()}"  # flags win over variables, variables over the file
+        if args.device is not None:
+            where = "--device"
+        elif "KVREPL_DEVICE" in os.environ:
+            where = "KVREPL_DEVICE"
+        raise UsageError(f"{where} takes cpu, cuda, cuda:N or auto, not {settings.device!r}")
+    if settings.show_think and settings.thinking is None:
+        settings = dataclasses.replace(settings, thinking=True)
+    return settings
 
 
 def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
@@ -72,7 +112,7 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     from kvrepl.repl import Repl, interactive_loop, line_loop, stdin_lines
 
     if args.command in ("sessions", "export", "rm"):
-        renderer = _renderer(settings, split=False)
+        renderer = _renderer(settings, split=not sys.stdout.isatty())
         chat = Conversation.at(home, settings, ModelHandle.none(settings))
         try:
             return _subcommand(args, chat, renderer)
@@ -86,13 +126,12 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     model = ModelHandle(settings)
     chat = Conversation.at(home, settings, model)
     try:
-        _open_session(chat, args)  # the session first: a wrong name fails before model work
+        created = _open_session(chat, args)  # first: a wrong name fails before model work
         model.prepare(renderer.notice)
         model.start()
         repl = Repl(chat, renderer, build_registry(), interactive=interactive)
         if chat.session is not None:
-            turns = len(chat.sessions.user_turns())
-            renderer.notice(f"session {chat.sessions.label}: {turns} turn(s)")
+            renderer.notice(_opened_line(chat, created))
             if note := chat.sessions.unanswered_note():
                 renderer.notice(note)
         if prompt is not None:
@@ -131,11 +170,23 @@ def _one_shot(words: list[str]) -> str | None:
     return f"{piped}\n\n{prompt}" if piped.strip() else prompt
 
 
-def _open_session(chat: Any, args: argparse.Namespace) -> None:
+def _open_session(chat: Any, args: argparse.Namespace) -> bool:
+    """Open the session the flags name; whether it was created now."""
     if args.resume:
         chat.sessions.resume_latest()
     elif args.session is not None:
+        created = chat.store.get_session(args.session) is None
         chat.sessions.open_or_create(args.session)
+        return created
+    return False
+
+
+def _opened_line(chat: Any, created: bool) -> str:
+    """What the open session is: new, or how many turns it has."""
+    if created:
+        return f"new session {chat.sessions.label}"
+    turns = len(chat.sessions.user_turns())
+    return f"session {chat.sessions.label}: {f'{turns} turn(s)' if turns else 'no turns yet'}"
 
 
 def _toolbar(chat: Any) -> str:
@@ -148,17 +199,22 @@ def _toolbar(chat: Any) -> str:
 
 
 def _subcommand(args: argparse.Namespace, chat: Any, renderer: Any) -> int:
-    from kvrepl.commands import session_rows
+    from kvrepl.commands import session_row, session_rows
     from kvrepl.export import export
 
     if args.command == "sessions":
-        renderer.print_sessions(session_rows(chat))
+        rows = session_rows(chat)
+        if args.json:
+            print(json.dumps([r.as_dict() for r in rows], ensure_ascii=False))
+        else:
+            renderer.print_sessions(rows, pool_bytes=chat.kv.pool_bytes())
         return 0
     session = chat.store.get_session(args.name)
     if session is None:
         raise UsageError(f"no session {args.name!r}")
     if args.command == "export":
-        sys.stdout.write(export(chat.store, session, args.format))
+        row = session_row(chat, chat.store.summary(session.id))
+        sys.stdout.write(export(chat.store, session, args.format, row=row))
         return 0
     chat.delete(session.id)  # refused while another kvrepl holds it
     renderer.info(f"deleted {args.name}")

@@ -19,11 +19,18 @@ from typing import Any, TextIO
 from kvrepl.chat import Conversation
 from kvrepl.commands import Context, Generate, Prefill, Quit, Registry
 from kvrepl.errors import KvreplError
+from kvrepl.guards import Terminated, raise_if_ended
 from kvrepl.render import Renderer
 from kvrepl.turn import Turn
 
 QUIT_WORDS = {"q", "/q", "/quit", "/exit"}
 PROMPT = "› "
+LOG_NAME = "kvrepl.log"  # in the store: the traceback of each internal error
+
+
+def log_path(home: Path) -> Path:
+    """The log of internal errors in the store `home` (`kvrepl path --log` prints it)."""
+    return home / LOG_NAME
 
 
 class Repl:
@@ -51,17 +58,30 @@ class Repl:
         self._guard(lambda t: self._run(self._message(t)), text)
 
     def _guard(self, step: Callable[[str], bool], line: str) -> bool:
+        """Run `step`; an error is one line and the REPL goes on. SIGTERM or SIGHUP (Terminated)
+        ends it, once the turn it stopped is kept."""
         try:
-            return step(line)
+            keep_going = step(line)
+        except Terminated:
+            raise
         except KvreplError as exc:
-            self.renderer.error(str(exc))
+            self._failed(str(exc))
         except KeyboardInterrupt:
             self.renderer.notice("interrupted")
+            self.failures += 1
         except Exception as exc:  # a bug: say it in one line, keep the traceback for the log
-            self.renderer.error(f"internal error: {type(exc).__name__}: {exc}")
-            self._log(traceback.format_exc())
-        self.failures += 1  # only reached when the step raised
+            raise_if_ended()  # output failing after SIGHUP (the terminal is gone) is no bug
+            where = self._log(traceback.format_exc())
+            said = f" (the details are in {where})" if where else ""
+            self._failed(f"internal error: {type(exc).__name__}: {exc}{said}")
+        else:
+            raise_if_ended()  # a turn took SIGTERM or SIGHUP as its interrupt: end now
+            return keep_going
         return True
+
+    def _failed(self, message: str) -> None:
+        self.renderer.error(message)
+        self.failures += 1
 
     def _handle(self, line: str) -> bool:
         stripped = line.strip()
@@ -120,14 +140,16 @@ class Repl:
         else:
             self.chat.model.get()
 
-    def _log(self, text: str) -> None:
+    def _log(self, text: str) -> Path | None:
+        """Append to the log; where it is, or None when it cannot be written."""
+        log = log_path(self.chat.home)
         try:
-            log = self.chat.home / "kvrepl.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("a", encoding="utf-8") as f:
                 f.write(text + "\n")
         except OSError:
-            pass
+            return None
+        return log
 
 
 @contextmanager
@@ -200,6 +222,8 @@ def interactive_loop(repl: Repl, home: Path, *, toolbar: Callable[[], str],
         default = repl.prefill.text if repl.prefill else ""
         try:
             line = session.prompt(PROMPT, default=default)
+        except Terminated:
+            raise
         except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
             repl.prefill = None
             continue

@@ -157,12 +157,12 @@ def test_settings_come_from_the_users_config_file_not_the_store(home, tmp_path, 
 # kvrepl sessions
 
 
-def test_sessions_lists_name_title_turns_tokens_updated_and_snapshot_size(tiny, home, capsys):
+def test_sessions_lists_name_title_turns_tokens_cached_size_and_updated(tiny, home, capsys):
     first = "The capital of France is Paris. " * 3
-    sid, _ = converse(tiny, home, "demo", first, "Hello there")
+    sid, stats = converse(tiny, home, "demo", first, "Hello there")
     other, _ = converse(tiny, home, None, "how are you?")  # unnamed: listed by its id
     rc, out, err = run_main(capsys, "sessions")
-    assert (rc, err) == (0, "")
+    assert rc == 0
     rows = [line.split("\t") for line in out.splitlines()]
     store, kv = Store(home / "kvrepl.db"), KVStore(home / "kv")
     try:
@@ -170,15 +170,38 @@ def test_sessions_lists_name_title_turns_tokens_updated_and_snapshot_size(tiny, 
         for session_id, turns in ((other, 1), (sid, 2)):  # most recently updated first
             s = store.get_session(session_id)
             assert s is not None
-            tokens = kv.n_tokens_on_disk(session_id)
+            tokens = store.summary(session_id).tokens
             assert tokens > 0
-            want.append([s.name or s.id, s.title, str(turns), str(tokens), s.updated,
-                         format_size(kv.size_bytes(session_id))])  # fmt: skip
+            want.append([s.name or s.id, s.title, str(turns), str(tokens), str(tokens),
+                         format_size(kv.size_bytes(session_id)), s.updated])  # fmt: skip
+        # the two sessions share the template's opening chunk: the pool is less than the sum
+        pool = kv.pool_bytes()
+        assert pool < kv.size_bytes(sid) + kv.size_bytes(other)
     finally:
         store.close()
     assert rows == want
+    last = stats[-1]  # the conversation: the last answer's prompt and answer
+    assert int(rows[1][3]) == last.reused_tokens + last.prefilled_tokens + last.generated_tokens
     assert rows[1][:3] == ["demo", " ".join(first.split())[:59].rstrip() + "…", "2"]
     assert rows[0][0] == other and rows[0][1] == "how are you?"
+    assert err == f"all sessions: {format_size(pool)} of K/V on disk; a chunk sessions share " \
+                  "counts in each one's \"on disk\", once here\n"  # fmt: skip
+
+
+def test_sessions_with_json_is_one_json_array(tiny, home, capsys):
+    sid, _ = converse(tiny, home, "demo", "Hello there")
+    rc, out, err = run_main(capsys, "--json", "sessions")
+    assert (rc, err) == (0, "")
+    (row,) = json.loads(out)
+    store, kv = Store(home / "kvrepl.db"), KVStore(home / "kv")
+    try:
+        summary = store.summary(sid)
+        assert row == {"id": sid, "name": "demo", "title": "Hello there", "turns": 1,
+                       "tokens": summary.tokens, "cached_tokens": summary.tokens,
+                       "bytes_on_disk": kv.size_bytes(sid), "updated": summary.updated}  # fmt: skip
+    finally:
+        store.close()
+    assert run_main(capsys, "sessions", "--json")[1] == out  # after the subcommand too
 
 
 class _Terminal(io.StringIO):
@@ -353,3 +376,52 @@ def test_resume_with_no_session_is_one_line(tmp_path):
     p = kvrepl("--resume", cwd=tmp_path, env={"KVREPL_HOME": str(tmp_path / "s")})
     assert p.rc != 0
     assert p.err == "kvrepl: there is no session to resume yet\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# the log, the device, the session opened
+
+
+def test_path_log_names_the_log_of_internal_errors(tmp_path):
+    env = {"KVREPL_HOME": str(tmp_path / "s")}
+    p = kvrepl("path", "--log", cwd=tmp_path, env=env)
+    assert (p.rc, p.out, p.err) == (0, f"{tmp_path / 's' / 'kvrepl.log'}\n", "")
+    p = kvrepl("path", "--log", "--config", cwd=tmp_path, env=env)
+    assert p.rc == 2 and "not allowed with argument" in p.err
+
+
+@pytest.mark.parametrize("how", ["flag", "variable", "config"])
+def test_a_bad_device_is_one_line_with_the_choices_before_any_model_work(tmp_path, how):
+    store = tmp_path / "store"
+    env = {"KVREPL_HOME": str(store), "KVREPL_CONFIG": str(tmp_path / "config.toml")}
+    args, where = ["hello"], "--device"
+    if how == "flag":
+        args = ["--device", "banana", "hello"]
+    elif how == "variable":
+        env["KVREPL_DEVICE"], where = "banana", "KVREPL_DEVICE"
+    else:
+        (tmp_path / "config.toml").write_text('device = "banana"\n')
+        where = f"device in {tmp_path / 'config.toml'}"
+    p = kvrepl(*args, cwd=tmp_path, env=env)
+    assert (p.rc, p.out) == (2, "")
+    assert p.err == f"kvrepl: {where} takes cpu, cuda, cuda:N or auto, not 'banana'\n"
+    assert not store.exists()  # no session, no model work
+
+
+def test_a_new_session_is_said_new_and_an_empty_one_has_no_turns_yet(tmp_path):
+    env = {"KVREPL_HOME": str(tmp_path / "s")}
+    first = kvrepl("--session", "story", cwd=tmp_path, env=env)
+    assert first.rc == 0 and "new session story\n" in first.err and "turn" not in first.err
+    again = kvrepl("--session", "story", cwd=tmp_path, env=env)
+    assert again.rc == 0 and "session story: no turns yet\n" in again.err
+
+
+def test_think_also_switches_the_thinking_mode_on_as_think_on_does(home, monkeypatch):
+    args = cli.parse(["--think"])
+    settings = cli._checked(load_settings(cli.flag_settings(args)), args)
+    assert (settings.show_think, settings.thinking) == (True, True)
+    plain = cli.parse([])
+    assert cli._checked(load_settings(cli.flag_settings(plain)), plain).thinking is None
+    monkeypatch.setenv("KVREPL_THINKING", "off")  # said otherwise: only shown
+    settings = cli._checked(load_settings(cli.flag_settings(args)), args)
+    assert (settings.show_think, settings.thinking) == (True, False)

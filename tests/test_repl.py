@@ -383,9 +383,12 @@ def test_a_failure_inside_a_turn_is_one_line_and_the_repl_goes_on(h: Harness):
     h.run("hello there")
     h.model.raise_at(1, RuntimeError("boom"), every=True)
     out = h.run("how are you?")
-    assert lines_of(out)[-1] == "error: internal error: RuntimeError: boom"
+    log = h.home / "kvrepl.log"
+    said = f"error: internal error: RuntimeError: boom (the details are in {log})"
+    assert lines_of(out)[-1] == said
     assert stats_lines(out) == [] and "interrupted" not in out  # no figures: none were made
-    assert "RuntimeError: boom" in (h.home / "kvrepl.log").read_text()
+    assert "RuntimeError: boom" in log.read_text() and "Traceback" in log.read_text()
+    assert run_kvrepl(["path", "--log"], home=h.home, stdin=None).out == f"{log}\n"
     h.rt.engine.pc.check()
     h.model.heal()
     assert len(stats_lines(h.run("and then?"))) == 1

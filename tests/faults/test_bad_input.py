@@ -239,7 +239,7 @@ def test_loading_an_unknown_session_names_close_matches(loaded, make):
     ("/edit 1    ", "give the new text after the turn number"),
     ("/branch", "give a branch id from /branches"),
     ("/branch 99999", "no message 99999 in this session"),
-    ("/set temperature", "give a value for temperature"),
+    ("/set colour", "unknown setting 'colour'"),
     ("/set temperature hot", "temperature does not take 'hot'"),
     ("/set nonsense 1", "unknown setting 'nonsense'"),
     ("/think maybe", "/think takes on or off"),
