@@ -86,6 +86,10 @@ class Settings:
         True, "reuse the cached prefix; off (--no-reuse): recompute the whole prompt every turn",
         flag="--no-reuse",
     )  # fmt: skip
+    draft: bool = setting(
+        True, "verify tokens guessed from the conversation several in a step (the same answer, "
+        "sooner); off (--no-draft): one token a step", flag="--no-draft", session=True,
+    )  # fmt: skip
     show_think: bool = setting(False, "show the model's thinking", flag="--think")
     # No flag: /think turns it on and off in the REPL; the config file and KVREPL_THINKING too.
     thinking: bool | None = setting(

@@ -11,6 +11,7 @@ Only the engine's modules and `kvstore.py` touch K/V tensors.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from kvrepl.cache import PromptCache, hf_layers
 from kvrepl.config import Settings
+from kvrepl.draft import Drafter, DraftPolicy
 from kvrepl.errors import PromptError
 from kvrepl.events import Finish, Progress, Stats, TextDelta, TurnEvent
 from kvrepl.prompt import IncrementalDecoder
@@ -31,6 +33,7 @@ class HFRunner:
 
     is_fast = False
     ahead = False
+    drafts = False  # verifying drafted tokens needs every row's logits: its forward keeps one
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -86,6 +89,11 @@ class FastRunner:
         self.logits_device = model.device
         # the GPU path feeds a token from the device, queued behind the step that chose it
         self.ahead = model.feeds_ahead
+        # drafted tokens are verified with every row's logits (forward(all_logits=True)), which
+        # are bit-identical to token-by-token steps: so far on the CPU's kernels only
+        from kvrepl.fastmodel import FastModel
+
+        self.drafts = isinstance(model, FastModel)
 
     def new_layers(self) -> list[Any]:
         return self.model.new_layers()
@@ -119,6 +127,7 @@ class Sampling:
     seed: int | None = _DEFAULTS.seed
     max_tokens: int = _DEFAULTS.max_tokens
     repeat_last_n: int = 64
+    draft: bool = _DEFAULTS.draft
 
     @classmethod
     def from_settings(cls, s: Settings) -> Sampling:
@@ -153,13 +162,16 @@ class TurnProgress:
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     t_last: float | None = None
+    drafted: int = 0  # tokens fed as drafts, and of them the ones the answer took
+    accepted: int = 0
 
     def stats(self) -> Stats:
         ttft = (self.t_first - self.t0) if self.t_first is not None else 0.0
         n = len(self.generated)
         span = (self.t_last or 0.0) - (self.t_first or 0.0)
         rate = (n - 1) / span if n > 1 and span > 0 else 0.0
-        return Stats(self.reused, self.prefilled, n, round(ttft, 4), round(rate, 2))
+        return Stats(self.reused, self.prefilled, n, round(ttft, 4), round(rate, 2),
+                     self.drafted, self.accepted)  # fmt: skip
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -196,6 +208,7 @@ class Engine:
         heads = getattr(model.config.get_text_config(), "num_key_value_heads", None)
         self.pc = PromptCache(self.runner.new_layers, heads)
         self.progress = TurnProgress()
+        self.draft_policy = DraftPolicy()  # what drafting pays on this model, learnt across turns
 
     @property
     def cached_tokens(self) -> int:
@@ -304,8 +317,12 @@ class Engine:
         logits = yield from self._prefill(ids)
         sampler.seen(ids)
         decoder = IncrementalDecoder(self.tokenizer)
+        drafter = None
+        if sampling.draft and self.runner.drafts:
+            drafter = Drafter(self.pc.ids, self.draft_policy, self.end_ids)
         try:
-            reason = yield from self._decode(logits, sampler, sampling.max_tokens, decoder)
+            reason = yield from self._decode(logits, sampler, sampling.max_tokens, decoder,
+                                             drafter)  # fmt: skip
             tail = decoder.flush()
             if tail:
                 yield TextDelta(tail)
@@ -315,13 +332,18 @@ class Engine:
         yield progress.stats()
 
     def _decode(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int,
-                decoder: IncrementalDecoder) -> Generator[TextDelta, None, str]:  # fmt: skip
+                decoder: IncrementalDecoder,
+                drafter: Drafter | None) -> Generator[TextDelta, None, str]:  # fmt: skip
         """Sample a token, then feed it (its K/V joins the cache); the reason the answer ended.
         On a device that runs ahead of the host (a GPU: runner.ahead), token n + 1 is fed
         straight from the device before the host reads it, so the host's work on it overlaps
         the model's step; if it ends the answer, that step's position is cut again (pc.sync),
         as after an interrupt: the same cache and tokens as feeding after reading. The first
-        token is read first (its step may capture a graph)."""
+        token is read first (its step may capture a graph).
+        With a drafter, a token is fed with the tokens drafted to follow it (`_feed`); each
+        sampled token that is the next draft takes that draft's row of logits instead of a step
+        of its own, and the first that is not cuts the drafts left (pc.sync): the sampler is
+        asked exactly as token by token, so the answer is the same token for token."""
         progress = self.progress
         if max_tokens <= 0:
             return "length"
@@ -329,6 +351,7 @@ class Engine:
         token_t = sampler.next_tensor(logits)
         reader.start(token_t)
         token, fed = reader.get(), False
+        drafts: deque[tuple[int, torch.Tensor]] = deque()  # fed ahead of the ids, with their rows
         while True:
             if self._took(token):
                 return "stop"
@@ -337,8 +360,11 @@ class Engine:
                 yield TextDelta(text)
             if len(self.pc.ids) + 1 >= self.context_length:
                 return "length"
-            if not fed:
-                logits = self._forward([token])
+            if drafts and drafts[0][0] == token:
+                logits = drafts.popleft()[1]  # accepted: its K/V is in the cache already
+                progress.accepted += 1
+            elif not fed:
+                logits, drafts = self._feed(token, drafter, max_tokens)
             self.pc.ids.append(token)
             sampler.seen([token])
             if len(progress.generated) >= max_tokens:
@@ -349,6 +375,27 @@ class Engine:
             if fed:
                 logits = self.runner.forward_token(token_t, self.pc)
             token = reader.get()
+
+    def _feed(self, token: int, drafter: Drafter | None,
+              max_tokens: int) -> tuple[torch.Tensor, deque[tuple[int, torch.Tensor]]]:  # fmt: skip
+        """Feed `token` after cutting any drafts rejected before it, with the drafts the
+        drafter proposes (no more than token-by-token decoding would feed: the context's room,
+        max_tokens); its logits, and each draft with the logits of its row."""
+        self.pc.sync()  # the drafts a sampled token did not match leave the cache
+        if drafter is None:
+            return self._forward([token]), deque()
+        room = min(self.context_length - 2 - len(self.pc.ids),
+                   max_tokens - len(self.progress.generated))  # fmt: skip
+        guess = drafter.propose(self.pc.ids, token, room)
+        t0 = time.perf_counter()
+        if not guess:
+            logits = self._forward([token])
+            drafter.policy.timed(1, time.perf_counter() - t0)
+            return logits, deque()
+        rows = self.runner.model.forward([token, *guess], self.pc.cache.layers, all_logits=True)
+        drafter.policy.timed(len(rows), time.perf_counter() - t0)
+        self.progress.drafted += len(guess)
+        return rows[0], deque(zip(guess, rows[1:], strict=True))
 
     def _took(self, token: int) -> bool:
         """Count a sampled token into the turn; True if it ends the answer (not kept)."""

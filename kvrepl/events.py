@@ -47,16 +47,30 @@ class Finish:
 
 @dataclass(frozen=True)
 class Stats:
-    """The figures of one turn. Exactly these five fields; they are stored and exported as such."""
+    """The figures of one turn. The first five are stored and exported (`as_dict`); the drafting
+    figures (tokens fed as drafts, and of them the ones the answer took) are shown with the
+    turn only, when drafting happened."""
 
     reused_tokens: int
     prefilled_tokens: int
     generated_tokens: int
     ttft_s: float
     decode_tok_s: float
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The five stored figures, by the names the store and `export` use."""
+        return {k: v for k, v in asdict(self).items() if k not in DRAFT_FIELDS}
+
+    def draft_dict(self) -> dict[str, int]:
+        """The drafting figures, when drafting happened; else empty."""
+        if not self.drafted_tokens:
+            return {}
+        return {"drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens}
+
+
+DRAFT_FIELDS = ("drafted_tokens", "accepted_tokens")
 
 
 TurnEvent = TextDelta | ThinkDelta | Notice | Progress | Finish | Stats

@@ -183,9 +183,13 @@ class FastModel:
         return self._cm
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], layers: list[GrowingLayer]) -> torch.Tensor:
+    def forward(
+        self, ids: list[int], layers: list[GrowingLayer], all_logits: bool = False
+    ) -> torch.Tensor:
         """Append the ids' K/V to the cache layers; the last position's logits. The layers'
-        lengths move only once every layer has run, all together."""
+        lengths move only once every layer has run, all together. `all_logits`: every
+        position's logits, [len(ids), vocab], row i as a forward of the ids up to i would give
+        it (the drafts' verification, engine.py); a view of a buffer the next forward reuses."""
         a = self.arch
         m, pos0 = len(ids), layers[0].get_seq_length()
         if pos0 + m > self.context_length:
@@ -207,16 +211,38 @@ class FastModel:
             cos, sin = self.rope.table(kind)
             cl.cos_t, cl.sin_t = cos.data_ptr(), sin.data_ptr()
         rows, cref = torch.tensor(ids, dtype=torch.int64), ctypes.byref(cm)
-        # A decode step in one call; a prefill chunk a layer at a time, so that Ctrl-C (which
-        # waits for the call it arrives in) stops it within a layer.
-        steps = [(0, a.n_layers)] if m == 1 else [(i, i + 1) for i in range(a.n_layers)]
+        # A decode step or a verification of drafted tokens (up to 32 rows: a few steps' time)
+        # in one call; a prefill chunk a layer at a time, so that Ctrl-C (which waits for the
+        # call it arrives in) stops it within a layer.
+        steps = [(0, a.n_layers)] if m <= 32 else [(i, i + 1) for i in range(a.n_layers)]
         for l0, l1 in steps:
             self.k.forward(cref, rows.data_ptr(), m, pos0, l0, l1)
         for cache in layers:
             cache.advance(pos0 + m)
+        if all_logits:
+            return self._all_logits(cm, m)
         out = b["logits"][0].clone()
         if a.final_softcap:
             out = torch.tanh(out / a.final_softcap) * a.final_softcap
+        return out
+
+    def _all_logits(self, cm: native.Model, m: int) -> torch.Tensor:
+        """Every row's logits after a forward of m rows: the last row's are the forward's own;
+        the rows before go through the same final norm and head kernels (each row computed as
+        it would be alone) from the final hidden states `x` the forward left."""
+        vocab, hid = self.lm_head.n, cm.hidden
+        buf = self._buf.get("all_logits")
+        if buf is None or buf.shape[0] < m:
+            buf = self._buf["all_logits"] = torch.empty(m, vocab)
+        out = buf[:m]
+        if m > 1:
+            x, h = self._buf["x"].data_ptr(), self._buf["h"].data_ptr()
+            self.k.rmsnorm(x, m - 1, hid, 1, hid, cm.final_norm, cm.eps, h, hid, 0)
+            self.k.matmul(h, m - 1, hid, self._desc(self.lm_head), out.data_ptr(), vocab, None, 0)
+        out[m - 1].copy_(self._buf["logits"][0])
+        cap = self.arch.final_softcap
+        for row in out if cap else ():  # row by row: the same elementwise calls as `forward`
+            row.copy_(torch.tanh(row / cap) * cap)
         return out
 
     def describe(self) -> str:

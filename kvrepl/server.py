@@ -104,7 +104,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080,
         say(note)
     home = home or store_path()
     worker = Worker(rt, settings, KVStore(home / "kv"), queue_size).start()
-    app = build_app(worker, rt.loaded.source.label, rt.loaded.fingerprint, api_key, max_body)
+    app = build_app(Door(worker, rt.loaded.source.label, rt.loaded.fingerprint, say), api_key,
+                    max_body)  # fmt: skip
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     say(f"{rt.loaded.source.label} on http://{shown}:{bound_port}/v1 (store {home})")
@@ -145,11 +146,9 @@ def _loopback(host: str) -> bool:
 
 
 # -- the app --------------------------------------------------------------------------------
-def build_app(worker: Worker, model_id: str, fingerprint: str, api_key: str | None,
-              max_body: int) -> ASGIApp:  # fmt: skip
-    """The routes behind the Gate (outside starlette's body limit, whose own 413 is plain
+def build_app(door: Door, api_key: str | None, max_body: int) -> ASGIApp:
+    """The door's routes behind the Gate (outside starlette's body limit, whose own 413 is plain
     text)."""
-    door = Door(worker, model_id, fingerprint)
     routes = [Route("/v1/chat/completions", door.completions, methods=["POST"]),
               Route("/v1/models", door.models, methods=["GET"]),
               Route("/kvrepl/status", door.status, methods=["GET"])]  # fmt: skip
@@ -159,7 +158,7 @@ def build_app(worker: Worker, model_id: str, fingerprint: str, api_key: str | No
         yield
         # uvicorn ends the process on SIGINT/SIGTERM right after this: the job in hand stops
         # (saving what it computed) before that
-        await asyncio.to_thread(worker.close)
+        await asyncio.to_thread(door.worker.close)
 
     app = Starlette(routes=routes, max_body_size=max_body, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})  # fmt: skip
@@ -217,10 +216,12 @@ def _declared_length(headers: Headers) -> int:
 
 
 class Door:
-    """The routes, over one Worker."""
+    """The routes, over one Worker; one line per answer to `say`."""
 
-    def __init__(self, worker: Worker, model_id: str, fingerprint: str) -> None:
+    def __init__(self, worker: Worker, model_id: str, fingerprint: str,
+                 say: Callable[[str], None]) -> None:  # fmt: skip
         self.worker, self.model_id, self.fingerprint = worker, model_id, fingerprint
+        self.say = say
         self.created = int(time.time())
 
     async def models(self, request: Request) -> Response:
@@ -273,6 +274,7 @@ class Door:
             if isinstance(item, Piece):
                 (think if item.think else text).append(item.text)
             elif isinstance(item, Answered):
+                self.say(_answer_line(item))
                 return JSONResponse(reply.whole(item, "".join(text), "".join(think)))
             elif not isinstance(item, Started):
                 return _failure(item)
@@ -288,6 +290,7 @@ class Door:
                     key = "reasoning_content" if item.think else "content"
                     yield _sse(reply.chunk({key: item.text}))
                 elif isinstance(item, Answered):
+                    self.say(_answer_line(item))
                     for chunk in reply.last_chunks(item, usage_chunk):
                         yield _sse(chunk)
                     break
@@ -322,6 +325,13 @@ def _failure(item: Item | None) -> Response:
     if isinstance(item, Failed):
         return error(500, item.message)
     return Response(status_code=204)  # the client went away: nobody reads this
+
+
+def _answer_line(done: Answered) -> str:
+    s, f = done.stats, done.figures()
+    return (f"answer {done.number}: {done.prompt_tokens:,} prompt tokens, {s.reused_tokens:,} "
+            f"reused ({f['source']}), {s.prefilled_tokens:,} prefilled, {s.generated_tokens:,} "
+            f"generated · ttft {s.ttft_s:.2f} s · {s.decode_tok_s:.1f} tok/s")  # fmt: skip
 
 
 def _sse(data: dict[str, Any]) -> str:

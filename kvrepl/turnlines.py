@@ -29,7 +29,8 @@ def format_stats(
     stats: Stats | None, interrupted: bool = False, *, hit_max_tokens: bool = False
 ) -> str:
     """One line of turn figures, e.g. `reused 1,204 · prefilled 57 · generated 88 · ttft 0.21 s ·
-    31.4 tok/s`, plus `max tokens` and/or `interrupted` when they apply."""
+    31.4 tok/s`, plus `drafted 60 (51 accepted)` when tokens were drafted, and `max tokens`
+    and/or `interrupted` when they apply."""
     parts: list[str] = []
     if stats is not None:
         parts += [
@@ -39,6 +40,8 @@ def format_stats(
             f"ttft {stats.ttft_s:.2f} s",
             f"{stats.decode_tok_s:.1f} tok/s",
         ]
+        if stats.drafted_tokens:
+            parts.append(f"drafted {stats.drafted_tokens:,} ({stats.accepted_tokens:,} accepted)")
     if hit_max_tokens:
         parts.append("max tokens")
     if interrupted:
@@ -57,11 +60,13 @@ def format_progress(p: Progress) -> str:
 
 def turn_object(result: TurnResult, about: dict[str, Any], *, think: bool) -> dict[str, Any]:
     """The `--json` object of one answer: `about` (the session's id and name), the answer, why it
-    ended, and the five stats fields under `stats` as `export --format json` names them;
-    the thinking too when it is shown (`think`)."""
+    ended, and the five stats fields under `stats` as `export --format json` names them, with
+    `drafted_tokens` and `accepted_tokens` after them when tokens were drafted; the thinking
+    too when it is shown (`think`)."""
     reason = "interrupted" if result.interrupted else result.finish_reason
     obj: dict[str, Any] = {**about, "answer": result.text, "finish_reason": reason}
     if think and result.think:
         obj["think"] = result.think
-    obj["stats"] = result.stats.as_dict() if result.stats is not None else None
+    stats = result.stats
+    obj["stats"] = stats.as_dict() | stats.draft_dict() if stats is not None else None
     return obj

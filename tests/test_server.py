@@ -383,6 +383,7 @@ def test_after_a_restart_the_prefix_is_read_from_disk(
     with server.client() as http:
         first = complete(http, [user(q1)])
     assert content(first) == a1
+    assert re.search(r"answer \d+: [\d,]+ prompt tokens, [\d,]+ reused \(\w+", server.log())
     # SIGTERM: it stops by itself (uvicorn then ends the process by the signal)
     assert server.stop() in (0, -signal.SIGTERM)
     assert "Traceback" not in server.log()

@@ -1,0 +1,144 @@
+"""Prompt-lookup drafting: guesses of the next tokens taken from the conversation itself (the
+longest recent match of its last tokens earlier in it, and what followed there, as transformers'
+prompt_lookup_num_tokens and llama.cpp's ngram lookup do), and how many of them are worth
+verifying.
+
+Owns: the lookup over the context's ids (`Lookup`), and the policy that sizes the drafts
+(`DraftPolicy`): an estimate of how often a drafted token is accepted, per length of the match
+that proposed it, and of what a verified row costs against a plain step, both measured as the
+engine goes. It never runs the model and never touches the cache: the engine (engine.py) feeds
+the drafts, verifies them and cuts what was rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+MAX_DRAFT = 16  # tokens drafted at most (a verification of 17 rows)
+MAX_NGRAM = 8  # the longest match looked for
+_EMA = 0.1  # weight of one new observation in the estimates
+
+
+class Lookup:
+    """The context's ids (numpy, grown in place) and the longest recent match of their tail."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.buf = np.empty(max(1024, 2 * len(ids)), dtype=np.int64)
+        self.n = 0
+        self.sync(ids)
+
+    def sync(self, ids: Sequence[int]) -> None:
+        """Take the ids appended to the context since the last call (they only grow)."""
+        new = ids[self.n :]
+        if self.n + len(new) + 1 > len(self.buf):
+            grown = np.empty(2 * (self.n + len(new) + 1), dtype=np.int64)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : self.n + len(new)] = new
+        self.n += len(new)
+
+    def continuation(self, token: int, limit: int) -> tuple[int, list[int]]:
+        """With `token` after the context: the length of the longest match of the context's tail
+        that occurred before (the latest such), and up to `limit` ids that followed it."""
+        a = self.buf
+        a[self.n] = token
+        end = self.n + 1  # the context and the token
+        at = np.flatnonzero(a[: end - 1] == token)
+        if not len(at) or limit <= 0:
+            return 0, []
+        length = 1
+        while length < MAX_NGRAM:
+            ok = at >= length
+            ok[ok] = a[at[ok] - length] == a[end - 1 - length]
+            if not ok.any():
+                break
+            at, length = at[ok], length + 1
+        start = int(at[-1]) + 1
+        return length, a[start : min(start + limit, end)].tolist()
+
+
+class DraftPolicy:
+    """How many tokens to draft: the count that makes the most tokens per unit of time, under
+    the acceptance rate seen for matches of that length and the measured cost of a verified row,
+    never more than a cap that doubles when a whole draft is accepted and falls back to what
+    was accepted when one is not; none when drafting would not pay. A proposal that is not fed
+    is still checked against the token that comes, so the rate keeps up."""
+
+    def __init__(self) -> None:
+        # P(a drafted token is accepted) per match length 1, 2, 3, 4+: a longer match is a
+        # better guess (measured on the embedded model's answers: about 0.2 to 0.9)
+        self.rate = [0.2, 0.4, 0.6, 0.9]
+        self.row_cost = 0.5  # a verified row's time, in plain steps (measured: `timed`)
+        self.cap = 4
+        self._step_s: float | None = None
+
+    def size(self, match: int, available: int) -> int:
+        """Tokens to draft of the `available` a match of length `match` proposes."""
+        q = self.rate[min(match, len(self.rate)) - 1]
+        best, best_gain, expected = 0, 1.0, 0.0
+        for k in range(1, min(available, self.cap) + 1):
+            expected += q**k  # tokens gained: the first k-1 accepted and the k-th too
+            gain = (1.0 + expected) / (1.0 + self.row_cost * k)
+            if gain > best_gain:
+                best, best_gain = k, gain
+        return best
+
+    def observed(self, match: int, drafted: int, accepted: int, fed: bool) -> None:
+        """A proposal's outcome: `accepted` of its first `drafted` tokens were what came."""
+        i = min(match, len(self.rate)) - 1
+        for hit in [True] * accepted + [False] * (accepted < drafted):
+            self.rate[i] += _EMA * (hit - self.rate[i])
+        if fed:
+            self.cap = min(2 * self.cap, MAX_DRAFT) if accepted == drafted else max(1, accepted)
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A forward of `rows` rows took `seconds`: the plain step's time, or a row's cost."""
+        if rows == 1:
+            step = self._step_s
+            self._step_s = seconds if step is None else step + _EMA * (seconds - step)
+        elif self._step_s:
+            cost = max(0.0, seconds / self._step_s - 1.0) / (rows - 1)
+            self.row_cost += _EMA * (min(cost, 2.0) - self.row_cost)
+
+
+class Drafter:
+    """One answer's drafting: proposals from its context, their outcomes told to the policy,
+    and the counts for the stats line."""
+
+    def __init__(self, ids: Sequence[int], policy: DraftPolicy, end_ids: set[int]) -> None:
+        self.lookup = Lookup(ids)
+        self.policy = policy
+        self.end_ids = end_ids
+        self.drafted = self.accepted = 0
+        # the last proposal: where it starts in the context, its tokens, its match, whether fed
+        self._last: tuple[int, list[int], int, bool] | None = None
+
+    def propose(self, ids: Sequence[int], token: int, limit: int) -> list[int]:
+        """Tokens to feed after `token` (which follows `ids`, the context so far), at most
+        `limit`; an empty list when there is no match or drafting would not pay."""
+        self.lookup.sync(ids)
+        self._settle(token)
+        match, guess = self.lookup.continuation(token, MAX_DRAFT)
+        for i, t in enumerate(guess):
+            if t in self.end_ids:  # an end token is never fed: no use drafting past it
+                del guess[i:]
+                break
+        if not guess:
+            self._last = None
+            return []
+        k = min(self.policy.size(match, len(guess)), limit)
+        self._last = (self.lookup.n + 1, guess[: max(k, 1)], match, k > 0)
+        return guess[:k]
+
+    def _settle(self, token: int) -> None:
+        """Tell the policy how the last proposal fared against the ids that came after it."""
+        if self._last is None:
+            return
+        start, guess, match, fed = self._last
+        came = [*self.lookup.buf[start : self.lookup.n].tolist(), token]
+        accepted = 0
+        while accepted < min(len(guess), len(came)) and guess[accepted] == came[accepted]:
+            accepted += 1
+        self.policy.observed(match, len(guess), accepted, fed)

@@ -1,0 +1,370 @@
+"""Drafting (draft.py; engine._decode/_feed; FastModel.forward(all_logits=True)): tokens guessed
+from the conversation are fed together and verified, and the answer, its finish and the cache
+(ids, and every layer's K/V bit for bit) are those of token-by-token decoding: greedy and
+sampled (the same seed gives the same tokens), on the real embedded model over turns, an edit
+and a restored cache, at an end token, the context's end, max_tokens and a closed generator.
+A statistical check on a tiny fast model that sampled drafting keeps the distribution; the
+lookup and the policy alone; the stats line and --json."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from chisq import critical, two_sample
+from makers import make_tiny_model, make_tokenizer
+
+from kvrepl import models, native
+from kvrepl.config import Settings
+from kvrepl.draft import MAX_DRAFT, Drafter, DraftPolicy, Lookup
+from kvrepl.engine import Engine, Sampling
+from kvrepl.events import Finish, Stats, TextDelta
+from kvrepl.gguf_model import from_hf
+from kvrepl.prompt import Prompt
+from kvrepl.turnlines import TurnResult, format_stats, turn_object
+
+LIST = ("Here is a shopping list:\n- apples\n- bread\n- milk\n- eggs\n- cheddar cheese\n"
+        "- tomatoes\n- olive oil\n- rice\n- chicken breast\n- coffee beans\n\n"
+        "Write the same list again, with milk replaced by oat milk.")  # fmt: skip
+QUOTE = ("Copy this paragraph exactly, word for word:\n\nThe river rose slowly through the "
+         "night, and by morning the lower fields were under water. The farmers moved their "
+         "animals to the hill behind the church, where the ground stayed dry, and waited for "
+         "the rain to stop.")  # fmt: skip
+JSON = ('Here is a JSON object:\n{"name": "Ada Lovelace", "born": 1815, "field": "mathematics", '
+        '"known_for": "the first computer program", "city": "London"}\n\n'
+        'Write it again with the key "city" renamed to "home".')  # fmt: skip
+POEM = "Write a short poem about the sea."
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture
+def smol(real):
+    """The real model on the fast path, its Prompt and end ids."""
+    prompt = Prompt(real.tokenizer)
+    return real, prompt, prompt.end_token_ids(real.model.generation_config)
+
+
+def make(smol, *, eager: bool = False, context: int | None = None, ends=None) -> Engine:
+    """An engine over the real model. `eager`: it drafts whenever the lookup has a match, so
+    that drafts are fed, accepted and rejected often (the measured policy is more careful)."""
+    real, _, end_ids = smol
+    engine = Engine(real.model, real.tokenizer, end_ids=end_ids if ends is None else ends,
+                    context_length=context or real.context_length)  # fmt: skip
+    if eager:
+        engine.draft_policy.row_cost = 0.0
+        engine.draft_policy.rate = [0.95] * len(engine.draft_policy.rate)
+    return engine
+
+
+def render(smol, *users_and_answers: str) -> list[int]:
+    roles = ["user", "assistant"]
+    msgs = [{"role": roles[i % 2], "content": t} for i, t in enumerate(users_and_answers)]
+    return smol[1].render(msgs)
+
+
+def turn(engine: Engine, ids: list[int], sampling: Sampling) -> tuple[list[int], str, str]:
+    events = list(engine.stream(ids, sampling))
+    engine.pc.check()
+    assert isinstance(events[-1], Stats) and isinstance(events[-2], Finish)
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    return list(engine.progress.generated), events[-2].reason, text
+
+
+def assert_same_cache(a: Engine, b: Engine) -> None:
+    """The same ids, and every layer's K and V bit for bit."""
+    a.pc.check()
+    b.pc.check()
+    assert a.pc.ids == b.pc.ids
+    for (ka, va), (kb, vb) in zip(a.pc.export(), b.pc.export(), strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def both(smol, ids: list[int], sampling: Sampling, **kwargs) -> tuple[Engine, Engine, list]:
+    """The same turn with drafting and without, on new engines: the same answer and cache."""
+    on, off = make(smol, **kwargs), make(smol, **kwargs)
+    got = turn(on, ids, sampling)
+    want = turn(off, ids, Sampling(**{**vars(sampling), "draft": False}))
+    assert got == want
+    assert off.progress.drafted == 0
+    assert_same_cache(on, off)
+    return on, off, got[0]
+
+
+# the product's greedy has a repetition penalty, under which this small model rewrites a text
+# instead of copying it: the copy prompts run plain greedy
+GREEDY = Sampling(temperature=0, max_tokens=120)
+PLAIN = Sampling.greedy(120)
+OFF = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=120, draft=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast path's rows
+
+
+@pytest.mark.model
+def test_every_rows_logits_equal_a_forward_of_its_prefix(real):
+    model = real.model
+    ids = real.tokenizer("A quick test of every row's logits, bit for bit.").input_ids
+    split = len(ids) - 9
+    layers = model.new_layers()
+    model.forward(ids[:split], layers)
+    rows = model.forward(ids[split:], layers, all_logits=True).clone()
+    assert rows.shape == (9, model.lm_head.n)
+    for i in range(9):
+        alone = model.new_layers()
+        model.forward(ids[: split + i], alone)
+        assert torch.equal(model.forward([ids[split + i]], alone), rows[i]), f"row {i}"
+    plain = model.new_layers()
+    model.forward(ids[:split], plain)
+    assert torch.equal(model.forward(ids[split:], plain), rows[-1])
+    for a, b in zip(layers, plain, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy: the same answer and cache
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("eager", [False, True], ids=["measured policy", "eager"])
+def test_greedy_drafting_equals_token_by_token(smol, eager):
+    counts = Counter()
+    for user, sampling in [(LIST, PLAIN), (QUOTE, PLAIN), (JSON, GREEDY), (POEM, GREEDY)]:
+        on, _, gen = both(smol, render(smol, user), sampling, eager=eager)
+        assert len(gen) > 20
+        counts["drafted"] += on.progress.drafted
+        counts["accepted"] += on.progress.accepted
+        if user == QUOTE:
+            assert on.progress.accepted > 20  # a copy is drafted and taken
+    assert counts["accepted"] > 0 and counts["drafted"] > counts["accepted"]  # and rejected
+
+
+@pytest.mark.model
+def test_turns_an_edit_and_a_restored_cache_stay_equal(smol):
+    on, off = make(smol, eager=True), make(smol, eager=True)
+    history: list[str] = []
+    for user in (QUOTE, "Now copy it once more.", LIST):
+        ids = render(smol, *history, user)
+        got = turn(on, ids, PLAIN)
+        assert got == turn(off, ids, OFF)
+        assert on.progress.reused > 0 or not history
+        assert_same_cache(on, off)
+        history += [user, got[2]]
+    # an edit of the second question: the cache is cut there, and the answers agree again
+    edited = render(smol, *history[:2], "Copy only its first sentence.")
+    cached = len(on.pc.ids)
+    got = turn(on, edited, PLAIN)
+    assert 0 < on.progress.reused < cached  # cut where the edit begins
+    assert got == turn(off, edited, OFF)
+    assert_same_cache(on, off)
+    # a resumed session: the cache restored into a new engine, and one more turn
+    resumed = make(smol, eager=True)
+    resumed.pc.restore(on.pc.ids, on.pc.export())
+    ids = render(smol, *history[:2], "Copy only its first sentence.", got[2], "And the second?")
+    assert turn(resumed, ids, PLAIN) == turn(off, ids, OFF)
+    assert resumed.progress.reused > 0 and resumed.progress.drafted > 0
+    assert_same_cache(resumed, off)
+
+
+@pytest.mark.model
+def test_an_end_token_the_draft_would_have_crossed_stops_as_token_by_token(smol):
+    """A token of the quoted text made an end token: the drafts stop short of it, and the
+    answer ends where it is sampled, mid-copy."""
+    real, _, ends = smol
+    word = real.tokenizer(" fields", add_special_tokens=False).input_ids
+    assert len(word) == 1
+    ids = render(smol, QUOTE)
+    on, _, gen = both(smol, ids, PLAIN, eager=True, ends=ends | set(word))
+    whole = turn(make(smol), ids, PLAIN)[0]
+    assert word[0] in whole and len(gen) == whole.index(word[0])  # it stopped there
+    assert on.progress.accepted > 5
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("room", [2, 7, 16, 29])
+def test_the_context_end_inside_a_draft(smol, room):
+    ids = render(smol, QUOTE)
+    on, _, gen = both(smol, ids, PLAIN, eager=True, context=len(ids) + room)
+    assert len(on.pc.ids) == len(ids) + room - 1  # filled to the last position it may hold
+    assert on.progress.drafted > 0 or room <= 2
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("max_tokens", [1, 2, 6, 13, 40])
+def test_max_tokens_inside_a_draft(smol, max_tokens):
+    ids = render(smol, QUOTE)
+    on, _, gen = both(smol, ids, Sampling.greedy(max_tokens), eager=True)
+    assert len(gen) == max_tokens
+    assert on.progress.drafted > 0 or max_tokens <= 2
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("after", [1, 4, 11, 30])
+def test_closing_mid_answer_keeps_what_token_by_token_keeps(smol, after):
+    ids = render(smol, QUOTE)
+    engines = []
+    for draft in (True, False):
+        engine = make(smol, eager=True)
+        events = engine.stream(ids, PLAIN if draft else OFF)
+        deltas = 0
+        for event in events:
+            deltas += isinstance(event, TextDelta)
+            if deltas == after:
+                break
+        events.close()
+        engines.append(engine)
+    on, off = engines
+    assert on.progress.generated == off.progress.generated
+    assert_same_cache(on, off)
+    assert on.progress.drafted > 0 or after < 4
+    follow = [*ids, *on.progress.generated]  # the next turn goes on from there, equally
+    assert turn(on, follow, PLAIN) == turn(off, follow, OFF)
+    assert_same_cache(on, off)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampled
+
+
+@pytest.mark.model
+def test_sampled_drafting_gives_the_same_tokens_for_the_same_seed(smol):
+    accepted = 0
+    for seed in range(4):  # the default sampling, and without its penalty (it copies more)
+        for user, penalty in ((QUOTE, 1.0), (LIST, 1.0), (JSON, 1.1)):
+            s = Sampling(seed=seed, repetition_penalty=penalty, max_tokens=60)
+            on, _, _ = both(smol, render(smol, user), s, eager=True)
+            accepted += on.progress.accepted
+    assert accepted > 60
+
+
+@pytest.fixture(scope="module")
+def tiny_fast():
+    """A tiny tied Llama on the fast path whose answers repeat their tokens with a probability
+    well between 0 and 1 at temperature 1 (its final norm scaled up), so that drafts of the
+    repeats are accepted about three times in four."""
+    tok = make_tokenizer()
+    hf = make_tiny_model(len(tok), seed=0, tied=True)
+    with torch.no_grad():
+        hf.model.norm.weight.mul_(12)
+    return from_hf(hf, "Q8_0", native.kernels(models.cache_dir()), 512), tok
+
+
+def first_tokens(tiny_fast, seeds: range, *, draft: bool, temperature: float = 1.0):
+    model, tok = tiny_fast
+    engine = Engine(model, tok, end_ids=set(), context_length=512)
+    engine.draft_policy.row_cost = 0.0
+    engine.draft_policy.rate = [0.95] * len(engine.draft_policy.rate)
+    ids = tok("The capital of France is Paris. The capital of", add_special_tokens=False).input_ids
+    out, drafted, accepted = [], 0, 0
+    for seed in seeds:
+        s = Sampling(temperature=temperature, top_p=1.0, seed=seed, max_tokens=5, draft=draft)
+        list(engine.stream(ids, s))
+        out.append(tuple(engine.progress.generated))
+        drafted += engine.progress.drafted
+        accepted += engine.progress.accepted
+    return out, drafted, accepted
+
+
+def outcomes(answers: list[tuple[int, ...]]) -> tuple[Counter, Counter]:
+    """Which of tokens 2..5 repeat the one before (what the drafts guess), and token 3."""
+    repeats = Counter(tuple(a[i] == a[i - 1] for i in range(1, 5)) for a in answers)
+    return repeats, Counter(a[2] for a in answers)
+
+
+def test_sampled_drafting_keeps_the_distribution_of_the_first_tokens(tiny_fast):
+    n = 700
+    on, drafted, accepted = first_tokens(tiny_fast, range(n), draft=True)
+    assert 0.3 * drafted < accepted < 0.95 * drafted  # drafts are both accepted and rejected
+    off, _, _ = first_tokens(tiny_fast, range(n, 2 * n), draft=False)  # other seeds
+    for a, b in zip(outcomes(on), outcomes(off), strict=True):
+        stat, df = two_sample(a, b)
+        assert stat < critical(df), f"chi-square {stat:.1f} over {df} df"
+    # the same seeds without drafting give the same answers, one by one
+    assert first_tokens(tiny_fast, range(40), draft=False)[0] == on[:40]
+    # and the check has power: a slightly colder sampling is told apart
+    colder, _, _ = first_tokens(tiny_fast, range(n, 2 * n), draft=False, temperature=0.8)
+    stat, df = two_sample(outcomes(on)[0], outcomes(colder)[0])
+    assert stat > critical(df)
+
+
+# ---------------------------------------------------------------------------------------------
+# the lookup and the policy alone
+
+
+def test_the_lookup_finds_the_longest_latest_match_and_what_followed():
+    ctx = [5, 1, 2, 3, 9, 8, 4, 2, 3, 10, 11, 1, 2]
+    lk = Lookup(ctx)
+    # the tail "1 2" and the token 3: "1 2 3" at the start beats the later "2 3"
+    assert lk.continuation(3, 4) == (3, [9, 8, 4, 2])
+    ctx += [3, 7, 2]
+    lk.sync(ctx)
+    # "7 2 3" occurs nowhere; "2 3" three times: the latest, and up to the token itself
+    assert lk.continuation(3, 5) == (2, [7, 2, 3])
+    assert lk.continuation(99, 3) == (0, [])
+    assert lk.continuation(11, 10) == (1, [1, 2, 3, 7, 2, 11])
+
+
+def test_drafts_stop_before_an_end_token_and_outcomes_move_the_policy():
+    policy = DraftPolicy()
+    policy.row_cost = 0.0
+    ctx = [1, 2, 3, 4, 5, 6, 7, 99, 8, 9]
+    drafter = Drafter(ctx, policy, end_ids={99})
+    assert drafter.propose(ctx, 2, 10) == [3, 4, 5, 6]  # the cap: 4 of [3..7] before 99
+    ctx += [2, 3, 4, 5, 6]  # all accepted, then the next token: the cap doubles
+    assert drafter.propose(ctx, 7, 10) == []  # what followed 7 is the end token
+    assert policy.cap == 8
+    before = policy.rate[0]
+    ctx += [7]
+    drafter.propose(ctx, 8, 10)  # 8 -> [9, 2, ...] drafted (8 was seen once: a match of 1)
+    ctx += [8]
+    drafter.propose(ctx, 5, 10)  # the answer took 5, not 9: rejected at the first token
+    assert policy.cap == 1 and policy.rate[0] < before
+
+
+def test_the_policy_drafts_nothing_where_it_would_not_pay():
+    policy = DraftPolicy()
+    policy.row_cost = 0.6
+    policy.rate = [0.3, 0.5, 0.55, 0.95]
+    assert [policy.size(m, MAX_DRAFT) for m in (1, 2, 3)] == [0, 0, 0]
+    policy.cap = MAX_DRAFT
+    assert policy.size(4, MAX_DRAFT) >= 2
+    policy.row_cost = 0.1
+    assert policy.size(4, MAX_DRAFT) > 6 and policy.size(1, MAX_DRAFT) == 1
+    for _ in range(3):
+        policy.timed(1, 0.010)
+    for _ in range(30):
+        policy.timed(9, 0.030)  # 8 more rows cost 2 steps: a row a quarter of a step
+    assert 0.2 < policy.row_cost < 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# where drafting is on, and what the turn says of it
+
+
+def test_the_setting_and_the_runner_decide_whether_it_drafts(tiny):
+    assert Sampling.from_settings(Settings(draft=False)).draft is False
+    assert Sampling().draft is True
+    model, tok = tiny  # transformers: its forward gives the last row only, so no drafts
+    engine = Engine(model, tok, end_ids=set(), context_length=512)
+    assert not engine.runner.drafts
+    ids = tok("The capital of France is Paris. The capital of", add_special_tokens=False).input_ids
+    list(engine.stream(ids, Sampling(temperature=0, max_tokens=8)))
+    assert engine.progress.drafted == 0 and len(engine.progress.generated) == 8
+
+
+def test_the_stats_line_and_json_show_drafts_only_when_there_were_some():
+    plain = Stats(10, 5, 40, 0.2, 30.0)
+    drafted = Stats(10, 5, 40, 0.2, 30.0, drafted_tokens=36, accepted_tokens=30)
+    assert "drafted" not in format_stats(plain)
+    assert format_stats(drafted).endswith("30.0 tok/s · drafted 36 (30 accepted)")
+    assert list(drafted.as_dict()) == list(plain.as_dict()) == [
+        "reused_tokens", "prefilled_tokens", "generated_tokens", "ttft_s", "decode_tok_s"
+    ]  # fmt: skip
+    objs = [turn_object(TurnResult("a", "", s, "stop", False), {}, think=False)
+            for s in (plain, drafted)]  # fmt: skip
+    assert objs[0]["stats"] == plain.as_dict()
+    assert objs[1]["stats"] == {**plain.as_dict(), "drafted_tokens": 36, "accepted_tokens": 30}
