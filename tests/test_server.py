@@ -272,6 +272,7 @@ def test_two_clients_at_once_are_answered_in_turn(
             first += list(chunks)
         answer = later.result()
     assert text_of(first) == story
+    assert first[-2]["choices"][0]["finish_reason"] == "length"  # long: the other one waited
     assert content(answer) == sum_
     assert first[-2]["kvrepl"]["answer"] < answer["kvrepl"]["answer"]
 
