@@ -693,6 +693,7 @@ static Wv view(const Weight *W) {
 /* out[m, n] (+)= x[m, :] . W[n, :] (+ bias[n]), for m < M */
 void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 ldo,
                const float *bias, int accumulate) {
+    if (M < 1) return;
     Wv w = view(W);
     MmJob j = {0, x, ldx, M, W->n, ldo, 0, 0, &w, out, bias, accumulate};
     if (W->fmt == FMT_F16) { mm_f16(&j); return; }
@@ -1183,6 +1184,7 @@ static void mm_parts(const float *x, i64 M, i64 ldx, const Weight *w, const i64 
 
 /* Layers [l0, l1) of the forward; the embedding when l0 == 0, the logits when l1 == n_layers. */
 void kv_forward(const Model *md, const int64_t *ids, i64 M, i64 pos0, i64 l0, i64 l1) {
+    if (M < 1) return;
     i64 D = md->head_dim, hid = md->hidden, qw = md->n_heads * D, kw = md->n_kv * D;
     i64 width = qw + 2 * kw, F = md->ffn;
     float *x = md->x, *h = md->h, *qkv = md->qkv, *att = md->att, *gu = md->gu, *a = md->act_buf;
