@@ -1,9 +1,12 @@
 """How busy other processes keep this machine's cores: the benchmarks record it beside every
-measurement (the machine is shared), and wait for quiet before measuring."""
+measurement (the machine is shared), and wait for quiet before measuring; and a spinning process
+that keeps a core busy on purpose (bench_busy.py)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,3 +29,22 @@ class Others:
         dt = time.perf_counter() - self.t
         other = (busy_s() - self.busy) - (time.process_time() - self.own)
         return max(0.0, other / dt) if dt > 0 else 0.0
+
+
+class Spinner:
+    """`cores` processes that each keep a core busy (a pure-Python loop), for a `with` block."""
+
+    def __init__(self, cores: int = 1) -> None:
+        self.cores = cores
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Spinner:
+        code = "while True:\n    pass"
+        self.procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.cores)]
+        time.sleep(0.3)  # running before the measurement starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
