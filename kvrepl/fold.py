@@ -11,7 +11,7 @@ bindings here.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -72,7 +72,7 @@ def plan_fold(widths: list[int], cursor: int, rows: int, width: int, prefix: int
     total = ends[-1] if ends else 0
     if prefix + total <= rows * width:
         return None
-    head = bisect_left(ends, max(1, width - prefix)) if width > prefix else 0
+    head = bisect_right(ends, width - prefix) if width > prefix else 0  # the prompt's row
     budget = max(width, (rows - 1) * width - 2 * MARKER_COLS - width)  # a row of slack for wraps
 
     def col(i: int) -> int:  # columns before character i

@@ -431,7 +431,7 @@ def test_piped_stdin_answers_and_runs_commands_without_ansi(tmp_path):
     assert "Paris" in out
     (line,) = stats_lines(err)  # piped: the figures go to stderr, the answer alone to stdout
     assert re.fullmatch(r"reused 0 · prefilled \d+ · generated \d+ · ttft [\d.]+ s · [\d.]+ tok/s"
-                        r"( · max tokens)?", line)  # fmt: skip
+                        r"( · drafted \d+ \(\d+ accepted\))?( · max tokens)?", line)  # fmt: skip
     assert stats_lines(out) == []
     assert "[1. you] What is the capital of France?" in out  # what /history prints
     assert (home / "kvrepl.db").is_file()
