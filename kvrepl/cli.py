@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +32,6 @@ from kvrepl.config import Settings, config_path, load_settings, store_path
 from kvrepl.errors import KvreplError, UsageError
 from kvrepl.guards import Terminated, ending_signals
 from kvrepl.names import validate_session_name
-
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what --device takes (models.pick_device)
 
 
 def entry() -> None:
@@ -89,17 +86,13 @@ def _path(args: argparse.Namespace, home: Path) -> Path:
 
 
 def _checked(settings: Settings, args: argparse.Namespace) -> Settings:
-    """What the settings' declaration cannot check itself: the device's form (torch would answer
-    a bad one with its list of every device type), once the model loads. `--think` shows the
+    """The device's form checked before a session is opened or created (torch would answer a
+    bad one with its list of every device type, once the model loads). `--think` shows the
     thinking and switches the model's thinking mode on, as `/think on` does (unless the
     thinking setting says otherwise)."""
-    if not DEVICE.fullmatch(settings.device):
-        where = f"device in {config_path()}"  # flags win over variables, variables over the file
-        if args.device is not None:
-            where = "--device"
-        elif "KVREPL_DEVICE" in os.environ:
-            where = "KVREPL_DEVICE"
-        raise UsageError(f"{where} takes cpu, cuda, cuda:N or auto, not {settings.device!r}")
+    from kvrepl.models import check_device
+
+    check_device(settings.device)
     if settings.show_think and settings.thinking is None:
         settings = dataclasses.replace(settings, thinking=True)
     return settings

@@ -391,21 +391,20 @@ def test_path_log_names_the_log_of_internal_errors(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["flag", "variable", "config"])
-def test_a_bad_device_is_one_line_with_the_choices_before_any_model_work(tmp_path, how):
+def test_a_bad_device_is_one_line_with_the_choices_before_any_session_or_model(tmp_path, how):
     store = tmp_path / "store"
     env = {"KVREPL_HOME": str(store), "KVREPL_CONFIG": str(tmp_path / "config.toml")}
-    args, where = ["hello"], "--device"
+    args = ["--session", "new-one", "hello"]
     if how == "flag":
-        args = ["--device", "banana", "hello"]
+        args = ["--device", "banana", *args]
     elif how == "variable":
-        env["KVREPL_DEVICE"], where = "banana", "KVREPL_DEVICE"
+        env["KVREPL_DEVICE"] = "banana"
     else:
         (tmp_path / "config.toml").write_text('device = "banana"\n')
-        where = f"device in {tmp_path / 'config.toml'}"
     p = kvrepl(*args, cwd=tmp_path, env=env)
     assert (p.rc, p.out) == (2, "")
-    assert p.err == f"kvrepl: {where} takes cpu, cuda, cuda:N or auto, not 'banana'\n"
-    assert not store.exists()  # no session, no model work
+    assert p.err == "kvrepl: --device 'banana': use auto, cpu, cuda or cuda:N (a GPU's number)\n"
+    assert not store.exists()  # no session created, no model work
 
 
 def test_a_new_session_is_said_new_and_an_empty_one_has_no_turns_yet(tmp_path):
