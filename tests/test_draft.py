@@ -226,6 +226,40 @@ def test_closing_mid_answer_keeps_what_token_by_token_keeps(smol, after):
     assert_same_cache(on, off)
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("nth", [1, 3])
+def test_ctrl_c_inside_a_verification_keeps_what_token_by_token_keeps(smol, monkeypatch, nth):
+    """KeyboardInterrupt in the nth forward of drafts (after the kernels ran: the layers hold
+    the drafts' K/V) against one in token-by-token decoding's forward at the same position."""
+    real, _, _ = smol
+    forward, seen = real.model.forward, {"n": 0, "at": None}
+
+    def interrupted(ids, layers, all_logits=False):
+        out = forward(ids, layers, all_logits=all_logits)
+        pos = layers[0].get_seq_length() - len(ids)
+        if all_logits:
+            seen["n"] += 1
+            if seen["n"] == nth:
+                seen["at"] = pos
+                raise KeyboardInterrupt
+        elif len(ids) == 1 and pos == seen["at"]:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(real.model, "forward", interrupted)
+    ids = render(smol, QUOTE)
+    engines = []
+    for sampling in (PLAIN, OFF):
+        engine = make(smol, eager=True)
+        with pytest.raises(KeyboardInterrupt):
+            list(engine.stream(ids, sampling))
+        engines.append(engine)
+    on, off = engines
+    assert seen["at"] is not None and on.progress.generated == off.progress.generated
+    assert len(on.pc.ids) == seen["at"]  # the interrupted step's token was not fed
+    assert_same_cache(on, off)
+
+
 # ---------------------------------------------------------------------------------------------
 # sampled
 
