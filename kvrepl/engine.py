@@ -364,6 +364,8 @@ class Engine:
                 logits = drafts.popleft()[1]  # accepted: its K/V is in the cache already
                 progress.accepted += 1
             elif not fed:
+                if drafts:  # the token is not the next draft: the drafts left leave the cache
+                    self.pc.sync()
                 logits, drafts = self._feed(token, drafter, max_tokens)
             self.pc.ids.append(token)
             sampler.seen([token])
@@ -378,10 +380,9 @@ class Engine:
 
     def _feed(self, token: int, drafter: Drafter | None,
               max_tokens: int) -> tuple[torch.Tensor, deque[tuple[int, torch.Tensor]]]:  # fmt: skip
-        """Feed `token` after cutting any drafts rejected before it, with the drafts the
-        drafter proposes (no more than token-by-token decoding would feed: the context's room,
-        max_tokens); its logits, and each draft with the logits of its row."""
-        self.pc.sync()  # the drafts a sampled token did not match leave the cache
+        """Feed `token` with the drafts the drafter proposes (no more than token-by-token
+        decoding would feed: the context's room, max_tokens); its logits, and each draft with
+        the logits of its row."""
         if drafter is None:
             return self._forward([token]), deque()
         room = min(self.context_length - 2 - len(self.pc.ids),
