@@ -64,7 +64,8 @@ def make_model(family: str, seed: int = 0, layers: int = 3) -> Any:
 def reference_logits(model: Any, ids: list[int]) -> torch.Tensor:
     """transformers' own forward over the whole prompt: the last position's logits."""
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), use_cache=False)
+        device = next(model.parameters()).device
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=False)
     return out.logits[0, -1].float()
 
 
