@@ -59,7 +59,7 @@ def dir_loaded(model_dir):
     """The same folder loaded here exactly as the CLI loads it (same fingerprint)."""
     from kvrepl import models
 
-    return models.load(str(model_dir), device="cpu", dtype="float32", progress=False)
+    return models.load(str(model_dir), device="cpu", dtype="auto", progress=False)
 
 
 @pytest.fixture

@@ -37,8 +37,7 @@ def signalled(tmp_path_factory, model_dir) -> Iterator[dict[tuple[str, str], tup
         folder = root / f"{sig}-{stage}"
         folder.mkdir()
         args = ["--store", str(folder / "store"), "--model", str(model_dir), "--session", "k",
-                "--dtype", "float32", "--temperature", "0", "--max-tokens", "6",
-                "--repetition-penalty", "1"]  # fmt: skip
+                "--temperature", "0", "--max-tokens", "6", "--repetition-penalty", "1"]  # fmt: skip
         with (open(root / "lines.txt", "rb") as stdin, open(folder / "out", "wb") as out,
               open(folder / "err", "wb") as err):  # fmt: skip
             procs[sig, stage] = subprocess.Popen(
