@@ -80,14 +80,20 @@ def to_markdown(session: Session, messages: list[Message], stats: dict[int, dict
             if m.think:
                 lines += ["<details><summary>thinking</summary>", "", m.think, "", "</details>", ""]
             lines += [m.content, ""]
-            s = stats.get(m.id)
-            if s:
-                lines += [
-                    f"*reused {s['reused_tokens']} · prefilled {s['prefilled_tokens']} · "
-                    f"generated {s['generated_tokens']} · ttft {s['ttft_s']} s · "
-                    f"{s['decode_tok_s']} tok/s*",
-                    "",
-                ]
+            if s := stats.get(m.id):
+                lines += [f"*{_figures_line(s)}*", ""]
         else:
             lines += [f"## {m.role}", "", m.content, ""]
     return "\n".join(lines)
+
+
+def _figures_line(s: dict[str, Any]) -> str:
+    """A turn's figures; an answer stopped before its first token has no ttft, and one of fewer
+    than two tokens no decode speed (their zeros would read as measurements)."""
+    parts = [f"reused {s['reused_tokens']}", f"prefilled {s['prefilled_tokens']}",
+             f"generated {s['generated_tokens']}"]  # fmt: skip
+    if s["ttft_s"]:
+        parts.append(f"ttft {s['ttft_s']} s")
+    if s["decode_tok_s"]:
+        parts.append(f"{s['decode_tok_s']} tok/s")
+    return " · ".join(parts)

@@ -300,6 +300,9 @@ def test_ctrl_c_during_a_chunked_prefill_reports_what_was_prefilled(h: Harness):
     check_interrupted_turn(h, out)
     assert len(h.rt.engine.pc.ids) == 8
     assert h.last_stats.prefilled_tokens == 8
+    # the export says what was computed, and no time to a first token that never came
+    md = h.run("/export md")
+    assert "*reused 0 · prefilled 8 · generated 0*" in md and " s · " not in md.split("###")[-1]
 
 
 def test_ctrl_c_in_the_interactive_loop_returns_to_the_prompt(h: Harness, monkeypatch):
