@@ -7,8 +7,9 @@ own store. Turns, an edit, a retry, an undo, /branch to the first branch and bac
 back from disk), a resume by a new kvrepl process, Ctrl-C in the engine and at the screen. After
 every step both hold the same messages, every answer as the same ids; the cache reuse is seen to
 happen (or the comparison proves nothing); and on a fast path, whose kernels are
-batch-invariant, the reuse run's cache equals a recomputation of its ids from nothing bit for bit:
-the K and V of every layer, and the last position's logits.
+batch-invariant, bit for bit: the logits of the prompt's end (reached over the reused cache, and
+from nothing by --no-reuse) and of each step of the answer, and the reuse run's cache against a
+recomputation of its ids from nothing (the K and V of every layer, the last position's logits).
 
 A model or backend joins with one line in CASES: how the test gets the model (loaded once per
 test session or module), whether it is compared bit for bit, and how a kvrepl process loads the
@@ -120,13 +121,15 @@ def batch_invariant(model: Any) -> bool:
 
 @dataclass
 class Side:
-    """A conversation over its own store, reusing its cache or not (`--no-reuse`). `marks`:
-    leaf message ids by name."""
+    """A conversation over its own store, reusing its cache or not (`--no-reuse`). `logits`:
+    what each forward of its engine's runner returned, by the position it ended at (reset at
+    every step); `marks`: leaf message ids by name."""
 
     loaded: LoadedModel
     home: Path
     reuse: bool
     chat: Conversation = field(init=False)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)
     open_now: bool = False
 
@@ -138,6 +141,15 @@ class Side:
         settings = dataclasses.replace(SETTINGS, reuse=self.reuse)
         self.chat = open_conversation(self.loaded, self.home, settings)
         self.open_now = True
+        runner = self.engine.runner
+        forward = runner.forward
+
+        def recording(ids: list[int], pc: Any) -> torch.Tensor:
+            logits = forward(ids, pc)
+            self.logits[len(pc.ids) + len(ids)] = logits.detach().clone()  # ids join after
+            return logits
+
+        runner.forward = recording
 
     def close(self) -> None:
         if self.open_now:
@@ -327,15 +339,22 @@ def check_reuse(name: str, kind: str, reuse: Outcome, fresh: Outcome, before: li
 
 
 @torch.inference_mode()
-def check_caches(name: str, loaded: LoadedModel, exact: bool, reuse: Side, fresh: Side) -> None:
-    """Both caches hold the same ids; on a fast path the reuse side's K/V and last logits are
-    a recomputation's, bit for bit, and so are the --no-reuse side's K/V."""
+def check_caches(name: str, loaded: LoadedModel, exact: bool, reuse: Side, fresh: Side,
+                 prompt: int) -> None:  # fmt: skip
+    """Both caches hold the same ids. On a fast path, bit for bit: the logits both sides'
+    forwards gave at the same positions (the prompt's end, which the reuse side reached over its
+    cache and --no-reuse from nothing, and the answer's steps); the K/V of both caches and the
+    last logits the reuse side's cache gives, against a recomputation of its ids from nothing."""
     a, b = reuse.engine, fresh.engine
     a.pc.check()
     b.pc.check()
     assert a.pc.ids == b.pc.ids, f"{name}: the caches hold other ids"
     if not exact:
         return
+    both = sorted(reuse.logits.keys() & fresh.logits.keys())
+    assert prompt in both, (name, prompt, both)
+    for end in both:
+        assert torch.equal(reuse.logits[end], fresh.logits[end]), f"{name}: logits at {end}"
     want_logits, want_kv = recompute(loaded, list(a.pc.ids))
     assert_bitwise(f"{name}, reuse", a.pc.export(), want_kv)
     assert_bitwise(f"{name}, --no-reuse", b.pc.export(), want_kv)
@@ -352,13 +371,17 @@ def run_step(name: str, step: Step, kind: str, c: Case, loaded: LoadedModel,
     reuse seen, the caches."""
     reuse, fresh = sides
     before = list(reuse.engine.pc.ids)
+    for side in sides:
+        side.logits.clear()
     outcomes = (step(reuse), step(fresh))
     assert reuse.transcript() == fresh.transcript(), f"{name}: the conversations differ"
     if outcomes[0].turn is None:
         return
     assert outcomes[0].texts == outcomes[1].texts, name
+    stats = outcomes[1].turn.result.stats  # type: ignore[union-attr]
+    assert stats is not None, name
     check_reuse(name, kind, *outcomes, before, list(reuse.engine.pc.ids))
-    check_caches(name, loaded, c.exact, reuse, fresh)
+    check_caches(name, loaded, c.exact, reuse, fresh, stats.prefilled_tokens)
 
 
 def run_resume(c: Case, loaded: LoadedModel, sides: tuple[Side, Side], text: str) -> None:
