@@ -93,9 +93,7 @@ def untied_llama(tok: Any) -> Any:
 CASES = [
     Case("smollm2-fast", fixture("real"), exact=True, argv=()),
     Case("smollm2-float32", fixture("real32"), exact=False, argv=(F32,)),
-    # No process: two Gemma processes load for a minute on a 2-core machine (test_gemma resumes
-    # Gemma in a real process); a new Conversation over the same store stands in.
-    Case("gemma3-270m-fast", fixture("gemma"), exact=True, argv=None),
+    Case("gemma3-270m-fast", fixture("gemma"), exact=True, argv=(MODEL,)),
     Case("tiny-llama-fast", tiny(untied_llama), exact=True, argv=(MODEL,)),
     Case("tiny-llama-float32", tiny(untied_llama, "float32"), exact=False, argv=(MODEL, F32)),
 ]
