@@ -2,8 +2,9 @@
 
 Round trip across processes on the real model (`python -m kvrepl` with piped stdin): a resumed
 session prefills only the new turn, says what it restored, and answers exactly as one
-uninterrupted process does. Autosave: after each answer the database holds the turn and the
-snapshot holds the cache, also at the end of input and after an interrupt.
+uninterrupted process that recomputes every turn (`--no-reuse`, the baseline) does. Autosave:
+after each answer the database holds the turn and the snapshot holds the cache, also at the end
+of input and after an interrupt.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ class RealRuns:
     a: Done  # --session demo, turns 1-2, then EOF
     resumed: dict[str, Done]  # "--resume" / "--session": turn 3 in a copy of a's store
     whole: Done  # one process, turns 1-3
+    baseline: Done  # one process, turns 1-3, --no-reuse
     homes: dict[str, Path]
 
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory: pytest.TempPathFactory) -> RealRuns:
     base = tmp_path_factory.mktemp("real-runs")
-    homes = {k: base / k / "store" for k in ("a", "resume", "session", "whole")}
+    homes = {k: base / k / "store" for k in ("a", "resume", "session", "whole", "baseline")}
     for home in homes.values():
         home.parent.mkdir(parents=True)
     # Two at a time: the machine has two cores and each child runs one thread.
@@ -64,10 +66,13 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> RealRuns:
     pr = Kvrepl(["--resume", *REAL_FLAGS], home=homes["resume"], stdin=QUESTIONS[2] + "\n")
     ps = Kvrepl(["--session", "demo", *REAL_FLAGS], home=homes["session"],
                 stdin=QUESTIONS[2] + "\n")  # fmt: skip
+    pb = Kvrepl(["--session", "demo", "--no-reuse", *REAL_FLAGS], home=homes["baseline"],
+                stdin="\n".join(QUESTIONS) + "\n")  # fmt: skip
     resumed = {"resume": pr.finish(240), "session": ps.finish(240)}
-    for name, run in [("a", a), ("whole", whole), *resumed.items()]:
+    baseline = pb.finish(240)
+    for name, run in [("a", a), ("whole", whole), ("baseline", baseline), *resumed.items()]:
         assert run.rc == 0, f"{name}: rc {run.rc}\n{run.out}\n{run.err}"
-    return RealRuns(a, resumed, whole, homes)
+    return RealRuns(a, resumed, whole, baseline, homes)
 
 
 @pytest.mark.model
@@ -112,15 +117,18 @@ def test_resumed_process_prefills_only_the_new_turn(real_runs: RealRuns, real, h
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("how", ["resume", "session"])
-def test_resumed_answers_equal_one_uninterrupted_process(real_runs: RealRuns, how: str):
+@pytest.mark.parametrize("how", ["resume", "session", "whole"])
+def test_resumed_answers_equal_one_process_that_reuses_nothing(real_runs: RealRuns, how: str):
+    """The answers, as the ids they were generated as, equal the --no-reuse baseline's, which
+    reused nothing (and so does one uninterrupted process that reuses)."""
     _, turns = session_turns(real_runs.homes[how])
-    _, whole = session_turns(real_runs.homes["whole"])
+    _, baseline = session_turns(real_runs.homes["baseline"])
+    assert [s["reused_tokens"] for _, s in baseline] == [0, 0, 0]
+    assert [s["reused_tokens"] > 0 for _, s in turns] == [False, True, True]
+    assert [m.token_ids for m, _ in turns] == [m.token_ids for m, _ in baseline]
     answers = [m.content for m, _ in turns]
-    assert answers == [m.content for m, _ in whole]
+    assert answers == [m.content for m, _ in baseline]
     assert all(answers) and answers[0] != answers[1] != answers[2]
-    # The generated counts agree too (the text could hide a difference in tokens).
-    assert [s["generated_tokens"] for _, s in turns] == [s["generated_tokens"] for _, s in whole]
 
 
 @pytest.mark.model
