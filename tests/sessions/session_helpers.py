@@ -27,7 +27,10 @@ from kvrepl.store import STAT_NAMES, Message, Store
 # Greedy, with a repetition penalty so that the random tiny model writes text (it repeats "\n"
 # otherwise, which the think splitter strips to an empty answer).
 TINY = Settings(temperature=0.0, max_tokens=16, repetition_penalty=3.0)
-TINY_FLAGS = ["--temperature", "0", "--max-tokens", "16", "--repetition-penalty", "3"]
+# The tinies are loaded in float32 (transformers, load_folder): a kvrepl child must load them so
+# too (a model folder on the CPU otherwise runs on the fast path, another fingerprint).
+TINY_FLAGS = ["--temperature", "0", "--max-tokens", "16", "--repetition-penalty", "3",
+              "--dtype", "float32"]  # fmt: skip
 REAL_FLAGS = ["--temperature", "0", "--max-tokens", "24"]
 
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "And of Spain?"]

@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,10 @@ from session_helpers import (
 
 from kvrepl.engine import common_prefix
 from kvrepl.handle import Runtime
-from kvrepl.kvbook import Ref
+from kvrepl.kvbook import Pool, Ref
 from kvrepl.kvstore import KVStore
-from kvrepl.store import Store
+from kvrepl.stfile import BadChunk, parse_chunk, read_chunk
+from kvrepl.store import Message, Store
 
 # =============================================================================================
 # kill -9 while saving
@@ -130,18 +130,12 @@ def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tin
     assert on_disk.notes == [], on_disk.notes  # a kill leaves a valid snapshot, never a torn one
     assert on_disk.ids
 
-    # Evidence that the kill landed where it was meant to.
-    names = os.listdir(KVStore(home / "kv").pool_dir(tinies.a.fingerprint))
-    if point in ("mid-write", "before-rename", "split-before-rename"):
-        assert any(n.startswith(".tmp-") for n in names), names  # a temp file, never trusted
-    if point == "split-before-cleanup":  # the whole chunk and its first half start together
-        starts = [Ref.parse(n).start for n in names if Ref.parse(n)]
-        assert len(starts) > len(set(starts)), names
-    last = (branch[-1].role, turn_row_sum(home, branch[-1].id))
-    if point == "after-commit":  # the edited turn is stored, its snapshot is the previous one
-        assert last[0] == "assistant" and len(on_disk.ids) <= last[1]
-    if point in ("in-transaction", "mid-decode"):  # the answer was never stored
-        assert last[0] == "user"
+    # Evidence that the kill landed where it was meant to, and nowhere else.
+    edit = branch[-1] if branch[-1].role == "user" else branch[-2]
+    assert edit.content == LINES[1], "the child did not get to its /edit"
+    answer = fresh_ids(chats, tinies.a, branch[: branch.index(edit)], LINES[1], tmp_path / "edit")
+    assert_killed_at(point, KVStore(home / "kv").pool_dir(tinies.a.fingerprint), branch,
+                     printed_after_edit(run.out), answer.answer)  # fmt: skip
 
     chat = chats(tinies.a, home)
     chat.sessions.resume_latest()
@@ -164,15 +158,66 @@ def test_kill_9_at_a_chosen_point_leaves_a_store_that_resumes(point, killed, tin
     no_half_turn(home / "kvrepl.db")
 
 
-def turn_row_sum(home: Path, message_id: int) -> int:
-    """reused + prefilled + generated of a turns row: the cache length after that turn."""
-    conn = sqlite3.connect(home / "kvrepl.db")
-    row = conn.execute(
-        "SELECT reused_tokens + prefilled_tokens + generated_tokens FROM turns "
-        "WHERE message_id = ?", [message_id]
-    ).fetchone()  # fmt: skip
-    conn.close()
-    return row[0] if row else 0
+def assert_killed_at(point: str, d: Path, branch: list[Message], printed: str,
+                     answer: str) -> None:  # fmt: skip
+    """The store and the child's output show the kill at `point` (KILL_POINTS) and no other. The
+    child's second line, an /edit, splits the chunk it leaves in its middle into two halves, the
+    whole then goes, and the edit's own chunk follows the first half; `answer` is the edit's
+    answer (a recomputation's), `printed` what the child showed of it."""
+    refs = Pool.refs(d)
+    temps = [n for n in os.listdir(d) if n.startswith(".tmp-")]
+    pairs = halves_beside_wholes(refs)
+    if point in ("mid-write", "split-before-rename", "before-rename"):
+        assert len(temps) == 1, temps
+        target, whole_file = temp_target(d / temps[0])
+        assert whole_file == (point != "mid-write"), (point, temps)  # half written, or all
+        assert target.name not in {r.name for r in refs}
+        if point == "before-rename":  # the split is done: the edit's chunk after the first half
+            first = [r for r in refs if r.tip == target.parent and r.end == target.start]
+            assert first and not pairs, (target, refs)
+            assert any((r.parent, r.start) == (target.parent, target.start) for r in refs)
+        else:  # the split's first half, beside the whole it comes from, no half on disk yet
+            assert not pairs and any(r.end > target.end and (r.parent, r.start) == (
+                target.parent, target.start) for r in refs), (target, refs)  # fmt: skip
+        return
+    assert temps == [], temps
+    if point == "split-before-cleanup":  # both halves written, the whole not gone
+        ((whole, first),) = pairs
+        assert any(r.parent == first.tip and r.end == whole.end for r in refs), refs
+        return
+    assert not pairs, refs  # the edit's save never began: no split
+    stored = branch[-1]
+    if point == "after-commit":  # the edit's answer is stored; its snapshot was not saved
+        assert (stored.role, stored.content) == ("assistant", answer)
+    elif point == "in-transaction":  # the whole answer shown, rolled back while being stored
+        assert (stored.role, printed) == ("user", answer.strip())
+    else:  # mid-decode: the answer cut short, never stored
+        assert stored.role == "user" and printed and answer.strip().startswith(printed), printed
+        assert len(printed) < len(answer.strip()), printed
+    assert point in ("after-commit", "in-transaction", "mid-decode"), point
+
+
+def halves_beside_wholes(refs: list[Ref]) -> list[tuple[Ref, Ref]]:
+    """(a chunk, a shorter one from the same place): a split's whole beside its first half."""
+    return [(r, s) for r in refs for s in refs
+            if s.end < r.end and (s.parent, s.start) == (r.parent, r.start)]  # fmt: skip
+
+
+def temp_target(path: Path) -> tuple[Ref, bool]:
+    """The chunk a temp file was to become (its name says), and whether its bytes are whole."""
+    ref = Ref.parse(path.name.removeprefix(".tmp-").rsplit("-", 2)[0])
+    assert ref is not None, path.name
+    try:
+        parse_chunk(*read_chunk(path, header_only=False), ref.name)
+    except BadChunk:
+        return ref, False
+    return ref, True
+
+
+def printed_after_edit(out: str) -> str:
+    """What the child printed after the /edit's cut line (its answer, whole or cut short)."""
+    _, cut, rest = out.partition("tokens\n\n")
+    return rest.strip() if cut and "cache: cut at token" in out else ""
 
 
 def test_in_transaction_kill_rolls_the_answer_back(killed):
@@ -203,7 +248,8 @@ def test_kill_9_at_random_moments_then_kvrepl_resume(tinies, kill_base, chats, t
            "outdir": str(tmp_path)}  # fmt: skip
     lives = fork_server(job, tmp_path)
     moments = [life["moment"] for life in lives]
-    print("kill moments:", moments)
+    # The second life was killed while a snapshot file was being written, not anywhere.
+    assert moments[1] == "mid-save (a temp file was present)", moments
     for life in lives:
         assert life["rc"] == -signal.SIGKILL, (moments, life["out"])
         assert stats_of(life["out"]), life["out"]
