@@ -16,15 +16,17 @@
 #include <omp.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #ifdef __linux__
 #include <linux/futex.h>
 #include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 typedef int64_t i64;
@@ -131,6 +133,33 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* torch's OpenMP threads (libgomp) spin ~10 ms after each of torch's parallel regions unless
+ * OMP_WAIT_POLICY or GOMP_SPINCOUNT was set before torch loaded: a decode step's few torch ops
+ * then keep a thread spinning on the core a kernel thread needs. libgomp spins 1000 times only
+ * (microseconds) while it manages more threads than there are CPUs (its documented rule): one
+ * more OpenMP thread, parked for good, makes it so. Not done when the user chose a policy. */
+static _Atomic int parked; /* threads of the parked team (an empty region would be compiled out) */
+
+static void *park(void *arg) {
+    (void)arg;
+#pragma omp parallel num_threads(2)
+    atomic_fetch_add(&parked, 1); /* this thread and an OpenMP worker, which then waits in libgomp */
+    for (;;) pause(); /* every signal is blocked here: this never returns */
+    return NULL;
+}
+
+static void quiet_openmp(void) {
+    static int done;
+    if (done || getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
+    done = 1;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* the parked threads take no signal */
+    pthread_t t;
+    if (!pthread_create(&t, NULL, park, NULL)) pthread_detach(t);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
 static void after_fork(void) { /* the child has none of the parent's workers */
     pthread_mutex_init(&P.owner, NULL);
     P.workers = 0;
@@ -140,6 +169,7 @@ static void after_fork(void) { /* the child has none of the parent's workers */
 static void start_workers(int k) {
     static int hooked;
     if (!hooked) hooked = !pthread_atfork(NULL, NULL, after_fork);
+    quiet_openmp();
     if (k > MAX_WORKERS) k = MAX_WORKERS;
     for (; P.workers < k; P.workers++) {
         pthread_t t;
