@@ -196,6 +196,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kv_threads": (ctypes.c_int, []),
     "kv_set_threads": (None, [ctypes.c_int, ctypes.c_int]),
     "kv_worker_items": (i64, []),
+    "kv_parked_openmp": (ctypes.c_int, []),
 }
 
 
@@ -236,6 +237,11 @@ class Kernels:
     def worker_items(self) -> int:
         """Work items the pool's threads (not the caller's) have run since the library loaded."""
         return int(self.lib.kv_worker_items())
+
+    def parked_openmp(self) -> int:
+        """Threads of the OpenMP team parked to stop torch's threads spinning (2 once a job has
+        run on several threads, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT was set; else 0)."""
+        return int(self.lib.kv_parked_openmp())
 
     @property
     def label(self) -> str:

@@ -294,3 +294,5 @@ void kv_set_threads(int adapt, int fixed) {
 }
 
 i64 kv_worker_items(void) { return atomic_load(&P.worker_items); }
+
+int kv_parked_openmp(void) { return atomic_load(&parked); }
