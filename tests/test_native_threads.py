@@ -2,8 +2,9 @@
 bit-identical whatever the number of threads (1, 2 or 3, set as kvrepl sets it, with
 torch.set_num_threads), on the tiny model through gguf_model.from_hf and on the real SmolLM2
 GGUF, with the pool's workers really taking part; the thread count follows torch's, and drops
-while another process keeps a core busy; and AVX-512 (where the CPU has it), AVX2 and the scalar
-fallback agree bit for bit over 600+ tokens, across several 256-key attention blocks."""
+while another process keeps a core busy; AVX-512 (where the CPU has it), AVX2 and the scalar
+fallback agree bit for bit over 600+ tokens, across several 256-key attention blocks; and torch's
+OpenMP threads are kept from spinning unless the user chose a wait policy."""
 
 from __future__ import annotations
 
