@@ -13,7 +13,6 @@ Never writes, deletes or decides which chunks make up a snapshot (kvstore.py doe
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -216,16 +215,6 @@ def _kv_shape(entries: dict[str, tuple[str, list[int], int, int]], names: list[s
     if len(shape) != 4 or shape[0] != 1 or shape[2] != n:
         raise BadChunk("has a token count that disagrees with its tensors")
     return shape
-
-
-def claimed_end(path: Path) -> int:
-    """Best-effort end a (possibly broken) chunk claims, for the 'kept X of Y' note only."""
-    with contextlib.suppress(Exception):
-        buf, _, _ = read_chunk(path, header_only=True)
-        header = buf[8:].decode("utf-8", "replace")
-        meta = json.JSONDecoder().raw_decode(header)[0]["__metadata__"]
-        return int(meta["start"]) + int(meta["n_tokens"])
-    return 0
 
 
 _POOL: list[ThreadPoolExecutor] = []
