@@ -1,6 +1,6 @@
 """The chunk pool's layout and bookkeeping: chunk file names (`Ref`), where the pool of a model
 and the list of a session lie, which sessions use which chunks (so `kvrepl rm` frees what no
-other session shares), the byte budget (least recently used tips of branches go first), the
+other session shares, and the budget, kvbudget.py, knows whose newest snapshot a chunk is), the
 figures /stats shows, and the one-time import of a store written before the pool (a folder of
 chunks per session). kvstore.py writes, reads and checks the chunks themselves.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from kvrepl.errors import SnapshotError
 from kvrepl.stfile import BadChunk, parse_chunk, read_chunk
 
-DEFAULT_BUDGET = 4 << 30  # bytes of K/V kept on disk, all sessions together
+DEFAULT_BUDGET = 4 << 30  # bytes of K/V kept on disk, all sessions together (kvbudget.py)
 EMPTY = hashlib.sha256().hexdigest()[:16]  # the hash of no ids: every first chunk's parent
 _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FP_RE = re.compile(r"[0-9a-f]{8,64}")
@@ -302,7 +302,7 @@ class Pool:
             gone += len(orphans)
             refs = [r for r in refs if r not in orphans]
 
-    # -- the budget -------------------------------------------------------------------------
+    # -- what the budget (kvbudget.py) weighs -------------------------------------------------
     def files(self) -> list[tuple[str, Ref, os.stat_result]]:
         """Every chunk in the pool: (model fingerprint, name, stat)."""
         out: list[tuple[str, Ref, os.stat_result]] = []
@@ -323,25 +323,19 @@ class Pool:
     def pool_bytes(self) -> int:
         return sum(st.st_size for _, _, st in self.files())
 
-    def keep_budget(self, keep: set[tuple[str, str]]) -> int:
-        """Remove the least recently used tips of branches (never one in `keep`) until the pool
-        fits the budget. Returns how many went."""
-        files = self.files()
-        total = sum(st.st_size for _, _, st in files)
-        evicted = 0
-        while total > self.budget:
-            parents = {(pool, r.parent) for pool, r, _ in files}
-            leaves = [(st.st_mtime_ns, pool, r, st) for pool, r, st in files
-                      if (pool, r.tip) not in parents and (pool, r.name) not in keep]  # fmt: skip
-            if not leaves:
-                break
-            _, pool, r, st = min(leaves, key=lambda x: x[0])
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.root / "chunks" / pool / r.name)
-            files = [f for f in files if not (f[0] == pool and f[1].name == r.name)]
-            total -= st.st_size
-            evicted += 1
-        return evicted
+    def newest_chains(self) -> dict[tuple[str, str], set[str]]:
+        """(model fingerprint, chunk name) -> the sessions whose last saved chain holds it."""
+        out: dict[tuple[str, str], set[str]] = {}
+        folder = self.root / "sessions"
+        if self.problem(folder) or not folder.is_dir():
+            return out
+        for name in sorted(os.listdir(folder)):
+            sid = name.removesuffix(".json")
+            if name.endswith(".json") and _SESSION_RE.fullmatch(sid):
+                pool, chain, _ = self.last_chain(sid)
+                for r in chain:
+                    out.setdefault((pool, r.name), set()).add(sid)
+        return out
 
     # -- a store from before the pool ---------------------------------------------------------
     def import_legacy(self) -> None:

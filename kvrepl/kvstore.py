@@ -13,7 +13,8 @@ twice. A turn appends one chunk, so a save costs the new tokens, not the history
 it hands over (framing, fingerprint, dtype and shape, CRC32s, the ids hash chain and the ids
 themselves), cuts at the first chunk that fails with one note on why, and hands the tensors over
 as views of the bytes read. Writes are atomic; a split writes both halves before the whole goes.
-A byte budget bounds the pool (kvbook.py evicts least recently used tips of branches).
+A byte budget, the store's, bounds the pool (kvbudget.py: least recently used tips of branches
+go, other sessions' newest snapshots last, and the save's report says what went).
 
 Never: decides when to save (the conversation does); deletes anything while loading; uses
 ``torch.load`` or pickle; follows a symbolic link in the store. The messages in SQLite are the
@@ -42,6 +43,7 @@ from kvrepl.kvbook import (
     remove_dead_temps,
     write_atomic,
 )
+from kvrepl.kvbudget import Eviction, evict
 from kvrepl.stfile import (
     BadChunk,
     Chunk,
@@ -64,7 +66,7 @@ class SaveReport:
     bytes_written: int
     seconds: float
     chunks: int  # chunks in the conversation's chain after the save
-    evicted: int = 0  # chunks removed to stay within the budget
+    evicted: Eviction = Eviction()  # what went to stay within the budget
 
 
 @dataclass
@@ -247,7 +249,7 @@ class KVStore(Pool):
             self.prune(d)
             remove_dead_temps(d)
             remove_dead_temps(self.manifest(session_id).parent)
-            evicted = self.keep_budget({(d.name, r.name) for r in chain})
+            evicted = evict(self, {(d.name, r.name) for r in chain}, session_id)
         except OSError as e:
             raise SnapshotError(f"snapshot not saved: {e.strerror or e}; messages are safe") from e
         return SaveReport(written, nbytes, time.perf_counter() - t0, len(chain), evicted)

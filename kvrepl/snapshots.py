@@ -74,12 +74,14 @@ class Snapshots:
         return "snapshot: none on disk for this session; recomputing from the messages"
 
     def save(self, session_id: str, engine: Any, fingerprint: str) -> list[str]:
-        """Write what the turn added to the pool; a warning line when it could not."""
+        """Write what the turn added to the pool; a warning line when it could not, and a line
+        when the pool's budget made it drop cached tokens (another session's too)."""
         if not engine.can_cut or not engine.cached_tokens:
             return []
         ids, layers = engine.export()
         try:
-            self.kv.save(session_id, ids, layers, fingerprint)
+            report = self.kv.save(session_id, ids, layers, fingerprint)
         except (SnapshotError, OSError, ValueError) as exc:
             return [f"warning: {exc}"]
-        return []
+        line = report.evicted.line(self.kv.budget)
+        return [line] if line else []

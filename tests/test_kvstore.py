@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from kvrepl import kvbook
 from kvrepl.errors import SnapshotError
 from kvrepl.kvbook import Pool, Ref
+from kvrepl.kvbudget import Eviction
 from kvrepl.kvstore import KVStore
 from kvrepl.stfile import BadChunk, chunk_bytes, ids_bytes, parse_chunk, read_chunk
 
@@ -163,7 +164,7 @@ def test_round_trip_is_bit_exact_and_keeps_dtype(tmp_path, dtype):
     store = KVStore(tmp_path)
     ids, layers = make(37, dtype)
     report = store.save(SID, ids, layers, FP)
-    assert (report.written_tokens, report.chunks, report.evicted) == (37, 1, 0)
+    assert (report.written_tokens, report.chunks, report.evicted.chunks) == (37, 1, 0)
     assert report.bytes_written == store.size_bytes(SID) > 37 * L * 2 * H * D * dtype.itemsize
     for result in (KVStore(tmp_path).load_session(SID, FP), KVStore(tmp_path).load(FP, ids)):
         assert result.notes == [] and result.start == 0
@@ -403,7 +404,7 @@ def test_the_budget_evicts_the_least_recently_used_branch_tips_first(tmp_path):
     age(store, {"root": store.find(FP, root)[-1], **tips})  # the root is the oldest: not a tip
     store.budget = store.pool_bytes()
     d = root + rand_ids(40, 20)  # fewer bytes than one tip
-    assert save(store, d).evicted == 1
+    assert save(store, d).evicted.chunks == 1
     assert {r.name for r in pool(store)} == {
         store.find(FP, root)[-1].name,
         tips["b"].name,
@@ -415,7 +416,7 @@ def test_the_budget_evicts_the_least_recently_used_branch_tips_first(tmp_path):
     # Going back to b makes it the most recently used: c goes next.
     assert KVStore(tmp_path).load(FP, tails["b"]).ids == tails["b"]
     store.budget = store.pool_bytes()
-    assert save(store, root + rand_ids(40, 21)).evicted == 1
+    assert save(store, root + rand_ids(40, 21)).evicted.chunks == 1
     assert store.find(FP, tails["c"])[-1].end == 100
     assert store.find(FP, tails["b"])[-1].end == 150
 
@@ -425,10 +426,10 @@ def test_the_budget_never_evicts_the_chain_just_saved(tmp_path):
     ids = rand_ids(100, 12)
     save(store, ids[:60])
     report = save(store, ids)
-    assert report.evicted == 0 and store.pool_bytes() > store.budget
+    assert report.evicted.chunks == 0 and store.pool_bytes() > store.budget
     other = rand_ids(80, 13)
     report = save(store, other)  # the other branch's chunks go, this one's never
-    assert report.evicted == 2 and {r.name for r in pool(store)} == {
+    assert report.evicted.chunks == 2 and {r.name for r in pool(store)} == {
         r.name for r in store.find(FP, other)}  # fmt: skip
     assert_same(KVStore(tmp_path).load_session(SID, FP), other, kv_of(other))
 
@@ -439,8 +440,42 @@ def test_the_budget_spans_every_model_and_evicts_across_them(tmp_path):
     store.save("a", ids, kv_of(ids), OTHER)
     os.utime(store.pool_dir(OTHER) / pool(store, OTHER)[0].name, ns=(10**9, 10**9))
     store.budget = store.pool_bytes()
-    assert save(store, ids).evicted == 1
+    report = save(store, ids)
+    assert (report.evicted.chunks, report.evicted.cut) == (1, ("a",))  # a's newest: named
     assert pool(store, OTHER) == [] and len(pool(store)) == 1
+
+
+def test_another_sessions_newest_snapshot_goes_last_and_is_named(tmp_path):
+    """Session a's older branch goes before its newest snapshot, even when that is the least
+    recently used; once a's newest must go too, the report names a, and a says on resume what
+    it kept."""
+    store = KVStore(tmp_path)
+    root = rand_ids(100, 30)
+    old, new = root + rand_ids(60, 31), root + rand_ids(50, 32)
+    save(store, old, "a")
+    save(store, new, "a")  # a's newest: root + new's tail; old's tail is an older branch
+    age(store, {"newest": store.find(FP, new)[-1], "older": store.find(FP, old)[-1]})
+    b = rand_ids(40, 33)
+    store.budget = store.pool_bytes()  # b's chunk must make room: one tip goes
+    report = save(store, b, "b")
+    assert report.evicted == Eviction(1, 60, report.evicted.bytes, ())  # the older branch
+    assert store.find(FP, new)[-1].end == 150 and store.find(FP, old)[-1].end == 100
+    assert report.evicted.line(store.budget) == (
+        "snapshot: the K/V pool is over its budget (kv_budget_mb 0): dropped 60 cached tokens of "
+        "older branches"
+    )
+    store.budget = store.pool_bytes() - 1  # now a's newest snapshot loses its tip
+    report = save(store, b + rand_ids(10, 34), "b")
+    assert (report.evicted.chunks, report.evicted.tokens, report.evicted.cut) == (1, 50, ("a",))
+    assert report.evicted.line(40 << 20) == (
+        "snapshot: the K/V pool is over its budget (kv_budget_mb 40): dropped 50 cached tokens of "
+        "older branches and of the newest snapshot of session a"
+    )
+    resumed = KVStore(tmp_path).load_session("a", FP)
+    assert resumed.ids == root and resumed.notes == [
+        "snapshot: kept 100 tokens: the chunk at 100 is missing"
+    ]
+    assert save(store, b + rand_ids(10, 34), "b").evicted == Eviction()  # nothing new: no line
 
 
 # -- sessions: delete, figures -----------------------------------------------------------------
