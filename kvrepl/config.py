@@ -100,9 +100,11 @@ class Settings:
         False, "when over the context, leave out the oldest turns (and say so)", session=True
     )
     plain: bool = setting(False, "no colours, no Markdown")
+    # The store's, not a session's: a `/set` in one session must not drop every other's K/V.
     kv_budget_mb: int = setting(
-        4096, "MB of K/V kept on disk for all sessions; the least recently used goes first",
-        session=True, bounds=(0, 100_000_000), metavar="MB",
+        4096, "MB of K/V the store keeps on disk, all sessions together (not per session); "
+        "older branches go first, other sessions' newest snapshots last",
+        session=False, bounds=(0, 100_000_000), metavar="MB",
     )  # fmt: skip
 
     def with_overrides(self, overrides: dict[str, Any]) -> Settings:
