@@ -26,7 +26,7 @@ from kvrepl.stfile import BadChunk, parse_chunk, read_chunk
 
 DEFAULT_BUDGET = 4 << 30  # bytes of K/V kept on disk, all sessions together (kvbudget.py)
 EMPTY = hashlib.sha256().hexdigest()[:16]  # the hash of no ids: every first chunk's parent
-_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FP_RE = re.compile(r"[0-9a-f]{8,64}")
 _NAME_RE = re.compile(r"(\d{9})-(\d{7})-([0-9a-f]{16})-([0-9a-f]{16})\.safetensors")
 _LEGACY_RE = re.compile(r"chunk-(\d{9})\.safetensors")
@@ -123,7 +123,7 @@ class Pool:
         return self.root / "chunks" / fingerprint
 
     def manifest(self, session_id: str) -> Path:
-        if not isinstance(session_id, str) or not _SESSION_RE.fullmatch(session_id):
+        if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
             raise SnapshotError(f"snapshot: refused session id {str(session_id)[:80]!r}")
         return self.root / "sessions" / f"{session_id}.json"
 
@@ -157,13 +157,28 @@ class Pool:
         have = self.read_manifest(path)
         names = have | {f"{pool}/{r.name}" for r in chain}
         last = {"pool": pool, "chain": [[r.start, r.end, r.tip] for r in chain]}
-        if names != have or last != self._read(path).get("last"):
+        before = self._read(path)
+        if names != have or last != before.get("last") or "cut" in before:
             folder = path.parent
             if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
                 os.unlink(folder)  # never followed: the link goes, a real folder replaces it
             folder.mkdir(parents=True, exist_ok=True)
             data = {"chunks": sorted(names), "last": last}
             write_atomic(path.parent, path.name, json.dumps(data).encode())
+
+    def mark_cut(self, session_id: str, start: int) -> None:
+        """Note in a session's list that the budget took its last chain from `start` on (its
+        resume says why); its next save (`record`) clears the note."""
+        path = self.manifest(session_id)
+        data = self._read(path)
+        if data:
+            data["cut"] = min(start, self.budget_cut(session_id) or start)
+            write_atomic(path.parent, path.name, json.dumps(data).encode())
+
+    def budget_cut(self, session_id: str) -> int | None:
+        """Where the budget cut the session's last chain, if it did since the session saved."""
+        cut = self._read(self.manifest(session_id)).get("cut")
+        return cut if isinstance(cut, int) else None
 
     @staticmethod
     def _read(path: Path) -> dict:
@@ -323,20 +338,6 @@ class Pool:
     def pool_bytes(self) -> int:
         return sum(st.st_size for _, _, st in self.files())
 
-    def newest_chains(self) -> dict[tuple[str, str], set[str]]:
-        """(model fingerprint, chunk name) -> the sessions whose last saved chain holds it."""
-        out: dict[tuple[str, str], set[str]] = {}
-        folder = self.root / "sessions"
-        if self.problem(folder) or not folder.is_dir():
-            return out
-        for name in sorted(os.listdir(folder)):
-            sid = name.removesuffix(".json")
-            if name.endswith(".json") and _SESSION_RE.fullmatch(sid):
-                pool, chain, _ = self.last_chain(sid)
-                for r in chain:
-                    out.setdefault((pool, r.name), set()).add(sid)
-        return out
-
     # -- a store from before the pool ---------------------------------------------------------
     def import_legacy(self) -> None:
         """Move each `<root>/<session_id>/chunk-<start>.safetensors` chain into the pool, once:
@@ -348,7 +349,7 @@ class Pool:
         with contextlib.suppress(OSError):
             for sid in sorted(os.listdir(self.root)) if self.root.is_dir() else []:
                 d = self.root / sid
-                if sid in ("chunks", "sessions") or not _SESSION_RE.fullmatch(sid):
+                if sid in ("chunks", "sessions") or not SESSION_ID.fullmatch(sid):
                     continue
                 if os.path.islink(d) or not d.is_dir():
                     continue

@@ -5,7 +5,8 @@ KVREPL_KV_BUDGET_MB or --kv-budget-mb; never a session's `/set`). After a save, 
 go, least recently used first: first those that are no session's newest snapshot, and only then
 the tips of other sessions' newest snapshots. The chain the save just wrote never goes. The
 report (`Eviction`) says what went and whose newest snapshot was cut, so that the saving
-session says so in one line; a session cut so says on resume what it kept. kvbook.py lays out
+session says so in one line; a session cut so is marked (its list of chunks says where), and
+says why on resume. kvbook.py lays out
 the pool and keeps its books; this decides what leaves it.
 """
 
@@ -14,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kvrepl.kvbook import Pool
+from kvrepl.kvbook import SESSION_ID, Pool
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def evict(pool: Pool, keep: set[tuple[str, str]], saver: str) -> Eviction:
     total = sum(st.st_size for _, _, st in files)
     if total <= pool.budget:
         return Eviction()
-    newest = pool.newest_chains()
+    newest = newest_chains(pool)
     chunks = tokens = nbytes = 0
     cut: set[str] = set()
     while total > pool.budget:
@@ -64,5 +63,22 @@ def evict(pool: Pool, keep: set[tuple[str, str]], saver: str) -> Eviction:
         files = [f for f in files if not (f[0] == fp and f[1].name == r.name)]
         total -= st.st_size
         chunks, tokens, nbytes = chunks + 1, tokens + r.end - r.start, nbytes + st.st_size
-        cut |= newest.get((fp, r.name), set()) - {saver}
+        for sid in newest.get((fp, r.name), set()) - {saver}:
+            cut.add(sid)
+            pool.mark_cut(sid, r.start)
     return Eviction(chunks, tokens, nbytes, tuple(sorted(cut)))
+
+
+def newest_chains(pool: Pool) -> dict[tuple[str, str], set[str]]:
+    """(model fingerprint, chunk name) -> the sessions whose last saved chain holds it."""
+    out: dict[tuple[str, str], set[str]] = {}
+    folder = pool.root / "sessions"
+    if pool.problem(folder) or not folder.is_dir():
+        return out
+    for name in sorted(os.listdir(folder)):
+        sid = name.removesuffix(".json")
+        if name.endswith(".json") and SESSION_ID.fullmatch(sid):
+            fp, chain, _ = pool.last_chain(sid)
+            for r in chain:
+                out.setdefault((fp, r.name), set()).add(sid)
+    return out

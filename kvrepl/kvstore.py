@@ -172,6 +172,10 @@ class KVStore(Pool):
         d = self.pool_dir(fingerprint)
         if pool == d.name and (problem := self.problem(d)):  # said before any file is read
             return LoadResult([], notes=[f"snapshot: dropped: {problem}"])
+        cut = self.budget_cut(session_id) if missing is not None else None
+        room = "another session's save needed the room (the store's K/V budget)"
+        if pool == d.name and missing == 0 and cut is not None:
+            return LoadResult([], notes=[f"snapshot: dropped: {room}"])
         if pool != d.name or (missing == 0 and not self.session_chunks(session_id, fingerprint)):
             return LoadResult([])  # another model's, or every file gone: no snapshot
         ids: list[int] = []
@@ -181,6 +185,8 @@ class KVStore(Pool):
         if missing is not None and not result.notes:
             if not result.chunks:
                 result.notes.append("snapshot: dropped: its first chunk is missing")
+            elif cut is not None:
+                result.notes.append(f"snapshot: kept {missing:,} tokens: for the rest, {room}")
             else:
                 result.notes.append(
                     f"snapshot: kept {missing:,} tokens: the chunk at {missing:,} is missing"

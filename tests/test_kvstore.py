@@ -473,9 +473,13 @@ def test_another_sessions_newest_snapshot_goes_last_and_is_named(tmp_path):
     )
     resumed = KVStore(tmp_path).load_session("a", FP)
     assert resumed.ids == root and resumed.notes == [
-        "snapshot: kept 100 tokens: the chunk at 100 is missing"
+        "snapshot: kept 100 tokens: for the rest, another session's save needed the room (the "
+        "store's K/V budget)"
     ]
     assert save(store, b + rand_ids(10, 34), "b").evicted == Eviction()  # nothing new: no line
+    store.budget = 1 << 30
+    save(store, new, "a")  # a saves again: its list no longer says it was cut
+    assert store.budget_cut("a") is None and KVStore(tmp_path).load_session("a", FP).notes == []
 
 
 # -- sessions: delete, figures -----------------------------------------------------------------
