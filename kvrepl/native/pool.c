@@ -10,6 +10,7 @@
  * on a futex, so an idle kvrepl leaves the cores to others. How many threads a job uses: torch's
  * (omp_get_max_threads, which torch.set_num_threads sets), fewer while other processes keep cores
  * busy (measured from /proc/stat every LOAD_NS): a thread whose core is taken only waits there.
+ * And torch's own OpenMP threads are kept from spinning where the kernel threads run (park).
  */
 #define _GNU_SOURCE
 #include <limits.h>
@@ -97,8 +98,8 @@ static i64 run_items(uint32_t job, kv_task fn, const void *ctx, i64 n) {
     return ran;
 }
 
-/* A new job's seq (even, not `seen`): spin a while, then sleep until the caller wakes us. */
-static uint32_t next_job(uint32_t seen) {
+/* A new job's seq (even, not `seen`): spin up to spin_ns, then sleep until the caller wakes us. */
+static uint32_t next_job(uint32_t seen, i64 spin_ns) {
     i64 until = 0;
     for (int i = 0;; i++) {
         uint32_t s = atomic_load_explicit(&P.seq, memory_order_acquire);
@@ -106,7 +107,7 @@ static uint32_t next_job(uint32_t seen) {
         cpu_pause();
         if (i % 64 != 63) continue;
         i64 t = now_ns(CLOCK_MONOTONIC);
-        if (!until) until = t + SPIN_NS;
+        if (!until) until = t + spin_ns;
         if (t < until) continue;
         atomic_fetch_add(&P.sleepers, 1); /* then seq: the caller stores seq, then reads this */
         s = atomic_load(&P.seq);
@@ -117,18 +118,19 @@ static uint32_t next_job(uint32_t seen) {
 }
 
 static void *worker(void *arg) {
-    int id = (int)(intptr_t)arg;
+    int id = (int)(intptr_t)arg, wanted = 1;
     uint32_t seen = 0;
     for (;;) {
-        uint32_t s = seen = next_job(seen);
+        uint32_t s = seen = next_job(seen, wanted ? SPIN_NS : 0); /* not wanted: sleep at once */
         kv_task fn = atomic_load_explicit(&P.fn, memory_order_relaxed);
         const void *ctx = atomic_load_explicit(&P.ctx, memory_order_relaxed);
         i64 n = atomic_load_explicit(&P.n, memory_order_relaxed);
         int want = atomic_load_explicit(&P.want, memory_order_relaxed);
         atomic_thread_fence(memory_order_acquire);
-        if (atomic_load_explicit(&P.seq, memory_order_relaxed) != s || id > want)
-            continue; /* a newer job is being set up (its claim will say so), or not ours */
-        atomic_fetch_add(&P.worker_items, run_items(s >> 1, fn, ctx, n));
+        if (atomic_load_explicit(&P.seq, memory_order_relaxed) != s)
+            continue; /* a newer job is being set up: its claim will say so */
+        wanted = id <= want;
+        if (wanted) atomic_fetch_add(&P.worker_items, run_items(s >> 1, fn, ctx, n));
     }
     return NULL;
 }
@@ -171,6 +173,9 @@ static void start_workers(int k) {
     if (!hooked) hooked = !pthread_atfork(NULL, NULL, after_fork);
     quiet_openmp();
     if (k > MAX_WORKERS) k = MAX_WORKERS;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals go to the program's own threads */
     for (; P.workers < k; P.workers++) {
         pthread_t t;
         pthread_attr_t attr;
@@ -180,6 +185,7 @@ static void start_workers(int k) {
         pthread_attr_destroy(&attr);
         if (failed) break;
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 /* ---------------------------------------------------------------- the other processes' load */
