@@ -124,21 +124,42 @@ def test_interleaving_rows_changes_no_bit_of_a_result(kernels):
     assert torch.equal(p.interleaved(4).canonical().q, p.q)
 
 
+def every_kind(n: int, k: int, rng: np.random.Generator) -> dict[str, Packed]:
+    """Random weights of each kind the kernels have a loop for: u4, i8 per 32 and i8 per 16,
+    each with and without mins (the block types map onto these)."""
+    out = {}
+    for fmt, block in (("u4", 32), ("i8", 32), ("i8", 16)):
+        if fmt == "u4":
+            q = torch.from_numpy(rng.integers(0, 256, (n, k // 2), dtype=np.uint8))
+        else:
+            q = torch.from_numpy(rng.integers(-128, 128, (n, k), dtype=np.int8))
+        sc = torch.from_numpy(rng.uniform(-0.05, 0.05, (n, k // block, 2)).astype(np.float32))
+        out[f"{fmt}/{block}+min"] = Packed(fmt, q, sc, n, k, block)
+        out[f"{fmt}/{block}"] = Packed(fmt, q, sc * torch.tensor([1.0, 0.0]), n, k, block)
+    return out
+
+
 def test_every_instruction_set_gives_the_same_bits(kernels, avx2_kernels, scalar_kernels):
     """The default build (AVX-512 where the CPU has it), AVX2 and the scalar fallback, on every
-    format, on decode rows (one) and prefill tiles (4 rows and the tails), interleaved or not."""
+    kind of weight and every format, on decode rows (one) and prefill tiles (4 rows and the
+    tails), interleaved or not."""
     if kernels.isa == "scalar":
         pytest.skip("this machine has no vector kernels to compare with")
     assert (avx2_kernels.isa, scalar_kernels.isa) == ("avx2", "scalar")
     rng = np.random.default_rng(3)
+    weights = []
     for qtype in ALL_TYPES:
         odd = pack(raw_blocks(qtype, 21, 256, rng), qtype, 21, 256)  # the 1-output tails too
-        for w in (odd, pack(raw_blocks(qtype, 20, 256, rng), qtype, 20, 256).interleaved(4)):
+        weights += [(qtype, odd), (qtype, pack(raw_blocks(qtype, 20, 256, rng), qtype, 20, 256))]
+    for n in (21, 20):
+        weights += list(every_kind(n, 256, rng).items())
+    for name, p in weights:
+        for w in (p, p.interleaved(4)):
             for rows in (1, 2, 7):
                 x = torch.randn(rows, 256)
                 want = matmul(scalar_kernels, x, w)
-                assert torch.equal(matmul(kernels, x, w), want), (qtype, w.group, rows)
-                assert torch.equal(matmul(avx2_kernels, x, w), want), (qtype, w.group, rows)
+                assert torch.equal(matmul(kernels, x, w), want), (name, w.n, w.group, rows)
+                assert torch.equal(matmul(avx2_kernels, x, w), want), (name, w.n, w.group, rows)
     tok = make_tokenizer()
     model = make_family("llama", len(tok))
     ids = torch.randint(0, len(tok), (150,)).tolist()

@@ -514,7 +514,7 @@ static inline v8 half_hi(__m512 a) {
         __m512 mins = _mm512_setzero_ps();                                                       \
         const __m512i pick0 = _mm512_set_epi32(2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 0, 0, 0, 0, 0, 0, 0, 0); \
         const __m512i next = _mm512_set1_epi32(4 * SUB), two = _mm512_set1_epi32(2);              \
-        const __m512i up2 = _mm512_set_epi32(15, 15, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); \
+        const __m512i up2 = _mm512_set_epi32(15, 15, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2); \
         for (i64 b = 0; b < w->k / 32; b++, q += 4 * BYTES, sc += 8 * SUB) {                     \
             __m512i x0 = x_both(xq + b * 32), x1 = x_both(xq + b * 32 + 16);                     \
             __m512 sv = SUB == 1 ? _mm512_castps256_ps512(_mm256_loadu_ps(sc)) : _mm512_loadu_ps(sc); \
