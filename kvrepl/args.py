@@ -20,7 +20,8 @@ from typing import Any
 from kvrepl import __version__
 from kvrepl.config import OPTIONS, Option, flag_name, option_value
 
-SUBCOMMANDS = ("path", "sessions", "export", "rm")
+API_KEY_ENV = "KVREPL_API_KEY"  # `kvrepl serve`'s key, when no --api-key
+SUBCOMMANDS = ("path", "sessions", "export", "rm", "serve")
 EPILOG = """\
 subcommands (when the first word names one; `kvrepl -- WORD ...` sends the words as a prompt):
   path [--config|--log]            print where sessions are stored (or the config file, or
@@ -28,11 +29,29 @@ subcommands (when the first word names one; `kvrepl -- WORD ...` sends the words
   sessions                         list sessions (--json: as a JSON array)
   export NAME [--format md|json]   write a session out
   rm NAME                          delete a session and its snapshots
+  serve [--host H] [--port P] [--api-key KEY]
+                                   an OpenAI-compatible HTTP server over the model and the
+                                   same K/V pool (127.0.0.1:8080 by default)
 
 A prompt is answered and kvrepl exits; text piped in comes first in the same message
 (`cat notes.txt | kvrepl "summarise this"`). Without a prompt, piped lines are messages or
 /commands, one a line. When output is not a terminal, stdout holds only the answers (and what
 /commands print); notices, stats and errors go to stderr; exit status 1 when a line failed."""
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    """The server's own flags (the model's and the sampling's are the settings')."""
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine)")  # fmt: skip
+    g.add_argument("--port", type=int, default=8080,
+                   help="the port (default 8080; 0: any free one, printed)")  # fmt: skip
+    g.add_argument("--api-key", metavar="KEY", default=None, help="answer only requests that send "
+                   f"'Authorization: Bearer KEY' (or set {API_KEY_ENV})")  # fmt: skip
+    g.add_argument("--queue", type=int, default=8, metavar="N", help="requests that may wait "
+                   "while one is answered; more get 503 (default 8)")  # fmt: skip
+    g.add_argument("--max-body-kb", type=int, default=8192, metavar="KB", help="the largest "
+                   "request body, in KiB; larger ones get 413 (default 8192)")  # fmt: skip
 
 
 def add_chat_flags(p: argparse.ArgumentParser) -> None:
@@ -58,7 +77,7 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
             continue
         if opt.type is bool:
             group.add_argument(opt.flag, dest=opt.name, action="store_const",
-                               const=not opt.default, help=opt.help)  # fmt: skip
+                               const=not opt.default, help=opt.flag_help or opt.help)  # fmt: skip
             continue
         shown = opt.type in (int, float) and opt.default is not None
         text = f"{opt.help} (default {opt.default})" if shown else opt.help
@@ -107,7 +126,8 @@ def subcommand_parser() -> argparse.ArgumentParser:
     # --store is also taken after a subcommand (`kvrepl path --store DIR`).
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help="the store")
-    sub = p.add_subparsers(dest="command", metavar="{path,sessions,export,rm}", required=True)
+    sub = p.add_subparsers(dest="command", metavar="{path,sessions,export,rm,serve}",
+                           required=True)  # fmt: skip
     path = sub.add_parser("path", parents=[store], help="print where sessions are stored")
     which = path.add_mutually_exclusive_group()
     which.add_argument("--config", action="store_true", help="print the config file's path")
@@ -121,6 +141,10 @@ def subcommand_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("md", "json"), default="md")
     r = sub.add_parser("rm", parents=[store], help="delete a session and its snapshots")
     r.add_argument("name")
+    serve = sub.add_parser("serve", parents=[store], argument_default=argparse.SUPPRESS,
+                           help="an OpenAI-compatible HTTP server over the model")  # fmt: skip
+    add_setting_flags(serve)  # SUPPRESS keeps the settings given before `serve`
+    add_server_flags(serve)
     return p
 
 

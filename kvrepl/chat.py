@@ -327,9 +327,6 @@ class Conversation:
             figures["cached_tokens"] = rt.engine.cached_tokens
             figures["context_length"] = rt.engine.context_length
         if self.session is not None:
-            fp = rt.loaded.fingerprint if rt is not None else None
-            figures["snapshot_tokens"] = self.kv.n_tokens_on_disk(self.session.id, fp)
-            figures["snapshot_bytes"] = self.kv.size_bytes(self.session.id, fp)
             figures["kv_pool_bytes"] = self.kv.pool_bytes()
             figures["kv_budget_bytes"] = self.kv.budget
             figures.update(self.store.session_totals(self.session.id))

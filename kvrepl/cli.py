@@ -63,6 +63,10 @@ def _main(argv: Sequence[str]) -> int:
         if args.command == "path":
             print(_path(args, home))
             return 0
+        if args.command == "serve":
+            from kvrepl import server
+
+            return server.run(args, settings, home)
         return _run(args, settings, home)
     except UsageError as exc:
         print(f"kvrepl: {exc}", file=sys.stderr)

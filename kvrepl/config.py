@@ -36,11 +36,13 @@ def setting(
     bounds: tuple[float, float] | None = None,
     choices: tuple[str, ...] | None = None,
     metavar: str | None = None,
+    flag_help: str | None = None,
 ) -> Any:
     """A `Settings` field with what every surface needs. `flag`: True for `--the-name`, another
     spelling, or False for none; a true/false setting's flag turns it on (off where it is on by
     default). `session`: `/set` may change it for one session."""
     spec = {"help": help, "flag": flag, "session": session, "bounds": bounds,
+            "flag_help": flag_help,
             "choices": choices, "metavar": metavar}  # fmt: skip
     return field(default=default, metadata={"setting": spec})
 
@@ -83,14 +85,19 @@ class Settings:
     seed: int | None = setting(None, "a fixed sampling seed; none: a new one", session=True)
     system: str = setting("", "system prompt", session=True)
     reuse: bool = setting(
-        True, "reuse the cached prefix; off (--no-reuse): recompute the whole prompt every turn",
-        flag="--no-reuse",
+        True, "reuse the cached prefix", flag="--no-reuse",
+        flag_help="recompute the whole conversation every turn, reusing nothing: the baseline "
+        "that reuse must equal token for token",
     )  # fmt: skip
     draft: bool = setting(
         True, "verify tokens guessed from the conversation several in a step (the same answer, "
-        "sooner); off (--no-draft): one token a step", flag="--no-draft", session=True,
+        "sooner)", flag="--no-draft", session=True,
+        flag_help="decode one token a step, verifying no drafted tokens (the same answer)",
     )  # fmt: skip
-    show_think: bool = setting(False, "show the model's thinking", flag="--think")
+    show_think: bool = setting(
+        False, "show the model's thinking; also switches its thinking mode on where the "
+        "template has one, as /think on does", flag="--think",
+    )  # fmt: skip
     # No flag: /think turns it on and off in the REPL; the config file and KVREPL_THINKING too.
     thinking: bool | None = setting(
         None, "enable_thinking, for templates that take it; none: the template's default",
@@ -130,6 +137,7 @@ class Option:
     bounds: tuple[float, float] | None
     choices: tuple[str, ...] | None
     metavar: str | None
+    flag_help: str | None  # a true/false setting's flag, where it says the opposite of `help`
 
     @property
     def env(self) -> str:
@@ -228,7 +236,8 @@ def parse_setting(key: str, raw: str) -> Any:
 def setting_help(key: str) -> str:
     """One line on a setting: its help, default and bounds or choices."""
     opt = OPTIONS[key]
-    notes = [f"default {opt.default!r}"]
+    default = ("on" if opt.default else "off") if opt.type is bool else repr(opt.default)
+    notes = [f"default {default}"]
     if opt.bounds is not None:
         notes.append(f"{opt.bounds[0]} to {opt.bounds[1]}")
     if opt.choices is not None:

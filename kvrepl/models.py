@@ -247,8 +247,8 @@ def check_device(device: str | None) -> None:
 
     from kvrepl.errors import UsageError
 
-    if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N (a GPU's number)")
+    if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"device {device!r}: use auto, cpu, cuda or cuda:N (a GPU's number)")
 
 
 def check_gguf(source: ModelSource) -> None:

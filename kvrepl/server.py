@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kvrepl.args import add_setting_flags, flag_settings
-from kvrepl.config import OPTIONS, Settings, load_settings, option_value, store_path
-from kvrepl.errors import KvreplError, UsageError
+from kvrepl.args import API_KEY_ENV
+from kvrepl.config import OPTIONS, Settings, option_value, store_path
+from kvrepl.errors import UsageError
 from kvrepl.handle import ModelHandle
 from kvrepl.serving import Answered, Ask, Busy, Failed, Item, Job, Piece, Refused, Started, Worker
 from kvrepl.store import clean_text
 
-API_KEY_ENV = "KVREPL_API_KEY"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
@@ -57,21 +56,6 @@ SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
             "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}  # fmt: skip
 MAX_STOPS = 16
 TOO_LARGE = "the request body is larger than this server takes (--max-body-kb)"
-
-
-def add_server_flags(p: argparse.ArgumentParser) -> None:
-    """The server's own flags (the model's and the sampling's are the settings')."""
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="the address to listen on (default 127.0.0.1: this machine)")  # fmt: skip
-    g.add_argument("--port", type=int, default=8080,
-                   help="the port (default 8080; 0: any free one, printed)")  # fmt: skip
-    g.add_argument("--api-key", metavar="KEY", default=None, help="answer only requests that send "
-                   f"'Authorization: Bearer KEY' (or set {API_KEY_ENV})")  # fmt: skip
-    g.add_argument("--queue", type=int, default=8, metavar="N", help="requests that may wait "
-                   "while one is answered; more get 503 (default 8)")  # fmt: skip
-    g.add_argument("--max-body-kb", type=int, default=8192, metavar="KB", help="the largest "
-                   "request body, in KiB; larger ones get 413 (default 8192)")  # fmt: skip
 
 
 def run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
@@ -436,33 +420,3 @@ def _stops(raw: Any) -> tuple[str, ...]:
     if len(stops) > MAX_STOPS:
         raise BadRequest(f"stop takes at most {MAX_STOPS} strings")
     return tuple(clean_text(s) for s in stops if s)
-
-
-# -- python -m kvrepl.server --------------------------------------------------------------------
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m kvrepl.server",
-        description="An OpenAI-compatible HTTP server over one model.",
-    )
-    p.add_argument("--store", metavar="DIR", help="where sessions and the K/V pool live")
-    add_setting_flags(p)
-    add_server_flags(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args, load_settings(flag_settings(args)), store_path(args.store))
-    except UsageError as exc:
-        print(f"kvrepl: {exc}", file=sys.stderr)
-        return 2
-    except KvreplError as exc:
-        print(f"kvrepl: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,9 +37,11 @@ def format_stats(
             f"reused {stats.reused_tokens:,}",
             f"prefilled {stats.prefilled_tokens:,}",
             f"generated {stats.generated_tokens:,}",
-            f"ttft {stats.ttft_s:.2f} s",
-            f"{stats.decode_tok_s:.1f} tok/s",
         ]
+        if stats.ttft_s > 0:  # none before the first token (a prefill interrupted)
+            parts.append(f"ttft {stats.ttft_s:.2f} s")
+        if stats.decode_tok_s > 0:  # none for fewer than two tokens
+            parts.append(f"{stats.decode_tok_s:.1f} tok/s")
         if stats.drafted_tokens:
             parts.append(f"drafted {stats.drafted_tokens:,} ({stats.accepted_tokens:,} accepted)")
     if hit_max_tokens:

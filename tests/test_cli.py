@@ -403,7 +403,7 @@ def test_a_bad_device_is_one_line_with_the_choices_before_any_session_or_model(t
         (tmp_path / "config.toml").write_text('device = "banana"\n')
     p = kvrepl(*args, cwd=tmp_path, env=env)
     assert (p.rc, p.out) == (2, "")
-    assert p.err == "kvrepl: --device 'banana': use auto, cpu, cuda or cuda:N (a GPU's number)\n"
+    assert p.err == "kvrepl: device 'banana': use auto, cpu, cuda or cuda:N (a GPU's number)\n"
     assert not store.exists()  # no session created, no model work
 
 
