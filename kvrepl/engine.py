@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kvrepl.backend import KernelBackend
 from kvrepl.cache import PromptCache, hf_layers
 from kvrepl.config import Settings
 from kvrepl.draft import Drafter, DraftPolicy
@@ -33,6 +34,7 @@ class HFRunner:
 
     is_fast = False
     ahead = False
+    batch_invariant = False  # transformers' kernels pick their reduction by the batch's size
     drafts = False  # verifying drafted tokens needs every row's logits: its forward keeps one
 
     def __init__(self, model: Any) -> None:
@@ -109,7 +111,7 @@ class FastRunner:
 
 
 def runner_for(model: Any) -> HFRunner | FastRunner:
-    return FastRunner(model) if getattr(model, "is_fast", False) else HFRunner(model)
+    return FastRunner(model) if isinstance(model, KernelBackend) else HFRunner(model)
 
 
 _DEFAULTS = Settings()

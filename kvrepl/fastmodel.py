@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kvrepl import native
+from kvrepl.backend import KernelBackend
 from kvrepl.cache import GrowingLayer
 from kvrepl.describe import Arch, RopeTable, Unsupported
 from kvrepl.quant import Packed
@@ -63,12 +64,11 @@ def fuse(parts: list[Packed]) -> list[tuple[Packed, int]]:
     return out
 
 
-class FastModel:
+class FastModel(KernelBackend):
     """A decoder over Packed weights. `forward(ids, layers)` appends the ids' K/V to the cache
     layers and returns the last position's logits (float32)."""
 
     is_fast = True
-    feeds_ahead = False  # the host reads each token before the next step (no device queue)
     kv_dtype = torch.float16
     weight_types = "quantized"  # the loader names them (the GGUF file's types, or the conversion)
 
