@@ -240,7 +240,8 @@ class Kernels:
 
     def parked_openmp(self) -> int:
         """Threads of the OpenMP team parked to stop torch's threads spinning (2 once a job has
-        run on several threads, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT was set; else 0)."""
+        run while torch has several threads, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT was set;
+        else 0)."""
         return int(self.lib.kv_parked_openmp())
 
     @property

@@ -140,12 +140,14 @@ static void *worker(void *arg) {
  * then keep a thread spinning on the core a kernel thread needs. libgomp spins 1000 times only
  * (microseconds) while it manages more threads than there are CPUs (its documented rule): one
  * more OpenMP thread, parked for good, makes it so. Not done when the user chose a policy. */
-static _Atomic int parked; /* threads of the parked team (an empty region would be compiled out) */
+static _Atomic int parked; /* the parked team's size, once it has formed */
 
 static void *park(void *arg) {
     (void)arg;
-#pragma omp parallel num_threads(2)
-    atomic_fetch_add(&parked, 1); /* this thread and an OpenMP worker, which then waits in libgomp */
+    int team = 0; /* counted, or the compiler drops the empty region */
+#pragma omp parallel num_threads(2) reduction(+ : team)
+    team += 1; /* this thread and an OpenMP worker, which then waits in libgomp for good */
+    atomic_store(&parked, team);
     for (;;) pause(); /* every signal is blocked here: this never returns */
     return NULL;
 }
@@ -171,7 +173,6 @@ static void after_fork(void) { /* the child has none of the parent's workers */
 static void start_workers(int k) {
     static int hooked;
     if (!hooked) hooked = !pthread_atfork(NULL, NULL, after_fork);
-    quiet_openmp();
     if (k > MAX_WORKERS) k = MAX_WORKERS;
     sigset_t all, old;
     sigfillset(&all);
@@ -241,7 +242,9 @@ static int load_limit(void) {
 
 /* ---------------------------------------------------------------- the interface */
 static int threads_for(i64 n) {
-    int t = P.fixed > 0 ? P.fixed : omp_get_max_threads();
+    int torch_threads = omp_get_max_threads();
+    if (torch_threads > 1) quiet_openmp(); /* torch's regions have workers, which would spin */
+    int t = P.fixed > 0 ? P.fixed : torch_threads;
     if (t > 1 && P.adapt && P.fixed <= 0) {
         int lim = load_limit();
         if (lim > 0 && lim < t) t = lim;
