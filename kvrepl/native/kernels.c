@@ -501,61 +501,88 @@ static inline v8 half_hi(__m512 a) {
                 *o = finish(v_hsum(h) + mins[i][j], bias, n0 + i, accumulate, o);                \
             }                                                                                    \
     }
-/* Decode over 4 rows interleaved in a group (w->group == 4): block b of the 4 rows is one run
- * of bytes and of (scale, min) pairs, so the 4 rows' scale * step is one multiply and their
- * mins one fma (lane 2r+1 is row r's fmaf), each lane as the 8-lane path computes it. */
-#define DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN)                                                  \
-    static void qdec4_##KIND(const Xq *x, const Wv *w, float *out, const float *bias,            \
-                             int accumulate, i64 n0) {                                           \
+/* Up to MT rows of x (decode, or a few drafted tokens) against 4 weight rows interleaved in a
+ * group (w->group == 4): block b of the 4 rows is one run of bytes and of (scale, min) pairs, so
+ * it is unpacked once for every row of x, the 4 rows' scales are one vector (times each row's
+ * step) and their mins one fma per row of x (lane 2r+1 is weight row r's fmaf); every lane as
+ * the 8-lane path computes it. */
+#define DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN, MT)                                              \
+    static void qdec4_##KIND##_##MT(const Xq *x, const Wv *w, float *out, i64 ldo,               \
+                                    const float *bias, int accumulate, i64 m0, i64 n0) {         \
         const uint8_t *q = qblock(w, n0, 0, BYTES);                                              \
-        const float *sc = sblock(w, n0, 0), *step = x->d, *sx32 = x->s32, *sx16 = x->s16;        \
-        const int16_t *xq = x->q;                                                                \
-        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};                              \
-        __m512 mins = _mm512_setzero_ps();                                                       \
+        const float *sc = sblock(w, n0, 0);                                                      \
+        i64 nb = w->k / 32;                                                                      \
+        __m512 acc[2][MT], mins[MT];                                                             \
+        for (int j = 0; j < MT; j++) acc[0][j] = acc[1][j] = mins[j] = _mm512_setzero_ps();      \
         const __m512i pick0 = _mm512_set_epi32(2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 0, 0, 0, 0, 0, 0, 0, 0); \
-        const __m512i next = _mm512_set1_epi32(4 * SUB), two = _mm512_set1_epi32(2);              \
+        const __m512i pick1 = _mm512_add_epi32(pick0, _mm512_set1_epi32(4 * SUB));              \
+        const __m512i two = _mm512_set1_epi32(2);                                                \
         const __m512i up2 = _mm512_set_epi32(15, 15, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2); \
-        for (i64 b = 0; b < w->k / 32; b++, q += 4 * BYTES, sc += 8 * SUB) {                     \
-            __m512i x0 = x_both(xq + b * 32), x1 = x_both(xq + b * 32 + 16);                     \
+        for (i64 b = 0; b < nb; b++, q += 4 * BYTES, sc += 8 * SUB) {                            \
+            __m512i w0[2], w1[2];                                                                \
+            WFN2(q, q + BYTES, &w0[0], &w1[0]);                                                  \
+            WFN2(q + 2 * BYTES, q + 3 * BYTES, &w0[1], &w1[1]);                                  \
             __m512 sv = SUB == 1 ? _mm512_castps256_ps512(_mm256_loadu_ps(sc)) : _mm512_loadu_ps(sc); \
-            __m512 st = _mm512_mul_ps(sv, _mm512_set1_ps(step[b]));                              \
-            _Pragma("GCC unroll 2")                                                              \
-            for (int p = 0; p < 2; p++) {                                                        \
-                __m512i w0, w1, pick = p ? _mm512_add_epi32(pick0, next) : pick0;                \
-                WFN2(q + 2 * p * BYTES, q + (2 * p + 1) * BYTES, &w0, &w1);                      \
-                if (SUB == 1) {                                                                  \
-                    __m512 d = _mm512_cvtepi32_ps(dot_both(w0, x0, w1, x1));                     \
-                    acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick, st), d, acc[p]);        \
-                } else {                                                                         \
-                    __m512 d0 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w0, x0));                   \
-                    __m512 d1 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w1, x1));                   \
-                    acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick, st), d0, acc[p]);       \
-                    acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_add_epi32(pick, two), st), d1, acc[p]); \
+            __m512 s0[2] = {_mm512_permutexvar_ps(pick0, sv), _mm512_permutexvar_ps(pick1, sv)}; \
+            __m512 s2[2] = {s0[0], s0[1]};                                                       \
+            if (SUB == 2) {                                                                      \
+                s2[0] = _mm512_permutexvar_ps(_mm512_add_epi32(pick0, two), sv);                 \
+                s2[1] = _mm512_permutexvar_ps(_mm512_add_epi32(pick1, two), sv);                 \
+            }                                                                                    \
+            __m512 sv2 = SUB == 2 && MIN ? _mm512_permutexvar_ps(up2, sv) : sv;                  \
+            _Pragma("GCC unroll 4")                                                              \
+            for (int j = 0; j < MT; j++) {                                                       \
+                const int16_t *xr = x->q + (m0 + j) * w->k + b * 32;                             \
+                __m512 step = _mm512_set1_ps(x->d[(m0 + j) * nb + b]); /* scale * step */        \
+                __m512i x0 = x_both(xr), x1 = x_both(xr + 16);                                   \
+                _Pragma("GCC unroll 2")                                                          \
+                for (int p = 0; p < 2; p++) {                                                    \
+                    if (SUB == 1) {                                                              \
+                        __m512 d = _mm512_cvtepi32_ps(dot_both(w0[p], x0, w1[p], x1));           \
+                        acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(s0[p], step), d, acc[p][j]);   \
+                    } else {                                                                     \
+                        __m512 d0 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w0[p], x0));            \
+                        __m512 d1 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w1[p], x1));            \
+                        acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(s0[p], step), d0, acc[p][j]);  \
+                        acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(s2[p], step), d1, acc[p][j]);  \
+                    }                                                                            \
+                }                                                                                \
+                if (MIN && SUB == 1)                                                             \
+                    mins[j] = _mm512_fmadd_ps(sv, _mm512_set1_ps(x->s32[(m0 + j) * nb + b]), mins[j]); \
+                if (MIN && SUB == 2) {                                                           \
+                    const float *sx = x->s16 + (m0 + j) * (w->k / 16) + 2 * b;                   \
+                    mins[j] = _mm512_fmadd_ps(sv, _mm512_set1_ps(sx[0]), mins[j]);               \
+                    mins[j] = _mm512_fmadd_ps(sv2, _mm512_set1_ps(sx[1]), mins[j]);              \
                 }                                                                                \
             }                                                                                    \
-            if (MIN && SUB == 1) mins = _mm512_fmadd_ps(sv, _mm512_set1_ps(sx32[b]), mins);      \
-            if (MIN && SUB == 2) {                                                               \
-                mins = _mm512_fmadd_ps(sv, _mm512_set1_ps(sx16[2 * b]), mins);                   \
-                mins = _mm512_fmadd_ps(_mm512_permutexvar_ps(up2, sv), _mm512_set1_ps(sx16[2 * b + 1]), mins); \
+        }                                                                                        \
+        for (int j = 0; j < MT; j++) {                                                           \
+            float m[16];                                                                         \
+            _mm512_storeu_ps(m, mins[j]);                                                        \
+            for (int r = 0; r < 4; r++) {                                                        \
+                v8 h = r % 2 ? half_hi(acc[r / 2][j]) : half_lo(acc[r / 2][j]);                  \
+                float *o = out + (m0 + j) * ldo + n0 + r;                                        \
+                float mn = MIN ? m[r * 2 * SUB + 1] : 0.0f;                                      \
+                *o = finish(v_hsum(h) + mn, bias, n0 + r, accumulate, o);                        \
             }                                                                                    \
         }                                                                                        \
-        float m[16];                                                                             \
-        _mm512_storeu_ps(m, mins);                                                               \
-        for (int r = 0; r < 4; r++) {                                                            \
-            v8 h = r % 2 ? half_hi(acc[r / 2]) : half_lo(acc[r / 2]);                            \
-            float *o = out + n0 + r;                                                             \
-            *o = finish(v_hsum(h) + (MIN ? m[r * 2 * SUB + 1] : 0.0f), bias, n0 + r, accumulate, o); \
-        }                                                                                        \
+    }
+/* M <= 4 rows of x against the 4 weight rows at n0, as few passes over the weights as fit */
+#define DEF_qSMALL(KIND, WFN2, BYTES, SUB, MIN)                                                 \
+    DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN, 1)                                                    \
+    DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN, 2)                                                    \
+    DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN, 4)                                                    \
+    static void qsmall_##KIND(const Xq *x, const Wv *w, float *out, i64 ldo, const float *bias,  \
+                              int accumulate, i64 M, i64 n0) {                                   \
+        i64 m = 0;                                                                               \
+        for (; m + 4 <= M; m += 4) qdec4_##KIND##_4(x, w, out, ldo, bias, accumulate, m, n0);    \
+        for (; m + 2 <= M; m += 2) qdec4_##KIND##_2(x, w, out, ldo, bias, accumulate, m, n0);    \
+        for (; m < M; m++) qdec4_##KIND##_1(x, w, out, ldo, bias, accumulate, m, n0);            \
     }
 #define DEF_qKIND(KIND, WFN, WFN2, BYTES, SUB, MIN)                                              \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 1)                                                  \
-    DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN)                                                       \
-    DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 4, qtile_##KIND##_1_4p)                          \
-    static void qtile_##KIND##_1_4(const Xq *x, const Wv *w, float *out, i64 ldo,                \
-                                   const float *bias, int accumulate, i64 m0, i64 n0) {          \
-        if (w->group == 4 && m0 == 0) qdec4_##KIND(x, w, out, bias, accumulate, n0);             \
-        else qtile_##KIND##_1_4p(x, w, out, ldo, bias, accumulate, m0, n0);                      \
-    }                                                                                            \
+    DEF_qSMALL(KIND, WFN2, BYTES, SUB, MIN)                                                      \
+    DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 4, qtile_##KIND##_1_4)                           \
     DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 2, qtile_##KIND##_1_2)                           \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 1)                                                  \
     DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 4, 2, qtile_##KIND##_4_2)
@@ -614,6 +641,8 @@ static inline void wf_f32(const Wv *w, i64 n, i64 b, v8 o[4]) {
 /* The loops over tiles: decode (M = 1) 4 outputs at a time; otherwise 64 rows of x at a time
  * (kept in cache while W streams past), in tiles of 4 rows x 2 outputs. An item is a fixed run
  * of tiles (about MM_WORK products), so threads share a matrix whatever their number. */
+typedef void (*QSmall)(const Xq *x, const Wv *w, float *out, i64 ldo, const float *bias,
+                       int accumulate, i64 M, i64 n0);
 typedef struct {
     const Xq *xq;
     const float *x;
@@ -622,6 +651,7 @@ typedef struct {
     float *out;
     const float *bias;
     int acc;
+    QSmall small; /* AVX-512: the loop for M <= 4 rows over interleaved weights */
 } MmJob;
 
 #define MM_WORK 32768
@@ -669,6 +699,13 @@ typedef struct {
     DEF_fTILE(FMT, 4, 2)
 DEF_fKIND(f16)
 DEF_fKIND(f32)
+#ifdef KV_AVX512
+static void mm_small(const void *ctx, i64 item) { /* item: a run of `per` groups of 4 outputs */
+    const MmJob *j = ctx;
+    i64 n = item * j->per * 4, end = n + j->per * 4 < j->N ? n + j->per * 4 : j->N;
+    for (; n < end; n += 4) j->small(j->xq, j->w, j->out, j->ldo, j->bias, j->acc, j->M, n);
+}
+#endif
 DEF_MM(q, u4, XQ)
 DEF_MM(q, u4n, XQ)
 DEF_MM(q, i8, XQ)
@@ -695,7 +732,7 @@ void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 
                const float *bias, int accumulate) {
     if (M < 1) return;
     Wv w = view(W);
-    MmJob j = {0, x, ldx, M, W->n, ldo, 0, 0, &w, out, bias, accumulate};
+    MmJob j = {0, x, ldx, M, W->n, ldo, 0, 0, &w, out, bias, accumulate, 0};
     if (W->fmt == FMT_F16) { mm_f16(&j); return; }
     if (W->fmt == FMT_F32) { mm_f32(&j); return; }
     i64 K = W->k, bytes = M * K * 2 + M * (K / 32) * 8 + M * (K / 16) * 4;
@@ -705,6 +742,17 @@ void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 
     quantize_x(x, M, ldx, K, q, d, s16, s32);
     Xq xq = {q, d, s16, s32, K};
     j.xq = &xq;
+#ifdef KV_AVX512
+    if (M <= 4 && w.group == 4) { /* decode, drafted tokens: each weight block unpacked once */
+        if (W->fmt == FMT_U4) j.small = w.has_min ? qsmall_u4 : qsmall_u4n;
+        else if (w.block == 32) j.small = w.has_min ? qsmall_i8m : qsmall_i8;
+        else j.small = w.has_min ? qsmall_i8sm : qsmall_i8s;
+        j.per = MM_WORK / (4 * K * M) > 1 ? MM_WORK / (4 * K * M) : 1;
+        kv_parallel(mm_small, &j, (W->n / 4 + j.per - 1) / j.per);
+        if (buf != small) free(buf);
+        return;
+    }
+#endif
     if (W->fmt == FMT_U4 && w.has_min) mm_u4(&j);
     else if (W->fmt == FMT_U4) mm_u4n(&j);
     else if (w.block == 32 && w.has_min) mm_i8m(&j);
