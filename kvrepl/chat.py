@@ -25,6 +25,7 @@ from kvrepl.prompt import ThinkSplitter
 from kvrepl.sessions import OpenSession
 from kvrepl.snapshots import Snapshots
 from kvrepl.store import Message, Session, Store, clean_text
+from kvrepl.thinkbudget import think_budget
 from kvrepl.turn import Result, Turn
 
 if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
@@ -251,6 +252,7 @@ class Conversation:
         splitter = ThinkSplitter()
         rt = self.model.get()
         events: Iterator[TurnEvent] | None = None
+        cut_said = False
         before = rt.engine.progress  # the last turn's: this one's stream has not started
         try:
             for line in self._model_notes():
@@ -265,10 +267,14 @@ class Conversation:
             if self.settings.reuse and plan.cached and plan.keep < plan.cached - 1:
                 yield Notice(_cut_line(msgs, starts, plan))  # --no-reuse cuts every turn: silent
             splitter.in_think = rt.prompt.opens_in_think(ids)
-            events = rt.engine.stream(ids, self.sampling(), started=started)
+            budget = think_budget(self.settings.think_budget, rt.prompt, splitter.in_think)
+            events = rt.engine.stream(ids, self.sampling(), started=started, steer=budget)
             for event in events:
                 if isinstance(event, TextDelta):
                     yield from splitter.feed(event.text)
+                    if budget is not None and budget.cut_at is not None and not cut_said:
+                        cut_said = True  # said once, when the close is forced
+                        yield Notice(f"thinking cut at {budget.cut_at:,} tokens (think_budget)")
                 elif isinstance(event, Finish):
                     result.finish_reason = event.reason
                 elif isinstance(event, Stats):

@@ -103,6 +103,12 @@ class Settings:
         None, "enable_thinking, for templates that take it; none: the template's default",
         flag=False,
     )  # fmt: skip
+    # The thinking budget Qwen3's documentation describes: past it, the closing tag is forced.
+    think_budget: int | None = setting(
+        None, "the most tokens an answer may think; then its thinking is closed (the "
+        "template's tag forced) and the answer goes on; 0 or none: no limit",
+        session=True, bounds=(0, 1_000_000), metavar="TOKENS",
+    )  # fmt: skip
     drop_oldest: bool = setting(
         False, "when over the context, leave out the oldest turns (and say so)", session=True
     )

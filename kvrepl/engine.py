@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +26,32 @@ from kvrepl.events import Finish, Progress, Stats, TextDelta, TurnEvent
 from kvrepl.prompt import IncrementalDecoder
 from kvrepl.runners import runner_for
 from kvrepl.sampler import Sampler, TokenReader
+
+# Drafted tokens fed ahead of the ids, each with its row's logits.
+Drafts = deque[tuple[int, torch.Tensor]]
+
+
+class Steer(Protocol):
+    """What may force the tokens that follow one in place of sampled ones (chat.py's think
+    budget: the template's closing tag once the thinking has had its tokens). The engine knows
+    no template: it asks after each token of the answer, forced ones included."""
+
+    def after(self, token: int, text: str) -> list[int]:
+        """`token` was taken (`text`: what it added to the answer); the ids to force next."""
+        ...
+
+    def room(self) -> int | None:
+        """The most tokens that may follow before a steer could force some (None: no limit):
+        what may be drafted."""
+        ...
+
+
+def _draft_room(steer: Steer | None, forcing: bool) -> int | None:
+    """How many tokens may be drafted after this one: none while tokens are forced."""
+    if forcing:
+        return 0
+    return steer.room() if steer is not None else None
+
 
 _DEFAULTS = Settings()
 
@@ -218,12 +244,12 @@ class Engine:
         return self.runner.forward(ids, self.pc)
 
     @torch.inference_mode()
-    def stream(
-        self, ids: Sequence[int], sampling: Sampling, started: float | None = None
-    ) -> Iterator[TurnEvent]:
+    def stream(self, ids: Sequence[int], sampling: Sampling, started: float | None = None,
+               steer: Steer | None = None) -> Iterator[TurnEvent]:  # fmt: skip
         """Prefill `ids`, then decode token by token: TextDelta..., Finish, Stats. Closing the
         generator (or an exception inside it) leaves the cache consistent with its ids.
-        `started` (a perf_counter time) is when the turn began, for its ttft: by default now."""
+        `started` (a perf_counter time) is when the turn began, for its ttft: by default now.
+        `steer` may force the tokens that follow one (the think budget's close)."""
         self.progress = progress = TurnProgress()
         if started is not None:
             progress.t0 = started
@@ -237,7 +263,7 @@ class Engine:
             drafter = Drafter(self.pc.ids, self.draft_policy, self.end_ids)
         try:
             reason = yield from self._decode(logits, sampler, sampling.max_tokens, decoder,
-                                             drafter)  # fmt: skip
+                                             drafter, steer)  # fmt: skip
             tail = decoder.flush()
             if tail:
                 yield TextDelta(tail)
@@ -247,8 +273,8 @@ class Engine:
         yield progress.stats()
 
     def _decode(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int,
-                decoder: IncrementalDecoder,
-                drafter: Drafter | None) -> Generator[TextDelta, None, str]:  # fmt: skip
+                decoder: IncrementalDecoder, drafter: Drafter | None,
+                steer: Steer | None) -> Generator[TextDelta, None, str]:  # fmt: skip
         """Sample a token, then feed it (its K/V joins the cache); the reason the answer ended.
         On a device that runs ahead of the host (a GPU: runner.ahead), token n + 1 is fed
         straight from the device before the host reads it, so the host's work on it overlaps
@@ -258,7 +284,9 @@ class Engine:
         With a drafter, a token is fed with the tokens drafted to follow it (`_feed`); each
         sampled token that is the next draft takes that draft's row of logits instead of a step
         of its own, and the first that is not cuts the drafts left (pc.sync): the sampler is
-        asked exactly as token by token, so the answer is the same token for token."""
+        asked exactly as token by token, so the answer is the same token for token.
+        The tokens a steer forces after a token take the place of sampled ones (fed one by one,
+        nothing drafted past them), and are the answer's as any other."""
         progress = self.progress
         if max_tokens <= 0:
             return "length"
@@ -266,13 +294,16 @@ class Engine:
         token_t = sampler.next_tensor(logits)
         reader.start(token_t)
         token, fed = reader.get(), False
-        drafts: deque[tuple[int, torch.Tensor]] = deque()  # fed ahead of the ids, with their rows
+        drafts: Drafts = deque()  # fed ahead of the ids, with their rows
+        forced: deque[int] = deque()  # what the steer forces next, in place of sampling
         while True:
             if self._took(token):
                 return "stop"
             text = decoder.add(token)
             if text:
                 yield TextDelta(text)
+            if steer is not None:
+                forced.extend(steer.after(token, text))
             if len(self.pc.ids) + 1 >= self.context_length:
                 return "length"
             if drafts and drafts[0][0] == token:
@@ -281,11 +312,15 @@ class Engine:
             elif not fed:
                 if drafts:  # the token is not the next draft: the drafts left leave the cache
                     self.pc.sync()
-                logits, drafts = self._feed(token, drafter, max_tokens)
+                room = _draft_room(steer, bool(forced))
+                logits, drafts = self._feed(token, drafter, max_tokens, room)
             self.pc.ids.append(token)
             sampler.seen([token])
             if len(progress.generated) >= max_tokens:
                 return "length"
+            if forced:
+                token, fed = forced.popleft(), False
+                continue
             token_t = sampler.next_tensor(logits)
             reader.start(token_t)
             fed = self.runner.ahead and len(self.pc.ids) + 1 < self.context_length
@@ -293,15 +328,17 @@ class Engine:
                 logits = self.runner.forward_token(token_t, self.pc)
             token = reader.get()
 
-    def _feed(self, token: int, drafter: Drafter | None,
-              max_tokens: int) -> tuple[torch.Tensor, deque[tuple[int, torch.Tensor]]]:  # fmt: skip
+    def _feed(self, token: int, drafter: Drafter | None, max_tokens: int,
+              most: int | None = None) -> tuple[torch.Tensor, Drafts]:  # fmt: skip
         """Feed `token` with the drafts the drafter proposes (no more than token-by-token
-        decoding would feed: the context's room, max_tokens); its logits, and each draft with
-        the logits of its row."""
+        decoding would feed: the context's room, max_tokens, and `most`: a steer's); its
+        logits, and each draft with the logits of its row."""
         if drafter is None:
             return self._forward([token]), deque()
         room = min(self.context_length - 2 - len(self.pc.ids),
                    max_tokens - len(self.progress.generated))  # fmt: skip
+        if most is not None:
+            room = min(room, most)
         guess = drafter.propose(self.pc.ids, token, room)
         t0 = time.perf_counter()
         if not guess:
