@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvrepl.config import Settings
+from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.errors import UsageError
 from kvrepl.guards import SessionLock
 from kvrepl.store import Message, Session, Store
@@ -31,8 +31,11 @@ class OpenSession:
 
     @property
     def settings(self) -> Settings:
-        """The settings in force: the base ones with this session's `/set` values over them."""
-        return self.base.with_overrides(self.session.settings if self.session else self._pending)
+        """The settings in force: the base ones with this session's `/set` values over them (only
+        those `/set` may still change: a session that stored kv_budget_mb before the budget became
+        the store's has it ignored)."""
+        stored = self.session.settings if self.session else self._pending
+        return self.base.with_overrides({k: v for k, v in stored.items() if k in SESSION_KEYS})
 
     @property
     def label(self) -> str:
