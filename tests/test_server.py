@@ -29,8 +29,8 @@ from procs import PYTHON, ROOT, kvrepl_env
 
 from kvrepl.config import Settings
 from kvrepl.events import TextDelta
+from kvrepl.openai_api import BadRequest, parse_request
 from kvrepl.prompt import Prompt
-from kvrepl.server import BadRequest, parse_request
 from kvrepl.serving import StopText
 from kvrepl.snapshots import MIN_GAIN
 
