@@ -34,9 +34,11 @@ subcommands (when the first word names one; `kvrepl -- WORD ...` sends the words
                                    same K/V pool (127.0.0.1:8080 by default)
 
 A prompt is answered and kvrepl exits; text piped in comes first in the same message
-(`cat notes.txt | kvrepl "summarise this"`). Without a prompt, piped lines are messages or
-/commands, one a line. When output is not a terminal, stdout holds only the answers (and what
-/commands print); notices, stats and errors go to stderr; exit status 1 when a line failed."""
+(`cat notes.txt | kvrepl "summarise this"`), and before it the files of -f, each in a fenced
+block under its name (`kvrepl -f notes.txt -f todo.md "what is left?"`). Without a
+prompt, piped lines are messages or /commands, one a line (-f's files go with the first
+message). When output is not a terminal, stdout holds only the answers (and what /commands
+print); notices, stats and errors go to stderr; exit status 1 when a line failed."""
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -62,6 +64,9 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-c", "--continue", "--resume", dest="resume", action="store_true",
                    help="continue the most recent session, reusing its snapshot")  # fmt: skip
     g.add_argument("--session", metavar="NAME", help="continue session NAME (created when new)")
+    p.add_argument("-f", "--file", dest="files", action="append", default=[], metavar="FILE",
+                   help="put this text file into the message, before the prompt (or the first "
+                   "message typed); repeat for more")  # fmt: skip
     p.add_argument("--json", action="store_true",
                    help="one JSON object per answer on stdout (answer, finish_reason, stats, "
                    "session), for scripts")  # fmt: skip

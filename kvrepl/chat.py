@@ -173,6 +173,12 @@ class Conversation:
                 raise UsageError(f"no message {message_id} in this session") from None
         self.store.set_head(session.id, message_id)
 
+    def measure(self, text: str) -> tuple[int, int]:
+        """The tokens `text` takes as a message, and the most a message may take (the context
+        less an answer's room)."""
+        rt = self.model.get()
+        return rt.prompt.count_tokens(text), _room(rt.engine.context_length)
+
     def _check_message(self, text: str, before: list[Message]) -> Fitted:
         """Refuse, before anything is stored or computed, a message that is empty or that cannot
         fit in the context after `before` (the messages it follows). Returns the rendering, which

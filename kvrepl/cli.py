@@ -5,7 +5,7 @@ Ctrl-C does (what was generated is kept) and end kvrepl, exit 128 + the signal's
 or database work of its own: it builds the rooms and hands over to the REPL or a subcommand.
 
     kvrepl [flags]                 chat (a new session; -c/--continue or --session NAME to go on)
-    kvrepl [flags] PROMPT ...      answer PROMPT (after any piped text) and exit
+    kvrepl [flags] PROMPT ...      answer PROMPT (after any -f FILE and piped text) and exit
     kvrepl path [--config|--log]   print where sessions are stored (or the config file, the log)
     kvrepl sessions                list sessions (--json: as one JSON array)
     kvrepl export NAME [--format md|json]
@@ -116,6 +116,7 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
         finally:
             chat.close()
 
+    files = _read_files(args.files, settings)  # first: a file that cannot be sent stores nothing
     prompt = _one_shot(args.prompt)
     split = args.json or not sys.stdout.isatty()
     renderer = _renderer(settings, split=split, json_lines=args.json)
@@ -127,6 +128,7 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
         model.prepare(renderer.notice)
         model.start()
         repl = Repl(chat, renderer, build_registry(), interactive=interactive)
+        repl.ctx.attached.extend(files)  # they go with the prompt, or the first message
         if chat.session is not None:
             renderer.notice(_opened_line(chat, created))
             if note := chat.sessions.unanswered_note():
@@ -137,7 +139,7 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
         if not interactive:
             return line_loop(repl, stdin_lines())
         renderer.notice("kvrepl: /help for commands, Ctrl-D to quit")
-        return interactive_loop(repl, home, toolbar=lambda: _toolbar(chat))
+        return interactive_loop(repl, home, toolbar=lambda: _toolbar(chat, repl.ctx.attached))
     finally:
         chat.close()
 
@@ -186,13 +188,27 @@ def _opened_line(chat: Any, created: bool) -> str:
     return f"session {chat.sessions.label}: {f'{turns} turn(s)' if turns else 'no turns yet'}"
 
 
-def _toolbar(chat: Any) -> str:
+def _toolbar(chat: Any, attached: list[Any]) -> str:
+    from kvrepl.userfiles import names
+
     parts = [chat.model.status()]
     if chat.session is not None:
         parts.append(f"session {chat.sessions.label}")
     if (cached := chat.model.cached_tokens()) is not None:
         parts.append(f"{cached:,} tokens cached")
+    if attached:
+        parts.append(f"{names(attached)} attached")
     return " · ".join(parts)
+
+
+def _read_files(files: list[str], settings: Settings) -> list[Any]:
+    """The files of `-f`, read before anything is stored or loaded; one that cannot be read or
+    is far larger than the context can hold is one line (exit 1). Whether they fit the context
+    is checked with the message, once the model is loaded."""
+    from kvrepl.userfiles import BYTES_PER_TOKEN, MAX_BYTES, read_file
+
+    most = BYTES_PER_TOKEN * settings.context if settings.context else MAX_BYTES
+    return [read_file(name, max_bytes=most) for name in files]
 
 
 def _subcommand(args: argparse.Namespace, chat: Any, renderer: Any) -> int:

@@ -33,6 +33,7 @@ from kvrepl.registry import (
     Registry,
 )
 from kvrepl.store import SessionSummary
+from kvrepl.userfiles import compose, names, read_file, write_file
 
 __all__ = ["BUILTINS", "Command", "Context", "Generate", "Outcome", "Prefill", "Quit",
            "Registry", "build_registry", "builtin", "session_row", "session_rows",
@@ -149,6 +150,38 @@ def cmd_think(ctx: Context, arg: str) -> Outcome:
         else:
             line += f"; thinking mode {arg}"
     ctx.renderer.confirm(line)
+    return None
+
+
+@builtin("read", "[PATH]", "attach a text file to your next message, before what you type "
+         "(Tab completes paths); alone: what is attached; --drop: forget it",
+         completes="paths")  # fmt: skip
+def cmd_read(ctx: Context, arg: str) -> Outcome:
+    if not arg or arg == "--drop":
+        if not ctx.attached:
+            ctx.renderer.info("nothing attached: /read PATH attaches a file to your next message")
+        elif arg:
+            ctx.renderer.confirm(f"forgot {names(ctx.attached)}: nothing attached")
+            ctx.attached.clear()
+        else:
+            ctx.renderer.info(f"attached for your next message: {names(ctx.attached)}")
+        return None
+    if not ctx.chat.model.ready():  # the file's tokens are counted with the model's tokenizer
+        with ctx.renderer.status("loading the model…"):
+            ctx.chat.model.get()
+    _, room = ctx.chat.measure("")
+    file = read_file(_unquote(arg), room=room)
+    n, _ = ctx.chat.measure(file.block())
+    total, _ = ctx.chat.measure(compose([*ctx.attached, file], ""))
+    if n > room:
+        raise KvreplError(f"cannot read {file.name}: it is {n:,} tokens, and a message holds "
+                          f"at most {room:,} in this model's context")  # fmt: skip
+    if total > room:
+        raise KvreplError(f"cannot read {file.name}: with {names(ctx.attached)} it makes "
+                          f"{total:,} tokens, and a message holds at most {room:,} (/read --drop "
+                          "forgets what is attached)")  # fmt: skip
+    ctx.attached.append(file)
+    ctx.renderer.confirm(f"attached {file.name} ({n:,} tokens): it goes with your next message")
     return None
 
 
@@ -299,24 +332,6 @@ def _export_args(arg: str) -> tuple[str, str | None]:
     if suffix in FORMATS:
         return suffix, target
     raise UsageError(f"format is md or json, not {first!r}")
-
-
-def write_file(target: str, text: str) -> None:
-    """Write `text` to the file the user named; what stops it is one line in their words."""
-    path = Path(target).expanduser()
-    try:
-        path.write_text(text, encoding="utf-8")
-    except IsADirectoryError:
-        raise KvreplError(f"cannot write {target}: it is a folder; name a file in it") from None
-    except FileNotFoundError:
-        raise KvreplError(f"cannot write {target}: there is no folder {path.parent}") from None
-    except NotADirectoryError:
-        raise KvreplError(f"cannot write {target}: part of that path is a file, not a "
-                          "folder") from None  # fmt: skip
-    except PermissionError:
-        raise KvreplError(f"cannot write {target}: permission denied") from None
-    except OSError as exc:
-        raise KvreplError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
 # ---- helpers -------------------------------------------------------------------------------

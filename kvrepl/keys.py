@@ -1,12 +1,13 @@
 """The REPL's input helpers: key bindings (one factory) and the completer for slash commands,
-their arguments and session names. Part of the REPL room, kept apart so repl.py stays the loop."""
+their arguments, session names and paths. Part of the REPL room, kept apart so repl.py stays
+the loop."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 from prompt_toolkit.key_binding import KeyBindings
 
@@ -27,10 +28,11 @@ def make_key_bindings() -> KeyBindings:
 
 class SlashCompleter(Completer):
     """Completes `/command` names, then the command's first argument: a fixed list, session
-    names, or branch ids."""
+    names, branch ids, or a path (prompt-toolkit's PathCompleter over the argument)."""
 
     def __init__(self, registry: Registry, chat: Any) -> None:
         self.registry, self.chat = registry, chat
+        self._paths = PathCompleter(expanduser=True)
 
     def get_completions(self, document: Document, event: CompleteEvent) -> Iterator[Completion]:
         text = document.text_before_cursor
@@ -46,6 +48,9 @@ class SlashCompleter(Completer):
                     )
             return
         cmd = self.registry.find(name)
+        if cmd is not None and cmd.completes == "paths":  # a path may hold spaces
+            yield from self._paths.get_completions(Document(arg, len(arg)), event)
+            return
         if cmd is None or " " in arg:
             return
         for option in self._options(cmd.completes):

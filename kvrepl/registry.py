@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvrepl.errors import UsageError
 from kvrepl.turn import Turn
+from kvrepl.userfiles import Attachment
 
 if TYPE_CHECKING:
     from kvrepl.chat import Conversation
@@ -46,12 +47,14 @@ Outcome = Quit | Prefill | Generate | None
 
 @dataclass
 class Context:
-    """What a command works on: the conversation, the output, and the registry (for /help)."""
+    """What a command works on: the conversation, the output, and the registry (for /help);
+    and the files read for the next message (`/read`, `-f`), which it takes when it is sent."""
 
     chat: Conversation
     renderer: Renderer
     registry: Registry
     interactive: bool = True  # False in line mode: no prefilled prompt
+    attached: list[Attachment] = field(default_factory=list)
 
 
 CommandFunc = Callable[[Context, str], Outcome]
@@ -64,7 +67,8 @@ class Command:
     usage: str = ""
     help: str = ""
     aliases: tuple[str, ...] = ()
-    # What the first argument completes from: a fixed list, or "sessions" / "branches".
+    # What the first argument completes from: a fixed list, or "sessions" / "branches" /
+    # "paths" (the files and folders it names so far).
     completes: tuple[str, ...] | str = ()
 
     @property

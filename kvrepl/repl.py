@@ -18,10 +18,11 @@ from typing import Any, TextIO
 
 from kvrepl.chat import Conversation
 from kvrepl.commands import Context, Generate, Prefill, Quit, Registry
-from kvrepl.errors import KvreplError
+from kvrepl.errors import KvreplError, PromptError
 from kvrepl.guards import Terminated, raise_if_ended
 from kvrepl.render import Renderer
 from kvrepl.turn import Turn
+from kvrepl.userfiles import compose, names
 
 QUIT_WORDS = {"q", "/q", "/quit", "/exit"}
 PROMPT = "› "
@@ -94,9 +95,32 @@ class Repl:
         return self._run(self._message(line))
 
     def _message(self, text: str) -> Generate:
+        """`text` as a message, after the files read for it (`/read`, `-f`): they go with it
+        and are stored in it; a message refused before it is stored keeps them for the next."""
         with self._no_echo():
             self._wait_for_model()
-        return Generate(self.chat.send(text))
+        attached = self.ctx.attached
+        try:
+            turn = self.chat.send(compose(attached, text))
+        except PromptError as exc:
+            if not attached:
+                raise
+            raise PromptError(f"{exc} (with {names(attached)}; /read --drop forgets "
+                              f"{'them' if len(attached) > 1 else 'it'})") from None  # fmt: skip
+        attached.clear()
+        return Generate(turn)
+
+    def unsent(self) -> None:
+        """At the end: files read for a message that never came are said (in line mode, a
+        failure: the exit status is 1)."""
+        if not self.ctx.attached:
+            return
+        line = f"{names(self.ctx.attached)} not sent: no message came after it"
+        self.ctx.attached.clear()
+        if self.ctx.interactive:
+            self.renderer.notice(line)
+        else:
+            self._failed(line)
 
     def _run(self, outcome: Any) -> bool:
         if isinstance(outcome, Quit):
@@ -180,6 +204,7 @@ def line_loop(repl: Repl, lines: Iterable[str]) -> int:
     for raw in lines:
         if not repl.handle(raw.rstrip("\r\n")):
             break
+    repl.unsent()
     return 1 if repl.failures else 0
 
 
@@ -232,4 +257,5 @@ def interactive_loop(repl: Repl, home: Path, *, toolbar: Callable[[], str],
         keep_going = repl.submit_prefilled(line) if repl.prefill else repl.handle(line)
         if not keep_going:
             break
+    repl.unsent()
     return 0

@@ -132,6 +132,21 @@ def test_usage_errors_after_a_turn_also_name_the_usage(h: Harness):
         assert len(h.calls) == before
 
 
+def test_read_attaches_a_file_to_the_next_message_and_a_bad_path_is_one_line(h, tmp_path):
+    """tests/test_read.py holds the rest: every refusal, the context, Tab, -f, a resume."""
+    (tmp_path / "notes.txt").write_text("The capital of France is Paris.")
+    out = h.run(f"/read {tmp_path}/nope.txt", f"/read {tmp_path}")
+    assert out.splitlines() == [
+        f"error: cannot read {tmp_path}/nope.txt: there is no such file",
+        f"error: cannot read {tmp_path}: it is a folder; name a file in it",
+    ]
+    assert h.run(f"/read {tmp_path}/notes.txt").startswith(f"attached {tmp_path}/notes.txt (")
+    assert h.calls == [] and h.chat.session is None
+    h.run("summarise this", "thanks")
+    assert user_texts(h) == [f"{tmp_path}/notes.txt:\n```\nThe capital of France is Paris.\n"
+                             "```\n\nsummarise this", "thanks"]  # fmt: skip
+
+
 def test_edit_without_text_in_line_mode_asks_for_the_text(h: Harness):
     h.run("hello there")
     out = h.run("/edit 1")
@@ -598,6 +613,7 @@ def test_export_to_a_bad_path_is_one_line_in_the_users_words(h: Harness, tmp_pat
 
 def test_every_command_is_covered_here():
     """A new command needs a test in this file: the list below must follow the registry."""
-    tested = {"help", "quit", "new", "save", "load", "sessions", "think", "edit", "retry",
-              "undo", "history", "branches", "branch", "set", "stats", "export"}  # fmt: skip
+    tested = {"help", "quit", "new", "save", "load", "sessions", "think", "read", "edit",
+              "retry", "undo", "history", "branches", "branch", "set", "stats",
+              "export"}  # fmt: skip
     assert set(build_registry().commands) == tested
