@@ -56,7 +56,7 @@ class Repl:
 
     def send(self, text: str) -> None:
         """Answer `text` as a message, even if it starts with a slash (a one-shot prompt)."""
-        self._guard(lambda t: self._run(self._message(t)), text)
+        self._guard(lambda t: self._run(self._message(t, one_shot=True)), text)
 
     def _guard(self, step: Callable[[str], bool], line: str) -> bool:
         """Run `step`; an error is one line and the REPL goes on. SIGTERM or SIGHUP (Terminated)
@@ -94,7 +94,7 @@ class Repl:
             return self._run(self.registry.dispatch(self.ctx, stripped))
         return self._run(self._message(line))
 
-    def _message(self, text: str) -> Generate:
+    def _message(self, text: str, *, one_shot: bool = False) -> Generate:
         """`text` as a message, after the files read for it (`/read`, `-f`): they go with it
         and are stored in it; a message refused before it is stored keeps them for the next."""
         with self._no_echo():
@@ -105,8 +105,9 @@ class Repl:
         except PromptError as exc:
             if not attached:
                 raise
-            raise PromptError(f"{exc} (with {names(attached)}; /read --drop forgets "
-                              f"{'them' if len(attached) > 1 else 'it'})") from None  # fmt: skip
+            them = "them" if len(attached) > 1 else "it"
+            hint = "" if one_shot else f"; /read --drop forgets {them}"
+            raise PromptError(f"{exc} (with {names(attached)}{hint})") from None
         attached.clear()
         return Generate(turn)
 

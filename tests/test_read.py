@@ -10,8 +10,10 @@ path), kvrepl in real processes (tests/procs.py), and a resume after the file is
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -354,3 +356,22 @@ def test_dash_f_that_cannot_be_read_is_one_line_and_stores_nothing(model_dir, tm
     assert (done.rc, done.out) == (1, "")
     assert done.err == f"kvrepl: cannot read {bad}: it is a binary file, not text\n"
     assert not home.exists()  # no store, no session, no model loaded
+
+
+def test_dash_f_over_the_context_is_one_line_and_stores_nothing(model_dir, tmp_path, capsys,
+                                                               monkeypatch):  # fmt: skip
+    """In process (the CLI's own main; stdout is not a terminal): the tiny model's context is
+    512 tokens, and the file alone is more."""
+    from kvrepl import cli
+
+    big = tmp_path / "big.txt"
+    big.write_text("hello there " * 400)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # nothing piped
+    rc = cli.main(["--model", str(model_dir), *FLAGS, "-f", "big.txt", "summarise"])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (1, "")
+    assert re.fullmatch(r"error: this message is [\d,]+ tokens; the model's context is 512 tokens "
+                        r"\(at most 496 for a message\): shorten it or send it in parts \(with "
+                        r"big\.txt\)\n", err)  # fmt: skip
+    assert stored_users(tmp_path / "store") == []

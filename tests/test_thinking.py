@@ -160,6 +160,19 @@ def test_a_think_budget_closes_the_thinking_and_the_answer_goes_on(h, thinker, s
     assert list(cached(h)[-len(want) :]) == want  # the cache holds the forced ids as fed
 
 
+def test_a_cut_thinking_is_shown_whole_in_its_panel_then_the_answer(h, thinker, script):
+    tok = thinker[1]
+    h.run("/think", "/set think_budget 4")
+    thinking, answer = enc(tok, "caches keys values tokens prefix")[:4], enc(tok, "Paris.")
+    script([tok.convert_tokens_to_ids("<think>"), *thinking, *answer, end(tok)])
+    out = h.run("hi")
+    thought_text = tok.decode(thinking).strip()
+    # The line comes where the thinking was cut: streamed plainly, inside its block.
+    cut = "thinking cut at 4 tokens (think_budget)"
+    assert f"<think>\n{thought_text}\n{cut}\n</think>\nParis.\n" in out
+    assert h.last_stats is not None and h.last_stats.generated_tokens == 1 + 4 + 3 + len(answer)
+
+
 def test_thinking_within_the_budget_is_left_alone(h, thinker, script):
     tok = thinker[1]
     h.run("/set think_budget 50")
