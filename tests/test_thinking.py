@@ -342,3 +342,27 @@ def test_drafting_never_drafts_across_the_forced_close(real_thinker, script, mon
     assert e.progress.generated == [*passage[:limit], *close_ids(prompt)]
     assert e.progress.drafted > 0 and max(reached) <= limit  # none past the close
     assert e.progress.accepted == e.progress.drafted
+
+
+def test_the_close_is_forced_on_a_backend_that_feeds_ahead(tmp_path):
+    """The GPU path's decoder (its torch backend, on the CPU) feeds each sampled token from the
+    device before the host reads it: the forced close still comes after exactly N tokens of
+    thinking, and the answer is the same as feeding after reading."""
+    from kvrepl.gpu.model import GpuModel
+
+    tok = opening()
+    model = GpuModel(make_tiny_model(len(tok), seed=1, tied=False), 512, backend="torch")
+    prompt = Prompt(tok)
+    ids = prompt.render([{"role": "user", "content": "hi"}])
+    close = close_ids(prompt)
+    got = {}
+    for ahead in (True, False):
+        e = Engine(model, tok, end_ids=set(), context_length=512)
+        assert e.runner.ahead is True
+        e.runner.ahead = ahead
+        budget = ThinkBudget(5, close, in_think=prompt.opens_in_think(ids))
+        list(e.stream(ids, Sampling(temperature=0, max_tokens=14), steer=budget))
+        got[ahead] = list(e.progress.generated)
+        assert e.pc.ids == [*ids, *got[ahead]]  # the cache holds what was generated, no more
+    assert got[True] == got[False] and got[True][5 : 5 + len(close)] == close
+    assert len(got[True]) == 14
