@@ -1,7 +1,7 @@
 """The backend protocol: what the engine runs a model through when kvrepl computes it with its
 own kernels (the CPU fast path, the GPU path), with its capabilities declared on the class, so
 that callers read a flag and never probe with hasattr. A transformers model is the other kind of
-backend: the engine wraps it (engine.HFRunner), and it declares the same flags there.
+backend: the engine wraps it (runners.HFRunner), and it declares the same flags there.
 """
 
 from __future__ import annotations

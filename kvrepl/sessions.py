@@ -35,7 +35,8 @@ class OpenSession:
         those `/set` may still change: a session that stored kv_budget_mb before the budget became
         the store's has it ignored)."""
         stored = self.session.settings if self.session else self._pending
-        return self.base.with_overrides({k: v for k, v in stored.items() if k in SESSION_KEYS})
+        kept = {k: v for k, v in stored.items() if k in SESSION_KEYS or k == "thinking"}
+        return self.base.with_overrides(kept)  # thinking: /think's, which has no /set key
 
     @property
     def label(self) -> str:
