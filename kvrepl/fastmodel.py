@@ -68,7 +68,6 @@ class FastModel(KernelBackend):
     """A decoder over Packed weights. `forward(ids, layers)` appends the ids' K/V to the cache
     layers and returns the last position's logits (float32)."""
 
-    is_fast = True
     kv_dtype = torch.float16
     weight_types = "quantized"  # the loader names them (the GGUF file's types, or the conversion)
 

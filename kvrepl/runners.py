@@ -20,7 +20,6 @@ class HFRunner:
     """A transformers model as the engine runs it: its forward over the prompt cache's layers,
     the last position's logits out."""
 
-    is_fast = False
     ahead = False
     batch_invariant = False  # transformers' kernels pick their reduction by the batch's size
     drafts = False  # verifying drafted tokens needs every row's logits: its forward keeps one
@@ -69,7 +68,6 @@ def _device_of(module: Any, default: torch.device) -> torch.device:
 class FastRunner:
     """kvrepl's CPU fast path (fastmodel.FastModel) as the engine runs it."""
 
-    is_fast = True
 
     def __init__(self, model: Any) -> None:
         self.model = model

@@ -14,6 +14,7 @@ import torch
 from fault_helpers import make_fault_model
 from transformers.cache_utils import DynamicLayer
 
+from kvrepl.backend import KernelBackend
 from kvrepl.cache import _GROW_STEP, GrowingLayer, PromptCache, hf_layers
 from kvrepl.engine import Engine, Plan, Sampler, Sampling, common_prefix
 from kvrepl.errors import PromptError
@@ -669,7 +670,7 @@ def explode_in_layer(mp: pytest.MonkeyPatch, real, layer: int, call_no: int) -> 
     """KeyboardInterrupt in the real model's `call_no`-th forward: inside decoder layer `layer`
     of a transformers model; at the start of the fast path's forward (one call into the
     kernels, which a signal does not split: its layers move only when it returns)."""
-    if not getattr(real.model, "is_fast", False):
+    if not bit_exact(real):
         explode_on(mp, real.model.model.layers[layer], call_no)
         return
     forward, calls = real.model.forward, {"n": 0}
@@ -735,8 +736,9 @@ def assert_same_as(got: Engine, want: Engine, exact: bool) -> None:
             assert torch.allclose(k, k2, atol=1e-4) and torch.allclose(v, v2, atol=1e-4), i
 
 
-def is_fast(real) -> bool:
-    return bool(getattr(real.model, "is_fast", False))
+def bit_exact(real) -> bool:
+    """The model runs on a batch-invariant backend: reuse must equal recomputation bit for bit."""
+    return isinstance(real.model, KernelBackend) and real.model.batch_invariant
 
 
 def _both(smol, reuse: Engine, fresh: Engine, ids: list[int]):
@@ -744,7 +746,7 @@ def _both(smol, reuse: Engine, fresh: Engine, ids: list[int]):
     gen_b, _, reason_b, stats_b = _turn(fresh, ids)
     assert gen_a == gen_b, _margin_report(smol[0], ids, gen_a, gen_b)
     assert reason_a == reason_b
-    assert_same_as(reuse, fresh, exact=is_fast(smol[0]))  # the K/V a recomputation holds
+    assert_same_as(reuse, fresh, exact=bit_exact(smol[0]))  # the K/V a recomputation holds
     return text, reason_a, stats_a, stats_b
 
 
@@ -811,20 +813,20 @@ def test_real_model_chunked_restored_and_interrupted_prefill_agree(smol, monkeyp
     got = chunked.prefill(ids)
     assert chunked.progress.reused == 16
     same_logits(real, got, want)
-    assert_same_as(chunked, whole, exact=is_fast(real))
+    assert_same_as(chunked, whole, exact=bit_exact(real))
     restored = real_engine(smol, True)
     restored.pc.restore(chunked.pc.ids, chunked.pc.export())
     restored.pc.check()
     got = restored.prefill(ids)
     assert (restored.progress.reused, restored.progress.prefilled) == (len(ids) - 1, 1)
     same_logits(real, got, want)
-    assert_same_as(restored, whole, exact=is_fast(real))
+    assert_same_as(restored, whole, exact=bit_exact(real))
 
 
 def same_logits(real, got: torch.Tensor, want: torch.Tensor) -> None:
     """Bit for bit on the fast path; on the transformers path (float32, whose matmuls are not
     batch-invariant) close, with the same greedy token."""
-    if is_fast(real):
+    if bit_exact(real):
         assert torch.equal(got, want), (got - want).abs().max()
     else:
         assert torch.allclose(got, want, atol=1e-3)

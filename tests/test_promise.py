@@ -31,6 +31,7 @@ from makers import make_tiny_model, make_tokenizer
 from procs import Kvrepl
 
 from kvrepl import models
+from kvrepl.backend import KernelBackend
 from kvrepl.chat import Conversation
 from kvrepl.config import Settings
 from kvrepl.engine import Engine, common_prefix
@@ -110,7 +111,7 @@ def case(request: pytest.FixtureRequest) -> tuple[Case, LoadedModel]:
 
 def batch_invariant(model: Any) -> bool:
     """Whether a backend's kernels are batch-invariant (kvrepl's: the fast paths)."""
-    return bool(getattr(model, "batch_invariant", False) or getattr(model, "is_fast", False))
+    return isinstance(model, KernelBackend) and model.batch_invariant
 
 
 # ---------------------------------------------------------------------------------------------

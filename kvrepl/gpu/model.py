@@ -101,7 +101,6 @@ class GpuModel(KernelBackend):
     """A decoder on the GPU kernels. `forward(ids, layers)` appends the ids' K/V to the cache
     layers and returns the last position's logits (float32)."""
 
-    is_fast = True
     feeds_ahead = True  # forward_token: the next step is queued behind the one that chose it
 
     def __init__(self, model: Any, context_length: int, backend: str = "triton",
