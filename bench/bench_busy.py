@@ -51,8 +51,8 @@ def child(engine: str, tokens: int, context: int) -> None:
     import bench_engine as be
     import torch
 
-    from kvrepl import models
-    from kvrepl.prompt import Prompt
+    from kvrepl.chat.prompt import Prompt
+    from kvrepl.engine import models
 
     lm = models.load(progress=False)
     ids = be.decode_prompt(Prompt(lm.tokenizer), context)

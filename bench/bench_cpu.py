@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_engine as be  # noqa: E402
 
-from kvrepl import models  # noqa: E402
-from kvrepl.engine import Engine  # noqa: E402
-from kvrepl.prompt import Prompt  # noqa: E402
+from kvrepl.chat.prompt import Prompt  # noqa: E402
+from kvrepl.engine import models  # noqa: E402
+from kvrepl.engine.engine import Engine  # noqa: E402
 
 N_DECODE = 64
 PROMPTS = [
@@ -172,9 +172,9 @@ def make_session(fast: Any, store: Path, target: int) -> int:
     """A session `bench` of about `target` tokens of history, with its snapshot, made through
     kvrepl's own Conversation (messages in SQLite, the cache prefilled and saved, as `/load`
     does)."""
-    from kvrepl.chat import Conversation
+    from kvrepl.chat.conversation import Conversation
+    from kvrepl.chat.handle import ModelHandle, Runtime
     from kvrepl.config import Settings
-    from kvrepl.handle import ModelHandle, Runtime
 
     settings = Settings(temperature=0.0)
     rt = Runtime.build(fast, settings)

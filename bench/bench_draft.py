@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_engine as be  # noqa: E402
 from bench_cpu import cpu_name  # noqa: E402
 
-from kvrepl import models  # noqa: E402
-from kvrepl.engine import Engine, Sampling  # noqa: E402
+from kvrepl.chat.prompt import Prompt  # noqa: E402
+from kvrepl.engine import models  # noqa: E402
+from kvrepl.engine.engine import Engine, Sampling  # noqa: E402
 from kvrepl.events import Stats  # noqa: E402
-from kvrepl.prompt import Prompt  # noqa: E402
 
 FUNCTION = '''def average(values):
     """The mean of a list of numbers; 0.0 for an empty list."""

@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 from cpu_load import Others  # noqa: E402
 from synthetic import WORDS  # noqa: E402
 
-from kvrepl import models  # noqa: E402
-from kvrepl.engine import Engine, Sampling  # noqa: E402
+from kvrepl.chat.prompt import Prompt  # noqa: E402
+from kvrepl.engine import models  # noqa: E402
+from kvrepl.engine.engine import Engine, Sampling  # noqa: E402
 from kvrepl.events import Stats  # noqa: E402
-from kvrepl.prompt import Prompt  # noqa: E402
 
 # Reference figures measured earlier on this machine (see bench/README.md).
 REF_RAW_FORWARD_TTFT = {1000: 10.0, 4000: 29.0, 7000: 45.0}
@@ -721,12 +721,12 @@ def extras_at_context(
 
 
 def register_gqa_attention() -> str:
-    """kvrepl's own `sdpa_gqa` (kvrepl/attention.py), registered so that a model can be switched
-    to it and back for a side-by-side run."""
+    """kvrepl's own `sdpa_gqa` (kvrepl/backends/hf/attention.py), registered so that a model can be
+    switched to it and back for a side-by-side run."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from kvrepl import attention
+    from kvrepl.backends.hf import attention
 
     AttentionInterface.register(attention.NAME, attention.sdpa_gqa)
     AttentionMaskInterface.register(attention.NAME, sdpa_mask)
@@ -953,8 +953,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     lm = models.load(progress=False)
-    # kvrepl ships `sdpa_gqa` (kvrepl/attention.py) on the CPU. The main tables measure with
-    # transformers' own SDPA on both sides (the cache alone); the sdpa_gqa columns add it.
+    # kvrepl ships `sdpa_gqa` (kvrepl/backends/hf/attention.py) on the CPU. The main tables measure
+    # with transformers' own SDPA on both sides (the cache alone); the sdpa_gqa columns add it.
     lm.model.set_attn_implementation("sdpa")
     prompt = Prompt(lm.tokenizer)
     ends = prompt.end_token_ids(lm.model.generation_config)

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvrepl.engine import Engine, Sampling  # noqa: E402
+from kvrepl.engine.engine import Engine, Sampling  # noqa: E402
 
 SHAPES = {  # hidden, layers, heads, kv heads, ffn
     "135M": (576, 30, 9, 3, 1536),
@@ -73,7 +73,7 @@ def build(shape: str, ctx: int) -> Any:
 
 
 def gpu_model(model: Any, ctx: int) -> Any:
-    from kvrepl.gpu.model import GpuModel
+    from kvrepl.backends.gpu.model import GpuModel
 
     return GpuModel(model, ctx)
 
@@ -103,7 +103,7 @@ def _alone(fn: Any, rows: tuple[int, ...], batch: torch.Tensor) -> bool:
 
 
 def check_kernels() -> dict:
-    from kvrepl.gpu import triton_ops as T
+    from kvrepl.backends.gpu import triton_ops as T
 
     torch.manual_seed(0)
     out: dict[str, Any] = {}
@@ -156,9 +156,9 @@ def check_kernels() -> dict:
 
 
 def check_rope(T: Any) -> dict:
-    """matmul_rope against the torch contract (kvrepl/gpu/model.py), and row by row."""
-    from kvrepl.describe import RopeTable
-    from kvrepl.gpu.model import ops_for
+    """matmul_rope against the torch contract (kvrepl/backends/gpu/model.py), and row by row."""
+    from kvrepl.backends.describe import RopeTable
+    from kvrepl.backends.gpu.model import ops_for
 
     bf = {"device": "cuda", "dtype": torch.bfloat16}
     heads, kvh, d, m, pos0 = 32, 8, 128, 64, 1000
@@ -219,7 +219,7 @@ def check_model() -> dict:
 
 
 def check_engine(gm: Any) -> dict:
-    from kvrepl.kvstore import KVStore
+    from kvrepl.store.kvstore import KVStore
 
     reuse, fresh = engine(gm), engine(gm, reuse=False)
     ids: list[int] = []
@@ -273,8 +273,8 @@ def check_families(device: str = "cuda", backend: str = "triton") -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from families import FAMILIES, make_model, reference_logits
 
-    from kvrepl.describe import Unsupported
-    from kvrepl.gpu.model import GpuModel
+    from kvrepl.backends.describe import Unsupported
+    from kvrepl.backends.gpu.model import GpuModel
 
     out: dict[str, Any] = {}
     ids = tokens(40, 7)
@@ -338,9 +338,9 @@ def memory(context: int = 8192) -> list[dict]:
     peak while building; plus what the model's whole context would need."""
     import transformers
 
-    from kvrepl import placement
-    from kvrepl.describe import Arch
-    from kvrepl.gpu.model import GpuModel
+    from kvrepl.backends.describe import Arch
+    from kvrepl.backends.gpu.model import GpuModel
+    from kvrepl.engine import placement
 
     rows = []
     for name, (cls, sizes) in MEMORY_SHAPES.items():

@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_cpu import cpu_name  # noqa: E402
 from cpu_load import Others  # noqa: E402
 
-from kvrepl import models  # noqa: E402
-from kvrepl.engine import Engine, Sampling  # noqa: E402
-from kvrepl.prompt import Prompt  # noqa: E402
-from kvrepl.sampler import Sampler  # noqa: E402
+from kvrepl.chat.prompt import Prompt  # noqa: E402
+from kvrepl.engine import models  # noqa: E402
+from kvrepl.engine.engine import Engine, Sampling  # noqa: E402
+from kvrepl.engine.sampler import Sampler  # noqa: E402
 
 SAMPLINGS = {
     "greedy (no penalty)": Sampling.greedy(0),

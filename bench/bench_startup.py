@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    from kvrepl import models
+    from kvrepl.engine import models
 
     models.convert_gguf(models.embedded_gguf(), progress=False)
     prompts, readies = [], []

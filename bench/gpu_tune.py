@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvrepl.gpu import triton_ops as T  # noqa: E402
+from kvrepl.backends.gpu import triton_ops as T  # noqa: E402
 
 SHAPES = {  # name: (weight rows, K, glu)
     "135M": {"qkv": (960, 576, False), "o": (576, 576, False), "gu": (3072, 576, True),

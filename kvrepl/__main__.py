@@ -1,3 +1,3 @@
-from kvrepl.cli import entry
+from kvrepl.app.cli import entry
 
 entry()

@@ -54,7 +54,7 @@ def _embedded_model_converted(request: pytest.FixtureRequest) -> None:
     """Dequantize the embedded GGUF once, before any test starts kvrepl processes: on a fresh
     machine, several processes would otherwise each convert it at the same time. Skipped where
     no selected test needs the real model (a GPU run of `-m "not model"`, which has no GGUF)."""
-    from kvrepl import models
+    from kvrepl.engine import models
 
     if request.config.getoption("-m") == "not model":
         return
@@ -95,7 +95,7 @@ def script(monkeypatch: pytest.MonkeyPatch):
         def next_tensor(self, logits: object) -> torch.Tensor:
             return torch.tensor(next(self.ids))
 
-    monkeypatch.setattr("kvrepl.engine.Sampler", Scripted)
+    monkeypatch.setattr("kvrepl.engine.engine.Sampler", Scripted)
     return lambda *answers: queue.extend(list(a) for a in answers)
 
 
@@ -103,7 +103,7 @@ def script(monkeypatch: pytest.MonkeyPatch):
 def real():
     """The embedded SmolLM2-135M-Instruct as kvrepl runs it by default (the CPU fast path: the
     GGUF's own Q4_1/Q8_0 weights), loaded once for the whole test session."""
-    from kvrepl import models
+    from kvrepl.engine import models
 
     return models.load(progress=False)
 
@@ -111,7 +111,7 @@ def real():
 @pytest.fixture(scope="session")
 def real32():
     """The embedded model dequantized to float32 (`--dtype float32`), loaded once."""
-    from kvrepl import models
+    from kvrepl.engine import models
 
     return models.load(dtype="float32", progress=False)
 
@@ -119,7 +119,7 @@ def real32():
 @pytest.fixture(scope="session")
 def gemma():
     """Gemma 3 270M (Q4_K_M GGUF) on the CPU fast path, loaded once."""
-    from kvrepl import models
+    from kvrepl.engine import models
 
     return models.load(str(gemma_gguf()), progress=False)
 

@@ -81,7 +81,7 @@ def write_gguf(model: Any, family: str, path: Path, qtype: str = "F32") -> Path:
     architecture: matrices in `qtype` (gguf-py's quantizers), norms and biases F32."""
     import gguf
 
-    from kvrepl.describe import GGUF_FUSED, GGUF_NAMES, GGUF_TOP, Arch, hf_weights
+    from kvrepl.backends.describe import GGUF_FUSED, GGUF_NAMES, GGUF_TOP, Arch, hf_weights
 
     arch = Arch.from_config(model.config)
     gguf_arch = FAMILIES[family][2]

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from helpers import Harness, make_harness
 
-from kvrepl import fingerprint as fingerprints
 from kvrepl.config import Settings
-from kvrepl.kvstore import KVStore
-from kvrepl.store import Store
+from kvrepl.engine import fingerprint as fingerprints
+from kvrepl.store.db import Store
+from kvrepl.store.kvstore import KVStore
 
 ANSI = "\x1b"
 STATS = re.compile(r"^reused [\d,]+ · prefilled [\d,]+ · generated [\d,]+ ", re.M)
@@ -59,7 +59,7 @@ def make_fault_model(tok: Any, seed: int = 0, *, sliding_window: int | None = No
 def make_loaded(model: Any, tok: Any, *, label: str = "tiny", dtype: str = "float32",
                 context_length: int = 256, fingerprint: str | None = None) -> Any:  # fmt: skip
     """A LoadedModel built by hand; the fingerprint is the product's own function of it."""
-    from kvrepl import models
+    from kvrepl.engine import models
 
     fp = fingerprint or fingerprints.fingerprint(label, model.config, dtype, tok)
     source = models.ModelSource("folder", Path("/nonexistent") / label, label)
@@ -99,8 +99,8 @@ def reference_answer(loaded: Any, messages: list[dict[str, str]] | list[int],
                      max_tokens: int) -> list[int]:  # fmt: skip
     """The greedy answer ids of a fresh engine that reuses nothing (the baseline), for these
     messages or these prompt ids."""
-    from kvrepl.engine import Engine, Sampling
-    from kvrepl.prompt import Prompt
+    from kvrepl.chat.prompt import Prompt
+    from kvrepl.engine.engine import Engine, Sampling
 
     prompt = Prompt(loaded.tokenizer)
     ends = prompt.end_token_ids(getattr(loaded.model, "generation_config", None))
@@ -125,7 +125,7 @@ def assert_last_answer_is_recompute(h: Harness) -> None:
 @torch.inference_mode()
 def assert_cache_true(engine: Any) -> None:
     """`pc.check()`, and every position holds the K/V a fresh forward pass computes for it."""
-    from kvrepl.cache import PromptCache
+    from kvrepl.engine.cache import PromptCache
 
     pc = engine.pc
     pc.check()
@@ -148,7 +148,7 @@ def assert_whole_turns(h: Harness, n_turns: int) -> None:
 
 def assert_snapshot_clean(h: Harness) -> None:
     """A fresh KVStore loads the snapshot with no note, and it holds exactly the engine's ids."""
-    from kvrepl.kvstore import KVStore
+    from kvrepl.store.kvstore import KVStore
 
     store = KVStore(h.home / "kv")
     result = store.load_session(h.sid, h.loaded.fingerprint)
@@ -163,7 +163,7 @@ def assert_snapshot_clean(h: Harness) -> None:
 
 def chunk_files(home: Path, sid: str) -> dict[str, bytes]:
     """The session's last snapshot, file name -> bytes."""
-    from kvrepl.kvstore import KVStore
+    from kvrepl.store.kvstore import KVStore
 
     return {p.name: p.read_bytes() for p in KVStore(home / "kv").session_paths(sid)}
 
@@ -212,7 +212,7 @@ def forge_dtype(path: Path, dtype: torch.dtype) -> None:
     everything in order except that the model computes in another dtype."""
     from safetensors.torch import load, save
 
-    from kvrepl.kvstore import crc32s
+    from kvrepl.store.kvstore import crc32s
 
     buf = path.read_bytes()
     meta = header(buf)[1]["__metadata__"]

@@ -68,7 +68,7 @@ def install_fault(spec: str) -> None:
         return count[0] == nth
 
     if name == "kill-after-commit":
-        from kvrepl.kvstore import KVStore
+        from kvrepl.store.kvstore import KVStore
 
         save = KVStore.save
 
@@ -79,7 +79,7 @@ def install_fault(spec: str) -> None:
 
         KVStore.save = save_or_die
     elif name == "snapshot-then-kill":
-        from kvrepl.chat import Conversation
+        from kvrepl.chat.conversation import Conversation
 
         at = Conversation.at
 
@@ -102,7 +102,7 @@ def install_fault(spec: str) -> None:
     elif name == "kill-mid-write":
         import builtins
 
-        from kvrepl import kvbook
+        from kvrepl.store import kvbook
 
         def fault_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
             f = builtins.open(file, mode, *a, **k)
@@ -115,6 +115,6 @@ def install_fault(spec: str) -> None:
 
 if __name__ == "__main__":
     install_fault(sys.argv[1])
-    from kvrepl.cli import main
+    from kvrepl.app.cli import main
 
     sys.exit(main(sys.argv[2:]))

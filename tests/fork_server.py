@@ -31,8 +31,11 @@ from typing import Any
 from probes import ModelProbe
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (imported once)
 
-import kvrepl.engine  # noqa: F401  (imported once, before the forks)
-from kvrepl import cli, kvbook, kvstore, models, store
+import kvrepl.engine.engine  # noqa: F401  (imported once, before the forks)
+from kvrepl.app import cli
+from kvrepl.engine import models
+from kvrepl.store import db as store
+from kvrepl.store import kvbook, kvstore
 
 # The statement that writes an answer's turns row (sqlite-utils spells the table in brackets).
 TURNS_INSERT = re.compile(r"\s*INSERT\s+(OR\s+\w+\s+)?INTO\s+[\[\"`]?turns\b", re.I)

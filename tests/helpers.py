@@ -15,17 +15,18 @@ from typing import Any
 from probes import ModelProbe
 from rich.console import Console
 
-from kvrepl.chat import Conversation
-from kvrepl.commands import build_registry
+from kvrepl.app.commands import build_registry
+from kvrepl.app.render import Renderer, make_console
+from kvrepl.app.renderers import make_renderer
+from kvrepl.app.repl import Repl
+from kvrepl.app.turnlines import TurnResult
+from kvrepl.chat.conversation import Conversation
+from kvrepl.chat.handle import ModelHandle, Runtime
 from kvrepl.config import Settings
+from kvrepl.engine.models import LoadedModel, ModelSource
 from kvrepl.events import Stats, TurnEvent
-from kvrepl.handle import ModelHandle, Runtime
-from kvrepl.kvstore import KVStore
-from kvrepl.models import LoadedModel, ModelSource
-from kvrepl.render import Renderer, make_console
-from kvrepl.repl import Repl
-from kvrepl.store import Store
-from kvrepl.turnlines import TurnResult
+from kvrepl.store.db import Store
+from kvrepl.store.kvstore import KVStore
 
 WIDTH = 80
 TINY_SETTINGS = Settings(temperature=0.0, max_tokens=6)
@@ -145,7 +146,7 @@ def make_harness(
     else:
         console = Console(file=out, width=width, force_terminal=True, color_system=None,
                           highlight=False)  # fmt: skip
-    renderer = Renderer(console, plain=plain)
+    renderer = make_renderer(console, plain=plain)
     probe = ModelProbe(loaded.model)
     rt = Runtime.build(dataclasses.replace(loaded, model=probe), settings)
     db, snapshots = store(home / "kvrepl.db"), kv(home / "kv")

@@ -102,7 +102,7 @@ GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 def gemma_gguf() -> Path:
     """Gemma 3 270M's GGUF file, concatenated once from the installed packages' parts (into the
     model cache) and checked; a missing part fails the test (the set-up installs them)."""
-    from kvrepl import models
+    from kvrepl.engine import models
 
     target = models.cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
     if target.is_file() and target.stat().st_size > 250_000_000:

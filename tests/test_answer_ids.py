@@ -20,11 +20,11 @@ from fault_helpers import (
 from helpers import close_conversation, open_conversation
 from makers import make_thinking_tokenizer
 
-from kvrepl.chat import Conversation
+from kvrepl.chat.conversation import Conversation
+from kvrepl.chat.prompt import Prompt
 from kvrepl.config import Settings
-from kvrepl.engine import common_prefix
+from kvrepl.engine.engine import common_prefix
 from kvrepl.events import Notice, Stats, TextDelta
-from kvrepl.prompt import Prompt
 
 ANSWER = "The capital of France is Paris."
 

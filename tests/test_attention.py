@@ -1,5 +1,5 @@
-"""`sdpa_gqa` (kvrepl/attention.py) gives what transformers' own SDPA path gives: same logits
-for a decode step, for a prefill chunk after cached tokens, and for a first prefill."""
+"""`sdpa_gqa` (kvrepl/backends/hf/attention.py) gives what transformers' own SDPA path gives: same
+logits for a decode step, for a prefill chunk after cached tokens, and for a first prefill."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import copy
 
 import torch
 
-from kvrepl.attention import use_sdpa_gqa
-from kvrepl.engine import Engine, Sampling
+from kvrepl.backends.hf.attention import use_sdpa_gqa
+from kvrepl.engine.engine import Engine, Sampling
 
 
 def _engines(tiny):

@@ -13,11 +13,12 @@ import torch
 from families import make_model
 from helpers import Harness, lines_of, make_harness, tiny_loaded
 
-from kvrepl import models, native, placement
+from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.gguf_model import from_hf
+from kvrepl.backends.describe import Arch, context_for
+from kvrepl.backends.gpu.model import GpuModel
 from kvrepl.config import Settings
-from kvrepl.describe import Arch, context_for
-from kvrepl.gguf_model import from_hf
-from kvrepl.gpu.model import GpuModel
+from kvrepl.engine import models, placement
 
 SETTINGS = Settings(temperature=0.0, max_tokens=6, kv_budget_mb=64)
 

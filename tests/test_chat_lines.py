@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import make_harness, tiny_loaded
 
-from kvrepl.chat import _check_fits, _tokens
+from kvrepl.chat.conversation import _check_fits, _tokens
 from kvrepl.config import Settings
 from kvrepl.errors import PromptError
 

@@ -19,14 +19,14 @@ import pytest
 from helpers import close_conversation, open_conversation
 from procs import Done, run_kvrepl
 
-from kvrepl import cli
+from kvrepl.app import cli
+from kvrepl.app.listing import format_size
+from kvrepl.chat.guards import SessionLock
 from kvrepl.config import Settings, load_settings
+from kvrepl.engine.models import LoadedModel, ModelSource
 from kvrepl.events import Stats
-from kvrepl.guards import SessionLock
-from kvrepl.kvstore import KVStore
-from kvrepl.listing import format_size
-from kvrepl.models import LoadedModel, ModelSource
-from kvrepl.store import STAT_NAMES, Store
+from kvrepl.store.db import STAT_NAMES, Store
+from kvrepl.store.kvstore import KVStore
 
 TINY = Settings(temperature=0.0, max_tokens=8, repetition_penalty=3.0)
 FP = "tiny-fingerprint"

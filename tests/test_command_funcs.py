@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from kvrepl.commands import (
+from kvrepl.app.commands import (
     BUILTINS,
     Command,
     Context,
@@ -26,10 +26,10 @@ from kvrepl.commands import (
     cmd_think,
     session_rows,
 )
+from kvrepl.app.renderers import make_renderer
 from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.errors import UsageError
-from kvrepl.render import Renderer
-from kvrepl.store import Message, SessionSummary
+from kvrepl.store.db import Message, SessionSummary
 
 
 class FakeSessions:
@@ -79,7 +79,7 @@ def message(role: str, content: str, interrupted: bool = False) -> Message:
 
 def context(chat: Any = None, *, interactive: bool = True) -> tuple[Context, io.StringIO]:
     out = io.StringIO()
-    renderer = Renderer(Console(file=out, width=80, force_terminal=False), plain=True)
+    renderer = make_renderer(Console(file=out, width=80, force_terminal=False), plain=True)
     return Context(chat or FakeChat(), renderer, build_registry(), interactive), out
 
 
@@ -87,7 +87,7 @@ def test_every_builtin_is_a_plain_module_function_declared_once():
     names = [cmd.name for cmd in BUILTINS]
     assert len(names) == len(set(names)) == len(build_registry().commands)
     for cmd in BUILTINS:
-        assert cmd.func.__module__ == "kvrepl.commands"
+        assert cmd.func.__module__ == "kvrepl.app.commands"
         assert cmd.func.__qualname__ == f"cmd_{cmd.name}"
 
 

@@ -12,16 +12,16 @@ import pytest
 from fault_helpers import fault_harness, make_fault_model, make_loaded
 from helpers import Harness, children, lines_of, make_harness, stats_lines, tiny_loaded
 
-from kvrepl.chat import Conversation
-from kvrepl.commands import build_registry
+from kvrepl.app.commands import build_registry
+from kvrepl.app.listing import format_size
+from kvrepl.app.registry import Command
+from kvrepl.app.repl import line_loop
+from kvrepl.chat.conversation import Conversation
+from kvrepl.chat.handle import ModelHandle
 from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.errors import KvreplError
-from kvrepl.handle import ModelHandle
-from kvrepl.kvstore import KVStore
-from kvrepl.listing import format_size
-from kvrepl.registry import Command
-from kvrepl.repl import line_loop
-from kvrepl.store import STAT_NAMES, Store
+from kvrepl.store.db import STAT_NAMES, Store
+from kvrepl.store.kvstore import KVStore
 
 # A repetition penalty makes the random tiny model write visible text instead of newlines.
 SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=3.0)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvrepl import cli
-from kvrepl.args import chat_parser, flag_settings, parse
+from kvrepl.app import cli
+from kvrepl.app.args import chat_parser, flag_settings, parse
 from kvrepl.config import (
     OPTIONS,
     SESSION_KEYS,
@@ -21,7 +21,7 @@ from kvrepl.config import (
     parse_setting,
     setting_help,
 )
-from kvrepl.engine import Sampling
+from kvrepl.engine.engine import Sampling
 from kvrepl.errors import UsageError
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from families import FAMILIES, make_model, reference_logits, write_gguf
 
-from kvrepl import models, native
-from kvrepl.describe import Arch, Unsupported
-from kvrepl.gguf_model import GGUFTensors, build, from_hf
+from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.gguf_model import GGUFTensors, build, from_hf
+from kvrepl.backends.describe import Arch, Unsupported
+from kvrepl.engine import models
 
 IDS = [1, 17, 250, 33, 90, 5, 311, 64, 12, 7, 199, 42, 3, 88, 150, 21, 9, 260, 77, 31]
 
@@ -91,7 +92,7 @@ def test_fast_path_is_batch_invariant_on_every_family(family, kernels):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gpu_path_logic_computes_what_transformers_computes(family):
-    from kvrepl.gpu.model import GpuModel
+    from kvrepl.backends.gpu.model import GpuModel
 
     model = make_model(family, seed=3)
     gpu = GpuModel(model, 256, backend="torch")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from makers import make_tiny_model, make_tokenizer
 
-from kvrepl.engine import Engine, Sampling
-from kvrepl.kvstore import KVStore
+from kvrepl.engine.engine import Engine, Sampling
+from kvrepl.store.kvstore import KVStore
 
 # Where it ran instead (CI has no GPU): say it again when it runs on another.
 GPU_SKIP = ("needs a GPU, which CI has not; passed on an NVIDIA H100 80GB (torch 2.11.0+cu130, "

@@ -15,14 +15,15 @@ import torch
 from chisq import critical, two_sample
 from makers import make_tiny_model, make_tokenizer
 
-from kvrepl import models, native
+from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
+from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.gguf_model import from_hf
+from kvrepl.chat.prompt import Prompt
 from kvrepl.config import Settings
-from kvrepl.draft import MAX_DRAFT, Drafter, DraftPolicy, Lookup
-from kvrepl.engine import Engine, Sampling
+from kvrepl.engine import models
+from kvrepl.engine.draft import MAX_DRAFT, Drafter, DraftPolicy, Lookup
+from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.events import Finish, Stats, TextDelta
-from kvrepl.gguf_model import from_hf
-from kvrepl.prompt import Prompt
-from kvrepl.turnlines import TurnResult, format_stats, turn_object
 
 LIST = ("Here is a shopping list:\n- apples\n- bread\n- milk\n- eggs\n- cheddar cheese\n"
         "- tomatoes\n- olive oil\n- rice\n- chicken breast\n- coffee beans\n\n"

@@ -1,4 +1,4 @@
-"""Tests for kvrepl.engine: the prompt cache invariant after every operation, prefix reuse,
+"""Tests for kvrepl.engine.engine: the prompt cache invariant after every operation, prefix reuse,
 chunked prefill, the growing cache layer, the sampler, stop tokens, and greedy equivalence of
 reuse against recomputation on the real embedded model: on its fast path bit for bit (logits and
 every layer's K/V), in float32 (transformers, not batch-invariant) token for token."""
@@ -14,12 +14,13 @@ import torch
 from fault_helpers import make_fault_model
 from transformers.cache_utils import DynamicLayer
 
-from kvrepl.backend import KernelBackend
-from kvrepl.cache import _GROW_STEP, GrowingLayer, PromptCache, hf_layers
-from kvrepl.engine import Engine, Plan, Sampler, Sampling, common_prefix
+from kvrepl.backends.layers import _GROW_STEP, GrowingLayer
+from kvrepl.backends.protocol import KernelBackend
+from kvrepl.chat.prompt import Prompt
+from kvrepl.engine.cache import PromptCache, hf_layers
+from kvrepl.engine.engine import Engine, Plan, Sampler, Sampling, common_prefix
 from kvrepl.errors import PromptError
 from kvrepl.events import DRAFT_FIELDS, Finish, Stats, TextDelta
-from kvrepl.prompt import Prompt
 
 GREEDY = Sampling(temperature=0, max_tokens=12)
 
@@ -364,7 +365,7 @@ def test_invariant_after_restore(tiny):
 def test_restore_into_a_cache_that_holds_room_from_an_earlier_turn(tiny, tmp_path):
     """Going back to a branch whose chunks are on disk: they are copied into buffers a longer
     turn left (made under inference mode), not into new ones."""
-    from kvrepl.kvstore import KVStore
+    from kvrepl.store.kvstore import KVStore
 
     store, e = KVStore(tmp_path), make_engine(tiny)
     a = random_ids(40, seed=18)
@@ -648,7 +649,7 @@ def test_decode_rate_counts_only_the_generated_tokens(tiny, monkeypatch: pytest.
     stop = next(t for i, t in enumerate(first) if i >= 2 and t not in first[:i])
     n = first.index(stop)
     clock = itertools.count()
-    monkeypatch.setattr("kvrepl.engine.time.perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr("kvrepl.engine.engine.time.perf_counter", lambda: float(next(clock)))
     engine = Engine(model, tok, end_ids={stop}, context_length=512)
     stats = list(engine.stream(ids, greedy))[-1]
     assert stats.generated_tokens == n

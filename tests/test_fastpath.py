@@ -15,11 +15,12 @@ import pytest
 import torch
 from makers import make_tokenizer
 
-from kvrepl import models, native
-from kvrepl.engine import Engine, Sampling
+from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.gguf_model import from_gguf, from_hf, qk_order
+from kvrepl.backends.cpu.quant import LAYOUT, Packed, pack, quantize
+from kvrepl.engine import models
+from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.errors import ModelError
-from kvrepl.gguf_model import from_gguf, from_hf, qk_order
-from kvrepl.quant import LAYOUT, Packed, pack, quantize
 
 QUANTIZABLE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]  # gguf-py quantizes these
 ALL_TYPES = QUANTIZABLE + ["Q4_K", "Q6_K", "F16", "BF16"]
@@ -298,7 +299,7 @@ def test_reuse_equals_recompute_bit_for_bit_on_a_quantized_tiny_model(kernels):
 def test_a_branch_on_disk_restores_into_the_room_a_longer_turn_left(kernels, tmp_path):
     """/branch back to a branch whose chunks are on disk: they are copied into the buffers the
     turns before left (made under inference mode), and decoding goes on from them exactly."""
-    from kvrepl.kvstore import KVStore
+    from kvrepl.store.kvstore import KVStore
 
     tok = make_tokenizer()
     fast = from_hf(make_family("llama", len(tok), seed=4, tied=False), "Q4_1", kernels, 512)
@@ -433,7 +434,7 @@ def test_a_start_where_no_compiler_runs_falls_back_with_one_line(real32, tmp_pat
     from fault_helpers import reference_answer
     from procs import run_kvrepl
 
-    from kvrepl.store import Store
+    from kvrepl.store.db import Store
 
     home, cc = tmp_path / "store", tmp_path / "no-such-cc"
     args = ["--temperature", "0", "--repetition-penalty", "1", "--max-tokens", "6", "Say hi."]

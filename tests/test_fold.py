@@ -1,12 +1,12 @@
-"""The input's folded view (kvrepl/fold.py) as a function: when a line folds, what of it is shown,
-where the cursor lands, and that every position maps both ways. tests/test_tmux.py sees it on a
-real screen, with pastes of 6,000 and 20,000 characters."""
+"""The input's folded view (kvrepl/app/fold.py) as a function: when a line folds, what of it is
+shown, where the cursor lands, and that every position maps both ways. tests/test_tmux.py sees it on
+a real screen, with pastes of 6,000 and 20,000 characters."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvrepl.fold import plan_fold
+from kvrepl.app.fold import plan_fold
 
 WIDTH, ROWS, PROMPT = 80, 10, 2
 

@@ -16,7 +16,7 @@ from fault_helpers import fault_harness, reference_answer
 from makers import gemma_gguf
 from procs import run_kvrepl
 
-from kvrepl.store import Store
+from kvrepl.store.db import Store
 
 STATS = re.compile(r"reused ([\d,]+) · prefilled ([\d,]+) · generated ([\d,]+)")
 LONG = " ".join(

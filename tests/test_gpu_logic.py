@@ -1,6 +1,6 @@
-"""The GPU path's logic, on the CPU (CI has no GPU): kvrepl/gpu/model.py with its torch backend
-over the tiny Llama, untied so that its greedy answers are varied tokens (a tied one repeats the
-prompt's last token, and every comparison of answers would pass). The cache has a fixed capacity
+"""The GPU path's logic, on the CPU (CI has no GPU): kvrepl/backends/gpu/model.py with its torch
+backend over the tiny Llama, untied so that its greedy answers are varied tokens (a tied one repeats
+the prompt's last token, and every comparison of answers would pass). The cache has a fixed capacity
 whose buffers never move while it fills, is cut back by a length change, saves and restores
 through the snapshot store; reuse equals recomputation; the decoder agrees with transformers. The
 kernels themselves and the CUDA graph are checked on a GPU (bench/bench_gpu.py --check); a
@@ -15,9 +15,9 @@ import pytest
 import torch
 from makers import make_tiny_model, make_tokenizer
 
-from kvrepl.engine import Engine, Sampling
-from kvrepl.gpu.model import GpuModel
-from kvrepl.kvstore import KVStore
+from kvrepl.backends.gpu.model import GpuModel
+from kvrepl.engine.engine import Engine, Sampling
+from kvrepl.store.kvstore import KVStore
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,9 @@ def test_reuse_equals_recompute_and_the_snapshot_round_trips(gpu, tmp_path):
 
 def test_a_machine_without_cuda_imports_none_of_the_gpu_path():
     code = (
-        "import sys, kvrepl.models, kvrepl.engine, kvrepl.chat, kvrepl.cli\n"
-        "assert not any(m.startswith(('kvrepl.gpu', 'triton')) for m in sys.modules), "
+        "import sys, kvrepl.engine.models, kvrepl.engine.engine, kvrepl.chat.conversation\n"
+        "import kvrepl.app.cli\n"
+        "assert not any(m.startswith(('kvrepl.backends.gpu', 'triton')) for m in sys.modules), "
         "sorted(m for m in sys.modules if 'gpu' in m or 'triton' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from kvrepl.chat.guards import SessionLock
 from kvrepl.errors import StoreError
-from kvrepl.guards import SessionLock
 
 ROOT = Path(__file__).resolve().parent.parent
 REFUSED = "this session is open in another kvrepl (pid {}); close it there first"
@@ -43,7 +43,7 @@ HOLD = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from kvrepl.guards import SessionLock
+from kvrepl.chat.guards import SessionLock
 lock = SessionLock(Path(sys.argv[2]), "abc")
 print("held", flush=True)
 time.sleep(60)

@@ -1,4 +1,4 @@
-"""The model handle (kvrepl/handle.py): the one door to the model. Loaded in a thread or given
+"""The model handle (kvrepl/chat/handle.py): the one door to the model. Loaded in a thread or given
 ready; `get()` waits and re-raises a failure as one KvreplError; the label, the status and the
 cached-token count never wait."""
 
@@ -9,9 +9,9 @@ import threading
 import pytest
 from helpers import TINY_SETTINGS, tiny_loaded
 
+from kvrepl.chat.handle import ModelHandle, Runtime
 from kvrepl.config import Settings
 from kvrepl.errors import KvreplError, UsageError
-from kvrepl.handle import ModelHandle, Runtime
 
 
 def test_a_handle_given_a_runtime_is_ready_and_says_what_it_holds(tiny):

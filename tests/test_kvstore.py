@@ -26,12 +26,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from kvrepl import kvbook
 from kvrepl.errors import SnapshotError
-from kvrepl.kvbook import Pool, Ref
-from kvrepl.kvbudget import Eviction
-from kvrepl.kvstore import KVStore
-from kvrepl.stfile import BadChunk, chunk_bytes, ids_bytes, parse_chunk, read_chunk
+from kvrepl.store import kvbook
+from kvrepl.store.kvbook import Pool, Ref
+from kvrepl.store.kvbudget import Eviction
+from kvrepl.store.kvstore import KVStore
+from kvrepl.store.stfile import BadChunk, chunk_bytes, ids_bytes, parse_chunk, read_chunk
 
 FP = "0123456789abcdef"  # a model fingerprint (hex, as models.fingerprint's: its pool's name)
 OTHER = "fedcba9876543210"
@@ -674,7 +674,7 @@ def test_a_chunk_made_by_another_model(three, reload):
 
 def forge_dtype(path: Path, dtype: torch.dtype) -> None:
     """Rewrite a chunk with its K/V in another dtype, metadata and CRCs made to match."""
-    from kvrepl.stfile import crc32s
+    from kvrepl.store.stfile import crc32s
 
     buf = path.read_bytes()
     meta = json.loads(buf[8 : header_len(path)])["__metadata__"]
@@ -1024,7 +1024,7 @@ def sequences(seed, steps=300):
 if __name__ == "__main__":  # a zygote: imports once, forks one saver per round
     import os
     from pathlib import Path
-    from kvrepl import kvstore
+    from kvrepl.store import kvstore
     torch.set_num_threads(1)
     print("ready", flush=True)
     for line in sys.stdin:

@@ -1,5 +1,5 @@
-"""Tests for kvrepl.models: resolving a model spec (with errors that say what was tried), dtype
-choice, the fingerprint, and reuse of the converted GGUF folder."""
+"""Tests for kvrepl.engine.models: resolving a model spec (with errors that say what was tried),
+dtype choice, the fingerprint, and reuse of the converted GGUF folder."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from makers import CHATML
 from procs import PYTHON, kvrepl_env
 
-from kvrepl import fingerprint, models
+from kvrepl.engine import fingerprint, models
 from kvrepl.errors import ModelError
 
 
@@ -154,7 +154,7 @@ def test_fingerprint_is_stable_and_changes_with_dtype_and_chat_template(real32, 
 
     base = fp()
     # Stable: the same model loaded again, from its files, by another process, gets it.
-    code = ("from kvrepl import models; "
+    code = ("from kvrepl.engine import models; "
             "print(models.load(dtype='float32', progress=False).fingerprint)")  # fmt: skip
     again = subprocess.run([str(PYTHON), "-c", code], capture_output=True, text=True, check=True,
                            env=kvrepl_env(PYTHONHASHSEED="12345"))  # fmt: skip

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kvrepl import models, native
-from kvrepl.gguf_model import from_hf
+from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.gguf_model import from_hf
+from kvrepl.engine import models
 
 Run = tuple[list[torch.Tensor], list]
 
@@ -173,8 +174,9 @@ def test_smollm2_agrees_with_avx2_over_650_tokens(real, variants):
 
 PARKED = """
 import ctypes, time, torch
-from kvrepl import models, native
-from kvrepl.quant import quantize
+from kvrepl.engine import models
+from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.quant import quantize
 k = native.kernels(models.cache_dir())
 torch.set_num_threads(2)
 w, x, out = quantize(torch.randn(256, 256), "Q8_0"), torch.randn(64, 256), torch.empty(64, 256)

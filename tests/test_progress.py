@@ -17,11 +17,11 @@ from test_render import (
     tty_console,
 )
 
+from kvrepl.app.renderers import make_renderer
+from kvrepl.app.turnlines import PROGRESS_AFTER_S, format_progress
 from kvrepl.config import Settings
-from kvrepl.engine import Engine, Sampling
+from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.events import Finish, Progress, TextDelta, ThinkDelta
-from kvrepl.render import Renderer
-from kvrepl.turnlines import PROGRESS_AFTER_S, format_progress
 
 GREEDY = Sampling(temperature=0, max_tokens=3)
 LINE = "prefill 1,536 / 5,600 tokens · 240 tok/s · 17 s left"
@@ -103,7 +103,7 @@ def test_format_progress():
 
 def test_the_line_shows_past_a_second_and_goes_when_the_answer_starts():
     console = tty_console()
-    renderer = Renderer(console, refresh_interval=0)
+    renderer = make_renderer(console, refresh_interval=0)
     renderer.begin()
     renderer.feed(EARLY)
     assert output(console) == ""  # under a second: nothing
@@ -119,7 +119,7 @@ def test_the_line_shows_past_a_second_and_goes_when_the_answer_starts():
 
 def test_thinking_also_takes_the_lines_place():
     console = tty_console()
-    renderer = Renderer(console, refresh_interval=0)
+    renderer = make_renderer(console, refresh_interval=0)
     renderer.begin()
     renderer.feed(LATE)
     renderer.feed(ThinkDelta("hmm"))
@@ -131,7 +131,7 @@ def test_thinking_also_takes_the_lines_place():
 
 def test_ctrl_c_during_the_prefill_leaves_only_the_stats_line():
     console = tty_console()
-    renderer = Renderer(console, refresh_interval=0)
+    renderer = make_renderer(console, refresh_interval=0)
     renderer.begin()
     renderer.feed(LATE)
     renderer.end(interrupted=True, stats=STATS)
@@ -140,8 +140,8 @@ def test_ctrl_c_during_the_prefill_leaves_only_the_stats_line():
 
 def test_plain_output_never_shows_progress():
     console = plain_console()
-    render_events(Renderer(console), [EARLY, LATE, TextDelta("Hi."), Finish("stop"), STATS])
+    render_events(make_renderer(console), [EARLY, LATE, TextDelta("Hi."), Finish("stop"), STATS])
     assert output(console) == f"Hi.\n{STATS_LINE}\n"
     err, out = plain_console(), plain_console()
-    render_events(Renderer(out, err=err), [LATE, TextDelta("Hi."), Finish("stop"), STATS])
+    render_events(make_renderer(out, err=err), [LATE, TextDelta("Hi."), Finish("stop"), STATS])
     assert (output(out), output(err)) == ("Hi.\n", f"{STATS_LINE}\n")

@@ -1,12 +1,12 @@
 """The promise, where users stand: greedy output with cache reuse equals `--no-reuse`, after every
 operation a user can make, on every model and backend kvrepl runs.
 
-One scenario runs twice through the Conversation API (kvrepl/chat.py, as the REPL reaches it): a
-conversation that reuses its cache and one that recomputes every turn (`--no-reuse`), each in its
-own store. Turns, an edit, a retry, an undo, /branch to the first branch and back (its K/V come
-back from disk), a resume by a new kvrepl process, Ctrl-C in the engine and at the screen. After
-every step both hold the same messages, every answer as the same ids; the cache reuse is seen to
-happen (or the comparison proves nothing); and on a fast path, whose kernels are
+One scenario runs twice through the Conversation API (kvrepl/chat/conversation.py, as the REPL
+reaches it): a conversation that reuses its cache and one that recomputes every turn (`--no-reuse`),
+each in its own store. Turns, an edit, a retry, an undo, /branch to the first branch and back (its
+K/V come back from disk), a resume by a new kvrepl process, Ctrl-C in the engine and at the screen.
+After every step both hold the same messages, every answer as the same ids; the cache reuse is seen
+to happen (or the comparison proves nothing); and on a fast path, whose kernels are
 batch-invariant, bit for bit: the logits of the prompt's end (reached over the reused cache, and
 from nothing by --no-reuse) and of each step of the answer, and the reuse run's cache against a
 recomputation of its ids from nothing (the K and V of every layer, the last position's logits).
@@ -30,16 +30,16 @@ from helpers import close_conversation, open_conversation
 from makers import make_tiny_model, make_tokenizer
 from procs import Kvrepl
 
-from kvrepl import models
-from kvrepl.backend import KernelBackend
-from kvrepl.chat import Conversation
+from kvrepl.backends.protocol import KernelBackend
+from kvrepl.chat.conversation import Conversation
+from kvrepl.chat.turn import Turn
 from kvrepl.config import Settings
-from kvrepl.engine import Engine, common_prefix
+from kvrepl.engine import models
+from kvrepl.engine.engine import Engine, common_prefix
+from kvrepl.engine.models import LoadedModel
+from kvrepl.engine.sampler import Sampler
 from kvrepl.events import TextDelta
-from kvrepl.kvstore import KVStore
-from kvrepl.models import LoadedModel
-from kvrepl.sampler import Sampler
-from kvrepl.turn import Turn
+from kvrepl.store.kvstore import KVStore
 
 MAX_TOKENS = 12
 SETTINGS = Settings(temperature=0.0, repetition_penalty=1.0, max_tokens=MAX_TOKENS)

@@ -1,4 +1,4 @@
-"""Tests for kvrepl.prompt: rendering through the chat template, safety against special-token
+"""Tests for kvrepl.chat.prompt: rendering through the chat template, safety against special-token
 injection, end tokens, incremental decoding of multi-byte text, and <think> splitting."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import pytest
 from helpers import control_token_ids
 from makers import CHATML, make_tokenizer
 
+from kvrepl.chat.prompt import Prompt, ThinkSplitter
+from kvrepl.engine.detokenize import IncrementalDecoder
 from kvrepl.errors import PromptError
 from kvrepl.events import TextDelta, ThinkDelta
-from kvrepl.prompt import IncrementalDecoder, Prompt, ThinkSplitter
 
 
 @pytest.fixture(params=["tiny", pytest.param("real", marks=pytest.mark.model)])

@@ -13,8 +13,9 @@ import pytest
 import torch
 from makers import gemma_gguf
 
-from kvrepl import models, native
-from kvrepl.quant import LAYOUT, Packed, QuantError, pack
+from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.quant import LAYOUT, Packed, QuantError, pack
+from kvrepl.engine import models
 
 # byte offsets of each block type's float16 fields (scales d, dmin), as ggml lays them out
 F16_FIELDS = {

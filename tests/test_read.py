@@ -30,11 +30,11 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from test_repl import ANSI, ENTER
 
+from kvrepl.app.keys import SlashCompleter
+from kvrepl.app.userfiles import Attachment, compose
 from kvrepl.config import Settings
 from kvrepl.events import Progress
-from kvrepl.keys import SlashCompleter
-from kvrepl.store import Store
-from kvrepl.userfiles import Attachment, compose
+from kvrepl.store.db import Store
 
 SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=3.0)
 NOTES = "The capital of France is Paris.\nHello there, how are you?\n"
@@ -171,7 +171,7 @@ def test_a_message_that_cannot_fit_with_its_file_keeps_the_file_for_the_next(h, 
 
 
 def test_a_file_never_followed_by_a_message_fails_the_line_loop(h, notes):
-    from kvrepl.repl import line_loop
+    from kvrepl.app.repl import line_loop
 
     assert line_loop(h.repl, [f"/read {notes}\n", "/history\n"]) == 1
     assert h.text().endswith(f"error: {notes} not sent: no message came after it\n")
@@ -227,7 +227,7 @@ def test_tab_then_enter_reads_the_file_in_the_interactive_loop(tiny, tmp_path, n
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
 
-    from kvrepl.repl import interactive_loop
+    from kvrepl.app.repl import interactive_loop
 
     h = make_harness(tmp_path / "store", tiny_loaded(tiny), settings=SETTINGS, interactive=True)
     sessions: list[Any] = []
@@ -362,7 +362,7 @@ def test_dash_f_over_the_context_is_one_line_and_stores_nothing(model_dir, tmp_p
                                                                monkeypatch):  # fmt: skip
     """In process (the CLI's own main; stdout is not a terminal): the tiny model's context is
     512 tokens, and the file alone is more."""
-    from kvrepl import cli
+    from kvrepl.app import cli
 
     big = tmp_path / "big.txt"
     big.write_text("hello there " * 400)

@@ -1,4 +1,5 @@
-"""Tests for kvrepl.render: streaming without duplicated lines, plain mode, think panel, stats."""
+"""Tests for kvrepl.app.render: streaming without duplicated lines, plain mode, think panel,
+stats."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
+from kvrepl.app.listing import SessionRow, format_size
+from kvrepl.app.mdstream import split_finished
+from kvrepl.app.render import Renderer, make_console
+from kvrepl.app.render_plain import PlainRenderer
+from kvrepl.app.render_term import TermRenderer
+from kvrepl.app.renderers import make_renderer
+from kvrepl.app.turnlines import format_stats
 from kvrepl.events import Finish, Notice, Stats, TextDelta, ThinkDelta, TurnEvent
-from kvrepl.listing import SessionRow, format_size
-from kvrepl.mdstream import split_finished
-from kvrepl.render import Renderer, make_console, make_renderer
-from kvrepl.render_plain import PlainRenderer
-from kvrepl.render_term import TermRenderer
-from kvrepl.turnlines import format_stats
 
 WIDTH, HEIGHT = 60, 10
 STATS = Stats(
@@ -173,12 +175,12 @@ def static_markdown(text: str) -> str:
 
 def test_the_console_or_the_flags_choose_the_renderer() -> None:
     tty, plain = tty_console(), plain_console()
-    for make in (Renderer, make_renderer):
+    for make in (make_renderer,):
         assert type(make(tty)) is TermRenderer and type(make(plain)) is PlainRenderer
         assert type(make(tty, plain=True)) is PlainRenderer
         assert type(make(plain, plain=False)) is TermRenderer
         assert type(make(tty, json_lines=True, plain=False)) is PlainRenderer
-    r = Renderer(tty, err=plain, show_think=True, refresh_interval=0)
+    r = make_renderer(tty, err=plain, show_think=True, refresh_interval=0)
     assert isinstance(r, Renderer) and r.err is plain and r.show_think and not r.plain
     assert PlainRenderer(tty).plain  # a renderer made by its own class stays that class
 
@@ -203,7 +205,8 @@ def test_screen_reproduces_rich_3263_with_a_naive_live() -> None:
 @pytest.mark.parametrize("refresh_interval", [0, 0.05])
 def test_streamed_answer_taller_than_screen_has_every_line_once(refresh_interval: float) -> None:
     console = tty_console()
-    result = render_events(Renderer(console, refresh_interval=refresh_interval), answer_events())
+    renderer = make_renderer(console, refresh_interval=refresh_interval)
+    result = render_events(renderer, answer_events())
     screen = screen_of(console)
     for marker in MARKERS:
         assert screen.count(marker) == 1, marker
@@ -238,7 +241,7 @@ fence right after heading xray24
 
 def test_block_spacing_matches_rendering_the_whole_text_at_once() -> None:
     console = tty_console()
-    render_events(Renderer(console, refresh_interval=0), answer_events(MIXED))
+    render_events(make_renderer(console, refresh_interval=0), answer_events(MIXED))
     body, line = split_stats(screen_of(console))
     assert body == static_markdown(MIXED) and line == STATS_LINE
 
@@ -247,7 +250,7 @@ def test_long_code_fence_is_cropped_live_and_printed_once() -> None:
     code = "\n".join(f"line_{i:02d} = {i}" + ("\n" if i % 7 == 0 else "") for i in range(40))
     text = f"Intro text.\n\n```python\n{code}\n```\n\nAfter the fence.\n"
     console = tty_console()
-    render_events(Renderer(console, refresh_interval=0), answer_events(text))
+    render_events(make_renderer(console, refresh_interval=0), answer_events(text))
     screen = screen_of(console)
     for i in range(40):
         assert screen.count(f"line_{i:02d} =") == 1, i
@@ -275,7 +278,7 @@ def test_a_growing_code_block_is_not_redrawn_whole() -> None:
     text = f"```python\n{code}\n```\n\nDone.\n"
     console = CountingConsole()
     pieces = deltas(text, (160,))  # about five lines a piece
-    render_events(Renderer(console, refresh_interval=0), [*map(TextDelta, pieces), STATS])
+    render_events(make_renderer(console, refresh_interval=0), [*map(TextDelta, pieces), STATS])
     redraws = [n for n in console.markdown_lines if n <= HEIGHT + 2]
     whole = [n for n in console.markdown_lines if n > HEIGHT + 2]
     assert len(redraws) >= len(pieces)  # the tail was redrawn live for every piece
@@ -286,7 +289,7 @@ def test_a_growing_code_block_is_not_redrawn_whole() -> None:
 
 def test_interrupted_mid_stream_prints_partial_text_once() -> None:
     console = tty_console()
-    renderer = Renderer(console, refresh_interval=0)
+    renderer = make_renderer(console, refresh_interval=0)
     cut = ANSWER.index("return juliet10")  # inside the open code fence
     renderer.begin()
     for piece in deltas(ANSWER[:cut]):
@@ -310,7 +313,7 @@ def test_keyboard_interrupt_inside_the_event_loop_ends_cleanly() -> None:
             closed.append(True)
 
     console = tty_console()
-    result = render_events(Renderer(console, refresh_interval=0), events())
+    result = render_events(make_renderer(console, refresh_interval=0), events())
     screen = screen_of(console)
     assert screen.count("bravo02") == 1 and "juliet10" not in screen
     assert split_stats(screen)[1] == "interrupted"
@@ -319,7 +322,7 @@ def test_keyboard_interrupt_inside_the_event_loop_ends_cleanly() -> None:
 
 def test_end_twice_and_end_without_begin_are_harmless() -> None:
     console = tty_console()
-    renderer = Renderer(console)
+    renderer = make_renderer(console)
     assert renderer.end().text == ""
     renderer.feed(TextDelta("hi"))
     renderer.end(stats=STATS)
@@ -330,7 +333,7 @@ def test_end_twice_and_end_without_begin_are_harmless() -> None:
 def test_think_panel_shown_when_on() -> None:
     console = tty_console()
     events = [ThinkDelta("pondering "), ThinkDelta("quebec17"), *answer_events("Answer romeo18.")]
-    result = render_events(Renderer(console, show_think=True, refresh_interval=0), events)
+    result = render_events(make_renderer(console, show_think=True, refresh_interval=0), events)
     screen = screen_of(console)
     assert screen.count("quebec17") == 1 and screen.count("romeo18") == 1
     assert "thinking" in screen.splitlines()[0]
@@ -341,7 +344,7 @@ def test_think_panel_shown_when_on() -> None:
 def test_think_hidden_when_off() -> None:
     console = tty_console()
     events = [ThinkDelta("pondering "), ThinkDelta("quebec17"), *answer_events("Answer romeo18.")]
-    render_events(Renderer(console, show_think=False, refresh_interval=0), events)
+    render_events(make_renderer(console, show_think=False, refresh_interval=0), events)
     screen = screen_of(console)
     assert "quebec17" not in screen
     assert "(thought for 18 chars — /think to show)" in screen
@@ -351,7 +354,7 @@ def test_think_hidden_when_off() -> None:
 def test_notice_is_one_line_before_the_answer() -> None:
     console = tty_console()
     note = "cache: 1,204 tokens reused, cut at turn 3, recomputing 57"
-    render_events(Renderer(console), [Notice(note), *answer_events("Hi.")])
+    render_events(make_renderer(console), [Notice(note), *answer_events("Hi.")])
     assert split_stats(screen_of(console)) == (f"{note}\nHi.", STATS_LINE)
 
 
@@ -360,7 +363,7 @@ def test_notice_is_one_line_before_the_answer() -> None:
 
 def test_plain_output_is_the_deltas_and_the_stats_line() -> None:
     console = plain_console()
-    renderer = Renderer(console)
+    renderer = make_renderer(console)
     assert renderer.plain
     result = render_events(renderer, answer_events())
     assert output(console) == ANSWER + STATS_LINE + "\n"
@@ -370,7 +373,7 @@ def test_plain_output_is_the_deltas_and_the_stats_line() -> None:
 
 def test_plain_adds_a_newline_before_stats_and_marks_interruption() -> None:
     console = plain_console()
-    renderer = Renderer(console)
+    renderer = make_renderer(console)
     renderer.feed(TextDelta("partial ans"))
     renderer.end(interrupted=True, stats=STATS)
     assert output(console) == f"partial ans\n{STATS_LINE} · interrupted\n"
@@ -378,37 +381,38 @@ def test_plain_adds_a_newline_before_stats_and_marks_interruption() -> None:
 
 def test_plain_notice_mid_line_starts_a_new_line() -> None:
     console = plain_console()
-    render_events(Renderer(console), [TextDelta("abc"), Notice("note"), TextDelta("def"), STATS])
+    events = [TextDelta("abc"), Notice("note"), TextDelta("def"), STATS]
+    render_events(make_renderer(console), events)
     assert output(console) == f"abc\nnote\ndef\n{STATS_LINE}\n"
 
 
 def test_plain_think_shown_and_hidden() -> None:
     events = [ThinkDelta("hmm"), TextDelta("Yes."), STATS]
     shown = plain_console()
-    render_events(Renderer(shown, show_think=True), events)
+    render_events(make_renderer(shown, show_think=True), events)
     assert output(shown) == f"<think>\nhmm\n</think>\nYes.\n{STATS_LINE}\n"
     hidden = plain_console()
-    render_events(Renderer(hidden), events)
+    render_events(make_renderer(hidden), events)
     assert output(hidden) == f"(thought for 3 chars — /think to show)\nYes.\n{STATS_LINE}\n"
 
 
 def test_make_console_plain_has_no_ansi(monkeypatch: pytest.MonkeyPatch) -> None:
     file = io.StringIO()
     console = make_console(file, plain=True, width=WIDTH)
-    renderer = Renderer(console)
+    renderer = make_renderer(console)
     assert renderer.plain
     renderer.error("boom")
     renderer.print_markdown("# Title\n\n**bold**")
     assert file.getvalue() == "error: boom\n# Title\n\n**bold**\n"
     monkeypatch.setenv("NO_COLOR", "1")
     coloured = make_console(io.StringIO(), plain=False, width=WIDTH)
-    Renderer(coloured).error("boom")
+    make_renderer(coloured).error("boom")
     assert "\x1b[31" not in output(coloured) and "error: boom" in output(coloured)
 
 
 def test_error_is_red_in_a_terminal_and_markup_is_not_interpreted() -> None:
     console = tty_console()
-    Renderer(console).error("bad [bold]input[/bold]")
+    make_renderer(console).error("bad [bold]input[/bold]")
     assert "\x1b[" in output(console)
     assert screen_of(console) == "error: bad [bold]input[/bold]"
 
@@ -426,7 +430,7 @@ def test_format_stats() -> None:
 
 def test_length_finish_shows_max_tokens() -> None:
     console = plain_console()
-    render_events(Renderer(console), [TextDelta("x\n"), Finish("length"), STATS])
+    render_events(make_renderer(console), [TextDelta("x\n"), Finish("length"), STATS])
     assert output(console).endswith(f"{STATS_LINE} · max tokens\n")
 
 
@@ -447,7 +451,7 @@ def test_sessions_listing_plain_and_table() -> None:
         SessionRow("epoch", "t", 1, 9, 9, datetime(2025, 5, 6, 7, 8).timestamp(), 100),
     ]
     plain = plain_console()
-    Renderer(plain).print_sessions(rows, current="work", pool_bytes=5 * 1024 * 1024 + 10)
+    make_renderer(plain).print_sessions(rows, current="work", pool_bytes=5 * 1024 * 1024 + 10)
     assert output(plain) == (
         "work\tRefactor\t3\t1204\t1200\t5.0 MiB\t2025-01-02 03:04\n"
         "scratch\t\t0\t0\t0\t-\t2025-01-01 00:00\n"
@@ -456,12 +460,12 @@ def test_sessions_listing_plain_and_table() -> None:
         'disk", once here\n'
     )
     tty = tty_console()
-    Renderer(tty).print_sessions(rows, current="work")
+    make_renderer(tty).print_sessions(rows, current="work")
     screen = screen_of(tty)
     assert "* work" in screen and "1,204" in screen and "1,200" in screen
     assert all(column in screen for column in ("turns", "tokens", "cached", "on disk"))
     alone = plain_console()
-    Renderer(alone).print_sessions(rows[:2], pool_bytes=5 * 1024 * 1024)  # one with chunks
+    make_renderer(alone).print_sessions(rows[:2], pool_bytes=5 * 1024 * 1024)  # one with chunks
     assert "all sessions" not in output(alone)
 
 
@@ -474,6 +478,6 @@ def test_format_size() -> None:
 
 def test_status_is_silent_in_plain_mode() -> None:
     console = plain_console()
-    with Renderer(console).status("loading model"):
+    with make_renderer(console).status("loading model"):
         pass
     assert output(console) == ""

@@ -19,11 +19,11 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
+from kvrepl.app.keys import SlashCompleter
+from kvrepl.app.repl import interactive_loop, stdin_lines
+from kvrepl.app.turnlines import format_stats
 from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.events import Notice, TextDelta
-from kvrepl.keys import SlashCompleter
-from kvrepl.repl import interactive_loop, stdin_lines
-from kvrepl.turnlines import format_stats
 
 SETTINGS = Settings(temperature=0.0, max_tokens=6, repetition_penalty=3.0)
 CTRL_C, CTRL_D, ENTER, ALT_ENTER, UP = "\x03", "\x04", "\r", "\x1b\r", "\x1b[A"

@@ -11,8 +11,8 @@ import pytest
 import torch
 from chisq import critical, fit
 
-from kvrepl.engine import Sampling
-from kvrepl.sampler import CANDIDATES, Sampler
+from kvrepl.engine.engine import Sampling
+from kvrepl.engine.sampler import CANDIDATES, Sampler
 
 VOCAB = 49_152
 

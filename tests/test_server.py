@@ -27,12 +27,12 @@ import pytest
 from helpers import close_conversation, open_conversation
 from procs import PYTHON, ROOT, kvrepl_env
 
+from kvrepl.app.openai_api import BadRequest, parse_request
+from kvrepl.chat.prompt import Prompt
+from kvrepl.chat.serving import StopText
+from kvrepl.chat.snapshots import MIN_GAIN
 from kvrepl.config import Settings
 from kvrepl.events import TextDelta
-from kvrepl.openai_api import BadRequest, parse_request
-from kvrepl.prompt import Prompt
-from kvrepl.serving import StopText
-from kvrepl.snapshots import MIN_GAIN
 
 KEY = "test-key-1234"
 MAX_TOKENS = 48

@@ -14,9 +14,9 @@ from helpers import children
 from sqlite_utils import Database
 
 from kvrepl.errors import SessionNameError, StoreError
-from kvrepl.names import validate_session_name
-from kvrepl.schema import MIGRATIONS, SCHEMA_VERSION, apply_migrations, m001_initial
-from kvrepl.store import STAT_NAMES, Store
+from kvrepl.store.db import STAT_NAMES, Store
+from kvrepl.store.names import validate_session_name
+from kvrepl.store.schema import MIGRATIONS, SCHEMA_VERSION, apply_migrations, m001_initial
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -351,7 +351,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from kvrepl.store import Store
+    from kvrepl.store.db import Store
     path, sid, tag = sys.argv[1:]
     store = Store(Path(path))
     Path(path + "." + tag).touch()

@@ -23,13 +23,14 @@ from makers import make_tokenizer
 from procs import Kvrepl, run_kvrepl
 from test_render import STATS, STATS_LINE, output, plain_console
 
-from kvrepl import cli
-from kvrepl.args import parse
+from kvrepl.app import cli
+from kvrepl.app.args import parse
+from kvrepl.app.render import Renderer
+from kvrepl.app.renderers import make_renderer
+from kvrepl.app.repl import line_loop
 from kvrepl.config import Settings
 from kvrepl.events import Finish, Notice, TextDelta, ThinkDelta
-from kvrepl.render import Renderer
-from kvrepl.repl import line_loop
-from kvrepl.store import Store
+from kvrepl.store.db import Store
 
 FLAGS = ["--temperature", "0", "--max-tokens", "6", "--device", "cpu", "--dtype", "float32"]
 STATS_RE = re.compile(r"^reused [\d,]+ · prefilled [\d,]+ · generated [\d,]+ ", re.M)
@@ -83,7 +84,7 @@ def printed(*texts: str) -> str:
 
 def split_renderer(**kwargs) -> tuple[Renderer, object, object]:
     out, err = plain_console(), plain_console()
-    return Renderer(out, err=err, **kwargs), out, err
+    return make_renderer(out, err=err, **kwargs), out, err
 
 
 def test_piped_answers_go_to_stdout_and_the_rest_to_stderr():

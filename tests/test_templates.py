@@ -15,10 +15,10 @@ import torch
 from helpers import TINY_SETTINGS, control_token_ids, make_harness
 from makers import CHATML, make_tokenizer
 
-from kvrepl import models, templates
+from kvrepl.chat.prompt import Prompt
+from kvrepl.engine import models, templates
 from kvrepl.errors import PromptError
 from kvrepl.events import Notice, Stats
-from kvrepl.prompt import Prompt
 
 GEMMA_TOKENS = ("<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>")
 LLAMA3_TOKENS = ("<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>",

@@ -17,11 +17,11 @@ from helpers import Harness, make_harness, tiny_loaded
 from makers import THINKING, make_thinking_tokenizer, make_tiny_model
 from test_promise import assert_bitwise, recompute
 
+from kvrepl.app.export import export
+from kvrepl.chat.prompt import Prompt
+from kvrepl.chat.thinkbudget import ThinkBudget, close_ids
 from kvrepl.config import Settings
-from kvrepl.engine import Engine, Sampling
-from kvrepl.export import export
-from kvrepl.prompt import Prompt
-from kvrepl.thinkbudget import ThinkBudget, close_ids
+from kvrepl.engine.engine import Engine, Sampling
 
 SETTINGS = Settings(temperature=0.0, max_tokens=64)
 
@@ -201,7 +201,7 @@ def test_a_bad_budget_is_one_line(h):
 
 
 def test_the_budget_is_a_flag_a_variable_and_a_config_key(tmp_path, monkeypatch):
-    from kvrepl.args import flag_settings, parse
+    from kvrepl.app.args import flag_settings, parse
     from kvrepl.config import load_settings
 
     assert load_settings(flag_settings(parse(["--think-budget", "64"]))).think_budget == 64
@@ -317,7 +317,7 @@ def test_real_reuse_equals_no_reuse_bit_for_bit_after_a_budgeted_turn(real_think
 def test_drafting_never_drafts_across_the_forced_close(real_thinker, script, monkeypatch):
     """The answer copies the prompt's passage (scripted), so that drafts of the rest of it are
     proposed at every step: none reaches past the budget, where the close is forced."""
-    from kvrepl import engine as engine_module
+    from kvrepl.engine import engine as engine_module
 
     tok = real_thinker.tokenizer
     prompt = Prompt(tok)
@@ -348,7 +348,7 @@ def test_the_close_is_forced_on_a_backend_that_feeds_ahead(tmp_path):
     """The GPU path's decoder (its torch backend, on the CPU) feeds each sampled token from the
     device before the host reads it: the forced close still comes after exactly N tokens of
     thinking, and the answer is the same as feeding after reading."""
-    from kvrepl.gpu.model import GpuModel
+    from kvrepl.backends.gpu.model import GpuModel
 
     tok = opening()
     model = GpuModel(make_tiny_model(len(tok), seed=1, tied=False), 512, backend="torch")

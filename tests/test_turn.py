@@ -1,4 +1,4 @@
-"""A turn as an object (kvrepl/turn.py), with a stand-in for the conversation's generator: the
+"""A turn as an object (kvrepl/chat/turn.py), with a stand-in for the conversation's generator: the
 events it yields, the notes it keeps, and the one interrupt rule (Ctrl-C anywhere closes the
 turn, which stores its partial answer, and the result says interrupted)."""
 
@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvrepl.chat.turn import Result, Turn
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
-from kvrepl.turn import Result, Turn
 
 STATS = Stats(3, 4, 2, 0.1, 20.0)
 

@@ -22,10 +22,10 @@ from fault_helpers import (
 from helpers import Harness
 from procs import Jobs
 
-from kvrepl.chat import Conversation
+from kvrepl.chat.conversation import Conversation
+from kvrepl.chat.handle import ModelHandle
 from kvrepl.config import Settings
-from kvrepl.handle import ModelHandle
-from kvrepl.store import Store
+from kvrepl.store.db import Store
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def model_dir(tmp_path_factory, tiny) -> Path:
 @pytest.fixture(scope="module")
 def dir_loaded(model_dir):
     """The same folder loaded here exactly as the CLI loads it (same fingerprint)."""
-    from kvrepl import models
+    from kvrepl.engine import models
 
     return models.load(str(model_dir), device="cpu", dtype="auto", progress=False)
 

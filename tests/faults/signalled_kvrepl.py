@@ -38,9 +38,9 @@ def install(spec: str) -> None:
         state["sent"] = True
         os.kill(os.getpid(), signum)
 
-    from kvrepl import engine
+    from kvrepl.engine import engine
     from kvrepl.events import Progress, TextDelta
-    from kvrepl.kvstore import KVStore
+    from kvrepl.store.kvstore import KVStore
 
     stream, save = engine.Engine.stream, KVStore.save
 
@@ -67,6 +67,6 @@ def install(spec: str) -> None:
 
 if __name__ == "__main__":
     install(sys.argv[1])
-    from kvrepl.cli import main
+    from kvrepl.app.cli import main
 
     sys.exit(main(sys.argv[2:]))

@@ -23,7 +23,7 @@ from fault_helpers import (
 )
 from helpers import Harness, control_token_ids
 
-from kvrepl import cli
+from kvrepl.app import cli
 from kvrepl.errors import StoreError
 
 # =============================================================================================
@@ -126,7 +126,7 @@ def test_invalid_utf8_typed_at_the_prompt_is_replaced(loaded, make):
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
 
-    from kvrepl.repl import interactive_loop
+    from kvrepl.app.repl import interactive_loop
 
     h = make(loaded)
     with create_pipe_input() as pipe:
@@ -190,7 +190,7 @@ def no_background_load(monkeypatch):
     def fail(*args, **kwargs):
         raise ModelError("the model is not loaded in this test")
 
-    monkeypatch.setattr("kvrepl.models.load", fail)  # what the model handle loads with
+    monkeypatch.setattr("kvrepl.engine.models.load", fail)  # what the model handle loads with
 
 
 @pytest.mark.parametrize(

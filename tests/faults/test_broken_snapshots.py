@@ -29,7 +29,7 @@ from fault_helpers import (
 )
 from helpers import tree
 
-from kvrepl.kvstore import KVStore
+from kvrepl.store.kvstore import KVStore
 
 # =============================================================================================
 # Snapshots: corrupt the session's chunks in <home>/kv/chunks/<fingerprint>/, start a new

@@ -25,7 +25,7 @@ from fault_helpers import (
 from helpers import tree
 from procs import PYTHON
 
-from kvrepl import cli
+from kvrepl.app import cli
 from kvrepl.errors import StoreError
 
 # =============================================================================================

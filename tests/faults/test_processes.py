@@ -23,8 +23,8 @@ from fault_helpers import (
     one_turn_ok,
 )
 
-from kvrepl.kvstore import KVStore
-from kvrepl.schema import SCHEMA_VERSION
+from kvrepl.store.kvstore import KVStore
+from kvrepl.store.schema import SCHEMA_VERSION
 
 # =============================================================================================
 # Real processes (started by the `jobs` fixture): kills, a second kvrepl, the CLI's refusals,

@@ -18,9 +18,9 @@ from fault_helpers import FAULT_SETTINGS, db_messages, fault_lines, reference_an
 from helpers import close_conversation, open_conversation
 from procs import PYTHON, ROOT, Done, kvrepl_env, stats_of
 
-from kvrepl.engine import common_prefix
+from kvrepl.engine.engine import common_prefix
 from kvrepl.events import Notice, Stats
-from kvrepl.kvstore import KVStore
+from kvrepl.store.kvstore import KVStore
 
 SCRIPT = Path(__file__).with_name("signalled_kvrepl.py")
 CASES = [(sig, stage) for sig in ("TERM", "HUP") for stage in ("prefill", "decode", "save")]

@@ -12,9 +12,9 @@ import pytest
 from helpers import close_conversation, open_conversation
 from session_helpers import TINY, Tinies, load_folder, save_tiny_model
 
-from kvrepl.chat import Conversation
+from kvrepl.chat.conversation import Conversation
 from kvrepl.config import Settings
-from kvrepl.models import LoadedModel
+from kvrepl.engine.models import LoadedModel
 
 
 @pytest.fixture(scope="session")

@@ -15,14 +15,14 @@ import torch
 from helpers import close_conversation
 from makers import make_tokenizer
 
-from kvrepl import models
-from kvrepl.chat import Conversation
+from kvrepl.chat.conversation import Conversation
 from kvrepl.config import Settings
-from kvrepl.engine import common_prefix
+from kvrepl.engine import models
+from kvrepl.engine.engine import common_prefix
+from kvrepl.engine.models import LoadedModel
 from kvrepl.events import Finish, Notice, Stats, TextDelta
-from kvrepl.kvstore import KVStore
-from kvrepl.models import LoadedModel
-from kvrepl.store import STAT_NAMES, Message, Store
+from kvrepl.store.db import STAT_NAMES, Message, Store
+from kvrepl.store.kvstore import KVStore
 
 # Greedy, with a repetition penalty so that the random tiny model writes text (it repeats "\n"
 # otherwise, which the think splitter strips to an empty answer).

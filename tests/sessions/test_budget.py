@@ -14,8 +14,8 @@ import pytest
 from helpers import make_harness
 from session_helpers import TINY, TINY_FLAGS, session_turns
 
-from kvrepl import cli
-from kvrepl.kvstore import KVStore
+from kvrepl.app import cli
+from kvrepl.store.kvstore import KVStore
 
 HOW = {
     "flag": (["--kv-budget-mb", "0"], {}, ""),

@@ -26,9 +26,9 @@ from session_helpers import (
 )
 
 from kvrepl.config import Settings
-from kvrepl.engine import common_prefix
-from kvrepl.kvbook import Ref
-from kvrepl.kvstore import KVStore
+from kvrepl.engine.engine import common_prefix
+from kvrepl.store.kvbook import Ref
+from kvrepl.store.kvstore import KVStore
 
 # =============================================================================================
 # invalid snapshots, through a Conversation

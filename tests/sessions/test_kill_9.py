@@ -32,12 +32,12 @@ from session_helpers import (
     turn,
 )
 
-from kvrepl.engine import common_prefix
-from kvrepl.handle import Runtime
-from kvrepl.kvbook import Pool, Ref
-from kvrepl.kvstore import KVStore
-from kvrepl.stfile import BadChunk, parse_chunk, read_chunk
-from kvrepl.store import Message, Store
+from kvrepl.chat.handle import Runtime
+from kvrepl.engine.engine import common_prefix
+from kvrepl.store.db import Message, Store
+from kvrepl.store.kvbook import Pool, Ref
+from kvrepl.store.kvstore import KVStore
+from kvrepl.store.stfile import BadChunk, parse_chunk, read_chunk
 
 # =============================================================================================
 # kill -9 while saving

@@ -31,10 +31,10 @@ from session_helpers import (
     turn,
 )
 
-from kvrepl import cli
+from kvrepl.app import cli
 from kvrepl.events import TextDelta
-from kvrepl.kvstore import KVStore
-from kvrepl.store import STAT_NAMES
+from kvrepl.store.db import STAT_NAMES
+from kvrepl.store.kvstore import KVStore
 
 # =============================================================================================
 # round trip across processes, real model
@@ -78,7 +78,7 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> RealRuns:
 @pytest.mark.model
 @pytest.mark.parametrize("how", ["resume", "session"])
 def test_resumed_process_prefills_only_the_new_turn(real_runs: RealRuns, real, how: str):
-    from kvrepl.prompt import Prompt
+    from kvrepl.chat.prompt import Prompt
 
     sid, a_turns = session_turns(real_runs.homes["a"])
     on_disk = snapshot(real_runs.homes["a"], sid, real)  # what process A left behind

@@ -1,0 +1,161 @@
+"""Building the CPU fast path's model (fastmodel.FastModel) from a GGUF file as it is, or from a
+transformers model quantized in memory (models that are not GGUF files, and tests).
+
+Owns the GGUF tensor names of the families the fast path runs and their mapping onto layers,
+including the two things transformers' GGUF loader also does: Llama's Q/K rows are put back in
+transformers' order (llama.cpp permutes them for its rope), and Gemma's norms, stored as 1 + w,
+are read as w. A tensor of a type the kernels do not take raises `FastPathError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvrepl.backends import ggufinfo
+from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.fastmodel import FastModel, FastPathError, Layer, check_sizes, fuse
+from kvrepl.backends.cpu.quant import Packed, QuantError, pack, quantize
+from kvrepl.backends.describe import (
+    GGUF_FUSED,
+    GGUF_NAMES,
+    GGUF_PERMUTED,
+    GGUF_TOP,
+    Arch,
+    gguf_layer_roles,
+    hf_weights,
+    norm_weight,
+)
+
+
+def qk_order(rows: int, heads: int) -> np.ndarray:
+    """transformers' reverse of llama.cpp's Q/K permutation, as a row order."""
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(-1)
+
+
+class GGUFTensors:
+    """The tensors of one GGUF file by name (memory-mapped), packed on request."""
+
+    def __init__(self, path: Path) -> None:
+        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        try:
+            head = ggufinfo.read(memoryview(self.data))
+        except ggufinfo.GGUFError as exc:
+            raise FastPathError(str(exc)) from None
+        self.arch = head.arch
+        self.by_name = head.tensors
+
+    def has(self, name: str) -> bool:
+        return name in self.by_name
+
+    def packed(self, name: str) -> Packed:
+        from kvrepl.backends.cpu.quant import LAYOUT
+
+        if name not in self.by_name:
+            raise FastPathError(f"the file has no tensor {name}")
+        qtype, dims, off = self.by_name[name]
+        k, n = int(dims[0]), int(np.prod(dims[1:]))
+        if qtype not in LAYOUT:
+            raise FastPathError(f"{name}: tensor type {qtype} is not supported by the fast path")
+        bs, nbytes = LAYOUT[qtype]
+        raw = self.data[off : off + n * k // bs * nbytes]
+        try:
+            return pack(raw, qtype, n, k)
+        except QuantError as exc:
+            raise FastPathError(f"{name}: {exc}") from None
+
+    def vector(self, name: str) -> torch.Tensor:
+        """A norm or a bias (any length: a q/k norm is one head wide), as float32."""
+        qtype, dims, off = self.by_name.get(name, ("", [0], 0))
+        plain = {"F32": np.float32, "F16": np.float16}
+        if qtype in plain:
+            n = int(np.prod(dims))
+            raw = self.data[off : off + n * np.dtype(plain[qtype]).itemsize]
+            return torch.from_numpy(raw.view(plain[qtype]).astype(np.float32))
+        return self.packed(name).dequantize().reshape(-1)
+
+    def types(self) -> set[str]:
+        return {t for t, _, _ in self.by_name.values()}
+
+
+def from_gguf(path: Path, config: Any, kernels: native.Kernels, context_length: int) -> FastModel:
+    """The fast model over a GGUF file's own weights."""
+    return build(GGUFTensors(path), config, kernels, context_length)
+
+
+def build(f: GGUFTensors, config: Any, kernels: native.Kernels, context_length: int) -> FastModel:
+    """The fast model over a GGUF file's tensors, found by role under llama.cpp's names."""
+    arch = Arch.from_config(config)
+    check_sizes(arch)
+
+    def norm(name: str) -> torch.Tensor:
+        w = f.vector(name)  # llama.cpp stores Gemma's norms as 1 + w; transformers reads w
+        return norm_weight(w - 1.0 if arch.gemma else w, arch)
+
+    layers = []
+    for i in range(arch.n_layers):
+        b = f"blk.{i}."
+        got = {r: b + GGUF_NAMES[r] for r in gguf_layer_roles(arch)}
+        if arch.family.fused:
+            qkv = [(f.packed(b + GGUF_FUSED["qkv"]), 0)]
+            gate_up = [(f.packed(b + GGUF_FUSED["gate_up"]), 0)]
+        else:
+            q, k = f.packed(got["q"]), f.packed(got["k"])
+            if f.arch in GGUF_PERMUTED:
+                q, k = q.rows(qk_order(q.n, arch.n_heads)), k.rows(qk_order(k.n, arch.n_kv))
+            qkv = fuse([q, k, f.packed(got["v"])])
+            gate_up = fuse([f.packed(got["gate"]), f.packed(got["up"])])
+        layer = Layer(attn_norm=norm(got["attn_norm"]), qkv=qkv, o=f.packed(got["o"]),
+                      ffn_norm=norm(got["ffn_norm"]), gate_up=gate_up,
+                      down=f.packed(got["down"]))  # fmt: skip
+        if arch.qkv_bias:
+            layer.qkv_bias = torch.cat([f.vector(got[r]) for r in ("q_bias", "k_bias", "v_bias")])
+        if arch.qk_norm:
+            layer.q_norm, layer.k_norm = norm(got["q_norm"]), norm(got["k_norm"])
+        if arch.gemma:
+            layer.post_attn_norm = norm(got["post_attn_norm"])
+            layer.post_ffn_norm = norm(got["post_ffn_norm"])
+        layers.append(layer)
+    embed = f.packed(GGUF_TOP["embed"])
+    head = f.packed(GGUF_TOP["lm_head"]) if f.has(GGUF_TOP["lm_head"]) else embed
+    return FastModel(config, embed, layers, norm(GGUF_TOP["final_norm"]), head, kernels,
+                     context_length)  # fmt: skip
+
+
+def from_hf(model: Any, qtype: str, kernels: native.Kernels, context_length: int) -> FastModel:
+    """The fast model over a transformers model's weights, found by role (describe.hf_weights)
+    and quantized to `qtype` (llama.cpp's quantizers; norms and biases stay float32)."""
+    arch = Arch.from_config(model.config)
+    check_sizes(arch)
+    top, roles = hf_weights(model, arch)
+
+    def mat(w: torch.Tensor) -> Packed:
+        return quantize(w, qtype)
+
+    layers = []
+    for r in roles:
+        layer = Layer(
+            attn_norm=norm_weight(r["attn_norm"], arch),
+            qkv=fuse([mat(r["q"]), mat(r["k"]), mat(r["v"])]),
+            o=mat(r["o"]),
+            ffn_norm=norm_weight(r["ffn_norm"], arch),
+            gate_up=fuse([mat(r["gate"]), mat(r["up"])]),
+            down=mat(r["down"]),
+        )
+        if arch.qkv_bias:
+            layer.qkv_bias = torch.cat([r["q_bias"], r["k_bias"], r["v_bias"]]).float()
+        if arch.qk_norm:
+            layer.q_norm = norm_weight(r["q_norm"], arch)
+            layer.k_norm = norm_weight(r["k_norm"], arch)
+        if arch.gemma:
+            layer.post_attn_norm = norm_weight(r["post_attn_norm"], arch)
+            layer.post_ffn_norm = norm_weight(r["post_ffn_norm"], arch)
+        layers.append(layer)
+    embed = quantize(top["embed"], qtype)
+    tied = top["lm_head"].data_ptr() == top["embed"].data_ptr()
+    head = embed if tied else quantize(top["lm_head"], qtype)
+    final = norm_weight(top["final_norm"], arch)
+    return FastModel(model.config, embed, layers, final, head, kernels, context_length)

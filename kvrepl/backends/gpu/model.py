@@ -1,0 +1,358 @@
+"""The GPU path: a decoder of any family describe.py describes, over the model's own (bf16)
+weights held once, on kvrepl's batch-invariant Triton kernels (triton_ops.py), with a
+fixed-capacity K/V cache whose filled length is data, so that a decode step is one CUDA graph
+replay and cutting the cache back stays a length change.
+
+Owns: the weights as the kernels take them (Q, K, V and gate/up fused), the cache layers (growing
+layers reserved at the model's context length, never moved), the rope tables, the buffers, and one
+captured decode graph per cache. A token's K/V and logits are bit-identical whether it was
+computed in a prefill chunk of any size or in a decode step, so greedy output with reuse equals
+`--no-reuse` in bf16 too. The same code runs on the CPU with plain torch ops (`backend="torch"`)
+for the tests of its logic (capacity, cut, snapshot); only CUDA captures graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvrepl.backends.describe import Arch, RopeTable, hf_weights, norm_weight
+from kvrepl.backends.layers import GrowingLayer
+from kvrepl.backends.protocol import KernelBackend
+
+# What the GPU path computes beyond a plain Llama layer (describe.Arch.terms), by kernel set:
+# the Triton attention has no softcap, the torch ops (logic tests on the CPU) have everything.
+COMPUTES = {"q/k/v biases", "q/k norms", "Gemma norms", "sliding windows", "final softcap",
+            "partial rotary", "GELU"}  # fmt: skip
+
+
+def _torch_ops() -> Any:
+    """The kernels' contract in plain torch (no invariance promised): for CPU tests."""
+
+    def _norm(x, w, eps, out):
+        v = x.float()
+        y = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
+        return out.copy_((w.float() * y.float()).to(out.dtype))
+
+    class Ops:
+        rmsnorm = staticmethod(_norm)
+
+        @staticmethod
+        def matmul(x, w, out, residual=None, *, glu=False):
+            if glu:
+                f = out.shape[1]
+                g, u = (x @ w[:f].T).to(out.dtype), (x @ w[f:].T).to(out.dtype)
+                y = (torch.nn.functional.silu(g.float()) * u.float()).to(out.dtype)
+            else:
+                y = (x @ w.T).to(out.dtype)
+            out.copy_(y if residual is None else (residual.float() + y.float()).to(out.dtype))
+            return out
+
+        @staticmethod
+        def matmul_rope(x, w, q, cos_t, sin_t, kc, vc, pos0, heads, kv_heads):
+            qkv = (x @ w.T).to(q.dtype)
+            m, d = qkv.shape[0], kc.shape[2]
+            p = int(pos0[0])
+            c, s = cos_t[p : p + m, None, :], sin_t[p : p + m, None, :]
+            qk = qkv[:, : (heads + kv_heads) * d].view(m, heads + kv_heads, d).float()
+            half = d // 2
+            rot = torch.cat([-qk[..., half:], qk[..., :half]], -1)
+            r = (qk * c + rot * s).to(qkv.dtype)
+            q.copy_(r[:, :heads].reshape(m, -1))
+            kc[:, p : p + m] = r[:, heads:].transpose(0, 1)
+            vc[:, p : p + m] = qkv[:, (heads + kv_heads) * d :].view(m, kv_heads, d).transpose(0, 1)
+            return q
+
+        @staticmethod
+        def attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0):
+            m, p0 = q.shape[0], int(pos0[0])
+            kvh, _, d = kc.shape
+            g = out.shape[1] // d // kvh
+            for r in range(m):
+                lo = max(0, p0 + r - window + 1) if window else 0
+                k, v = kc[:, lo : p0 + r + 1].float(), vc[:, lo : p0 + r + 1].float()
+                qr = q[r, : out.shape[1]].view(kvh, g, d).float()
+                sc = qr @ k.transpose(1, 2) * scale
+                if softcap:
+                    sc = torch.tanh(sc / softcap) * softcap
+                w = torch.softmax(sc, -1)
+                out[r] = (w @ v).reshape(-1).to(out.dtype)
+            return out
+
+        @staticmethod
+        def part_floats(rows, kv_heads, cap, g, d):
+            return 1
+
+    Ops.COMPUTES = COMPUTES | {"attention softcap"}
+    return Ops
+
+
+def ops_for(backend: str) -> Any:
+    if backend == "triton":
+        from kvrepl.backends.gpu import triton_ops
+
+        triton_ops.COMPUTES = COMPUTES
+        return triton_ops
+    return _torch_ops()
+
+
+class GpuModel(KernelBackend):
+    """A decoder on the GPU kernels. `forward(ids, layers)` appends the ids' K/V to the cache
+    layers and returns the last position's logits (float32)."""
+
+    feeds_ahead = True  # forward_token: the next step is queued behind the one that chose it
+
+    def __init__(self, model: Any, context_length: int, backend: str = "triton",
+                 graphs: bool = True, consume: bool = False) -> None:  # fmt: skip
+        """consume: let go of the transformers model's weights as the kernels' copies are made
+        (the weights are then held once; the model cannot run after)."""
+        self.config = model.config
+        self.arch = a = Arch.from_config(model.config)
+        self.ops = ops_for(backend)
+        a.refusal("the GPU path" + (" (Triton)" if backend == "triton" else ""), self.ops.COMPUTES)
+        p = next(model.parameters())
+        self.device, self.kv_dtype = p.device, p.dtype
+        self.backend = backend
+        self.batch_invariant = backend == "triton"
+        self.graphs = graphs and backend == "triton" and p.device.type == "cuda"
+        self.context_length = context_length
+        self.capacity = context_length  # every layer's fixed size (GrowingLayer.limit)
+        self.generation_config = getattr(model, "generation_config", None)
+        # Llama's layer runs the fused QKV + rotary + cache-write kernel; any other term (a
+        # bias, a q/k norm, a partial rotary) runs the matmul, then those steps one by one.
+        self.fused_qkv = not (a.qkv_bias or a.qk_norm or a.rope_dim != a.head_dim)
+        self.layers = self._take_weights(model, consume)
+        rope = RopeTable(model.config)
+        rope.upto(context_length)
+        self.rope = {kind: tuple(t.to(self.device) for t in rope.table(kind))
+                     for kind in set(a.layer_types)}  # fmt: skip
+        self.embed_scale = torch.tensor(a.embed_scale, dtype=self.kv_dtype, device=self.device)
+        self.steps = torch.arange(context_length, device=self.device)  # positions past pos0
+        self._bufs: dict[int, dict[str, torch.Tensor]] = {}
+        self._graphs: dict[int, Any] = {}
+
+    def _take_weights(self, model: Any, consume: bool) -> list[dict[str, Any]]:
+        """The layers' weights as the kernels take them (q/k/v and gate/up side by side); when
+        consuming, each layer's originals are let go as soon as its fused copy exists, so the
+        weights are held once (plus one layer) rather than twice."""
+        a = self.arch
+        top, roles = hf_weights(model, a)
+        self.embed, self.lm_head = top["embed"], top["lm_head"]
+        self.final_norm = self._norm(top["final_norm"])
+        inner_layers = _decoder_layers(model)
+        layers = []
+        for i, r in enumerate(roles):
+            lw = {"attn_norm": self._norm(r["attn_norm"]), "o": r["o"], "down": r["down"],
+                  "ffn_norm": self._norm(r["ffn_norm"]),
+                  "qkv": _joined([r["q"], r["k"], r["v"]]),
+                  "gate_up": _joined([r["gate"], r["up"]])}  # fmt: skip
+            if a.qkv_bias:
+                lw["qkv_bias"] = torch.cat([r["q_bias"], r["k_bias"], r["v_bias"]])
+            for name in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"):
+                lw[name] = self._norm(r[name]) if r[name] is not None else None
+            roles[i] = None
+            if consume and i < len(inner_layers):
+                _release(inner_layers[i], keep=[lw["o"], lw["down"]])
+            layers.append(lw)
+        return layers
+
+    def _norm(self, w: torch.Tensor) -> torch.Tensor:
+        """A norm weight as the kernels multiply by it: Gemma's 1 + w in float32."""
+        return norm_weight(w, self.arch) if self.arch.gemma else w
+
+    def describe(self) -> str:
+        """How this model computes, for /stats."""
+        dt = str(self.kv_dtype).removeprefix("torch.")
+        return f"{dt} weights on kvrepl's {self.backend} GPU kernels ({self.device}), {dt} K/V"
+
+    # -- cache and buffers -------------------------------------------------------------------
+    def new_layers(self) -> list[GrowingLayer]:
+        """Layers reserved at the whole context: their buffers never move (a graph keeps them)."""
+        a = self.arch
+        layers = []
+        for _ in range(a.n_layers):
+            layer = GrowingLayer(limit=self.capacity)
+            empty = torch.empty(1, a.n_kv, 0, a.head_dim, dtype=self.kv_dtype, device=self.device)
+            layer.lazy_initialization(empty, empty)
+            layer.room(self.capacity)
+            layers.append(layer)
+        return layers
+
+    def _buffers(self, m: int) -> dict[str, torch.Tensor]:
+        b = self._bufs.get(m)
+        if b is None:
+            a, dev, dt = self.arch, self.device, self.kv_dtype
+            mk = lambda n: torch.empty(m, n, device=dev, dtype=dt)  # noqa: E731
+            g = a.n_heads // a.n_kv
+            part = self.ops.part_floats(m, a.n_kv, self.capacity, g, a.head_dim)
+            b = {"x": mk(a.hidden), "h": mk(a.hidden),
+                 "q": mk(a.n_heads * a.head_dim), "att": mk(a.n_heads * a.head_dim),
+                 "act": mk(a.ffn), "qkv": mk((a.n_heads + 2 * a.n_kv) * a.head_dim),
+                 "k": mk(a.n_kv * a.head_dim), "gu": mk(2 * a.ffn if a.act != "silu" else 0),
+                 "logits": torch.empty(1, self.lm_head.shape[0], device=dev, dtype=dt),
+                 "part": torch.empty(part, device=dev, dtype=torch.float32),
+                 "ids": torch.zeros(m, dtype=torch.long, device=dev),
+                 "pos": torch.zeros(1, dtype=torch.long, device=dev)}  # fmt: skip
+            if m > 64:  # prefill chunks of other sizes come and go: keep few
+                self._bufs = {k: v for k, v in self._bufs.items() if k <= 64}
+            self._bufs[m] = b
+        return b
+
+    # -- the forward -------------------------------------------------------------------------
+    def _run(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> None:
+        """One forward of b["ids"] at positions b["pos"][0].. (device tensors: a graph replays
+        it with new values). A Llama layer is eight kernels (rotary and the cache writes ride on
+        the QKV matmul, silu * up on the gate/up one); other terms add elementwise steps, which
+        compute each position alone, so the step stays batch-invariant."""
+        a, ops = self.arch, self.ops
+        x, h, q, att = (b[k] for k in ("x", "h", "q", "att"))
+        m = x.shape[0]
+        torch.index_select(self.embed, 0, b["ids"], out=x)
+        if a.embed_scale != 1.0:
+            x.mul_(self.embed_scale)
+        for i, (lw, cache) in enumerate(zip(self.layers, layers, strict=True)):
+            kc, vc = (t[0] for t in cache.room(self.capacity))
+            cos, sin = self.rope[a.layer_types[i]]
+            ops.rmsnorm(x, lw["attn_norm"], a.eps, h)
+            if self.fused_qkv:
+                ops.matmul_rope(h, lw["qkv"], q, cos, sin, kc, vc, b["pos"], a.n_heads, a.n_kv)
+            else:
+                self._qkv(b, lw, cos, sin, kc, vc)
+            if a.attn_softcap:
+                ops.attention(q, kc, vc, b["pos"], att, b["part"], a.windows[i], a.attn_scale,
+                              a.attn_softcap)  # fmt: skip
+            else:
+                ops.attention(q, kc, vc, b["pos"], att, b["part"], a.windows[i], a.attn_scale)
+            self._residual(att, lw["o"], lw["post_attn_norm"], x, h)
+            ops.rmsnorm(x, lw["ffn_norm"], a.eps, h)
+            if a.act == "silu":
+                ops.matmul(h, lw["gate_up"], b["act"], glu=True)
+            else:
+                gu, f = b["gu"], a.ffn
+                ops.matmul(h, lw["gate_up"], gu)
+                gelu = torch.nn.functional.gelu(gu[:, :f].float(), approximate="tanh")
+                b["act"].copy_((gelu * gu[:, f:].float()).to(gu.dtype))
+            self._residual(b["act"], lw["down"], lw["post_ffn_norm"], x, h)
+        ops.rmsnorm(x[m - 1 : m], self.final_norm, a.eps, h[:1])
+        ops.matmul(h[:1], self.lm_head, b["logits"])
+
+    def _qkv(self, b: dict[str, torch.Tensor], lw: dict[str, Any], cos: torch.Tensor,
+             sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> None:  # fmt: skip
+        """Q, K and V with a bias, q/k norms or a partial rotary: the matmul, then each term,
+        then K and V written into the cache at each row's position."""
+        a, ops, qkv, q, k = self.arch, self.ops, b["qkv"], b["q"], b["k"]
+        m, d, qw, kw = qkv.shape[0], a.head_dim, a.n_heads * a.head_dim, a.n_kv * a.head_dim
+        ops.matmul(b["h"], lw["qkv"], qkv)
+        if a.qkv_bias:
+            qkv.add_(lw["qkv_bias"])
+        q.copy_(qkv[:, :qw])
+        k.copy_(qkv[:, qw : qw + kw])
+        if a.qk_norm:
+            ops.rmsnorm(q.view(-1, d), lw["q_norm"], a.eps, q.view(-1, d))
+            ops.rmsnorm(k.view(-1, d), lw["k_norm"], a.eps, k.view(-1, d))
+        positions = b["pos"] + self.steps[:m]
+        c, s = cos.index_select(0, positions)[:, None], sin.index_select(0, positions)[:, None]
+        _rotate(q.view(m, a.n_heads, d), c, s, a.rope_dim)
+        _rotate(k.view(m, a.n_kv, d), c, s, a.rope_dim)
+        kc.index_copy_(1, positions, k.view(m, a.n_kv, d).transpose(0, 1))
+        vc.index_copy_(1, positions, qkv[:, qw + kw :].view(m, a.n_kv, d).transpose(0, 1))
+
+    def _residual(self, y_in: torch.Tensor, w: torch.Tensor, post: torch.Tensor | None,
+                  x: torch.Tensor, tmp: torch.Tensor) -> None:  # fmt: skip
+        """x += y_in @ w^T, or (Gemma) x += norm(y_in @ w^T)."""
+        if post is None:
+            self.ops.matmul(y_in, w, x, residual=x)
+            return
+        self.ops.matmul(y_in, w, tmp)
+        self.ops.rmsnorm(tmp, post, self.arch.eps, tmp)
+        x.add_(tmp)
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], layers: list[GrowingLayer]) -> torch.Tensor:
+        b = self._buffers(len(ids))
+        b["ids"].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        return self._step(b, layers)
+
+    @torch.inference_mode()
+    def forward_token(self, token: torch.Tensor, layers: list[GrowingLayer]) -> torch.Tensor:
+        """`forward([token])` with the token a 0-d tensor on the device (the sampler's): queued
+        behind the step that chose it, with no wait for its value."""
+        b = self._buffers(1)
+        b["ids"].copy_(token.view(1))
+        return self._step(b, layers)
+
+    def _step(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> torch.Tensor:
+        m, pos0 = b["ids"].shape[0], layers[0].get_seq_length()
+        if pos0 + m > self.context_length:
+            raise ValueError("past the model's context")
+        b["pos"].fill_(pos0)
+        if m == 1 and self.graphs:
+            self._graph(b, layers).replay()
+        else:
+            self._run(b, layers)
+        for cache in layers:
+            cache.advance(pos0 + m)
+        out = b["logits"][0].float()
+        if self.arch.final_softcap:
+            out = torch.tanh(out / self.arch.final_softcap) * self.arch.final_softcap
+        return out
+
+    def _graph(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> Any:
+        """The decode step of this cache, captured once (after a warm-up that compiles the
+        kernels; its writes at the current position are rewritten by the replay)."""
+        key = layers[0].room(self.capacity)[0].data_ptr()
+        g = self._graphs.get(key)
+        if g is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run(b, layers)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self._run(b, layers)
+            if len(self._graphs) >= 4:  # caches come and go (tests, benchmarks): keep a few
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = g
+        return g
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> None:
+    """Rotary embedding of the first `dim` of each head in place, in halves as transformers
+    does: x * cos + rotate_half(x) * sin, in float32, rounded once."""
+    xr = x[..., :dim].float()
+    half = dim // 2
+    turned = torch.cat([-xr[..., half:], xr[..., :half]], -1)
+    x[..., :dim] = (xr * cos + turned * sin).to(x.dtype)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Matrices stacked by rows: a view when they already lie one after another (Phi-3's fused
+    projections), else one copy."""
+    first = parts[0]
+    rows = sum(p.shape[0] for p in parts)
+    offset = first.storage_offset()
+    for p in parts:
+        if not p.is_contiguous() or p.untyped_storage().data_ptr() != \
+                first.untyped_storage().data_ptr() or p.storage_offset() != offset:  # fmt: skip
+            return torch.cat(parts).contiguous()
+        offset += p.numel()
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                   (rows, first.shape[1]))  # fmt: skip
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "language_model", inner)
+    return list(getattr(inner, "layers", None) or [])
+
+
+def _release(module: Any, keep: list[torch.Tensor]) -> None:
+    """Let go of a transformers layer's weights (the GPU path holds its own copies), except the
+    storages in `keep`, which the GPU path uses as they are."""
+    kept = {t.untyped_storage().data_ptr() for t in keep}
+    for p in module.parameters():
+        if p.untyped_storage().data_ptr() not in kept:
+            p.data = p.data.new_empty(0)

@@ -1,0 +1,1 @@
+"""The transformers fallback: what kvrepl changes in transformers' forward."""

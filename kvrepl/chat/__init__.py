@@ -1,0 +1,1 @@
+"""The chat floor: the conversation, its session, turns, prompts and snapshots."""

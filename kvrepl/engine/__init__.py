@@ -1,0 +1,1 @@
+"""The engine floor: the prompt cache, prefill, decode, sampling, model loading."""

