@@ -221,7 +221,7 @@ def _subcommand(args: argparse.Namespace, chat: Any, renderer: Any) -> int:
         if args.json:
             print(json.dumps([r.as_dict() for r in rows], ensure_ascii=False))
         else:
-            renderer.print_sessions(rows, pool_bytes=chat.kv.pool_bytes())
+            renderer.print_sessions(rows, pool_bytes=chat.pool.pool_bytes())
         return 0
     session = chat.store.get_session(args.name)
     if session is None:

@@ -128,7 +128,7 @@ def cmd_load(ctx: Context, arg: str) -> Outcome:
 @builtin("sessions", "", "list sessions")
 def cmd_sessions(ctx: Context, arg: str) -> Outcome:
     ctx.renderer.print_sessions(session_rows(ctx.chat), current=_current_name(ctx.chat),
-                                pool_bytes=ctx.chat.kv.pool_bytes())  # fmt: skip
+                                pool_bytes=ctx.chat.pool.pool_bytes())  # fmt: skip
     return None
 
 
@@ -344,13 +344,13 @@ def session_rows(chat: Conversation) -> list[SessionRow]:
 
 def session_row(chat: Conversation, s: SessionSummary) -> SessionRow:
     """A session's figures, counted as listing.py says, for every surface that shows them."""
-    _, chain, _ = chat.kv.last_chain(s.id)
+    _, chain, _ = chat.pool.last_chain(s.id)
     saved = chain[-1].end if chain else 0
     # The last save may hold more than the conversation has now (an /undo since): not cached.
     cached = min(saved, s.tokens) if s.tokens else saved
     return SessionRow(name=s.name or s.id, title=s.title, turns=s.turns, tokens=s.tokens,
                       cached_tokens=cached, updated=s.updated,
-                      bytes_on_disk=chat.kv.size_bytes(s.id) or None, id=s.id)  # fmt: skip
+                      bytes_on_disk=chat.pool.size_bytes(s.id) or None, id=s.id)  # fmt: skip
 
 
 def _current_name(chat: Conversation) -> str | None:

@@ -30,6 +30,7 @@ from kvrepl.store.db import Message, Session, Store, clean_text
 
 if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
     from kvrepl.engine.engine import Plan, Sampling
+    from kvrepl.store.kvbook import Pool
     from kvrepl.store.kvstore import KVStore
 
 _ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
@@ -80,6 +81,16 @@ class Conversation:
 
             self._kv = KVStore(self.home / "kv")
         return self._kv
+
+    @property
+    def pool(self) -> Pool:
+        """The K/V pool's books (what is on disk, by session) without opening the snapshot store,
+        which imports torch: `kvrepl sessions` answers without it."""
+        if self._kv is not None:
+            return self._kv
+        from kvrepl.store.kvbook import Pool
+
+        return Pool(self.home / "kv")
 
     @property
     def session(self) -> Session | None:

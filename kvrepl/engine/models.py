@@ -145,6 +145,16 @@ def uses_fast_path(source: ModelSource, dtype: str, device: str | None) -> bool:
     return source.kind == "gguf" and dtype in ("auto", "gguf") and pick_device(device) == "cpu"
 
 
+def _no_gpu_here() -> bool:
+    """No NVIDIA driver on this machine: `--device auto` is the CPU, said without importing
+    torch (a second before the prompt)."""
+    import sys
+
+    return "torch" not in sys.modules and sys.platform == "linux" and not (
+        os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+    )
+
+
 def first_start(source: ModelSource, dtype: str, device: str | None) -> str | None:
     """The one-time work a first start with this model does, as a notice, or None."""
     if source.kind != "gguf":
@@ -267,10 +277,12 @@ def check_gguf(source: ModelSource) -> None:
 
 
 def pick_device(device: str | None = None) -> str:
-    import torch
-
     if device and device != "auto":
         return device
+    if _no_gpu_here():
+        return "cpu"
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

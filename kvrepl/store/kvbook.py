@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrepl.errors import SnapshotError
-from kvrepl.store.stfile import BadChunk, parse_chunk, read_chunk
 
 DEFAULT_BUDGET = 4 << 30  # bytes of K/V kept on disk, all sessions together (kvbudget.py)
 EMPTY = hashlib.sha256().hexdigest()[:16]  # the hash of no ids: every first chunk's parent
@@ -356,6 +355,8 @@ class Pool:
                 self._import_session(sid, d)
 
     def _import_session(self, sid: str, d: Path) -> None:
+        from kvrepl.store.stfile import BadChunk, parse_chunk, read_chunk  # torch: only here
+
         files = {int(m.group(1)): m.group(0) for m in map(_LEGACY_RE.fullmatch, os.listdir(d)) if m}
         pos, parent, moved = 0, EMPTY, []
         while (name := files.get(pos)) is not None:
