@@ -207,7 +207,7 @@ def test_session_rows_join_the_store_and_the_snapshots():
     sizes = {"a1": 4096, "c3": 100}
     chat = SimpleNamespace(
         store=SimpleNamespace(list_sessions=lambda: summaries),
-        kv=SimpleNamespace(last_chain=lambda sid: ("fp", chains.get(sid, []), None),
+        pool=SimpleNamespace(last_chain=lambda sid: ("fp", chains.get(sid, []), None),
                            size_bytes=lambda sid: sizes.get(sid, 0)),
     )  # fmt: skip
     rows = session_rows(chat)  # type: ignore[arg-type]
