@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvrepl.chat.prompt import ThinkSplitter
 from kvrepl.chat.snapshots import MIN_GAIN
+from kvrepl.chat.thinkbudget import think_budget
 from kvrepl.config import Settings
 from kvrepl.errors import KvreplError, PromptError, SnapshotError
 from kvrepl.events import Finish, Stats, TextDelta, ThinkDelta
@@ -268,7 +269,8 @@ class Worker:
         splitter = ThinkSplitter(in_think=rt.prompt.opens_in_think(ids))
         stops = StopText(job.ask.stop)
         reason: str | None = None
-        events = rt.engine.stream(ids, self._sampling(job.ask), started=started)
+        budget = think_budget(self.settings.think_budget, rt.prompt, splitter.in_think)
+        events = rt.engine.stream(ids, self._sampling(job.ask), started=started, steer=budget)
         try:
             for event in events:
                 if job.cancelled.is_set():
