@@ -29,7 +29,7 @@ from kvrepl.app.commands import (
 from kvrepl.app.renderers import make_renderer
 from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.errors import UsageError
-from kvrepl.store.db import Message, SessionSummary
+from kvrepl.store.records import Message, SessionSummary
 
 
 class FakeSessions:

@@ -12,7 +12,7 @@ import torch
 from makers import CHATML
 from procs import PYTHON, kvrepl_env
 
-from kvrepl.engine import fingerprint, models
+from kvrepl.engine import devices, fingerprint, models
 from kvrepl.errors import ModelError
 
 
@@ -108,20 +108,20 @@ def test_resolve_a_nonexistent_local_path(tmp_path, hub_cache):
 
 
 def test_pick_dtype():
-    assert models.pick_dtype("auto", "cpu") == torch.float32
-    assert models.pick_dtype("auto", "cuda:0") == torch.bfloat16
-    assert models.pick_dtype("float16", "cpu") == torch.float16
+    assert devices.pick_dtype("auto", "cpu") == torch.float32
+    assert devices.pick_dtype("auto", "cuda:0") == torch.bfloat16
+    assert devices.pick_dtype("float16", "cpu") == torch.float16
     with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
-        models.pick_dtype("fp8", "cpu")
-    assert models.pick_device("cpu") == "cpu"
-    assert models.pick_device("cuda:1") == "cuda:1"
+        devices.pick_dtype("fp8", "cpu")
+    assert devices.pick_device("cpu") == "cpu"
+    assert devices.pick_device("cuda:1") == "cuda:1"
 
 
 def test_pick_device_auto_takes_cuda_only_where_there_is_one(monkeypatch):
     for available, want in ((True, "cuda"), (False, "cpu")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda a=available: a)
-        assert models.pick_device("auto") == want
-        assert models.pick_device(None) == want
+        assert devices.pick_device("auto") == want
+        assert devices.pick_device(None) == want
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

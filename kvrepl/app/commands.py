@@ -33,7 +33,7 @@ from kvrepl.app.userfiles import compose, names, read_file, write_file
 from kvrepl.chat.conversation import Conversation
 from kvrepl.config import SESSION_KEYS, parse_setting, setting_help
 from kvrepl.errors import KvreplError, UsageError
-from kvrepl.store.db import SessionSummary
+from kvrepl.store.records import SessionSummary
 
 __all__ = ["BUILTINS", "Command", "Context", "Generate", "Outcome", "Prefill", "Quit",
            "Registry", "build_registry", "builtin", "session_row", "session_rows",

@@ -9,7 +9,8 @@ import json
 from typing import Any
 
 from kvrepl.app.listing import SessionRow
-from kvrepl.store.db import Message, Session, Store
+from kvrepl.store.db import Store
+from kvrepl.store.records import Message, Session
 
 FORMATS = ("md", "json")
 FIGURES = ("turns", "tokens", "cached_tokens", "bytes_on_disk")  # SessionRow.as_dict's

@@ -9,7 +9,7 @@ from typing import Any
 
 from kvrepl.chat.serving import Ask
 from kvrepl.config import OPTIONS, option_value
-from kvrepl.store.db import clean_text
+from kvrepl.store.records import clean_text
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # The request's name of each sampling value, and the setting that checks it (bounds, type).

@@ -26,7 +26,8 @@ from kvrepl.chat.turn import Result, Turn
 from kvrepl.config import Settings
 from kvrepl.errors import PromptError, StoreError, UsageError
 from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
-from kvrepl.store.db import Message, Session, Store, clean_text
+from kvrepl.store.db import Store
+from kvrepl.store.records import Message, Session, clean_text
 
 if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
     from kvrepl.engine.engine import Plan, Sampling
@@ -188,7 +189,7 @@ class Conversation:
         """The tokens `text` takes as a message, and the most a message may take (the context
         less an answer's room)."""
         rt = self.model.get()
-        return rt.prompt.count_tokens(text), _room(rt.engine.context_length)
+        return rt.prompt.count_tokens(text), prompt_room(rt.engine.context_length)
 
     def _check_message(self, text: str, before: list[Message]) -> Fitted:
         """Refuse, before anything is stored or computed, a message that is empty or that cannot
@@ -208,7 +209,7 @@ class Conversation:
         think = self.settings.thinking
         ids, starts = rt.prompt.render_with_offsets(msgs, enable_thinking=think)
         dropped = 0
-        while len(ids) > _room(rt.engine.context_length) and self.settings.drop_oldest:
+        while len(ids) > prompt_room(rt.engine.context_length) and self.settings.drop_oldest:
             first = 1 if msgs and msgs[0]["role"] == "system" else 0
             if len(msgs) - first <= 1:
                 break
@@ -356,7 +357,7 @@ class Conversation:
         return figures
 
 
-def _room(context: int) -> int:
+def prompt_room(context: int) -> int:
     """The most tokens a prompt may hold: the context less the room an answer needs."""
     return context - _ANSWER_ROOM
 
@@ -364,12 +365,12 @@ def _room(context: int) -> int:
 def _check_fits(what: str, n: int, context: int) -> None:
     """The one context check, before anything is stored or computed: a message or a whole
     conversation of `n` tokens must leave an answer room in the context."""
-    if n <= _room(context):
+    if n <= prompt_room(context):
         return
     if what == "message":
         raise PromptError(f"this message is {n:,} tokens; the model's context is {context:,} "
-                          f"tokens (at most {_room(context):,} for a message): shorten it or send "
-                          "it in parts")  # fmt: skip
+                          f"tokens (at most {prompt_room(context):,} for a message): shorten it "
+                          "or send it in parts")  # fmt: skip
     raise PromptError(
         f"the conversation is {n:,} tokens; the model's context is {context:,}: use /new to start "
         "over, /undo to drop the last exchange, /edit to shorten a turn, or `/set drop_oldest on` "

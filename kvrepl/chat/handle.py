@@ -82,11 +82,11 @@ class ModelHandle:
     def prepare(self, notice: Callable[[str], None]) -> None:
         """Once per GGUF file, before the prompt is up: say so, then dequantize it (its progress
         bar, on stderr, would tear the input if it ran in the background)."""
-        from kvrepl.engine import models
+        from kvrepl.engine import devices, models
 
         s = self.settings
         read_template(s)  # a wrong file is said now, not at the first message
-        models.check_device(s.device)
+        devices.check_device(s.device)
         source = models.resolve(s.model)
         models.check_gguf(source)
         if note := models.first_start(source, s.dtype, s.device):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from kvrepl.chat.conversation import prompt_room
 from kvrepl.chat.prompt import ThinkSplitter
 from kvrepl.chat.snapshots import MIN_GAIN
 from kvrepl.chat.thinkbudget import think_budget
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 # The pool's list of the chunks this server used (kvbook's per-session list): `kvrepl rm` of a
 # session then leaves the chunks the server shares with it.
 SERVER_LIST = "http-server"
-ANSWER_ROOM = 16  # tokens an answer needs at least beyond the prompt (as conversation.py's turns)
 REMEMBERED = 256  # answers whose generated ids are kept (by their text) for the next request
 
 
@@ -238,10 +238,10 @@ class Worker:
                 m["ids"] = known  # used only where they decode to the content (Prompt._own_ids)
         ids = self.rt.prompt.render(msgs, enable_thinking=self.settings.thinking)
         context = self.rt.engine.context_length
-        if len(ids) > context - ANSWER_ROOM:
+        if len(ids) > prompt_room(context):  # the REPL's rule: room left for an answer
             raise PromptError(
                 f"the messages are {len(ids):,} tokens; the model's context is {context:,} "
-                f"(at most {context - ANSWER_ROOM:,} for the messages, to leave room for an "
+                f"(at most {prompt_room(context):,} for the messages, to leave room for an "
                 "answer): shorten them"
             )
         return ids

@@ -12,7 +12,8 @@ from typing import Any
 from kvrepl.chat.guards import SessionLock
 from kvrepl.config import SESSION_KEYS, Settings
 from kvrepl.errors import UsageError
-from kvrepl.store.db import Message, Session, Store
+from kvrepl.store.db import Store
+from kvrepl.store.records import Message, Session
 
 
 class OpenSession:

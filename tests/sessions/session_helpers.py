@@ -21,8 +21,9 @@ from kvrepl.engine import models
 from kvrepl.engine.engine import common_prefix
 from kvrepl.engine.models import LoadedModel
 from kvrepl.events import Finish, Notice, Stats, TextDelta
-from kvrepl.store.db import STAT_NAMES, Message, Store
+from kvrepl.store.db import STAT_NAMES, Store
 from kvrepl.store.kvstore import KVStore
+from kvrepl.store.records import Message
 
 # Greedy, with a repetition penalty so that the random tiny model writes text (it repeats "\n"
 # otherwise, which the think splitter strips to an empty answer).

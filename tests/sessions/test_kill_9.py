@@ -34,9 +34,10 @@ from session_helpers import (
 
 from kvrepl.chat.handle import Runtime
 from kvrepl.engine.engine import common_prefix
-from kvrepl.store.db import Message, Store
+from kvrepl.store.db import Store
 from kvrepl.store.kvbook import Pool, Ref
 from kvrepl.store.kvstore import KVStore
+from kvrepl.store.records import Message
 from kvrepl.store.stfile import BadChunk, parse_chunk, read_chunk
 
 # =============================================================================================
