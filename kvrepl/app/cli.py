@@ -94,7 +94,7 @@ def _checked(settings: Settings, args: argparse.Namespace) -> Settings:
     bad one with its list of every device type, once the model loads). `--think` shows the
     thinking and switches the model's thinking mode on, as `/think on` does (unless the
     thinking setting says otherwise)."""
-    from kvrepl.engine.models import check_device
+    from kvrepl.engine.devices import check_device
 
     check_device(settings.device)
     if settings.show_think and settings.thinking is None:
