@@ -422,7 +422,44 @@ def ttft(gm: Any, history: int) -> dict:
     return out
 
 
-def bench_shape(shape: str, static: bool, n: int = 128) -> dict:
+PEAK = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet bytes/s (SXM), by the device's name
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s a device-to-device copy of 1 GiB moves, counting bytes read and written (the
+    median of 10): the ceiling a real kernel meets, below the datasheet's."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        b.copy_(a)
+        t1.record()
+        torch.cuda.synchronize()
+        times.append(t0.elapsed_time(t1) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 2**30 / statistics.median(times[2:])
+
+
+def limits(row: dict, model: Any, copy_bps: float) -> None:
+    """The bytes a decode step must read (every weight but the input embedding's unread rows,
+    when it is not the LM head too), and the rates the datasheet's and the copy's bandwidth
+    allow for them."""
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    tied = embed.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    read = nbytes - (0 if tied else embed.numel() * embed.element_size())
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK.items() if k in name), copy_bps)
+    row["weights_gb"], row["read_gb"] = nbytes / 1e9, read / 1e9
+    row["bandwidth_limit"], row["copy_limit"] = peak / read, copy_bps / read
+    row["of_limit"] = row["kvrepl"] / row["bandwidth_limit"]
+    row["of_copy_limit"] = row["kvrepl"] / row["copy_limit"]
+
+
+def bench_shape(shape: str, static: bool, copy_bps: float, n: int = 128) -> dict:
     model = build(shape, 16384 + 512)
     gm = gpu_model(model, 16384 + 512)
     prompt = tokens(128, 2)
@@ -436,9 +473,7 @@ def bench_shape(shape: str, static: bool, n: int = 128) -> dict:
         hf_decode(model, prompt, 8, True)
         row["static_warmup_s"] = time.perf_counter() - t
         row["generate_static"] = decode_rate(lambda k: hf_decode(model, prompt, k, True), n)
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    row["weights_gb"] = nbytes / 1e9
-    row["bandwidth_limit"] = 4.3e12 / nbytes
+    limits(row, model, copy_bps)
     row["ttft_16k"] = ttft(gm, 16384)
     return row
 
@@ -483,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
         ok = all(r["ok"] for r in results)
     else:
+        copy_bps = copy_bandwidth()
+        print(json.dumps({"copy_tb_s": copy_bps / 1e12}), flush=True)
         for shape in args.shapes.split(","):
-            r = bench_shape(shape, static=shape == "8B" and not args.no_static)
+            r = bench_shape(shape, shape == "8B" and not args.no_static, copy_bps)
             gc.collect()
             torch.cuda.empty_cache()
             print(json.dumps(r), flush=True)

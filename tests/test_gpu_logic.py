@@ -156,3 +156,21 @@ def test_decoding_ahead_stops_at_the_context_and_when_closed(gpu):
         list(e.stream(more, Sampling(temperature=0, max_tokens=12)))
     assert ahead.progress.reused == len(prompt) + len(fed)
     assert ahead.progress.generated == plain.progress.generated
+
+
+def test_the_layers_views_follow_their_length(gpu):
+    """The GPU path's layers make their keys/values views when read (a decode step only moves
+    the lengths): after a forward, a cut and a reset, the views are the buffers' filled part."""
+    fm, _ = gpu
+    layers = fm.new_layers()
+    fm.forward(list(range(3, 23)), layers)
+    layer = layers[0]
+    assert layer.keys.shape[-2] == layer.values.shape[-2] == 20
+    assert layer.keys.data_ptr() == layer._k.data_ptr()
+    before = layer.keys.clone()
+    layer.crop(-5)
+    assert torch.equal(layer.keys, before[..., :15, :])
+    fm.forward([7, 8], layers)
+    assert layer.values.shape[-2] == 17 and layer.get_seq_length() == 17
+    layer.reset()
+    assert layer.keys is None and layer.values is None

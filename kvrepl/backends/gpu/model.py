@@ -172,7 +172,7 @@ class GpuModel(KernelBackend):
         a = self.arch
         layers = []
         for _ in range(a.n_layers):
-            layer = GrowingLayer(limit=self.capacity)
+            layer = FixedLayer(limit=self.capacity)
             empty = torch.empty(1, a.n_kv, 0, a.head_dim, dtype=self.kv_dtype, device=self.device)
             layer.lazy_initialization(empty, empty)
             layer.room(self.capacity)
@@ -317,6 +317,32 @@ class GpuModel(KernelBackend):
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = g
         return g
+
+
+class FixedLayer(GrowingLayer):
+    """A cache layer of the GPU path: a GrowingLayer whose `keys`/`values` views are made when
+    read rather than at each length change. A decode step moves every layer's length, and
+    making 2 views for each of 30 layers cost about 250 us of the host's time a token, more than
+    the GPU left it at 135M (the host queues the next step while the GPU runs this one)."""
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[..., : self._n, :]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        assert value is None, "a FixedLayer's keys are its buffer's filled part"
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[..., : self._n, :]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        assert value is None, "a FixedLayer's values are its buffer's filled part"
+
+    def _set_length(self, n: int) -> None:
+        self._n = n
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> None:

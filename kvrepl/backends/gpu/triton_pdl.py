@@ -1,0 +1,84 @@
+"""How the GPU path's kernels follow one another: programmatic dependent launch (PDL, Hopper on)
+and the L2 prefetch of a matmul's weights that it allows. Owns the mode (read from the
+environment at import, and changeable at run time by the benchmarks before a graph is captured)
+and the three device helpers the kernels call; not the kernels themselves (triton_ops.py,
+triton_attn.py).
+
+A kernel launched with PDL is scheduled while the one before it ends, and waits on the GPU
+(`wait_for_previous`) before it reads an activation or writes anything; meanwhile a matmul
+prefetches the first columns of its weight rows into L2, since weights never depend on the
+kernel before. Modes (KVREPL_GPU_PDL):
+- "late" (the default): each kernel lets the next be scheduled only once its own main loop is
+  done (`next_may_start` after the loop), so the next one's programs take the SMs its programs
+  leave and, in a layer at most SMALL wide, fetch their weights while the last ones finish;
+- "early": the next kernel is scheduled as soon as this one starts (its programs wait on the
+  SMs), only for layers at most SMALL wide;
+- "0": plain launches.
+KVREPL_GPU_PREFETCH: how many of a weight row's first columns to prefetch (0: none).
+Measured on an H100 (`python bench/gpu_step.py`, the decode step's graph, 2026-12-06): 135M
+late 813 us, late without prefetch 879, early 874, plain 953; 1B late without prefetch 1,225,
+with 1,280, plain 1,249; 8B 5,842, 6,108, 5,905. So the prefetch only where latency, not
+bandwidth, bounds a kernel: at 1B and 8B it takes bandwidth from the kernel still running.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SMALL = 1536  # widest layer that is latency-bound (SmolLM2-135M's shapes; 1B is not)
+MODE = os.environ.get("KVREPL_GPU_PDL", "late")
+PREFETCH = int(os.environ.get("KVREPL_GPU_PREFETCH", "1024"))
+OFF, EARLY, LATE = 0, 1, 2  # the kernels' PDL constexpr
+
+
+@functools.cache
+def _hopper() -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability() >= (9, 0)
+
+
+def mode(width: int) -> int:
+    """The PDL constexpr for a kernel over rows `width` wide (OFF, EARLY or LATE)."""
+    if MODE in ("0", "off") or not _hopper():
+        return OFF
+    if MODE == "early":
+        return EARLY if width <= SMALL else OFF
+    return LATE
+
+
+def prefetch_columns(k: int, pdl: int) -> int:
+    """PF: a power of two of at least 64 columns, at most k and PREFETCH; 0 for none."""
+    if pdl != LATE or PREFETCH < 64 or k < 64 or k > SMALL:
+        return 0
+    return 1 << (min(PREFETCH, k).bit_length() - 1)
+
+
+@triton.jit
+def next_may_start():
+    """The next kernel may be scheduled now (it waits, in wait_for_previous, before it reads
+    anything this one writes)."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def wait_for_previous():
+    """Until the kernel before (and so every kernel before it) has finished and its writes are
+    visible: every PDL kernel calls it before its first read of activations or cache, and
+    before its first write."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the 128-byte lines at `ptrs` to be brought into L2 (a hint: nothing waits)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
+                              [ptrs.to(tl.int64)], dtype=tl.int32, is_pure=False,
+                              pack=1)  # fmt: skip
