@@ -15,10 +15,11 @@ kernel before. Modes (KVREPL_GPU_PDL):
   SMs), only for layers at most SMALL wide;
 - "0": plain launches.
 KVREPL_GPU_PREFETCH: how many of a weight row's first columns to prefetch (0: none).
-Measured on an H100 (`python bench/gpu_step.py`, the decode step's graph, 2026-12-06): 135M
-late 813 us, late without prefetch 879, early 874, plain 953; 1B late without prefetch 1,225,
-with 1,280, plain 1,249; 8B 5,842, 6,108, 5,905. So the prefetch only where latency, not
-bandwidth, bounds a kernel: at 1B and 8B it takes bandwidth from the kernel still running.
+Measured on an H100 (`python bench/gpu_step.py --capacity 4096`, the decode step's graph,
+2026-12-06), late with prefetch / late / early / plain: 135M 698 / 759 / 763 / 856 us, 1B
+1,145 / 1,141 / 1,187 / 1,180, 8B 5,536 / 5,539 / 5,621 / 5,625. The prefetch pays only where
+latency, not bandwidth, bounds a kernel (with the RMSNorm fused into the matmuls, an attempt
+since undone, it cost 4-5% at 1B and 8B), so it is kept to layers at most SMALL wide.
 """
 
 from __future__ import annotations
