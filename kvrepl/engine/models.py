@@ -159,7 +159,7 @@ def first_start(source: ModelSource, dtype: str, device: str | None) -> str | No
 
 
 def prepare(source: ModelSource, dtype: str, device: str | None, progress: bool = True) -> Path:
-    """Do a first start's one-time work now (before the prompt: its progress would tear it)."""
+    """Do a first start's one-time work now (`load` does it too, when it was not done)."""
     if uses_fast_path(source, dtype, device):
         return prepare_meta(source.path)
     return convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
