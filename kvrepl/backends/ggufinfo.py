@@ -6,9 +6,13 @@ before the prompt costs milliseconds.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 
@@ -55,6 +59,25 @@ class _Reader:
         return self.take(_SCALARS[vtype])
 
 
+@functools.cache
+def _gguf_constants() -> ModuleType:
+    """gguf-py's constants module (the tensor types and their block sizes). Imported as
+    `gguf.constants` it would run the package's __init__, which imports numpy and yaml (about
+    40 ms before the prompt), so its file is loaded alone unless gguf is already imported."""
+    if "gguf.constants" in sys.modules:
+        return sys.modules["gguf.constants"]
+    package = importlib.util.find_spec("gguf")
+    if package is None or not package.submodule_search_locations:
+        raise GGUFError("gguf-py is not installed (pip install gguf)")
+    path = Path(list(package.submodule_search_locations)[0]) / "constants.py"
+    spec = importlib.util.spec_from_file_location("kvrepl._gguf_constants", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
 @dataclass
 class Head:
     arch: str
@@ -64,7 +87,7 @@ class Head:
 
 def read(buf: memoryview) -> Head:
     """The header of a GGUF file's bytes; GGUFError when they are not one."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    gguf = _gguf_constants()
 
     r = _Reader(buf)
     try:
@@ -84,7 +107,7 @@ def read(buf: memoryview) -> Head:
         for _ in range(n_tensors):
             name, nd = r.string(), r.take("<I")
             dims = [r.take("<Q") for _ in range(nd)]
-            infos.append((name, dims, GGMLQuantizationType(r.take("<I")), r.take("<Q")))
+            infos.append((name, dims, gguf.GGMLQuantizationType(r.take("<I")), r.take("<Q")))
     except (ValueError, IndexError, KeyError, struct.error) as exc:
         if isinstance(exc, GGUFError):
             raise
@@ -93,7 +116,7 @@ def read(buf: memoryview) -> Head:
     start = -(-r.pos // align) * align
     end = start
     for _, dims, qtype, off in infos:
-        block, size = GGML_QUANT_SIZES[qtype]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
         n = 1
         for d in dims:
             n *= int(d)
