@@ -24,6 +24,9 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
             11: "<q", 12: "<d"}  # fmt: skip
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Reader:
     """Just enough of GGUF to find its tensors: the key/value section is skipped, not parsed
     (gguf-py's reader parses every vocabulary string: 5 s for this model)."""
@@ -52,6 +55,11 @@ class _Reader:
             itype, count = self.take("<I"), self.take("<Q")
             if itype in _SCALARS:
                 self.pos += struct.calcsize(_SCALARS[itype]) * count
+            elif itype == 8:  # the vocabulary and merges: ~100k strings, in a tight loop
+                buf, pos, length = self.buf, self.pos, _U64.unpack_from
+                for _ in range(count):
+                    pos += 8 + length(buf, pos)[0]
+                self.pos = pos
             else:
                 for _ in range(count):
                     self.skip(itype)
