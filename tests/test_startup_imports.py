@@ -16,8 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from tests.procs import PYTHON, kvrepl_env
+from procs import PYTHON, kvrepl_env
 
 HEAVY = ("torch", "transformers", "numpy", "safetensors", "tokenizers", "gguf", "yaml", "jinja2",
          "huggingface_hub", "markdown_it", "rich.markdown", "kvrepl.backends.cpu")  # fmt: skip

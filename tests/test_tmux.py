@@ -232,8 +232,9 @@ def test_a_first_start_shows_the_prompt_before_the_tokenizer_is_read(
     """A first start with the embedded GGUF (a cold cache: its tokenizer has never been read)
     shows the prompt at once and reads the tokenizer in the background; a question typed at
     once waits for it with the status line, and its answer is the one a warm start gives."""
+    from procs import run_kvrepl
+
     from kvrepl.engine import models
-    from tests.procs import run_kvrepl
 
     cache = tmp_path / "cache"
     cache.mkdir()
