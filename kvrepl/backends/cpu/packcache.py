@@ -55,12 +55,21 @@ def load(path: Path, qtype: str) -> tuple[dict[str, Packed], str | None]:
                             "version: converting again")  # fmt: skip
             specs = json.loads(meta["weights"])
             return {name: _packed(name, spec, f) for name, spec in specs.items()}, None
-    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
-        return {}, f"the converted weights in {path} are damaged ({_short(exc)}): converting again"
+    except OSError as exc:
+        why = exc.strerror or "it cannot be read"
+    except SafetensorError:
+        why = "it is not a whole safetensors file"
+    except (KeyError, TypeError, json.JSONDecodeError):
+        why = "its list of weights cannot be read"
+    except ValueError as exc:  # ours: a weight's CRC32 or shape, or not kvrepl's file
+        why = str(exc)
+    return {}, f"the converted weights in {path} are damaged ({why}): converting again"
 
 
 def _packed(name: str, spec: list, f: Any) -> Packed:
     """One weight, checked against its CRC32s and its shape."""
+    if not isinstance(spec, list) or len(spec) != 5:
+        raise ValueError(f"{name}: its entry cannot be read")
     fmt, n, k, block, crcs = spec
     parts = [f.get_tensor(f"{name}.q")] + ([f.get_tensor(f"{name}.sc")] if len(crcs) > 1 else [])
     if [_crc(t) for t in parts] != crcs:
@@ -79,14 +88,10 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:120]
-
-
 def save(path: Path, qtype: str, weights: dict[str, Packed]) -> str | None:
     """Write `weights` to `path` atomically; None, or one line when it could not be written (the
     model runs all the same, and quantizes again next time)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -107,8 +112,9 @@ def save(path: Path, qtype: str, weights: dict[str, Packed]) -> str | None:
         save_file(tensors, tmp, metadata=meta)
         os.chmod(tmp, 0o644)  # as a file written in place would be (mkstemp's is 0600)
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # the disk full, the folder not writable
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        return f"the converted weights could not be kept in {path.parent} ({exc.strerror})"
+        why = getattr(exc, "strerror", None) or "it could not be written"
+        return f"the converted weights could not be kept in {path.parent} ({why})"
     return None
