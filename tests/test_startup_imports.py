@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from procs import PYTHON, kvrepl_env
+from procs import PYTHON, kvrepl_env, run_kvrepl
 
 HEAVY = ("torch", "transformers", "numpy", "safetensors", "tokenizers", "gguf", "yaml", "jinja2",
          "huggingface_hub", "markdown_it", "rich.markdown", "kvrepl.backends.cpu")  # fmt: skip
@@ -42,9 +42,9 @@ def heavy_in(modules: list[str]) -> list[str]:
     return [m for m in modules if m in HEAVY or m.split(".")[0] in HEAVY]
 
 
-def run_in_a_terminal(tmp_path: Path, *args: str) -> dict:
+def run_in_a_terminal(tmp_path: Path, *args: str) -> tuple[dict, str]:
     """Run the start-up with stdin and stdout on a pseudo-terminal (so kvrepl is interactive);
-    what it reported at its prompt."""
+    what it reported at its prompt, and what the terminal showed."""
     leader, follower = pty.openpty()
     screen = bytearray()
 
@@ -56,7 +56,7 @@ def run_in_a_terminal(tmp_path: Path, *args: str) -> dict:
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     report = tmp_path / "report.json"
-    env = kvrepl_env(tmp_path / "home", KVREPL_CACHE=str(tmp_path / "cache"), TERM="xterm")
+    env = kvrepl_env(tmp_path / "home", TERM="xterm")
     try:
         done = subprocess.run([str(PYTHON), "-c", UP_TO_THE_PROMPT, str(report), *args],
                               stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=env,
@@ -66,13 +66,19 @@ def run_in_a_terminal(tmp_path: Path, *args: str) -> dict:
     reader.join(10)
     os.close(leader)
     assert done.returncode == 0, done.stderr.decode()
-    assert "/help for commands" in screen.decode(errors="replace")  # it reached the prompt
-    return json.loads(report.read_text())
+    shown = screen.decode(errors="replace")
+    assert "/help for commands" in shown  # it reached the prompt
+    return json.loads(report.read_text()), shown
 
 
-@pytest.mark.parametrize("args", [(), ("--session", "notes")], ids=["new", "named-session"])
+@pytest.mark.parametrize("args", [(), ("--session", "notes"), ("-c",)],
+                         ids=["new", "named-session", "continue-a-saved-one"])  # fmt: skip
 def test_nothing_heavy_is_imported_and_no_model_load_starts_before_the_prompt(tmp_path, args):
-    seen = run_in_a_terminal(tmp_path, *args)
+    if args == ("-c",):  # a session with an answer and its K/V snapshot on disk, to go on with
+        done = run_kvrepl(["--session", "saved", "--max-tokens", "3", "hi"], home=tmp_path / "home")
+        assert done.rc == 0 and list((tmp_path / "home" / "kv").rglob("*.safetensors")), done.err
+    seen, shown = run_in_a_terminal(tmp_path, *args)
+    assert ("saved" in shown) == (args == ("-c",))  # -c went on with the saved session
     assert "prompt_toolkit" in seen["modules"] and "kvrepl.store.db" in seen["modules"]
     assert heavy_in(seen["modules"]) == []
     assert "model-loader" not in seen["threads"]
