@@ -89,11 +89,13 @@ def fast_transformers(model: Any, cache: Path, context: int, folder: Path,
     fast = from_hf(model, HF_FAST_QTYPE, kernels, context, kept)
     fast.weight_types = f"{HF_FAST_QTYPE} (converted at load)"
     fresh = kept.keys() - saved.keys() or any(kept[n] is not saved[n] for n in saved)
-    how = "read from the cache of an earlier start" if not fresh else "kept for the next start"
+    how = "read from the cache of an earlier start"
     notes = [note] if note else []
     if fresh:
+        how = "kept for the next start"
         if failed := packcache.save(file, HF_FAST_QTYPE, kept):
             notes.append(failed)
+            how = "converted again at the next start"
         else:
             _drop_stale(file)
     notes.append(f"weights converted to {HF_FAST_QTYPE} at load for kvrepl's CPU kernels ({how}; "
