@@ -52,3 +52,28 @@ def test_a_failed_load_is_one_error_each_time_it_is_asked_for():
 def test_a_handle_without_a_model_refuses():
     with pytest.raises(UsageError, match="does not load a model"):
         ModelHandle.none(Settings()).get()
+
+
+def test_a_first_start_leaves_the_tokenizer_to_the_background_load(tmp_path, monkeypatch):
+    """Before the prompt, a GGUF's first start is said and its tokenizer is not read (the load,
+    in its thread, reads it); the status says what the wait is for until the load is done."""
+    from kvrepl.chat.handle import FIRST_START_STATUS
+    from kvrepl.engine import models
+
+    monkeypatch.setenv("KVREPL_CACHE", str(tmp_path / "cache"))
+    rt = object()
+    go = threading.Event()
+
+    def slow() -> Runtime:
+        go.wait(10)
+        return rt  # type: ignore[return-value]
+
+    handle = ModelHandle(Settings(), load=slow)
+    said: list[str] = []
+    handle.prepare(said.append)
+    assert said == ["first start with this model: reading its tokenizer once (about 10 s)…"]
+    assert not models.meta_folder(models.embedded_gguf()).exists()
+    handle.start()
+    assert handle.status() == FIRST_START_STATUS
+    go.set()
+    assert handle.get() is rt and handle.ready()

@@ -224,3 +224,45 @@ def test_a_paste_taller_than_the_screen_shows_the_prompt_and_the_text(
         finally:
             db.close()
         assert content == text + "x"
+
+
+def test_a_first_start_shows_the_prompt_before_the_tokenizer_is_read(
+    terminal: Terminal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A first start with the embedded GGUF (a cold cache: its tokenizer has never been read)
+    shows the prompt at once and reads the tokenizer in the background; a question typed at
+    once waits for it with the status line, and its answer is the one a warm start gives."""
+    from procs import run_kvrepl
+
+    from kvrepl.engine import models
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "kernels").symlink_to(models.cache_dir() / "kernels")  # compiled once, elsewhere
+    home = tmp_path / "store"
+    flags = ["--temperature", "0", "--max-tokens", "30"]
+    command = shlex.join(["env", f"KVREPL_HOME={home}", f"KVREPL_CACHE={cache}", "TERM=xterm",
+                          sys.executable, "-m", "kvrepl", *flags])  # fmt: skip
+    question = "What is the capital of France?"
+    monkeypatch.setenv("KVREPL_CACHE", str(cache))
+    tokenizer = models.meta_folder(models.embedded_gguf()) / "tokenizer.json"
+    terminal.start("first", command)
+    terminal.wait_for_prompt(1)
+    assert not tokenizer.exists()  # the prompt came first
+    screen = terminal.screen()
+    assert "first start with this model: reading its tokenizer once" in screen
+    assert "Traceback" not in screen
+    terminal.type(question)
+    terminal.wait_for(lambda s: STATS.search(s), "the stats line of the first answer")
+    assert tokenizer.exists()
+    terminal.type("/quit")
+    terminal.wait_for(lambda s: "[exit 0]" in s, "kvrepl to quit with exit code 0")
+    db = sqlite3.connect(home / "kvrepl.db")
+    try:
+        (answer,) = db.execute("SELECT content FROM messages WHERE role = 'assistant'").fetchone()
+    finally:
+        db.close()
+    warm = run_kvrepl([*flags, question], home=tmp_path / "warm", env={"KVREPL_CACHE": str(cache)})
+    assert warm.rc == 0, warm.err
+    assert "first start" not in warm.err
+    assert warm.out.strip() == answer.strip() and "Paris" in answer

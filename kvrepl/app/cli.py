@@ -126,7 +126,8 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
     try:
         created = _open_session(chat, args)  # first: a wrong name fails before model work
         model.prepare(renderer.notice)
-        model.start()
+        if not interactive:  # else once the prompt is drawn: its imports would slow it down
+            model.start()
         repl = Repl(chat, renderer, build_registry(), interactive=interactive)
         repl.ctx.attached.extend(files)  # they go with the prompt, or the first message
         if chat.session is not None:
@@ -139,7 +140,9 @@ def _run(args: argparse.Namespace, settings: Settings, home: Path) -> int:
         if not interactive:
             return line_loop(repl, stdin_lines())
         renderer.notice("kvrepl: /help for commands, Ctrl-D to quit")
-        return interactive_loop(repl, home, toolbar=lambda: _toolbar(chat, repl.ctx.attached))
+        return interactive_loop(
+            repl, home, toolbar=lambda: _toolbar(chat, repl.ctx.attached), on_drawn=model.start
+        )
     finally:
         chat.close()
 

@@ -167,7 +167,7 @@ def cmd_read(ctx: Context, arg: str) -> Outcome:
             ctx.renderer.info(f"attached for your next message: {names(ctx.attached)}")
         return None
     if not ctx.chat.model.ready():  # the file's tokens are counted with the model's tokenizer
-        with ctx.renderer.status("loading the model…"):
+        with ctx.renderer.status(ctx.chat.model.status()):
             ctx.chat.model.get()
     _, room = ctx.chat.measure("")
     file = read_file(_unquote(arg), room=room)

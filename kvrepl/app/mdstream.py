@@ -13,16 +13,17 @@ terminal renderer (render_term.py) decides what to print and when.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
-from rich.markdown import Markdown
 from rich.segment import Segment
 
-# The same parser configuration rich's Markdown uses, so our block boundaries match its rendering.
-_PARSER = MarkdownIt().enable("strikethrough").enable("table")
+if TYPE_CHECKING:
+    from rich.markdown import Markdown
+
 _FENCE = re.compile(r" {0,3}(```|~~~)")
 _TABLE_RULE = re.compile(r"\s*\|?\s*:?-+:?\s*\|[\s|:-]*$")
 
@@ -40,9 +41,26 @@ def split_finished(text: str) -> tuple[str, str]:
     return finished, text[len(finished) :]
 
 
+@functools.cache
+def _parser() -> Any:
+    """The same parser configuration rich's Markdown uses, so our block boundaries match its
+    rendering. Made at the first answer: markdown-it costs ~20 ms on the way to the prompt."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt().enable("strikethrough").enable("table")
+
+
+def markdown(text: str) -> Markdown:
+    """rich's Markdown of `text` (rich.markdown is imported at the first answer, not before the
+    prompt: ~40 ms)."""
+    from rich.markdown import Markdown
+
+    return Markdown(text)
+
+
 def _block_starts(markdown: str) -> list[int]:
     """The first line of each top-level block (closing tokens carry no line map)."""
-    return [t.map[0] for t in _PARSER.parse(markdown) if t.level == 0 and t.map is not None]
+    return [t.map[0] for t in _parser().parse(markdown) if t.level == 0 and t.map is not None]
 
 
 def last_block_stub(markdown: str) -> str:
@@ -75,13 +93,13 @@ class Continuation:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         options = options.update(height=None)
         if not self.before:
-            lines = console.render_lines(Markdown(self.text), options, pad=False)
+            lines = console.render_lines(markdown(self.text), options, pad=False)
         elif self.exact:
-            skip = len(console.render_lines(Markdown(self.before), options, pad=False))
-            combined = Markdown(self.before + self.text)
+            skip = len(console.render_lines(markdown(self.before), options, pad=False))
+            combined = markdown(self.before + self.text)
             lines = console.render_lines(combined, options, pad=False)[skip:]
         else:
-            lines = console.render_lines(Markdown(self.text), options, pad=False)
+            lines = console.render_lines(markdown(self.text), options, pad=False)
             while lines and not any(segment.text for segment in lines[0]):
                 lines.pop(0)
             lines.insert(0, [])

@@ -17,12 +17,18 @@ from contextlib import contextmanager
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from kvrepl.app.mdstream import Continuation, LiveTail, last_block_stub, split_finished, tail_source
+from kvrepl.app.mdstream import (
+    Continuation,
+    LiveTail,
+    last_block_stub,
+    markdown,
+    split_finished,
+    tail_source,
+)
 from kvrepl.app.render import Renderer
 from kvrepl.app.turnlines import PROGRESS_AFTER_S, format_progress
 from kvrepl.events import Progress
@@ -137,7 +143,7 @@ class TermRenderer(Renderer):
         (target or self.console).print(Text(text, style=style))
 
     def print_markdown(self, text: str) -> None:
-        self.data.print(Markdown(text))
+        self.data.print(markdown(text))
 
     def _table(
         self,

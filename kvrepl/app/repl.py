@@ -160,7 +160,7 @@ class Repl:
 
     def _wait_for_model(self) -> None:
         if not self.chat.model.ready():
-            with self.renderer.status("loading the model…"):
+            with self.renderer.status(self.chat.model.status()):
                 self.chat.model.get()
         else:
             self.chat.model.get()
@@ -217,8 +217,11 @@ def stdin_lines(stream: TextIO | None = None) -> Iterator[str]:
 
 
 def interactive_loop(repl: Repl, home: Path, *, toolbar: Callable[[], str],
+                     on_drawn: Callable[[], None] | None = None,
                      input: Any = None, output: Any = None) -> int:  # fmt: skip
-    """The prompt-toolkit loop. `input`/`output` let tests drive it through a pipe."""
+    """The prompt-toolkit loop. `on_drawn` runs each time the screen has been drawn (kvrepl
+    starts the model's load there: its imports would slow the first prompt down). `input` and
+    `output` let tests drive it through a pipe."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
     from prompt_toolkit.history import FileHistory, InMemoryHistory
@@ -244,6 +247,8 @@ def interactive_loop(repl: Repl, home: Path, *, toolbar: Callable[[], str],
         input=input,
         output=output,
     )
+    if on_drawn is not None:
+        session.app.after_render += lambda _app: on_drawn()
     while True:
         default = repl.prefill.text if repl.prefill else ""
         try:

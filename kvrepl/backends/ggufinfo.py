@@ -6,9 +6,13 @@ before the prompt costs milliseconds.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 
@@ -18,6 +22,9 @@ class GGUFError(ValueError):
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
             11: "<q", 12: "<d"}  # fmt: skip
+
+
+_U64 = struct.Struct("<Q")
 
 
 class _Reader:
@@ -48,11 +55,35 @@ class _Reader:
             itype, count = self.take("<I"), self.take("<Q")
             if itype in _SCALARS:
                 self.pos += struct.calcsize(_SCALARS[itype]) * count
+            elif itype == 8:  # the vocabulary and merges: ~100k strings, in a tight loop
+                buf, pos, length = self.buf, self.pos, _U64.unpack_from
+                for _ in range(count):
+                    pos += 8 + length(buf, pos)[0]
+                self.pos = pos
             else:
                 for _ in range(count):
                     self.skip(itype)
             return None
         return self.take(_SCALARS[vtype])
+
+
+@functools.cache
+def _gguf_constants() -> ModuleType:
+    """gguf-py's constants module (the tensor types and their block sizes). Imported as
+    `gguf.constants` it would run the package's __init__, which imports numpy and yaml (about
+    40 ms before the prompt), so its file is loaded alone unless gguf is already imported."""
+    if "gguf.constants" in sys.modules:
+        return sys.modules["gguf.constants"]
+    package = importlib.util.find_spec("gguf")
+    if package is None or not package.submodule_search_locations:
+        raise GGUFError("gguf-py is not installed (pip install gguf)")
+    path = Path(list(package.submodule_search_locations)[0]) / "constants.py"
+    spec = importlib.util.spec_from_file_location("kvrepl._gguf_constants", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass
@@ -64,7 +95,7 @@ class Head:
 
 def read(buf: memoryview) -> Head:
     """The header of a GGUF file's bytes; GGUFError when they are not one."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    gguf = _gguf_constants()
 
     r = _Reader(buf)
     try:
@@ -84,7 +115,7 @@ def read(buf: memoryview) -> Head:
         for _ in range(n_tensors):
             name, nd = r.string(), r.take("<I")
             dims = [r.take("<Q") for _ in range(nd)]
-            infos.append((name, dims, GGMLQuantizationType(r.take("<I")), r.take("<Q")))
+            infos.append((name, dims, gguf.GGMLQuantizationType(r.take("<I")), r.take("<Q")))
     except (ValueError, IndexError, KeyError, struct.error) as exc:
         if isinstance(exc, GGUFError):
             raise
@@ -93,7 +124,7 @@ def read(buf: memoryview) -> Head:
     start = -(-r.pos // align) * align
     end = start
     for _, dims, qtype, off in infos:
-        block, size = GGML_QUANT_SIZES[qtype]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
         n = 1
         for d in dims:
             n *= int(d)

@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # torch and transformers load in the background, after the pr
     from kvrepl.engine.models import LoadedModel
 
 LOADER_THREAD = "model-loader"
+LOADING_STATUS = "loading the model…"
+FIRST_START_STATUS = "loading the model (first start: reading its tokenizer once)…"
 
 
 @dataclass
@@ -62,6 +64,7 @@ class ModelHandle:
         self._runtime: Runtime | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._first_start: str | None = None  # the status while a first start's work runs
 
     @classmethod
     def ready_with(cls, runtime: Runtime, settings: Settings | None = None) -> ModelHandle:
@@ -80,17 +83,26 @@ class ModelHandle:
         return cls(settings, load=refuse)
 
     def prepare(self, notice: Callable[[str], None]) -> None:
-        """Once per GGUF file, before the prompt is up: say so, then dequantize it (its progress
-        bar, on stderr, would tear the input if it ran in the background)."""
+        """Before the prompt: what the user gave is checked (a template file, the device, the
+        model's path, a .gguf's header), so that a mistake is one line now, not at the first
+        message; and a first start's one-time work is said. Reading a GGUF's tokenizer (the
+        fast path's, about 10 s) is left to the load, in the background while the user types;
+        dequantizing a GGUF for transformers is done now (its progress bar, on stderr, would
+        tear the input if it ran in the background)."""
         from kvrepl.engine import devices, models
 
         s = self.settings
-        read_template(s)  # a wrong file is said now, not at the first message
+        read_template(s)
         devices.check_device(s.device)
         source = models.resolve(s.model)
         models.check_gguf(source)
-        if note := models.first_start(source, s.dtype, s.device):
-            notice(note)
+        note = models.first_start(source, s.dtype, s.device)
+        if note is None:
+            return
+        notice(note)
+        if models.uses_fast_path(source, s.dtype, s.device):
+            self._first_start = FIRST_START_STATUS
+        else:
             models.prepare(source, s.dtype, s.device, progress=True)
 
     def start(self) -> ModelHandle:
@@ -142,7 +154,7 @@ class ModelHandle:
     def status(self) -> str:
         """The toolbar's word on the model."""
         if not self.ready():
-            return "loading the model…"
+            return self._first_start or LOADING_STATUS
         if self._error is not None:
             return "the model failed to load"
         return self.label

@@ -159,7 +159,7 @@ def first_start(source: ModelSource, dtype: str, device: str | None) -> str | No
 
 
 def prepare(source: ModelSource, dtype: str, device: str | None, progress: bool = True) -> Path:
-    """Do a first start's one-time work now (before the prompt: its progress would tear it)."""
+    """Do a first start's one-time work now (`load` does it too, when it was not done)."""
     if uses_fast_path(source, dtype, device):
         return prepare_meta(source.path)
     return convert_gguf(source.path, progress) if source.kind == "gguf" else source.path
@@ -357,17 +357,17 @@ def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtyp
     ctx, more = placement.context_length(model.config, context)
     notes += more
     name = str(torch_dtype).removeprefix("torch.")
-    fp = fingerprint(source.label, model.config, name, tokenizer, weights_digest(model))
+    digest = weights_digest(model)
+    fp = fingerprint(source.label, model.config, name, tokenizer, digest)
     runner, mode = model, None
     try:
         if spread:
             n = len({str(d) for d in model.hf_device_map.values()})
             notes.append(f"model spread over {n} devices by accelerate: transformers runs it")
         elif dev == "cpu" and dtype in ("auto", "gguf") and source.kind == "folder":
-            runner = placement.fast_transformers(model, cache_dir(), ctx)
+            runner, more = placement.fast_transformers(model, cache_dir(), ctx, source.path, digest)
             mode, name = f"{placement.HF_FAST_QTYPE}/{runner.k.label}/float16-kv", "gguf"
-            notes.append(f"weights converted to {placement.HF_FAST_QTYPE} at load for kvrepl's "
-                         "CPU kernels (--dtype float32: transformers, unconverted)")  # fmt: skip
+            notes += more
         elif dev.startswith("cuda") and dtype != "float32" and os.environ.get("KVREPL_GPU") != "0":
             runner, mode = placement.gpu(model, ctx), "gpu-kernels-v2"
     except Unsupported as exc:

@@ -10,6 +10,8 @@ assembles what this builds into a LoadedModel).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +69,70 @@ def check_memory_fits(config: Any, context: int) -> None:
                          "or less")  # fmt: skip
 
 
-def fast_transformers(model: Any, kernels_dir: Path, context: int) -> Any:
-    """A transformers model's weights, quantized once to HF_FAST_QTYPE, on the CPU kernels."""
-    from kvrepl.backends.cpu import native
+def fast_transformers(model: Any, cache: Path, context: int, folder: Path,
+                      digest: str) -> tuple[Any, list[str]]:  # fmt: skip
+    """A transformers model's weights, quantized to HF_FAST_QTYPE, on the CPU kernels; and the
+    lines to show. The quantized weights are kept in `cache` and read from there at the next load
+    of the same weights: the same files in `folder`, the same sample of them (`digest`), the
+    same quantizer (converted_weights_file)."""
+    from kvrepl.backends.cpu import native, packcache
     from kvrepl.backends.cpu.gguf_model import from_hf
 
     try:
-        kernels = native.kernels(kernels_dir)
+        kernels = native.kernels(cache)
     except native.NativeError as exc:
         raise Unsupported(str(exc)) from None
     check_memory_fits(model.config, context)
-    fast = from_hf(model, HF_FAST_QTYPE, kernels, context)
+    file = converted_weights_file(cache, folder, digest)
+    saved, note = packcache.load(file, HF_FAST_QTYPE)
+    kept = dict(saved)
+    fast = from_hf(model, HF_FAST_QTYPE, kernels, context, kept)
     fast.weight_types = f"{HF_FAST_QTYPE} (converted at load)"
-    return fast
+    fresh = kept.keys() - saved.keys() or any(kept[n] is not saved[n] for n in saved)
+    how = "read from the cache of an earlier start"
+    notes = [note] if note else []
+    if fresh:
+        how = "kept for the next start"
+        if failed := packcache.save(file, HF_FAST_QTYPE, kept):
+            notes.append(failed)
+            how = "converted again at the next start"
+        else:
+            _drop_stale(file)
+    notes.append(f"weights converted to {HF_FAST_QTYPE} at load for kvrepl's CPU kernels ({how}; "
+                 "--dtype float32: transformers, unconverted)")  # fmt: skip
+    return fast, notes
+
+
+def converted_weights_file(cache: Path, folder: Path, digest: str) -> Path:
+    """Where a model folder's weights, quantized for the CPU kernels, are kept: named after the
+    folder's path, and keyed by its weight files (names, sizes, modification times), a sample of
+    the weights (`digest`), the quantization type and the quantizer's version; any change to one
+    of them names another file."""
+    from kvrepl.backends.cpu import packcache
+
+    stats = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file():
+            st = p.stat()
+            stats.append((p.name, st.st_size, st.st_mtime_ns))
+    key = json.dumps([stats, digest, HF_FAST_QTYPE, packcache.quantizer_version()])
+    return cache / "converted" / f"{_place_name(folder)}-{_sha(key)[:16]}.safetensors"
+
+
+def _place_name(folder: Path) -> str:
+    return f"{folder.name}-{_sha(str(folder.resolve()))[:8]}"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _drop_stale(file: Path) -> None:
+    """The files kept for the same folder's earlier weights: they can never be read again."""
+    place = file.name[: -len("-0123456789abcdef.safetensors")]
+    for old in file.parent.glob(f"{place}-*.safetensors"):
+        if old != file and len(old.name) == len(file.name):
+            old.unlink(missing_ok=True)
 
 
 def gpu(model: Any, context: int) -> Any:

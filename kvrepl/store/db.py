@@ -12,19 +12,22 @@ Never touches tensors, KV snapshots or the model: the messages here are the trut
 built from them live elsewhere (kvstore.py, engine.py).
 """
 
+from __future__ import annotations
+
 import json
 import secrets
 from contextlib import AbstractContextManager
 from enum import Enum
 from pathlib import Path
-from typing import Any
-
-from sqlite_utils import Database
+from typing import TYPE_CHECKING, Any
 
 from kvrepl.errors import StoreError
 from kvrepl.store.names import validate_session_name
 from kvrepl.store.records import Branch, Message, Session, SessionSummary, clean_text
 from kvrepl.store.schema import open_database, timestamp, write
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
 
 ROLES = ("system", "user", "assistant")
 STAT_NAMES = ("reused_tokens", "prefilled_tokens", "generated_tokens", "ttft_s", "decode_tok_s")

@@ -11,15 +11,20 @@ Never reads or writes sessions, messages or stats, and knows nothing of what a r
 that is db.py.
 """
 
+from __future__ import annotations
+
 import sqlite3
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-
-from sqlite_utils import Database
+from typing import TYPE_CHECKING
 
 from kvrepl.errors import StoreError
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
 
 
 def timestamp() -> str:
@@ -124,6 +129,22 @@ def inspect_file(conn: sqlite3.Connection, path: Path) -> tuple[int, set[str]]:
     return version, tables
 
 
+def database_class() -> type[Database]:
+    """sqlite_utils' Database, imported without numpy. sqlite_utils imports numpy whenever it can,
+    only to map numpy's scalar types to column types (kvrepl never stores one), and numpy costs
+    about 70 ms on the way to the prompt; so numpy is hidden while sqlite_utils is first imported
+    (kvrepl opens its store before any thread that might import numpy starts)."""
+    hide = "numpy" not in sys.modules and "sqlite_utils" not in sys.modules
+    if hide:
+        sys.modules["numpy"] = None  # type: ignore[assignment]  # `import numpy` then fails
+    try:
+        from sqlite_utils import Database
+    finally:
+        if hide:
+            del sys.modules["numpy"]
+    return Database
+
+
 def open_database(path: Path | str, busy_timeout_s: float) -> tuple[Database, list[str]]:
     """Open (or create) the file, refuse it if it is not ours, migrate it if it is behind:
     (the database, the names of the migrations just applied). `":memory:"` opens no file."""
@@ -140,7 +161,7 @@ def open_database(path: Path | str, busy_timeout_s: float) -> tuple[Database, li
         if not memory:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL's usual pairing
-        db = Database(conn, execute_plugins=False)
+        db = database_class()(conn, execute_plugins=False)
         applied: list[str] = []
         if version != SCHEMA_VERSION or "_migrations" not in tables:
             with write(db, busy_timeout_s):

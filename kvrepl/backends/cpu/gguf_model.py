@@ -125,25 +125,34 @@ def build(f: GGUFTensors, config: Any, kernels: native.Kernels, context_length: 
                      context_length)  # fmt: skip
 
 
-def from_hf(model: Any, qtype: str, kernels: native.Kernels, context_length: int) -> FastModel:
+def from_hf(model: Any, qtype: str, kernels: native.Kernels, context_length: int,
+            kept: dict[str, Packed] | None = None) -> FastModel:  # fmt: skip
     """The fast model over a transformers model's weights, found by role (describe.hf_weights)
-    and quantized to `qtype` (llama.cpp's quantizers; norms and biases stay float32)."""
+    and quantized to `qtype` (llama.cpp's quantizers; norms and biases stay float32). `kept`:
+    weights quantized before, by name ("layers.3.q", "embed"...), used as they are when their
+    shape fits; each weight quantized here is added to it."""
     arch = Arch.from_config(model.config)
     check_sizes(arch)
     top, roles = hf_weights(model, arch)
+    kept = {} if kept is None else kept
 
-    def mat(w: torch.Tensor) -> Packed:
-        return quantize(w, qtype)
+    def mat(name: str, w: torch.Tensor) -> Packed:
+        p = kept.get(name)
+        if p is None or (p.n, p.k) != tuple(w.shape):
+            p = kept[name] = quantize(w, qtype)
+        return p
 
     layers = []
-    for r in roles:
+    for i, r in enumerate(roles):
+        m = {role: mat(f"layers.{i}.{role}", r[role])
+             for role in ("q", "k", "v", "o", "gate", "up", "down")}  # fmt: skip
         layer = Layer(
             attn_norm=norm_weight(r["attn_norm"], arch),
-            qkv=fuse([mat(r["q"]), mat(r["k"]), mat(r["v"])]),
-            o=mat(r["o"]),
+            qkv=fuse([m["q"], m["k"], m["v"]]),
+            o=m["o"],
             ffn_norm=norm_weight(r["ffn_norm"], arch),
-            gate_up=fuse([mat(r["gate"]), mat(r["up"])]),
-            down=mat(r["down"]),
+            gate_up=fuse([m["gate"], m["up"]]),
+            down=m["down"],
         )
         if arch.qkv_bias:
             layer.qkv_bias = torch.cat([r["q_bias"], r["k_bias"], r["v_bias"]]).float()
@@ -154,8 +163,8 @@ def from_hf(model: Any, qtype: str, kernels: native.Kernels, context_length: int
             layer.post_attn_norm = norm_weight(r["post_attn_norm"], arch)
             layer.post_ffn_norm = norm_weight(r["post_ffn_norm"], arch)
         layers.append(layer)
-    embed = quantize(top["embed"], qtype)
+    embed = mat("embed", top["embed"])
     tied = top["lm_head"].data_ptr() == top["embed"].data_ptr()
-    head = embed if tied else quantize(top["lm_head"], qtype)
+    head = embed if tied else mat("lm_head", top["lm_head"])
     final = norm_weight(top["final_norm"], arch)
     return FastModel(model.config, embed, layers, final, head, kernels, context_length)
