@@ -1,4 +1,5 @@
-/* kvrepl's CPU kernels: quantized matmul, attention over an fp16 cache, norms, rope, activations.
+/* kvrepl's CPU kernels: quantized matmul, attention over an fp16 or 8-bit cache, norms, rope,
+ * activations.
  *
  * Batch invariance by construction: every output element is computed by one fixed sequence of
  * float operations that depends on its own inputs and sizes only, never on how many rows are
@@ -870,6 +871,34 @@ void kv_store(const float *k, const float *v, i64 M, i64 ld, i64 kvh, i64 D, uin
         }
 }
 
+/* The 8-bit cache (kv_bits 8): a position's row in [kvh][cap] is D int8 values and then their
+ * float32 scale (D + 4 bytes, KV8_ROW), x ~ scale * q. absmax / 127 per position and kv head:
+ * nothing is clipped, and a row's values never depend on another row's. Each row is quantized
+ * once, here, by the same scalar operations in every build (max and a product rounded to
+ * nearest even are exact, whichever instructions do them). */
+#define KV8_ROW(D) ((D) + 4)
+static void q8_row(const float *x, i64 D, int8_t *out) {
+    float amax = 0.0f;
+    for (i64 i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (i64 i = 0; i < D; i++) {
+        float r = nearbyintf(x[i] * inv);
+        out[i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+    }
+    memcpy(out + D, &scale, sizeof scale);
+}
+
+/* kv_store into the 8-bit caches [kvh][cap][D + 4] */
+void kv_store8(const float *k, const float *v, i64 M, i64 ld, i64 kvh, i64 D, int8_t *kc,
+               int8_t *vc, i64 cap, i64 pos0) {
+    i64 R = KV8_ROW(D);
+    for (i64 m = 0; m < M; m++)
+        for (i64 g = 0; g < kvh; g++) {
+            q8_row(k + m * ld + g * D, D, kc + (g * cap + pos0 + m) * R);
+            q8_row(v + m * ld + g * D, D, vc + (g * cap + pos0 + m) * R);
+        }
+}
+
 static inline v8 v_silu(v8 g) { return v_div(g, v_add(v_set1(1.0f), v_exp(v_sub(v_zero(), g)))); }
 static inline v8 v_gelu_tanh(v8 g) { /* 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) */
     v8 u = v_mul(v_set1(0.7978845608028654f), v_fma(v_mul(v_set1(0.044715f), g), v_mul(g, g), g));
@@ -969,6 +998,29 @@ DEF_QK(1)
 DEF_QK(2)
 DEF_QK(3)
 
+/* The same for the 8-bit cache: keys are rows of KV8_ROW(D) bytes (D int8, then the scale the
+ * caller applies); int8 to float is exact, so only the loads differ from qk_##HT. */
+#define DEF_QK8(HT)                                                                              \
+    static inline void qk8_##HT(const float *q, i64 D, const int8_t *kr, float *s, i64 sstride) { \
+        v8 acc[HT][4];                                                                           \
+        i64 R = KV8_ROW(D);                                                                      \
+        for (int h = 0; h < HT; h++)                                                             \
+            for (int k = 0; k < 4; k++) acc[h][k] = v_zero();                                    \
+        for (i64 c = 0; c < D; c += 8) {                                                         \
+            v8 qv[HT];                                                                           \
+            for (int h = 0; h < HT; h++) qv[h] = v_load(q + h * D + c);                          \
+            _Pragma("GCC unroll 4")                                                              \
+            for (int k = 0; k < 4; k++) {                                                        \
+                v8 kv = v_i8(kr + k * R + c);                                                    \
+                for (int h = 0; h < HT; h++) acc[h][k] = v_fma(qv[h], kv, acc[h][k]);           \
+            }                                                                                    \
+        }                                                                                        \
+        for (int h = 0; h < HT; h++) store4(s + h * sstride, v_hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3])); \
+    }
+DEF_QK8(1)
+DEF_QK8(2)
+DEF_QK8(3)
+
 /* out[h][c0 .. c0+8*NC) = sum over n keys of p[h][j] * v_j, for HT heads */
 #define DEF_PV(HT, NC)                                                                           \
     static inline void pv_##HT##_##NC(const float *p, i64 pstride, const uint16_t *vr, i64 D,   \
@@ -997,32 +1049,80 @@ DEF_PV(1, 1)
 DEF_PV(2, 1)
 DEF_PV(3, 1)
 
-/* One query row's part of one block: the n keys at kr/vr (fp16 rows of D, n <= ATT_B); for each
- * of the G heads, part = (max, sum, sum of p * v [D]). A score or a sum never depends on which
- * other keys, heads or rows run beside it, so neither does the result. */
-static void att_row(const float *q, int G, i64 D, const uint16_t *kr, const uint16_t *vr, i64 n,
-                    float scale, float softcap, float *part) {
-    float s[16][ATT_B + 4];
-    const uint16_t *kt = kr;
-    uint16_t tail[4 * 512]; /* the last < 4 keys, padded, so no read passes the cache's end */
+/* The same over the 8-bit cache's values; p already holds each weight times its row's scale */
+#define DEF_PV8(HT, NC)                                                                          \
+    static inline void pv8_##HT##_##NC(const float *p, i64 pstride, const int8_t *vr, i64 D,    \
+                                       i64 n, i64 c0, float *out, i64 ostride) {                 \
+        v8 acc[HT][NC];                                                                          \
+        i64 R = KV8_ROW(D);                                                                      \
+        for (int h = 0; h < HT; h++)                                                             \
+            for (int c = 0; c < NC; c++) acc[h][c] = v_zero();                                   \
+        for (i64 j = 0; j < n; j++) {                                                            \
+            if (c0 == 0)                                                                         \
+                for (i64 pf = 0; pf < R; pf += 64) prefetch(vr + (j + PF_KEYS) * R + pf);        \
+            v8 pj[HT];                                                                           \
+            for (int h = 0; h < HT; h++) pj[h] = v_set1(p[h * pstride + j]);                     \
+            _Pragma("GCC unroll 4")                                                              \
+            for (int c = 0; c < NC; c++) {                                                       \
+                v8 vv = v_i8(vr + j * R + c0 + 8 * c);                                           \
+                for (int h = 0; h < HT; h++) acc[h][c] = v_fma(pj[h], vv, acc[h][c]);           \
+            }                                                                                    \
+        }                                                                                        \
+        for (int h = 0; h < HT; h++)                                                             \
+            for (int c = 0; c < NC; c++) v_store(out + h * ostride + c0 + 8 * c, acc[h][c]);     \
+    }
+DEF_PV8(1, 4)
+DEF_PV8(2, 4)
+DEF_PV8(3, 4)
+DEF_PV8(1, 1)
+DEF_PV8(2, 1)
+DEF_PV8(3, 1)
+
+/* One query row's part of one block: the n keys at kr/vr (cached rows, n <= ATT_B: fp16 rows of
+ * D, or with q8 the 8-bit rows of KV8_ROW(D) bytes); for each of the G heads, part = (max, sum,
+ * sum of p * v [D]). A score or a sum never depends on which other keys, heads or rows run
+ * beside it, so neither does the result. Inlined into att_row16 and att_row8 with q8 constant:
+ * the fp16 path compiles to what it was before the 8-bit one existed. */
+static inline __attribute__((always_inline)) void att_row_any(
+    const float *q, int G, i64 D, const unsigned char *kr, const unsigned char *vr, i64 n,
+    float scale, float softcap, float *part, int q8) {
+    float s[16][ATT_B + 4], ksc[ATT_B], vsc[ATT_B]; /* scales: the 8-bit rows' */
+    i64 R = q8 ? KV8_ROW(D) : 2 * D; /* bytes per cached row */
+    const unsigned char *kt = kr;
+    unsigned char tail[4 * 1024]; /* the last < 4 keys, padded, so no read passes the cache's end */
     for (i64 j = 0; j < n; j += 4) {
-        for (i64 pf = 0; pf < 4 * D; pf += 32) prefetch(kr + (j + PF_KEYS) * D + pf);
+        for (i64 pf = 0; pf < 4 * R; pf += 64) prefetch(kr + (j + PF_KEYS) * R + pf);
         if (j + 4 > n) {
-            memset(tail, 0, sizeof(uint16_t) * 4 * D);
-            memcpy(tail, kr + j * D, sizeof(uint16_t) * (n - j) * D);
-            kt = tail - j * D;
+            memset(tail, 0, 4 * R);
+            memcpy(tail, kr + j * R, (n - j) * R);
+            kt = tail - j * R;
         }
         for (int h = 0; h < G;) {
             int ht = G - h >= 3 ? 3 : G - h;
-            if (ht == 3) qk_3(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
-            else if (ht == 2) qk_2(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
-            else qk_1(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
+            const unsigned char *kj = kt + j * R;
+            float *sj = &s[h][j];
+            if (q8) {
+                if (ht == 3) qk8_3(q + h * D, D, (const int8_t *)kj, sj, ATT_B + 4);
+                else if (ht == 2) qk8_2(q + h * D, D, (const int8_t *)kj, sj, ATT_B + 4);
+                else qk8_1(q + h * D, D, (const int8_t *)kj, sj, ATT_B + 4);
+            } else {
+                if (ht == 3) qk_3(q + h * D, D, (const uint16_t *)kj, sj, ATT_B + 4);
+                else if (ht == 2) qk_2(q + h * D, D, (const uint16_t *)kj, sj, ATT_B + 4);
+                else qk_1(q + h * D, D, (const uint16_t *)kj, sj, ATT_B + 4);
+            }
             h += ht;
         }
     }
+    if (q8)
+        for (i64 j = 0; j < n; j++) {
+            memcpy(&ksc[j], kr + j * R + D, sizeof(float));
+            memcpy(&vsc[j], vr + j * R + D, sizeof(float));
+        }
     for (int h = 0; h < G; h++) {
         float *sh = s[h];
         i64 j = 0;
+        if (q8) /* the key's scale, then the attention's: the same two products in every build */
+            for (; j < n; j++) sh[j] = (sh[j] * ksc[j]) * scale;
         for (; j + 8 <= n; j += 8) v_store(sh + j, v_mul(v_load(sh + j), v_set1(scale)));
         for (; j < n; j++) sh[j] = sh[j] * scale;
         if (softcap > 0.0f)
@@ -1041,23 +1141,47 @@ static void att_row(const float *q, int G, i64 D, const uint16_t *kr, const uint
         }
         part[h * (D + 2)] = mx;
         part[h * (D + 2) + 1] = l;
+        if (q8) /* each weight times its value row's scale: sum p (scale q) = sum (p scale) q */
+            for (j = 0; j < n; j++) sh[j] = sh[j] * vsc[j];
     }
     for (int h = 0; h < G;) {
         int ht = G - h >= 3 ? 3 : G - h;
         float *o = part + h * (D + 2) + 2;
+        const int8_t *v8r = (const int8_t *)vr;
+        const uint16_t *v16 = (const uint16_t *)vr;
         i64 c0 = 0;
         for (; c0 + 32 <= D; c0 += 32) {
-            if (ht == 3) pv_3_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-            else if (ht == 2) pv_2_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-            else pv_1_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            if (q8) {
+                if (ht == 3) pv8_3_4(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
+                else if (ht == 2) pv8_2_4(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
+                else pv8_1_4(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
+            } else {
+                if (ht == 3) pv_3_4(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
+                else if (ht == 2) pv_2_4(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
+                else pv_1_4(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
+            }
         }
         for (; c0 < D; c0 += 8) {
-            if (ht == 3) pv_3_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-            else if (ht == 2) pv_2_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-            else pv_1_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            if (q8) {
+                if (ht == 3) pv8_3_1(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
+                else if (ht == 2) pv8_2_1(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
+                else pv8_1_1(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
+            } else {
+                if (ht == 3) pv_3_1(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
+                else if (ht == 2) pv_2_1(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
+                else pv_1_1(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
+            }
         }
         h += ht;
     }
+}
+static void att_row16(const float *q, int G, i64 D, const unsigned char *kr,
+                      const unsigned char *vr, i64 n, float scale, float softcap, float *part) {
+    att_row_any(q, G, D, kr, vr, n, scale, softcap, part, 0);
+}
+static void att_row8(const float *q, int G, i64 D, const unsigned char *kr,
+                     const unsigned char *vr, i64 n, float scale, float softcap, float *part) {
+    att_row_any(q, G, D, kr, vr, n, scale, softcap, part, 1);
 }
 
 /* Blocks' partials (stride G*(D+2) from one to the next) combined in order into out (G heads) */
@@ -1093,10 +1217,10 @@ i64 kv_attention_scratch(i64 rows, i64 H, i64 D, i64 ctx) {
 
 typedef struct {
     const float *q;
-    const uint16_t *kc, *vc;
+    const unsigned char *kc, *vc; /* fp16 rows, or the 8-bit ones with q8 */
     float *out, *scratch;
     i64 ldq, kvh, D, cap, pos0, window, ldo, nbmax, r0, rn;
-    int G;
+    int G, q8;
     float scale, softcap;
 } AttJob;
 
@@ -1106,14 +1230,15 @@ static void att_blocks(const void *ctx, i64 it) {
     i64 kvh = j->kvh, nbmax = j->nbmax, D = j->D, G = j->G, end = j->r0 + j->rn;
     i64 grp = it / (kvh * nbmax), g = (it / nbmax) % kvh, b = it % nbmax;
     i64 ma = j->r0 + grp * ATT_ROWS, mz = ma + ATT_ROWS < end ? ma + ATT_ROWS : end;
-    const uint16_t *K = j->kc + g * j->cap * D, *V = j->vc + g * j->cap * D;
+    i64 R = j->q8 ? KV8_ROW(D) : 2 * D; /* bytes per cached row */
+    const unsigned char *K = j->kc + g * j->cap * R, *V = j->vc + g * j->cap * R;
     for (i64 m = ma; m < mz; m++) {
         i64 pos = j->pos0 + m, lo = first_key(pos, j->window);
         i64 j0 = b * ATT_B > lo ? b * ATT_B : lo, j1 = (b + 1) * ATT_B < pos + 1 ? (b + 1) * ATT_B : pos + 1;
         if (j0 >= j1) continue;
         float *part = j->scratch + (((m - j->r0) * kvh + g) * nbmax + b) * G * (D + 2);
-        att_row(j->q + m * j->ldq + g * G * D, (int)G, D, K + j0 * D, V + j0 * D, j1 - j0,
-                j->scale, j->softcap, part);
+        (j->q8 ? att_row8 : att_row16)(j->q + m * j->ldq + g * G * D, (int)G, D, K + j0 * R,
+                                       V + j0 * R, j1 - j0, j->scale, j->softcap, part);
     }
 }
 
@@ -1126,9 +1251,9 @@ static void att_rows(const void *ctx, i64 it) {
     att_combine(parts, pos / ATT_B - b0 + 1, (int)G, D, j->out + m * j->ldo + g * G * D, D);
 }
 
-void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const uint16_t *kc,
-                  const uint16_t *vc, i64 cap, i64 pos0, i64 window, float scale, float softcap,
-                  float *out, i64 ldo, float *scratch, i64 scratch_floats) {
+static void attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const void *kc,
+                      const void *vc, int q8, i64 cap, i64 pos0, i64 window, float scale,
+                      float softcap, float *out, i64 ldo, float *scratch, i64 scratch_floats) {
     int G = (int)(H / kvh);
     i64 nbmax = (pos0 + M - 1) / ATT_B + 1; /* blocks of the last row */
     i64 per_row = kvh * nbmax * G * (D + 2);
@@ -1136,12 +1261,27 @@ void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const u
     if (R < 1) R = 1; /* the caller sized it for at least one row */
     if (R > M) R = M;
     AttJob j = {q, kc, vc, out, scratch, ldq, kvh, D, cap, pos0, window, ldo, nbmax, 0, 0, G,
-                scale, softcap};
+                q8, scale, softcap};
     for (j.r0 = 0; j.r0 < M; j.r0 += R) {
         j.rn = j.r0 + R < M ? R : M - j.r0;
         kv_parallel(att_blocks, &j, (j.rn + ATT_ROWS - 1) / ATT_ROWS * kvh * nbmax);
         parallel_if(j.rn * kvh >= 16, att_rows, &j, j.rn * kvh);
     }
+}
+
+void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const uint16_t *kc,
+                  const uint16_t *vc, i64 cap, i64 pos0, i64 window, float scale, float softcap,
+                  float *out, i64 ldo, float *scratch, i64 scratch_floats) {
+    attention(q, M, ldq, H, kvh, D, kc, vc, 0, cap, pos0, window, scale, softcap, out, ldo,
+              scratch, scratch_floats);
+}
+
+/* kv_attention over the 8-bit caches [kvh][cap][KV8_ROW(D)] (kv_store8) */
+void kv_attention8(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const int8_t *kc,
+                   const int8_t *vc, i64 cap, i64 pos0, i64 window, float scale, float softcap,
+                   float *out, i64 ldo, float *scratch, i64 scratch_floats) {
+    attention(q, M, ldq, H, kvh, D, kc, vc, 1, cap, pos0, window, scale, softcap, out, ldo,
+              scratch, scratch_floats);
 }
 
 int kv_version(void) { return KV_VERSION; }
@@ -1158,14 +1298,14 @@ typedef struct {
     Weight gate_up[2];
     i64 gu_col[2];
     Weight o, down;
-    uint16_t *kc, *vc;
+    void *kc, *vc; /* fp16, or 8-bit rows where the model's kv8 says so */
     i64 cap, window;
     const float *cos_t, *sin_t;
 } Layer;
 
 typedef struct {
     i64 n_layers, hidden, n_heads, n_kv, head_dim, ffn, rope_dim;
-    int32_t act, _pad;
+    int32_t act, kv8; /* kv8: the caches hold 8-bit rows (kv_store8) */
     float eps, attn_scale, attn_softcap, embed_scale;
     const Weight *embed, *lm_head;
     const float *final_norm;
@@ -1197,10 +1337,13 @@ void kv_forward(const Model *md, const int64_t *ids, i64 M, i64 pos0, i64 l0, i6
         }
         kv_rope(qkv, M, width, md->n_heads, D, md->rope_dim, L->cos_t, L->sin_t, pos0);
         kv_rope(qkv + qw, M, width, md->n_kv, D, md->rope_dim, L->cos_t, L->sin_t, pos0);
-        kv_store(qkv + qw, qkv + qw + kw, M, width, md->n_kv, D, L->kc, L->vc, L->cap, pos0);
-        kv_attention(qkv, M, width, md->n_heads, md->n_kv, D, L->kc, L->vc, L->cap, pos0,
-                     L->window, md->attn_scale, md->attn_softcap, att, qw, md->scratch,
-                     md->scratch_floats);
+        if (md->kv8)
+            kv_store8(qkv + qw, qkv + qw + kw, M, width, md->n_kv, D, L->kc, L->vc, L->cap, pos0);
+        else
+            kv_store(qkv + qw, qkv + qw + kw, M, width, md->n_kv, D, L->kc, L->vc, L->cap, pos0);
+        attention(qkv, M, width, md->n_heads, md->n_kv, D, L->kc, L->vc, md->kv8, L->cap, pos0,
+                  L->window, md->attn_scale, md->attn_softcap, att, qw, md->scratch,
+                  md->scratch_floats);
         if (L->post_attn_norm) {
             kv_matmul(att, M, qw, &L->o, h, hid, 0, 0);
             kv_rmsnorm(h, M, hid, 1, hid, L->post_attn_norm, md->eps, x, hid, 1);
