@@ -25,5 +25,7 @@ def refusal(where: str) -> str:
 
 def resumed_with_other(bits: int) -> str:
     """A session's snapshot holds the other kv_bits' K/V: it is not used (never mixed)."""
-    return (f"snapshot: not used: it holds {other(bits)}-bit K/V and this run keeps {bits}-bit "
-            f"(kv_bits {bits}); recomputing from the messages")
+    return (
+        f"snapshot: not used: it holds {other(bits)}-bit K/V and this run keeps {bits}-bit "
+        f"(kv_bits {bits}); recomputing from the messages"
+    )

@@ -406,6 +406,7 @@ def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtyp
             fp = fingerprint(f"{source.label}|{mode}", model.config, name, tokenizer, fp)
         return LoadedModel(runner, tokenizer, source, dev, name, fp, ctx, notes)
     fps = {bits: fingerprint(f"{source.label}|{mode}/{kvbits.mode(bits)}", model.config, name,
-                             tokenizer, fp) for bits in (kv_bits, kvbits.other(kv_bits))}  # fmt: skip
+                             tokenizer, fp)
+           for bits in (kv_bits, kvbits.other(kv_bits))}  # fmt: skip
     return LoadedModel(runner, tokenizer, source, dev, name, fps[kv_bits], ctx, notes, kv_bits,
                        fps[kvbits.other(kv_bits)])  # fmt: skip

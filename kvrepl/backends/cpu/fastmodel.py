@@ -5,10 +5,10 @@ is written).
 
 Owns: the layer loop of every decoder family describe.py describes (Llama, Mistral, Qwen2,
 Qwen3, Gemma 2 and 3, Phi-3), built from a transformers config and `Packed` weights; its cache
-layers (float16 or 8-bit, every layer full length and croppable: sliding-window layers attend within their
-window by position); its buffers. Every kernel computes each row independently of how many rows
-run with it, so a token's K/V and logits are bit-identical in a prefill chunk of any size and in
-a decode step.
+layers (float16 or 8-bit, every layer full length and croppable: sliding-window layers attend
+within their window by position); its buffers. Every kernel computes each row independently of
+how many rows run with it, so a token's K/V and logits are bit-identical in a prefill chunk of
+any size and in a decode step.
 Never tokenizes, never samples, never touches the prompt cache's ids (the engine does).
 """
 
@@ -256,8 +256,9 @@ class FastModel(KernelBackend):
 
     def describe(self) -> str:
         """How this model computes, for /stats."""
-        kv = "8-bit K/V (int8, a scale per position and kv head)" if self.kv_bits == 8 else (
-            "float16 K/V")
+        kv = "float16 K/V"
+        if self.kv_bits == 8:
+            kv = "8-bit K/V (int8, a scale per position and kv head)"
         return f"{self.weight_types} weights, {self.k.label}, {kv}"
 
     def weights_digest(self) -> str:
