@@ -1078,51 +1078,32 @@ DEF_PV8(1, 1)
 DEF_PV8(2, 1)
 DEF_PV8(3, 1)
 
-/* One query row's part of one block: the n keys at kr/vr (cached rows, n <= ATT_B: fp16 rows of
- * D, or with q8 the 8-bit rows of KV8_ROW(D) bytes); for each of the G heads, part = (max, sum,
- * sum of p * v [D]). A score or a sum never depends on which other keys, heads or rows run
- * beside it, so neither does the result. Inlined into att_row16 and att_row8 with q8 constant:
- * the fp16 path compiles to what it was before the 8-bit one existed. */
-static inline __attribute__((always_inline)) void att_row_any(
-    const float *q, int G, i64 D, const unsigned char *kr, const unsigned char *vr, i64 n,
-    float scale, float softcap, float *part, int q8) {
-    float s[16][ATT_B + 4], ksc[ATT_B], vsc[ATT_B]; /* scales: the 8-bit rows' */
-    i64 R = q8 ? KV8_ROW(D) : 2 * D; /* bytes per cached row */
-    const unsigned char *kt = kr;
-    unsigned char tail[4 * 1024]; /* the last < 4 keys, padded, so no read passes the cache's end */
+/* One query row's part of one block: the n keys at kr/vr (fp16 rows of D, n <= ATT_B); for each
+ * of the G heads, part = (max, sum, sum of p * v [D]). A score or a sum never depends on which
+ * other keys, heads or rows run beside it, so neither does the result. */
+static void att_row(const float *q, int G, i64 D, const uint16_t *kr, const uint16_t *vr, i64 n,
+                    float scale, float softcap, float *part) {
+    float s[16][ATT_B + 4];
+    const uint16_t *kt = kr;
+    uint16_t tail[4 * 512]; /* the last < 4 keys, padded, so no read passes the cache's end */
     for (i64 j = 0; j < n; j += 4) {
-        for (i64 pf = 0; pf < 4 * R; pf += 64) prefetch(kr + (j + PF_KEYS) * R + pf);
+        for (i64 pf = 0; pf < 4 * D; pf += 32) prefetch(kr + (j + PF_KEYS) * D + pf);
         if (j + 4 > n) {
-            memset(tail, 0, 4 * R);
-            memcpy(tail, kr + j * R, (n - j) * R);
-            kt = tail - j * R;
+            memset(tail, 0, sizeof(uint16_t) * 4 * D);
+            memcpy(tail, kr + j * D, sizeof(uint16_t) * (n - j) * D);
+            kt = tail - j * D;
         }
         for (int h = 0; h < G;) {
             int ht = G - h >= 3 ? 3 : G - h;
-            const unsigned char *kj = kt + j * R;
-            float *sj = &s[h][j];
-            if (q8) {
-                if (ht == 3) qk8_3(q + h * D, D, (const int8_t *)kj, sj, ATT_B + 4);
-                else if (ht == 2) qk8_2(q + h * D, D, (const int8_t *)kj, sj, ATT_B + 4);
-                else qk8_1(q + h * D, D, (const int8_t *)kj, sj, ATT_B + 4);
-            } else {
-                if (ht == 3) qk_3(q + h * D, D, (const uint16_t *)kj, sj, ATT_B + 4);
-                else if (ht == 2) qk_2(q + h * D, D, (const uint16_t *)kj, sj, ATT_B + 4);
-                else qk_1(q + h * D, D, (const uint16_t *)kj, sj, ATT_B + 4);
-            }
+            if (ht == 3) qk_3(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
+            else if (ht == 2) qk_2(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
+            else qk_1(q + h * D, D, kt + j * D, &s[h][j], ATT_B + 4);
             h += ht;
         }
     }
-    if (q8)
-        for (i64 j = 0; j < n; j++) {
-            memcpy(&ksc[j], kr + j * R + D, sizeof(float));
-            memcpy(&vsc[j], vr + j * R + D, sizeof(float));
-        }
     for (int h = 0; h < G; h++) {
         float *sh = s[h];
         i64 j = 0;
-        if (q8) /* the key's scale, then the attention's: the same two products in every build */
-            for (; j < n; j++) sh[j] = (sh[j] * ksc[j]) * scale;
         for (; j + 8 <= n; j += 8) v_store(sh + j, v_mul(v_load(sh + j), v_set1(scale)));
         for (; j < n; j++) sh[j] = sh[j] * scale;
         if (softcap > 0.0f)
@@ -1141,47 +1122,92 @@ static inline __attribute__((always_inline)) void att_row_any(
         }
         part[h * (D + 2)] = mx;
         part[h * (D + 2) + 1] = l;
-        if (q8) /* each weight times its value row's scale: sum p (scale q) = sum (p scale) q */
-            for (j = 0; j < n; j++) sh[j] = sh[j] * vsc[j];
     }
     for (int h = 0; h < G;) {
         int ht = G - h >= 3 ? 3 : G - h;
         float *o = part + h * (D + 2) + 2;
-        const int8_t *v8r = (const int8_t *)vr;
-        const uint16_t *v16 = (const uint16_t *)vr;
         i64 c0 = 0;
         for (; c0 + 32 <= D; c0 += 32) {
-            if (q8) {
-                if (ht == 3) pv8_3_4(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
-                else if (ht == 2) pv8_2_4(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
-                else pv8_1_4(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
-            } else {
-                if (ht == 3) pv_3_4(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
-                else if (ht == 2) pv_2_4(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
-                else pv_1_4(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
-            }
+            if (ht == 3) pv_3_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else if (ht == 2) pv_2_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else pv_1_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
         }
         for (; c0 < D; c0 += 8) {
-            if (q8) {
-                if (ht == 3) pv8_3_1(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
-                else if (ht == 2) pv8_2_1(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
-                else pv8_1_1(s[h], ATT_B + 4, v8r, D, n, c0, o, D + 2);
-            } else {
-                if (ht == 3) pv_3_1(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
-                else if (ht == 2) pv_2_1(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
-                else pv_1_1(s[h], ATT_B + 4, v16, D, n, c0, o, D + 2);
-            }
+            if (ht == 3) pv_3_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else if (ht == 2) pv_2_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else pv_1_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
         }
         h += ht;
     }
 }
-static void att_row16(const float *q, int G, i64 D, const unsigned char *kr,
-                      const unsigned char *vr, i64 n, float scale, float softcap, float *part) {
-    att_row_any(q, G, D, kr, vr, n, scale, softcap, part, 0);
-}
-static void att_row8(const float *q, int G, i64 D, const unsigned char *kr,
-                     const unsigned char *vr, i64 n, float scale, float softcap, float *part) {
-    att_row_any(q, G, D, kr, vr, n, scale, softcap, part, 1);
+
+/* att_row over the 8-bit cache: rows of KV8_ROW(D) bytes, the int8 values then their scale. A
+ * score is the dot product with the key's int8 values, times the key's scale, times `scale`;
+ * each weight is multiplied by its value row's scale after the sum of the weights is taken
+ * (sum p (s q) = sum (p s) q). The rest is att_row's, operation for operation. */
+static void att_row8(const float *q, int G, i64 D, const int8_t *kr, const int8_t *vr, i64 n,
+                     float scale, float softcap, float *part) {
+    float s[16][ATT_B + 4], ksc[ATT_B], vsc[ATT_B];
+    i64 R = KV8_ROW(D);
+    const int8_t *kt = kr;
+    int8_t tail[4 * (512 + 4)]; /* the last < 4 keys, padded, so no read passes the cache's end */
+    for (i64 j = 0; j < n; j += 4) {
+        for (i64 pf = 0; pf < 4 * R; pf += 64) prefetch(kr + (j + PF_KEYS) * R + pf);
+        if (j + 4 > n) {
+            memset(tail, 0, 4 * R);
+            memcpy(tail, kr + j * R, (n - j) * R);
+            kt = tail - j * R;
+        }
+        for (int h = 0; h < G;) {
+            int ht = G - h >= 3 ? 3 : G - h;
+            if (ht == 3) qk8_3(q + h * D, D, kt + j * R, &s[h][j], ATT_B + 4);
+            else if (ht == 2) qk8_2(q + h * D, D, kt + j * R, &s[h][j], ATT_B + 4);
+            else qk8_1(q + h * D, D, kt + j * R, &s[h][j], ATT_B + 4);
+            h += ht;
+        }
+    }
+    for (i64 j = 0; j < n; j++) {
+        memcpy(&ksc[j], kr + j * R + D, sizeof(float));
+        memcpy(&vsc[j], vr + j * R + D, sizeof(float));
+    }
+    for (int h = 0; h < G; h++) {
+        float *sh = s[h];
+        i64 j;
+        for (j = 0; j < n; j++) sh[j] = (sh[j] * ksc[j]) * scale; /* the same in every build */
+        if (softcap > 0.0f)
+            for (j = 0; j < n; j++) sh[j] = tanhf(sh[j] / softcap) * softcap;
+        float mx = max_of(sh, n);
+        v8 lv = v_zero();
+        for (j = 0; j + 8 <= n; j += 8) {
+            v8 e = v_exp(v_sub(v_load(sh + j), v_set1(mx)));
+            v_store(sh + j, e);
+            lv = v_add(lv, e);
+        }
+        float l = v_hsum(lv);
+        for (; j < n; j++) {
+            sh[j] = s_exp(sh[j] - mx);
+            l += sh[j];
+        }
+        part[h * (D + 2)] = mx;
+        part[h * (D + 2) + 1] = l;
+        for (j = 0; j < n; j++) sh[j] = sh[j] * vsc[j];
+    }
+    for (int h = 0; h < G;) {
+        int ht = G - h >= 3 ? 3 : G - h;
+        float *o = part + h * (D + 2) + 2;
+        i64 c0 = 0;
+        for (; c0 + 32 <= D; c0 += 32) {
+            if (ht == 3) pv8_3_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else if (ht == 2) pv8_2_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else pv8_1_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+        }
+        for (; c0 < D; c0 += 8) {
+            if (ht == 3) pv8_3_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else if (ht == 2) pv8_2_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+            else pv8_1_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
+        }
+        h += ht;
+    }
 }
 
 /* Blocks' partials (stride G*(D+2) from one to the next) combined in order into out (G heads) */
@@ -1237,8 +1263,13 @@ static void att_blocks(const void *ctx, i64 it) {
         i64 j0 = b * ATT_B > lo ? b * ATT_B : lo, j1 = (b + 1) * ATT_B < pos + 1 ? (b + 1) * ATT_B : pos + 1;
         if (j0 >= j1) continue;
         float *part = j->scratch + (((m - j->r0) * kvh + g) * nbmax + b) * G * (D + 2);
-        (j->q8 ? att_row8 : att_row16)(j->q + m * j->ldq + g * G * D, (int)G, D, K + j0 * R,
-                                       V + j0 * R, j1 - j0, j->scale, j->softcap, part);
+        const float *q = j->q + m * j->ldq + g * G * D;
+        if (j->q8)
+            att_row8(q, (int)G, D, (const int8_t *)(K + j0 * R), (const int8_t *)(V + j0 * R),
+                     j1 - j0, j->scale, j->softcap, part);
+        else
+            att_row(q, (int)G, D, (const uint16_t *)(K + j0 * R), (const uint16_t *)(V + j0 * R),
+                    j1 - j0, j->scale, j->softcap, part);
     }
 }
 
