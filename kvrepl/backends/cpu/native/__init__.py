@@ -1,6 +1,7 @@
-"""kvrepl's CPU kernels (kernels.c, and pool.c: their threads), compiled once for this machine and
-called through ctypes. The K/V cache they read and write is float16 or, with kv_bits 8, rows of
-head_dim int8 values followed by their float32 scale (`kv8_row`).
+"""kvrepl's CPU kernels (kernels.c; kv8.c, the 8-bit K/V cache's; pool.c, their threads; kernels.h,
+what they share), compiled once for this machine and called through ctypes. The K/V cache they
+read and write is float16 or, with kv_bits 8, rows of head_dim int8 values followed by their
+float32 scale (`kv8_row`).
 
 Owns: building the shared library (`cc -O3 -march=native`, into the cache directory, keyed by the
 sources, the compiler and the CPU, written atomically; -march=native picks the instructions: the
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch
 
-SOURCES = [Path(__file__).with_name("kernels.c"), Path(__file__).with_name("pool.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "kv8.c", "pool.c")]
+HEADERS = [Path(__file__).with_name("kernels.h")]  # part of the build's key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
          "-fPIC"]  # fmt: skip
 FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4}
@@ -87,7 +89,7 @@ def library_path(cache: Path, flags: list[str] = FLAGS) -> tuple[Path, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeError(f"the C compiler {cc} does not run: {exc}") from exc
     key = hashlib.sha256()
-    for part in (*[src.read_bytes() for src in SOURCES], version.stdout.encode(),
+    for part in (*[src.read_bytes() for src in SOURCES + HEADERS], version.stdout.encode(),
                  " ".join(flags).encode(), _cpu_identity().encode()):  # fmt: skip
         key.update(part)
     return cache / "kernels" / f"kvrepl-kernels-{key.hexdigest()[:16]}.so", cc

@@ -22,181 +22,12 @@
  *       w = scale * q + min  (GGUF Q4_0, Q4_1, Q4_K);
  *   I8: 8-bit signed, blocks of 32 or 16, a float (scale, min) per block (Q8_0, Q6_K, Q5_x);
  *   F16 and F32: plain.
+ * The K/V cache is fp16 or, with kv_bits 8, int8 rows with a scale (kv8.c stores and reads them).
  * Built and loaded by kvrepl/native/__init__.py; called through ctypes with raw pointers.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "kernels.h" /* the vectors and exp; the 8-bit cache's functions are kv8.c's */
 
 #define KV_VERSION 2
-#define ATT_B 256 /* keys per attention block, at absolute positions */
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define KV_AVX2 1
-#include <immintrin.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define KV_AVX512 1 /* the hot loops on 512-bit registers; the rest stays on the 8-lane path */
-#endif
-#endif
-
-typedef int64_t i64;
-
-/* pool.c: the kernel threads */
-typedef void (*kv_task)(const void *ctx, i64 item);
-void kv_parallel(kv_task fn, const void *ctx, i64 n);
-
-/* ---------------------------------------------------------------- 8-lane vectors */
-#ifdef KV_AVX2
-typedef __m256 v8;
-static inline v8 v_zero(void) { return _mm256_setzero_ps(); }
-static inline v8 v_set1(float a) { return _mm256_set1_ps(a); }
-static inline v8 v_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline void v_store(float *p, v8 a) { _mm256_storeu_ps(p, a); }
-static inline v8 v_add(v8 a, v8 b) { return _mm256_add_ps(a, b); }
-static inline v8 v_sub(v8 a, v8 b) { return _mm256_sub_ps(a, b); }
-static inline v8 v_mul(v8 a, v8 b) { return _mm256_mul_ps(a, b); }
-static inline v8 v_div(v8 a, v8 b) { return _mm256_div_ps(a, b); }
-static inline v8 v_fma(v8 a, v8 b, v8 c) { return _mm256_fmadd_ps(a, b, c); }
-static inline v8 v_fnma(v8 a, v8 b, v8 c) { return _mm256_fnmadd_ps(a, b, c); }
-static inline v8 v_min(v8 a, v8 b) { return _mm256_min_ps(a, b); }
-static inline v8 v_max(v8 a, v8 b) { return _mm256_max_ps(a, b); }
-static inline v8 v_floor(v8 a) { return _mm256_floor_ps(a); }
-static inline v8 v_pow2i(v8 fx) { /* 2^fx for integral fx in [-127, 128] */
-    __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
-}
-static inline float v_hsum(v8 a) {
-    __m128 lo = _mm256_castps256_ps128(a), hi = _mm256_extractf128_ps(a, 1);
-    __m128 s4 = _mm_add_ps(lo, hi);
-    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-static inline v8 v_h16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline void v_store_h16(uint16_t *p, v8 a) {
-    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
-}
-static inline v8 v_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-/* 32 4-bit weights (16 bytes: low nibbles are k 0..15, high nibbles k 16..31) as 4 vectors */
-static inline void v_u4(const uint8_t *p, v8 w[4]) {
-    __m128i raw = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
-    __m128i lo = _mm_and_si128(raw, m), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-}
-#if defined(KV_AVX512) && defined(__AVX512VNNI__)
-#define KV_ISA "avx512vnni"
-#elif defined(KV_AVX512)
-#define KV_ISA "avx512"
-#else
-#define KV_ISA "avx2"
-#endif
-#else
-typedef struct { float f[8]; } v8;
-#define LANES(expr) do { for (int l_ = 0; l_ < 8; l_++) { expr; } } while (0)
-static inline v8 v_zero(void) { v8 r; LANES(r.f[l_] = 0.0f); return r; }
-static inline v8 v_set1(float a) { v8 r; LANES(r.f[l_] = a); return r; }
-static inline v8 v_load(const float *p) { v8 r; LANES(r.f[l_] = p[l_]); return r; }
-static inline void v_store(float *p, v8 a) { LANES(p[l_] = a.f[l_]); }
-static inline v8 v_add(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] + b.f[l_]); return r; }
-static inline v8 v_sub(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] - b.f[l_]); return r; }
-static inline v8 v_mul(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] * b.f[l_]); return r; }
-static inline v8 v_div(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] / b.f[l_]); return r; }
-static inline v8 v_fma(v8 a, v8 b, v8 c) { v8 r; LANES(r.f[l_] = fmaf(a.f[l_], b.f[l_], c.f[l_])); return r; }
-static inline v8 v_fnma(v8 a, v8 b, v8 c) { v8 r; LANES(r.f[l_] = fmaf(-a.f[l_], b.f[l_], c.f[l_])); return r; }
-/* x86 min/max semantics: the second operand when either is NaN */
-static inline v8 v_min(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] < b.f[l_] ? a.f[l_] : b.f[l_]); return r; }
-static inline v8 v_max(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] > b.f[l_] ? a.f[l_] : b.f[l_]); return r; }
-static inline v8 v_floor(v8 a) { v8 r; LANES(r.f[l_] = floorf(a.f[l_])); return r; }
-static inline v8 v_pow2i(v8 fx) {
-    v8 r;
-    for (int l = 0; l < 8; l++) {
-        uint32_t bits = (uint32_t)((int32_t)fx.f[l] + 127) << 23;
-        memcpy(&r.f[l], &bits, 4);
-    }
-    return r;
-}
-static inline float v_hsum(v8 a) {
-    float s4[4], s2[2];
-    for (int i = 0; i < 4; i++) s4[i] = a.f[i] + a.f[i + 4];
-    s2[0] = s4[0] + s4[2];
-    s2[1] = s4[1] + s4[3];
-    return s2[0] + s2[1];
-}
-static inline float h2f(uint16_t h) {
-    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
-    if (e == 0) {
-        if (m == 0) bits = s;
-        else { /* subnormal: normalise */
-            e = 113;
-            while (!(m & 1024)) { m <<= 1; e--; }
-            bits = s | (e << 23) | ((m & 1023) << 13);
-        }
-    } else if (e == 31) bits = s | 0x7f800000 | (m << 13);
-    else bits = s | ((e + 112) << 23) | (m << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-static inline uint16_t f2h(float f) { /* round to nearest even, as vcvtps2ph */
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t s = (x >> 16) & 0x8000, e = (x >> 23) & 255, m = x & 0x7fffff;
-    if (e == 255) return (uint16_t)(s | 0x7c00 | (m ? 0x200 | (m >> 13) : 0));
-    int32_t he = (int32_t)e - 112;
-    if (he >= 31) return (uint16_t)(s | 0x7c00);
-    if (he <= 0) {
-        if (he < -10) return (uint16_t)s;
-        m |= 0x800000;
-        uint32_t shift = (uint32_t)(14 - he), r = m >> shift, rem = m & ((1u << shift) - 1),
-                 half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (r & 1))) r++;
-        return (uint16_t)(s | r);
-    }
-    uint32_t r = ((uint32_t)he << 10) | (m >> 13), rem = m & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) r++;
-    return (uint16_t)(s | r);
-}
-static inline v8 v_h16(const uint16_t *p) { v8 r; LANES(r.f[l_] = h2f(p[l_])); return r; }
-static inline void v_store_h16(uint16_t *p, v8 a) { LANES(p[l_] = f2h(a.f[l_])); }
-static inline v8 v_i8(const int8_t *p) { v8 r; LANES(r.f[l_] = (float)p[l_]); return r; }
-static inline void v_u4(const uint8_t *p, v8 w[4]) {
-    for (int l = 0; l < 8; l++) {
-        w[0].f[l] = (float)(p[l] & 15);
-        w[1].f[l] = (float)(p[8 + l] & 15);
-        w[2].f[l] = (float)(p[l] >> 4);
-        w[3].f[l] = (float)(p[8 + l] >> 4);
-    }
-}
-#define KV_ISA "scalar"
-#endif
-
-/* exp, Cephes' polynomial: the same operations on every lane and in every caller */
-static inline v8 v_exp(v8 x) {
-    x = v_min(x, v_set1(88.3762626647949f));
-    x = v_max(x, v_set1(-88.3762626647949f));
-    v8 fx = v_floor(v_fma(x, v_set1(1.44269504088896341f), v_set1(0.5f)));
-    x = v_fnma(fx, v_set1(0.693359375f), x);
-    x = v_fnma(fx, v_set1(-2.12194440e-4f), x);
-    v8 y = v_set1(1.9875691500e-4f);
-    y = v_fma(y, x, v_set1(1.3981999507e-3f));
-    y = v_fma(y, x, v_set1(8.3334519073e-3f));
-    y = v_fma(y, x, v_set1(4.1665795894e-2f));
-    y = v_fma(y, x, v_set1(1.6666665459e-1f));
-    y = v_fma(y, x, v_set1(5.0000001201e-1f));
-    y = v_fma(y, v_mul(x, x), x);
-    y = v_add(y, v_set1(1.0f));
-    return v_mul(y, v_pow2i(fx));
-}
-static inline float s_exp(float x) { /* lane 0 of v_exp */
-    float b[8];
-    v_store(b, v_exp(v_set1(x)));
-    return b[0];
-}
 
 /* ---------------------------------------------------------------- weights */
 enum { FMT_U4 = 1, FMT_I8 = 2, FMT_F16 = 3, FMT_F32 = 4 };
@@ -871,34 +702,6 @@ void kv_store(const float *k, const float *v, i64 M, i64 ld, i64 kvh, i64 D, uin
         }
 }
 
-/* The 8-bit cache (kv_bits 8): a position's row in [kvh][cap] is D int8 values and then their
- * float32 scale (D + 4 bytes, KV8_ROW), x ~ scale * q. absmax / 127 per position and kv head:
- * nothing is clipped, and a row's values never depend on another row's. Each row is quantized
- * once, here, by the same scalar operations in every build (max and a product rounded to
- * nearest even are exact, whichever instructions do them). */
-#define KV8_ROW(D) ((D) + 4)
-static void q8_row(const float *x, i64 D, int8_t *out) {
-    float amax = 0.0f;
-    for (i64 i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-    float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (i64 i = 0; i < D; i++) {
-        float r = nearbyintf(x[i] * inv);
-        out[i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
-    }
-    memcpy(out + D, &scale, sizeof scale);
-}
-
-/* kv_store into the 8-bit caches [kvh][cap][D + 4] */
-void kv_store8(const float *k, const float *v, i64 M, i64 ld, i64 kvh, i64 D, int8_t *kc,
-               int8_t *vc, i64 cap, i64 pos0) {
-    i64 R = KV8_ROW(D);
-    for (i64 m = 0; m < M; m++)
-        for (i64 g = 0; g < kvh; g++) {
-            q8_row(k + m * ld + g * D, D, kc + (g * cap + pos0 + m) * R);
-            q8_row(v + m * ld + g * D, D, vc + (g * cap + pos0 + m) * R);
-        }
-}
-
 static inline v8 v_silu(v8 g) { return v_div(g, v_add(v_set1(1.0f), v_exp(v_sub(v_zero(), g)))); }
 static inline v8 v_gelu_tanh(v8 g) { /* 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) */
     v8 u = v_mul(v_set1(0.7978845608028654f), v_fma(v_mul(v_set1(0.044715f), g), v_mul(g, g), g));
@@ -932,48 +735,6 @@ void kv_act_mul(const float *gu, i64 M, i64 ld, i64 F, int act, float *out, i64 
 }
 
 /* ---------------------------------------------------------------- attention */
-/* Lane i of the result (i < 4) is the sum of a[i]'s 8 lanes, in the tree
- * ((0+1)+(2+3))+((4+5)+(6+7)); the scalar fallback follows the same tree. */
-#ifdef KV_AVX2
-static inline __m128 v_hsum4(v8 a0, v8 a1, v8 a2, v8 a3) {
-    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-}
-static inline void store4(float *p, __m128 v) { _mm_storeu_ps(p, v); }
-#else
-typedef struct { float f[4]; } v4;
-static inline v4 v_hsum4(v8 a0, v8 a1, v8 a2, v8 a3) {
-    v4 r;
-    const v8 *a[4] = {&a0, &a1, &a2, &a3};
-    for (int i = 0; i < 4; i++) {
-        const float *x = a[i]->f;
-        r.f[i] = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
-    }
-    return r;
-}
-static inline void store4(float *p, v4 v) { memcpy(p, v.f, 16); }
-#endif
-
-static inline void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
-#define PF_KEYS 16 /* keys ahead that the attention loops ask the memory for */
-
-static inline i64 first_key(i64 pos, i64 window) {
-    return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-}
-
-static inline float max_of(const float *x, i64 n) {
-    i64 j = 0;
-    float mx = x[0];
-    if (n >= 8) {
-        v8 m = v_load(x);
-        for (j = 8; j + 8 <= n; j += 8) m = v_max(m, v_load(x + j));
-        float b[8];
-        v_store(b, m);
-        for (int i = 0; i < 8; i++) mx = b[i] > mx ? b[i] : mx;
-    }
-    for (; j < n; j++) mx = x[j] > mx ? x[j] : mx;
-    return mx;
-}
 
 /* scores of HT heads against 4 keys starting at kr (fp16 rows of D): s[h][0..3]. (Two keys per
  * 512-bit register, and 16 columns per register below, gave the same bits but ran 10-15% slower
@@ -998,28 +759,6 @@ DEF_QK(1)
 DEF_QK(2)
 DEF_QK(3)
 
-/* The same for the 8-bit cache: keys are rows of KV8_ROW(D) bytes (D int8, then the scale the
- * caller applies); int8 to float is exact, so only the loads differ from qk_##HT. */
-#define DEF_QK8(HT)                                                                              \
-    static inline void qk8_##HT(const float *q, i64 D, const int8_t *kr, float *s, i64 sstride) { \
-        v8 acc[HT][4];                                                                           \
-        i64 R = KV8_ROW(D);                                                                      \
-        for (int h = 0; h < HT; h++)                                                             \
-            for (int k = 0; k < 4; k++) acc[h][k] = v_zero();                                    \
-        for (i64 c = 0; c < D; c += 8) {                                                         \
-            v8 qv[HT];                                                                           \
-            for (int h = 0; h < HT; h++) qv[h] = v_load(q + h * D + c);                          \
-            _Pragma("GCC unroll 4")                                                              \
-            for (int k = 0; k < 4; k++) {                                                        \
-                v8 kv = v_i8(kr + k * R + c);                                                    \
-                for (int h = 0; h < HT; h++) acc[h][k] = v_fma(qv[h], kv, acc[h][k]);           \
-            }                                                                                    \
-        }                                                                                        \
-        for (int h = 0; h < HT; h++) store4(s + h * sstride, v_hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3])); \
-    }
-DEF_QK8(1)
-DEF_QK8(2)
-DEF_QK8(3)
 
 /* out[h][c0 .. c0+8*NC) = sum over n keys of p[h][j] * v_j, for HT heads */
 #define DEF_PV(HT, NC)                                                                           \
@@ -1049,34 +788,6 @@ DEF_PV(1, 1)
 DEF_PV(2, 1)
 DEF_PV(3, 1)
 
-/* The same over the 8-bit cache's values; p already holds each weight times its row's scale */
-#define DEF_PV8(HT, NC)                                                                          \
-    static inline void pv8_##HT##_##NC(const float *p, i64 pstride, const int8_t *vr, i64 D,    \
-                                       i64 n, i64 c0, float *out, i64 ostride) {                 \
-        v8 acc[HT][NC];                                                                          \
-        i64 R = KV8_ROW(D);                                                                      \
-        for (int h = 0; h < HT; h++)                                                             \
-            for (int c = 0; c < NC; c++) acc[h][c] = v_zero();                                   \
-        for (i64 j = 0; j < n; j++) {                                                            \
-            if (c0 == 0)                                                                         \
-                for (i64 pf = 0; pf < R; pf += 64) prefetch(vr + (j + PF_KEYS) * R + pf);        \
-            v8 pj[HT];                                                                           \
-            for (int h = 0; h < HT; h++) pj[h] = v_set1(p[h * pstride + j]);                     \
-            _Pragma("GCC unroll 4")                                                              \
-            for (int c = 0; c < NC; c++) {                                                       \
-                v8 vv = v_i8(vr + j * R + c0 + 8 * c);                                           \
-                for (int h = 0; h < HT; h++) acc[h][c] = v_fma(pj[h], vv, acc[h][c]);           \
-            }                                                                                    \
-        }                                                                                        \
-        for (int h = 0; h < HT; h++)                                                             \
-            for (int c = 0; c < NC; c++) v_store(out + h * ostride + c0 + 8 * c, acc[h][c]);     \
-    }
-DEF_PV8(1, 4)
-DEF_PV8(2, 4)
-DEF_PV8(3, 4)
-DEF_PV8(1, 1)
-DEF_PV8(2, 1)
-DEF_PV8(3, 1)
 
 /* One query row's part of one block: the n keys at kr/vr (fp16 rows of D, n <= ATT_B); for each
  * of the G heads, part = (max, sum, sum of p * v [D]). A score or a sum never depends on which
@@ -1141,75 +852,6 @@ static void att_row(const float *q, int G, i64 D, const uint16_t *kr, const uint
     }
 }
 
-/* att_row over the 8-bit cache: rows of KV8_ROW(D) bytes, the int8 values then their scale. A
- * score is the dot product with the key's int8 values, times the key's scale, times `scale`;
- * each weight is multiplied by its value row's scale after the sum of the weights is taken
- * (sum p (s q) = sum (p s) q). The rest is att_row's, operation for operation. */
-static void att_row8(const float *q, int G, i64 D, const int8_t *kr, const int8_t *vr, i64 n,
-                     float scale, float softcap, float *part) {
-    float s[16][ATT_B + 4], ksc[ATT_B], vsc[ATT_B];
-    i64 R = KV8_ROW(D);
-    const int8_t *kt = kr;
-    int8_t tail[4 * (512 + 4)]; /* the last < 4 keys, padded, so no read passes the cache's end */
-    for (i64 j = 0; j < n; j += 4) {
-        for (i64 pf = 0; pf < 4 * R; pf += 64) prefetch(kr + (j + PF_KEYS) * R + pf);
-        if (j + 4 > n) {
-            memset(tail, 0, 4 * R);
-            memcpy(tail, kr + j * R, (n - j) * R);
-            kt = tail - j * R;
-        }
-        for (int h = 0; h < G;) {
-            int ht = G - h >= 3 ? 3 : G - h;
-            if (ht == 3) qk8_3(q + h * D, D, kt + j * R, &s[h][j], ATT_B + 4);
-            else if (ht == 2) qk8_2(q + h * D, D, kt + j * R, &s[h][j], ATT_B + 4);
-            else qk8_1(q + h * D, D, kt + j * R, &s[h][j], ATT_B + 4);
-            h += ht;
-        }
-    }
-    for (i64 j = 0; j < n; j++) {
-        memcpy(&ksc[j], kr + j * R + D, sizeof(float));
-        memcpy(&vsc[j], vr + j * R + D, sizeof(float));
-    }
-    for (int h = 0; h < G; h++) {
-        float *sh = s[h];
-        i64 j;
-        for (j = 0; j < n; j++) sh[j] = (sh[j] * ksc[j]) * scale; /* the same in every build */
-        if (softcap > 0.0f)
-            for (j = 0; j < n; j++) sh[j] = tanhf(sh[j] / softcap) * softcap;
-        float mx = max_of(sh, n);
-        v8 lv = v_zero();
-        for (j = 0; j + 8 <= n; j += 8) {
-            v8 e = v_exp(v_sub(v_load(sh + j), v_set1(mx)));
-            v_store(sh + j, e);
-            lv = v_add(lv, e);
-        }
-        float l = v_hsum(lv);
-        for (; j < n; j++) {
-            sh[j] = s_exp(sh[j] - mx);
-            l += sh[j];
-        }
-        part[h * (D + 2)] = mx;
-        part[h * (D + 2) + 1] = l;
-        for (j = 0; j < n; j++) sh[j] = sh[j] * vsc[j];
-    }
-    for (int h = 0; h < G;) {
-        int ht = G - h >= 3 ? 3 : G - h;
-        float *o = part + h * (D + 2) + 2;
-        i64 c0 = 0;
-        for (; c0 + 32 <= D; c0 += 32) {
-            if (ht == 3) pv8_3_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-            else if (ht == 2) pv8_2_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-            else pv8_1_4(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-        }
-        for (; c0 < D; c0 += 8) {
-            if (ht == 3) pv8_3_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-            else if (ht == 2) pv8_2_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-            else pv8_1_1(s[h], ATT_B + 4, vr, D, n, c0, o, D + 2);
-        }
-        h += ht;
-    }
-}
-
 /* Blocks' partials (stride G*(D+2) from one to the next) combined in order into out (G heads) */
 static void att_combine(const float *parts, i64 nb, int G, i64 D, float *out, i64 ostride) {
     for (int h = 0; h < G; h++) {
@@ -1265,8 +907,8 @@ static void att_blocks(const void *ctx, i64 it) {
         float *part = j->scratch + (((m - j->r0) * kvh + g) * nbmax + b) * G * (D + 2);
         const float *q = j->q + m * j->ldq + g * G * D;
         if (j->q8)
-            att_row8(q, (int)G, D, (const int8_t *)(K + j0 * R), (const int8_t *)(V + j0 * R),
-                     j1 - j0, j->scale, j->softcap, part);
+            kv_att_row8(q, (int)G, D, (const int8_t *)(K + j0 * R), (const int8_t *)(V + j0 * R),
+                        j1 - j0, j->scale, j->softcap, part);
         else
             att_row(q, (int)G, D, (const uint16_t *)(K + j0 * R), (const uint16_t *)(V + j0 * R),
                     j1 - j0, j->scale, j->softcap, part);
