@@ -195,7 +195,11 @@ def test_the_transformers_path_refuses_8bit_kv_in_one_line(tmp_path_factory):
     with pytest.raises(ModelError) as err:
         models.load(str(folder), device="cpu", dtype="float32", progress=False, kv_bits=8)
     line = str(err.value)
-    assert line.startswith("kv_bits 8: transformers on cpu keeps its own K/V") and "\n" not in line
+    assert line == (
+        "kv_bits 8: transformers (--dtype float32 on cpu) keeps its own K/V, so 8-bit K/V "
+        "(kvrepl's CPU kernels only) cannot be kept; start without --kv-bits 8 (or "
+        "KVREPL_KV_BITS)"
+    )
 
 
 def test_kv_bits_comes_from_the_environment_and_the_flag_and_not_from_set(monkeypatch):

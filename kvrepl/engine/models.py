@@ -280,12 +280,17 @@ def load(
     `kv_bits` 8: 8-bit K/V, which only kvrepl's CPU kernels keep (elsewhere a ModelError)."""
     source = resolve(spec)
     notes: list[str] = []
+    if kv_bits == 8 and (dtype not in ("auto", "gguf") or pick_device(device) != "cpu"):
+        where = "transformers" if dtype not in ("auto", "gguf") else "the GPU"
+        raise ModelError(kvbits.refusal(f"{where} (--dtype {dtype} on {pick_device(device)})"))
     if uses_fast_path(source, dtype, device):
         try:
             return _fast_gguf(source, prepare_meta(source.path), chat_template, context, kv_bits)
         except ModelError as exc:
-            if dtype == "gguf" or kv_bits == 8:
+            if dtype == "gguf":
                 raise
+            if kv_bits == 8:
+                raise ModelError(kvbits.refusal(f"transformers ({exc})")) from None
             notes.append(f"{exc}: running the dequantized float32 model instead")
     elif dtype == "gguf" and pick_device(device) != "cpu":
         raise ModelError("--dtype gguf runs on the CPU only")
@@ -293,9 +298,8 @@ def load(
     notes += templates.settle(tokenizer, model.config, chat_template)
     loaded = _place(source, model, tokenizer, dev, torch_dtype, spread, dtype, context, notes,
                     kv_bits)  # fmt: skip
-    if kv_bits == 8 and not loaded.kv_peer:
-        where = "transformers" if loaded.model is model else "kvrepl's GPU kernels"
-        raise ModelError(kvbits.refusal(f"{where} on {dev}"))
+    if kv_bits == 8 and not loaded.kv_peer:  # the CPU kernels were off: transformers runs it
+        raise ModelError(kvbits.refusal(f"transformers ({'; '.join(notes)})"))
     return loaded
 
 
