@@ -280,9 +280,7 @@ def load(
     `kv_bits` 8: 8-bit K/V, which only kvrepl's CPU kernels keep (elsewhere a ModelError)."""
     source = resolve(spec)
     notes: list[str] = []
-    if kv_bits == 8 and (dtype not in ("auto", "gguf") or pick_device(device) != "cpu"):
-        where = "transformers" if dtype not in ("auto", "gguf") else "the GPU"
-        raise ModelError(kvbits.refusal(f"{where} (--dtype {dtype} on {pick_device(device)})"))
+    kvbits.refuse_off_the_cpu_kernels(kv_bits, dtype, pick_device(device))
     if uses_fast_path(source, dtype, device):
         try:
             return _fast_gguf(source, prepare_meta(source.path), chat_template, context, kv_bits)
@@ -324,12 +322,12 @@ def _fast_gguf(source: ModelSource, folder: Path, chat_template: str | None,
         raise ModelError(f"fast path off: {exc}") from None
     model.generation_config = _generation_config(folder, config)
     notes += templates.settle(tokenizer, config, chat_template)
-    model.kv_bits = kv_bits
-    fps = {bits: fingerprint(source.label, config, f"gguf/{model.k.label}/{kvbits.mode(bits)}",
-                             tokenizer, model.weights_digest())
-           for bits in (kv_bits, kvbits.other(kv_bits))}  # fmt: skip
-    return LoadedModel(model, tokenizer, source, "cpu", "gguf", fps[kv_bits], ctx, notes,
-                       kv_bits, fps[kvbits.other(kv_bits)])  # fmt: skip
+    model.kv_bits, digest, label = kv_bits, model.weights_digest(), model.k.label
+    fp, peer = kvbits.fingerprints(
+        lambda kv: fingerprint(source.label, config, f"gguf/{label}/{kv}", tokenizer, digest),
+        kv_bits,
+    )
+    return LoadedModel(model, tokenizer, source, "cpu", "gguf", fp, ctx, notes, kv_bits, peer)
 
 
 def _generation_config(folder: Path, config: Any) -> Any:
@@ -409,8 +407,8 @@ def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtyp
         if mode is not None:
             fp = fingerprint(f"{source.label}|{mode}", model.config, name, tokenizer, fp)
         return LoadedModel(runner, tokenizer, source, dev, name, fp, ctx, notes)
-    fps = {bits: fingerprint(f"{source.label}|{mode}/{kvbits.mode(bits)}", model.config, name,
-                             tokenizer, fp)
-           for bits in (kv_bits, kvbits.other(kv_bits))}  # fmt: skip
-    return LoadedModel(runner, tokenizer, source, dev, name, fps[kv_bits], ctx, notes, kv_bits,
-                       fps[kvbits.other(kv_bits)])  # fmt: skip
+    fp, peer = kvbits.fingerprints(
+        lambda kv: fingerprint(f"{source.label}|{mode}/{kv}", model.config, name, tokenizer, fp),
+        kv_bits,
+    )
+    return LoadedModel(runner, tokenizer, source, dev, name, fp, ctx, notes, kv_bits, peer)
