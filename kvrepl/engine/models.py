@@ -302,7 +302,7 @@ def load(
 
 
 def _fast_gguf(source: ModelSource, folder: Path, chat_template: str | None,
-               context: int, kv_bits: int) -> LoadedModel:  # fmt: skip
+               context: int, kv_bits: int = 16) -> LoadedModel:  # fmt: skip
     """A GGUF file on the CPU fast path. ModelError("fast path off: ...") when it cannot run
     there (no compiler, a tensor type or a term its kernels lack)."""
     from transformers import AutoConfig, AutoTokenizer
