@@ -58,7 +58,8 @@ DEF_QK8(1)
 DEF_QK8(2)
 DEF_QK8(3)
 
-/* The same over the 8-bit cache's values; p already holds each weight times its row's scale */
+/* The same over the 8-bit cache's values: each weight times its value row's scale (read from the
+ * row, beside the values: sum p (s q) = sum (p s) q), then as pv_##HT##_##NC */
 #define DEF_PV8(HT, NC)                                                                          \
     static inline void pv8_##HT##_##NC(const float *p, i64 pstride, const int8_t *vr, i64 D,    \
                                        i64 n, i64 c0, float *out, i64 ostride) {                 \
@@ -70,7 +71,9 @@ DEF_QK8(3)
             if (c0 == 0)                                                                         \
                 for (i64 pf = 0; pf < R; pf += 64) prefetch(vr + (j + PF_KEYS) * R + pf);        \
             v8 pj[HT];                                                                           \
-            for (int h = 0; h < HT; h++) pj[h] = v_set1(p[h * pstride + j]);                     \
+            float vs;                                                                            \
+            memcpy(&vs, vr + j * R + D, sizeof vs);                                              \
+            for (int h = 0; h < HT; h++) pj[h] = v_set1(p[h * pstride + j] * vs);                \
             _Pragma("GCC unroll 4")                                                              \
             for (int c = 0; c < NC; c++) {                                                       \
                 v8 vv = v_i8(vr + j * R + c0 + 8 * c);                                           \
@@ -89,11 +92,11 @@ DEF_PV8(3, 1)
 
 /* att_row over the 8-bit cache: rows of KV8_ROW(D) bytes, the int8 values then their scale. A
  * score is the dot product with the key's int8 values, times the key's scale, times `scale`;
- * each weight is multiplied by its value row's scale after the sum of the weights is taken
- * (sum p (s q) = sum (p s) q). The rest is att_row's, operation for operation. */
+ * each weight is multiplied by its value row's scale (in pv8) after the sum of the weights is
+ * taken. The rest is att_row's, operation for operation. */
 void kv_att_row8(const float *q, int G, i64 D, const int8_t *kr, const int8_t *vr, i64 n,
                  float scale, float softcap, float *part) {
-    float s[16][ATT_B + 4], ksc[ATT_B], vsc[ATT_B];
+    float s[16][ATT_B + 4], ksc[ATT_B + 4];
     i64 R = KV8_ROW(D);
     const int8_t *kt = kr;
     int8_t tail[4 * (512 + 4)]; /* the last < 4 keys, padded, so no read passes the cache's end */
@@ -111,15 +114,15 @@ void kv_att_row8(const float *q, int G, i64 D, const int8_t *kr, const int8_t *v
             else qk8_1(q + h * D, D, kt + j * R, &s[h][j], ATT_B + 4);
             h += ht;
         }
-    }
-    for (i64 j = 0; j < n; j++) {
-        memcpy(&ksc[j], kr + j * R + D, sizeof(float));
-        memcpy(&vsc[j], vr + j * R + D, sizeof(float));
+        for (int k = 0; k < 4; k++) /* the keys' scales, while their rows are at hand */
+            memcpy(&ksc[j + k], kt + (j + k) * R + D, sizeof(float));
     }
     for (int h = 0; h < G; h++) {
         float *sh = s[h];
         i64 j;
-        for (j = 0; j < n; j++) sh[j] = (sh[j] * ksc[j]) * scale; /* the same in every build */
+        for (j = 0; j + 8 <= n; j += 8) /* the same two products in every build */
+            v_store(sh + j, v_mul(v_mul(v_load(sh + j), v_load(ksc + j)), v_set1(scale)));
+        for (; j < n; j++) sh[j] = (sh[j] * ksc[j]) * scale;
         if (softcap > 0.0f)
             for (j = 0; j < n; j++) sh[j] = tanhf(sh[j] / softcap) * softcap;
         float mx = max_of(sh, n);
@@ -136,7 +139,6 @@ void kv_att_row8(const float *q, int G, i64 D, const int8_t *kr, const int8_t *v
         }
         part[h * (D + 2)] = mx;
         part[h * (D + 2) + 1] = l;
-        for (j = 0; j < n; j++) sh[j] = sh[j] * vsc[j];
     }
     for (int h = 0; h < G;) {
         int ht = G - h >= 3 ? 3 : G - h;
