@@ -317,12 +317,13 @@ def _fast_gguf(source: ModelSource, folder: Path, chat_template: str | None,
         raise ModelError(f"cannot load model from {folder}: {exc}") from exc
     ctx, notes = placement.context_length(config, context)
     try:
-        model, model.weight_types = placement.fast_gguf(source.path, config, cache_dir(), ctx)
+        model, model.weight_types = placement.fast_gguf(source.path, config, cache_dir(), ctx,
+                                                        kv_bits)  # fmt: skip
     except Unsupported as exc:
         raise ModelError(f"fast path off: {exc}") from None
     model.generation_config = _generation_config(folder, config)
     notes += templates.settle(tokenizer, config, chat_template)
-    model.kv_bits, digest, label = kv_bits, model.weights_digest(), model.k.label
+    digest, label = model.weights_digest(), model.k.label
     fp, peer = kvbits.fingerprints(
         lambda kv: fingerprint(source.label, config, f"gguf/{label}/{kv}", tokenizer, digest),
         kv_bits,
@@ -384,8 +385,7 @@ def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtyp
             n = len({str(d) for d in model.hf_device_map.values()})
             notes.append(f"model spread over {n} devices by accelerate: transformers runs it")
         elif dev == "cpu" and dtype in ("auto", "gguf") and source.kind == "folder":
-            runner = placement.fast_transformers(model, cache_dir(), ctx)
-            runner.kv_bits = kv_bits
+            runner = placement.fast_transformers(model, cache_dir(), ctx, kv_bits)
             mode, name = f"{placement.HF_FAST_QTYPE}/{runner.k.label}", "gguf"
             notes.append(f"weights converted to {placement.HF_FAST_QTYPE} at load for kvrepl's "
                          "CPU kernels (--dtype float32: transformers, unconverted)")  # fmt: skip
