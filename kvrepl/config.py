@@ -34,15 +34,17 @@ def setting(
     flag: bool | str = True,
     session: bool = False,
     bounds: tuple[float, float] | None = None,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[Any, ...] | None = None,
     metavar: str | None = None,
     flag_help: str | None = None,
+    fixed: str | None = None,
 ) -> Any:
     """A `Settings` field with what every surface needs. `flag`: True for `--the-name`, another
     spelling, or False for none; a true/false setting's flag turns it on (off where it is on by
-    default). `session`: `/set` may change it for one session."""
+    default). `session`: `/set` may change it for one session; `fixed`: the line `/set` answers
+    for a setting that only a restart changes."""
     spec = {"help": help, "flag": flag, "session": session, "bounds": bounds,
-            "flag_help": flag_help,
+            "flag_help": flag_help, "fixed": fixed,
             "choices": choices, "metavar": metavar}  # fmt: skip
     return field(default=default, metadata={"setting": spec})
 
@@ -113,6 +115,14 @@ class Settings:
         False, "when over the context, leave out the oldest turns (and say so)", session=True
     )
     plain: bool = setting(False, "no colours, no Markdown")
+    # llama.cpp's -ctk/-ctv q8_0, mlx-lm's --kv-bits: about half the K/V, in memory and on disk.
+    kv_bits: int = setting(
+        16, "bits per K/V value: 16 (float16) or 8 (int8 and a float scale per position and kv "
+        "head: about half the memory and snapshot bytes; kvrepl's CPU kernels only)",
+        choices=(16, 8), metavar="BITS",
+        fixed="kv_bits is chosen when kvrepl starts (--kv-bits, KVREPL_KV_BITS or the config "
+        "file): a cache never mixes 8-bit and 16-bit K/V",
+    )  # fmt: skip
     # The store's, not a session's: a `/set` in one session must not drop every other's K/V.
     kv_budget_mb: int = setting(
         4096, "MB of K/V the store keeps on disk, all sessions together (not per session); "
@@ -141,9 +151,10 @@ class Option:
     flag: str | None
     session: bool
     bounds: tuple[float, float] | None
-    choices: tuple[str, ...] | None
+    choices: tuple[Any, ...] | None
     metavar: str | None
     flag_help: str | None  # a true/false setting's flag, where it says the opposite of `help`
+    fixed: str | None  # why `/set` cannot change it (a restart does), where that needs saying
 
     @property
     def env(self) -> str:
@@ -200,7 +211,7 @@ def option_value(opt: Option, raw: Any) -> Any:
     if value is None:
         return value
     if opt.choices is not None and value not in opt.choices:
-        raise ValueError(f"must be one of {', '.join(opt.choices)}, not {value!r}")
+        raise ValueError(f"must be one of {', '.join(map(str, opt.choices))}, not {value!r}")
     if opt.bounds is not None and not opt.bounds[0] <= value <= opt.bounds[1]:
         raise ValueError(f"must be between {opt.bounds[0]} and {opt.bounds[1]}, not {value}")
     return value
@@ -234,9 +245,16 @@ def checked(key: str, raw: Any, where: str) -> Any:
 
 def parse_setting(key: str, raw: str) -> Any:
     """A `/set key value` value, checked; UsageError with the reason otherwise."""
+    refuse_unless_session(key)
+    return checked(key, raw, key)
+
+
+def refuse_unless_session(key: str) -> None:
+    """UsageError, in one line, unless `/set` may change setting `key` for a session."""
+    if key in OPTIONS and OPTIONS[key].fixed:
+        raise UsageError(OPTIONS[key].fixed)
     if key not in SESSION_KEYS:
         raise UsageError(f"unknown setting {key!r}: one of {', '.join(SESSION_KEYS)}")
-    return checked(key, raw, key)
 
 
 def setting_help(key: str) -> str:
@@ -247,7 +265,7 @@ def setting_help(key: str) -> str:
     if opt.bounds is not None:
         notes.append(f"{opt.bounds[0]} to {opt.bounds[1]}")
     if opt.choices is not None:
-        notes.append(" or ".join(opt.choices))
+        notes.append(" or ".join(map(str, opt.choices)))
     return f"{opt.help} ({'; '.join(notes)})"
 
 

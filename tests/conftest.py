@@ -109,6 +109,14 @@ def real():
 
 
 @pytest.fixture(scope="session")
+def real8():
+    """The embedded model on the CPU fast path with 8-bit K/V (`--kv-bits 8`), loaded once."""
+    from kvrepl.engine import models
+
+    return models.load(progress=False, kv_bits=8)
+
+
+@pytest.fixture(scope="session")
 def real32():
     """The embedded model dequantized to float32 (`--dtype float32`), loaded once."""
     from kvrepl.engine import models

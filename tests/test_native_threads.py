@@ -3,8 +3,9 @@ bit-identical whatever the number of threads (1, 2 or 3, set as kvrepl sets it, 
 torch.set_num_threads), on the tiny model through gguf_model.from_hf and on the real SmolLM2
 GGUF, with the pool's workers really taking part; the thread count follows torch's, and drops
 while another process keeps a core busy; AVX-512 (where the CPU has it), AVX2 and the scalar
-fallback agree bit for bit over 600+ tokens, across several 256-key attention blocks; and torch's
-OpenMP threads are kept from spinning unless the user chose a wait policy."""
+fallback agree bit for bit over 600+ tokens, across several 256-key attention blocks (with 16-bit
+and with 8-bit K/V); and torch's OpenMP threads are kept from spinning unless the user chose a
+wait policy."""
 
 from __future__ import annotations
 
@@ -143,11 +144,18 @@ def smollm_shaped(vocab: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_every_instruction_set_agrees_over_700_tokens(variants):
+def fast(model, k: native.Kernels, kv_bits: int):
+    f = from_hf(model, "Q4_1", k, 1024)
+    f.kv_bits = kv_bits
+    return f
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_every_instruction_set_agrees_over_700_tokens(variants, kv_bits):
     model = smollm_shaped(512)
     ids = torch.randint(0, 512, (700,), generator=torch.Generator().manual_seed(9)).tolist()
     chunks = chunks_of(ids, 530, 20)  # keys in blocks 0-2; the steps cross the block at 512
-    runs = {name: run(from_hf(model, "Q4_1", k, 1024), chunks) for name, k in variants.items()}
+    runs = {name: run(fast(model, k, kv_bits), chunks) for name, k in variants.items()}
     assert_same(runs["avx2"], runs["scalar"])
     assert_same(runs["default"], runs["scalar"])
 

@@ -93,6 +93,7 @@ def untied_llama(tok: Any) -> Any:
 
 CASES = [
     Case("smollm2-fast", fixture("real"), exact=True, argv=()),
+    Case("smollm2-fast-kv8", fixture("real8"), exact=True, argv=("--kv-bits=8",)),
     Case("smollm2-float32", fixture("real32"), exact=False, argv=(F32,)),
     Case("gemma3-270m-fast", fixture("gemma"), exact=True, argv=(MODEL,)),
     Case("tiny-llama-fast", tiny(untied_llama), exact=True, argv=(MODEL,)),

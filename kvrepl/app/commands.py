@@ -31,7 +31,7 @@ from kvrepl.app.registry import (
 )
 from kvrepl.app.userfiles import compose, names, read_file, write_file
 from kvrepl.chat.conversation import Conversation
-from kvrepl.config import SESSION_KEYS, parse_setting, setting_help
+from kvrepl.config import SESSION_KEYS, parse_setting, refuse_unless_session, setting_help
 from kvrepl.errors import KvreplError, UsageError
 from kvrepl.store.records import SessionSummary
 
@@ -265,8 +265,7 @@ def cmd_set(ctx: Context, arg: str) -> Outcome:
         return None
     key, _, raw = arg.partition(" ")
     if not raw.strip():  # the value in force, and what the setting takes
-        if key not in SESSION_KEYS:
-            raise UsageError(f"unknown setting {key!r}: one of {', '.join(SESSION_KEYS)}")
+        refuse_unless_session(key)
         ctx.renderer.info(f"{key} = {_shown(getattr(now, key))}: {setting_help(key)}")
         return None
     value = parse_setting(key, _unquote(raw))

@@ -237,7 +237,8 @@ class Conversation:
         if session is None:
             return []
         answered = any(m.role == "assistant" for m in self.history())
-        return self.snapshots.bring(rt.engine, rt.loaded.fingerprint, ids, session.id, answered)
+        return self.snapshots.bring(rt.engine, rt.loaded.fingerprint, ids, session.id, answered,
+                                    rt.loaded.other_pools())  # fmt: skip
 
     def warm(self) -> tuple[int, int, list[str]]:
         """Bring the cache to the whole conversation now (after /load).

@@ -26,11 +26,12 @@ class Snapshots:
     def kv(self) -> Any:
         return self._kv()
 
-    def bring(
-        self, engine: Any, fingerprint: str, ids: list[int], session_id: str, has_answers: bool
-    ) -> list[str]:
+    def bring(self, engine: Any, fingerprint: str, ids: list[int], session_id: str,
+              has_answers: bool, others: dict[str, str] | None = None) -> list[str]:  # fmt: skip
         """Bring the cache to the longest prefix of `ids` found in memory or on disk, leaving
-        at least one token to feed. Returns one line per thing worth saying."""
+        at least one token to feed. Returns one line per thing worth saying. `others`: the
+        fingerprints of this model's K/V this run does not use (the other kv_bits), each with
+        the line that says why a session saved there recomputes."""
         if not engine.reuse or len(ids) < 2:
             return []
         if not engine.can_cut:
@@ -45,7 +46,9 @@ class Snapshots:
             start = max((r.start for r in chain if r.start <= keep), default=0)
             result = self.kv.load(fingerprint, ids, start=start, chain=chain)
         else:
-            return [self._why_none(session_id, fingerprint)] if fresh and has_answers else []
+            if not (fresh and has_answers):
+                return []
+            return [self._why_none(session_id, fingerprint, others or {})]
         notes = engine.restore(result)
         if notes or not result.chunks:  # a cut snapshot's note already says what was kept
             return notes
@@ -67,8 +70,11 @@ class Snapshots:
         agree = common_prefix(last.ids, ids)
         return last if agree >= (chain[-1].end if chain else 0) or last.notes else None
 
-    def _why_none(self, session_id: str, fingerprint: str) -> str:
+    def _why_none(self, session_id: str, fingerprint: str, others: dict[str, str]) -> str:
         pool, chain, _ = self.kv.last_chain(session_id)
+        why = {self.kv.pool_dir(fp).name: line for fp, line in others.items()}
+        if chain and pool in why:
+            return why[pool]
         if chain and pool != self.kv.pool_dir(fingerprint).name:
             return "snapshot: dropped: it was made by another model"
         return "snapshot: none on disk for this session; recomputing from the messages"

@@ -25,7 +25,7 @@ from typing import Any
 
 import platformdirs
 
-from kvrepl.engine import templates
+from kvrepl.engine import kvbits, templates
 from kvrepl.engine.devices import pick_device, pick_dtype, spreads
 from kvrepl.engine.fingerprint import fingerprint, weights_digest
 from kvrepl.errors import ModelError
@@ -56,6 +56,13 @@ class LoadedModel:
     fingerprint: str
     context_length: int
     notes: list[str] = field(default_factory=list)  # one line each, shown with the first turn
+    kv_bits: int = 16  # the K/V's bits per value (the kv_bits setting)
+    kv_peer: str = ""  # the fingerprint the same model has with the other kv_bits
+
+    def other_pools(self) -> dict[str, str]:
+        """Fingerprints of this model's K/V that this run cannot use, and the line that says why
+        (the other kv_bits: never mixed)."""
+        return {self.kv_peer: kvbits.resumed_with_other(self.kv_bits)} if self.kv_peer else {}
 
 
 def cache_dir() -> Path:
@@ -264,29 +271,38 @@ def load(
     chat_template: str | None = None,
     progress: bool = True,
     context: int = 0,
+    kv_bits: int = 16,
 ) -> LoadedModel:
     """Resolve a model, load it, and put it on the backend that computes it best: a GGUF file
     on the CPU runs its own quantized weights on kvrepl's kernels; a model folder on the CPU runs
     there too, converted once at load; on CUDA, kvrepl's GPU kernels; else transformers, with a
-    line saying why. `context` sizes the cache (0: the model's maximum); see placement.py."""
+    line saying why. `context` sizes the cache (0: the model's maximum); see placement.py.
+    `kv_bits` 8: 8-bit K/V, which only kvrepl's CPU kernels keep (elsewhere a ModelError)."""
     source = resolve(spec)
     notes: list[str] = []
+    kvbits.refuse_off_the_cpu_kernels(kv_bits, dtype, pick_device(device))
     if uses_fast_path(source, dtype, device):
         try:
-            return _fast_gguf(source, prepare_meta(source.path), chat_template, context)
+            return _fast_gguf(source, prepare_meta(source.path), chat_template, context, kv_bits)
         except ModelError as exc:
             if dtype == "gguf":
                 raise
+            if kv_bits == 8:
+                raise ModelError(kvbits.refusal(f"transformers ({exc})")) from None
             notes.append(f"{exc}: running the dequantized float32 model instead")
     elif dtype == "gguf" and pick_device(device) != "cpu":
         raise ModelError("--dtype gguf runs on the CPU only")
     model, tokenizer, dev, torch_dtype, spread = _transformers(source, device, dtype, progress)
     notes += templates.settle(tokenizer, model.config, chat_template)
-    return _place(source, model, tokenizer, dev, torch_dtype, spread, dtype, context, notes)
+    loaded = _place(source, model, tokenizer, dev, torch_dtype, spread, dtype, context, notes,
+                    kv_bits)  # fmt: skip
+    if kv_bits == 8 and not loaded.kv_peer:  # the CPU kernels were off: transformers runs it
+        raise ModelError(kvbits.refusal(f"transformers ({'; '.join(notes)})"))
+    return loaded
 
 
 def _fast_gguf(source: ModelSource, folder: Path, chat_template: str | None,
-               context: int) -> LoadedModel:  # fmt: skip
+               context: int, kv_bits: int = 16) -> LoadedModel:  # fmt: skip
     """A GGUF file on the CPU fast path. ModelError("fast path off: ...") when it cannot run
     there (no compiler, a tensor type or a term its kernels lack)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -301,14 +317,18 @@ def _fast_gguf(source: ModelSource, folder: Path, chat_template: str | None,
         raise ModelError(f"cannot load model from {folder}: {exc}") from exc
     ctx, notes = placement.context_length(config, context)
     try:
-        model, model.weight_types = placement.fast_gguf(source.path, config, cache_dir(), ctx)
+        model, model.weight_types = placement.fast_gguf(source.path, config, cache_dir(), ctx,
+                                                        kv_bits)  # fmt: skip
     except Unsupported as exc:
         raise ModelError(f"fast path off: {exc}") from None
     model.generation_config = _generation_config(folder, config)
     notes += templates.settle(tokenizer, config, chat_template)
-    mode = f"gguf/{model.k.label}/float16-kv"
-    fp = fingerprint(source.label, config, mode, tokenizer, model.weights_digest())
-    return LoadedModel(model, tokenizer, source, "cpu", "gguf", fp, ctx, notes)
+    digest, label = model.weights_digest(), model.k.label
+    fp, peer = kvbits.fingerprints(
+        lambda kv: fingerprint(source.label, config, f"gguf/{label}/{kv}", tokenizer, digest),
+        kv_bits,
+    )
+    return LoadedModel(model, tokenizer, source, "cpu", "gguf", fp, ctx, notes, kv_bits, peer)
 
 
 def _generation_config(folder: Path, config: Any) -> Any:
@@ -348,7 +368,8 @@ def _transformers(source: ModelSource, device: str | None, dtype: str,
 
 
 def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtype: Any,
-           spread: bool, dtype: str, context: int, notes: list[str]) -> LoadedModel:  # fmt: skip
+           spread: bool, dtype: str, context: int, notes: list[str],
+           kv_bits: int = 16) -> LoadedModel:  # fmt: skip
     """The loaded transformers model on the backend that runs it: kvrepl's CPU kernels (a model
     folder, converted once), its GPU kernels, or transformers itself (with the reason)."""
     from kvrepl.backends.describe import Unsupported
@@ -365,8 +386,9 @@ def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtyp
             n = len({str(d) for d in model.hf_device_map.values()})
             notes.append(f"model spread over {n} devices by accelerate: transformers runs it")
         elif dev == "cpu" and dtype in ("auto", "gguf") and source.kind == "folder":
-            runner, more = placement.fast_transformers(model, cache_dir(), ctx, source.path, digest)
-            mode, name = f"{placement.HF_FAST_QTYPE}/{runner.k.label}/float16-kv", "gguf"
+            runner, more = placement.fast_transformers(model, cache_dir(), ctx, source.path,
+                                                       digest, kv_bits)  # fmt: skip
+            mode, name = f"{placement.HF_FAST_QTYPE}/{runner.k.label}", "gguf"
             notes += more
         elif dev.startswith("cuda") and dtype != "float32" and os.environ.get("KVREPL_GPU") != "0":
             runner, mode = placement.gpu(model, ctx), "gpu-kernels-v2"
@@ -382,6 +404,12 @@ def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtyp
         from kvrepl.backends.hf.attention import use_sdpa_gqa
 
         use_sdpa_gqa(model)  # decode and cached prefill without repeat_kv copies (bench/)
-    if mode is not None:
-        fp = fingerprint(f"{source.label}|{mode}", model.config, name, tokenizer, fp)
-    return LoadedModel(runner, tokenizer, source, dev, name, fp, ctx, notes)
+    if name != "gguf":  # transformers or the GPU kernels: their K/V's dtype is the model's
+        if mode is not None:
+            fp = fingerprint(f"{source.label}|{mode}", model.config, name, tokenizer, fp)
+        return LoadedModel(runner, tokenizer, source, dev, name, fp, ctx, notes)
+    fp, peer = kvbits.fingerprints(
+        lambda kv: fingerprint(f"{source.label}|{mode}/{kv}", model.config, name, tokenizer, fp),
+        kv_bits,
+    )
+    return LoadedModel(runner, tokenizer, source, dev, name, fp, ctx, notes, kv_bits, peer)

@@ -35,9 +35,11 @@ def context_length(config: Any, asked: int) -> tuple[int, list[str]]:
     return ctx, [line] if line else []
 
 
-def fast_gguf(path: Path, config: Any, kernels_dir: Path, context: int) -> tuple[Any, str]:
-    """A GGUF file's own weights on the CPU kernels: (the model, the file's tensor types).
-    Unsupported (no compiler, a tensor type or a term the kernels lack) says why."""
+def fast_gguf(path: Path, config: Any, kernels_dir: Path, context: int,
+              kv_bits: int = 16) -> tuple[Any, str]:  # fmt: skip
+    """A GGUF file's own weights on the CPU kernels, keeping K/V in `kv_bits`: (the model, the
+    file's tensor types). Unsupported (no compiler, a tensor type or a term the kernels lack)
+    says why."""
     from kvrepl.backends.cpu import native
     from kvrepl.backends.cpu.gguf_model import GGUFTensors, build
 
@@ -45,15 +47,17 @@ def fast_gguf(path: Path, config: Any, kernels_dir: Path, context: int) -> tuple
         kernels = native.kernels(kernels_dir)
     except native.NativeError as exc:
         raise Unsupported(str(exc)) from None
-    check_memory_fits(config, context)
+    check_memory_fits(config, context, kv_bits)
     tensors = GGUFTensors(path)
     model = build(tensors, config, kernels, context)
+    model.kv_bits = kv_bits
     return model, "+".join(sorted(tensors.types() - {"F32"}))
 
 
-def check_memory_fits(config: Any, context: int) -> None:
+def check_memory_fits(config: Any, context: int, kv_bits: int = 16) -> None:
     """On the CPU the cache grows as the conversation does; one line, before anything is
-    computed, when a full `context` of float16 K/V would not fit the memory free now."""
+    computed, when a full `context` of K/V (float16, or 8-bit rows with their scales) would not
+    fit the memory free now."""
     import os
 
     try:
@@ -61,20 +65,22 @@ def check_memory_fits(config: Any, context: int) -> None:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (Unsupported, ValueError, OSError, AttributeError):
         return  # not one kvrepl's kernels compute, or an OS that does not say
-    need = arch.kv_bytes(context, 2)
+    row = arch.head_dim + 4 if kv_bits == 8 else 2 * arch.head_dim  # a position's, per kv head
+    per_token = arch.kv_bytes(1, 1) * row // arch.head_dim
+    need = per_token * context
     if need > free:
-        fits = free // max(1, arch.kv_bytes(1, 2)) // 1024 * 1024
+        fits = free // max(1, per_token) // 1024 * 1024
         raise ModelError(f"a {context:,}-token context needs {need / 2**30:.1f} GiB of K/V and "
                          f"{free / 2**30:.1f} GiB of memory is free: use --context {fits:,} "
                          "or less")  # fmt: skip
 
 
-def fast_transformers(model: Any, cache: Path, context: int, folder: Path,
-                      digest: str) -> tuple[Any, list[str]]:  # fmt: skip
-    """A transformers model's weights, quantized to HF_FAST_QTYPE, on the CPU kernels; and the
-    lines to show. The quantized weights are kept in `cache` and read from there at the next load
-    of the same weights: the same files in `folder`, the same sample of them (`digest`), the
-    same quantizer (converted_weights_file)."""
+def fast_transformers(model: Any, cache: Path, context: int, folder: Path, digest: str,
+                      kv_bits: int = 16) -> tuple[Any, list[str]]:  # fmt: skip
+    """A transformers model's weights, quantized to HF_FAST_QTYPE, on the CPU kernels, keeping
+    K/V in `kv_bits`; and the lines to show. The quantized weights are kept in `cache` and read
+    from there at the next load of the same weights: the same files in `folder`, the same sample
+    of them (`digest`), the same quantizer (converted_weights_file)."""
     from kvrepl.backends.cpu import native, packcache
     from kvrepl.backends.cpu.gguf_model import from_hf
 
@@ -82,12 +88,12 @@ def fast_transformers(model: Any, cache: Path, context: int, folder: Path,
         kernels = native.kernels(cache)
     except native.NativeError as exc:
         raise Unsupported(str(exc)) from None
-    check_memory_fits(model.config, context)
+    check_memory_fits(model.config, context, kv_bits)
     file = converted_weights_file(cache, folder, digest)
     saved, note = packcache.load(file, HF_FAST_QTYPE)
     kept = dict(saved)
     fast = from_hf(model, HF_FAST_QTYPE, kernels, context, kept)
-    fast.weight_types = f"{HF_FAST_QTYPE} (converted at load)"
+    fast.weight_types, fast.kv_bits = f"{HF_FAST_QTYPE} (converted at load)", kv_bits
     fresh = kept.keys() - saved.keys() or any(kept[n] is not saved[n] for n in saved)
     how = "read from the cache of an earlier start"
     notes = [note] if note else []

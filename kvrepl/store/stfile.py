@@ -39,8 +39,9 @@ _ST_CODE = {
     torch.bfloat16: "BF16",
     torch.float64: "F64",
     torch.int64: "I64",
+    torch.int8: "I8",  # kv_bits 8: a position's row is head_dim int8 values, then its scale's bytes
 }
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I8": 1}
 DTYPES = {str(d).removeprefix("torch."): d for d in _ST_CODE if d != torch.int64}
 
 Layout = tuple[str, int, int, int]  # dtype name, n_layers, kv heads, head_dim

@@ -1,12 +1,14 @@
 """The CPU fast path: a decoder that runs a model's quantized weights as they are in the file,
-with kvrepl's own kernels (native/), float32 activations and a float16 K/V cache.
+with kvrepl's own kernels (native/), float32 activations and a float16 K/V cache (or, with
+kv_bits 8, int8 values and a float32 scale per position and kv head, quantized once as a position
+is written).
 
 Owns: the layer loop of every decoder family describe.py describes (Llama, Mistral, Qwen2,
 Qwen3, Gemma 2 and 3, Phi-3), built from a transformers config and `Packed` weights; its cache
-layers (float16, every layer full length and croppable: sliding-window layers attend within their
-window by position); its buffers. Every kernel computes each row independently of how many rows
-run with it, so a token's K/V and logits are bit-identical in a prefill chunk of any size and in
-a decode step.
+layers (float16 or 8-bit, every layer full length and croppable: sliding-window layers attend
+within their window by position); its buffers. Every kernel computes each row independently of
+how many rows run with it, so a token's K/V and logits are bit-identical in a prefill chunk of
+any size and in a decode step.
 Never tokenizes, never samples, never touches the prompt cache's ids (the engine does).
 """
 
@@ -68,7 +70,7 @@ class FastModel(KernelBackend):
     """A decoder over Packed weights. `forward(ids, layers)` appends the ids' K/V to the cache
     layers and returns the last position's logits (float32)."""
 
-    kv_dtype = torch.float16
+    kv_bits = 16  # 8: K/V rows of int8 values and a scale (kv_bits setting; set before use)
     weight_types = "quantized"  # the loader names them (the GGUF file's types, or the conversion)
 
     def __init__(
@@ -138,12 +140,20 @@ class FastModel(KernelBackend):
             buf = self._buf["scratch"] = torch.empty(want)
         return buf
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The cache's dtype: float16, or int8 rows of head_dim values and their float32 scale's
+        4 bytes (native.kv8_row), so a position's scale travels with it wherever the cache goes
+        (cut, exported, saved, restored) and the two kinds never mix."""
+        return torch.int8 if self.kv_bits == 8 else torch.float16
+
     def new_layers(self) -> list[GrowingLayer]:
         a = self.arch
         layers = []
+        width = native.kv8_row(a.head_dim) if self.kv_bits == 8 else a.head_dim
         for _ in range(a.n_layers):
             layer = GrowingLayer()
-            empty = torch.empty(1, a.n_kv, 0, a.head_dim, dtype=self.kv_dtype)
+            empty = torch.empty(1, a.n_kv, 0, width, dtype=self.kv_dtype)
             layer.lazy_initialization(empty, empty)
             layers.append(layer)
         return layers
@@ -174,7 +184,7 @@ class FastModel(KernelBackend):
             )
         self._cm = native.Model(
             a.n_layers, a.hidden, a.n_heads, a.n_kv, a.head_dim, a.ffn, a.rope_dim,
-            native.ACT[a.act], 0,
+            native.ACT[a.act], int(self.kv_bits == 8),
             a.eps, a.attn_scale, a.attn_softcap, a.embed_scale, self._desc(self.embed),
             self._desc(self.lm_head), self.final_norm.data_ptr(), c_layers,
         )  # fmt: skip
@@ -246,7 +256,10 @@ class FastModel(KernelBackend):
 
     def describe(self) -> str:
         """How this model computes, for /stats."""
-        return f"{self.weight_types} weights, {self.k.label}, float16 K/V"
+        kv = "float16 K/V"
+        if self.kv_bits == 8:
+            kv = "8-bit K/V (int8, a scale per position and kv head)"
+        return f"{self.weight_types} weights, {self.k.label}, {kv}"
 
     def weights_digest(self) -> str:
         """A hash of a sample of every packed weight (for the fingerprint)."""

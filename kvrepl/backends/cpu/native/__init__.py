@@ -1,5 +1,7 @@
-"""kvrepl's CPU kernels (kernels.c, and pool.c: their threads), compiled once for this machine and
-called through ctypes.
+"""kvrepl's CPU kernels (kernels.c; kv8.c, the 8-bit K/V cache's; pool.c, their threads; kernels.h,
+what they share), compiled once for this machine and called through ctypes. The K/V cache they
+read and write is float16 or, with kv_bits 8, rows of head_dim int8 values followed by their
+float32 scale (`kv8_row`).
 
 Owns: building the shared library (`cc -O3 -march=native`, into the cache directory, keyed by the
 sources, the compiler and the CPU, written atomically; -march=native picks the instructions: the
@@ -24,7 +26,8 @@ from typing import Any
 
 import torch
 
-SOURCES = [Path(__file__).with_name("kernels.c"), Path(__file__).with_name("pool.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "kv8.c", "pool.c")]
+HEADERS = [Path(__file__).with_name("kernels.h")]  # part of the build's key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
          "-fPIC"]  # fmt: skip
 FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4}
@@ -86,7 +89,7 @@ def library_path(cache: Path, flags: list[str] = FLAGS) -> tuple[Path, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeError(f"the C compiler {cc} does not run: {exc}") from exc
     key = hashlib.sha256()
-    for part in (*[src.read_bytes() for src in SOURCES], version.stdout.encode(),
+    for part in (*[src.read_bytes() for src in SOURCES + HEADERS], version.stdout.encode(),
                  " ".join(flags).encode(), _cpu_identity().encode()):  # fmt: skip
         key.update(part)
     return cache / "kernels" / f"kvrepl-kernels-{key.hexdigest()[:16]}.so", cc
@@ -149,7 +152,7 @@ class Model(ctypes.Structure):
         *[(n, i64) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "ffn",
                              "rope_dim")],
         ("act", ctypes.c_int32),
-        ("_pad", ctypes.c_int32),
+        ("kv8", ctypes.c_int32),  # the caches hold 8-bit rows (kv_bits 8)
         *[(n, ctypes.c_float) for n in ("eps", "attn_scale", "attn_softcap", "embed_scale")],
         ("embed", ctypes.POINTER(Weight)),
         ("lm_head", ctypes.POINTER(Weight)),
@@ -160,6 +163,9 @@ class Model(ctypes.Structure):
     ]  # fmt: skip
 
 
+# q, M, ldq, H, kvh, D, kc, vc, cap, pos0, window, scale, softcap, out, ldo, scratch, floats
+_ATTENTION_ARGS = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_float,
+                   ctypes.c_float, ptr, i64, ptr, i64]  # fmt: skip
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kv_forward": (None, [ctypes.POINTER(Model), ptr, i64, i64, i64, i64]),
     "kv_matmul": (None, [ptr, i64, i64, ctypes.POINTER(Weight), ptr, i64, ptr, ctypes.c_int]),
@@ -167,30 +173,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kv_rmsnorm": (None, [ptr, i64, i64, i64, i64, ptr, ctypes.c_float, ptr, i64, ctypes.c_int]),
     "kv_rope": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64]),
     "kv_store": (None, [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64]),
+    "kv_store8": (None, [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64]),
     "kv_act_mul": (None, [ptr, i64, i64, i64, ctypes.c_int, ptr, i64]),
     "kv_attention_scratch": (i64, [i64, i64, i64, i64]),
-    "kv_attention": (
-        None,
-        [
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            ctypes.c_float,
-            ctypes.c_float,
-            ptr,
-            i64,
-            ptr,
-            i64,
-        ],
-    ),  # fmt: skip
+    "kv_attention": (None, _ATTENTION_ARGS),
+    "kv_attention8": (None, _ATTENTION_ARGS),
     "kv_version": (ctypes.c_int, []),
     "kv_isa": (ctypes.c_char_p, []),
     "kv_threads": (ctypes.c_int, []),
@@ -219,8 +206,10 @@ class Kernels:
         self.rmsnorm = self.lib.kv_rmsnorm
         self.rope = self.lib.kv_rope
         self.store = self.lib.kv_store
+        self.store8 = self.lib.kv_store8  # the 8-bit cache's: rows of head_dim int8 + a scale
         self.act_mul = self.lib.kv_act_mul
         self.attention = self.lib.kv_attention
+        self.attention8 = self.lib.kv_attention8
         self.attention_scratch = self.lib.kv_attention_scratch
         self.forward = self.lib.kv_forward
 
@@ -258,6 +247,12 @@ def kernels(cache: Path, flags: list[str] = FLAGS) -> Kernels:
     if path not in _loaded:
         _loaded[path] = Kernels(path)
     return _loaded[path]
+
+
+def kv8_row(head_dim: int) -> int:
+    """Bytes of one position's row of one kv head in the 8-bit cache: the int8 values, then the
+    float32 scale they are multiplied by (kernels.c, KV8_ROW)."""
+    return head_dim + 4
 
 
 def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, block: int = 32,

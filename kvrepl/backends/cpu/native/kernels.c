@@ -1,4 +1,5 @@
-/* kvrepl's CPU kernels: quantized matmul, attention over an fp16 cache, norms, rope, activations.
+/* kvrepl's CPU kernels: quantized matmul, attention over an fp16 or 8-bit cache, norms, rope,
+ * activations.
  *
  * Batch invariance by construction: every output element is computed by one fixed sequence of
  * float operations that depends on its own inputs and sizes only, never on how many rows are
@@ -21,181 +22,12 @@
  *       w = scale * q + min  (GGUF Q4_0, Q4_1, Q4_K);
  *   I8: 8-bit signed, blocks of 32 or 16, a float (scale, min) per block (Q8_0, Q6_K, Q5_x);
  *   F16 and F32: plain.
+ * The K/V cache is fp16 or, with kv_bits 8, int8 rows with a scale (kv8.c stores and reads them).
  * Built and loaded by kvrepl/native/__init__.py; called through ctypes with raw pointers.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "kernels.h" /* the vectors and exp; the 8-bit cache's functions are kv8.c's */
 
 #define KV_VERSION 2
-#define ATT_B 256 /* keys per attention block, at absolute positions */
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define KV_AVX2 1
-#include <immintrin.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define KV_AVX512 1 /* the hot loops on 512-bit registers; the rest stays on the 8-lane path */
-#endif
-#endif
-
-typedef int64_t i64;
-
-/* pool.c: the kernel threads */
-typedef void (*kv_task)(const void *ctx, i64 item);
-void kv_parallel(kv_task fn, const void *ctx, i64 n);
-
-/* ---------------------------------------------------------------- 8-lane vectors */
-#ifdef KV_AVX2
-typedef __m256 v8;
-static inline v8 v_zero(void) { return _mm256_setzero_ps(); }
-static inline v8 v_set1(float a) { return _mm256_set1_ps(a); }
-static inline v8 v_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline void v_store(float *p, v8 a) { _mm256_storeu_ps(p, a); }
-static inline v8 v_add(v8 a, v8 b) { return _mm256_add_ps(a, b); }
-static inline v8 v_sub(v8 a, v8 b) { return _mm256_sub_ps(a, b); }
-static inline v8 v_mul(v8 a, v8 b) { return _mm256_mul_ps(a, b); }
-static inline v8 v_div(v8 a, v8 b) { return _mm256_div_ps(a, b); }
-static inline v8 v_fma(v8 a, v8 b, v8 c) { return _mm256_fmadd_ps(a, b, c); }
-static inline v8 v_fnma(v8 a, v8 b, v8 c) { return _mm256_fnmadd_ps(a, b, c); }
-static inline v8 v_min(v8 a, v8 b) { return _mm256_min_ps(a, b); }
-static inline v8 v_max(v8 a, v8 b) { return _mm256_max_ps(a, b); }
-static inline v8 v_floor(v8 a) { return _mm256_floor_ps(a); }
-static inline v8 v_pow2i(v8 fx) { /* 2^fx for integral fx in [-127, 128] */
-    __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
-}
-static inline float v_hsum(v8 a) {
-    __m128 lo = _mm256_castps256_ps128(a), hi = _mm256_extractf128_ps(a, 1);
-    __m128 s4 = _mm_add_ps(lo, hi);
-    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-static inline v8 v_h16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline void v_store_h16(uint16_t *p, v8 a) {
-    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
-}
-static inline v8 v_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-/* 32 4-bit weights (16 bytes: low nibbles are k 0..15, high nibbles k 16..31) as 4 vectors */
-static inline void v_u4(const uint8_t *p, v8 w[4]) {
-    __m128i raw = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
-    __m128i lo = _mm_and_si128(raw, m), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-}
-#if defined(KV_AVX512) && defined(__AVX512VNNI__)
-#define KV_ISA "avx512vnni"
-#elif defined(KV_AVX512)
-#define KV_ISA "avx512"
-#else
-#define KV_ISA "avx2"
-#endif
-#else
-typedef struct { float f[8]; } v8;
-#define LANES(expr) do { for (int l_ = 0; l_ < 8; l_++) { expr; } } while (0)
-static inline v8 v_zero(void) { v8 r; LANES(r.f[l_] = 0.0f); return r; }
-static inline v8 v_set1(float a) { v8 r; LANES(r.f[l_] = a); return r; }
-static inline v8 v_load(const float *p) { v8 r; LANES(r.f[l_] = p[l_]); return r; }
-static inline void v_store(float *p, v8 a) { LANES(p[l_] = a.f[l_]); }
-static inline v8 v_add(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] + b.f[l_]); return r; }
-static inline v8 v_sub(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] - b.f[l_]); return r; }
-static inline v8 v_mul(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] * b.f[l_]); return r; }
-static inline v8 v_div(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] / b.f[l_]); return r; }
-static inline v8 v_fma(v8 a, v8 b, v8 c) { v8 r; LANES(r.f[l_] = fmaf(a.f[l_], b.f[l_], c.f[l_])); return r; }
-static inline v8 v_fnma(v8 a, v8 b, v8 c) { v8 r; LANES(r.f[l_] = fmaf(-a.f[l_], b.f[l_], c.f[l_])); return r; }
-/* x86 min/max semantics: the second operand when either is NaN */
-static inline v8 v_min(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] < b.f[l_] ? a.f[l_] : b.f[l_]); return r; }
-static inline v8 v_max(v8 a, v8 b) { v8 r; LANES(r.f[l_] = a.f[l_] > b.f[l_] ? a.f[l_] : b.f[l_]); return r; }
-static inline v8 v_floor(v8 a) { v8 r; LANES(r.f[l_] = floorf(a.f[l_])); return r; }
-static inline v8 v_pow2i(v8 fx) {
-    v8 r;
-    for (int l = 0; l < 8; l++) {
-        uint32_t bits = (uint32_t)((int32_t)fx.f[l] + 127) << 23;
-        memcpy(&r.f[l], &bits, 4);
-    }
-    return r;
-}
-static inline float v_hsum(v8 a) {
-    float s4[4], s2[2];
-    for (int i = 0; i < 4; i++) s4[i] = a.f[i] + a.f[i + 4];
-    s2[0] = s4[0] + s4[2];
-    s2[1] = s4[1] + s4[3];
-    return s2[0] + s2[1];
-}
-static inline float h2f(uint16_t h) {
-    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
-    if (e == 0) {
-        if (m == 0) bits = s;
-        else { /* subnormal: normalise */
-            e = 113;
-            while (!(m & 1024)) { m <<= 1; e--; }
-            bits = s | (e << 23) | ((m & 1023) << 13);
-        }
-    } else if (e == 31) bits = s | 0x7f800000 | (m << 13);
-    else bits = s | ((e + 112) << 23) | (m << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-static inline uint16_t f2h(float f) { /* round to nearest even, as vcvtps2ph */
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t s = (x >> 16) & 0x8000, e = (x >> 23) & 255, m = x & 0x7fffff;
-    if (e == 255) return (uint16_t)(s | 0x7c00 | (m ? 0x200 | (m >> 13) : 0));
-    int32_t he = (int32_t)e - 112;
-    if (he >= 31) return (uint16_t)(s | 0x7c00);
-    if (he <= 0) {
-        if (he < -10) return (uint16_t)s;
-        m |= 0x800000;
-        uint32_t shift = (uint32_t)(14 - he), r = m >> shift, rem = m & ((1u << shift) - 1),
-                 half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (r & 1))) r++;
-        return (uint16_t)(s | r);
-    }
-    uint32_t r = ((uint32_t)he << 10) | (m >> 13), rem = m & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) r++;
-    return (uint16_t)(s | r);
-}
-static inline v8 v_h16(const uint16_t *p) { v8 r; LANES(r.f[l_] = h2f(p[l_])); return r; }
-static inline void v_store_h16(uint16_t *p, v8 a) { LANES(p[l_] = f2h(a.f[l_])); }
-static inline v8 v_i8(const int8_t *p) { v8 r; LANES(r.f[l_] = (float)p[l_]); return r; }
-static inline void v_u4(const uint8_t *p, v8 w[4]) {
-    for (int l = 0; l < 8; l++) {
-        w[0].f[l] = (float)(p[l] & 15);
-        w[1].f[l] = (float)(p[8 + l] & 15);
-        w[2].f[l] = (float)(p[l] >> 4);
-        w[3].f[l] = (float)(p[8 + l] >> 4);
-    }
-}
-#define KV_ISA "scalar"
-#endif
-
-/* exp, Cephes' polynomial: the same operations on every lane and in every caller */
-static inline v8 v_exp(v8 x) {
-    x = v_min(x, v_set1(88.3762626647949f));
-    x = v_max(x, v_set1(-88.3762626647949f));
-    v8 fx = v_floor(v_fma(x, v_set1(1.44269504088896341f), v_set1(0.5f)));
-    x = v_fnma(fx, v_set1(0.693359375f), x);
-    x = v_fnma(fx, v_set1(-2.12194440e-4f), x);
-    v8 y = v_set1(1.9875691500e-4f);
-    y = v_fma(y, x, v_set1(1.3981999507e-3f));
-    y = v_fma(y, x, v_set1(8.3334519073e-3f));
-    y = v_fma(y, x, v_set1(4.1665795894e-2f));
-    y = v_fma(y, x, v_set1(1.6666665459e-1f));
-    y = v_fma(y, x, v_set1(5.0000001201e-1f));
-    y = v_fma(y, v_mul(x, x), x);
-    y = v_add(y, v_set1(1.0f));
-    return v_mul(y, v_pow2i(fx));
-}
-static inline float s_exp(float x) { /* lane 0 of v_exp */
-    float b[8];
-    v_store(b, v_exp(v_set1(x)));
-    return b[0];
-}
 
 /* ---------------------------------------------------------------- weights */
 enum { FMT_U4 = 1, FMT_I8 = 2, FMT_F16 = 3, FMT_F32 = 4 };
@@ -903,48 +735,6 @@ void kv_act_mul(const float *gu, i64 M, i64 ld, i64 F, int act, float *out, i64 
 }
 
 /* ---------------------------------------------------------------- attention */
-/* Lane i of the result (i < 4) is the sum of a[i]'s 8 lanes, in the tree
- * ((0+1)+(2+3))+((4+5)+(6+7)); the scalar fallback follows the same tree. */
-#ifdef KV_AVX2
-static inline __m128 v_hsum4(v8 a0, v8 a1, v8 a2, v8 a3) {
-    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-}
-static inline void store4(float *p, __m128 v) { _mm_storeu_ps(p, v); }
-#else
-typedef struct { float f[4]; } v4;
-static inline v4 v_hsum4(v8 a0, v8 a1, v8 a2, v8 a3) {
-    v4 r;
-    const v8 *a[4] = {&a0, &a1, &a2, &a3};
-    for (int i = 0; i < 4; i++) {
-        const float *x = a[i]->f;
-        r.f[i] = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
-    }
-    return r;
-}
-static inline void store4(float *p, v4 v) { memcpy(p, v.f, 16); }
-#endif
-
-static inline void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
-#define PF_KEYS 16 /* keys ahead that the attention loops ask the memory for */
-
-static inline i64 first_key(i64 pos, i64 window) {
-    return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-}
-
-static inline float max_of(const float *x, i64 n) {
-    i64 j = 0;
-    float mx = x[0];
-    if (n >= 8) {
-        v8 m = v_load(x);
-        for (j = 8; j + 8 <= n; j += 8) m = v_max(m, v_load(x + j));
-        float b[8];
-        v_store(b, m);
-        for (int i = 0; i < 8; i++) mx = b[i] > mx ? b[i] : mx;
-    }
-    for (; j < n; j++) mx = x[j] > mx ? x[j] : mx;
-    return mx;
-}
 
 /* scores of HT heads against 4 keys starting at kr (fp16 rows of D): s[h][0..3]. (Two keys per
  * 512-bit register, and 16 columns per register below, gave the same bits but ran 10-15% slower
@@ -968,6 +758,7 @@ static inline float max_of(const float *x, i64 n) {
 DEF_QK(1)
 DEF_QK(2)
 DEF_QK(3)
+
 
 /* out[h][c0 .. c0+8*NC) = sum over n keys of p[h][j] * v_j, for HT heads */
 #define DEF_PV(HT, NC)                                                                           \
@@ -996,6 +787,7 @@ DEF_PV(3, 4)
 DEF_PV(1, 1)
 DEF_PV(2, 1)
 DEF_PV(3, 1)
+
 
 /* One query row's part of one block: the n keys at kr/vr (fp16 rows of D, n <= ATT_B); for each
  * of the G heads, part = (max, sum, sum of p * v [D]). A score or a sum never depends on which
@@ -1093,10 +885,10 @@ i64 kv_attention_scratch(i64 rows, i64 H, i64 D, i64 ctx) {
 
 typedef struct {
     const float *q;
-    const uint16_t *kc, *vc;
+    const unsigned char *kc, *vc; /* fp16 rows, or the 8-bit ones with q8 */
     float *out, *scratch;
     i64 ldq, kvh, D, cap, pos0, window, ldo, nbmax, r0, rn;
-    int G;
+    int G, q8;
     float scale, softcap;
 } AttJob;
 
@@ -1106,14 +898,20 @@ static void att_blocks(const void *ctx, i64 it) {
     i64 kvh = j->kvh, nbmax = j->nbmax, D = j->D, G = j->G, end = j->r0 + j->rn;
     i64 grp = it / (kvh * nbmax), g = (it / nbmax) % kvh, b = it % nbmax;
     i64 ma = j->r0 + grp * ATT_ROWS, mz = ma + ATT_ROWS < end ? ma + ATT_ROWS : end;
-    const uint16_t *K = j->kc + g * j->cap * D, *V = j->vc + g * j->cap * D;
+    i64 R = j->q8 ? KV8_ROW(D) : 2 * D; /* bytes per cached row */
+    const unsigned char *K = j->kc + g * j->cap * R, *V = j->vc + g * j->cap * R;
     for (i64 m = ma; m < mz; m++) {
         i64 pos = j->pos0 + m, lo = first_key(pos, j->window);
         i64 j0 = b * ATT_B > lo ? b * ATT_B : lo, j1 = (b + 1) * ATT_B < pos + 1 ? (b + 1) * ATT_B : pos + 1;
         if (j0 >= j1) continue;
         float *part = j->scratch + (((m - j->r0) * kvh + g) * nbmax + b) * G * (D + 2);
-        att_row(j->q + m * j->ldq + g * G * D, (int)G, D, K + j0 * D, V + j0 * D, j1 - j0,
-                j->scale, j->softcap, part);
+        const float *q = j->q + m * j->ldq + g * G * D;
+        if (j->q8)
+            kv_att_row8(q, (int)G, D, (const int8_t *)(K + j0 * R), (const int8_t *)(V + j0 * R),
+                        j1 - j0, j->scale, j->softcap, part);
+        else
+            att_row(q, (int)G, D, (const uint16_t *)(K + j0 * R), (const uint16_t *)(V + j0 * R),
+                    j1 - j0, j->scale, j->softcap, part);
     }
 }
 
@@ -1126,9 +924,9 @@ static void att_rows(const void *ctx, i64 it) {
     att_combine(parts, pos / ATT_B - b0 + 1, (int)G, D, j->out + m * j->ldo + g * G * D, D);
 }
 
-void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const uint16_t *kc,
-                  const uint16_t *vc, i64 cap, i64 pos0, i64 window, float scale, float softcap,
-                  float *out, i64 ldo, float *scratch, i64 scratch_floats) {
+static void attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const void *kc,
+                      const void *vc, int q8, i64 cap, i64 pos0, i64 window, float scale,
+                      float softcap, float *out, i64 ldo, float *scratch, i64 scratch_floats) {
     int G = (int)(H / kvh);
     i64 nbmax = (pos0 + M - 1) / ATT_B + 1; /* blocks of the last row */
     i64 per_row = kvh * nbmax * G * (D + 2);
@@ -1136,12 +934,27 @@ void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const u
     if (R < 1) R = 1; /* the caller sized it for at least one row */
     if (R > M) R = M;
     AttJob j = {q, kc, vc, out, scratch, ldq, kvh, D, cap, pos0, window, ldo, nbmax, 0, 0, G,
-                scale, softcap};
+                q8, scale, softcap};
     for (j.r0 = 0; j.r0 < M; j.r0 += R) {
         j.rn = j.r0 + R < M ? R : M - j.r0;
         kv_parallel(att_blocks, &j, (j.rn + ATT_ROWS - 1) / ATT_ROWS * kvh * nbmax);
         parallel_if(j.rn * kvh >= 16, att_rows, &j, j.rn * kvh);
     }
+}
+
+void kv_attention(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const uint16_t *kc,
+                  const uint16_t *vc, i64 cap, i64 pos0, i64 window, float scale, float softcap,
+                  float *out, i64 ldo, float *scratch, i64 scratch_floats) {
+    attention(q, M, ldq, H, kvh, D, kc, vc, 0, cap, pos0, window, scale, softcap, out, ldo,
+              scratch, scratch_floats);
+}
+
+/* kv_attention over the 8-bit caches [kvh][cap][KV8_ROW(D)] (kv_store8) */
+void kv_attention8(const float *q, i64 M, i64 ldq, i64 H, i64 kvh, i64 D, const int8_t *kc,
+                   const int8_t *vc, i64 cap, i64 pos0, i64 window, float scale, float softcap,
+                   float *out, i64 ldo, float *scratch, i64 scratch_floats) {
+    attention(q, M, ldq, H, kvh, D, kc, vc, 1, cap, pos0, window, scale, softcap, out, ldo,
+              scratch, scratch_floats);
 }
 
 int kv_version(void) { return KV_VERSION; }
@@ -1158,14 +971,14 @@ typedef struct {
     Weight gate_up[2];
     i64 gu_col[2];
     Weight o, down;
-    uint16_t *kc, *vc;
+    void *kc, *vc; /* fp16, or 8-bit rows where the model's kv8 says so */
     i64 cap, window;
     const float *cos_t, *sin_t;
 } Layer;
 
 typedef struct {
     i64 n_layers, hidden, n_heads, n_kv, head_dim, ffn, rope_dim;
-    int32_t act, _pad;
+    int32_t act, kv8; /* kv8: the caches hold 8-bit rows (kv_store8) */
     float eps, attn_scale, attn_softcap, embed_scale;
     const Weight *embed, *lm_head;
     const float *final_norm;
@@ -1197,10 +1010,13 @@ void kv_forward(const Model *md, const int64_t *ids, i64 M, i64 pos0, i64 l0, i6
         }
         kv_rope(qkv, M, width, md->n_heads, D, md->rope_dim, L->cos_t, L->sin_t, pos0);
         kv_rope(qkv + qw, M, width, md->n_kv, D, md->rope_dim, L->cos_t, L->sin_t, pos0);
-        kv_store(qkv + qw, qkv + qw + kw, M, width, md->n_kv, D, L->kc, L->vc, L->cap, pos0);
-        kv_attention(qkv, M, width, md->n_heads, md->n_kv, D, L->kc, L->vc, L->cap, pos0,
-                     L->window, md->attn_scale, md->attn_softcap, att, qw, md->scratch,
-                     md->scratch_floats);
+        if (md->kv8)
+            kv_store8(qkv + qw, qkv + qw + kw, M, width, md->n_kv, D, L->kc, L->vc, L->cap, pos0);
+        else
+            kv_store(qkv + qw, qkv + qw + kw, M, width, md->n_kv, D, L->kc, L->vc, L->cap, pos0);
+        attention(qkv, M, width, md->n_heads, md->n_kv, D, L->kc, L->vc, md->kv8, L->cap, pos0,
+                  L->window, md->attn_scale, md->attn_softcap, att, qw, md->scratch,
+                  md->scratch_floats);
         if (L->post_attn_norm) {
             kv_matmul(att, M, qw, &L->o, h, hid, 0, 0);
             kv_rmsnorm(h, M, hid, 1, hid, L->post_attn_norm, md->eps, x, hid, 1);
