@@ -66,7 +66,7 @@ def answer_logits(lm, steps: int) -> tuple[list[int], list[torch.Tensor], float]
             t0 = time.perf_counter()
             out = engine.runner.forward([token], engine.pc)
             times.append(time.perf_counter() - t0)
-            engine.pc.ids.append(token)
+            engine.pc.append([token])
             logits.append(out.clone())
     return ids, logits, statistics.median(times)
 

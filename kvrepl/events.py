@@ -38,6 +38,19 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """What a prefill does with the cache, said before it computes: keep `keep` positions (of the
+    `cached` it holds), recompute `recompute`; `why`: "empty", "extend" (the cache is a prefix),
+    "cut" (it is cut back), "cannot cut" (rebuilt: its layers cannot be cut), or "no reuse"
+    (--no-reuse)."""
+
+    keep: int
+    recompute: int
+    cached: int
+    why: str
+
+
+@dataclass(frozen=True)
 class Finish:
     """Why generation ended: "stop" (an end token) or "length" (max tokens or the
     context); an interrupted turn yields none (its Turn's result says interrupted)."""
@@ -73,4 +86,4 @@ class Stats:
 DRAFT_FIELDS = ("drafted_tokens", "accepted_tokens")
 
 
-TurnEvent = TextDelta | ThinkDelta | Notice | Progress | Finish | Stats
+TurnEvent = TextDelta | ThinkDelta | Notice | Plan | Progress | Finish | Stats

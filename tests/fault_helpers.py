@@ -133,7 +133,7 @@ def assert_cache_true(engine: Any) -> None:
         return
     fresh = PromptCache(engine.runner.new_layers)
     engine.runner.forward(list(pc.ids), fresh)
-    fresh.ids = list(pc.ids)
+    fresh.append(pc.ids)
     for i, ((k, v), (rk, rv)) in enumerate(zip(pc.export(), fresh.export(), strict=True)):
         assert k.shape == rk.shape, f"layer {i}: {tuple(k.shape)} != {tuple(rk.shape)}"
         tol = 1e-4 if k.dtype == torch.float32 else 5e-2

@@ -22,9 +22,10 @@ from kvrepl.app.repl import Repl
 from kvrepl.app.turnlines import TurnResult
 from kvrepl.chat.conversation import Conversation
 from kvrepl.chat.handle import ModelHandle, Runtime
+from kvrepl.chat.turn import Result, Turn
 from kvrepl.config import Settings
 from kvrepl.engine.models import LoadedModel, ModelSource
-from kvrepl.events import Stats, TurnEvent
+from kvrepl.events import Finish, Stats, TurnEvent
 from kvrepl.store.db import Store
 from kvrepl.store.kvstore import KVStore
 
@@ -195,25 +196,47 @@ def stats_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("reused ")]
 
 
-def render_events(renderer: Renderer, events: Iterable[TurnEvent]) -> TurnResult:
-    """Render a whole turn: begin, feed each event, end. Ctrl-C (KeyboardInterrupt) ends it
-    cleanly as interrupted; any other exception ends the display and propagates. Either way a
-    generator left suspended is closed, so that its cleanup runs now."""
+def render_events(renderer: Renderer, events: Turn | Iterable[TurnEvent]) -> TurnResult:
+    """Render a whole turn: begin, feed each event, end. A Turn's figures come from its result,
+    as the REPL shows them; a list's from its Finish and Stats events, as an engine yields them.
+    Ctrl-C (KeyboardInterrupt) ends it cleanly as interrupted; any other exception ends the
+    display and propagates. Either way a generator left suspended is closed, so that its cleanup
+    runs now."""
     renderer.begin()
+    if isinstance(events, Turn):
+        done = None
+        try:
+            done = events.run(renderer.feed)
+        finally:
+            shown = renderer.end(done)
+        return shown
+    result = Result()
     try:
         for event in events:
-            renderer.feed(event)
-    except KeyboardInterrupt:
+            if isinstance(event, Finish):
+                result.finish_reason = event.reason
+            elif isinstance(event, Stats):
+                result.stats = event
+            else:
+                renderer.feed(event)
+    except BaseException as exc:
         _close(events)
-        return renderer.end(interrupted=True)
-    except BaseException:
-        _close(events)
-        renderer.end(interrupted=True)
+        result.interrupted = True
+        shown = renderer.end(result)
+        if isinstance(exc, KeyboardInterrupt):
+            return shown
         raise
-    return renderer.end()
+    return renderer.end(result)
 
 
 def _close(events: Iterable[TurnEvent]) -> None:
     close = getattr(events, "close", None)
     if callable(close):
         close()
+
+
+def fill_cache(pc: Any, ids: list[int], layers: list[tuple[Any, Any]]) -> None:
+    """Fill a prompt cache with per-layer (keys, values) of all `ids`, through the door a
+    snapshot comes in by (`extend`), after emptying it."""
+    pc.keep_first(0)
+    pc.extend(ids, [[kv] for kv in layers])

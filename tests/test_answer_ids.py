@@ -23,7 +23,7 @@ from makers import make_thinking_tokenizer
 from kvrepl.chat.conversation import Conversation
 from kvrepl.chat.prompt import Prompt
 from kvrepl.config import Settings
-from kvrepl.engine.engine import common_prefix
+from kvrepl.engine.plan import common_prefix
 from kvrepl.events import Notice, Stats, TextDelta
 
 ANSWER = "The capital of France is Paris."
@@ -134,8 +134,10 @@ def chat_over(tmp_path: Path):
 
 
 def turn(chat: Conversation, text: str) -> tuple[Stats, list[str], str]:
-    events = list(chat.send(text))
-    (stats,) = [e for e in events if isinstance(e, Stats)]
+    sent = chat.send(text)
+    events = list(sent)
+    stats = sent.result.stats
+    assert stats is not None
     answer = "".join(e.text for e in events if isinstance(e, TextDelta))
     return stats, [e.text for e in events if isinstance(e, Notice)], answer
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import make_harness, tiny_loaded
 
-from kvrepl.chat.conversation import _check_fits, _tokens
+from kvrepl.chat.answer import _tokens
 from kvrepl.config import Settings
+from kvrepl.context import check_fits
 from kvrepl.errors import PromptError
 
 SETTINGS = Settings(temperature=0.0, max_tokens=4)
@@ -32,8 +33,13 @@ def test_one_token_is_one_token():
 
 
 def test_one_context_check_for_a_message_and_a_conversation():
-    _check_fits("message", 240, 256)
+    check_fits("message", 240, 256)
     with pytest.raises(PromptError, match="this message is 241 tokens"):
-        _check_fits("message", 241, 256)
+        check_fits("message", 241, 256)
     with pytest.raises(PromptError, match="the conversation is 300 tokens.*/new"):
-        _check_fits("conversation", 300, 256)
+        check_fits("conversation", 300, 256)
+    with pytest.raises(PromptError, match="the messages are 300 tokens.*shorten them"):
+        check_fits("request", 300, 256)
+    check_fits("conversation", 255, 256, room=1)  # the engine's guard: a position to answer in
+    with pytest.raises(PromptError, match="the conversation is 256 tokens"):
+        check_fits("conversation", 256, 256, room=1)

@@ -51,7 +51,9 @@ def converse(tiny, home: Path, name: str | None, *lines: str) -> tuple[str, list
             chat.sessions.open_or_create(name)
         stats = []
         for line in lines:
-            stats += [e for e in chat.send(line) if isinstance(e, Stats)]
+            turn = chat.send(line)
+            list(turn)
+            stats.append(turn.result.stats)
         assert chat.session is not None
         return chat.session.id, stats
     finally:

@@ -206,9 +206,8 @@ def test_session_rows_join_the_store_and_the_snapshots():
               "c3": [SimpleNamespace(end=31)]}  # fmt: skip
     sizes = {"a1": 4096, "c3": 100}
     chat = SimpleNamespace(
-        store=SimpleNamespace(list_sessions=lambda: summaries),
-        pool=SimpleNamespace(last_chain=lambda sid: ("fp", chains.get(sid, []), None),
-                           size_bytes=lambda sid: sizes.get(sid, 0)),
+        summaries=lambda: summaries,
+        on_disk=lambda sid: ((chains[sid][-1].end if sid in chains else 0), sizes.get(sid, 0)),
     )  # fmt: skip
     rows = session_rows(chat)  # type: ignore[arg-type]
     assert [(r.name, r.turns, r.tokens, r.cached_tokens, r.bytes_on_disk) for r in rows] == [

@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 import torch
 from chisq import critical, two_sample
+from helpers import fill_cache
 from makers import make_tiny_model, make_tokenizer
 
 from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
@@ -164,7 +165,7 @@ def test_turns_an_edit_and_a_restored_cache_stay_equal(smol):
     assert_same_cache(on, off)
     # a resumed session: the cache restored into a new engine, and one more turn
     resumed = make(smol, eager=True)
-    resumed.pc.restore(on.pc.ids, on.pc.export())
+    fill_cache(resumed.pc, on.pc.ids, on.pc.export())
     ids = render(smol, *history[:2], "Copy only its first sentence.", got[2], "And the second?")
     assert turn(resumed, ids, PLAIN) == turn(off, ids, OFF)
     assert resumed.progress.reused > 0 and resumed.progress.drafted > 0

@@ -12,15 +12,17 @@ from collections.abc import Sequence
 import pytest
 import torch
 from fault_helpers import make_fault_model
+from helpers import fill_cache
 from transformers.cache_utils import DynamicLayer
 
 from kvrepl.backends.layers import _GROW_STEP, GrowingLayer
 from kvrepl.backends.protocol import KernelBackend
 from kvrepl.chat.prompt import Prompt
 from kvrepl.engine.cache import PromptCache, hf_layers
-from kvrepl.engine.engine import Engine, Plan, Sampler, Sampling, common_prefix
+from kvrepl.engine.engine import Engine, Sampler, Sampling
+from kvrepl.engine.plan import common_prefix
 from kvrepl.errors import PromptError
-from kvrepl.events import DRAFT_FIELDS, Finish, Stats, TextDelta
+from kvrepl.events import DRAFT_FIELDS, Finish, Plan, Stats, TextDelta
 
 GREEDY = Sampling(temperature=0, max_tokens=12)
 
@@ -55,7 +57,7 @@ def reference_kv(model, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Te
         use_cache=True,
         logits_to_keep=1,
     )
-    pc.ids = list(ids)
+    pc.append(ids)
     pc.check()
     return pc.export()
 
@@ -289,8 +291,8 @@ def test_invariant_after_stream_closed_early(tiny):
     e = make_engine(tiny)
     ids = text_ids(tiny, PROMPT_A)
     gen = e.stream(ids, Sampling(temperature=0, max_tokens=30))
-    got = [next(gen) for _ in range(3)]
-    assert all(isinstance(ev, TextDelta) for ev in got)
+    got = [next(gen) for _ in range(4)]
+    assert isinstance(got[0], Plan) and all(isinstance(ev, TextDelta) for ev in got[1:])
     gen.close()
     assert e.pc.ids[: len(ids)] == ids
     fed = e.pc.ids[len(ids) :]
@@ -311,13 +313,13 @@ def test_invariant_after_truncate(tiny):
     ids = random_ids(40, seed=13)
     e.prefill(ids)
     for n in (35, 35, 20, 1):
-        e.pc.truncate(n)
+        e.pc.keep_first(n)
         assert e.pc.ids == ids[:n]
         assert_consistent(e)
-    e.pc.truncate(100)  # more than there is: nothing changes
+    e.pc.keep_first(100)  # more than there is: nothing changes
     assert e.pc.ids == ids[:1]
     assert_consistent(e)
-    e.pc.truncate(0)
+    e.pc.keep_first(0)
     assert e.pc.ids == [] and set(e.pc.layer_lengths()) <= {0}
     e.pc.check()
     logits = e.prefill(ids)
@@ -344,7 +346,7 @@ def test_invariant_after_restore(tiny):
     snapshot = [(k.clone(), v.clone()) for k, v in src.pc.export()]
     dst = make_engine(tiny)
     dst.prefill(random_ids(7, seed=17))  # restore replaces whatever was there
-    dst.pc.restore(ids, snapshot)
+    fill_cache(dst.pc, ids, snapshot)
     assert dst.pc.ids == ids
     assert_consistent(dst)
     logits = dst.prefill(ids)
@@ -352,12 +354,12 @@ def test_invariant_after_restore(tiny):
     assert torch.allclose(logits, want, atol=1e-4)
     # restoring a part of a snapshot, then growing it by decode
     part = [(k[..., :12, :], v[..., :12, :]) for k, v in snapshot]
-    dst.pc.restore(ids[:12], part)
+    fill_cache(dst.pc, ids[:12], part)
     assert_consistent(dst)
     run(dst, ids)
     assert dst.progress.reused == 12
     assert_consistent(dst)
-    dst.pc.restore([], [])
+    fill_cache(dst.pc, [], [])
     assert dst.pc.ids == []
     dst.pc.check()
 
@@ -386,7 +388,7 @@ def test_restore_with_the_wrong_layer_count_leaves_an_empty_consistent_cache(tin
     dst = make_engine(tiny)
     dst.prefill(ids)
     with pytest.raises(ValueError, match="layers"):
-        dst.pc.restore(ids, src.pc.export()[:2])
+        fill_cache(dst.pc, ids, src.pc.export()[:2])
     assert dst.pc.ids == []
     dst.pc.check()
 
@@ -399,7 +401,7 @@ def test_restore_with_a_bad_later_layer_leaves_a_consistent_cache(tiny):
     bad = snap[:-1] + [(snap[-1][0][..., :-1, :], snap[-1][1][..., :-1, :])]
     dst = make_engine(tiny)
     with pytest.raises(ValueError, match="token count"):
-        dst.pc.restore(ids, bad)
+        fill_cache(dst.pc, ids, bad)
     dst.pc.check()
 
 
@@ -816,7 +818,7 @@ def test_real_model_chunked_restored_and_interrupted_prefill_agree(smol, monkeyp
     same_logits(real, got, want)
     assert_same_as(chunked, whole, exact=bit_exact(real))
     restored = real_engine(smol, True)
-    restored.pc.restore(chunked.pc.ids, chunked.pc.export())
+    fill_cache(restored.pc, chunked.pc.ids, chunked.pc.export())
     restored.pc.check()
     got = restored.prefill(ids)
     assert (restored.progress.reused, restored.progress.prefilled) == (len(ids) - 1, 1)

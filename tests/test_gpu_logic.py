@@ -52,7 +52,7 @@ def test_the_cache_has_a_fixed_capacity_and_is_cut_by_length(gpu):
     engine.prefill(ids)
     engine.prefill(ids[:50] + [7, 8, 9])  # cut at 50: a length change
     engine.pc.check()
-    engine.pc.truncate(0)
+    engine.pc.keep_first(0)
     engine.prefill(ids[:30])
     assert [layer._k.data_ptr() for layer in engine.pc.cache.layers] == ptrs
     with pytest.raises(ValueError):

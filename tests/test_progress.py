@@ -19,9 +19,10 @@ from test_render import (
 
 from kvrepl.app.renderers import make_renderer
 from kvrepl.app.turnlines import PROGRESS_AFTER_S, format_progress
+from kvrepl.chat.turn import Result
 from kvrepl.config import Settings
 from kvrepl.engine.engine import Engine, Sampling
-from kvrepl.events import Finish, Progress, TextDelta, ThinkDelta
+from kvrepl.events import Finish, Plan, Progress, TextDelta, ThinkDelta
 
 GREEDY = Sampling(temperature=0, max_tokens=3)
 LINE = "prefill 1,536 / 5,600 tokens · 240 tok/s · 17 s left"
@@ -47,7 +48,7 @@ def test_the_engine_yields_progress_between_prefill_chunks_then_the_answer(tiny)
     events = list(e.stream(random_ids(10), GREEDY))
     progress = [ev for ev in events if isinstance(ev, Progress)]
     assert [(p.done, p.total) for p in progress] == [(4, 10), (8, 10)]  # none after the last
-    assert events[:2] == progress  # all before the first answer token
+    assert isinstance(events[0], Plan) and events[1:3] == progress  # the plan, then the chunks
     assert 0 <= progress[0].elapsed_s <= progress[1].elapsed_s
     assert isinstance(events[-2], Finish) and events[-1].prefilled_tokens == 10
     # The next turn counts only what it computes: the cache covers the rest.
@@ -66,6 +67,7 @@ def test_stopping_at_a_progress_event_leaves_the_cache_at_what_was_computed(tiny
     e = engine(tiny)
     ids = random_ids(10)
     stream = e.stream(ids, GREEDY)
+    assert next(stream) == Plan(0, 10, 0, "empty")  # said before computing
     first = next(stream)
     assert isinstance(first, Progress) and (first.done, first.total) == (4, 10)
     stream.close()
@@ -111,9 +113,7 @@ def test_the_line_shows_past_a_second_and_goes_when_the_answer_starts():
     assert screen_of(console) == LINE
     renderer.feed(TextDelta("Hello there."))
     assert screen_of(console) == "Hello there."  # the answer took its place
-    renderer.feed(Finish("stop"))
-    renderer.feed(STATS)
-    renderer.end()
+    renderer.end(Result(stats=STATS, finish_reason="stop"))
     assert split_stats(screen_of(console)) == ("Hello there.", STATS_LINE)
 
 
@@ -134,7 +134,7 @@ def test_ctrl_c_during_the_prefill_leaves_only_the_stats_line():
     renderer = make_renderer(console, refresh_interval=0)
     renderer.begin()
     renderer.feed(LATE)
-    renderer.end(interrupted=True, stats=STATS)
+    renderer.end(Result(stats=STATS, interrupted=True))
     assert split_stats(screen_of(console)) == ("", f"{STATS_LINE} · interrupted")
 
 

@@ -35,8 +35,9 @@ from kvrepl.chat.conversation import Conversation
 from kvrepl.chat.turn import Turn
 from kvrepl.config import Settings
 from kvrepl.engine import models
-from kvrepl.engine.engine import Engine, common_prefix
+from kvrepl.engine.engine import Engine
 from kvrepl.engine.models import LoadedModel
+from kvrepl.engine.plan import common_prefix
 from kvrepl.engine.sampler import Sampler
 from kvrepl.events import TextDelta
 from kvrepl.store.kvstore import KVStore

@@ -22,6 +22,7 @@ from kvrepl.app.render_plain import PlainRenderer
 from kvrepl.app.render_term import TermRenderer
 from kvrepl.app.renderers import make_renderer
 from kvrepl.app.turnlines import format_stats
+from kvrepl.chat.turn import Result
 from kvrepl.events import Finish, Notice, Stats, TextDelta, ThinkDelta, TurnEvent
 
 WIDTH, HEIGHT = 60, 10
@@ -294,7 +295,7 @@ def test_interrupted_mid_stream_prints_partial_text_once() -> None:
     renderer.begin()
     for piece in deltas(ANSWER[:cut]):
         renderer.feed(TextDelta(piece))
-    result = renderer.end(interrupted=True, stats=STATS)
+    result = renderer.end(Result(stats=STATS, interrupted=True))
     screen = screen_of(console)
     for marker in MARKERS:
         assert screen.count(marker) == (1 if marker in ANSWER[:cut] else 0), marker
@@ -325,7 +326,7 @@ def test_end_twice_and_end_without_begin_are_harmless() -> None:
     renderer = make_renderer(console)
     assert renderer.end().text == ""
     renderer.feed(TextDelta("hi"))
-    renderer.end(stats=STATS)
+    renderer.end(Result(stats=STATS))
     renderer.end()
     assert split_stats(screen_of(console)) == ("hi", STATS_LINE)
 
@@ -375,7 +376,7 @@ def test_plain_adds_a_newline_before_stats_and_marks_interruption() -> None:
     console = plain_console()
     renderer = make_renderer(console)
     renderer.feed(TextDelta("partial ans"))
-    renderer.end(interrupted=True, stats=STATS)
+    renderer.end(Result(stats=STATS, interrupted=True))
     assert output(console) == f"partial ans\n{STATS_LINE} · interrupted\n"
 
 

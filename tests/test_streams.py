@@ -28,6 +28,7 @@ from kvrepl.app.args import parse
 from kvrepl.app.render import Renderer
 from kvrepl.app.renderers import make_renderer
 from kvrepl.app.repl import line_loop
+from kvrepl.chat.turn import Result
 from kvrepl.config import Settings
 from kvrepl.events import Finish, Notice, TextDelta, ThinkDelta
 from kvrepl.store.db import Store
@@ -123,14 +124,13 @@ def test_json_lines_print_one_object_per_answer_and_nothing_else_on_stdout():
     r, out, err = split_renderer(json_lines=True)
     about = {"session_id": "ab12", "session_name": "demo"}
     r.begin(about)
-    for event in [Notice("note"), ThinkDelta("hmm"), TextDelta("Hi "), TextDelta("there."),
-                  Finish("stop"), STATS]:  # fmt: skip
+    for event in [Notice("note"), ThinkDelta("hmm"), TextDelta("Hi "), TextDelta("there.")]:
         r.feed(event)
-    r.end()
+    r.end(Result(stats=STATS, finish_reason="stop"))
     r.info("[1. you] hello")  # a command's output: not JSON, so not on stdout
     r.begin(about)
     r.feed(TextDelta("Par"))
-    r.end(interrupted=True, stats=STATS)
+    r.end(Result(stats=STATS, interrupted=True))
     r.begin(about)  # a refused turn: its error line says it all
     r.end()
     r.error("over the context")

@@ -18,7 +18,7 @@ from makers import CHATML, make_tokenizer
 from kvrepl.chat.prompt import Prompt
 from kvrepl.engine import models, templates
 from kvrepl.errors import PromptError
-from kvrepl.events import Notice, Stats
+from kvrepl.events import Notice
 
 GEMMA_TOKENS = ("<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>")
 LLAMA3_TOKENS = ("<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>",
@@ -175,11 +175,13 @@ def test_a_gemma_folder_without_a_template_chats_and_says_so_once(tmp_path, scri
     h = make_harness(tmp_path / "store", loaded, settings=TINY_SETTINGS)
     try:
         assert end in h.rt.engine.end_ids
-        first = list(h.chat.send("Capital of France?"))
+        sent = h.chat.send("Capital of France?")
+        first = list(sent)
         notices = [e.text for e in first if isinstance(e, Notice)]
         assert notices[0] == "chat template: built-in Gemma (the model has none)"
         assert tok.decode(h.rt.engine.pc.ids).startswith("<bos><start_of_turn>user\n")
-        (stats,) = [e for e in first if isinstance(e, Stats)]
+        stats = sent.result.stats
+        assert stats is not None
         assert stats.generated_tokens == len(answer)  # <end_of_turn> ended it
         second = list(h.chat.send("And Italy?"))
         assert not [e for e in second if isinstance(e, Notice) and "template" in e.text]

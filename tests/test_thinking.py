@@ -122,7 +122,7 @@ def test_thinking_is_stored_hidden_and_shown(h, thinker, script):
         ("Fine.", "Now be brief."),
     ]
     assert h.chat.session is not None
-    md = export(h.store, h.chat.session, "md")
+    md = export(h.chat.session, h.chat.transcript(h.chat.session), "md")
     assert "<details><summary>thinking</summary>\n\nI should greet.\n\n</details>" in md
     # the thinking never reaches the rendering of a later turn
     assert "I should greet." not in tok.decode(cached(h))

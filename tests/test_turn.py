@@ -9,13 +9,13 @@ from collections.abc import Iterator
 import pytest
 
 from kvrepl.chat.turn import Result, Turn
-from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
+from kvrepl.events import Notice, Stats, TextDelta, TurnEvent
 
 STATS = Stats(3, 4, 2, 0.1, 20.0)
 
 
 def answer(stored: list[str], *, fail: BaseException | None = None):
-    """What Conversation._answer does, in small: fill the result; on an interrupt, store the partial
+    """What answer.Answer does, in small: fill the result; on an interrupt, store the partial
     answer, marked, and re-raise."""
 
     def make(result: Result) -> Iterator[TurnEvent]:
@@ -31,8 +31,6 @@ def answer(stored: list[str], *, fail: BaseException | None = None):
             stored.append("interrupted")
             raise
         stored.append("answer")
-        yield Finish("stop")
-        yield STATS
 
     return make
 
@@ -41,7 +39,7 @@ def test_iterating_the_events_fills_the_result_and_keeps_the_notes():
     stored: list[str] = []
     turn = Turn(answer(stored))
     events = list(turn)
-    assert events[-2:] == [Finish("stop"), STATS]
+    assert events == [Notice("cache: cut at token 3"), TextDelta("Hel"), TextDelta("lo")]
     assert turn.result == Result(STATS, "stop", False, ["cache: cut at token 3"])
     assert stored == ["answer"]
 

@@ -178,7 +178,7 @@ def _open_session(chat: Any, args: argparse.Namespace) -> bool:
     if args.resume:
         chat.sessions.resume_latest()
     elif args.session is not None:
-        created = chat.store.get_session(args.session) is None
+        created = chat.find_session(args.session) is None
         chat.sessions.open_or_create(args.session)
         return created
     return False
@@ -224,14 +224,14 @@ def _subcommand(args: argparse.Namespace, chat: Any, renderer: Any) -> int:
         if args.json:
             print(json.dumps([r.as_dict() for r in rows], ensure_ascii=False))
         else:
-            renderer.print_sessions(rows, pool_bytes=chat.pool.pool_bytes())
+            renderer.print_sessions(rows, pool_bytes=chat.pool_bytes())
         return 0
-    session = chat.store.get_session(args.name)
+    session = chat.find_session(args.name)
     if session is None:
         raise UsageError(f"no session {args.name!r}")
     if args.command == "export":
-        row = session_row(chat, chat.store.summary(session.id))
-        sys.stdout.write(export(chat.store, session, args.format, row=row))
+        row = session_row(chat, chat.summary(session))
+        sys.stdout.write(export(session, chat.transcript(session), args.format, row=row))
         return 0
     chat.delete(session.id)  # refused while another kvrepl holds it
     renderer.info(f"deleted {args.name}")

@@ -128,7 +128,7 @@ def cmd_load(ctx: Context, arg: str) -> Outcome:
 @builtin("sessions", "", "list sessions")
 def cmd_sessions(ctx: Context, arg: str) -> Outcome:
     ctx.renderer.print_sessions(session_rows(ctx.chat), current=_current_name(ctx.chat),
-                                pool_bytes=ctx.chat.pool.pool_bytes())  # fmt: skip
+                                pool_bytes=ctx.chat.pool_bytes())  # fmt: skip
     return None
 
 
@@ -235,7 +235,7 @@ def cmd_branches(ctx: Context, arg: str) -> Outcome:
         ctx.renderer.info("no branches yet")
         return None
     rows = []
-    for b in ctx.chat.store.branches(ctx.chat.session.id):
+    for b in ctx.chat.branches():
         # Where a branch leaves the active one says what it is (an edit, a retry).
         at = b.diverges or b.leaf
         who = "you" if at.role == "user" else at.role
@@ -282,7 +282,7 @@ def cmd_stats(ctx: Context, arg: str) -> Outcome:
     rows += [(label, str(figures[key])) for key, label in (("model", "model"),
              ("weights", "weights")) if key in figures]  # fmt: skip
     if ctx.chat.session is not None:
-        rows += session_row(ctx.chat, ctx.chat.store.summary(ctx.chat.session.id)).figures()
+        rows += session_row(ctx.chat, ctx.chat.summary(ctx.chat.session)).figures()
     if "cached_tokens" in figures:
         rows += [("in memory", f"{figures['cached_tokens']:,} tokens in the model's cache now"),
                  ("context", f"{figures['context_length']:,} tokens")]  # fmt: skip
@@ -306,8 +306,9 @@ def cmd_export(ctx: Context, arg: str) -> Outcome:
     session = ctx.chat.session
     if session is None:
         raise UsageError("nothing to export yet")
-    row = session_row(ctx.chat, ctx.chat.store.summary(session.id))
-    text = export(ctx.chat.store, session, fmt, row=row, system=ctx.chat.settings.system)
+    row = session_row(ctx.chat, ctx.chat.summary(session))
+    text = export(session, ctx.chat.transcript(session), fmt, row=row,
+                  system=ctx.chat.settings.system)
     if target is not None:
         write_file(target, text)
         ctx.renderer.confirm(f"wrote {target}")
@@ -338,18 +339,17 @@ def _export_args(arg: str) -> tuple[str, str | None]:
 
 def session_rows(chat: Conversation) -> list[SessionRow]:
     """One row per stored session, newest first: the one source of every session listing."""
-    return [session_row(chat, s) for s in chat.store.list_sessions()]
+    return [session_row(chat, s) for s in chat.summaries()]
 
 
 def session_row(chat: Conversation, s: SessionSummary) -> SessionRow:
     """A session's figures, counted as listing.py says, for every surface that shows them."""
-    _, chain, _ = chat.pool.last_chain(s.id)
-    saved = chain[-1].end if chain else 0
+    saved, size = chat.on_disk(s.id)
     # The last save may hold more than the conversation has now (an /undo since): not cached.
     cached = min(saved, s.tokens) if s.tokens else saved
     return SessionRow(name=s.name or s.id, title=s.title, turns=s.turns, tokens=s.tokens,
                       cached_tokens=cached, updated=s.updated,
-                      bytes_on_disk=chat.pool.size_bytes(s.id) or None, id=s.id)  # fmt: skip
+                      bytes_on_disk=size or None, id=s.id)  # fmt: skip
 
 
 def _current_name(chat: Conversation) -> str | None:

@@ -1,7 +1,7 @@
 """Exporting a conversation (its active branch) as Markdown or JSON. Pure functions over what the
-store returns, the session's figures (listing.py's `SessionRow`, counted as every listing counts
-them) and the system prompt in force; the JSON holds each turn's stats under the engine's five
-field names."""
+conversation returns (its transcript), the session's figures (listing.py's `SessionRow`, counted
+as every listing counts them) and the system prompt in force; the JSON holds each turn's stats
+under the engine's five field names."""
 
 from __future__ import annotations
 
@@ -9,22 +9,24 @@ import json
 from typing import Any
 
 from kvrepl.app.listing import SessionRow
-from kvrepl.store.db import Store
 from kvrepl.store.records import Message, Session
 
 FORMATS = ("md", "json")
 FIGURES = ("turns", "tokens", "cached_tokens", "bytes_on_disk")  # SessionRow.as_dict's
 
 
-def export(store: Store, session: Session, fmt: str, *, row: SessionRow | None = None,
+Transcript = tuple[list[Message], dict[int, dict[str, Any]]]  # messages, figures by message id
+
+
+def export(session: Session, transcript: Transcript, fmt: str, *, row: SessionRow | None = None,
            system: str | None = None) -> str:  # fmt: skip
-    """The session's active branch as `fmt`; `row`: its figures; `system`: the system prompt in
-    force (by default the one set in the session, `/set system`), which the conversation is
-    rendered under whenever it was set."""
+    """The session's active branch (`transcript`: its messages and each answer's figures, from
+    `Conversation.transcript`) as `fmt`; `row`: its figures; `system`: the system prompt in force
+    (by default the one set in the session, `/set system`), which the conversation is rendered
+    under whenever it was set."""
     if fmt not in FORMATS:
         raise ValueError(fmt)
-    stats = {m.id: s for m, s in store.turn_stats(session.id)}
-    messages = store.active_branch(session.id)
+    messages, stats = transcript
     system = session.settings.get("system", "") if system is None else system
     if fmt == "json":
         return to_json(session, messages, stats, row=row, system=system)

@@ -60,9 +60,9 @@ class SlashCompleter(Completer):
     def _options(self, completes: tuple[str, ...] | str) -> list[str]:
         try:
             if completes == "sessions":
-                return [s.name or s.id for s in self.chat.store.list_sessions()]
-            if completes == "branches" and self.chat.session is not None:
-                return [str(b.leaf.id) for b in self.chat.store.branches(self.chat.session.id)]
+                return [s.name or s.id for s in self.chat.summaries()]
+            if completes == "branches":
+                return [str(b.leaf.id) for b in self.chat.branches()]
         except Exception:  # completion must never break typing
             return []
         return list(completes) if isinstance(completes, tuple) else []

@@ -28,7 +28,8 @@ from rich.console import Console
 
 from kvrepl.app.listing import SESSION_COLUMNS, SessionRow, pool_line, session_cells
 from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
-from kvrepl.events import Finish, Notice, Progress, Stats, TextDelta, ThinkDelta, TurnEvent
+from kvrepl.chat.turn import Result
+from kvrepl.events import Notice, Progress, Stats, TextDelta, ThinkDelta, TurnEvent
 
 __all__ = ["Renderer", "make_console"]
 
@@ -113,16 +114,14 @@ class Renderer(ABC):
             self.notice(event.text)
         elif isinstance(event, Progress):
             self._show_progress(event)
-        elif isinstance(event, Finish):
-            self._reason = event.reason
-        elif isinstance(event, Stats):
-            self._stats = event
 
-    def end(self, *, interrupted: bool = False, stats: Stats | None = None) -> TurnResult:
-        """Finish the display: the rest of the answer, then exactly one stats line."""
-        self._interrupted |= interrupted
-        if stats is not None:
-            self._stats = stats
+    def end(self, result: Result | None = None) -> TurnResult:
+        """Finish the display: the rest of the answer, then exactly one stats line, from the
+        turn's `result` (its figures, why it ended, whether it was interrupted): the one door
+        by which the figures reach the screen. None: a turn that failed, or was only shown."""
+        if result is not None:
+            self._stats, self._reason = result.stats, result.finish_reason
+            self._interrupted |= result.interrupted
         if self._active:
             self._active = False
             try:

@@ -154,8 +154,7 @@ class Repl:
         try:
             result = turn.run(self.renderer.feed)
         finally:  # a refused or failed turn shows no figures: its error line follows
-            self.renderer.end(interrupted=bool(result and result.interrupted),
-                              stats=result.stats if result else None)  # fmt: skip
+            self.renderer.end(result)
         self.failures += result.interrupted
 
     def _wait_for_model(self) -> None:

@@ -12,31 +12,27 @@ render a turn's events.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvrepl.chat.answer import Answer, Fitted
 from kvrepl.chat.guards import deferred_interrupts
 from kvrepl.chat.handle import ModelHandle
-from kvrepl.chat.prompt import ThinkSplitter
 from kvrepl.chat.sessions import OpenSession
 from kvrepl.chat.snapshots import Snapshots
-from kvrepl.chat.thinkbudget import think_budget
-from kvrepl.chat.turn import Result, Turn
+from kvrepl.chat.turn import Turn
 from kvrepl.config import Settings
+from kvrepl.context import check_fits, prompt_room
 from kvrepl.errors import PromptError, StoreError, UsageError
-from kvrepl.events import Finish, Notice, Stats, TextDelta, TurnEvent
+from kvrepl.events import Stats
 from kvrepl.store.db import Store
-from kvrepl.store.records import Message, Session, clean_text
+from kvrepl.store.records import Branch, Message, Session, SessionSummary, clean_text
 
 if TYPE_CHECKING:  # torch and transformers load in the background, after the prompt is up
-    from kvrepl.engine.engine import Plan, Sampling
+    from kvrepl.engine.engine import Sampling
     from kvrepl.store.kvbook import Pool
     from kvrepl.store.kvstore import KVStore
 
-_ANSWER_ROOM = 16  # tokens an answer needs at least, beyond the prompt
-# A conversation rendered within the context: (messages, ids, where each message starts, notes).
-Fitted = tuple[list[dict[str, Any]], list[int], list[int], list[str]]
 
 
 class Conversation:
@@ -137,7 +133,7 @@ class Conversation:
         fitted = self._check_message(text, self.history())
         session = self.sessions.ensure()
         self.store.add_message(session.id, "user", text)
-        return Turn(lambda result: self._answer(result, fitted, started))
+        return Turn(lambda result: Answer(self, result, fitted, started).run())
 
     def edit(self, n: int, text: str) -> Turn:
         """Replace user turn n (1-based) as a new branch; the old one stays in the database."""
@@ -148,7 +144,7 @@ class Conversation:
         fitted = self._check_message(text, history[: history.index(target)])
         assert self.session is not None
         self.store.add_message(self.session.id, "user", text, parent_id=target.parent_id)
-        return Turn(lambda result: self._answer(result, fitted, started))
+        return Turn(lambda result: Answer(self, result, fitted, started).run())
 
     def retry(self) -> Turn:
         """Answer the last user message again, as a sibling of the previous answer."""
@@ -160,7 +156,7 @@ class Conversation:
         assert self.session is not None
         if history[-1].role == "assistant":
             self.store.set_head(self.session.id, history[-1].parent_id)
-        return Turn(lambda result: self._answer(result, None, started))
+        return Turn(lambda result: Answer(self, result, None, started).run())
 
     def undo(self) -> int:
         """Drop the last exchange from the active branch (kept in the database); returns the
@@ -198,12 +194,12 @@ class Conversation:
         if not text.strip():
             raise UsageError("empty message: type something, or /help")
         rt = self.model.get()
-        _check_fits("message", rt.prompt.count_tokens(text), rt.engine.context_length)
+        check_fits("message", rt.prompt.count_tokens(text), rt.engine.context_length)
         msgs = [*self.prompt_messages(before), {"role": "user", "content": text}]
-        return msgs, *self._fit(msgs)
+        return msgs, *self.fit(msgs)
 
     # -- one turn -----------------------------------------------------------------------------
-    def _fit(self, msgs: list[dict[str, Any]]) -> tuple[list[int], list[int], list[str]]:
+    def fit(self, msgs: list[dict[str, Any]]) -> tuple[list[int], list[int], list[str]]:
         """Render, within the context: an error with the numbers, or (opt-in) drop oldest turns."""
         rt, notes = self.model.get(), []
         think = self.settings.thinking
@@ -216,7 +212,7 @@ class Conversation:
             del msgs[first : first + 2]
             dropped += 1
             ids, starts = rt.prompt.render_with_offsets(msgs, enable_thinking=think)
-        _check_fits("conversation", len(ids), rt.engine.context_length)
+        check_fits("conversation", len(ids), rt.engine.context_length)
         if dropped:
             notes.append(
                 f"context: left out the oldest {dropped} exchange(s) to fit; "
@@ -224,7 +220,7 @@ class Conversation:
             )
         return ids, starts, notes
 
-    def _model_notes(self) -> list[str]:
+    def model_notes(self) -> list[str]:
         """What loading the model had to say (a built-in chat template, a fallback), once."""
         notes = self.model.get().loaded.notes
         said, self._notes_said = self._notes_said, True
@@ -243,7 +239,7 @@ class Conversation:
     def warm(self) -> tuple[int, int, list[str]]:
         """Bring the cache to the whole conversation now (after /load).
         Returns (reused, recomputed, notes)."""
-        notes = self._model_notes()
+        notes = self.model_notes()
         if not self.history():
             return 0, 0, notes
         rt = self.model.get()
@@ -255,80 +251,22 @@ class Conversation:
         )
         notes += self.bring(ids)
         try:
-            _check_fits("conversation", len(ids), engine.context_length)
+            check_fits("conversation", len(ids), engine.context_length)
         except PromptError as exc:
             return 0, 0, [*notes, str(exc)]
         engine.prefill(ids)
         self._save_snapshot(notes)
         return engine.progress.reused, engine.progress.prefilled, notes
 
-    def _answer(self, result: Result, fitted: Fitted | None,
-                started: float | None) -> Iterator[TurnEvent]:  # fmt: skip
-        """Answer the head of the active branch (`fitted`: its rendering, if the caller has it),
-        filling `result`. Whatever stops the turn (Ctrl-C anywhere in it, the consumer closing
-        it), the user's message gets an answer, marked interrupted, with what was generated, and
-        the engine's cache matches its ids."""
-        splitter = ThinkSplitter()
-        rt = self.model.get()
-        events: Iterator[TurnEvent] | None = None
-        cut_said = False
-        before = rt.engine.progress  # the last turn's: this one's stream has not started
-        try:
-            for line in self._model_notes():
-                yield Notice(line)
-            if fitted is None:
-                msgs = self.prompt_messages()
-                fitted = (msgs, *self._fit(msgs))
-            msgs, ids, starts, notes = fitted
-            for line in [*notes, *self.bring(ids)]:
-                yield Notice(line)
-            plan = rt.engine.align(ids)
-            if self.settings.reuse and plan.cached and plan.keep < plan.cached - 1:
-                yield Notice(_cut_line(msgs, starts, plan))  # --no-reuse cuts every turn: silent
-            splitter.in_think = rt.prompt.opens_in_think(ids)
-            budget = think_budget(self.settings.think_budget, rt.prompt, splitter.in_think)
-            events = rt.engine.stream(ids, self.sampling(), started=started, steer=budget)
-            for event in events:
-                if isinstance(event, TextDelta):
-                    yield from splitter.feed(event.text)
-                    if budget is not None and budget.cut_at is not None and not cut_said:
-                        cut_said = True  # said once, when the close is forced
-                        yield Notice(f"thinking cut at {budget.cut_at:,} tokens (think_budget)")
-                elif isinstance(event, Finish):
-                    result.finish_reason = event.reason
-                elif isinstance(event, Stats):
-                    result.stats = event
-                else:  # a long prefill's Progress: for the renderer
-                    yield event
-            yield from splitter.flush()
-        except BaseException as exc:
-            if events is not None:
-                events.close()  # the engine cuts its cache back to what it computed
-            splitter.flush()
-            progress = rt.engine.progress if rt.engine.progress is not before else None
-            # Nothing computed yet: no figures to show, zeros and no ids to store.
-            result.stats = progress.stats() if progress else None
-            if isinstance(exc, KeyboardInterrupt | GeneratorExit):
-                result.interrupted = True
-                figures = result.stats or Stats(0, 0, 0, 0.0, 0.0)
-                generated = list(progress.generated) if progress else []
-                self._store_answer(splitter, figures, True, generated, snapshot=events is not None)
-            raise
-        assert result.stats is not None and result.finish_reason is not None
-        generated = list(rt.engine.progress.generated)
-        for line in self._store_answer(splitter, result.stats, False, generated):
-            yield Notice(line)
-        yield Finish(result.finish_reason)
-        yield result.stats
-
-    def _store_answer(self, splitter: ThinkSplitter, stats: Stats, interrupted: bool,
-                      generated: list[int], *, snapshot: bool = True) -> list[str]:  # fmt: skip
-        """Store the answer with the ids it was generated as (all of them, thinking included:
-        the rendering uses them only where they spell the stored answer), then the snapshot."""
+    def store_answer(self, answer: str, think: str | None, stats: Stats, interrupted: bool,
+                     generated: list[int], *, snapshot: bool = True) -> list[str]:  # fmt: skip
+        """Store a turn's answer, its figures and the ids it was generated as, then (`snapshot`)
+        save the new K/V, in one step a second Ctrl-C waits for. Returns the snapshot's
+        warnings."""
         assert self.session is not None
         warnings: list[str] = []
         with deferred_interrupts():
-            self.store.finish_answer(self.session.id, splitter.answer, think=splitter.think or None,
+            self.store.finish_answer(self.session.id, answer, think=think,
                                      interrupted=interrupted, stats=stats.as_dict(),
                                      token_ids=generated)  # fmt: skip
             if snapshot:
@@ -341,6 +279,36 @@ class Conversation:
         rt = self.model.get()
         self.kv.budget = self.settings.kv_budget_mb << 20
         warnings += self.snapshots.save(self.session.id, rt.engine, rt.loaded.fingerprint)
+
+    # -- what is kept, for the listings and exports (the app never reaches the store) ---------
+    def find_session(self, name_or_id: str) -> Session | None:
+        return self.store.get_session(name_or_id)
+
+    def summaries(self) -> list[SessionSummary]:
+        """Every stored session's summary, newest first."""
+        return self.store.list_sessions()
+
+    def summary(self, session: Session) -> SessionSummary:
+        return self.store.summary(session.id)
+
+    def branches(self) -> list[Branch]:
+        """The open session's branches (none before its first message)."""
+        return self.store.branches(self.session.id) if self.session is not None else []
+
+    def transcript(self, session: Session) -> tuple[list[Message], dict[int, dict[str, Any]]]:
+        """A session's active branch, and each answer's stored figures by message id."""
+        stats = {m.id: s for m, s in self.store.turn_stats(session.id)}
+        return self.store.active_branch(session.id), stats
+
+    def on_disk(self, session_id: str) -> tuple[int, int]:
+        """A session's snapshot: the tokens its last save holds, and the bytes of its chunks
+        (every branch it saved), read from the pool's books without torch."""
+        _, chain, _ = self.pool.last_chain(session_id)
+        return (chain[-1].end if chain else 0), self.pool.size_bytes(session_id)
+
+    def pool_bytes(self) -> int:
+        """The K/V pool's size on disk, all sessions."""
+        return self.pool.pool_bytes()
 
     # -- figures ------------------------------------------------------------------------------
     def cache_figures(self) -> dict[str, Any]:
@@ -357,42 +325,3 @@ class Conversation:
             figures.update(self.store.session_totals(self.session.id))
         return figures
 
-
-def prompt_room(context: int) -> int:
-    """The most tokens a prompt may hold: the context less the room an answer needs."""
-    return context - _ANSWER_ROOM
-
-
-def _check_fits(what: str, n: int, context: int) -> None:
-    """The one context check, before anything is stored or computed: a message or a whole
-    conversation of `n` tokens must leave an answer room in the context."""
-    if n <= prompt_room(context):
-        return
-    if what == "message":
-        raise PromptError(f"this message is {n:,} tokens; the model's context is {context:,} "
-                          f"tokens (at most {prompt_room(context):,} for a message): shorten it "
-                          "or send it in parts")  # fmt: skip
-    raise PromptError(
-        f"the conversation is {n:,} tokens; the model's context is {context:,}: use /new to start "
-        "over, /undo to drop the last exchange, /edit to shorten a turn, or `/set drop_oldest on` "
-        "to drop old turns"
-    )
-
-
-def _tokens(n: int) -> str:
-    return f"{n:,} token" + ("" if n == 1 else "s")
-
-
-def _cut_line(msgs: list[dict[str, Any]], starts: list[int], plan: Plan) -> str:
-    """The notice for a prefill that cuts the cache back: where (the turn and role of the
-    message it falls in) and how much is recomputed."""
-    total = plan.keep + plan.recompute
-    if plan.why == "cannot cut":
-        return (
-            f"cache: this model's cache (chunked or linear-attention layers) cannot be cut: "
-            f"rebuilding it, recomputing {_tokens(total)}"
-        )
-    j = max((i for i, s in enumerate(starts) if 0 <= s <= plan.keep), default=0)
-    turn = sum(1 for m in msgs[: j + 1] if m["role"] == "user")
-    where = f"turn {turn}, {msgs[j]['role']}" if msgs else "start"
-    return f"cache: cut at token {plan.keep:,} ({where}); recomputing {_tokens(plan.recompute)}"

@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from kvrepl.chat.conversation import prompt_room
 from kvrepl.chat.prompt import ThinkSplitter
-from kvrepl.chat.snapshots import MIN_GAIN
+from kvrepl.chat.snapshots import Snapshots
 from kvrepl.chat.thinkbudget import think_budget
 from kvrepl.config import Settings
+from kvrepl.context import check_fits
 from kvrepl.errors import KvreplError, PromptError, SnapshotError
 from kvrepl.events import Finish, Stats, TextDelta, ThinkDelta
 
@@ -139,6 +139,7 @@ class Worker:
     def __init__(self, runtime: Runtime, settings: Settings, kv: KVStore,
                  queue_size: int) -> None:  # fmt: skip
         self.rt, self.settings, self.kv = runtime, settings, kv
+        self.snapshots = Snapshots(lambda: kv)
         self.fingerprint = runtime.loaded.fingerprint
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, queue_size))
         self._current: Job | None = None
@@ -237,30 +238,21 @@ class Worker:
             if m["role"] == "assistant" and (known := self._answers.get(m["content"])):
                 m["ids"] = known  # used only where they decode to the content (Prompt._own_ids)
         ids = self.rt.prompt.render(msgs, enable_thinking=self.settings.thinking)
-        context = self.rt.engine.context_length
-        if len(ids) > prompt_room(context):  # the REPL's rule: room left for an answer
-            raise PromptError(
-                f"the messages are {len(ids):,} tokens; the model's context is {context:,} "
-                f"(at most {prompt_room(context):,} for the messages, to leave room for an "
-                "answer): shorten them"
-            )
+        check_fits("request", len(ids), self.rt.engine.context_length)  # the REPL's rule
         return ids
 
     def _bring(self, ids: list[int]) -> tuple[int, list[str]]:
         """Bring the cache to the longest prefix of `ids` in memory or in the pool (the pool's
-        when it holds at least MIN_GAIN tokens more, as a resumed REPL session does). Returns
+        when it holds at least snapshots.MIN_GAIN tokens more, as in the REPL). Returns
         how many tokens came from disk, and what the pool had to say."""
         engine = self.rt.engine
         if not engine.reuse or not engine.can_cut or len(ids) < 2:
             return 0, []
-        keep = engine.align(ids).keep
-        chain = self.kv.find(self.fingerprint, ids[: len(ids) - 1])  # one token is left to feed
-        if not chain or chain[-1].end < keep + MIN_GAIN:
+        result = self.snapshots.from_pool(engine, self.fingerprint, ids)
+        if result is None:
             return 0, []
-        start = max((r.start for r in chain if r.start <= keep), default=0)
-        result = self.kv.load(self.fingerprint, ids, start=start, chain=chain)
         notes = engine.restore(result)
-        return max(0, engine.cached_tokens - start), notes
+        return max(0, engine.cached_tokens - result.start), notes
 
     def _generate(self, job: Job, ids: list[int], started: float) -> tuple[str | None, str]:
         """Stream the answer to the job; why it ended ("stop", "length", "stop string", or None

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from kvrepl.engine.plan import common_prefix, reusable
 from kvrepl.errors import SnapshotError
 
 MIN_GAIN = 16  # tokens the disk must hold beyond the memory before a load is worth it
@@ -38,14 +39,10 @@ class Snapshots:
             return ["snapshot: not kept for this model (its chunked or linear-attention layers "
                     "cannot be saved)"]  # fmt: skip
         fresh = not engine.cached_tokens
-        keep = engine.align(ids).keep
-        chain = self.kv.find(fingerprint, ids[: len(ids) - 1])  # one token is left to feed
+        chain = self.kv.find(fingerprint, ids[: reusable(ids)])
         if fresh and (result := self._resume(session_id, fingerprint, ids, chain)) is not None:
             pass  # the session's own snapshot, cut by the engine where the messages differ
-        elif chain and chain[-1].end >= keep + MIN_GAIN:
-            start = max((r.start for r in chain if r.start <= keep), default=0)
-            result = self.kv.load(fingerprint, ids, start=start, chain=chain)
-        else:
+        elif (result := self.from_pool(engine, fingerprint, ids, chain)) is None:
             if not (fresh and has_answers):
                 return []
             return [self._why_none(session_id, fingerprint, others or {})]
@@ -55,15 +52,25 @@ class Snapshots:
         n = engine.cached_tokens
         if fresh:
             return [f"snapshot: restored {n:,} cached tokens from disk"]
-        return [f"cache: restored {n - keep:,} tokens of this branch from disk"]
+        return [f"cache: restored {n - result.start:,} tokens of this branch from disk"]
+
+    def from_pool(self, engine: Any, fingerprint: str, ids: list[int],
+                  chain: list | None = None) -> Any:  # fmt: skip
+        """The pool's chunks for `ids` (`chain`: found already) from where the memory stops
+        agreeing, when they hold at least MIN_GAIN tokens more than the memory keeps; else
+        None. The server's requests come in by this door too."""
+        chain = self.kv.find(fingerprint, ids[: reusable(ids)]) if chain is None else chain
+        keep = engine.align(ids).keep
+        if not chain or chain[-1].end < keep + MIN_GAIN:
+            return None
+        start = max((r.start for r in chain if r.start <= keep), default=0)
+        return self.kv.load(fingerprint, ids, start=start, chain=chain)
 
     def _resume(self, session_id: str, fingerprint: str, ids: list[int], chain: list) -> Any:
         """A session opened afresh: its last saved snapshot, when it agrees with the messages
         at least as far as the chunks found by them (it does, unless they changed behind
         kvrepl's back or another process saved another branch). On a tie it is the session's
         own: restored whatever its length, where the chunks found would need MIN_GAIN tokens."""
-        from kvrepl.engine.engine import common_prefix  # here, not at start-up: it imports torch
-
         last = self.kv.load_session(session_id, fingerprint)
         if not last.chunks and not last.notes:
             return None

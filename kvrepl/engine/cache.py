@@ -52,7 +52,13 @@ class PromptCache:
         self.new_layers = new_layers
         self.kv_heads = kv_heads
         self.cache, self.croppable = _new_cache(new_layers)
-        self.ids: list[int] = []
+        self._ids: list[int] = []
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids whose K/V the layers hold, in order: the cache's own list, to read (the
+        drafter searches it in place each step; a copy would cost a pass over the context)."""
+        return self._ids
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,7 +72,11 @@ class PromptCache:
         if lengths != {len(self.ids)} and not (not self.ids and lengths <= {0}):
             raise AssertionError(f"cache holds {sorted(lengths)} positions for {len(self.ids)} ids")
 
-    def truncate(self, n: int) -> None:
+    def append(self, ids: Sequence[int]) -> None:
+        """Count `ids` in: a forward pass has just written their K/V after the cached ones."""
+        self._ids.extend(ids)
+
+    def keep_first(self, n: int) -> None:
         """Keep the first n positions (0 too: the layers keep their buffers). A cache with
         layers that cannot be cut back is rebuilt from nothing instead (the caller says so)."""
         n = max(0, min(n, len(self.ids)))
@@ -76,7 +86,7 @@ class PromptCache:
             self.reset()
             return
         self._cut_layers(n)
-        del self.ids[n:]
+        del self._ids[n:]
 
     def sync(self) -> None:
         """After an interrupted forward pass some layers may hold more positions than ids: cut
@@ -96,7 +106,7 @@ class PromptCache:
 
     def reset(self) -> None:
         self.cache, self.croppable = _new_cache(self.new_layers)
-        self.ids = []
+        self._ids = []
 
     def export(
         self, start: int = 0, end: int | None = None
@@ -107,17 +117,6 @@ class PromptCache:
             (layer.keys[..., start:end, :], layer.values[..., start:end, :])
             for layer in self.cache.layers
         ]
-
-    def restore(
-        self,
-        ids: Sequence[int],
-        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        dtype: torch.dtype | None = None,
-        device: Any = None,
-    ) -> None:
-        """Fill an empty cache from per-layer (keys, values) of all the ids."""
-        self.reset()
-        self.extend(ids, [[kv] for kv in layers], dtype, device)
 
     def extend(
         self,
@@ -155,4 +154,4 @@ class PromptCache:
             else:
                 for k, v in parts:
                     layer.update(k.to(dev or k.device), v.to(dev or v.device))
-        self.ids.extend(ids)
+        self._ids.extend(ids)

@@ -1,11 +1,11 @@
 """The engine: a prompt cache (cache.py) reused down to the first token that changed, chunked
-prefill, a small sampler and a streaming decode loop that yields events.
+prefill, and a streaming decode loop that samples (sampler.py) and verifies drafts (draft.py).
 
 It runs one model through a runner (runners.py): a transformers model or one on kvrepl's own
 kernels, both of which fill the same kind of cache layers. It knows nothing about chat
-templates, SQLite or the screen: it takes token ids and yields `Progress` (between the chunks of a
-long prefill), `TextDelta`, `Finish` and `Stats`.
-Only the engine's modules and `kvstore.py` touch K/V tensors.
+templates, SQLite or the screen: it takes token ids and yields the `Plan` its prefill carries out
+(plan.py), `Progress` (between the chunks of a long prefill), `TextDelta`, `Finish` and `Stats`.
+Above the backends, only the engine's modules and the store's touch K/V tensors.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ from typing import Any, Protocol
 import torch
 
 from kvrepl.config import Settings
+from kvrepl.context import check_fits
 from kvrepl.engine.cache import PromptCache
 from kvrepl.engine.detokenize import IncrementalDecoder
 from kvrepl.engine.draft import Drafter, DraftPolicy
+from kvrepl.engine.plan import plan
 from kvrepl.engine.runners import runner_for
 from kvrepl.engine.sampler import Sampler, TokenReader
 from kvrepl.errors import PromptError
-from kvrepl.events import Finish, Progress, Stats, TextDelta, TurnEvent
+from kvrepl.events import Finish, Plan, Progress, Stats, TextDelta, TurnEvent
 
 # Drafted tokens fed ahead of the ids, each with its row's logits.
 Drafts = deque[tuple[int, torch.Tensor]]
@@ -81,18 +83,6 @@ class Sampling:
         return cls(temperature=0, repetition_penalty=1.0, max_tokens=max_tokens)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What a prefill will do with the cache: keep `keep` positions (of the `cached` it holds),
-    recompute `recompute`; `why`: "empty", "extend" (the cache is a prefix), "cut" (it is cut
-    back), "cannot cut" (rebuilt: its layers cannot be cut), or "no reuse" (--no-reuse)."""
-
-    keep: int
-    recompute: int
-    cached: int
-    why: str
-
-
 @dataclass
 class TurnProgress:
     """What a turn has done so far; readable after an interrupt to report partial figures."""
@@ -113,14 +103,6 @@ class TurnProgress:
         rate = (n - 1) / span if n > 1 and span > 0 else 0.0
         return Stats(self.reused, self.prefilled, n, round(ttft, 4), round(rate, 2),
                      self.drafted, self.accepted)  # fmt: skip
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Engine:
@@ -168,16 +150,8 @@ class Engine:
         return self.pc.croppable
 
     def align(self, ids: Sequence[int]) -> Plan:
-        """What a prefill of `ids` would do with the cache: keep the common prefix, less one so
-        that at least one token is fed (its logits start the answer), and recompute the rest."""
-        cached = len(self.pc.ids)
-        if not self.reuse or not ids:
-            return Plan(0, len(ids), cached, "no reuse" if cached else "empty")
-        keep = min(common_prefix(self.pc.ids, ids), len(ids) - 1)
-        if not (self.pc.croppable or keep == cached):
-            return Plan(0, len(ids), cached, "cannot cut")
-        why = "empty" if not cached else ("extend" if keep >= cached - 1 else "cut")
-        return Plan(keep, len(ids) - keep, cached, why)
+        """What a prefill of `ids` would do with the cache now (plan.py's rule)."""
+        return plan(self.pc.ids, ids, reuse=self.reuse, croppable=self.pc.croppable)
 
     @torch.inference_mode()  # the buffers a turn left are inference tensors: copied into here
     def restore(self, snapshot: Any) -> list[str]:
@@ -188,7 +162,7 @@ class Engine:
         if not snapshot.chunks:
             return notes
         try:
-            self.pc.truncate(snapshot.start)
+            self.pc.keep_first(snapshot.start)
             if len(self.pc.ids) != snapshot.start:
                 raise ValueError("the cache cannot be cut where the snapshot starts")
             parts = [snapshot.layer_parts(i) for i in range(len(self.pc.cache.layers))]
@@ -212,17 +186,16 @@ class Engine:
             except StopIteration as done:
                 return done.value
 
-    def _prefill(self, ids: Sequence[int]) -> Generator[Progress, None, torch.Tensor]:
-        """`prefill`, yielding a Progress between chunks (none for a prompt of one chunk)."""
+    def _prefill(self, ids: Sequence[int]) -> Generator[Plan | Progress, None, torch.Tensor]:
+        """`prefill`, yielding the Plan it carries out, before computing, then a Progress
+        between chunks (none for a prompt of one chunk)."""
         if not ids:
             raise PromptError("nothing to prefill: the prompt is empty")
-        if len(ids) >= self.context_length:
-            raise PromptError(
-                f"the conversation is {len(ids):,} tokens; the model's context is "
-                f"{self.context_length:,}: use /new, /undo or /edit to shorten it"
-            )
-        self.pc.truncate(self.align(ids).keep)
-        self.progress.reused = len(self.pc.ids)
+        check_fits("conversation", len(ids), self.context_length, room=1)  # a position to answer
+        planned = self.align(ids)
+        self.progress.reused = planned.keep
+        yield planned
+        self.pc.keep_first(planned.keep)
         rest = list(ids[len(self.pc.ids) :])
         self.progress.prefilled = 0  # counts what was computed, also when interrupted
         logits = None
@@ -231,7 +204,7 @@ class Engine:
             for start in range(0, len(rest), self.chunk_size):
                 chunk = rest[start : start + self.chunk_size]
                 logits = self._forward(chunk)
-                self.pc.ids.extend(chunk)
+                self.pc.append(chunk)
                 self.progress.prefilled += len(chunk)
                 if self.progress.prefilled < len(rest):
                     yield Progress(self.progress.prefilled, len(rest), time.perf_counter() - t0)
@@ -314,7 +287,7 @@ class Engine:
                     self.pc.sync()
                 room = _draft_room(steer, bool(forced))
                 logits, drafts = self._feed(token, drafter, max_tokens, room)
-            self.pc.ids.append(token)
+            self.pc.append([token])
             sampler.seen([token])
             if len(progress.generated) >= max_tokens:
                 return "length"

@@ -18,8 +18,8 @@ from fault_helpers import FAULT_SETTINGS, db_messages, fault_lines, reference_an
 from helpers import close_conversation, open_conversation
 from procs import PYTHON, ROOT, Done, kvrepl_env, stats_of
 
-from kvrepl.engine.engine import common_prefix
-from kvrepl.events import Notice, Stats
+from kvrepl.engine.plan import common_prefix
+from kvrepl.events import Notice
 from kvrepl.store.kvstore import KVStore
 
 SCRIPT = Path(__file__).with_name("signalled_kvrepl.py")
@@ -89,11 +89,13 @@ def test_a_signal_at_each_stage_keeps_the_turn_and_ends_kvrepl(sig, stage, signa
         # what was computed: the prompt's chunk (prefill), the prompt and what was fed after it
         assert len(snapshot.ids) >= reused + prefilled > first
         assert stage != "prefill" or len(snapshot.ids) == reused + prefilled
-        events = list(chat.send("and then?"))
+        sent = chat.send("and then?")
+        events = list(sent)
         engine = chat.model.get().engine
         notes = "\n".join(e.text for e in events if isinstance(e, Notice))
         assert fault_lines(notes) == [], notes  # the snapshot was taken whole
-        (stats,) = [e for e in events if isinstance(e, Stats)]
+        stats = sent.result.stats
+        assert stats is not None
         # reused: all of the snapshot that the conversation still renders (an interrupted
         # answer's text may stop short of its last id), the turn's prompt at least
         reuse = common_prefix(snapshot.ids, engine.pc.ids)

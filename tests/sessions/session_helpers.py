@@ -18,8 +18,8 @@ from makers import make_tokenizer
 from kvrepl.chat.conversation import Conversation
 from kvrepl.config import Settings
 from kvrepl.engine import models
-from kvrepl.engine.engine import common_prefix
 from kvrepl.engine.models import LoadedModel
+from kvrepl.engine.plan import common_prefix
 from kvrepl.events import Finish, Notice, Stats, TextDelta
 from kvrepl.store.db import STAT_NAMES, Store
 from kvrepl.store.kvstore import KVStore
@@ -97,15 +97,16 @@ class Answered:
 
 
 def turn(chat: Conversation, text: str) -> Answered:
-    events = list(chat.send(text))
-    stats = [e for e in events if isinstance(e, Stats)]
-    finish = [e.reason for e in events if isinstance(e, Finish)]
-    assert len(stats) == 1 and len(finish) == 1, events
+    sent = chat.send(text)
+    events = list(sent)
+    stats, finish = sent.result.stats, sent.result.finish_reason
+    assert stats is not None and finish is not None, events
+    assert not any(isinstance(e, Stats | Finish) for e in events), events  # the result's alone
     return Answered(
         answer="".join(e.text for e in events if isinstance(e, TextDelta)),
         notices=[e.text for e in events if isinstance(e, Notice)],
-        stats=stats[0],
-        finish=finish[0],
+        stats=stats,
+        finish=finish,
         ids=list(chat.model.get().engine.pc.ids),
     )
 
