@@ -142,7 +142,7 @@ def test_decoding_ahead_stops_at_the_context_and_when_closed(gpu):
     assert len(ahead.pc.ids) == len(plain.pc.ids) == 511
     prompt = list(range(5, 40))
     events = ahead.stream(prompt, Sampling(temperature=0, max_tokens=50))
-    for _ in range(3):  # closed mid-answer (Ctrl-C): the cache holds its ids, no more
+    for _ in range(4):  # the plan, 3 tokens, closed (Ctrl-C): the cache holds its ids, no more
         next(events)
     events.close()
     ahead.pc.check()
