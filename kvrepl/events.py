@@ -62,7 +62,8 @@ class Finish:
 class Stats:
     """The figures of one turn. The first five are stored and exported (`as_dict`); the drafting
     figures (tokens fed as drafts, and of them the ones the answer took) are shown with the
-    turn only, when drafting happened."""
+    turn only, when drafting happened, as is the part of the ttft spent waiting for the model
+    (the ttft counts from Enter)."""
 
     reused_tokens: int
     prefilled_tokens: int
@@ -71,10 +72,11 @@ class Stats:
     decode_tok_s: float
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    model_wait_s: float = 0.0  # of the ttft, the wait for the model to load (the first turn)
 
     def as_dict(self) -> dict[str, float]:
         """The five stored figures, by the names the store and `export` use."""
-        return {k: v for k, v in asdict(self).items() if k not in DRAFT_FIELDS}
+        return {k: v for k, v in asdict(self).items() if k not in SHOWN_ONLY}
 
     def draft_dict(self) -> dict[str, int]:
         """The drafting figures, when drafting happened; else empty."""
@@ -84,6 +86,7 @@ class Stats:
 
 
 DRAFT_FIELDS = ("drafted_tokens", "accepted_tokens")
+SHOWN_ONLY = (*DRAFT_FIELDS, "model_wait_s")  # with the turn, never stored
 
 
 TurnEvent = TextDelta | ThinkDelta | Notice | Plan | Progress | Finish | Stats

@@ -4,11 +4,13 @@ turn under --no-reuse, in the singular for one token) and the one context check'
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
 from helpers import make_harness, tiny_loaded
 
+from kvrepl.app.turnlines import format_stats
 from kvrepl.chat.answer import _tokens
 from kvrepl.config import Settings
 from kvrepl.context import check_fits
@@ -43,3 +45,23 @@ def test_one_context_check_for_a_message_and_a_conversation():
     check_fits("conversation", 255, 256, room=1)  # the engine's guard: a position to answer in
     with pytest.raises(PromptError, match="the conversation is 256 tokens"):
         check_fits("conversation", 256, 256, room=1)
+
+
+def test_the_first_turns_ttft_counts_from_enter_and_says_the_wait(tiny, tmp_path: Path):
+    """Enter pressed 2 s ago, 1.5 s of them waiting for the model: the ttft holds both, the line
+    says how much was the load, and the store keeps the five figures alone."""
+    h = make_harness(tmp_path / "h", tiny_loaded(tiny), settings=SETTINGS)
+    try:
+        turn = h.chat.send("hello", started=time.perf_counter() - 2.0, waited=1.5)
+        list(turn)
+        stats = turn.result.stats
+        assert stats is not None and stats.ttft_s >= 2.0 and stats.model_wait_s == 1.5
+        assert f"ttft {stats.ttft_s:.2f} s (1.5 s of it loading the model)" in format_stats(stats)
+        (_, stored), = h.store.turn_stats(h.chat.session.id)
+        assert "model_wait_s" not in stored and stored["ttft_s"] >= 2.0
+        again = h.chat.send("and again")
+        list(again)
+        assert again.result.stats.model_wait_s == 0.0
+        assert "loading the model" not in format_stats(again.result.stats)
+    finally:
+        h.chat.close()

@@ -22,7 +22,7 @@ from kvrepl.engine.cache import PromptCache, hf_layers
 from kvrepl.engine.engine import Engine, Sampler, Sampling
 from kvrepl.engine.plan import common_prefix
 from kvrepl.errors import PromptError
-from kvrepl.events import DRAFT_FIELDS, Finish, Plan, Stats, TextDelta
+from kvrepl.events import SHOWN_ONLY, Finish, Plan, Stats, TextDelta
 
 GREEDY = Sampling(temperature=0, max_tokens=12)
 
@@ -596,7 +596,7 @@ def assert_tail(events: list, reason: str) -> Stats:
     assert events[-2] == Finish(reason), events[-3:]
     stats = events[-1]
     assert isinstance(stats, Stats)
-    assert [f.name for f in dataclasses.fields(Stats)] == [*STATS_FIELDS, *DRAFT_FIELDS]
+    assert [f.name for f in dataclasses.fields(Stats)] == [*STATS_FIELDS, *SHOWN_ONLY]
     assert list(stats.as_dict()) == STATS_FIELDS  # stored; the drafting figures are not
     assert not any(isinstance(ev, (Finish, Stats)) for ev in events[:-2])
     assert stats.ttft_s >= 0 and stats.decode_tok_s >= 0

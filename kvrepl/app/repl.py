@@ -10,6 +10,7 @@ calls: `Conversation` (the conversation), the command registry, the `Renderer` (
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -97,11 +98,12 @@ class Repl:
     def _message(self, text: str, *, one_shot: bool = False) -> Generate:
         """`text` as a message, after the files read for it (`/read`, `-f`): they go with it
         and are stored in it; a message refused before it is stored keeps them for the next."""
+        started = time.perf_counter()  # Enter: the first turn's ttft counts the model's load
         with self._no_echo():
-            self._wait_for_model()
+            waited = self._wait_for_model()
         attached = self.ctx.attached
         try:
-            turn = self.chat.send(compose(attached, text))
+            turn = self.chat.send(compose(attached, text), started=started, waited=waited)
         except PromptError as exc:
             if not attached:
                 raise
@@ -157,12 +159,15 @@ class Repl:
             self.renderer.end(result)
         self.failures += result.interrupted
 
-    def _wait_for_model(self) -> None:
-        if not self.chat.model.ready():
-            with self.renderer.status(self.chat.model.status()):
-                self.chat.model.get()
-        else:
+    def _wait_for_model(self) -> float:
+        """Wait for the model, with a status line while it loads; the seconds waited."""
+        if self.chat.model.ready():
             self.chat.model.get()
+            return 0.0
+        t0 = time.perf_counter()
+        with self.renderer.status(self.chat.model.status()):
+            self.chat.model.get()
+        return time.perf_counter() - t0
 
     def _log(self, text: str) -> Path | None:
         """Append to the log; where it is, or None when it cannot be written."""

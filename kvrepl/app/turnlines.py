@@ -39,7 +39,9 @@ def format_stats(
             f"generated {stats.generated_tokens:,}",
         ]
         if stats.ttft_s > 0:  # none before the first token (a prefill interrupted)
-            parts.append(f"ttft {stats.ttft_s:.2f} s")
+            waited = stats.model_wait_s  # the ttft counts from Enter: a first turn's load too
+            loading = f" ({waited:.1f} s of it loading the model)" if waited >= 0.05 else ""
+            parts.append(f"ttft {stats.ttft_s:.2f} s{loading}")
         if stats.decode_tok_s > 0:  # none for fewer than two tokens
             parts.append(f"{stats.decode_tok_s:.1f} tok/s")
         if stats.drafted_tokens:

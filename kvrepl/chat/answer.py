@@ -20,6 +20,7 @@ prints; never touches the cache but through the engine and the snapshots.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kvrepl.chat.prompt import ThinkSplitter
@@ -56,8 +57,9 @@ class Answer:
     has it), filling `result`; `started` (perf_counter) is when the user pressed Enter."""
 
     def __init__(self, chat: Answering, result: Result, fitted: Fitted | None,
-                 started: float | None) -> None:  # fmt: skip
+                 started: float | None, waited: float = 0.0) -> None:  # fmt: skip
         self.chat, self.result, self.fitted, self.started = chat, result, fitted, started
+        self.waited = waited  # of the time since `started`, the wait for the model
         self.rt: Runtime = chat.model.get()
         self.splitter = ThinkSplitter()
         self.budget: ThinkBudget | None = None
@@ -109,7 +111,7 @@ class Answer:
             elif isinstance(event, Finish):
                 self.result.finish_reason = event.reason
             elif isinstance(event, Stats):
-                self.result.stats = event
+                self.result.stats = replace(event, model_wait_s=self.waited)
             else:  # a long prefill's Progress
                 yield event
         yield from splitter.flush()

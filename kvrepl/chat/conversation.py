@@ -125,15 +125,17 @@ class Conversation:
             msgs.insert(0, {"role": "system", "content": self.settings.system})
         return msgs
 
-    def send(self, text: str) -> Turn:
+    def send(self, text: str, *, started: float | None = None, waited: float = 0.0) -> Turn:
         """Store the user's message, then answer it. A message that cannot fit is refused before
-        it is stored (it stays in the input history)."""
-        started = time.perf_counter()  # ttft counts from Enter: restoring a snapshot included
+        it is stored (it stays in the input history). `started`: when Enter was pressed (the
+        ttft counts from there: a wait for the model and a snapshot's restore included);
+        `waited`: how much of that went to waiting for the model, which the figures say."""
+        started = time.perf_counter() if started is None else started
         text = clean_text(text)  # a lone surrogate (from a bad terminal byte) becomes U+FFFD
         fitted = self._check_message(text, self.history())
         session = self.sessions.ensure()
         self.store.add_message(session.id, "user", text)
-        return Turn(lambda result: Answer(self, result, fitted, started).run())
+        return Turn(lambda result: Answer(self, result, fitted, started, waited).run())
 
     def edit(self, n: int, text: str) -> Turn:
         """Replace user turn n (1-based) as a new branch; the old one stays in the database."""
