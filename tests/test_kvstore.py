@@ -375,6 +375,32 @@ def test_a_load_from_a_chunk_boundary_reads_only_the_rest(tmp_path):
                for a, b in zip(got, w, strict=True))  # fmt: skip
 
 
+def test_a_conversation_that_leaves_a_chunk_in_its_middle_loads_the_first_part(tmp_path):
+    """ids that agree with a chunk over its first tokens only (a client's answer sent back as
+    text, tokenized otherwise): `find` stops before it, `find_within` names it and how many
+    agree, and `load` hands over exactly those, validated; a damaged chunk hands over none."""
+    store = KVStore(tmp_path)
+    ids = rand_ids(150, 10)
+    save(store, ids[:60])
+    save(store, ids)  # chunks [0, 60) and [60, 150)
+    other = ids[:100] + rand_ids(20, 11)
+    chain = store.find(FP, other)
+    assert [(r.start, r.end) for r in chain] == [(0, 60)]
+    part = store.find_within(FP, other, chain)
+    assert part is not None and (part[0].start, part[0].end, part[1]) == (60, 150, 40)
+    result = KVStore(tmp_path).load(FP, other, start=0, chain=chain, part=part)
+    assert result.notes == []
+    assert_same(result, ids[:100], prefix(kv_of(ids), 100))
+    assert store.find_within(FP, rand_ids(30, 12), []) is None  # nothing in common
+    assert store.find_within(FP, ids[:60], chain) is None  # nothing past the chain
+    flip = store.pool_dir(FP) / part[0].name
+    data = bytearray(flip.read_bytes())
+    data[-3] ^= 0xFF
+    flip.write_bytes(bytes(data))
+    damaged = KVStore(tmp_path).load(FP, other, chain=chain, part=part)
+    assert damaged.ids == ids[:60] and len(damaged.chunks) == 1
+
+
 def test_find_never_goes_past_the_ids(tmp_path):
     store = KVStore(tmp_path)
     ids = rand_ids(100, 9)

@@ -434,9 +434,9 @@ def test_piped_stdin_answers_and_runs_commands_without_ansi(tmp_path):
     assert "Paris" in out
     (line,) = stats_lines(err)  # piped: the figures go to stderr, the answer alone to stdout
     # the first line waited for the model: its ttft counts from Enter, and says so
-    assert re.fullmatch(r"reused 0 · prefilled \d+ · generated \d+ · ttft ([\d.]+) s \(([\d.]+) s "
-                        r"of it loading the model\) · [\d.]+ tok/s( · drafted \d+ \(\d+ accepted\))?"
-                        r"( · max tokens)?", line)  # fmt: skip
+    assert re.fullmatch(r"reused 0 · prefilled \d+ · generated \d+ · ttft ([\d.]+) s "
+                        r"\(([\d.]+) s of it loading the model\) · [\d.]+ tok/s"
+                        r"( · drafted \d+ \(\d+ accepted\))?( · max tokens)?", line)  # fmt: skip
     assert stats_lines(out) == []
     assert "[1. you] What is the capital of France?" in out  # what /history prints
     assert (home / "kvrepl.db").is_file()

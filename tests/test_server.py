@@ -48,8 +48,8 @@ class Server:
     """`kvrepl serve` on a free port over the store in `home`; its stderr in
     `logs`."""
 
-    def __init__(self, home: Path, logs: Path) -> None:
-        self.home, self.logs = home, logs
+    def __init__(self, home: Path, logs: Path, *extra: str) -> None:
+        self.home, self.logs, self.extra = home, logs, extra
         self.starts = 0
         self.popen: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -58,7 +58,8 @@ class Server:
         self.starts += 1
         with (self.logs / f"stderr-{self.starts}").open("wb") as f:
             self.popen = subprocess.Popen(
-                [str(PYTHON), "-m", "kvrepl", "serve", "--port", "0", *FLAGS], cwd=ROOT,
+                [str(PYTHON), "-m", "kvrepl", "serve", "--port", "0", *FLAGS, *self.extra],
+                cwd=ROOT,
                 stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=kvrepl_env(self.home),
             )  # fmt: skip
         deadline = time.monotonic() + 300
@@ -397,6 +398,50 @@ def test_after_a_restart_the_prefix_is_read_from_disk(
     assert figures["source"] == "disk", figures
     assert figures["reused_from_disk"] == second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert figures["reused_tokens"] >= first["usage"]["prompt_tokens"]
+
+
+@pytest.mark.model
+def test_with_8_bit_kv_a_conversation_is_the_no_reuse_servers_from_memory_and_disk(
+    tmp_path: Path,
+) -> None:
+    """`serve --kv-bits 8`: the second and third requests reuse the first's prefix (from memory,
+    then from disk after a restart) and answer what an 8-bit server that reuses nothing
+    answers."""
+    q1, q2, q3 = "Name three rivers in Europe.", "Which one is the longest?", "Say it in French."
+    kv8 = Server(tmp_path / "kv8", tmp_path, "--kv-bits", "8")
+    kv8.start()
+    try:
+        with kv8.client() as http:
+            a1 = content(complete(http, [user(q1)]))
+            two = complete(http, [user(q1), assistant(a1), user(q2)])
+        assert kv8.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+        kv8.start()  # the third request finds the prefix in the pool on disk
+        with kv8.client() as http:
+            three = complete(http, [user(q1), assistant(a1), user(q2), assistant(content(two)),
+                                    user(q3)])  # fmt: skip
+    finally:
+        kv8.stop()
+    assert two["kvrepl"]["source"] == "memory", two["kvrepl"]
+    assert three["kvrepl"]["source"] == "disk", three["kvrepl"]
+    cached = three["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > two["usage"]["prompt_tokens"] // 2  # into the answer sent back as text
+    logs = tmp_path / "plain"
+    logs.mkdir()
+    plain = Server(tmp_path / "plain-store", logs, "--kv-bits", "8", "--no-reuse")
+    plain.start()
+    try:
+        with plain.client() as http:
+            assert content(complete(http, [user(q1)])) == a1
+            b2 = content(complete(http, [user(q1), assistant(a1), user(q2)]))
+        plain.stop()  # restarted too: a server renders the answers it remembers by their ids
+        plain.start()
+        with plain.client() as http:
+            b3 = content(complete(http, [user(q1), assistant(a1), user(q2), assistant(b2),
+                                         user(q3)]))  # fmt: skip
+    finally:
+        plain.stop()
+    assert (content(two), content(three)) == (b2, b3)
+    assert b3 and b2 != b3  # answers, not an echo of one another
 
 
 # -- in process, no model -----------------------------------------------------------------------

@@ -290,7 +290,8 @@ class Worker:
     def _save(self, prompt_tokens: int) -> list[str]:
         """Write what is new in the cache to the pool, in two chunks: the prompt, then the
         answer. A client sends an answer back as text, which may tokenize otherwise than it was
-        generated (the pool finds whole chunks only): the prompt's chunk is found all the same."""
+        generated: the prompt's chunk is found whole, and the answer's up to where the two
+        tokenizations part (kvstore.find_within)."""
         engine = self.rt.engine
         if not engine.can_cut or not engine.cached_tokens:
             return []

@@ -56,15 +56,20 @@ class Snapshots:
 
     def from_pool(self, engine: Any, fingerprint: str, ids: list[int],
                   chain: list | None = None) -> Any:  # fmt: skip
-        """The pool's chunks for `ids` (`chain`: found already) from where the memory stops
-        agreeing, when they hold at least MIN_GAIN tokens more than the memory keeps; else
-        None. The server's requests come in by this door too."""
-        chain = self.kv.find(fingerprint, ids[: reusable(ids)]) if chain is None else chain
+        """The pool's chunks for `ids` (`chain`: the whole chunks found already; then the first
+        tokens of a chunk the ids leave in its middle) from where the memory stops agreeing,
+        when they hold at least MIN_GAIN tokens more than the memory keeps; else None. The
+        server's requests come in by this door too."""
+        usable = ids[: reusable(ids)]
+        chain = self.kv.find(fingerprint, usable) if chain is None else chain
+        part = self.kv.find_within(fingerprint, usable, chain)  # a chunk left in its middle
+        end = part[0].start + part[1] if part else chain[-1].end if chain else 0
         keep = engine.align(ids).keep
-        if not chain or chain[-1].end < keep + MIN_GAIN:
+        if end < keep + MIN_GAIN:
             return None
-        start = max((r.start for r in chain if r.start <= keep), default=0)
-        return self.kv.load(fingerprint, ids, start=start, chain=chain)
+        starts = [r.start for r in chain] + ([part[0].start] if part else [])
+        start = max((s for s in starts if s <= keep), default=0)
+        return self.kv.load(fingerprint, ids, start=start, chain=chain, part=part)
 
     def _resume(self, session_id: str, fingerprint: str, ids: list[int], chain: list) -> Any:
         """A session opened afresh: its last saved snapshot, when it agrees with the messages

@@ -52,7 +52,9 @@ from kvrepl.store.stfile import (
     Tensor,
     chunk_bytes,
     crc32s,
+    fits,
     ids_bytes,
+    ids_of,
     layout_of,
     parse_chunk,
     read_chunk,
@@ -126,12 +128,36 @@ class KVStore(Pool):
             else:
                 return chain
 
+    def find_within(
+        self, fingerprint: str, ids: Sequence[int], chain: list[Ref]
+    ) -> tuple[Ref, int] | None:
+        """Past the chain's end, the chunk whose first tokens agree longest with `ids`, and how
+        many agree (a conversation that leaves a chunk in its middle: an edit, or a client's
+        answer sent back as text that tokenizes otherwise than it was generated). Reads the
+        candidates' ids only; `load` validates the chunk."""
+        d = self.pool_dir(fingerprint)
+        pos = chain[-1].end if chain else 0
+        tip = chain[-1].tip if chain else EMPTY
+        best: tuple[Ref, int] | None = None
+        for r in self.refs(d) if not self.problem(d) else []:
+            if (r.parent, r.start) != (tip, pos) or r.end <= pos:
+                continue
+            theirs = ids_of(d / r.name) or []
+            n = 0
+            while n < len(theirs) and pos + n < len(ids) and theirs[n] == ids[pos + n]:
+                n += 1
+            if n and (best is None or n > best[1]):
+                best = (r, n)
+        return best
+
     def load(
-        self, fingerprint: str, ids: Sequence[int], start: int = 0, chain: list[Ref] | None = None
-    ) -> LoadResult:
+        self, fingerprint: str, ids: Sequence[int], start: int = 0,
+        chain: list[Ref] | None = None, part: tuple[Ref, int] | None = None,
+    ) -> LoadResult:  # fmt: skip
         """The chain's chunks from `start` (a chunk boundary) on, validated against `ids`, as
-        views; cut at the first chunk that fails, with one note on why. Marks what it hands over
-        as just used."""
+        views; cut at the first chunk that fails, with one note on why. `part` (find_within's):
+        a chunk after the chain of which only the first tokens agree with `ids`, validated
+        whole and handed over up to there. Marks what it hands over as just used."""
         d = self.pool_dir(fingerprint)
         if problem := self.problem(d):
             return LoadResult([], notes=[f"snapshot: dropped: {problem}"])
@@ -158,6 +184,10 @@ class KVStore(Pool):
             pos = r.end
             with contextlib.suppress(OSError):
                 os.utime(d / r.name)
+        if reason is None and part is not None and part[0].start == pos:
+            if (got := self._first_of(d, part, fingerprint, ids, kept)) is not None:
+                parts.append(got)
+                pos += part[1]
         notes = []
         if reason is not None and not kept and start == 0:
             notes.append(f"snapshot: dropped: {reason}")
@@ -180,7 +210,7 @@ class KVStore(Pool):
             return LoadResult([])  # another model's, or every file gone: no snapshot
         ids: list[int] = []
         for r in chain:  # a chunk that does not read fails the check where it lies
-            ids += _ids_of(d / r.name) or [-1] * (r.end - r.start)
+            ids += ids_of(d / r.name) or [-1] * (r.end - r.start)
         result = self.load(fingerprint, ids, chain=chain)
         if missing is not None and not result.notes:
             if not result.chunks:
@@ -192,6 +222,24 @@ class KVStore(Pool):
                     f"snapshot: kept {missing:,} tokens: the chunk at {missing:,} is missing"
                 )
         return result
+
+    def _first_of(self, d: Path, part: tuple[Ref, int], fingerprint: str, ids: Sequence[int],
+                  kept: list[Chunk]) -> dict[str, Tensor] | None:  # fmt: skip
+        """A chunk validated whole against the ids before it and its own, then its first
+        `part[1]` positions, when they are the conversation's; else None (recomputed)."""
+        r, n = part
+        try:
+            own = ids_of(d / r.name) or []
+            raw = ids_bytes([*ids[: r.start], *own])
+            got, _ = self._check(d / r.name, r, fingerprint, raw, kept)
+        except BadChunk:
+            self._bad.add((d.name, r.name))
+            return None
+        if got["ids"][:n].tolist() != list(ids[r.start : r.start + n]):
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(d / r.name)
+        return {k: t[:n] if k == "ids" else t[:, :, :n] for k, t in got.items()}
 
     @staticmethod
     def _check(
@@ -265,7 +313,8 @@ class KVStore(Pool):
         K/V in this layout (a chain found by names alone must not take in a chunk that no load
         would accept after it); that one and the rest go, to be written again from the cache."""
         for i, r in enumerate(chain):
-            if (d.name, r.name) in self._bad or not _fits(d / r.name, r, fingerprint, layout):
+            ok = fits(d / r.name, r.start, r.end, fingerprint, layout)
+            if (d.name, r.name) in self._bad or not ok:
                 for bad in chain[i:]:
                     self._bad.discard((d.name, bad.name))
                     with contextlib.suppress(FileNotFoundError):
@@ -341,30 +390,3 @@ class KVStore(Pool):
             return Ref.parse(first), len(theirs), len(a) + len(b)  # type: ignore[return-value]
         return None
 
-
-def _fits(path: Path, ref: Ref, fingerprint: str, layout: Layout) -> bool:
-    """Whether a chunk's header reads (framing, size, metadata) as this model's K/V in this
-    layout for the tokens its name says (its data is checked when it is loaded)."""
-    try:
-        c = parse_chunk(*read_chunk(path, header_only=True), path.name)[0]
-    except BadChunk:
-        return False
-    return (c.fingerprint, c.layout, c.start, c.end) == (fingerprint, layout, ref.start, ref.end)
-
-
-def _ids_of(path: Path) -> list[int] | None:
-    """A chunk's ids, read without its K/V (not validated: a candidate, checked on load)."""
-    try:
-        head, size, st = read_chunk(path, header_only=True)
-        c, _, data_start, spans = parse_chunk(head, size, st, path.name)
-        a, b = spans[0]
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            raw = os.pread(fd, b - a, data_start + a)
-        finally:
-            os.close(fd)
-    except (BadChunk, OSError):
-        return None
-    if len(raw) != b - a:
-        return None
-    return torch.frombuffer(bytearray(raw), dtype=torch.int64).tolist()

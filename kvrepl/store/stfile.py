@@ -297,3 +297,31 @@ def chunk_bytes(
     }
     name = f"{start:09d}-{end - start:07d}-{parent[:16]}-{prefix[:16]}.safetensors"
     return name, st_save(tensors, metadata=meta)
+
+
+def fits(path: Path, start: int, end: int, fingerprint: str, layout: Layout) -> bool:
+    """Whether a chunk's header reads (framing, size, metadata) as this model's K/V in this
+    layout for tokens [start, end) (its data is checked when it is loaded)."""
+    try:
+        c = parse_chunk(*read_chunk(path, header_only=True), path.name)[0]
+    except BadChunk:
+        return False
+    return (c.fingerprint, c.layout, c.start, c.end) == (fingerprint, layout, start, end)
+
+
+def ids_of(path: Path) -> list[int] | None:
+    """A chunk's ids, read without its K/V (not validated: a candidate, checked on load)."""
+    try:
+        head, size, st = read_chunk(path, header_only=True)
+        c, _, data_start, spans = parse_chunk(head, size, st, path.name)
+        a, b = spans[0]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            raw = os.pread(fd, b - a, data_start + a)
+        finally:
+            os.close(fd)
+    except (BadChunk, OSError):
+        return None
+    if len(raw) != b - a:
+        return None
+    return torch.frombuffer(bytearray(raw), dtype=torch.int64).tolist()
