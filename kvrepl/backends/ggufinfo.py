@@ -119,7 +119,11 @@ def read(buf: memoryview) -> Head:
     except (ValueError, IndexError, KeyError, struct.error) as exc:
         if isinstance(exc, GGUFError):
             raise
-        raise GGUFError(f"its header cannot be read ({exc})") from None
+        if isinstance(exc, struct.error) or r.pos > len(r.buf):  # read past the bytes given
+            raise GGUFError(f"the file is truncated: its header runs past its {len(r.buf):,} "
+                            "bytes (download it again)") from None  # fmt: skip
+        raise GGUFError(f"its header is damaged near byte {r.pos:,}: not a GGUF file kvrepl "
+                        "can read") from None  # fmt: skip
     align = int(meta.get("general.alignment") or 32)
     start = -(-r.pos // align) * align
     end = start
