@@ -9,7 +9,8 @@ of their prompt (edit, quote, rewrite: drafts are taken) and on prose (they are 
 
 Per task: the median decode rate (Stats.decode_tok_s: generated tokens over their time, the
 prefill left out) with drafting and without, their ratio, the share of drafted tokens the
-answer took and the drafted tokens per generated one. Both answers are compared token for
+answer took, the drafted tokens per generated one and the tokens a forward gives (1 without
+drafting). Both answers are compared token for
 token (drafting must not change them). Runs alternate (off, on, on, off, ...), each after
 waiting for the machine to be quiet, with the load other processes put on it recorded; one
 engine per mode runs every task in turn, as a session would (the drafting policy learns what a
@@ -82,7 +83,19 @@ TASKS: list[tuple[str, str, str]] = [
 ]  # fmt: skip
 
 
+FORWARDS = {"n": 0}  # the model's forwards (a prefill chunk, a step or a verification)
+
+
+def counted(forward):
+    def wrapper(*args, **kwargs):
+        FORWARDS["n"] += 1
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
 def run(engine: Engine, ids: list[int], sampling: Sampling) -> dict:
+    FORWARDS["n"] = 0
     events = list(engine.stream(ids, sampling))
     stats = events[-1]
     assert isinstance(stats, Stats)
@@ -91,6 +104,7 @@ def run(engine: Engine, ids: list[int], sampling: Sampling) -> dict:
         "generated": list(engine.progress.generated),
         "drafted": stats.drafted_tokens,
         "accepted": stats.accepted_tokens,
+        "forwards": FORWARDS["n"] - 1,  # the prompt's one chunk left out
     }
 
 
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sampling = Sampling(seed=0, max_tokens=args.max_tokens)
     lm = models.load(progress=False)
+    lm.model.forward = counted(lm.model.forward)
     prompt = Prompt(lm.tokenizer)
     ends = prompt.end_token_ids(lm.model.generation_config)
     engines = {
@@ -124,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_name()}; torch threads {torch.get_num_threads()}; "
           f"{lm.model.describe()}; sampling: {args.sampling}; {reps} run(s) per mode\n")
     print("| kind | task | tokens | off tok/s | on tok/s | ratio | accepted | drafted/token "
-          "| others' cores |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| tokens/forward | others' cores |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratios: dict[str, list[float]] = {"edit": [], "prose": []}
     for kind, name, user in tasks:
         ids = prompt.render([{"role": "user", "content": user}])
@@ -143,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         drafted = sum(r["drafted"] for r in runs["on"])
         accepted = sum(r["accepted"] for r in runs["on"])
         n = len(runs["on"][0]["generated"])
+        forwards = sum(r["forwards"] for r in runs["on"])
+        per_forward = sum(len(r["generated"]) for r in runs["on"]) / max(forwards, 1)
         others = max(r["others_cores"] for rs in runs.values() for r in rs)
         ratios[kind].append(on / off if off else 0.0)
         share = f"{accepted / drafted:.0%}" if drafted else "-"
         print(f"| {kind} | {name} | {n} | {off:.1f} | {on:.1f} | {on / off:.2f}x | {share} | "
-              f"{drafted / reps / max(n, 1):.2f} | {others:.2f} |")  # fmt: skip
+              f"{drafted / reps / max(n, 1):.2f} | {per_forward:.2f} | {others:.2f} |")  # fmt: skip
     for kind, rs in ratios.items():
         if rs:
             print(f"\n{kind}: geometric mean ratio {statistics.geometric_mean(rs):.2f}x "

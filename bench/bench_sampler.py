@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""The sampler's cost per decode step, in isolation: `Sampler.next` on the embedded model's own
-logits (a vocabulary of 49,152), for the sampling kvrepl ships and a few it allows, against the
-time of one decode step of the fast path, measured in the same process.
+"""The sampler's cost per decode step, in isolation: `Sampler.next_tensor` (what the engine
+calls) on the embedded model's own logits (a vocabulary of 49,152), for the sampling kvrepl
+ships and a few it allows, against the time of one decode step of the fast path, measured in the
+same process.
 
     .venv/bin/python bench/bench_sampler.py            # ~20 s
     .venv/bin/python bench/bench_sampler.py --threads 1
@@ -10,7 +11,8 @@ The logits are those of 48 greedy steps of an answer (real distributions: a conf
 head and its long tail). Each sampling draws once per logits vector, after `seen([token])` as
 the decode loop does, 4 rounds; the figure is the median time of one draw. "full sort" is the
 path the sampler took for every draw before the candidate prefilter (it still takes it on a GPU,
-and on the CPU when the kept set is wider than 1,024 tokens). The machine is shared: the load of
+and on the CPU when the kept set is wider than 1,024 tokens). A draw on the CPU works on the
+logits in place with numpy (sampler.py). The machine is shared: the load of
 other processes during the run is printed with it; rerun on a quiet machine for figures.
 """
 
@@ -79,7 +81,7 @@ def time_draws(cls: type[Sampler], s: Sampling, ids: list[int], logits: list[tor
     for _ in range(rounds):
         for x in logits:
             t0 = time.perf_counter()
-            token = sampler.next(x)
+            token = int(sampler.next_tensor(x))
             times.append(time.perf_counter() - t0)
             sampler.seen([token])
     return times

@@ -22,7 +22,7 @@ from kvrepl.backends.cpu.gguf_model import from_hf
 from kvrepl.chat.prompt import Prompt
 from kvrepl.config import Settings
 from kvrepl.engine import models
-from kvrepl.engine.draft import MAX_DRAFT, Drafter, DraftPolicy, Lookup
+from kvrepl.engine.draft import LENGTHS, MARGIN, MAX_DRAFT, Drafter, DraftPolicy, Lookup
 from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.events import Finish, Stats, TextDelta
 
@@ -349,32 +349,48 @@ def test_drafts_stop_before_an_end_token_and_outcomes_move_the_policy():
     policy.row_cost = 0.0
     ctx = [1, 2, 3, 4, 5, 6, 7, 99, 8, 9]
     drafter = Drafter(ctx, policy, end_ids={99})
-    assert drafter.propose(ctx, 2, 10) == [3, 4, 5, 6]  # the cap: 4 of [3..7] before 99
-    ctx += [2, 3, 4, 5, 6]  # all accepted, then the next token: the cap doubles
+    assert drafter.propose(ctx, 2, 4) == [3, 4, 5, 6]  # the limit
+    before = list(policy.rate)
+    ctx += [2, 3, 4, 5, 6]  # all accepted, then the next token
     assert drafter.propose(ctx, 7, 10) == []  # what followed 7 is the end token
-    assert policy.cap == 8
-    before = policy.rate[0]
+    # each drafted token was told to the rate of the match it extended: lengths 1 to 4
+    assert all(policy.rate[i] > before[i] for i in range(4)), (before, policy.rate)
+    assert policy.rate[4:] == before[4:]
     ctx += [7]
-    drafter.propose(ctx, 8, 10)  # 8 -> [9, 2, ...] drafted (8 was seen once: a match of 1)
+    assert drafter.propose(ctx, 8, 10)[:2] == [9, 2]  # 8 was seen once: a match of 1
     ctx += [8]
+    before = list(policy.rate)
     drafter.propose(ctx, 5, 10)  # the answer took 5, not 9: rejected at the first token
-    assert policy.cap == 1 and policy.rate[0] < before
+    assert policy.rate[0] < before[0] and policy.rate[1:] == before[1:]
 
 
 def test_the_policy_drafts_nothing_where_it_would_not_pay():
     policy = DraftPolicy()
     policy.row_cost = 0.6
-    policy.rate = [0.3, 0.5, 0.55, 0.95]
+    policy.rate = [0.3, 0.5, 0.55] + [0.95] * (LENGTHS - 3)
     assert [policy.size(m, MAX_DRAFT) for m in (1, 2, 3)] == [0, 0, 0]
-    policy.cap = MAX_DRAFT
     assert policy.size(4, MAX_DRAFT) >= 2
     policy.row_cost = 0.1
-    assert policy.size(4, MAX_DRAFT) > 6 and policy.size(1, MAX_DRAFT) == 1
+    assert policy.size(4, MAX_DRAFT) > 6 and policy.size(1, MAX_DRAFT) >= 1
     for _ in range(3):
         policy.timed(1, 0.010)
     for _ in range(30):
         policy.timed(9, 0.030)  # 8 more rows cost 2 steps: a row a quarter of a step
     assert 0.2 < policy.row_cost < 0.3
+
+
+def test_a_long_match_drafts_further_than_a_fresh_one():
+    """The tokens of a draft extend its match: a copy under way drafts far, a match of one
+    token drafts little or nothing; and a gain under MARGIN drafts nothing."""
+    policy = DraftPolicy()
+    policy.row_cost = 0.45
+    policy.rate = [0.4, 0.6, 0.75, 0.85, 0.9, 0.93] + [0.98] * (LENGTHS - 6)
+    fresh, long = policy.size(1, MAX_DRAFT), policy.size(LENGTHS, MAX_DRAFT)
+    assert fresh <= 1 and long >= 8, (fresh, long)
+    policy.row_cost, policy.rate[0] = 0.5, 0.5 + 0.5 * MARGIN  # one token gains MARGIN / 3
+    assert policy.size(1, 1) == 0
+    policy.rate[0] = 0.5 + 2 * MARGIN  # 4 MARGIN / 3
+    assert policy.size(1, 1) == 1
 
 
 # ---------------------------------------------------------------------------------------------

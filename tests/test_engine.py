@@ -508,13 +508,13 @@ def test_temperature_zero_is_argmax():
     s = sampler(temperature=0, top_p=0.5, top_k=3)
     for seed in range(20):
         logits = _logits(seed)
-        assert s.next(logits.clone()) == int(torch.argmax(logits))
+        assert int(s.next_tensor(logits.clone())) == int(torch.argmax(logits))
 
 
 def test_a_fixed_seed_gives_the_same_tokens_twice():
     def draw(seed: int) -> list[int]:
         s = sampler(temperature=1.0, top_p=1.0, seed=seed)
-        return [s.next(_logits(i % 3) * 0.1) for i in range(60)]
+        return [int(s.next_tensor(_logits(i % 3) * 0.1)) for i in range(60)]
 
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)
@@ -526,16 +526,16 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
         s = sampler(temperature=1.5, **kwargs)
         for seed in range(40):
             logits = _logits(seed) * 0.2  # flat: sampling would wander
-            assert s.next(logits.clone()) == int(torch.argmax(logits)), kwargs
+            assert int(s.next_tensor(logits.clone())) == int(torch.argmax(logits)), kwargs
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     s = sampler(vocab=4, temperature=1.0, top_p=0.6, seed=0)
-    got = {s.next(logits.clone()) for _ in range(300)}
+    got = {int(s.next_tensor(logits.clone())) for _ in range(300)}
     assert got == {0, 1}
     s = sampler(vocab=4, temperature=1.0, top_k=3, top_p=1.0, seed=0)
-    assert {s.next(logits.clone()) for _ in range(300)} == {0, 1, 2}
+    assert {int(s.next_tensor(logits.clone())) for _ in range(300)} == {0, 1, 2}
 
 
 def test_repetition_penalty_lowers_a_seen_token():
@@ -543,17 +543,17 @@ def test_repetition_penalty_lowers_a_seen_token():
     for logits in (torch.tensor([2.0, 1.8, 0.0]), torch.tensor([-1.0, -1.2, -5.0])):
         plain = sampler(vocab=3, temperature=0)
         plain.seen([0])
-        assert plain.next(logits.clone()) == 0
+        assert int(plain.next_tensor(logits.clone())) == 0
         penal = sampler(vocab=3, temperature=0, repetition_penalty=1.5)
         penal.seen([0])
-        assert penal.next(logits.clone()) == 1
+        assert int(penal.next_tensor(logits.clone())) == 1
     # sampled: the seen token is drawn less often (p 0.25 -> 0.17)
     flat = torch.ones(4)
 
     def count_zero(penalty: float) -> int:
         s = sampler(vocab=4, temperature=1.0, top_p=1.0, repetition_penalty=penalty, seed=3)
         s.seen([0, 0])
-        return sum(s.next(flat.clone()) == 0 for _ in range(3000))
+        return sum(int(s.next_tensor(flat.clone())) == 0 for _ in range(3000))
 
     plain, penalised = count_zero(1.0), count_zero(2.0)
     assert 650 < plain < 850
@@ -561,14 +561,14 @@ def test_repetition_penalty_lowers_a_seen_token():
     # unseen tokens are untouched
     s = sampler(vocab=3, temperature=0, repetition_penalty=1.5)
     s.seen([2])
-    assert s.next(torch.tensor([2.0, 1.8, 0.0])) == 0
+    assert int(s.next_tensor(torch.tensor([2.0, 1.8, 0.0]))) == 0
 
 
 def test_sampler_does_not_modify_its_input():
     logits = torch.tensor([2.0, 1.8, 0.0])
     s = sampler(vocab=3, temperature=0, repetition_penalty=1.5)
     s.seen([0])
-    s.next(logits)
+    int(s.next_tensor(logits))
     assert torch.equal(logits, torch.tensor([2.0, 1.8, 0.0]))
 
 

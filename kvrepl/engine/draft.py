@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 
 MAX_DRAFT = 16  # tokens drafted at most (a verification of 17 rows)
-MAX_NGRAM = 8  # the longest match looked for
+MAX_NGRAM = 12  # the longest match looked for
+LENGTHS = 12  # match lengths the acceptance rates tell apart (longer ones count as this)
+MARGIN = 0.1  # the least gain over plain decoding a draft must promise: the estimates are noisy
 _EMA = 0.1  # weight of one new observation in the estimates
 
 
@@ -61,37 +63,38 @@ class Lookup:
 
 class DraftPolicy:
     """How many tokens to draft: the count that makes the most tokens per unit of time, under
-    the acceptance rate seen for matches of that length and the measured cost of a verified row,
-    never more than a cap that doubles when a whole draft is accepted and falls back to what
-    was accepted when one is not; none when drafting would not pay. A proposal that is not fed
-    is still checked against the token that comes, so the rate keeps up."""
+    the acceptance rate seen for each length of match and the measured cost of a verified row;
+    none unless that beats plain decoding by MARGIN. A drafted token that the answer takes
+    lengthens the match, so the tokens of one draft are each judged by the rate of the match
+    they would extend: a long copy drafts far, a fresh short match one token or none. A
+    proposal that is not fed is still checked against the token that comes, so the rates keep
+    up where nothing is drafted."""
 
     def __init__(self) -> None:
-        # P(a drafted token is accepted) per match length 1, 2, 3, 4+: a longer match is a
-        # better guess (measured on the embedded model's answers: about 0.2 to 0.9)
-        self.rate = [0.2, 0.4, 0.6, 0.9]
+        # P(a drafted token is accepted | it extends a match of length m), m = 1 .. LENGTHS
+        # (longer as LENGTHS): a longer match is a better guess (measured on the embedded
+        # model's answers: about 0.3 for one token, 0.9 and more past eight)
+        self.rate = [min(0.95, 0.2 + 0.1 * m) for m in range(1, LENGTHS + 1)]
         self.row_cost = 0.5  # a verified row's time, in plain steps (measured: `timed`)
-        self.cap = 4
         self._step_s: float | None = None
 
     def size(self, match: int, available: int) -> int:
         """Tokens to draft of the `available` a match of length `match` proposes."""
-        q = self.rate[min(match, len(self.rate)) - 1]
-        best, best_gain, expected = 0, 1.0, 0.0
-        for k in range(1, min(available, self.cap) + 1):
-            expected += q**k  # tokens gained: the first k-1 accepted and the k-th too
+        best, best_gain, expected, p = 0, 1.0 + MARGIN, 0.0, 1.0
+        for k in range(1, min(available, MAX_DRAFT) + 1):
+            p *= self.rate[min(match + k - 1, LENGTHS) - 1]  # the first k all accepted
+            expected += p  # tokens a forward gains past its own: the accepted drafts
             gain = (1.0 + expected) / (1.0 + self.row_cost * k)
             if gain > best_gain:
                 best, best_gain = k, gain
         return best
 
-    def observed(self, match: int, drafted: int, accepted: int, fed: bool) -> None:
-        """A proposal's outcome: `accepted` of its first `drafted` tokens were what came."""
-        i = min(match, len(self.rate)) - 1
-        for hit in [True] * accepted + [False] * (accepted < drafted):
-            self.rate[i] += _EMA * (hit - self.rate[i])
-        if fed:
-            self.cap = min(2 * self.cap, MAX_DRAFT) if accepted == drafted else max(1, accepted)
+    def observed(self, match: int, drafted: int, accepted: int) -> None:
+        """A proposal's outcome: `accepted` of its first `drafted` tokens were what came (each
+        told to the rate of its match's length, up to the first that was not)."""
+        for j in range(min(drafted, accepted + 1)):
+            i = min(match + j, LENGTHS) - 1
+            self.rate[i] += _EMA * ((j < accepted) - self.rate[i])
 
     def timed(self, rows: int, seconds: float) -> None:
         """A forward of `rows` rows took `seconds`: the plain step's time, or a row's cost."""
@@ -112,8 +115,8 @@ class Drafter:
         self.policy = policy
         self.end_ids = end_ids
         self.drafted = self.accepted = 0
-        # the last proposal: where it starts in the context, its tokens, its match, whether fed
-        self._last: tuple[int, list[int], int, bool] | None = None
+        # the last proposal: where it starts in the context, its tokens, its match
+        self._last: tuple[int, list[int], int] | None = None
 
     def propose(self, ids: Sequence[int], token: int, limit: int) -> list[int]:
         """Tokens to feed after `token` (which follows `ids`, the context so far), at most
@@ -129,16 +132,16 @@ class Drafter:
             self._last = None
             return []
         k = min(self.policy.size(match, len(guess)), limit)
-        self._last = (self.lookup.n + 1, guess[: max(k, 1)], match, k > 0)
+        self._last = (self.lookup.n + 1, guess[: max(k, 1)], match)
         return guess[:k]
 
     def _settle(self, token: int) -> None:
         """Tell the policy how the last proposal fared against the ids that came after it."""
         if self._last is None:
             return
-        start, guess, match, fed = self._last
+        start, guess, match = self._last
         came = [*self.lookup.buf[start : self.lookup.n].tolist(), token]
         accepted = 0
         while accepted < min(len(guess), len(came)) and guess[accepted] == came[accepted]:
             accepted += 1
-        self.policy.observed(match, len(guess), accepted, fed)
+        self.policy.observed(match, len(guess), accepted)

@@ -257,7 +257,10 @@ class Engine:
         With a drafter, a token is fed with the tokens drafted to follow it (`_feed`); each
         sampled token that is the next draft takes that draft's row of logits instead of a step
         of its own, and the first that is not cuts the drafts left (pc.sync): the sampler is
-        asked exactly as token by token, so the answer is the same token for token.
+        asked exactly as token by token, so the answer is the same token for token. Sampled,
+        this is speculative sampling with the draft as a point-mass guess: the draft t is taken
+        with probability p(t) (the token drawn from its row is t), and otherwise the token is
+        drawn from p without t, renormalised (the drawn token, given it is not t).
         The tokens a steer forces after a token take the place of sampled ones (fed one by one,
         nothing drafted past them), and are the answer's as any other."""
         progress = self.progress

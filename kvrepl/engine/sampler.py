@@ -1,11 +1,16 @@
-"""The sampler: the next token from a step's logits, by the turn's Sampling (engine.py), with
-every operation on the logits' device and no wait for it until the token is read: on a GPU the
-engine reads token n while the model already computes step n + 1 (engine._decode).
+"""The sampler: the next token from a step's logits, by the turn's Sampling (engine.py).
 
-Owns: the penalty window of recent ids, the seeded generator, one vocabulary-sized work buffer
-(no vocabulary-sized allocation per step), and TokenReader (a token's copy to the host, waited
-for alone). On the CPU it samples from the few likeliest candidates (torch.topk) instead of
-sorting the whole vocabulary; the distribution is the same (see `_from_candidates`).
+On the CPU it works on the logits in place through numpy (torch's small ops cost tens of
+microseconds each there, numpy's one or two): the repetition penalty is applied to the few ids
+of its window and undone before it returns, greedy is one argmax, and a sampled token comes from
+the candidates within a fixed distance of the top (`_from_candidates`), whose weight outside is
+bounded, so the vocabulary is read twice at most. On a GPU every operation stays on the device,
+with no wait for it until the token is read: the engine reads token n while the model already
+computes step n + 1 (engine._decode).
+
+Owns: the penalty window of recent ids, the seeded generators, one vocabulary-sized work buffer
+for the GPU (no vocabulary-sized allocation per step), and TokenReader (a token's copy to the
+host, waited for alone). Both paths draw from the same distribution (tests/test_sampler.py).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-# Candidates the CPU path looks at: top-p at a usual temperature keeps a few of them; a flat
-# distribution, more. When the kept set reaches past the last (or top_k is larger), the full
-# path decides instead.
-CANDIDATES = (64, 1024)
+# Candidates on the CPU: the tokens within SPAN (in logits over the temperature) of the likeliest,
+# if at most CANDIDATES[0] (each of the others weighs under e^-SPAN of the likeliest: their
+# weight is bounded, seldom summed); else the CANDIDATES[1] likeliest by torch.topk; else (top-p
+# reaching past them, a tie at the last) the full sort.
+SPAN = 20.0
+CANDIDATES = (1024, 1024)
 
 
 class Sampler:
@@ -33,32 +41,59 @@ class Sampler:
         self.device = device
         self.recent: deque[int] = deque(maxlen=max(1, s.repeat_last_n))
         self._penalized: torch.Tensor | None = None  # the window's ids on the device, once
+        self._window: np.ndarray | None = None  # the same on the host
         self.gen = torch.Generator(device=device)
         if s.seed is not None:
             self.gen.manual_seed(s.seed)
         else:
             self.gen.seed()
+        self.rng = np.random.default_rng(s.seed)  # the CPU path's uniform numbers
         self._work: torch.Tensor | None = None
 
     def seen(self, ids: Sequence[int]) -> None:
         self.recent.extend(i for i in ids[-self.recent.maxlen :] if 0 <= i < self.vocab_size)
-        self._penalized = None
-
-    def next(self, logits: torch.Tensor) -> int:
-        return int(self.next_tensor(logits))
+        self._penalized = self._window = None
 
     def next_tensor(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token as a 0-d tensor on the logits' device: queued, not waited for."""
+        """The next token as a 0-d tensor on the logits' device: on a GPU queued, not waited
+        for; on the CPU decided here."""
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
+            return torch.tensor(self._on_host(logits))
         x = self._copy(logits)  # never write into the caller's logits
         self._penalize(x)
         if self.s.temperature <= 0:
             return torch.argmax(x)
-        x.div_(self.s.temperature)
-        if x.device.type == "cpu":  # its host-side decisions cost no wait there
+        return self._full(x.div_(self.s.temperature))
+
+    def _on_host(self, logits: torch.Tensor) -> int:
+        """The token, from the logits in place (contiguous, or a copy): the penalty is written
+        into them and the values it replaced written back before returning, whatever happens."""
+        x = logits.numpy() if logits.is_contiguous() else logits.contiguous().numpy()
+        ids, saved = self._penalize_host(x)
+        try:
+            if self.s.temperature <= 0:
+                return int(x.argmax())
             token = self._from_candidates(x)
-            if token is not None:
-                return token
-        return self._full(x)
+            if token is None:
+                full = torch.from_numpy(x).div(self.s.temperature)  # a copy: _full writes in it
+                token = int(self._full(full))
+            return token
+        finally:
+            if ids is not None:
+                x[ids] = saved
+
+    def _penalize_host(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """`_penalize` on the host, in place; the ids and the values they had."""
+        p = self.s.repetition_penalty
+        if p == 1.0 or not self.recent:
+            return None, None
+        if self._window is None:
+            self._window = np.fromiter(set(self.recent), dtype=np.int64)
+        ids = self._window
+        saved = x[ids]
+        p32 = np.float32(p)  # as torch divides a float32 tensor by a Python float
+        x[ids] = np.where(saved > 0, saved / p32, saved * p32)
+        return ids, saved
 
     def _copy(self, logits: torch.Tensor) -> torch.Tensor:
         if self._work is None or self._work.shape != logits.shape:
@@ -95,61 +130,84 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_(1, generator=self.gen)
         return torch.argmax(probs / noise)
 
-    def _from_candidates(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`_full`'s distribution from the likeliest candidates of the scaled logits `x` (64,
-        then 1,024), or None where they cannot decide it. A draw differs from `_full`'s for the
-        same seed: the same distribution, other random numbers."""
-        top_k = self.s.top_k
-        if top_k > 0:
-            return self._draw(x, min(top_k, x.numel())) if top_k <= CANDIDATES[-1] else None
-        for k in CANDIDATES:
-            token = self._draw(x, min(k, x.numel()))
-            if token is not None:
-                return token
-        return None
+    def _from_candidates(self, x: np.ndarray) -> int | None:
+        """`_full`'s distribution from the penalized logits `x` (unscaled, not written), or
+        None where the candidates cannot decide it."""
+        top = float(x.max())
+        token = self._near(x, top)
+        return token if token is not None else self._likeliest(x, top)
 
-    def _draw(self, x: torch.Tensor, k: int) -> torch.Tensor | None:
-        """A token from the k likeliest (`x`'s top-k set, or top-p's prefix of them, or all of
-        them and the tail beyond, each by its probability), drawn by uniform numbers against
-        cumulative weights; None where the top-p set reaches past them or a tie straddles the
-        k-th. The tail's weight (the tokens beyond) is bounded before it is summed: at a usual
-        temperature the bound decides, and the vocabulary is not read again."""
-        n, top_p = x.numel(), self.s.top_p
-        vals, idx = torch.topk(x, min(k + 1, n))  # one more: the tail's bound, and a tie
-        if k < n and vals[k - 1] == vals[k]:
+    def _near(self, x: np.ndarray, top: float) -> int | None:
+        """From the tokens within SPAN of the top, if they are few enough (and hold the top-k
+        set, if any)."""
+        t, top_k = self.s.temperature, self.s.top_k
+        near = np.flatnonzero(x >= top - SPAN * t)
+        if len(near) > CANDIDATES[0] or len(near) < top_k:
             return None
-        weights = torch.exp(vals[:k] - vals[0])  # the candidates' probabilities, times Z / e^max
-        cum = weights.cumsum(0)
-        inside = float(cum[-1])
-        tail = k < n and self.s.top_k == 0
-        rest_max = (n - k) * float(torch.exp(vals[k] - vals[0])) if tail else 0.0
-        rest = _Lazy(lambda: float(torch.exp(x - vals[0]).sum()) - inside)
+        ids = near[np.argsort(-x[near], kind="stable")]  # likeliest first; a tie by id
+        vals = (x[ids].astype(np.float64) - top) / t
+        if top_k > 0:  # the top-k set: those at or above the k-th (ties kept)
+            ids = ids[vals >= vals[top_k - 1]]
+            return self._choose(x, ids, vals[: len(ids)], 0.0)
+        return self._choose(x, ids, vals, (x.size - len(ids)) * np.exp(-SPAN))
+
+    def _likeliest(self, x: np.ndarray, top: float) -> int | None:
+        """From torch.topk's top_k (or CANDIDATES[1]) likeliest; None on a tie at the last."""
+        n, top_k = x.size, self.s.top_k
+        k = top_k or CANDIDATES[1]
+        if k > CANDIDATES[1] or k >= n:
+            return None
+        v, i = torch.topk(torch.from_numpy(x), k + 1)  # one more: the outside's bound, a tie
+        if v[k - 1] == v[k]:
+            return None
+        vals = (v.numpy().astype(np.float64) - top) / self.s.temperature
+        bound = 0.0 if top_k else (n - k) * float(np.exp(vals[k]))
+        return self._choose(x, i.numpy()[:k], vals[:k], bound)
+
+    def _choose(self, x: np.ndarray, ids: np.ndarray, vals: np.ndarray,
+                outside_max: float) -> int | None:  # fmt: skip
+        """A token of the candidates `ids` (scaled logits `vals` less the top's, descending;
+        the others of the distribution weighing at most `outside_max` together, in units of
+        the top's weight): top-p's prefix of them, or all of them and the outside, each by its
+        probability; None where the top-p set reaches past them. The outside's weight is
+        summed only where its bound does not decide."""
+        weights = np.exp(vals)
+        cum = np.cumsum(weights)
+        inside, top_p, k = float(cum[-1]), self.s.top_p, len(ids)
+        outside = _Lazy(lambda: self._outside(x, ids, inside))
         if 0 < top_p < 1:
             before = cum - weights  # the weight of the likelier candidates
-            keep = int(torch.count_nonzero(before <= top_p * inside))
-            if keep < int(torch.count_nonzero(before <= top_p * (inside + rest_max))):
-                keep = int(torch.count_nonzero(before <= top_p * (inside + rest())))
-            # the (k+1)-th token is kept too when the candidates weigh under top_p of it all
-            if keep == k and tail and inside <= top_p * (inside + rest_max):
-                if inside <= top_p * (inside + rest()):
+            keep = int(np.count_nonzero(before <= top_p * inside))
+            if keep < int(np.count_nonzero(before <= top_p * (inside + outside_max))):
+                keep = int(np.count_nonzero(before <= top_p * (inside + outside())))
+            # the likeliest outside is kept too when the candidates weigh under top_p of it all
+            if keep == k and outside_max > 0 and inside <= top_p * (inside + outside_max):
+                if inside <= top_p * (inside + outside()):
                     return None
-            tail = False
+            outside_max = 0.0
         else:
             keep = k
-        if tail:
-            u = float(torch.rand((), generator=self.gen))
-            if u * (inside + rest_max) >= inside and u * (inside + rest()) >= inside:
-                return self._tail(x, idx[:k], vals[0])
-        target = torch.rand((), generator=self.gen) * cum[keep - 1]
-        return idx[min(int(torch.searchsorted(cum[:keep], target, right=True)), keep - 1)]
+        u = self.rng.random()
+        if outside_max > 0 and u * (inside + outside_max) >= inside:
+            if u * (inside + outside()) >= inside:
+                return self._tail(x, ids)
+        target = self.rng.random() * cum[keep - 1]
+        return int(ids[min(int(np.searchsorted(cum[:keep], target, side="right")), keep - 1)])
 
-    def _tail(self, x: torch.Tensor, candidates: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    def _weights(self, x: np.ndarray) -> np.ndarray:
+        """Every token's weight, in units of the top's."""
+        return np.exp((x.astype(np.float64) - x.max()) / self.s.temperature)
+
+    def _outside(self, x: np.ndarray, ids: np.ndarray, inside: float) -> float:
+        return max(0.0, float(self._weights(x).sum()) - inside)
+
+    def _tail(self, x: np.ndarray, candidates: np.ndarray) -> int:
         """A token from beyond the candidates, by its probability among those tokens."""
-        weights = x.sub_(top).exp_()
-        weights.index_fill_(0, candidates, 0.0)
-        cum = weights.cumsum_(0)
-        target = torch.rand((), generator=self.gen) * cum[-1]
-        return torch.searchsorted(cum, target, right=True).clamp_(max=x.numel() - 1)
+        weights = self._weights(x)
+        weights[candidates] = 0.0
+        cum = np.cumsum(weights)
+        target = self.rng.random() * cum[-1]
+        return min(int(np.searchsorted(cum, target, side="right")), x.size - 1)
 
 
 class _Lazy:
