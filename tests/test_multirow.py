@@ -1,7 +1,7 @@
 """The matmul over several rows of x (a verification of drafted tokens: up to 16 rows through the
 loop that unpacks each weight block once for all of them, issue 19) gives every row bit for bit
 what that row alone gives, at any thread count and on every instruction set (scalar, AVX2,
-AVX-512), on rows interleaved in planar groups of 4 and not."""
+AVX-512), on rows interleaved in planar groups of 4 and not, scales in float32 or float16."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def weights() -> list[tuple[str, Packed]]:
     out = []
     for name, p in every_kind(24, 288, np.random.default_rng(11)).items():
         out += [(name, p), (name + "/planar", p.interleaved(4))]
+        h = Packed(p.fmt, p.q, p.sc.half().float(), p.n, p.k, p.block)  # stored as float16
+        out += [(name + "/f16", h), (name + "/planar/f16", h.interleaved(4))]
+    assert out[-1][1].sc.dtype == torch.float16 and out[-3][1].sc.dtype == torch.float32
     return out
 
 
@@ -38,7 +41,7 @@ def test_planar_groups_are_a_byte_order_of_the_rows():
 
 
 def every_q(name: str) -> torch.Tensor:
-    base = name.removesuffix("/planar")
+    base = name.removesuffix("/f16").removesuffix("/planar")
     return every_kind(24, 288, np.random.default_rng(11))[base].q
 
 

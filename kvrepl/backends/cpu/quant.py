@@ -46,7 +46,8 @@ class QuantError(ValueError):
 class Packed:
     """One weight matrix [n, k] in a kernel format. `q`: u4 uint8 [n, k/2] (per 32 weights, 16
     bytes: low nibbles are weights 0-15, high nibbles 16-31), i8 int8 [n, k], f16 float16 or f32
-    float32 [n, k]; `sc`: float32 [n, k/block, 2] (scale, min) for u4 and i8."""
+    float32 [n, k]; `sc`: float32 [n, k/block, 2] (scale, min) for u4 and i8 (float16 in
+    interleaved rows where each value is one exactly)."""
 
     fmt: str
     q: torch.Tensor
@@ -58,7 +59,7 @@ class Packed:
 
     def nbytes(self) -> int:
         return self.q.numel() * self.q.element_size() + (
-            self.sc.numel() * 4 if self.sc is not None else 0
+            self.sc.numel() * self.sc.element_size() if self.sc is not None else 0
         )
 
     def interleaved(self, group: int = 4) -> Packed:
@@ -73,6 +74,9 @@ class Packed:
             return self
         q = _planar(self.q, self.n, self.fmt, True)
         sc = _regroup(self.sc, self.n, group, 2 * (32 // self.block), True)
+        half = sc.half()
+        if torch.equal(half.float().view(torch.int32), sc.view(torch.int32)):
+            sc = half  # every scale and min is a float16 (Q4_0, Q4_1, Q8_0): 4 bytes a block less
         return Packed(self.fmt, q, sc, self.n, self.k, self.block, group)
 
     def canonical(self) -> Packed:
@@ -81,7 +85,7 @@ class Packed:
             return self
         g = self.group
         q = _planar(self.q, self.n, self.fmt, False)
-        sc = _regroup(self.sc, self.n, g, 2 * (32 // self.block), False)
+        sc = _regroup(self.sc.float(), self.n, g, 2 * (32 // self.block), False)
         return Packed(self.fmt, q, sc, self.n, self.k, self.block)
 
     def dequantize(self) -> torch.Tensor:

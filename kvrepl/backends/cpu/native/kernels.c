@@ -37,9 +37,10 @@ typedef struct {
     int32_t block;     /* I8: 32 or 16 weights per (scale, min) */
     i64 n, k;          /* rows (outputs), columns (inputs); k % 32 == 0 */
     const void *q;     /* U4: uint8 [n][k/2]; I8: int8 [n][k]; F16: uint16 [n][k]; F32: float */
-    const float *sc;   /* U4, I8: float [n][k/block][2] = (scale, min) */
+    const void *sc;    /* U4, I8: float [n][k/block][2] = (scale, min); float16 with sc16 */
     int32_t has_min;   /* any min is not 0 */
     int32_t group;     /* U4, I8: rows interleaved per block in groups of this many (1 or 4) */
+    int32_t sc16;      /* the (scale, min) pairs are float16 (each exactly the float it stands for) */
 } Weight;
 
 /* A quantized weight row is blocks of 32 (or 16) integers q with a float (scale, min) each:
@@ -51,9 +52,9 @@ typedef struct {
  * Float weights (F16, F32) take float activations: acc = fma(x, w, acc) in k order. */
 typedef struct {
     const uint8_t *q;
-    const float *sc;
+    const void *sc;    /* float, or float16 with sc16 */
     i64 k, qrow, srow; /* weights per row; bytes of q per row; (scale, min) pairs per row */
-    int block, has_min, group;
+    int block, has_min, group, sc16;
 } Wv;
 
 /* Row n's q (`bytes` per block of 32) from its block 0; block b is b * bytes * group further.
@@ -72,9 +73,20 @@ static inline const uint8_t *qrow(const Wv *w, i64 n, i64 bytes, int *sh) {
     return base + (bytes == 16 ? 0 : (r / 2) * 64) + (r % 2) * 32;
 }
 /* the (scale, min) pairs of row n's block b: rows interleaved block by block in their groups */
-static inline const float *sblock(const Wv *w, i64 n, i64 b) {
+static inline i64 sblock(const Wv *w, i64 n, i64 b) { /* an index into sc */
     i64 g = w->group, nb = w->k / 32, sub = 32 / w->block;
-    return w->sc + ((n / g) * nb * g + b * g + n % g) * sub * 2;
+    return ((n / g) * nb * g + b * g + n % g) * sub * 2;
+}
+/* cnt scales and mins from index i, as floats (float16 ones convert exactly) */
+static inline void sfetch(const Wv *w, i64 i, float *s, int cnt) {
+    for (int c = 0; c < cnt; c++) {
+        if (!w->sc16) s[c] = ((const float *)w->sc)[i + c];
+#ifdef KV_AVX2
+        else s[c] = _cvtsh_ss(((const uint16_t *)w->sc)[i + c]);
+#else
+        else s[c] = h2f(((const uint16_t *)w->sc)[i + c]);
+#endif
+    }
 }
 
 typedef struct { /* quantized rows of x */
@@ -227,7 +239,7 @@ static inline float finish(float r, const float *bias, i64 n, int accumulate, co
         float mins[NT][MT];                                                                      \
         const uint8_t *wr[NT];                                                                   \
         int sh[NT];                                                                              \
-        const float *sr[NT];                                                                     \
+        i64 sr[NT];                                                                              \
         const int16_t *xr[MT];                                                                   \
         const float *dr[MT], *sxr[MT], *sx32[MT];                                                \
         i64 nb = w->k / 32;                                                                      \
@@ -247,7 +259,8 @@ static inline float finish(float r, const float *bias, i64 n, int accumulate, co
             for (int i = 0; i < NT; i++) {                                                       \
                 wv16 w0, w1;                                                                     \
                 WFN(wr[i] + b * BYTES * w->group, sh[i], &w0, &w1);                              \
-                const float *s = sr[i] + b * SUB * 2 * w->group;                                 \
+                float s[4];                                                                      \
+                sfetch(w, sr[i] + b * SUB * 2 * w->group, s, 2 * SUB);                           \
                 v8 sc0 = v_set1(s[0]), sc2 = v_set1(s[SUB == 2 ? 2 : 0]);                        \
                 _Pragma("GCC unroll 8")                                                          \
                 for (int j = 0; j < MT; j++) {                                                   \
@@ -304,6 +317,16 @@ static inline void w2_i8(const uint8_t *a, const uint8_t *b, int sh, __m512i *w0
     *w0 = _mm512_cvtepi8_epi16(pair128(a, b));
     *w1 = _mm512_cvtepi8_epi16(pair128(a + 16, b + 16));
 }
+/* 8 * sub floats of sc from index i (a group's block: its 4 rows' pairs), float16 or not */
+static inline __m512 scales8(const Wv *w, i64 i, int sub) {
+    if (w->sc16) {
+        const uint16_t *h = (const uint16_t *)w->sc + i;
+        if (sub == 1) return _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+    }
+    const float *f = (const float *)w->sc + i;
+    return sub == 1 ? _mm512_castps256_ps512(_mm256_loadu_ps(f)) : _mm512_loadu_ps(f);
+}
 /* the 4 rows of a planar group's block (quant.py, _planar): w0[p], w1[p] for rows 2p, 2p + 1 */
 static inline void w4_u4(const uint8_t *q, __m512i w0[2], __m512i w1[2]) {
     __m512i v = _mm512_loadu_si512(q), m = _mm512_set1_epi16(15);
@@ -344,7 +367,7 @@ static inline v8 half_hi(__m512 a) {
         float mins[NT][MT];                                                                      \
         const uint8_t *wr[NT];                                                                   \
         int sh[NT];                                                                              \
-        const float *sr[NT];                                                                     \
+        i64 sr[NT];                                                                              \
         const int16_t *xr[MT];                                                                   \
         const float *dr[MT], *sxr[MT], *sx32[MT];                                                \
         i64 nb = w->k / 32;                                                                      \
@@ -364,8 +387,9 @@ static inline v8 half_hi(__m512 a) {
             for (int i = 0; i < NT; i += 2) {                                                    \
                 __m512i w0, w1;                                                                  \
                 WFN2(wr[i] + b * BYTES * w->group, wr[i + 1] + b * BYTES * w->group, sh[i], &w0, &w1); \
-                const float *s = sr[i] + b * SUB * 2 * w->group;                                 \
-                const float *t = sr[i + 1] + b * SUB * 2 * w->group;                             \
+                float s[4], t[4];                                                                \
+                sfetch(w, sr[i] + b * SUB * 2 * w->group, s, 2 * SUB);                           \
+                sfetch(w, sr[i + 1] + b * SUB * 2 * w->group, t, 2 * SUB);                       \
                 __m512 sc0 = halves(s[0], t[0]), sc2 = SUB == 2 ? halves(s[2], t[2]) : sc0;      \
                 _Pragma("GCC unroll 8")                                                          \
                 for (int j = 0; j < MT; j++) {                                                   \
@@ -411,7 +435,7 @@ static inline v8 half_hi(__m512 a) {
                                     const float *bias, int accumulate, i64 m0, i64 n0) {         \
         i64 nb = w->k / 32;                                                                      \
         const uint8_t *q = w->q + n0 * nb * BYTES; /* the group's block 0 */                    \
-        const float *sc = sblock(w, n0, 0);                                                      \
+        i64 sc = sblock(w, n0, 0);                                                               \
         __m512 acc[2][MT], mins[MT];                                                             \
         for (int j = 0; j < MT; j++) acc[0][j] = acc[1][j] = mins[j] = _mm512_setzero_ps();      \
         const __m512i pick0 = _mm512_set_epi32(2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 0, 0, 0, 0, 0, 0, 0, 0); \
@@ -421,7 +445,7 @@ static inline v8 half_hi(__m512 a) {
         for (i64 b = 0; b < nb; b++, q += 4 * BYTES, sc += 8 * SUB) {                            \
             __m512i w0[2], w1[2];                                                                \
             WFN4(q, w0, w1);                                                                     \
-            __m512 sv = SUB == 1 ? _mm512_castps256_ps512(_mm256_loadu_ps(sc)) : _mm512_loadu_ps(sc); \
+            __m512 sv = scales8(w, sc, SUB);                                                     \
             __m512 s0[2] = {_mm512_permutexvar_ps(pick0, sv), _mm512_permutexvar_ps(pick1, sv)}; \
             __m512 s2[2] = {s0[0], s0[1]};                                                       \
             if (SUB == 2) {                                                                      \
@@ -615,7 +639,8 @@ DEF_MM(f, f16, XF)
 DEF_MM(f, f32, XF)
 
 static Wv view(const Weight *W) {
-    Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0, W->group > 1 ? W->group : 1};
+    Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0, W->group > 1 ? W->group : 1,
+            W->sc16};
     switch (W->fmt) {
     case FMT_U4: w.qrow = W->k / 2; w.srow = W->k / 32; w.block = 32; break;
     case FMT_I8: w.qrow = W->k; w.srow = W->k / W->block; break;
@@ -673,7 +698,8 @@ static void deq32(const Weight *W, i64 n, i64 b, v8 o[4]) {
     else w16_i8(p, sh, &lo, &hi);
     w16_floats(lo, &o[0], &o[1]);
     w16_floats(hi, &o[2], &o[3]);
-    const float *s = sblock(&w, n, b);
+    float s[4];
+    sfetch(&w, sblock(&w, n, b), s, w.block == 16 ? 4 : 2);
     for (int i = 0; i < 4; i++) {
         const float *si = w.block == 16 ? s + (i / 2) * 2 : s;
         o[i] = v_fma(o[i], v_set1(si[0]), v_set1(si[1]));
