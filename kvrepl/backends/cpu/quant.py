@@ -46,7 +46,8 @@ class QuantError(ValueError):
 class Packed:
     """One weight matrix [n, k] in a kernel format. `q`: u4 uint8 [n, k/2] (per 32 weights, 16
     bytes: low nibbles are weights 0-15, high nibbles 16-31), i8 int8 [n, k], f16 float16 or f32
-    float32 [n, k]; `sc`: float32 [n, k/block, 2] (scale, min) for u4 and i8."""
+    float32 [n, k]; `sc`: float32 [n, k/block, 2] (scale, min) for u4 and i8 (float16 in
+    interleaved rows where each value is one exactly)."""
 
     fmt: str
     q: torch.Tensor
@@ -58,28 +59,33 @@ class Packed:
 
     def nbytes(self) -> int:
         return self.q.numel() * self.q.element_size() + (
-            self.sc.numel() * 4 if self.sc is not None else 0
+            self.sc.numel() * self.sc.element_size() if self.sc is not None else 0
         )
 
     def interleaved(self, group: int = 4) -> Packed:
-        """The same weights with block b of rows gG..gG+G-1 side by side: a kernel tile of G rows
-        then reads one stream. Only u4 and i8 with n divisible by G; others stay as they are."""
-        if self.fmt not in ("u4", "i8") or self.n % group or self.group != 1 or self.sc is None:
+        """The same weights with block b of rows 4g..4g+3 in one run of bytes (`_planar`): a
+        kernel tile of 4 rows then reads one stream and unpacks it with shifts and masks. Only
+        u4 and i8 with n divisible by 4; others stay as they are."""
+        if group not in (1, 4):
+            raise ValueError("rows interleave in groups of 4 (or 1: as they are)")
+        if group == 1 or self.fmt not in ("u4", "i8") or self.n % group or self.group != 1:
             return self
-        q = _regroup(self.q, self.n, group, self._qwidth(), True)
+        if self.sc is None:
+            return self
+        q = _planar(self.q, self.n, self.fmt, True)
         sc = _regroup(self.sc, self.n, group, 2 * (32 // self.block), True)
+        half = sc.half()
+        if torch.equal(half.float().view(torch.int32), sc.view(torch.int32)):
+            sc = half  # every scale and min is a float16 (Q4_0, Q4_1, Q8_0): 4 bytes a block less
         return Packed(self.fmt, q, sc, self.n, self.k, self.block, group)
-
-    def _qwidth(self) -> int:
-        return 16 if self.fmt == "u4" else 32
 
     def canonical(self) -> Packed:
         """Rows one after the other again."""
         if self.group == 1:
             return self
         g = self.group
-        q = _regroup(self.q, self.n, g, self._qwidth(), False)
-        sc = _regroup(self.sc, self.n, g, 2 * (32 // self.block), False)
+        q = _planar(self.q, self.n, self.fmt, False)
+        sc = _regroup(self.sc.float(), self.n, g, 2 * (32 // self.block), False)
         return Packed(self.fmt, q, sc, self.n, self.k, self.block)
 
     def dequantize(self) -> torch.Tensor:
@@ -115,6 +121,29 @@ def _regroup(t: torch.Tensor, n: int, g: int, width: int, forward: bool) -> torc
     else:
         out = flat.reshape(n // g, nb, g, width).permute(0, 2, 1, 3)
     return out.contiguous().reshape(t.shape)
+
+
+# A group of 4 rows' block b, "planar": 16-bit words i = 0..31 (i = 16 * (row % 2) + j) hold
+# four vectors of 32 int16 weights, V0 = rows 0-1 weights j (j < 16), V1 = rows 0-1 weights
+# 16 + j, V2 and V3 the same of rows 2-3 (the order of the AVX-512 loops' registers). u4: 64
+# bytes, word i = V0 | V1 << 4 | V2 << 8 | V3 << 12 (so byte 2i + p is row 2p + i // 16's byte
+# j as packed: low nibble weight j, high nibble 16 + j); i8: 128 bytes, two runs of 32 words,
+# run p's word i = V(2p) (low byte) | V(2p + 1) << 8. Both are byte orders of the rows' bytes.
+_PLANAR = {  # canonical [g, rp, rr, b, h?, j] -> planar order
+    "u4": ((-1, 2, 2, None, 16), (0, 3, 2, 4, 1)),  # [g, rp, rr, b, j] -> [g, b, rr, j, rp]
+    "i8": ((-1, 2, 2, None, 2, 16), (0, 3, 1, 2, 5, 4)),  # -> [g, b, rp, rr, j, h]
+}
+
+
+def _planar(t: torch.Tensor, n: int, fmt: str, forward: bool) -> torch.Tensor:
+    shape, perm = _PLANAR[fmt]
+    nb = t.numel() // n // (16 if fmt == "u4" else 32)
+    dims = tuple(nb if d is None else d for d in shape)
+    if forward:
+        return t.reshape(dims).permute(perm).contiguous().reshape(t.shape)
+    inv = [perm.index(i) for i in range(len(perm))]
+    planar_dims = tuple(dims[p] for p in perm)
+    return t.reshape(planar_dims).permute(inv).contiguous().reshape(t.shape)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:

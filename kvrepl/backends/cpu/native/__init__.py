@@ -62,6 +62,7 @@ class Weight(ctypes.Structure):
         ("sc", ptr),
         ("has_min", ctypes.c_int32),
         ("group", ctypes.c_int32),
+        ("sc16", ctypes.c_int32),
     ]
 
 
@@ -262,4 +263,5 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
         raise ValueError(f"k={k} is not a multiple of 32")
     has_min = bool(sc is not None and sc[..., 1].ne(0).any())
     scp = sc.data_ptr() if sc is not None else None
-    return Weight(FMT[fmt], block, n, k, q.data_ptr(), scp, has_min, group)
+    sc16 = bool(sc is not None and sc.dtype == torch.float16)
+    return Weight(FMT[fmt], block, n, k, q.data_ptr(), scp, has_min, group, sc16)

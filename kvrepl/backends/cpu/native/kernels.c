@@ -37,9 +37,10 @@ typedef struct {
     int32_t block;     /* I8: 32 or 16 weights per (scale, min) */
     i64 n, k;          /* rows (outputs), columns (inputs); k % 32 == 0 */
     const void *q;     /* U4: uint8 [n][k/2]; I8: int8 [n][k]; F16: uint16 [n][k]; F32: float */
-    const float *sc;   /* U4, I8: float [n][k/block][2] = (scale, min) */
+    const void *sc;    /* U4, I8: float [n][k/block][2] = (scale, min); float16 with sc16 */
     int32_t has_min;   /* any min is not 0 */
     int32_t group;     /* U4, I8: rows interleaved per block in groups of this many (1 or 4) */
+    int32_t sc16;      /* the (scale, min) pairs are float16 (each exactly the float it stands for) */
 } Weight;
 
 /* A quantized weight row is blocks of 32 (or 16) integers q with a float (scale, min) each:
@@ -51,21 +52,41 @@ typedef struct {
  * Float weights (F16, F32) take float activations: acc = fma(x, w, acc) in k order. */
 typedef struct {
     const uint8_t *q;
-    const float *sc;
+    const void *sc;    /* float, or float16 with sc16 */
     i64 k, qrow, srow; /* weights per row; bytes of q per row; (scale, min) pairs per row */
-    int block, has_min, group;
+    int block, has_min, group, sc16;
 } Wv;
 
-/* Row n's block b of q (`bytes` per block) and of the (scale, min) pairs. Rows may be
- * interleaved in groups: block b of rows 4g..4g+3 side by side, so a tile of 4 rows reads one
- * stream (a cache line of nibbles) instead of four. */
-static inline const uint8_t *qblock(const Wv *w, i64 n, i64 b, i64 bytes) {
-    i64 g = w->group, nb = w->k / 32;
-    return w->q + ((n / g) * nb * g + b * g + n % g) * bytes;
+/* Row n's q (`bytes` per block of 32) from its block 0; block b is b * bytes * group further.
+ * Rows may be interleaved in groups of 4 (quant.py, _planar): block b of rows 4g..4g+3 is one run
+ * of 16-bit words, so a tile of 4 rows reads one stream and unpacks it with shifts and masks. *sh:
+ * -1 for rows one after the other; else the row's 16 words are at the pointer returned, its
+ * weights j at bit sh of word j and 16 + j at bit sh + 4 (u4), or in the low / high byte (i8). */
+static inline const uint8_t *qrow(const Wv *w, i64 n, i64 bytes, int *sh) {
+    i64 nb = w->k / 32, r = n % 4;
+    if (w->group == 1) {
+        *sh = -1;
+        return w->q + n * nb * bytes;
+    }
+    const uint8_t *base = w->q + (n / 4) * nb * 4 * bytes;
+    *sh = bytes == 16 ? 8 * (int)(r / 2) : 0;
+    return base + (bytes == 16 ? 0 : (r / 2) * 64) + (r % 2) * 32;
 }
-static inline const float *sblock(const Wv *w, i64 n, i64 b) {
+/* the (scale, min) pairs of row n's block b: rows interleaved block by block in their groups */
+static inline i64 sblock(const Wv *w, i64 n, i64 b) { /* an index into sc */
     i64 g = w->group, nb = w->k / 32, sub = 32 / w->block;
-    return w->sc + ((n / g) * nb * g + b * g + n % g) * sub * 2;
+    return ((n / g) * nb * g + b * g + n % g) * sub * 2;
+}
+/* cnt scales and mins from index i, as floats (float16 ones convert exactly) */
+static inline void sfetch(const Wv *w, i64 i, float *s, int cnt) {
+    for (int c = 0; c < cnt; c++) {
+        if (!w->sc16) s[c] = ((const float *)w->sc)[i + c];
+#ifdef KV_AVX2
+        else s[c] = _cvtsh_ss(((const uint16_t *)w->sc)[i + c]);
+#else
+        else s[c] = h2f(((const uint16_t *)w->sc)[i + c]);
+#endif
+    }
 }
 
 typedef struct { /* quantized rows of x */
@@ -80,14 +101,31 @@ typedef struct { /* quantized rows of x */
 typedef __m256i vi;   /* 8 int32 lanes */
 typedef __m256i wv16; /* 16 int16 weights */
 /* 32 weights as two vectors of 16 int16 (weights 0-15 and 16-31) */
-static inline void w16_u4(const uint8_t *p, wv16 *w0, wv16 *w1) {
+static inline void w16_u4(const uint8_t *p, int sh, wv16 *w0, wv16 *w1) {
+    if (sh >= 0) { /* planar words */
+        __m256i v = _mm256_loadu_si256((const __m256i *)p), m = _mm256_set1_epi16(15);
+        *w0 = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(sh)), m);
+        *w1 = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(sh + 4)), m);
+        return;
+    }
     __m128i raw = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
     *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m));
     *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m));
 }
-static inline void w16_i8(const int8_t *p, wv16 *w0, wv16 *w1) {
+static inline void w16_i8(const uint8_t *p, int sh, wv16 *w0, wv16 *w1) {
+    if (sh >= 0) { /* planar words: low bytes weights 0-15, high bytes 16-31 */
+        __m256i v = _mm256_loadu_si256((const __m256i *)p);
+        *w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+        *w1 = _mm256_srai_epi16(v, 8);
+        return;
+    }
     *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
     *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+}
+/* 16 int16 as two 8-lane float vectors */
+static inline void w16_floats(wv16 a, v8 *lo, v8 *hi) {
+    *lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)));
+    *hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)));
 }
 /* lane l = w[2l] x[2l] + w[2l+1] x[2l+1], exactly */
 static inline vi vi_dot(wv16 w, const int16_t *x) {
@@ -115,11 +153,24 @@ static inline void q16_store(int16_t *q, const float *x, float inv) { /* 32 valu
 #else
 typedef struct { int32_t l[8]; } vi;
 typedef struct { int32_t v[16]; } wv16;
-static inline void w16_u4(const uint8_t *p, wv16 *w0, wv16 *w1) {
-    for (int i = 0; i < 16; i++) w0->v[i] = p[i] & 15, w1->v[i] = p[i] >> 4;
+static inline void w16_u4(const uint8_t *p, int sh, wv16 *w0, wv16 *w1) {
+    for (int i = 0; i < 16; i++) {
+        if (sh >= 0) {
+            uint32_t wd = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
+            w0->v[i] = (wd >> sh) & 15, w1->v[i] = (wd >> (sh + 4)) & 15;
+        } else {
+            w0->v[i] = p[i] & 15, w1->v[i] = p[i] >> 4;
+        }
+    }
 }
-static inline void w16_i8(const int8_t *p, wv16 *w0, wv16 *w1) {
-    for (int i = 0; i < 16; i++) w0->v[i] = p[i], w1->v[i] = p[16 + i];
+static inline void w16_i8(const uint8_t *p, int sh, wv16 *w0, wv16 *w1) {
+    for (int i = 0; i < 16; i++) {
+        if (sh >= 0) w0->v[i] = (int8_t)p[2 * i], w1->v[i] = (int8_t)p[2 * i + 1];
+        else w0->v[i] = (int8_t)p[i], w1->v[i] = (int8_t)p[16 + i];
+    }
+}
+static inline void w16_floats(wv16 a, v8 *lo, v8 *hi) {
+    LANES((lo->f[l_] = (float)a.v[l_], hi->f[l_] = (float)a.v[8 + l_]));
 }
 static inline vi vi_dot(wv16 w, const int16_t *x) {
     vi r;
@@ -187,12 +238,13 @@ static inline float finish(float r, const float *bias, i64 n, int accumulate, co
         v8 acc[NT][MT];                                                                          \
         float mins[NT][MT];                                                                      \
         const uint8_t *wr[NT];                                                                   \
-        const float *sr[NT];                                                                     \
+        int sh[NT];                                                                              \
+        i64 sr[NT];                                                                              \
         const int16_t *xr[MT];                                                                   \
         const float *dr[MT], *sxr[MT], *sx32[MT];                                                \
         i64 nb = w->k / 32;                                                                      \
         for (int i = 0; i < NT; i++) {                                                           \
-            wr[i] = qblock(w, n0 + i, 0, BYTES);                                                 \
+            wr[i] = qrow(w, n0 + i, BYTES, &sh[i]);                                              \
             sr[i] = sblock(w, n0 + i, 0);                                                        \
             for (int j = 0; j < MT; j++) acc[i][j] = v_zero(), mins[i][j] = 0.0f;                \
         }                                                                                        \
@@ -206,8 +258,9 @@ static inline float finish(float r, const float *bias, i64 n, int accumulate, co
             _Pragma("GCC unroll 8")                                                              \
             for (int i = 0; i < NT; i++) {                                                       \
                 wv16 w0, w1;                                                                     \
-                WFN((const void *)(wr[i] + b * BYTES * w->group), &w0, &w1);                     \
-                const float *s = sr[i] + b * SUB * 2 * w->group;                                 \
+                WFN(wr[i] + b * BYTES * w->group, sh[i], &w0, &w1);                              \
+                float s[4];                                                                      \
+                sfetch(w, sr[i] + b * SUB * 2 * w->group, s, 2 * SUB);                           \
                 v8 sc0 = v_set1(s[0]), sc2 = v_set1(s[SUB == 2 ? 2 : 0]);                        \
                 _Pragma("GCC unroll 8")                                                          \
                 for (int j = 0; j < MT; j++) {                                                   \
@@ -243,14 +296,51 @@ static inline __m256i pair128(const uint8_t *a, const uint8_t *b) {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
 }
 /* one block of rows a and b as int16: w0 = [a k0-15 | b k0-15], w1 = [a k16-31 | b k16-31] */
-static inline void w2_u4(const uint8_t *a, const uint8_t *b, __m512i *w0, __m512i *w1) {
+static inline void w2_u4(const uint8_t *a, const uint8_t *b, int sh, __m512i *w0, __m512i *w1) {
+    if (sh >= 0) { /* planar: rows 2p, 2p + 1 of a group are the 32 words at a */
+        __m512i v = _mm512_loadu_si512(a), m = _mm512_set1_epi16(15);
+        *w0 = _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(sh)), m);
+        *w1 = _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(sh + 4)), m);
+        return;
+    }
     __m256i raw = pair128(a, b), m = _mm256_set1_epi8(15);
     *w0 = _mm512_cvtepu8_epi16(_mm256_and_si256(raw, m));
     *w1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m));
 }
-static inline void w2_i8(const uint8_t *a, const uint8_t *b, __m512i *w0, __m512i *w1) {
+static inline void w2_i8(const uint8_t *a, const uint8_t *b, int sh, __m512i *w0, __m512i *w1) {
+    if (sh >= 0) {
+        __m512i v = _mm512_loadu_si512(a);
+        *w0 = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);
+        *w1 = _mm512_srai_epi16(v, 8);
+        return;
+    }
     *w0 = _mm512_cvtepi8_epi16(pair128(a, b));
     *w1 = _mm512_cvtepi8_epi16(pair128(a + 16, b + 16));
+}
+/* 8 * sub floats of sc from index i (a group's block: its 4 rows' pairs), float16 or not */
+static inline __m512 scales8(const Wv *w, i64 i, int sub) {
+    if (w->sc16) {
+        const uint16_t *h = (const uint16_t *)w->sc + i;
+        if (sub == 1) return _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+    }
+    const float *f = (const float *)w->sc + i;
+    return sub == 1 ? _mm512_castps256_ps512(_mm256_loadu_ps(f)) : _mm512_loadu_ps(f);
+}
+/* the 4 rows of a planar group's block (quant.py, _planar): w0[p], w1[p] for rows 2p, 2p + 1 */
+static inline void w4_u4(const uint8_t *q, __m512i w0[2], __m512i w1[2]) {
+    __m512i v = _mm512_loadu_si512(q), m = _mm512_set1_epi16(15);
+    w0[0] = _mm512_and_si512(v, m);
+    w1[0] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+    w0[1] = _mm512_and_si512(_mm512_srli_epi16(v, 8), m);
+    w1[1] = _mm512_srli_epi16(v, 12);
+}
+static inline void w4_i8(const uint8_t *q, __m512i w0[2], __m512i w1[2]) {
+    for (int p = 0; p < 2; p++) {
+        __m512i v = _mm512_loadu_si512(q + 64 * p);
+        w0[p] = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);
+        w1[p] = _mm512_srai_epi16(v, 8);
+    }
 }
 static inline __m512i x_both(const int16_t *x) { /* 16 int16 of x in both halves */
     return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x));
@@ -276,12 +366,13 @@ static inline v8 half_hi(__m512 a) {
         __m512 acc[NT / 2][MT];                                                                  \
         float mins[NT][MT];                                                                      \
         const uint8_t *wr[NT];                                                                   \
-        const float *sr[NT];                                                                     \
+        int sh[NT];                                                                              \
+        i64 sr[NT];                                                                              \
         const int16_t *xr[MT];                                                                   \
         const float *dr[MT], *sxr[MT], *sx32[MT];                                                \
         i64 nb = w->k / 32;                                                                      \
         for (int i = 0; i < NT; i++) {                                                           \
-            wr[i] = qblock(w, n0 + i, 0, BYTES);                                                 \
+            wr[i] = qrow(w, n0 + i, BYTES, &sh[i]);                                              \
             sr[i] = sblock(w, n0 + i, 0);                                                        \
             for (int j = 0; j < MT; j++) acc[i / 2][j] = _mm512_setzero_ps(), mins[i][j] = 0.0f; \
         }                                                                                        \
@@ -295,9 +386,10 @@ static inline v8 half_hi(__m512 a) {
             _Pragma("GCC unroll 4")                                                              \
             for (int i = 0; i < NT; i += 2) {                                                    \
                 __m512i w0, w1;                                                                  \
-                WFN2(wr[i] + b * BYTES * w->group, wr[i + 1] + b * BYTES * w->group, &w0, &w1);  \
-                const float *s = sr[i] + b * SUB * 2 * w->group;                                 \
-                const float *t = sr[i + 1] + b * SUB * 2 * w->group;                             \
+                WFN2(wr[i] + b * BYTES * w->group, wr[i + 1] + b * BYTES * w->group, sh[i], &w0, &w1); \
+                float s[4], t[4];                                                                \
+                sfetch(w, sr[i] + b * SUB * 2 * w->group, s, 2 * SUB);                           \
+                sfetch(w, sr[i + 1] + b * SUB * 2 * w->group, t, 2 * SUB);                       \
                 __m512 sc0 = halves(s[0], t[0]), sc2 = SUB == 2 ? halves(s[2], t[2]) : sc0;      \
                 _Pragma("GCC unroll 8")                                                          \
                 for (int j = 0; j < MT; j++) {                                                   \
@@ -338,12 +430,12 @@ static inline v8 half_hi(__m512 a) {
  * it is unpacked once for every row of x, the 4 rows' scales are one vector (times each row's
  * step) and their mins one fma per row of x (lane 2r+1 is weight row r's fmaf); every lane as
  * the 8-lane path computes it. */
-#define DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN, MT)                                              \
+#define DEF_qDEC4(KIND, WFN4, BYTES, SUB, MIN, MT)                                              \
     static void qdec4_##KIND##_##MT(const Xq *x, const Wv *w, float *out, i64 ldo,               \
                                     const float *bias, int accumulate, i64 m0, i64 n0) {         \
-        const uint8_t *q = qblock(w, n0, 0, BYTES);                                              \
-        const float *sc = sblock(w, n0, 0);                                                      \
         i64 nb = w->k / 32;                                                                      \
+        const uint8_t *q = w->q + n0 * nb * BYTES; /* the group's block 0 */                    \
+        i64 sc = sblock(w, n0, 0);                                                               \
         __m512 acc[2][MT], mins[MT];                                                             \
         for (int j = 0; j < MT; j++) acc[0][j] = acc[1][j] = mins[j] = _mm512_setzero_ps();      \
         const __m512i pick0 = _mm512_set_epi32(2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 0, 0, 0, 0, 0, 0, 0, 0); \
@@ -352,9 +444,8 @@ static inline v8 half_hi(__m512 a) {
         const __m512i up2 = _mm512_set_epi32(15, 15, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2); \
         for (i64 b = 0; b < nb; b++, q += 4 * BYTES, sc += 8 * SUB) {                            \
             __m512i w0[2], w1[2];                                                                \
-            WFN2(q, q + BYTES, &w0[0], &w1[0]);                                                  \
-            WFN2(q + 2 * BYTES, q + 3 * BYTES, &w0[1], &w1[1]);                                  \
-            __m512 sv = SUB == 1 ? _mm512_castps256_ps512(_mm256_loadu_ps(sc)) : _mm512_loadu_ps(sc); \
+            WFN4(q, w0, w1);                                                                     \
+            __m512 sv = scales8(w, sc, SUB);                                                     \
             __m512 s0[2] = {_mm512_permutexvar_ps(pick0, sv), _mm512_permutexvar_ps(pick1, sv)}; \
             __m512 s2[2] = {s0[0], s0[1]};                                                       \
             if (SUB == 2) {                                                                      \
@@ -400,10 +491,10 @@ static inline v8 half_hi(__m512 a) {
         }                                                                                        \
     }
 /* M <= 4 rows of x against the 4 weight rows at n0, as few passes over the weights as fit */
-#define DEF_qSMALL(KIND, WFN2, BYTES, SUB, MIN)                                                 \
-    DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN, 1)                                                    \
-    DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN, 2)                                                    \
-    DEF_qDEC4(KIND, WFN2, BYTES, SUB, MIN, 4)                                                    \
+#define DEF_qSMALL(KIND, WFN4, BYTES, SUB, MIN)                                                 \
+    DEF_qDEC4(KIND, WFN4, BYTES, SUB, MIN, 1)                                                    \
+    DEF_qDEC4(KIND, WFN4, BYTES, SUB, MIN, 2)                                                    \
+    DEF_qDEC4(KIND, WFN4, BYTES, SUB, MIN, 4)                                                    \
     static void qsmall_##KIND(const Xq *x, const Wv *w, float *out, i64 ldo, const float *bias,  \
                               int accumulate, i64 M, i64 n0) {                                   \
         i64 m = 0;                                                                               \
@@ -411,27 +502,27 @@ static inline v8 half_hi(__m512 a) {
         for (; m + 2 <= M; m += 2) qdec4_##KIND##_2(x, w, out, ldo, bias, accumulate, m, n0);    \
         for (; m < M; m++) qdec4_##KIND##_1(x, w, out, ldo, bias, accumulate, m, n0);            \
     }
-#define DEF_qKIND(KIND, WFN, WFN2, BYTES, SUB, MIN)                                              \
+#define DEF_qKIND(KIND, WFN, WFN2, WFN4, BYTES, SUB, MIN)                                        \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 1)                                                  \
-    DEF_qSMALL(KIND, WFN2, BYTES, SUB, MIN)                                                      \
+    DEF_qSMALL(KIND, WFN4, BYTES, SUB, MIN)                                                      \
     DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 4, qtile_##KIND##_1_4)                           \
     DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 2, qtile_##KIND##_1_2)                           \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 1)                                                  \
     DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 4, 2, qtile_##KIND##_4_2)
 #else
-#define DEF_qKIND(KIND, WFN, WFN2, BYTES, SUB, MIN)                                              \
+#define DEF_qKIND(KIND, WFN, WFN2, WFN4, BYTES, SUB, MIN)                                        \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 1)                                                  \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 4)                                                  \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 2)                                                  \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 1)                                                  \
     DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 2)
 #endif
-DEF_qKIND(u4, w16_u4, w2_u4, 16, 1, 1)
-DEF_qKIND(u4n, w16_u4, w2_u4, 16, 1, 0)
-DEF_qKIND(i8, w16_i8, w2_i8, 32, 1, 0)
-DEF_qKIND(i8m, w16_i8, w2_i8, 32, 1, 1)
-DEF_qKIND(i8s, w16_i8, w2_i8, 32, 2, 0)
-DEF_qKIND(i8sm, w16_i8, w2_i8, 32, 2, 1)
+DEF_qKIND(u4, w16_u4, w2_u4, w4_u4, 16, 1, 1)
+DEF_qKIND(u4n, w16_u4, w2_u4, w4_u4, 16, 1, 0)
+DEF_qKIND(i8, w16_i8, w2_i8, w4_i8, 32, 1, 0)
+DEF_qKIND(i8m, w16_i8, w2_i8, w4_i8, 32, 1, 1)
+DEF_qKIND(i8s, w16_i8, w2_i8, w4_i8, 32, 2, 0)
+DEF_qKIND(i8sm, w16_i8, w2_i8, w4_i8, 32, 2, 1)
 
 /* Float weights: per output, acc = fma(x, w, acc) over k in order, then hsum. */
 static inline void wf_f16(const Wv *w, i64 n, i64 b, v8 o[4]) {
@@ -548,7 +639,8 @@ DEF_MM(f, f16, XF)
 DEF_MM(f, f32, XF)
 
 static Wv view(const Weight *W) {
-    Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0, W->group > 1 ? W->group : 1};
+    Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0, W->group > 1 ? W->group : 1,
+            W->sc16};
     switch (W->fmt) {
     case FMT_U4: w.qrow = W->k / 2; w.srow = W->k / 32; w.block = 32; break;
     case FMT_I8: w.qrow = W->k; w.srow = W->k / W->block; break;
@@ -575,7 +667,7 @@ void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 
     Xq xq = {q, d, s16, s32, K};
     j.xq = &xq;
 #ifdef KV_AVX512
-    if (M <= 4 && w.group == 4) { /* decode, drafted tokens: each weight block unpacked once */
+    if (M <= 16 && w.group == 4) { /* decode, drafted tokens: each weight block unpacked once */
         if (W->fmt == FMT_U4) j.small = w.has_min ? qsmall_u4 : qsmall_u4n;
         else if (w.block == 32) j.small = w.has_min ? qsmall_i8m : qsmall_i8;
         else j.small = w.has_min ? qsmall_i8sm : qsmall_i8s;
@@ -599,9 +691,15 @@ static void deq32(const Weight *W, i64 n, i64 b, v8 o[4]) {
     Wv w = view(W);
     if (W->fmt == FMT_F16) { wf_f16(&w, n, b, o); return; }
     if (W->fmt == FMT_F32) { wf_f32(&w, n, b, o); return; }
-    if (W->fmt == FMT_U4) v_u4(qblock(&w, n, b, 16), o);
-    else for (int i = 0; i < 4; i++) o[i] = v_i8((const int8_t *)qblock(&w, n, b, 32) + 8 * i);
-    const float *s = sblock(&w, n, b);
+    int sh, bytes = W->fmt == FMT_U4 ? 16 : 32;
+    const uint8_t *p = qrow(&w, n, bytes, &sh) + b * bytes * w.group;
+    wv16 lo, hi;
+    if (W->fmt == FMT_U4) w16_u4(p, sh, &lo, &hi);
+    else w16_i8(p, sh, &lo, &hi);
+    w16_floats(lo, &o[0], &o[1]);
+    w16_floats(hi, &o[2], &o[3]);
+    float s[4];
+    sfetch(&w, sblock(&w, n, b), s, w.block == 16 ? 4 : 2);
     for (int i = 0; i < 4; i++) {
         const float *si = w.block == 16 ? s + (i / 2) * 2 : s;
         o[i] = v_fma(o[i], v_set1(si[0]), v_set1(si[1]));

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""How close kvrepl's CPU decode comes to this machine's memory bandwidth, side by side with
+llama.cpp, and what a verified drafted row costs (issue 19).
+
+One run prints, with the CPU named:
+  - the machine's bandwidth: a 512 MB float32 sum on --threads threads (torch), GB/s;
+  - for the embedded 135M model and a Llama-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads,
+    ffn 8192, vocab 128256, random Q4_1 weights, cached as bench/results/llama1b-shape-q4_1.gguf):
+    decode tok/s at ~100 tokens of context, the weight bytes a token reads, and the share of the
+    cap that is: the GGUF file's bytes a token needs x tok/s / bandwidth (kvrepl reads more than
+    the file's bytes where its scales are float32), for kvrepl and for llama.cpp;
+  - the cost of a verified row: the time of an 8-row and a 16-row forward (every row's logits, as
+    drafting verifies) over M times a 1-row step.
+
+    /work/main/.venv/bin/python bench/bench_bandwidth.py             # this tree
+    ... bench/bench_bandwidth.py --tree /tmp/old --tree .            # before / after, one run
+
+Each --tree is measured in its own process (its kvrepl imported from that folder, checked);
+llama.cpp (llama-cpp-python, when installed) in the main process. Times are the best of the
+runs (this machine is shared: the best is the least disturbed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+GGUF_1B = ROOT / "bench" / "results" / "llama1b-shape-q4_1.gguf"
+SHAPE_1B = dict(hidden=2048, layers=16, heads=32, kv=8, ffn=8192, vocab=128256)
+CTX, STEPS = 100, 24
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    f = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
+    flags = f.get("Flags", "").split()
+    isa = [x for x in ("avx512f", "avx512_vnni", "avx512_bf16") if x in flags] or ["avx2"]
+    cpus = f.get("CPU(s)", "?").strip()
+    return f"{f.get('Model name', '?').strip()}, {cpus} cpus ({', '.join(isa)})"
+
+
+def bandwidth(threads: int, reps: int = 9) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(128 << 20)  # 512 MB
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(ts) / 1e9
+
+
+def write_1b(path: Path) -> None:
+    """Random Q4_1 weights in the 1B shape; no tokenizer beyond a list of placeholder tokens."""
+    import gguf
+
+    s, rng = SHAPE_1B, np.random.default_rng(0)
+    tmp = path.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_context_length(2048)
+    w.add_embedding_length(s["hidden"])
+    w.add_block_count(s["layers"])
+    w.add_feed_forward_length(s["ffn"])
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["kv"])
+    w.add_rope_dimension_count(s["hidden"] // s["heads"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500000.0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>".encode() for i in range(s["vocab"])])
+    w.add_token_scores([0.0] * s["vocab"])
+    w.add_token_types([1] * s["vocab"])
+
+    def q41(n: int, k: int) -> np.ndarray:
+        blocks = rng.integers(0, 256, (n * k // 32, 20), dtype=np.uint8)
+        d = rng.uniform(0.002, 0.02, n * k // 32).astype(np.float16)
+        blocks[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
+        blocks[:, 2:4] = (-8 * d).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return blocks.reshape(n, k // 32 * 20)
+
+    h, f, kvw = s["hidden"], s["ffn"], s["kv"] * s["hidden"] // s["heads"]
+    Q41 = gguf.GGMLQuantizationType.Q4_1
+    w.add_tensor("token_embd.weight", q41(s["vocab"], h), raw_dtype=Q41)
+    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+    for i in range(s["layers"]):
+        b = f"blk.{i}."
+        for name, n, k in (("attn_q", h, h), ("attn_k", kvw, h), ("attn_v", kvw, h),
+                           ("attn_output", h, h), ("ffn_gate", f, h), ("ffn_up", f, h),
+                           ("ffn_down", h, f)):  # fmt: skip
+            w.add_tensor(b + name + ".weight", q41(n, k), raw_dtype=Q41)
+        w.add_tensor(b + "attn_norm.weight", np.ones(h, np.float32))
+        w.add_tensor(b + "ffn_norm.weight", np.ones(h, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+
+
+def gguf_bytes(path: Path, tied_head: bool) -> int:
+    """Weight bytes a llama.cpp token reads: every 2-D tensor but the embedding, plus the
+    embedding when it is the head too."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    names = {t.name: int(t.n_bytes) for t in r.tensors}
+    total = sum(b for n, b in names.items() if n != "token_embd.weight")
+    return total + (names["token_embd.weight"] if "output.weight" not in names else 0)
+
+
+# -- kvrepl, in a child process per tree ----------------------------------------------------
+def kvrepl_models(threads: int) -> dict[str, Any]:
+    import torch
+    from transformers import LlamaConfig
+
+    import kvrepl
+    from kvrepl.backends.cpu import native
+    from kvrepl.backends.cpu.gguf_model import from_gguf
+    from kvrepl.engine import models
+
+    torch.set_num_threads(threads)
+    s = SHAPE_1B
+    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                      num_key_value_heads=s["kv"], vocab_size=s["vocab"], rms_norm_eps=1e-5,
+                      rope_theta=500000.0, max_position_embeddings=2048,
+                      tie_word_embeddings=True)  # fmt: skip
+    k = native.kernels(models.cache_dir())
+    return {
+        "kvrepl": kvrepl.__file__,
+        "135M": models.load(progress=False).model,
+        "1B": from_gguf(GGUF_1B, cfg, k, 2048),
+    }
+
+
+def head_bytes(fm: Any) -> int:
+    """Weight bytes a kvrepl token reads: every layer matrix and the head (not the embedding
+    table, of which one row is read, unless it is the head)."""
+    mats = [fm.lm_head]
+    for lw in fm.layers:
+        mats += [p for p, _ in lw.qkv] + [lw.o, lw.down] + [p for p, _ in lw.gate_up]
+    return sum(p.nbytes() for p in mats)
+
+
+def kvrepl_measure(fm: Any, reps: int) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    vocab = fm.lm_head.n
+    layers = fm.new_layers()
+    fm.forward(rng.integers(0, vocab, CTX).tolist(), layers)
+    base = layers[0].get_seq_length()
+
+    def back() -> None:
+        for c in layers:
+            c.advance(base)
+
+    def step_time(m: int, n: int) -> float:
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fm.forward([7] * m, layers, all_logits=m > 1)
+            ts.append(time.perf_counter() - t)
+            back()
+        return min(ts)
+
+    decode, rows = [], {8: [], 16: []}
+    for _ in range(reps):
+        t1 = step_time(1, STEPS)
+        decode.append(1 / t1)
+        for m in rows:
+            rows[m].append(step_time(m, max(3, STEPS // m)) / (m * t1))
+    return {"tok_s": max(decode), "bytes": head_bytes(fm),
+            **{f"row{m}": min(v) for m, v in rows.items()}}  # fmt: skip
+
+
+def child(tree: str, threads: int, reps: int) -> None:
+    sys.path.insert(0, tree)
+    got = kvrepl_models(threads)
+    here = str(Path(got["kvrepl"]).resolve())
+    assert here.startswith(str(Path(tree).resolve())), (here, tree)
+    out = {"kvrepl": here, "label": got["135M"].k.label}
+    for name in ("135M", "1B"):
+        out[name] = kvrepl_measure(got[name], reps)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# -- llama.cpp --------------------------------------------------------------------------------
+def llama_measure(path: Path, threads: int, reps: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)  # fmt: skip
+    ids = np.random.default_rng(1).integers(10, 1000, CTX).tolist()
+    rates = []
+    for _ in range(reps):
+        llm.reset()
+        llm.eval(ids)
+        ts = []
+        for _ in range(STEPS):
+            t = time.perf_counter()
+            llm.eval([7])
+            ts.append(time.perf_counter() - t)
+        rates.append(1 / min(ts))
+    return max(rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tree", action="append", help="a kvrepl checkout to measure (repeatable)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.threads, args.reps)
+        return 0
+    GGUF_1B.parent.mkdir(parents=True, exist_ok=True)
+    if not GGUF_1B.is_file():
+        print(f"writing {GGUF_1B} (random weights) ...", flush=True)
+        write_1b(GGUF_1B)
+    sys.path.insert(0, str(ROOT))
+    from kvrepl.engine import models
+
+    bw = bandwidth(args.threads)
+    print(f"{cpu_name()}; {args.threads} threads; bandwidth (512 MB sum) {bw:.1f} GB/s")
+    files = {"135M": (models.embedded_gguf(), True), "1B": (GGUF_1B, True)}
+    for name, (path, tied) in files.items():
+        rate = llama_measure(path, args.threads, args.reps)
+        if rate is not None:
+            nb = gguf_bytes(path, tied)
+            print(f"  llama.cpp {name:4}: {rate:6.1f} tok/s, {nb / 1e6:6.1f} MB/token read, "
+                  f"{100 * nb * rate / 1e9 / bw:5.1f}% of the cap (GGUF bytes x tok/s / "
+                  f"bandwidth: {bw * 1e9 / nb:.0f} tok/s)")  # fmt: skip
+    for tree in args.tree or [str(ROOT)]:
+        cmd = [sys.executable, __file__, "--child", tree, "--threads", str(args.threads),
+               "--reps", str(args.reps)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tree)
+        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"  {tree}: failed\n{done.stderr[-2000:]}")
+            continue
+        r = json.loads(line[7:])
+        print(f"  kvrepl from {r['kvrepl']} ({r['label']})")
+        for name, (path, tied) in files.items():
+            m, nb = r[name], gguf_bytes(path, tied)
+            print(f"    kvrepl {name:4}: {m['tok_s']:6.1f} tok/s, {m['bytes'] / 1e6:6.1f} MB/token "
+                  f"read, {100 * nb * m['tok_s'] / 1e9 / bw:5.1f}% of the cap; a verified row "
+                  f"costs {m['row8']:.2f} (8 rows) / {m['row16']:.2f} (16) of a step")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
