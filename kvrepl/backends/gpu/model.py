@@ -301,22 +301,33 @@ class GpuModel(KernelBackend):
     def _graph(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> Any:
         """The decode step of this cache, captured once (after a warm-up that compiles the
         kernels; its writes at the current position are rewritten by the replay)."""
-        key = layers[0].room(self.capacity)[0].data_ptr()
+        key = graph_key(layers)
         g = self._graphs.get(key)
         if g is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._run(b, layers)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self._run(b, layers)
+            g = self._capture(b, layers)
             if len(self._graphs) >= 4:  # caches come and go (tests, benchmarks): keep a few
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = g
         return g
+
+    def _capture(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> Any:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(b, layers)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._run(b, layers)
+        return g
+
+
+def graph_key(layers: list[GrowingLayer]) -> tuple[int, ...]:
+    """What a captured decode step reads and writes of a cache: every layer's K and V buffer
+    address (a graph replays the addresses it was captured with). Layer 0's alone is not enough:
+    a cache freed and another made can reuse its first buffer's address and not the others'."""
+    return tuple(p for layer in layers for p in layer.addresses())
 
 
 class FixedLayer(GrowingLayer):
@@ -324,6 +335,8 @@ class FixedLayer(GrowingLayer):
     read rather than at each length change. A decode step moves every layer's length, and
     making 2 views for each of 30 layers cost about 250 us of the host's time a token, more than
     the GPU left it at 135M (the host queues the next step while the GPU runs this one)."""
+
+    _at: tuple[torch.Tensor, tuple[int, int]] | None = None  # (the K buffer, both addresses)
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -343,6 +356,17 @@ class FixedLayer(GrowingLayer):
 
     def _set_length(self, n: int) -> None:
         self._n = n
+
+    def addresses(self) -> tuple[int, int]:
+        """Where the K and V buffers are (a fixed layer's never move, so read once)."""
+        k = self._k
+        if self._at is None or self._at[0] is not k:
+            self._at = (k, (k.data_ptr(), self._v.data_ptr()))
+        return self._at[1]
+
+    def reset(self) -> None:
+        super().reset()
+        self._at = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> None:
