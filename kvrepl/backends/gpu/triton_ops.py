@@ -37,8 +37,9 @@ BM = 16  # rows per tile: fixed (with each weight's BK, it decides the arithmeti
 
 
 @triton.jit(do_not_specialize=["M"])
-def _matmul(x, w, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, som, srm, sqo,
-            skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
+def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, sdn, som,
+            srm, sqo, skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
+            QT: tl.constexpr,
             D: tl.constexpr, ROT: tl.constexpr,
             BMc: tl.constexpr, BN: tl.constexpr, BKc: tl.constexpr, PREC: tl.constexpr,
             PDL: tl.constexpr, PF: tl.constexpr):  # fmt: skip
@@ -46,7 +47,8 @@ def _matmul(x, w, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, s
     (x @ up^T) (GLU: w holds gate's N rows, then up's) or the rotary embedding (ROPE: w is the
     QKV weight, N its rows; a program takes BN columns of heads' first halves and the BN
     columns half a head on: q rotated into qo, k rotated and v into the caches at the rows'
-    positions). Per row, the same operations in
+    positions). QT: w holds GGUF blocks (qweights.py; wd, wm their scales and minimums),
+    dequantized tile by tile in registers. Per row, the same operations in
     the same order whatever rows share the tile (M is not specialized on: one compiled kernel
     serves every row count). PDL (triton_pdl): prefetch PF columns of the weight rows into L2,
     then wait for the kernel before, before touching any activation."""
@@ -76,11 +78,10 @@ def _matmul(x, w, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, s
     acc2 = tl.zeros((BMc, BN), dtype=tl.float32)
     for k0 in range(0, K, BKc):
         a = tl.load(x + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rows_ok, other=0.0)
-        b = tl.load(w + rn[:, None] * swn + (k0 + rk)[None, :], mask=cols_ok[:, None], other=0.0)
+        b = _weights(w, wd, wm, rn, k0 + rk, swn, sdn, cols_ok, a.dtype, QT)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
         if GLU or ROPE:
-            u = tl.load(w + rn2[:, None] * swn + (k0 + rk)[None, :], mask=cols_ok[:, None],
-                        other=0.0)  # fmt: skip
+            u = _weights(w, wd, wm, rn2, k0 + rk, swn, sdn, cols_ok, a.dtype, QT)
             acc2 = tl.dot(a, tl.trans(u), acc2, input_precision=PREC)
     if PDL == 2:
         P.next_may_start()
@@ -98,6 +99,28 @@ def _matmul(x, w, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, s
             r = tl.load(res + rm[:, None] * srm + rn[None, :], mask=ok, other=0.0)
             y = (r.to(tl.float32) + y.to(tl.float32)).to(out.dtype.element_ty)
         tl.store(out + rm[:, None] * som + rn[None, :], y, mask=ok)
+
+
+@triton.jit
+def _weights(w, wd, wm, rn, kk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr):
+    """The weight tile [rows rn, columns kk] in the activations' dtype. QT 1 (Q8_0), 2 (Q4_0),
+    3 (Q4_1): dequantized as gguf-py does, in float32 (q * d, + m), then rounded once."""
+    if QT == 0:
+        return tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0.0)
+    d = tl.load(wd + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
+    if QT == 1:
+        q = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0)
+        v = q.to(tl.float32) * d.to(tl.float32)
+    else:  # byte j of a block: element j in its low nibble, j + 16 in its high one
+        at = (kk // 32) * 16 + kk % 16
+        byte = tl.load(w + rn[:, None] * swn + at[None, :], mask=ok[:, None], other=0)
+        q = ((byte >> ((kk % 32) // 16 * 4).to(tl.uint8)[None, :]) & 15).to(tl.float32)
+        if QT == 2:
+            v = (q - 8.0) * d.to(tl.float32)
+        else:
+            mn = tl.load(wm + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
+            v = q * d.to(tl.float32) + mn.to(tl.float32)
+    return v.to(dtype)
 
 
 @triton.jit
@@ -197,18 +220,22 @@ def _launch(x, w, out, residual, glu, rope, cfg=None):  # noqa: ANN001, ANN202
     """The one matmul kernel with its epilogues; cfg (BN, BK, warps, stages) overrides the
     table (bench/gpu_tune.py times the candidates)."""
     m, k = x.shape
-    n = w.shape[0] // 2 if glu else w.shape[0]
-    bn, bk, warps, stages = cfg or _config(w.shape[0], k, glu or rope is not None, m)
+    rows = w.shape[0]
+    n = rows // 2 if glu else rows
+    bn, bk, warps, stages = cfg or _config(rows, k, glu or rope is not None, m)
+    qt = getattr(w, "kind", 0)
+    wq, wd, wm = (w.q, w.d, w.m if w.m is not None else w.d) if qt else (w, w, w)
     res = residual if residual is not None else out
     cos_t, sin_t, kc, vc, pos0, heads, kvh = rope or (out, out, out, out, out, 0, 0)
     d = kc.shape[2] if rope else 16
     grid = (triton.cdiv(n // 2 if rope else n, bn), triton.cdiv(m, BM))
     pdl = P.mode(k)
-    _matmul[grid](x, w, out, res, out, cos_t, sin_t, kc, vc, pos0, m, n, k, x.stride(0),
-                  w.stride(0), out.stride(0), res.stride(0), out.stride(0), kc.stride(0), heads,
-                  kvh, HAS_RES=residual is not None, GLU=glu, ROPE=rope is not None, D=d,
-                  ROT=cos_t.shape[1] if rope else 1, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x),
-                  PDL=pdl, PF=P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
+    _matmul[grid](x, wq, wd, wm, out, res, out, cos_t, sin_t, kc, vc, pos0, m, n, k, x.stride(0),
+                  wq.stride(0), wd.stride(0), out.stride(0), res.stride(0), out.stride(0),
+                  kc.stride(0), heads, kvh, HAS_RES=residual is not None, GLU=glu,
+                  ROPE=rope is not None, QT=qt, D=d, ROT=cos_t.shape[1] if rope else 1, BMc=BM,
+                  BN=bn, BKc=bk, PREC=_precision(x), PDL=pdl,
+                  PF=0 if qt else P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
                   num_warps=warps, num_stages=stages)  # fmt: skip
     return out
 
