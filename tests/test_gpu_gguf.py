@@ -100,3 +100,32 @@ def test_reuse_equals_recompute_over_the_blocks(tmp_path):
         list(fresh.stream(ids, Sampling(temperature=0, max_tokens=6)))
         assert reuse.progress.generated == fresh.progress.generated
         ids = ids + reuse.progress.generated
+
+
+@pytest.mark.parametrize("choice", ["gguf", "bf16"])
+def test_gpu_weights_chooses_the_files_blocks(choice, tmp_path, monkeypatch):
+    """A .gguf on CUDA: --gpu-weights gguf (the default) hands the GPU path the file, bf16
+    does not; the fingerprint is the same (the same values either way)."""
+    from makers import make_tiny_model, make_tokenizer
+
+    from kvrepl.engine import models, placement
+
+    tok = make_tokenizer()
+    model = make_tiny_model(len(tok), seed=1, tied=False)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    got = {}
+
+    def fake_gpu(m, ctx, gguf=None):
+        got["gguf"] = gguf
+        return m
+
+    monkeypatch.setattr(models, "pick_device", lambda d: "cuda")
+    monkeypatch.setattr(models, "_transformers",
+                        lambda *a: (model, tok, "cuda", torch.bfloat16, False))  # fmt: skip
+    monkeypatch.setattr(placement, "gpu", fake_gpu)
+    loaded = models.load(str(path), device="cuda", context=256, gpu_weights=choice)
+    assert got["gguf"] == (path.resolve() if choice == "gguf" else None)
+    other = models.load(str(path), device="cuda", context=256,
+                        gpu_weights="bf16" if choice == "gguf" else "gguf")  # fmt: skip
+    assert loaded.fingerprint == other.fingerprint
