@@ -61,9 +61,12 @@ class Blocks:
 
 
 def check_gguf() -> dict:
+    from kvrepl.backends.gpu import triton_ops as T
+
     out: dict[str, Any] = {}
-    for qt in QTYPES:
-        out[qt] = check_kernels(qt)
+    for T.QLOAD in ("elements", "blocks"):
+        for qt in QTYPES:
+            out[f"{qt}_{T.QLOAD}"] = check_kernels(qt)
     out["model_Q4_1"] = check_model("Q4_1")
     out["model_Q8_0"] = check_model("Q8_0")
     out["ok"] = all(v for r in out.values() for v in r.values() if isinstance(v, bool))
@@ -157,6 +160,7 @@ def read_bytes(gm: Any) -> int:
 def figure(shapes: list[str]) -> list[dict]:
     import bench_gpu as B
 
+    from kvrepl.backends.gpu import triton_ops as T
     from kvrepl.backends.gpu.model import GpuModel
 
     name = torch.cuda.get_device_name()
@@ -168,15 +172,18 @@ def figure(shapes: list[str]) -> list[dict]:
         row: dict[str, Any] = {"shape": shape, "gpu": name}
         for qt in ("bf16", "Q8_0", "Q4_0"):
             gm = GpuModel(model, 4096, blocks=None if qt == "bf16" else Blocks(model, qt))
-            B.kvrepl_decode(gm, prompt, 8)  # compile, capture
-            tok_s = statistics.median(B.kvrepl_decode(gm, prompt, 128) for _ in range(3))
-            read = read_bytes(gm)
-            row[qt] = {"tok_s": round(tok_s, 1), "read_gb": round(read / 1e9, 3),
-                       "of_bandwidth": round(tok_s * read / peak, 3)}  # fmt: skip
+            for T.QLOAD in ("blocks",) if qt == "bf16" else ("blocks", "elements"):
+                key = qt if qt == "bf16" else f"{qt}_{T.QLOAD}"
+                B.kvrepl_decode(gm, prompt, 8)  # compile, capture
+                tok_s = statistics.median(B.kvrepl_decode(gm, prompt, 128) for _ in range(3))
+                read = read_bytes(gm)
+                row[key] = {"tok_s": round(tok_s, 1), "read_gb": round(read / 1e9, 3),
+                            "of_bandwidth": round(tok_s * read / peak, 3),
+                            "x_bf16": round(tok_s / row["bf16"]["tok_s"], 2) if key != qt
+                            else 1.0}  # fmt: skip
             del gm
             torch.cuda.empty_cache()
-        for qt in ("Q8_0", "Q4_0"):
-            row[qt]["x_bf16"] = round(row[qt]["tok_s"] / row["bf16"]["tok_s"], 2)
+        T.QLOAD = "blocks"
         rows.append(row)
         del model
         torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ bit-identity: numpy's matmul is not row-invariant).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -34,12 +35,15 @@ from kvrepl.backends.gpu.triton_attn import attention, part_floats
 __all__ = ["attention", "matmul", "matmul_rope", "part_floats", "rmsnorm"]
 
 BM = 16  # rows per tile: fixed (with each weight's BK, it decides the arithmetic)
+# How a GGUF-block weight's tile is loaded (the same values either way; bench/gpu_gguf.py times
+# both): "blocks", by blocks of 32, or "elements", each element's byte and scale on its own.
+QLOAD = os.environ.get("KVREPL_GPU_QLOAD", "blocks")
 
 
 @triton.jit(do_not_specialize=["M"])
 def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, sdn, som,
             srm, sqo, skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
-            QT: tl.constexpr,
+            QT: tl.constexpr, Q3: tl.constexpr,
             D: tl.constexpr, ROT: tl.constexpr,
             BMc: tl.constexpr, BN: tl.constexpr, BKc: tl.constexpr, PREC: tl.constexpr,
             PDL: tl.constexpr, PF: tl.constexpr):  # fmt: skip
@@ -78,10 +82,10 @@ def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm
     acc2 = tl.zeros((BMc, BN), dtype=tl.float32)
     for k0 in range(0, K, BKc):
         a = tl.load(x + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rows_ok, other=0.0)
-        b = _weights(w, wd, wm, rn, k0 + rk, swn, sdn, cols_ok, a.dtype, QT)
+        b = _weights(w, wd, wm, rn, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, BKc)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
         if GLU or ROPE:
-            u = _weights(w, wd, wm, rn2, k0 + rk, swn, sdn, cols_ok, a.dtype, QT)
+            u = _weights(w, wd, wm, rn2, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, BKc)
             acc2 = tl.dot(a, tl.trans(u), acc2, input_precision=PREC)
     if PDL == 2:
         P.next_may_start()
@@ -102,11 +106,16 @@ def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm
 
 
 @triton.jit
-def _weights(w, wd, wm, rn, kk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr):
-    """The weight tile [rows rn, columns kk] in the activations' dtype. QT 1 (Q8_0), 2 (Q4_0),
-    3 (Q4_1): dequantized as gguf-py does, in float32 (q * d, + m), then rounded once."""
+def _weights(w, wd, wm, rn, k0, rk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
+             Q3: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """The weight tile [rows rn, columns k0 + rk] in the activations' dtype. QT 1 (Q8_0), 2
+    (Q4_0), 3 (Q4_1): dequantized as gguf-py does, in float32 (q * d, + m), then rounded once;
+    Q3: loaded by blocks (contiguous loads, then put in order), else element by element."""
+    kk = k0 + rk
     if QT == 0:
         return tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0.0)
+    if Q3:
+        return _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype, QT, BK)
     d = tl.load(wd + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
     if QT == 1:
         q = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0)
@@ -121,6 +130,30 @@ def _weights(w, wd, wm, rn, kk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.conste
             mn = tl.load(wm + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
             v = q * d.to(tl.float32) + mn.to(tl.float32)
     return v.to(dtype)
+
+
+@triton.jit
+def _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
+            BK: tl.constexpr):  # fmt: skip
+    """_weights' tile loaded as [rows, blocks, 32] (Q4: [rows, blocks, 16] bytes, each low
+    nibble before every high one), scaled per block, then laid out as [rows, BK]."""
+    NB: tl.constexpr = BK // 32
+    r3 = rn[:, None, None]
+    ok3 = ok[:, None, None]
+    bi = (k0 // 32 + tl.arange(0, NB))[None, :, None]
+    d = tl.load(wd + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
+    if QT == 1:
+        q = tl.load(w + r3 * swn + bi * 32 + tl.arange(0, 32)[None, None, :], mask=ok3, other=0)
+        return tl.reshape(q.to(tl.float32) * d, (rn.shape[0], BK)).to(dtype)
+    byte = tl.load(w + r3 * swn + bi * 16 + tl.arange(0, 16)[None, None, :], mask=ok3, other=0)
+    q = tl.permute(tl.join(byte & 15, byte >> 4), (0, 1, 3, 2)).to(tl.float32)
+    d4 = d[:, :, :, None]
+    if QT == 2:
+        v = (q - 8.0) * d4
+    else:
+        mn = tl.load(wm + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
+        v = q * d4 + mn[:, :, :, None]
+    return tl.reshape(v, (rn.shape[0], BK)).to(dtype)
 
 
 @triton.jit
@@ -233,8 +266,9 @@ def _launch(x, w, out, residual, glu, rope, cfg=None):  # noqa: ANN001, ANN202
     _matmul[grid](x, wq, wd, wm, out, res, out, cos_t, sin_t, kc, vc, pos0, m, n, k, x.stride(0),
                   wq.stride(0), wd.stride(0), out.stride(0), res.stride(0), out.stride(0),
                   kc.stride(0), heads, kvh, HAS_RES=residual is not None, GLU=glu,
-                  ROPE=rope is not None, QT=qt, D=d, ROT=cos_t.shape[1] if rope else 1, BMc=BM,
-                  BN=bn, BKc=bk, PREC=_precision(x), PDL=pdl,
+                  ROPE=rope is not None, QT=qt, Q3=QLOAD == "blocks", D=d,
+                  ROT=cos_t.shape[1] if rope else 1, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x),
+                  PDL=pdl,
                   PF=0 if qt else P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
                   num_warps=warps, num_stages=stages)  # fmt: skip
     return out
