@@ -104,8 +104,8 @@ def test_reuse_equals_recompute_over_the_blocks(tmp_path):
 
 @pytest.mark.parametrize("choice", ["gguf", "bf16"])
 def test_gpu_weights_chooses_the_files_blocks(choice, tmp_path, monkeypatch):
-    """A .gguf on CUDA: --gpu-weights gguf (the default) hands the GPU path the file, bf16
-    does not; the fingerprint is the same (the same values either way)."""
+    """A .gguf on CUDA: --gpu-weights gguf hands the GPU path the file, bf16 (the default)
+    does not; the fingerprints differ where blocks are kept (not bit-identical on a GPU)."""
     from makers import make_tiny_model, make_tokenizer
 
     from kvrepl.engine import models, placement
@@ -118,6 +118,7 @@ def test_gpu_weights_chooses_the_files_blocks(choice, tmp_path, monkeypatch):
 
     def fake_gpu(m, ctx, gguf=None):
         got["gguf"] = gguf
+        m.quantized = {"Q8_0": 1} if gguf else {}
         return m
 
     monkeypatch.setattr(models, "pick_device", lambda d: "cuda")
@@ -128,4 +129,4 @@ def test_gpu_weights_chooses_the_files_blocks(choice, tmp_path, monkeypatch):
     assert got["gguf"] == (path.resolve() if choice == "gguf" else None)
     other = models.load(str(path), device="cuda", context=256,
                         gpu_weights="bf16" if choice == "gguf" else "gguf")  # fmt: skip
-    assert loaded.fingerprint == other.fingerprint
+    assert loaded.fingerprint != other.fingerprint

@@ -272,7 +272,7 @@ def load(
     progress: bool = True,
     context: int = 0,
     kv_bits: int = 16,
-    gpu_weights: str = "gguf",
+    gpu_weights: str = "bf16",
 ) -> LoadedModel:
     """Resolve a model, load it, and put it on the backend that computes it best: a GGUF file
     on the CPU runs its own quantized weights on kvrepl's kernels; a model folder on the CPU runs
@@ -396,6 +396,8 @@ def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtyp
             notes += more
         elif dev.startswith("cuda") and dtype != "float32" and os.environ.get("KVREPL_GPU") != "0":
             runner, mode = placement.gpu(model, ctx, blocks), "gpu-kernels-v2"
+            if getattr(runner, "quantized", None):  # other K/V than bf16 weights make
+                mode += "/gguf-blocks"
     except Unsupported as exc:
         if dtype == "gguf":
             raise ModelError(f"fast path off: {exc}") from None

@@ -146,7 +146,8 @@ def gpu(model: Any, context: int, gguf: Path | None = None) -> Any:
     first; Unsupported when Triton is missing or the model has a term they lack (the model is
     left as it was), ModelError when the cache cannot fit. gguf: the file the model was loaded
     from, whose Q8_0/Q4_0/Q4_1 matrices the kernels keep in their blocks (the same values,
-    dequantized in the matmul as transformers' loader dequantized them)."""
+    dequantized in the matmul as transformers' loader dequantized them; the results differ from
+    bf16's in the last bits, the tensor cores taking a tile computed in registers otherwise)."""
     try:
         from kvrepl.backends.gpu.model import GpuModel, ops_for
         from kvrepl.backends.gpu.qweights import GGUFBlocks

@@ -113,9 +113,17 @@ def _weights(w, wd, wm, rn, k0, rk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.co
     Q3: loaded by blocks (contiguous loads, then put in order), else element by element."""
     kk = k0 + rk
     if QT == 0:
-        return tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0.0)
-    if Q3:
-        return _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype, QT, BK)
+        t = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0.0)
+    elif Q3:
+        t = _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype, QT, BK)
+    else:
+        t = _elements(w, wd, wm, rn, kk, swn, sdn, ok, dtype, QT)
+    return t
+
+
+@triton.jit
+def _elements(w, wd, wm, rn, kk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr):
+    """_weights' tile loaded element by element (each its byte and its block's scale)."""
     d = tl.load(wd + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
     if QT == 1:
         q = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0)
@@ -144,16 +152,19 @@ def _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constex
     d = tl.load(wd + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
     if QT == 1:
         q = tl.load(w + r3 * swn + bi * 32 + tl.arange(0, 32)[None, None, :], mask=ok3, other=0)
-        return tl.reshape(q.to(tl.float32) * d, (rn.shape[0], BK)).to(dtype)
-    byte = tl.load(w + r3 * swn + bi * 16 + tl.arange(0, 16)[None, None, :], mask=ok3, other=0)
-    q = tl.permute(tl.join(byte & 15, byte >> 4), (0, 1, 3, 2)).to(tl.float32)
-    d4 = d[:, :, :, None]
-    if QT == 2:
-        v = (q - 8.0) * d4
+        v = tl.reshape(q.to(tl.float32) * d, (rn.shape[0], BK))
     else:
-        mn = tl.load(wm + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
-        v = q * d4 + mn[:, :, :, None]
-    return tl.reshape(v, (rn.shape[0], BK)).to(dtype)
+        byte = tl.load(w + r3 * swn + bi * 16 + tl.arange(0, 16)[None, None, :], mask=ok3,
+                       other=0)  # fmt: skip
+        q = tl.permute(tl.join(byte & 15, byte >> 4), (0, 1, 3, 2)).to(tl.float32)
+        d4 = d[:, :, :, None]
+        if QT == 2:
+            v4 = (q - 8.0) * d4
+        else:
+            mn = tl.load(wm + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
+            v4 = q * d4 + mn[:, :, :, None]
+        v = tl.reshape(v4, (rn.shape[0], BK))
+    return v.to(dtype)
 
 
 @triton.jit
