@@ -8,12 +8,14 @@ to first token of a 50-token turn after 16k tokens of history, reused against re
     python bench/bench_gpu.py            # the figures (~6 min on an H200)
     python bench/bench_gpu.py --shapes 135M,1B --no-static
     python bench/bench_gpu.py --memory   # GPU memory at Llama-3.1-8B's and Qwen3-4B's shapes
+    python bench/bench_gpu.py --gguf 1B,8B   # GGUF Q8_0/Q4_0 blocks against bf16 (gpu_gguf.py)
 
 --check: each kernel against torch; a row computed alone and in a batch bit-identical (matmul,
 norm, attention across splits); a 135M-shaped model's logits and K/V bit-identical whether its
 prompt ran in one prefill or in chunks and graph-replayed decode steps; reuse against --no-reuse
 over turns and an edit, tokens and logits; a snapshot saved and restored through the store;
-every model family (tests/families.py) against transformers, chunk/decode bitwise, reuse.
+every model family (tests/families.py) against transformers, chunk/decode bitwise, reuse;
+GGUF blocks against the bf16 kernels over their dequantized weights (gpu_gguf.py).
 Prints one JSON line per part; exits 1 if any fails.
 """
 
@@ -485,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-static", action="store_true")
     ap.add_argument("--static-only", action="store_true", help="8B generate(static) alone")
     ap.add_argument("--memory", action="store_true", help="GPU memory at 8B and 4B shapes")
+    ap.add_argument("--gguf", default=None, metavar="SHAPES", help="GGUF blocks vs bf16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import triton
@@ -511,8 +514,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in memory():
             print(json.dumps(r), flush=True)
         return 0
+    if args.gguf:
+        import gpu_gguf
+
+        for r in gpu_gguf.figure(args.gguf.split(",")):
+            print(json.dumps(r), flush=True)
+        return 0
     if args.check:
-        for part in (check_kernels, check_model, check_families):
+        import gpu_gguf
+
+        for part in (check_kernels, check_model, check_families, gpu_gguf.check_gguf):
             r = {"part": part.__name__, **part()}
             print(json.dumps(r), flush=True)
             results.append(r)

@@ -174,3 +174,38 @@ def test_the_layers_views_follow_their_length(gpu):
     assert layer.values.shape[-2] == 17 and layer.get_seq_length() == 17
     layer.reset()
     assert layer.keys is None and layer.values is None
+
+
+class _Replay:
+    """A captured step as a CUDA graph is one: it reads and writes the cache it was captured
+    with, whatever cache the replay is asked for."""
+
+    def __init__(self, fm, b, layers):
+        self.run = lambda: fm._run(b, list(layers))
+
+    def replay(self):
+        self.run()
+
+
+def test_a_decode_graph_is_never_replayed_over_another_cache(varied, monkeypatch):
+    """A cache that shares layer 0's buffer with an earlier one (as a freed cache's address is
+    reused) but not its other layers gets its own graph: the replayed step equals the eager one."""
+    model, _ = varied
+    fm = GpuModel(model, 512, backend="torch")
+    monkeypatch.setattr(fm, "_capture", lambda b, layers: _Replay(fm, b, layers))
+    fm.graphs = True
+    ids = list(range(3, 40))
+    first = fm.new_layers()
+    fm.forward(ids, first)
+    fm.forward([41], first)  # captured over `first`
+    other = [first[0], *fm.new_layers()[1:]]
+    first[0].crop(-first[0].get_seq_length())
+    fm.forward(ids, other)
+    got = fm.forward([41], other)
+    fm.graphs = False
+    eager = fm.new_layers()
+    fm.forward(ids, eager)
+    want = fm.forward([41], eager)
+    assert torch.equal(got, want)
+    for x, y in zip(other, eager, strict=True):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)

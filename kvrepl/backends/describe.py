@@ -247,6 +247,13 @@ GGUF_TOP = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
 GGUF_PERMUTED = ("llama",)
 
 
+def gguf_qk_order(rows: int, heads: int) -> Any:
+    """transformers' reverse of llama.cpp's Q/K row permutation, as a row order (numpy)."""
+    import numpy as np
+
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(-1)
+
+
 def gguf_layer_roles(arch: Arch) -> list[str]:
     """The roles a GGUF layer of this architecture holds (bias and norm roles only when the
     architecture has them)."""

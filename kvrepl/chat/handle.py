@@ -165,7 +165,8 @@ def _load(settings: Settings, progress: bool) -> Runtime:
 
     s = settings
     loaded = load(s.model, device=s.device, dtype=s.dtype, chat_template=read_template(s),
-                  progress=progress, context=s.context, kv_bits=s.kv_bits)  # fmt: skip
+                  progress=progress, context=s.context, kv_bits=s.kv_bits,
+                  gpu_weights=s.gpu_weights)  # fmt: skip
     return Runtime.build(loaded, s)
 
 

@@ -272,12 +272,14 @@ def load(
     progress: bool = True,
     context: int = 0,
     kv_bits: int = 16,
+    gpu_weights: str = "bf16",
 ) -> LoadedModel:
     """Resolve a model, load it, and put it on the backend that computes it best: a GGUF file
     on the CPU runs its own quantized weights on kvrepl's kernels; a model folder on the CPU runs
     there too, converted once at load; on CUDA, kvrepl's GPU kernels; else transformers, with a
     line saying why. `context` sizes the cache (0: the model's maximum); see placement.py.
-    `kv_bits` 8: 8-bit K/V, which only kvrepl's CPU kernels keep (elsewhere a ModelError)."""
+    `kv_bits` 8: 8-bit K/V, which only kvrepl's CPU kernels keep (elsewhere a ModelError).
+    `gpu_weights` "gguf": a GGUF file's quantized matrices stay in their blocks on the GPU."""
     source = resolve(spec)
     notes: list[str] = []
     kvbits.refuse_off_the_cpu_kernels(kv_bits, dtype, pick_device(device))
@@ -294,8 +296,9 @@ def load(
         raise ModelError("--dtype gguf runs on the CPU only")
     model, tokenizer, dev, torch_dtype, spread = _transformers(source, device, dtype, progress)
     notes += templates.settle(tokenizer, model.config, chat_template)
+    blocks = source.path if source.kind == "gguf" and gpu_weights == "gguf" else None
     loaded = _place(source, model, tokenizer, dev, torch_dtype, spread, dtype, context, notes,
-                    kv_bits)  # fmt: skip
+                    kv_bits, blocks)  # fmt: skip
     if kv_bits == 8 and not loaded.kv_peer:  # the CPU kernels were off: transformers runs it
         raise ModelError(kvbits.refusal(f"transformers ({'; '.join(notes)})"))
     return loaded
@@ -369,9 +372,10 @@ def _transformers(source: ModelSource, device: str | None, dtype: str,
 
 def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtype: Any,
            spread: bool, dtype: str, context: int, notes: list[str],
-           kv_bits: int = 16) -> LoadedModel:  # fmt: skip
+           kv_bits: int = 16, blocks: Path | None = None) -> LoadedModel:  # fmt: skip
     """The loaded transformers model on the backend that runs it: kvrepl's CPU kernels (a model
-    folder, converted once), its GPU kernels, or transformers itself (with the reason)."""
+    folder, converted once), its GPU kernels (over `blocks`, the GGUF file's, where given), or
+    transformers itself (with the reason)."""
     from kvrepl.backends.describe import Unsupported
     from kvrepl.engine import placement
 
@@ -391,7 +395,9 @@ def _place(source: ModelSource, model: Any, tokenizer: Any, dev: str, torch_dtyp
             mode, name = f"{placement.HF_FAST_QTYPE}/{runner.k.label}", "gguf"
             notes += more
         elif dev.startswith("cuda") and dtype != "float32" and os.environ.get("KVREPL_GPU") != "0":
-            runner, mode = placement.gpu(model, ctx), "gpu-kernels-v2"
+            runner, mode = placement.gpu(model, ctx, blocks), "gpu-kernels-v2"
+            if getattr(runner, "quantized", None):  # other K/V than bf16 weights make
+                mode += "/gguf-blocks"
     except Unsupported as exc:
         if dtype == "gguf":
             raise ModelError(f"fast path off: {exc}") from None

@@ -141,19 +141,26 @@ def _drop_stale(file: Path) -> None:
             old.unlink(missing_ok=True)
 
 
-def gpu(model: Any, context: int) -> Any:
+def gpu(model: Any, context: int, gguf: Path | None = None) -> Any:
     """The model on kvrepl's Triton kernels, its cache checked against the device's free memory
     first; Unsupported when Triton is missing or the model has a term they lack (the model is
-    left as it was), ModelError when the cache cannot fit."""
+    left as it was), ModelError when the cache cannot fit. gguf: the file the model was loaded
+    from, whose Q8_0/Q4_0/Q4_1 matrices the kernels keep in their blocks (the same values,
+    dequantized in the matmul as transformers' loader dequantized them; the results differ from
+    bf16's in the last bits, the tensor cores taking a tile computed in registers otherwise)."""
     try:
         from kvrepl.backends.gpu.model import GpuModel, ops_for
+        from kvrepl.backends.gpu.qweights import GGUFBlocks
 
         ops = ops_for("triton")
     except ImportError as exc:
         raise Unsupported(f"{getattr(exc, 'name', None) or exc} missing") from None
-    Arch.from_config(model.config).refusal("the GPU kernels", ops.COMPUTES)
+    arch = Arch.from_config(model.config)
+    arch.refusal("the GPU kernels", ops.COMPUTES)
     check_cache_fits(model, context)
-    return GpuModel(model, context, consume=True)
+    p = next(model.parameters())
+    blocks = GGUFBlocks(gguf, arch, p.device) if gguf is not None else None
+    return GpuModel(model, context, consume=True, blocks=blocks)
 
 
 def check_cache_fits(model: Any, context: int) -> None:

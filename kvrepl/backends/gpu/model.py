@@ -27,74 +27,15 @@ COMPUTES = {"q/k/v biases", "q/k norms", "Gemma norms", "sliding windows", "fina
             "partial rotary", "GELU"}  # fmt: skip
 
 
-def _torch_ops() -> Any:
-    """The kernels' contract in plain torch (no invariance promised): for CPU tests."""
-
-    def _norm(x, w, eps, out):
-        v = x.float()
-        y = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
-        return out.copy_((w.float() * y.float()).to(out.dtype))
-
-    class Ops:
-        rmsnorm = staticmethod(_norm)
-
-        @staticmethod
-        def matmul(x, w, out, residual=None, *, glu=False):
-            if glu:
-                f = out.shape[1]
-                g, u = (x @ w[:f].T).to(out.dtype), (x @ w[f:].T).to(out.dtype)
-                y = (torch.nn.functional.silu(g.float()) * u.float()).to(out.dtype)
-            else:
-                y = (x @ w.T).to(out.dtype)
-            out.copy_(y if residual is None else (residual.float() + y.float()).to(out.dtype))
-            return out
-
-        @staticmethod
-        def matmul_rope(x, w, q, cos_t, sin_t, kc, vc, pos0, heads, kv_heads):
-            qkv = (x @ w.T).to(q.dtype)
-            m, d = qkv.shape[0], kc.shape[2]
-            p = int(pos0[0])
-            c, s = cos_t[p : p + m, None, :], sin_t[p : p + m, None, :]
-            qk = qkv[:, : (heads + kv_heads) * d].view(m, heads + kv_heads, d).float()
-            half = d // 2
-            rot = torch.cat([-qk[..., half:], qk[..., :half]], -1)
-            r = (qk * c + rot * s).to(qkv.dtype)
-            q.copy_(r[:, :heads].reshape(m, -1))
-            kc[:, p : p + m] = r[:, heads:].transpose(0, 1)
-            vc[:, p : p + m] = qkv[:, (heads + kv_heads) * d :].view(m, kv_heads, d).transpose(0, 1)
-            return q
-
-        @staticmethod
-        def attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0):
-            m, p0 = q.shape[0], int(pos0[0])
-            kvh, _, d = kc.shape
-            g = out.shape[1] // d // kvh
-            for r in range(m):
-                lo = max(0, p0 + r - window + 1) if window else 0
-                k, v = kc[:, lo : p0 + r + 1].float(), vc[:, lo : p0 + r + 1].float()
-                qr = q[r, : out.shape[1]].view(kvh, g, d).float()
-                sc = qr @ k.transpose(1, 2) * scale
-                if softcap:
-                    sc = torch.tanh(sc / softcap) * softcap
-                w = torch.softmax(sc, -1)
-                out[r] = (w @ v).reshape(-1).to(out.dtype)
-            return out
-
-        @staticmethod
-        def part_floats(rows, kv_heads, cap, g, d):
-            return 1
-
-    Ops.COMPUTES = COMPUTES | {"attention softcap"}
-    return Ops
-
-
 def ops_for(backend: str) -> Any:
     if backend == "triton":
         from kvrepl.backends.gpu import triton_ops
 
         triton_ops.COMPUTES = COMPUTES
         return triton_ops
-    return _torch_ops()
+    from kvrepl.backends.gpu.torch_ops import torch_ops
+
+    return torch_ops(COMPUTES)
 
 
 class GpuModel(KernelBackend):
@@ -104,9 +45,12 @@ class GpuModel(KernelBackend):
     feeds_ahead = True  # forward_token: the next step is queued behind the one that chose it
 
     def __init__(self, model: Any, context_length: int, backend: str = "triton",
-                 graphs: bool = True, consume: bool = False) -> None:  # fmt: skip
+                 graphs: bool = True, consume: bool = False,
+                 blocks: Any = None) -> None:  # fmt: skip
         """consume: let go of the transformers model's weights as the kernels' copies are made
-        (the weights are then held once; the model cannot run after)."""
+        (the weights are then held once; the model cannot run after). blocks: the GGUF file's
+        quantized matrices (qweights.GGUFBlocks), kept in their blocks in place of the model's
+        where their type is one the kernels take (the rest stay the model's)."""
         self.config = model.config
         self.arch = a = Arch.from_config(model.config)
         self.ops = ops_for(backend)
@@ -122,7 +66,8 @@ class GpuModel(KernelBackend):
         # Llama's layer runs the fused QKV + rotary + cache-write kernel; any other term (a
         # bias, a q/k norm, a partial rotary) runs the matmul, then those steps one by one.
         self.fused_qkv = not (a.qkv_bias or a.qk_norm or a.rope_dim != a.head_dim)
-        self.layers = self._take_weights(model, consume)
+        self.quantized: dict[str, int] = {}  # GGUF type -> matrices kept in its blocks
+        self.layers = self._take_weights(model, consume, blocks)
         rope = RopeTable(model.config)
         rope.upto(context_length)
         self.rope = {kind: tuple(t.to(self.device) for t in rope.table(kind))
@@ -132,7 +77,7 @@ class GpuModel(KernelBackend):
         self._bufs: dict[int, dict[str, torch.Tensor]] = {}
         self._graphs: dict[int, Any] = {}
 
-    def _take_weights(self, model: Any, consume: bool) -> list[dict[str, Any]]:
+    def _take_weights(self, model: Any, consume: bool, blocks: Any) -> list[dict[str, Any]]:
         """The layers' weights as the kernels take them (q/k/v and gate/up side by side); when
         consuming, each layer's originals are let go as soon as its fused copy exists, so the
         weights are held once (plus one layer) rather than twice."""
@@ -143,19 +88,36 @@ class GpuModel(KernelBackend):
         inner_layers = _decoder_layers(model)
         layers = []
         for i, r in enumerate(roles):
-            lw = {"attn_norm": self._norm(r["attn_norm"]), "o": r["o"], "down": r["down"],
-                  "ffn_norm": self._norm(r["ffn_norm"]),
-                  "qkv": _joined([r["q"], r["k"], r["v"]]),
-                  "gate_up": _joined([r["gate"], r["up"]])}  # fmt: skip
+            got = blocks.layer(i) if blocks is not None else {}
+            lw = {"attn_norm": self._norm(r["attn_norm"]), "ffn_norm": self._norm(r["ffn_norm"])}
+            mats = {"qkv": [r["q"], r["k"], r["v"]], "gate_up": [r["gate"], r["up"]],
+                    "o": [r["o"]], "down": [r["down"]]}  # fmt: skip
+            for name, parts in mats.items():
+                lw[name] = self._matrix(got.get(name), parts)
             if a.qkv_bias:
                 lw["qkv_bias"] = torch.cat([r["q_bias"], r["k_bias"], r["v_bias"]])
             for name in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"):
                 lw[name] = self._norm(r[name]) if r[name] is not None else None
             roles[i] = None
             if consume and i < len(inner_layers):
-                _release(inner_layers[i], keep=[lw["o"], lw["down"]])
+                kept = [w for w in (lw["o"], lw["down"]) if isinstance(w, torch.Tensor)]
+                _release(inner_layers[i], keep=kept)
             layers.append(lw)
+        if blocks is not None:
+            self.lm_head = self._matrix(blocks.lm_head(), [top["lm_head"]])
+            head = model.get_output_embeddings()
+            if consume and self.lm_head is not top["lm_head"] and \
+                    top["lm_head"].data_ptr() != top["embed"].data_ptr():  # fmt: skip
+                head.weight.data = head.weight.data.new_empty(0)
         return layers
+
+    def _matrix(self, q: Any, parts: list[torch.Tensor]) -> Any:
+        """A matrix as the kernels take it: its GGUF blocks when kept (and of the model's shape),
+        else the model's weights, stacked by rows (Q, K and V; gate and up)."""
+        if q is not None and tuple(q.shape) == (sum(p.shape[0] for p in parts), parts[0].shape[1]):
+            self.quantized[q.qtype] = self.quantized.get(q.qtype, 0) + 1
+            return q
+        return _joined(parts) if len(parts) > 1 else parts[0]
 
     def _norm(self, w: torch.Tensor) -> torch.Tensor:
         """A norm weight as the kernels multiply by it: Gemma's 1 + w in float32."""
@@ -164,7 +126,11 @@ class GpuModel(KernelBackend):
     def describe(self) -> str:
         """How this model computes, for /stats."""
         dt = str(self.kv_dtype).removeprefix("torch.")
-        return f"{dt} weights on kvrepl's {self.backend} GPU kernels ({self.device}), {dt} K/V"
+        w = f"{dt} weights"
+        if self.quantized:
+            kept = ", ".join(f"{n} {t}" for t, n in sorted(self.quantized.items()))
+            w = f"GGUF blocks ({kept} matrices; the rest {dt})"
+        return f"{w} on kvrepl's {self.backend} GPU kernels ({self.device}), {dt} K/V"
 
     # -- cache and buffers -------------------------------------------------------------------
     def new_layers(self) -> list[GrowingLayer]:
@@ -301,22 +267,33 @@ class GpuModel(KernelBackend):
     def _graph(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> Any:
         """The decode step of this cache, captured once (after a warm-up that compiles the
         kernels; its writes at the current position are rewritten by the replay)."""
-        key = layers[0].room(self.capacity)[0].data_ptr()
+        key = graph_key(layers)
         g = self._graphs.get(key)
         if g is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._run(b, layers)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self._run(b, layers)
+            g = self._capture(b, layers)
             if len(self._graphs) >= 4:  # caches come and go (tests, benchmarks): keep a few
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = g
         return g
+
+    def _capture(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> Any:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(b, layers)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._run(b, layers)
+        return g
+
+
+def graph_key(layers: list[GrowingLayer]) -> tuple[int, ...]:
+    """What a captured decode step reads and writes of a cache: every layer's K and V buffer
+    address (a graph replays the addresses it was captured with). Layer 0's alone is not enough:
+    a cache freed and another made can reuse its first buffer's address and not the others'."""
+    return tuple(p for layer in layers for p in layer.addresses())
 
 
 class FixedLayer(GrowingLayer):
@@ -324,6 +301,8 @@ class FixedLayer(GrowingLayer):
     read rather than at each length change. A decode step moves every layer's length, and
     making 2 views for each of 30 layers cost about 250 us of the host's time a token, more than
     the GPU left it at 135M (the host queues the next step while the GPU runs this one)."""
+
+    _at: tuple[torch.Tensor, tuple[int, int]] | None = None  # (the K buffer, both addresses)
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -343,6 +322,17 @@ class FixedLayer(GrowingLayer):
 
     def _set_length(self, n: int) -> None:
         self._n = n
+
+    def addresses(self) -> tuple[int, int]:
+        """Where the K and V buffers are (a fixed layer's never move, so read once)."""
+        k = self._k
+        if self._at is None or self._at[0] is not k:
+            self._at = (k, (k.data_ptr(), self._v.data_ptr()))
+        return self._at[1]
+
+    def reset(self) -> None:
+        super().reset()
+        self._at = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> None:

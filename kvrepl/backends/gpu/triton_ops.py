@@ -23,6 +23,7 @@ bit-identity: numpy's matmul is not row-invariant).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -34,11 +35,15 @@ from kvrepl.backends.gpu.triton_attn import attention, part_floats
 __all__ = ["attention", "matmul", "matmul_rope", "part_floats", "rmsnorm"]
 
 BM = 16  # rows per tile: fixed (with each weight's BK, it decides the arithmetic)
+# How a GGUF-block weight's tile is loaded (the same values either way; bench/gpu_gguf.py times
+# both): "blocks", by blocks of 32, or "elements", each element's byte and scale on its own.
+QLOAD = os.environ.get("KVREPL_GPU_QLOAD", "blocks")
 
 
 @triton.jit(do_not_specialize=["M"])
-def _matmul(x, w, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, som, srm, sqo,
-            skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
+def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, sdn, som,
+            srm, sqo, skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
+            QT: tl.constexpr, Q3: tl.constexpr,
             D: tl.constexpr, ROT: tl.constexpr,
             BMc: tl.constexpr, BN: tl.constexpr, BKc: tl.constexpr, PREC: tl.constexpr,
             PDL: tl.constexpr, PF: tl.constexpr):  # fmt: skip
@@ -46,7 +51,8 @@ def _matmul(x, w, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, s
     (x @ up^T) (GLU: w holds gate's N rows, then up's) or the rotary embedding (ROPE: w is the
     QKV weight, N its rows; a program takes BN columns of heads' first halves and the BN
     columns half a head on: q rotated into qo, k rotated and v into the caches at the rows'
-    positions). Per row, the same operations in
+    positions). QT: w holds GGUF blocks (qweights.py; wd, wm their scales and minimums),
+    dequantized tile by tile in registers. Per row, the same operations in
     the same order whatever rows share the tile (M is not specialized on: one compiled kernel
     serves every row count). PDL (triton_pdl): prefetch PF columns of the weight rows into L2,
     then wait for the kernel before, before touching any activation."""
@@ -76,11 +82,10 @@ def _matmul(x, w, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, s
     acc2 = tl.zeros((BMc, BN), dtype=tl.float32)
     for k0 in range(0, K, BKc):
         a = tl.load(x + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rows_ok, other=0.0)
-        b = tl.load(w + rn[:, None] * swn + (k0 + rk)[None, :], mask=cols_ok[:, None], other=0.0)
+        b = _weights(w, wd, wm, rn, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, BKc)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
         if GLU or ROPE:
-            u = tl.load(w + rn2[:, None] * swn + (k0 + rk)[None, :], mask=cols_ok[:, None],
-                        other=0.0)  # fmt: skip
+            u = _weights(w, wd, wm, rn2, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, BKc)
             acc2 = tl.dot(a, tl.trans(u), acc2, input_precision=PREC)
     if PDL == 2:
         P.next_may_start()
@@ -98,6 +103,68 @@ def _matmul(x, w, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, s
             r = tl.load(res + rm[:, None] * srm + rn[None, :], mask=ok, other=0.0)
             y = (r.to(tl.float32) + y.to(tl.float32)).to(out.dtype.element_ty)
         tl.store(out + rm[:, None] * som + rn[None, :], y, mask=ok)
+
+
+@triton.jit
+def _weights(w, wd, wm, rn, k0, rk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
+             Q3: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """The weight tile [rows rn, columns k0 + rk] in the activations' dtype. QT 1 (Q8_0), 2
+    (Q4_0), 3 (Q4_1): dequantized as gguf-py does, in float32 (q * d, + m), then rounded once;
+    Q3: loaded by blocks (contiguous loads, then put in order), else element by element."""
+    kk = k0 + rk
+    if QT == 0:
+        t = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0.0)
+    elif Q3:
+        t = _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype, QT, BK)
+    else:
+        t = _elements(w, wd, wm, rn, kk, swn, sdn, ok, dtype, QT)
+    return t
+
+
+@triton.jit
+def _elements(w, wd, wm, rn, kk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr):
+    """_weights' tile loaded element by element (each its byte and its block's scale)."""
+    d = tl.load(wd + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
+    if QT == 1:
+        q = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0)
+        v = q.to(tl.float32) * d.to(tl.float32)
+    else:  # byte j of a block: element j in its low nibble, j + 16 in its high one
+        at = (kk // 32) * 16 + kk % 16
+        byte = tl.load(w + rn[:, None] * swn + at[None, :], mask=ok[:, None], other=0)
+        q = ((byte >> ((kk % 32) // 16 * 4).to(tl.uint8)[None, :]) & 15).to(tl.float32)
+        if QT == 2:
+            v = (q - 8.0) * d.to(tl.float32)
+        else:
+            mn = tl.load(wm + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
+            v = q * d.to(tl.float32) + mn.to(tl.float32)
+    return v.to(dtype)
+
+
+@triton.jit
+def _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
+            BK: tl.constexpr):  # fmt: skip
+    """_weights' tile loaded as [rows, blocks, 32] (Q4: [rows, blocks, 16] bytes, each low
+    nibble before every high one), scaled per block, then laid out as [rows, BK]."""
+    NB: tl.constexpr = BK // 32
+    r3 = rn[:, None, None]
+    ok3 = ok[:, None, None]
+    bi = (k0 // 32 + tl.arange(0, NB))[None, :, None]
+    d = tl.load(wd + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
+    if QT == 1:
+        q = tl.load(w + r3 * swn + bi * 32 + tl.arange(0, 32)[None, None, :], mask=ok3, other=0)
+        v = tl.reshape(q.to(tl.float32) * d, (rn.shape[0], BK))
+    else:
+        byte = tl.load(w + r3 * swn + bi * 16 + tl.arange(0, 16)[None, None, :], mask=ok3,
+                       other=0)  # fmt: skip
+        q = tl.permute(tl.join(byte & 15, byte >> 4), (0, 1, 3, 2)).to(tl.float32)
+        d4 = d[:, :, :, None]
+        if QT == 2:
+            v4 = (q - 8.0) * d4
+        else:
+            mn = tl.load(wm + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
+            v4 = q * d4 + mn[:, :, :, None]
+        v = tl.reshape(v4, (rn.shape[0], BK))
+    return v.to(dtype)
 
 
 @triton.jit
@@ -197,18 +264,23 @@ def _launch(x, w, out, residual, glu, rope, cfg=None):  # noqa: ANN001, ANN202
     """The one matmul kernel with its epilogues; cfg (BN, BK, warps, stages) overrides the
     table (bench/gpu_tune.py times the candidates)."""
     m, k = x.shape
-    n = w.shape[0] // 2 if glu else w.shape[0]
-    bn, bk, warps, stages = cfg or _config(w.shape[0], k, glu or rope is not None, m)
+    rows = w.shape[0]
+    n = rows // 2 if glu else rows
+    bn, bk, warps, stages = cfg or _config(rows, k, glu or rope is not None, m)
+    qt = getattr(w, "kind", 0)
+    wq, wd, wm = (w.q, w.d, w.m if w.m is not None else w.d) if qt else (w, w, w)
     res = residual if residual is not None else out
     cos_t, sin_t, kc, vc, pos0, heads, kvh = rope or (out, out, out, out, out, 0, 0)
     d = kc.shape[2] if rope else 16
     grid = (triton.cdiv(n // 2 if rope else n, bn), triton.cdiv(m, BM))
     pdl = P.mode(k)
-    _matmul[grid](x, w, out, res, out, cos_t, sin_t, kc, vc, pos0, m, n, k, x.stride(0),
-                  w.stride(0), out.stride(0), res.stride(0), out.stride(0), kc.stride(0), heads,
-                  kvh, HAS_RES=residual is not None, GLU=glu, ROPE=rope is not None, D=d,
+    _matmul[grid](x, wq, wd, wm, out, res, out, cos_t, sin_t, kc, vc, pos0, m, n, k, x.stride(0),
+                  wq.stride(0), wd.stride(0), out.stride(0), res.stride(0), out.stride(0),
+                  kc.stride(0), heads, kvh, HAS_RES=residual is not None, GLU=glu,
+                  ROPE=rope is not None, QT=qt, Q3=QLOAD == "blocks", D=d,
                   ROT=cos_t.shape[1] if rope else 1, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x),
-                  PDL=pdl, PF=P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
+                  PDL=pdl,
+                  PF=0 if qt else P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
                   num_warps=warps, num_stages=stages)  # fmt: skip
     return out
 
