@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_engine as be  # noqa: E402
 
 from kvrepl.chat.prompt import Prompt  # noqa: E402
-from kvrepl.engine import models  # noqa: E402
+from kvrepl.engine import firststart, models  # noqa: E402
 from kvrepl.engine.engine import Engine  # noqa: E402
 
 N_DECODE = 64
@@ -112,7 +112,7 @@ def stock_transformers() -> Any:
     """The GGUF dequantized to float32 with transformers' own attention (no kvrepl code)."""
     from transformers import AutoModelForCausalLM
 
-    folder = models.convert_gguf(models.embedded_gguf(), progress=False)
+    folder = firststart.convert_gguf(models.embedded_gguf(), progress=False)
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 

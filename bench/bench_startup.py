@@ -66,9 +66,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cold", action="store_true", help="every start a first start")
     args = ap.parse_args()
-    from kvrepl.engine import models
+    from kvrepl.engine import firststart, models
 
-    models.prepare(models.resolve(None), "auto", None, progress=False)
+    firststart.prepare(models.resolve(None), "auto", None, progress=False)
     prompts, readies = [], []
     with tempfile.TemporaryDirectory() as home:
         one_run(home)  # warm the page cache

@@ -54,11 +54,11 @@ def _embedded_model_converted(request: pytest.FixtureRequest) -> None:
     """Dequantize the embedded GGUF once, before any test starts kvrepl processes: on a fresh
     machine, several processes would otherwise each convert it at the same time. Skipped where
     no selected test needs the real model (a GPU run of `-m "not model"`, which has no GGUF)."""
-    from kvrepl.engine import models
+    from kvrepl.engine import firststart, models
 
     if request.config.getoption("-m") == "not model":
         return
-    models.convert_gguf(models.embedded_gguf(), progress=False)
+    firststart.convert_gguf(models.embedded_gguf(), progress=False)
 
 
 @pytest.fixture(autouse=True)

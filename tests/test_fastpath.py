@@ -16,8 +16,9 @@ import torch
 from makers import make_tokenizer
 
 from kvrepl.backends.cpu import native
-from kvrepl.backends.cpu.gguf_model import from_gguf, from_hf, qk_order
+from kvrepl.backends.cpu.gguf_model import from_gguf, from_hf
 from kvrepl.backends.cpu.quant import LAYOUT, Packed, pack, quantize
+from kvrepl.backends.describe import gguf_qk_order
 from kvrepl.engine import models
 from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.errors import ModelError
@@ -397,7 +398,7 @@ def test_a_gguf_file_runs_as_the_same_weights_quantized_in_memory(kernels, tmp_p
 def test_qk_order_undoes_llama_cpps_permutation():
     rows = torch.arange(24.0)
     permuted = rows.reshape(3, 2, 4).swapaxes(1, 2).reshape(-1)  # llama.cpp, 3 heads of 8
-    assert torch.equal(permuted[torch.as_tensor(qk_order(24, 3))], rows)
+    assert torch.equal(permuted[torch.as_tensor(gguf_qk_order(24, 3))], rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_a_first_start_leaves_the_tokenizer_to_the_background_load(tmp_path, mon
     """Before the prompt, a GGUF's first start is said and its tokenizer is not read (the load,
     in its thread, reads it); the status says what the wait is for until the load is done."""
     from kvrepl.chat.handle import FIRST_START_STATUS
-    from kvrepl.engine import models
+    from kvrepl.engine import firststart, models
 
     monkeypatch.setenv("KVREPL_CACHE", str(tmp_path / "cache"))
     rt = object()
@@ -72,7 +72,7 @@ def test_a_first_start_leaves_the_tokenizer_to_the_background_load(tmp_path, mon
     said: list[str] = []
     handle.prepare(said.append)
     assert said == ["first start with this model: reading its tokenizer once (about 10 s)…"]
-    assert not models.meta_folder(models.embedded_gguf()).exists()
+    assert not firststart.meta_folder(models.embedded_gguf()).exists()
     handle.start()
     assert handle.status() == FIRST_START_STATUS
     go.set()

@@ -12,7 +12,7 @@ import torch
 from makers import CHATML
 from procs import PYTHON, kvrepl_env
 
-from kvrepl.engine import devices, fingerprint, models
+from kvrepl.engine import devices, fingerprint, firststart, models
 from kvrepl.errors import ModelError
 
 
@@ -132,11 +132,11 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path / "xdg" / "kvrepl"
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"1")
-    first = models.converted_folder(gguf)
+    first = firststart.converted_folder(gguf)
     assert first.parent == tmp_path / "xdg" / "kvrepl" / "models"
     assert first.name.startswith("x-")
     gguf.write_bytes(b"12")  # another size: another folder
-    assert models.converted_folder(gguf) != first
+    assert firststart.converted_folder(gguf) != first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_load_reuses_the_converted_folder_and_fingerprints_dtype_and_template(re
 
     real = real32
     assert real.source.kind == "gguf"
-    folder = models.converted_folder(real.source.path)
+    folder = firststart.converted_folder(real.source.path)
     assert (folder / "config.json").is_file()
     before = {p.name: p.stat().st_mtime_ns for p in [folder, *folder.iterdir()]}
 

@@ -16,7 +16,7 @@ from helpers import TINY_SETTINGS, control_token_ids, make_harness
 from makers import CHATML, make_tokenizer
 
 from kvrepl.chat.prompt import Prompt
-from kvrepl.engine import models, templates
+from kvrepl.engine import firststart, models, templates
 from kvrepl.errors import PromptError
 from kvrepl.events import Notice
 
@@ -198,7 +198,7 @@ def test_the_fast_path_picks_a_builtin_for_a_gguf_without_a_template(tmp_path):
     """The embedded GGUF on the CPU fast path, its tokenizer stripped of its template (as a
     GGUF without one reads): ChatML, SmolLM2's own format, said in one line."""
     source = models.resolve(None)
-    meta = models.prepare_meta(source.path)
+    meta = firststart.prepare_meta(source.path)
     folder = tmp_path / "meta"
     folder.mkdir()
     for name in ("config.json", "generation_config.json", "tokenizer.json"):

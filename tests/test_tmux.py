@@ -234,7 +234,7 @@ def test_a_first_start_shows_the_prompt_before_the_tokenizer_is_read(
     once waits for it with the status line, and its answer is the one a warm start gives."""
     from procs import run_kvrepl
 
-    from kvrepl.engine import models
+    from kvrepl.engine import firststart, models
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -245,7 +245,7 @@ def test_a_first_start_shows_the_prompt_before_the_tokenizer_is_read(
                           sys.executable, "-m", "kvrepl", *flags])  # fmt: skip
     question = "What is the capital of France?"
     monkeypatch.setenv("KVREPL_CACHE", str(cache))
-    tokenizer = models.meta_folder(models.embedded_gguf()) / "tokenizer.json"
+    tokenizer = firststart.meta_folder(models.embedded_gguf()) / "tokenizer.json"
     terminal.start("first", command)
     terminal.wait_for_prompt(1)
     assert not tokenizer.exists()  # the prompt came first

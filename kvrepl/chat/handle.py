@@ -5,7 +5,8 @@ how many tokens its cache holds) without waiting.
 
 What exists once the model is loaded is a `Runtime`: the LoadedModel, its Prompt and its Engine.
 The conversation, the commands, the REPL and the toolbar reach the model only through this
-handle. Loading itself (resolving a spec, device, dtype, the fast path) is models.py's.
+handle. Loading itself (resolving a spec, device, dtype, the fast path) is models.py's; a first
+start's one-time work is firststart.py's.
 """
 
 from __future__ import annotations
@@ -89,21 +90,21 @@ class ModelHandle:
         fast path's, about 10 s) is left to the load, in the background while the user types;
         dequantizing a GGUF for transformers is done now (its progress bar, on stderr, would
         tear the input if it ran in the background)."""
-        from kvrepl.engine import devices, models
+        from kvrepl.engine import devices, firststart, models
 
         s = self.settings
         read_template(s)
         devices.check_device(s.device)
         source = models.resolve(s.model)
-        models.check_gguf(source)
-        note = models.first_start(source, s.dtype, s.device)
+        firststart.check_gguf(source)
+        note = firststart.first_start(source, s.dtype, s.device)
         if note is None:
             return
         notice(note)
-        if models.uses_fast_path(source, s.dtype, s.device):
+        if firststart.uses_fast_path(source, s.dtype, s.device):
             self._first_start = FIRST_START_STATUS
         else:
-            models.prepare(source, s.dtype, s.device, progress=True)
+            firststart.prepare(source, s.dtype, s.device, progress=True)
 
     def start(self) -> ModelHandle:
         """Load in a background thread (a daemon: kvrepl may end while it runs)."""

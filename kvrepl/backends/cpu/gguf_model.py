@@ -26,14 +26,10 @@ from kvrepl.backends.describe import (
     GGUF_TOP,
     Arch,
     gguf_layer_roles,
+    gguf_qk_order,
     hf_weights,
     norm_weight,
 )
-
-
-def qk_order(rows: int, heads: int) -> np.ndarray:
-    """transformers' reverse of llama.cpp's Q/K permutation, as a row order."""
-    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(-1)
 
 
 class GGUFTensors:
@@ -105,7 +101,8 @@ def build(f: GGUFTensors, config: Any, kernels: native.Kernels, context_length: 
         else:
             q, k = f.packed(got["q"]), f.packed(got["k"])
             if f.arch in GGUF_PERMUTED:
-                q, k = q.rows(qk_order(q.n, arch.n_heads)), k.rows(qk_order(k.n, arch.n_kv))
+                q = q.rows(gguf_qk_order(q.n, arch.n_heads))
+                k = k.rows(gguf_qk_order(k.n, arch.n_kv))
             qkv = fuse([q, k, f.packed(got["v"])])
             gate_up = fuse([f.packed(got["gate"]), f.packed(got["up"])])
         layer = Layer(attn_norm=norm(got["attn_norm"]), qkv=qkv, o=f.packed(got["o"]),
