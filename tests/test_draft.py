@@ -3,8 +3,8 @@ from the conversation are fed together and verified, and the answer, its finish 
 (ids, and every layer's K/V bit for bit) are those of token-by-token decoding: greedy and
 sampled (the same seed gives the same tokens), on the real embedded model over turns, an edit
 and a restored cache, at an end token, the context's end, max_tokens and a closed generator.
-A statistical check on a tiny fast model that sampled drafting keeps the distribution; the
-lookup and the policy alone; the stats line and --json."""
+A statistical check on a tiny fast model that sampled drafting keeps the distribution (the
+lookup, the policy, the setting and the stats line alone: test_draft_policy.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,10 @@ from chisq import critical, two_sample
 from helpers import fill_cache
 from makers import make_tiny_model, make_tokenizer
 
-from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
 from kvrepl.backends.cpu import native
 from kvrepl.backends.cpu.gguf_model import from_hf
 from kvrepl.chat.prompt import Prompt
-from kvrepl.config import Settings
 from kvrepl.engine import models
-from kvrepl.engine.draft import LENGTHS, MARGIN, MAX_DRAFT, Drafter, DraftPolicy, Lookup
 from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.events import Finish, Stats, TextDelta
 
@@ -325,98 +322,3 @@ def test_sampled_drafting_keeps_the_distribution_of_the_first_tokens(tiny_fast):
     colder, _, _ = first_tokens(tiny_fast, range(n, 2 * n), draft=False, temperature=0.8)
     stat, df = two_sample(outcomes(on)[0], outcomes(colder)[0])
     assert stat > critical(df)
-
-
-# ---------------------------------------------------------------------------------------------
-# the lookup and the policy alone
-
-
-def test_the_lookup_finds_the_longest_latest_match_and_what_followed():
-    ctx = [5, 1, 2, 3, 9, 8, 4, 2, 3, 10, 11, 1, 2]
-    lk = Lookup(ctx)
-    # the tail "1 2" and the token 3: "1 2 3" at the start beats the later "2 3"
-    assert lk.continuation(3, 4) == (3, [9, 8, 4, 2])
-    ctx += [3, 7, 2]
-    lk.sync(ctx)
-    # "7 2 3" occurs nowhere; "2 3" three times: the latest, and up to the token itself
-    assert lk.continuation(3, 5) == (2, [7, 2, 3])
-    assert lk.continuation(99, 3) == (0, [])
-    assert lk.continuation(11, 10) == (1, [1, 2, 3, 7, 2, 11])
-
-
-def test_drafts_stop_before_an_end_token_and_outcomes_move_the_policy():
-    policy = DraftPolicy()
-    policy.row_cost = 0.0
-    ctx = [1, 2, 3, 4, 5, 6, 7, 99, 8, 9]
-    drafter = Drafter(ctx, policy, end_ids={99})
-    assert drafter.propose(ctx, 2, 4) == [3, 4, 5, 6]  # the limit
-    before = list(policy.rate)
-    ctx += [2, 3, 4, 5, 6]  # all accepted, then the next token
-    assert drafter.propose(ctx, 7, 10) == []  # what followed 7 is the end token
-    # each drafted token was told to the rate of the match it extended: lengths 1 to 4
-    assert all(policy.rate[i] > before[i] for i in range(4)), (before, policy.rate)
-    assert policy.rate[4:] == before[4:]
-    ctx += [7]
-    assert drafter.propose(ctx, 8, 10)[:2] == [9, 2]  # 8 was seen once: a match of 1
-    ctx += [8]
-    before = list(policy.rate)
-    drafter.propose(ctx, 5, 10)  # the answer took 5, not 9: rejected at the first token
-    assert policy.rate[0] < before[0] and policy.rate[1:] == before[1:]
-
-
-def test_the_policy_drafts_nothing_where_it_would_not_pay():
-    policy = DraftPolicy()
-    policy.row_cost = 0.6
-    policy.rate = [0.3, 0.5, 0.55] + [0.95] * (LENGTHS - 3)
-    assert [policy.size(m, MAX_DRAFT) for m in (1, 2, 3)] == [0, 0, 0]
-    assert policy.size(4, MAX_DRAFT) >= 2
-    policy.row_cost = 0.1
-    assert policy.size(4, MAX_DRAFT) > 6 and policy.size(1, MAX_DRAFT) >= 1
-    for _ in range(3):
-        policy.timed(1, 0.010)
-    for _ in range(30):
-        policy.timed(9, 0.030)  # 8 more rows cost 2 steps: a row a quarter of a step
-    assert 0.2 < policy.row_cost < 0.3
-
-
-def test_a_long_match_drafts_further_than_a_fresh_one():
-    """The tokens of a draft extend its match: a copy under way drafts far, a match of one
-    token drafts little or nothing; and a gain under MARGIN drafts nothing."""
-    policy = DraftPolicy()
-    policy.row_cost = 0.45
-    policy.rate = [0.4, 0.6, 0.75, 0.85, 0.9, 0.93] + [0.98] * (LENGTHS - 6)
-    fresh, long = policy.size(1, MAX_DRAFT), policy.size(LENGTHS, MAX_DRAFT)
-    assert fresh <= 1 and long >= 8, (fresh, long)
-    policy.row_cost, policy.rate[0] = 0.5, 0.5 + 0.5 * MARGIN  # one token gains MARGIN / 3
-    assert policy.size(1, 1) == 0
-    policy.rate[0] = 0.5 + 2 * MARGIN  # 4 MARGIN / 3
-    assert policy.size(1, 1) == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# where drafting is on, and what the turn says of it
-
-
-def test_the_setting_and_the_runner_decide_whether_it_drafts(tiny):
-    assert Sampling.from_settings(Settings(draft=False)).draft is False
-    assert Sampling().draft is True
-    model, tok = tiny  # transformers: its forward gives the last row only, so no drafts
-    engine = Engine(model, tok, end_ids=set(), context_length=512)
-    assert not engine.runner.drafts
-    ids = tok("The capital of France is Paris. The capital of", add_special_tokens=False).input_ids
-    list(engine.stream(ids, Sampling(temperature=0, max_tokens=8)))
-    assert engine.progress.drafted == 0 and len(engine.progress.generated) == 8
-
-
-def test_the_stats_line_and_json_show_drafts_only_when_there_were_some():
-    plain = Stats(10, 5, 40, 0.2, 30.0)
-    drafted = Stats(10, 5, 40, 0.2, 30.0, drafted_tokens=36, accepted_tokens=30)
-    assert "drafted" not in format_stats(plain)
-    assert format_stats(drafted).endswith("30.0 tok/s · drafted 36 (30 accepted)")
-    assert list(drafted.as_dict()) == list(plain.as_dict()) == [
-        "reused_tokens", "prefilled_tokens", "generated_tokens", "ttft_s", "decode_tok_s"
-    ]  # fmt: skip
-    objs = [turn_object(TurnResult("a", "", s, "stop", False), {}, think=False)
-            for s in (plain, drafted)]  # fmt: skip
-    assert objs[0]["stats"] == plain.as_dict()
-    assert objs[1]["stats"] == {**plain.as_dict(), "drafted_tokens": 36, "accepted_tokens": 30}

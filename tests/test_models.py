@@ -191,7 +191,7 @@ def test_load_reuses_the_converted_folder_and_fingerprints_dtype_and_template(re
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
     monkeypatch.setattr(
-        models.tempfile, "mkdtemp", lambda *a, **k: pytest.fail("load() converted the GGUF again")
+        firststart.tempfile, "mkdtemp", lambda *a, **k: pytest.fail("load() converted the GGUF again")
     )
 
     half = models.load(dtype="bfloat16", progress=False)
