@@ -190,9 +190,8 @@ def test_load_reuses_the_converted_folder_and_fingerprints_dtype_and_template(re
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
-    monkeypatch.setattr(
-        firststart.tempfile, "mkdtemp", lambda *a, **k: pytest.fail("load() converted the GGUF again")
-    )
+    again = lambda *a, **k: pytest.fail("load() converted the GGUF again")  # noqa: E731
+    monkeypatch.setattr(firststart.tempfile, "mkdtemp", again)
 
     half = models.load(dtype="bfloat16", progress=False)
     assert gguf_calls == []
