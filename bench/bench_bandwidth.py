@@ -6,14 +6,20 @@ One run prints, with the CPU named:
   - the machine's bandwidth: a 512 MB float32 sum on --threads threads (torch), GB/s;
   - for the embedded 135M model and a Llama-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads,
     ffn 8192, vocab 128256, random Q4_1 weights, cached as bench/results/llama1b-shape-q4_1.gguf):
-    decode tok/s at ~100 tokens of context, the weight bytes a token reads, and the share of the
-    cap that is: the GGUF file's bytes a token needs x tok/s / bandwidth (kvrepl reads more than
-    the file's bytes where its scales are float32), for kvrepl and for llama.cpp;
-  - the cost of a verified row: the time of an 8-row and a 16-row forward (every row's logits, as
-    drafting verifies) over M times a 1-row step.
+    decode tok/s at ~100 tokens of context (and at each of --contexts), the weight bytes a
+    token reads, and the share of the cap that is: the GGUF file's bytes a token needs x tok/s /
+    bandwidth (K/V reads not counted, so at long context the share says less), for kvrepl and
+    for llama.cpp, and kvrepl / llama.cpp;
+  - the cost of a verified row at ~100: the time of an 8-row and a 16-row forward (every row's
+    logits, as drafting verifies) over M times a 1-row step.
 
-    /work/main/.venv/bin/python bench/bench_bandwidth.py             # this tree
+    /work/main/.venv/bin/python bench/bench_bandwidth.py             # this tree, ~100 tokens
+    ... bench/bench_bandwidth.py --contexts 100,2000,6000            # the README's run
     ... bench/bench_bandwidth.py --tree /tmp/old --tree .            # before / after, one run
+
+kvrepl's longer contexts are random K/V put in its cache (decode's time depends on the length,
+not the values), then ~100 computed tokens; llama.cpp's are a prefill of random ids, once (the
+1B shape at 6k takes it minutes).
 
 Each --tree is measured in its own process (its kvrepl imported from that folder, checked);
 llama.cpp (llama-cpp-python, when installed) in the main process. Times are the best of the
@@ -69,7 +75,7 @@ def write_1b(path: Path) -> None:
     s, rng = SHAPE_1B, np.random.default_rng(0)
     tmp = path.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_context_length(2048)
+    w.add_context_length(8192)
     w.add_embedding_length(s["hidden"])
     w.add_block_count(s["layers"])
     w.add_feed_forward_length(s["ffn"])
@@ -136,13 +142,13 @@ def kvrepl_models(threads: int) -> dict[str, Any]:
     cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                       num_key_value_heads=s["kv"], vocab_size=s["vocab"], rms_norm_eps=1e-5,
-                      rope_theta=500000.0, max_position_embeddings=2048,
+                      rope_theta=500000.0, max_position_embeddings=8192,
                       tie_word_embeddings=True)  # fmt: skip
     k = native.kernels(models.cache_dir())
     return {
         "kvrepl": kvrepl.__file__,
         "135M": models.load(progress=False).model,
-        "1B": from_gguf(GGUF_1B, cfg, k, 2048),
+        "1B": from_gguf(GGUF_1B, cfg, k, 8192),
     }
 
 
@@ -155,10 +161,44 @@ def head_bytes(fm: Any) -> int:
     return sum(p.nbytes() for p in mats)
 
 
-def kvrepl_measure(fm: Any, reps: int) -> dict[str, Any]:
+def fill(layers: list[Any], n: int) -> None:
+    """n positions of random K/V in every layer (decode reads them as it reads computed ones:
+    its time depends on the length, not the values), so a long context costs no prefill."""
+    gen = torch_gen()
+    for layer in layers:
+        k0, _ = layer.room(0)  # the empty buffers: their shape and dtype
+        shape = (*k0.shape[:2], n, k0.shape[-1])
+        if k0.dtype.is_floating_point:
+            parts = [(torch_randn(shape, gen).to(k0.dtype), torch_randn(shape, gen).to(k0.dtype))]
+        else:  # 8-bit K/V rows: any bytes
+            parts = [(torch_bytes(shape, gen, k0.dtype), torch_bytes(shape, gen, k0.dtype))]
+        layer.extend(parts)
+
+
+def torch_gen() -> Any:
+    import torch
+
+    return torch.Generator().manual_seed(1)
+
+
+def torch_randn(shape: tuple[int, ...], gen: Any) -> Any:
+    import torch
+
+    return torch.randn(shape, generator=gen) * 0.5
+
+
+def torch_bytes(shape: tuple[int, ...], gen: Any, dtype: Any) -> Any:
+    import torch
+
+    return torch.randint(0, 64, shape, generator=gen).to(dtype)
+
+
+def kvrepl_measure(fm: Any, reps: int, ctx: int) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     vocab = fm.lm_head.n
     layers = fm.new_layers()
+    if ctx > CTX:
+        fill(layers, ctx - CTX)
     fm.forward(rng.integers(0, vocab, CTX).tolist(), layers)
     base = layers[0].get_seq_length()
 
@@ -179,43 +219,49 @@ def kvrepl_measure(fm: Any, reps: int) -> dict[str, Any]:
     for _ in range(reps):
         t1 = step_time(1, STEPS)
         decode.append(1 / t1)
-        for m in rows:
-            rows[m].append(step_time(m, max(3, STEPS // m)) / (m * t1))
+        if ctx == CTX:
+            for m in rows:
+                rows[m].append(step_time(m, max(3, STEPS // m)) / (m * t1))
     return {"tok_s": max(decode), "bytes": head_bytes(fm),
-            **{f"row{m}": min(v) for m, v in rows.items()}}  # fmt: skip
+            **{f"row{m}": min(v) for m, v in rows.items() if v}}  # fmt: skip
 
 
-def child(tree: str, threads: int, reps: int) -> None:
+def child(tree: str, threads: int, reps: int, contexts: list[int]) -> None:
     sys.path.insert(0, tree)
     got = kvrepl_models(threads)
     here = str(Path(got["kvrepl"]).resolve())
     assert here.startswith(str(Path(tree).resolve())), (here, tree)
     out = {"kvrepl": here, "label": got["135M"].k.label}
     for name in ("135M", "1B"):
-        out[name] = kvrepl_measure(got[name], reps)
+        out[name] = {str(c): kvrepl_measure(got[name], reps, c) for c in contexts}
     print("RESULT " + json.dumps(out), flush=True)
 
 
 # -- llama.cpp --------------------------------------------------------------------------------
-def llama_measure(path: Path, threads: int, reps: int) -> float | None:
+def llama_measure(path: Path, threads: int, reps: int, contexts: list[int]) -> dict | None:
+    """llama.cpp's decode tok/s at each context (its cache filled by a prefill of random ids,
+    once; each run rewinds to it)."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False)  # fmt: skip
-    ids = np.random.default_rng(1).integers(10, 1000, CTX).tolist()
-    rates = []
-    for _ in range(reps):
+    llm = Llama(model_path=str(path), n_ctx=max(contexts) + 64, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
+    out = {}
+    for ctx in contexts:
         llm.reset()
-        llm.eval(ids)
-        ts = []
-        for _ in range(STEPS):
-            t = time.perf_counter()
-            llm.eval([7])
-            ts.append(time.perf_counter() - t)
-        rates.append(1 / min(ts))
-    return max(rates)
+        llm.eval(np.random.default_rng(1).integers(10, 1000, ctx).tolist())
+        rates = []
+        for _ in range(reps):
+            ts = []
+            for _ in range(STEPS):
+                llm.n_tokens = ctx  # rewind: eval drops the cache past n_tokens
+                t = time.perf_counter()
+                llm.eval([7])
+                ts.append(time.perf_counter() - t)
+            rates.append(1 / min(ts))
+        out[str(ctx)] = max(rates)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", action="append", help="a kvrepl checkout to measure (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--contexts", default="100", help="tokens of context, e.g. 100,2000,6000")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    contexts = sorted({max(CTX, int(c)) for c in args.contexts.split(",")})
     if args.child:
-        child(args.child, args.threads, args.reps)
+        child(args.child, args.threads, args.reps, contexts)
         return 0
     GGUF_1B.parent.mkdir(parents=True, exist_ok=True)
     if not GGUF_1B.is_file():
@@ -238,29 +286,38 @@ def main(argv: list[str] | None = None) -> int:
     bw = bandwidth(args.threads)
     print(f"{cpu_name()}; {args.threads} threads; bandwidth (512 MB sum) {bw:.1f} GB/s")
     files = {"135M": (models.embedded_gguf(), True), "1B": (GGUF_1B, True)}
+    cpp = {name: llama_measure(path, args.threads, args.reps, contexts)
+           for name, (path, _) in files.items()}  # fmt: skip
     for name, (path, tied) in files.items():
-        rate = llama_measure(path, args.threads, args.reps)
-        if rate is not None:
-            nb = gguf_bytes(path, tied)
-            print(f"  llama.cpp {name:4}: {rate:6.1f} tok/s, {nb / 1e6:6.1f} MB/token read, "
-                  f"{100 * nb * rate / 1e9 / bw:5.1f}% of the cap (GGUF bytes x tok/s / "
+        nb = gguf_bytes(path, tied)
+        for ctx, rate in (cpp[name] or {}).items():
+            print(f"  llama.cpp {name:4} at {ctx:>5}: {rate:6.1f} tok/s, {nb / 1e6:6.1f} MB/token "
+                  f"read, {100 * nb * rate / 1e9 / bw:5.1f}% of the cap (GGUF bytes x tok/s / "
                   f"bandwidth: {bw * 1e9 / nb:.0f} tok/s)")  # fmt: skip
     for tree in args.tree or [str(ROOT)]:
         cmd = [sys.executable, __file__, "--child", tree, "--threads", str(args.threads),
-               "--reps", str(args.reps)]  # fmt: skip
+               "--reps", str(args.reps), "--contexts", args.contexts]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=tree)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             print(f"  {tree}: failed\n{done.stderr[-2000:]}")
             continue
-        r = json.loads(line[7:])
-        print(f"  kvrepl from {r['kvrepl']} ({r['label']})")
-        for name, (path, tied) in files.items():
-            m, nb = r[name], gguf_bytes(path, tied)
-            print(f"    kvrepl {name:4}: {m['tok_s']:6.1f} tok/s, {m['bytes'] / 1e6:6.1f} MB/token "
-                  f"read, {100 * nb * m['tok_s'] / 1e9 / bw:5.1f}% of the cap; a verified row "
-                  f"costs {m['row8']:.2f} (8 rows) / {m['row16']:.2f} (16) of a step")  # fmt: skip
+        report_tree(json.loads(line[7:]), files, cpp, bw)
     return 0
+
+
+def report_tree(r: dict, files: dict, cpp: dict, bw: float) -> None:
+    print(f"  kvrepl from {r['kvrepl']} ({r['label']})")
+    for name, (path, tied) in files.items():
+        nb = gguf_bytes(path, tied)
+        for ctx, m in r[name].items():
+            theirs = (cpp[name] or {}).get(ctx)
+            vs = f", {m['tok_s'] / theirs:.2f}x llama.cpp" if theirs else ""
+            rows = (f"; a verified row costs {m['row8']:.2f} (8 rows) / {m['row16']:.2f} (16) of "
+                    "a step" if "row8" in m else "")  # fmt: skip
+            print(f"    kvrepl {name:4} at {ctx:>5}: {m['tok_s']:6.1f} tok/s{vs}, "
+                  f"{m['bytes'] / 1e6:6.1f} MB/token read, "
+                  f"{100 * nb * m['tok_s'] / 1e9 / bw:5.1f}% of the cap{rows}")  # fmt: skip
 
 
 if __name__ == "__main__":
