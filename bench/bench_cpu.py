@@ -2,7 +2,9 @@
 """kvrepl against llama.cpp and transformers on this CPU, side by side in one run.
 
 1. decode   greedy tokens/s, 64 new tokens, prefill excluded, at 100, 2k and 6k tokens of
-            context: kvrepl (its default: the GGUF's own weights on its kernels), llama.cpp
+            context: kvrepl (its default: the GGUF's own weights on its kernels; one token a
+            step, no penalty, as the others; and as shipped: drafting on, and the default
+            sampling with drafting: temperature 0.2, top-p 0.9, penalty 1.1), llama.cpp
             (llama-cpp-python on the same GGUF file, 2 threads) and transformers' generate()
             (the GGUF dequantized to float32, as transformers loads it). Each keeps the prompt in
             its cache and feeds one token before decoding, so only decode is timed.
@@ -43,9 +45,11 @@ import bench_engine as be  # noqa: E402
 
 from kvrepl.chat.prompt import Prompt  # noqa: E402
 from kvrepl.engine import firststart, models  # noqa: E402
-from kvrepl.engine.engine import Engine  # noqa: E402
+from kvrepl.engine.engine import Engine, Sampling  # noqa: E402
 
 N_DECODE = 64
+# One token a step, greedy, no penalty: what llama.cpp and generate() are asked for.
+PLAIN = Sampling(temperature=0, repetition_penalty=1.0, draft=False)
 PROMPTS = [
     "What is the capital of France?",
     "List the numbers 1 to 20 separated by commas.",
@@ -128,7 +132,10 @@ def bench_decode(fast: Any, hf: Any, cpp: LlamaCpp | None, prompt: Prompt, conte
         if cpp:
             cpp.prefill(ids)
         fns = {
-            "kvrepl": lambda e=engine, i=ids: be.engine_decode(e, i, N_DECODE),
+            "kvrepl": lambda e=engine, i=ids: be.engine_decode(e, i, N_DECODE, PLAIN),
+            "kvrepl drafting": lambda e=engine, i=ids: be.engine_decode(e, i, N_DECODE),
+            "kvrepl default sampling": lambda e=engine, i=ids: be.engine_decode(
+                e, i, N_DECODE, Sampling(seed=1)),
             "generate": lambda i=ids, c=hf_cache: be.hf_decode(hf, i, c, N_DECODE),
         }
         if cpp:
@@ -255,13 +262,15 @@ def bench_agree(fast: Any, fp32: Any, cpp: LlamaCpp | None, prompt: Prompt, n: i
 def report(out: dict) -> str:
     lines = [f"### kvrepl on the CPU ({out['when']})", "", out["machine"], ""]
     lines += ["| context | kvrepl | llama.cpp | kvrepl / llama.cpp | transformers generate() "
-              "| kvrepl / generate() |", "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "| kvrepl / generate() | kvrepl, drafting on | kvrepl, default sampling |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in out["decode"]:
         cpp = r.get("llama.cpp")
         lines.append(
             f"| {r['context']:,} | {r['kvrepl']:.1f} tok/s | "
             + (f"{cpp:.1f} | **{r['kvrepl'] / cpp:.2f}×** | " if cpp else "– | – | ")
-            + f"{r['generate']:.1f} | {r['kvrepl'] / r['generate']:.2f}× |"
+            + f"{r['generate']:.1f} | {r['kvrepl'] / r['generate']:.2f}× | "
+            + f"{r['kvrepl drafting']:.1f} | {r['kvrepl default sampling']:.1f} |"
         )
     lines += ["", "| prompt | kvrepl prefill | llama.cpp prefill |", "|---:|---:|---:|"]
     for r in out["prefill"]:

@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -219,13 +220,16 @@ def rates(stamps: Sequence[tuple[float, int]]) -> dict[str, float]:
     return {"mean": len(iv) / sum(iv), "med": 1.0 / med(iv), "n": len(iv) + 1}
 
 
-def engine_decode(engine: Engine, ids: Sequence[int], n: int) -> dict[str, Any]:
-    """Stream n greedy tokens; timestamps at each event, token count read from engine.progress.
-    The first stamp is the first token (after prefill), so rates exclude the prefill."""
+def engine_decode(engine: Engine, ids: Sequence[int], n: int,
+                  sampling: Sampling | None = None) -> dict[str, Any]:  # fmt: skip
+    """Stream n tokens (greedy unless `sampling` says otherwise); timestamps at each event, token
+    count read from engine.progress. The first stamp is the first token (after prefill), so
+    rates exclude the prefill."""
     stamps: list[tuple[float, int]] = []
     stats: Stats | None = None
     tokens: list[int] = []
-    for ev in engine.stream(ids, Sampling.greedy(n)):
+    how = Sampling.greedy(n) if sampling is None else replace(sampling, max_tokens=n)
+    for ev in engine.stream(ids, how):
         now = time.perf_counter()
         if isinstance(ev, Stats):
             stats = ev
