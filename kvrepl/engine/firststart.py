@@ -86,12 +86,7 @@ def prepare_meta(gguf: Path) -> Path:
         return target
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    try:
-        with progress_bars(False):
-            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as exc:
-        raise ModelError(f"cannot read GGUF file {gguf}: {exc}") from exc
+    config, tokenizer = _from_gguf(gguf, False, "read", AutoConfig, AutoTokenizer)
 
     def write(tmp: Path) -> None:
         config.save_pretrained(tmp)
@@ -99,6 +94,16 @@ def prepare_meta(gguf: Path) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return _publish(target, write, gguf)
+
+
+def _from_gguf(gguf: Path, progress: bool, verb: str, *classes: Any) -> list[Any]:
+    """Each transformers class's object made from the GGUF file, in order; a ModelError in one
+    line where transformers cannot."""
+    try:
+        with progress_bars(progress):
+            return [c.from_pretrained(str(gguf.parent), gguf_file=gguf.name) for c in classes]
+    except Exception as exc:
+        raise ModelError(f"cannot {verb} GGUF file {gguf}: {exc}") from exc
 
 
 def _publish(target: Path, write: Any, gguf: Path) -> Path:
@@ -125,12 +130,7 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        with progress_bars(progress):
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as exc:
-        raise ModelError(f"cannot load GGUF file {gguf}: {exc}") from exc
+    tokenizer, model = _from_gguf(gguf, progress, "load", AutoTokenizer, AutoModelForCausalLM)
     # The GGUF quantizer refuses to serialize; the weights are already dequantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
