@@ -19,20 +19,48 @@ class GrowingLayer(DynamicLayer):
     """A full-attention cache layer that grows in place: room is reserved ahead and new K/V are
     written by index, so a decode step does not copy the whole cache (DynamicLayer's torch.cat
     does, and at 6k tokens that copy was 70% of each step). `keys`/`values` are views of the
-    filled part, so the rest of transformers reads them as usual."""
+    filled part, made when read, so the rest of transformers reads them as usual."""
+
+    moves = 0  # counts every (re)allocation or drop of any layer's buffers (fastmodel.py binds)
 
     def __init__(self, limit: int | None = None, **kwargs: Any) -> None:
-        super().__init__()
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._n = 0
+        super().__init__()
         self.limit = limit  # fixed capacity: the buffers are made at this size and never move
+
+    # keys/values: views of the filled part, made when read (a decode step moves every layer's
+    # length; making 2 views per layer there cost ~90 us a token for 30 layers). Set (None, or
+    # what transformers' offload, reorder and select put back: the filled part), it is the buffer.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._k[..., : self._n, :] if self._k is not None else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._buffers(value, self._v)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._v[..., : self._n, :] if self._v is not None else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._buffers(self._k, value)
+
+    def _buffers(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        """The K and V buffers are these now (None: dropped)."""
+        self._k, self._v = k, v
+        GrowingLayer.moves += 1
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
-        self._k = key_states.new_empty(_shape(key_states, 0))
-        self._v = value_states.new_empty(_shape(value_states, 0))
+        self._buffers(
+            key_states.new_empty(_shape(key_states, 0)),
+            value_states.new_empty(_shape(value_states, 0)),
+        )
 
     def _reserve(self, need: int) -> None:
         assert self._k is not None and self._v is not None
@@ -50,7 +78,7 @@ class GrowingLayer(DynamicLayer):
         )
         k[..., : self._n, :] = self._k[..., : self._n, :]
         v[..., : self._n, :] = self._v[..., : self._n, :]
-        self._k, self._v = k, v
+        self._buffers(k, v)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -96,9 +124,6 @@ class GrowingLayer(DynamicLayer):
 
     def _set_length(self, n: int) -> None:
         self._n = n
-        if self._k is not None:
-            self.keys = self._k[..., :n, :]
-            self.values = self._v[..., :n, :]
 
     def get_seq_length(self) -> int:
         return self._n
@@ -109,7 +134,7 @@ class GrowingLayer(DynamicLayer):
         self._set_length(max(0, self._n + tokens_to_remove))
 
     def reset(self) -> None:
-        self._k = self._v = self.keys = self.values = None
+        self._buffers(None, None)
         self._n = 0
         self.is_initialized = False
 

@@ -300,8 +300,8 @@ class Engine:
             token_t = sampler.next_tensor(logits)
             reader.start(token_t)
             fed = self.runner.ahead and len(self.pc.ids) + 1 < self.context_length
-            if fed:
-                logits = self.runner.forward_token(token_t, self.pc)
+            if fed:  # a token the CPU sampled is an int (sampler.next_tensor)
+                logits = self.runner.forward_token(torch.as_tensor(token_t), self.pc)
             token = reader.get()
 
     def _feed(self, token: int, drafter: Drafter | None, max_tokens: int,

@@ -54,11 +54,12 @@ class Sampler:
         self.recent.extend(i for i in ids[-self.recent.maxlen :] if 0 <= i < self.vocab_size)
         self._penalized = self._window = None
 
-    def next_tensor(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token as a 0-d tensor on the logits' device: on a GPU queued, not waited
-        for; on the CPU decided here."""
+    def next_tensor(self, logits: torch.Tensor) -> torch.Tensor | int:
+        """The next token: on a GPU a 0-d tensor on the device, queued, not waited for; on the
+        CPU decided here, an int (a tensor made of it cost ~20 us a token, its code cold after
+        each forward; TokenReader and int() take either)."""
         if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
-            return torch.tensor(self._on_host(logits))
+            return self._on_host(logits)
         x = self._copy(logits)  # never write into the caller's logits
         self._penalize(x)
         if self.s.temperature <= 0:
@@ -239,11 +240,11 @@ class TokenReader:
         if self.cuda:
             self.host = torch.empty(1, dtype=torch.long, pin_memory=True)
             self.event = torch.cuda.Event()
-        self.pending: torch.Tensor | None = None
+        self.pending: torch.Tensor | int | None = None
 
-    def start(self, token: torch.Tensor) -> None:
+    def start(self, token: torch.Tensor | int) -> None:
         if self.cuda:
-            self.host.copy_(token.view(1), non_blocking=True)
+            self.host.copy_(token.view(1), non_blocking=True)  # type: ignore[union-attr]
             self.event.record()
         else:
             self.pending = token

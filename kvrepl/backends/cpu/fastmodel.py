@@ -103,6 +103,9 @@ class FastModel(KernelBackend):
         self._descs: dict[int, Any] = {}
         self._buf: dict[str, torch.Tensor] = {}
         self._rows = 0
+        self._gen = 0  # counts new buffers and C models: what the C model points at moved
+        self._bound: tuple[Any, ...] = ()  # what the C model was last pointed at (`_bind`)
+        self._room = 0  # positions every bound cache layer has room for
         if a.n_heads // a.n_kv > 16 or a.head_dim > 512 or a.head_dim % 8 or a.ffn % 8:
             raise FastPathError("head or feed-forward sizes outside what the kernels take")
 
@@ -128,7 +131,9 @@ class FastModel(KernelBackend):
             }
             self._buf = {k: torch.empty(rows, n) for k, n in sizes.items()}
             self._buf["logits"] = torch.empty(1, self.lm_head.n)
+            self._buf["ids"] = torch.empty(rows, dtype=torch.int64)
             self._rows = rows
+            self._gen += 1
         return self._buf
 
     def _scratch(self, rows: int, ctx: int) -> torch.Tensor:
@@ -138,6 +143,7 @@ class FastModel(KernelBackend):
         buf = self._buf.get("scratch")
         if buf is None or buf.numel() < want:
             buf = self._buf["scratch"] = torch.empty(want)
+            self._gen += 1
         return buf
 
     @property
@@ -189,6 +195,7 @@ class FastModel(KernelBackend):
             self._desc(self.lm_head), self.final_norm.data_ptr(), c_layers,
         )  # fmt: skip
         self._c_layers = c_layers
+        self._gen += 1
         return self._cm
 
     @torch.inference_mode()
@@ -206,20 +213,13 @@ class FastModel(KernelBackend):
         cm = self._c_model()
         b = self._buffers(m)
         self.rope.upto(pos0 + m)
-        scratch = self._scratch(m, pos0 + m)
-        for name in ("x", "h", "qkv", "att", "gu", "logits"):
-            setattr(cm, name, b[name].data_ptr())
-        cm.act_buf, cm.scratch, cm.scratch_floats = (
-            b["act"].data_ptr(),
-            scratch.data_ptr(),
-            scratch.numel(),
-        )
-        for cl, cache, kind in zip(self._c_layers, layers, a.layer_types, strict=True):
-            kc, vc = cache.room(pos0 + m)
-            cl.kc, cl.vc, cl.cap = kc.data_ptr(), vc.data_ptr(), kc.shape[2]
-            cos, sin = self.rope.table(kind)
-            cl.cos_t, cl.sin_t = cos.data_ptr(), sin.data_ptr()
-        rows, cref = torch.tensor(ids, dtype=torch.int64), ctypes.byref(cm)
+        self._scratch(m, pos0 + m)
+        bound = (self._gen, self.rope.n, GrowingLayer.moves, *map(id, layers))
+        if bound != self._bound or pos0 + m > self._room:
+            self._bind(cm, b, layers, pos0 + m)
+            self._bound = (self._gen, self.rope.n, GrowingLayer.moves, *map(id, layers))
+        rows, cref = b["ids"], ctypes.byref(cm)
+        rows.numpy()[:m] = ids
         # A decode step or a verification of drafted tokens (up to 32 rows: a few steps' time)
         # in one call; a prefill chunk a layer at a time, so that Ctrl-C (which waits for the
         # call it arrives in) stops it within a layer.
@@ -234,6 +234,27 @@ class FastModel(KernelBackend):
         if a.final_softcap:
             out = torch.tanh(out / a.final_softcap) * a.final_softcap
         return out
+
+    def _bind(self, cm: native.Model, b: dict[str, torch.Tensor], layers: list[GrowingLayer],
+              need: int) -> None:  # fmt: skip
+        """Point the C model at the buffers, the cache layers (with room for `need` positions)
+        and the rope tables. A forward rebinds only when one of them may have moved: new
+        buffers, a new C model, longer rope tables, any cache layer's buffers (re)made
+        (GrowingLayer.moves), other layers, or more positions than every layer has room for."""
+        scratch = b["scratch"]
+        for name in ("x", "h", "qkv", "att", "gu", "logits"):
+            setattr(cm, name, b[name].data_ptr())
+        cm.act_buf, cm.scratch, cm.scratch_floats = (
+            b["act"].data_ptr(),
+            scratch.data_ptr(),
+            scratch.numel(),
+        )
+        for cl, cache, kind in zip(self._c_layers, layers, self.arch.layer_types, strict=True):
+            kc, vc = cache.room(need)
+            cl.kc, cl.vc, cl.cap = kc.data_ptr(), vc.data_ptr(), kc.shape[2]
+            cos, sin = self.rope.table(kind)
+            cl.cos_t, cl.sin_t = cos.data_ptr(), sin.data_ptr()
+        self._room = min(cl.cap for cl in self._c_layers)
 
     def _all_logits(self, cm: native.Model, m: int) -> torch.Tensor:
         """Every row's logits after a forward of m rows: the last row's are the forward's own;

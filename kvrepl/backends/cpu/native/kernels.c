@@ -425,6 +425,10 @@ static inline v8 half_hi(__m512 a) {
                 *o = finish(v_hsum(h) + mins[i][j], bias, n0 + i, accumulate, o);                \
             }                                                                                    \
     }
+/* Blocks ahead that the decode loop asks the memory for, in rows long enough (2 * QPF blocks) to
+ * stream: 1B-shape decode 24.5 -> 22.2 ms a step on a 2-core Zen 4; short rows (the 135M's
+ * 576) ran no faster with it. Only loads: no result changes. */
+#define QPF 32
 /* Up to MT rows of x (decode, or a few drafted tokens) against 4 weight rows interleaved in a
  * group (w->group == 4): block b of the 4 rows is one run of bytes and of (scale, min) pairs, so
  * it is unpacked once for every row of x, the 4 rows' scales are one vector (times each row's
@@ -436,6 +440,7 @@ static inline v8 half_hi(__m512 a) {
         i64 nb = w->k / 32;                                                                      \
         const uint8_t *q = w->q + n0 * nb * BYTES; /* the group's block 0 */                    \
         i64 sc = sblock(w, n0, 0);                                                               \
+        const int far = nb >= 2 * QPF;                                                           \
         __m512 acc[2][MT], mins[MT];                                                             \
         for (int j = 0; j < MT; j++) acc[0][j] = acc[1][j] = mins[j] = _mm512_setzero_ps();      \
         const __m512i pick0 = _mm512_set_epi32(2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 0, 0, 0, 0, 0, 0, 0, 0); \
@@ -444,6 +449,8 @@ static inline v8 half_hi(__m512 a) {
         const __m512i up2 = _mm512_set_epi32(15, 15, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2); \
         for (i64 b = 0; b < nb; b++, q += 4 * BYTES, sc += 8 * SUB) {                            \
             __m512i w0[2], w1[2];                                                                \
+            if (far) prefetch(q + QPF * 4 * BYTES);                                              \
+            if (far && BYTES == 32) prefetch(q + QPF * 4 * BYTES + 64);                          \
             WFN4(q, w0, w1);                                                                     \
             __m512 sv = scales8(w, sc, SUB);                                                     \
             __m512 s0[2] = {_mm512_permutexvar_ps(pick0, sv), _mm512_permutexvar_ps(pick1, sv)}; \

@@ -1,10 +1,14 @@
 /* kvrepl's kernel threads: a small pool that runs a job's items, for kernels.c.
  *
  * A job is n items (fixed chunks of outputs, cut the same way whatever the thread count, so no
- * output's arithmetic depends on it). Threads claim items one at a time from a shared counter and
- * the caller works too; the caller then waits only for items already claimed. A thread that is
- * late, its core taken by another process, costs the job nothing unless it holds an item: there
- * is no barrier where every thread must check in, as an OpenMP parallel region has.
+ * output's arithmetic depends on it). The items are cut into one contiguous run per thread (the
+ * caller's too): each thread claims its own run's items one at a time from the run's counter, in
+ * order, then helps with the others' runs. So each thread streams through one stretch of a weight
+ * matrix (items taken in turn from one counter had two threads reading alternate 16 KB pieces,
+ * and a 1B-shape decode step took 39 ms instead of 24 on a 2-core Zen 4). The caller then waits
+ * only for items already claimed. A thread that is late, its core taken by another process, costs
+ * the job nothing unless it holds an item: there is no barrier where every thread must check in,
+ * as an OpenMP parallel region has.
  *
  * Idle workers spin for SPIN_NS (a decode step's jobs come a few microseconds apart), then sleep
  * on a futex, so an idle kvrepl leaves the cores to others. How many threads a job uses: torch's
@@ -43,16 +47,21 @@ static struct {
     _Atomic uint32_t seq;      /* 2 x the job number; odd while a job is being set up */
     _Atomic(kv_task) fn;
     _Atomic(const void *) ctx;
-    _Atomic i64 n;
     _Atomic int want;          /* workers 1..want take part */
-    _Atomic uint64_t claim;    /* job number << 32 | next item */
-    _Atomic i64 done;          /* items of the current job finished */
+    _Atomic int runs;          /* the job's items are cut into this many runs (threads) */
+    _Atomic i64 done __attribute__((aligned(64))); /* items of the current job finished */
     _Atomic int sleepers;
     _Atomic i64 worker_items;  /* items workers ran, ever (the tests look) */
     int workers;               /* started */
     int adapt;                 /* fewer threads while other processes are busy */
     int fixed;                 /* > 0: exactly this many threads (tests, benchmarks) */
 } P = {.owner = PTHREAD_MUTEX_INITIALIZER, .adapt = 1};
+
+/* Run r of the current job: items [first, end), claimed in order; each on its own cache line. */
+static struct {
+    _Atomic uint64_t claim; /* job number << 32 | next item */
+    _Atomic i64 end;
+} __attribute__((aligned(64))) R[MAX_WORKERS + 1];
 
 static inline void cpu_pause(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -84,15 +93,20 @@ static void wake_all(_Atomic uint32_t *addr) {
 #endif
 }
 
-/* Claim and run items of job `job` until none is left; returns how many this thread ran. */
-static i64 run_items(uint32_t job, kv_task fn, const void *ctx, i64 n) {
+/* Claim and run items of job `job` until none is left, run `me` first, then the runs after it;
+ * returns how many this thread ran. A claim's compare-and-swap checks the job number, so a thread
+ * that reads a run's end as the next job sets it up cannot take an item of that job. */
+static i64 run_items(uint32_t job, kv_task fn, const void *ctx, int me, int runs) {
     i64 ran = 0;
-    uint64_t c = atomic_load(&P.claim);
-    while ((uint32_t)(c >> 32) == job && (i64)(uint32_t)c < n) {
-        if (!atomic_compare_exchange_weak(&P.claim, &c, c + 1)) continue;
-        fn(ctx, (i64)(uint32_t)c);
-        ran++;
-        c = atomic_load(&P.claim);
+    for (int k = 0; k < runs; k++) {
+        int r = (me + k) % runs;
+        uint64_t c = atomic_load_explicit(&R[r].claim, memory_order_acquire);
+        while ((uint32_t)(c >> 32) == job && (i64)(uint32_t)c < atomic_load(&R[r].end)) {
+            if (!atomic_compare_exchange_weak(&R[r].claim, &c, c + 1)) continue;
+            fn(ctx, (i64)(uint32_t)c);
+            ran++;
+            c = atomic_load_explicit(&R[r].claim, memory_order_acquire);
+        }
     }
     if (ran) atomic_fetch_add(&P.done, ran);
     return ran;
@@ -124,13 +138,13 @@ static void *worker(void *arg) {
         uint32_t s = seen = next_job(seen, wanted ? SPIN_NS : 0); /* not wanted: sleep at once */
         kv_task fn = atomic_load_explicit(&P.fn, memory_order_relaxed);
         const void *ctx = atomic_load_explicit(&P.ctx, memory_order_relaxed);
-        i64 n = atomic_load_explicit(&P.n, memory_order_relaxed);
         int want = atomic_load_explicit(&P.want, memory_order_relaxed);
+        int runs = atomic_load_explicit(&P.runs, memory_order_relaxed);
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&P.seq, memory_order_relaxed) != s)
             continue; /* a newer job is being set up: its claim will say so */
         wanted = id <= want;
-        if (wanted) atomic_fetch_add(&P.worker_items, run_items(s >> 1, fn, ctx, n));
+        if (wanted) atomic_fetch_add(&P.worker_items, run_items(s >> 1, fn, ctx, id, runs));
     }
     return NULL;
 }
@@ -272,13 +286,16 @@ void kv_parallel(kv_task fn, const void *ctx, i64 n) {
     atomic_thread_fence(memory_order_release);
     atomic_store_explicit(&P.fn, fn, memory_order_relaxed);
     atomic_store_explicit(&P.ctx, ctx, memory_order_relaxed);
-    atomic_store_explicit(&P.n, n, memory_order_relaxed);
     atomic_store_explicit(&P.want, t - 1, memory_order_relaxed);
+    atomic_store_explicit(&P.runs, t, memory_order_relaxed);
     atomic_store(&P.done, 0);
-    atomic_store(&P.claim, (uint64_t)job << 32);
+    for (int r = 0; r < t; r++) { /* run r: items [r n / t, (r + 1) n / t) */
+        atomic_store(&R[r].end, (r + 1) * n / t);
+        atomic_store(&R[r].claim, (uint64_t)job << 32 | (uint64_t)(r * n / t));
+    }
     atomic_store(&P.seq, s); /* then sleepers: a worker adds itself, then reads seq */
     if (atomic_load(&P.sleepers) > 0) wake_all(&P.seq);
-    run_items(job, fn, ctx, n);
+    run_items(job, fn, ctx, 0, t);
     for (int i = 0; atomic_load_explicit(&P.done, memory_order_acquire) < n; i++) {
         if (i < WAIT_SPINS) cpu_pause();
         else sched_yield(); /* the item's thread may be waiting for this core */
