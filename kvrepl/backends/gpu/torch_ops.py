@@ -11,6 +11,23 @@ import torch
 from kvrepl.backends.gpu.qweights import dense
 
 
+def _attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0):
+    """Each row's attention over its own positions (a window's last ones where given)."""
+    m, p0 = q.shape[0], int(pos0[0])
+    kvh, _, d = kc.shape
+    g = out.shape[1] // d // kvh
+    for r in range(m):
+        lo = max(0, p0 + r - window + 1) if window else 0
+        k, v = kc[:, lo : p0 + r + 1].float(), vc[:, lo : p0 + r + 1].float()
+        qr = q[r, : out.shape[1]].view(kvh, g, d).float()
+        sc = qr @ k.transpose(1, 2) * scale
+        if softcap:
+            sc = torch.tanh(sc / softcap) * softcap
+        w = torch.softmax(sc, -1)
+        out[r] = (w @ v).reshape(-1).to(out.dtype)
+    return out
+
+
 def torch_ops(computes: set[str]) -> Any:
     """The kernels' contract in plain torch (no invariance promised): for CPU tests."""
 
@@ -50,21 +67,7 @@ def torch_ops(computes: set[str]) -> Any:
             vc[:, p : p + m] = qkv[:, (heads + kv_heads) * d :].view(m, kv_heads, d).transpose(0, 1)
             return q
 
-        @staticmethod
-        def attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0):
-            m, p0 = q.shape[0], int(pos0[0])
-            kvh, _, d = kc.shape
-            g = out.shape[1] // d // kvh
-            for r in range(m):
-                lo = max(0, p0 + r - window + 1) if window else 0
-                k, v = kc[:, lo : p0 + r + 1].float(), vc[:, lo : p0 + r + 1].float()
-                qr = q[r, : out.shape[1]].view(kvh, g, d).float()
-                sc = qr @ k.transpose(1, 2) * scale
-                if softcap:
-                    sc = torch.tanh(sc / softcap) * softcap
-                w = torch.softmax(sc, -1)
-                out[r] = (w @ v).reshape(-1).to(out.dtype)
-            return out
+        attention = staticmethod(_attention)
 
         @staticmethod
         def part_floats(rows, kv_heads, cap, g, d):

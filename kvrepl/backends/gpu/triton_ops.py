@@ -43,19 +43,17 @@ QLOAD = os.environ.get("KVREPL_GPU_QLOAD", "blocks")
 @triton.jit(do_not_specialize=["M"])
 def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, sdn, som,
             srm, sqo, skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
-            QT: tl.constexpr, Q3: tl.constexpr,
-            D: tl.constexpr, ROT: tl.constexpr,
+            QT: tl.constexpr, Q3: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
             BMc: tl.constexpr, BN: tl.constexpr, BKc: tl.constexpr, PREC: tl.constexpr,
             PDL: tl.constexpr, PF: tl.constexpr):  # fmt: skip
-    """out = [residual +] x @ w^T; or, with two accumulators, silu(x @ gate^T) *
-    (x @ up^T) (GLU: w holds gate's N rows, then up's) or the rotary embedding (ROPE: w is the
+    """out = [residual +] x @ w^T; or, with two accumulators, silu(x @ gate^T) * (x @ up^T)
+    (GLU: w holds gate's N rows, then up's) or the rotary embedding (ROPE: w is the
     QKV weight, N its rows; a program takes BN columns of heads' first halves and the BN
     columns half a head on: q rotated into qo, k rotated and v into the caches at the rows'
     positions). QT: w holds GGUF blocks (qweights.py; wd, wm their scales and minimums),
-    dequantized tile by tile in registers. Per row, the same operations in
-    the same order whatever rows share the tile (M is not specialized on: one compiled kernel
-    serves every row count). PDL (triton_pdl): prefetch PF columns of the weight rows into L2,
-    then wait for the kernel before, before touching any activation."""
+    dequantized tile by tile in registers. Per row, the same operations in the same order
+    whatever rows share the tile (M is not specialized on: one kernel for every row count).
+    PDL (triton_pdl): prefetch PF weight columns into L2, then wait for the kernel before."""
     pn, pm = tl.program_id(0), tl.program_id(1)
     rm = pm * BMc + tl.arange(0, BMc)
     rk = tl.arange(0, BKc)
