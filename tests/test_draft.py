@@ -54,7 +54,7 @@ def make(smol, *, eager: bool = False, context: int | None = None, ends=None) ->
     engine = Engine(real.model, real.tokenizer, end_ids=end_ids if ends is None else ends,
                     context_length=context or real.context_length)  # fmt: skip
     if eager:
-        engine.draft_policy.row_cost = 0.0
+        engine.draft_policy.cost = [0.0] * len(engine.draft_policy.cost)
         engine.draft_policy.rate = [0.95] * len(engine.draft_policy.rate)
     return engine
 

@@ -30,7 +30,7 @@ def test_the_lookup_finds_the_longest_latest_match_and_what_followed():
 
 def test_drafts_stop_before_an_end_token_and_outcomes_move_the_policy():
     policy = DraftPolicy()
-    policy.row_cost = 0.0
+    policy.cost = [0.0] * MAX_DRAFT
     ctx = [1, 2, 3, 4, 5, 6, 7, 99, 8, 9]
     drafter = Drafter(ctx, policy, end_ids={99})
     assert drafter.propose(ctx, 2, 4) == [3, 4, 5, 6]  # the limit
@@ -50,28 +50,43 @@ def test_drafts_stop_before_an_end_token_and_outcomes_move_the_policy():
 
 def test_the_policy_drafts_nothing_where_it_would_not_pay():
     policy = DraftPolicy()
-    policy.row_cost = 0.6
+    policy.cost = [0.6] * MAX_DRAFT
     policy.rate = [0.3, 0.5, 0.55] + [0.95] * (LENGTHS - 3)
     assert [policy.size(m, MAX_DRAFT) for m in (1, 2, 3)] == [0, 0, 0]
     assert policy.size(4, MAX_DRAFT) >= 2
-    policy.row_cost = 0.1
+    policy.cost = [0.1] * MAX_DRAFT
     assert policy.size(4, MAX_DRAFT) > 6 and policy.size(1, MAX_DRAFT) >= 1
     for _ in range(3):
         policy.timed(1, 0.010)
     for _ in range(30):
         policy.timed(9, 0.030)  # 8 more rows cost 2 steps: a row a quarter of a step
-    assert 0.2 < policy.row_cost < 0.3
+    assert 0.2 < policy.cost[7] < 0.3
+    assert policy.cost[:7] + policy.cost[8:] == [0.1] * (MAX_DRAFT - 1)  # the other sizes'
+
+
+def test_a_draft_size_that_costs_more_a_row_is_not_chosen():
+    """One drafted token verified in a 2-row forward may cost more a row than eight do: the
+    policy weighs each size by its own measured cost."""
+    policy = DraftPolicy()
+    policy.rate = [0.8] * LENGTHS
+    policy.cost = [0.5] * MAX_DRAFT
+    assert policy.size(1, 1) == 1  # (1 + 0.8) / (1 + 0.5) = 1.2: pays
+    policy.timed(1, 0.010)
+    for _ in range(60):
+        policy.timed(2, 0.0185)  # the 2-row forward: 0.85 of a step for its drafted row
+    assert 0.8 < policy.cost[0] < 0.9
+    assert policy.size(1, 1) == 0  # (1 + 0.8) / (1 + 0.85) < 1 + MARGIN
 
 
 def test_a_long_match_drafts_further_than_a_fresh_one():
     """The tokens of a draft extend its match: a copy under way drafts far, a match of one
     token drafts little or nothing; and a gain under MARGIN drafts nothing."""
     policy = DraftPolicy()
-    policy.row_cost = 0.45
+    policy.cost = [0.45] * MAX_DRAFT
     policy.rate = [0.4, 0.6, 0.75, 0.85, 0.9, 0.93] + [0.98] * (LENGTHS - 6)
     fresh, long = policy.size(1, MAX_DRAFT), policy.size(LENGTHS, MAX_DRAFT)
     assert fresh <= 1 and long >= 8, (fresh, long)
-    policy.row_cost, policy.rate[0] = 0.5, 0.5 + 0.5 * MARGIN  # one token gains MARGIN / 3
+    policy.cost, policy.rate[0] = [0.5] * MAX_DRAFT, 0.5 + 0.5 * MARGIN  # gains MARGIN / 3
     assert policy.size(1, 1) == 0
     policy.rate[0] = 0.5 + 2 * MARGIN  # 4 MARGIN / 3
     assert policy.size(1, 1) == 1

@@ -5,9 +5,9 @@ verifying.
 
 Owns: the lookup over the context's ids (`Lookup`), and the policy that sizes the drafts
 (`DraftPolicy`): an estimate of how often a drafted token is accepted, per length of the match
-that proposed it, and of what a verified row costs against a plain step, both measured as the
-engine goes. It never runs the model and never touches the cache: the engine (engine.py) feeds
-the drafts, verifies them and cuts what was rejected.
+that proposed it, and of what a verified row costs against a plain step, per number of drafted
+tokens, both measured as the engine goes. It never runs the model and never touches the cache:
+the engine (engine.py) feeds the drafts, verifies them and cuts what was rejected.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class Lookup:
 
 class DraftPolicy:
     """How many tokens to draft: the count that makes the most tokens per unit of time, under
-    the acceptance rate seen for each length of match and the measured cost of a verified row;
+    the acceptance rate seen for each length of match and the measured cost of a verified row
+    for that many drafted tokens (a 2-row forward costs more a row than a 9-row one);
     none unless that beats plain decoding by MARGIN. A drafted token that the answer takes
     lengthens the match, so the tokens of one draft are each judged by the rate of the match
     they would extend: a long copy drafts far, a fresh short match one token or none. A
@@ -75,7 +76,9 @@ class DraftPolicy:
         # (longer as LENGTHS): a longer match is a better guess (measured on the embedded
         # model's answers: about 0.3 for one token, 0.9 and more past eight)
         self.rate = [min(0.95, 0.2 + 0.1 * m) for m in range(1, LENGTHS + 1)]
-        self.row_cost = 0.5  # a verified row's time, in plain steps (measured: `timed`)
+        # cost[k - 1]: a verified row's time, in plain steps, when k tokens are drafted
+        # (measured: `timed`; a count not yet seen keeps the prior and is tried, then measured)
+        self.cost = [0.5] * MAX_DRAFT
         self._step_s: float | None = None
 
     def size(self, match: int, available: int) -> int:
@@ -84,7 +87,7 @@ class DraftPolicy:
         for k in range(1, min(available, MAX_DRAFT) + 1):
             p *= self.rate[min(match + k - 1, LENGTHS) - 1]  # the first k all accepted
             expected += p  # tokens a forward gains past its own: the accepted drafts
-            gain = (1.0 + expected) / (1.0 + self.row_cost * k)
+            gain = (1.0 + expected) / (1.0 + self.cost[k - 1] * k)
             if gain > best_gain:
                 best, best_gain = k, gain
         return best
@@ -97,13 +100,14 @@ class DraftPolicy:
             self.rate[i] += _EMA * ((j < accepted) - self.rate[i])
 
     def timed(self, rows: int, seconds: float) -> None:
-        """A forward of `rows` rows took `seconds`: the plain step's time, or a row's cost."""
+        """A forward of `rows` rows took `seconds`: the plain step's time, or the cost of a row
+        when rows - 1 tokens are drafted."""
         if rows == 1:
             step = self._step_s
             self._step_s = seconds if step is None else step + _EMA * (seconds - step)
-        elif self._step_s:
+        elif self._step_s and rows - 1 <= MAX_DRAFT:
             cost = max(0.0, seconds / self._step_s - 1.0) / (rows - 1)
-            self.row_cost += _EMA * (min(cost, 2.0) - self.row_cost)
+            self.cost[rows - 2] += _EMA * (min(cost, 2.0) - self.cost[rows - 2])
 
 
 class Drafter:
