@@ -6,6 +6,8 @@ same process.
 
     .venv/bin/python bench/bench_sampler.py            # ~20 s
     .venv/bin/python bench/bench_sampler.py --threads 1
+    .venv/bin/python bench/bench_sampler.py --engine   # + decode tok/s through the engine per
+                                                       # sampling, drafting off and on (~1 min)
 
 The logits are those of 48 greedy steps of an answer (real distributions: a confident model's
 head and its long tail). Each sampling draws once per logits vector, after `seen([token])` as
@@ -22,6 +24,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--engine", action="store_true", help="also decode through the engine")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,7 +118,37 @@ def main(argv: list[str] | None = None) -> int:
             row += ["(the same)", ""]
         print("| " + " | ".join(row) + " |")
     print(f"\nother processes used {others.cores():.2f} cores during the run")
+    if args.engine:
+        through_the_engine(lm)
     return 0
+
+
+ENGINE_MODES = {
+    "greedy, no penalty": Sampling.greedy(0),
+    "greedy with the penalty": Sampling(temperature=0),
+    "default sampling": Sampling(seed=1),
+}
+
+
+def through_the_engine(lm, reps: int = 5, tokens: int = 128) -> None:  # noqa: ANN001
+    """Decode tok/s (Stats) of each sampling through Engine.stream, drafting off and on, after
+    the same ~100-token prompt, the modes interleaved in one process, medians of `reps`."""
+    import bench_engine as be
+
+    engine = Engine(lm.model, lm.tokenizer, end_ids=set(), context_length=lm.context_length)
+    ids = be.decode_prompt(Prompt(lm.tokenizer), 100)
+    engine.prefill(ids)
+    modes = {f"{k}, drafting {d}": replace(s, draft=d == "on")
+             for k, s in ENGINE_MODES.items() for d in ("off", "on")}  # fmt: skip
+    rates: dict[str, list[float]] = {k: [] for k in modes}
+    for _ in range(reps):
+        for k, s in modes.items():
+            rates[k].append(be.engine_decode(engine, ids, tokens, s)["stats"]["decode_tok_s"])
+    base = statistics.median(rates["greedy, no penalty, drafting off"])
+    print(f"\nthrough the engine ({tokens} tokens after {len(ids)}, medians of {reps}):\n")
+    print("| sampling | tok/s | against greedy, drafting off |\n|---|---:|---:|")
+    for k, r in rates.items():
+        print(f"| {k} | {statistics.median(r):.1f} | {statistics.median(r) / base:.3f} |")
 
 
 if __name__ == "__main__":
