@@ -27,7 +27,7 @@ run: $(STAMP)
 	KVREPL_HOME="$(KVREPL_HOME)" $(VENV)/bin/kvrepl $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_cpu.py
