@@ -266,12 +266,12 @@ def test_ctrl_c_inside_a_verification_keeps_what_token_by_token_keeps(smol, monk
 @pytest.mark.model
 def test_sampled_drafting_gives_the_same_tokens_for_the_same_seed(smol):
     accepted = 0
-    for seed in range(4):  # the default sampling, and without its penalty (it copies more)
+    for seed in range(2):  # the default sampling, and without its penalty (it copies more)
         for user, penalty in ((QUOTE, 1.0), (LIST, 1.0), (JSON, 1.1)):
             s = Sampling(seed=seed, repetition_penalty=penalty, max_tokens=60)
             on, _, _ = both(smol, render(smol, user), s, eager=True)
             accepted += on.progress.accepted
-    assert accepted > 60
+    assert accepted > 30
 
 
 @pytest.fixture(scope="module")

@@ -763,6 +763,8 @@ USER_TURNS = [
 
 
 @pytest.mark.model
+# the fast path only: float32's reuse is test_promise's smollm2-float32 case, after every step
+@pytest.mark.parametrize("real_any", ["real"], indirect=True)
 def test_reuse_is_greedy_equivalent_to_recomputation(smol):
     _, prompt, _ = smol
     reuse, fresh = real_engine(smol, True), real_engine(smol, False)
