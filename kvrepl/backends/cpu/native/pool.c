@@ -95,7 +95,8 @@ static void wake_all(_Atomic uint32_t *addr) {
 
 /* Claim and run items of job `job` until none is left, run `me` first, then the runs after it;
  * returns how many this thread ran. A claim's compare-and-swap checks the job number, so a thread
- * that reads a run's end as the next job sets it up cannot take an item of that job. */
+ * that reads a run's end as the next job sets it up cannot take an item of that job, nor (the
+ * claim is set before the end: kv_parallel) one of its own job past that run's last. */
 static i64 run_items(uint32_t job, kv_task fn, const void *ctx, int me, int runs) {
     i64 ran = 0;
     for (int k = 0; k < runs; k++) {
@@ -289,9 +290,14 @@ void kv_parallel(kv_task fn, const void *ctx, i64 n) {
     atomic_store_explicit(&P.want, t - 1, memory_order_relaxed);
     atomic_store_explicit(&P.runs, t, memory_order_relaxed);
     atomic_store(&P.done, 0);
-    for (int r = 0; r < t; r++) { /* run r: items [r n / t, (r + 1) n / t) */
-        atomic_store(&R[r].end, (r + 1) * n / t);
+    /* Run r: items [r n / t, (r + 1) n / t). Its claim first, then its end: a worker still in
+     * the last job's run_items (it ran nothing there, so that job could end without it) that
+     * reads this end has the claim's new job number to see, so its compare-and-swap of the old
+     * claim fails; the other order let it take the old job's item at the old end, past its
+     * last, with the old job's ctx, and count it into this job's done. */
+    for (int r = 0; r < t; r++) {
         atomic_store(&R[r].claim, (uint64_t)job << 32 | (uint64_t)(r * n / t));
+        atomic_store(&R[r].end, (r + 1) * n / t);
     }
     atomic_store(&P.seq, s); /* then sleepers: a worker adds itself, then reads seq */
     if (atomic_load(&P.sleepers) > 0) wake_all(&P.seq);
