@@ -175,7 +175,7 @@ class Sampler:
         weights = np.exp(vals)
         cum = np.cumsum(weights)
         inside, top_p, k = float(cum[-1]), self.s.top_p, len(ids)
-        outside = _Lazy(lambda: self._outside(x, ids, inside))
+        outside = _Lazy(lambda: self._outside(x, inside))
         if 0 < top_p < 1:
             before = cum - weights  # the weight of the likelier candidates
             keep = int(np.count_nonzero(before <= top_p * inside))
@@ -199,7 +199,8 @@ class Sampler:
         """Every token's weight, in units of the top's."""
         return np.exp((x.astype(np.float64) - x.max()) / self.s.temperature)
 
-    def _outside(self, x: np.ndarray, ids: np.ndarray, inside: float) -> float:
+    def _outside(self, x: np.ndarray, inside: float) -> float:
+        """The weight of the tokens outside the candidates (`inside` theirs), in the top's units."""
         return max(0.0, float(self._weights(x).sum()) - inside)
 
     def _tail(self, x: np.ndarray, candidates: np.ndarray) -> int:

@@ -214,10 +214,9 @@ class FastModel(KernelBackend):
         b = self._buffers(m)
         self.rope.upto(pos0 + m)
         self._scratch(m, pos0 + m)
-        bound = (self._gen, self.rope.n, GrowingLayer.moves, *map(id, layers))
-        if bound != self._bound or pos0 + m > self._room:
+        if self._binding(layers) != self._bound or pos0 + m > self._room:
             self._bind(cm, b, layers, pos0 + m)
-            self._bound = (self._gen, self.rope.n, GrowingLayer.moves, *map(id, layers))
+            self._bound = self._binding(layers)  # after: binding may grow a layer (moves)
         rows, cref = b["ids"], ctypes.byref(cm)
         rows.numpy()[:m] = ids
         # A decode step or a verification of drafted tokens (up to 32 rows: a few steps' time)
@@ -234,6 +233,10 @@ class FastModel(KernelBackend):
         if a.final_softcap:
             out = torch.tanh(out / a.final_softcap) * a.final_softcap
         return out
+
+    def _binding(self, layers: list[GrowingLayer]) -> tuple[Any, ...]:
+        """What the C model's pointers depend on, as a value that changes when one may move."""
+        return (self._gen, self.rope.n, GrowingLayer.moves, *map(id, layers))
 
     def _bind(self, cm: native.Model, b: dict[str, torch.Tensor], layers: list[GrowingLayer],
               need: int) -> None:  # fmt: skip
