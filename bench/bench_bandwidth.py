@@ -46,15 +46,6 @@ SHAPE_1B = dict(hidden=2048, layers=16, heads=32, kv=8, ffn=8192, vocab=128256)
 CTX, STEPS = 100, 24
 
 
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    f = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
-    flags = f.get("Flags", "").split()
-    isa = [x for x in ("avx512f", "avx512_vnni", "avx512_bf16") if x in flags] or ["avx2"]
-    cpus = f.get("CPU(s)", "?").strip()
-    return f"{f.get('Model name', '?').strip()}, {cpus} cpus ({', '.join(isa)})"
-
-
 def bandwidth(threads: int, reps: int = 9) -> float:
     import torch
 
@@ -164,33 +155,17 @@ def head_bytes(fm: Any) -> int:
 def fill(layers: list[Any], n: int) -> None:
     """n positions of random K/V in every layer (decode reads them as it reads computed ones:
     its time depends on the length, not the values), so a long context costs no prefill."""
-    gen = torch_gen()
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
     for layer in layers:
         k0, _ = layer.room(0)  # the empty buffers: their shape and dtype
         shape = (*k0.shape[:2], n, k0.shape[-1])
         if k0.dtype.is_floating_point:
-            parts = [(torch_randn(shape, gen).to(k0.dtype), torch_randn(shape, gen).to(k0.dtype))]
+            k, v = ((torch.randn(shape, generator=gen) * 0.5).to(k0.dtype) for _ in "kv")
         else:  # 8-bit K/V rows: any bytes
-            parts = [(torch_bytes(shape, gen, k0.dtype), torch_bytes(shape, gen, k0.dtype))]
-        layer.extend(parts)
-
-
-def torch_gen() -> Any:
-    import torch
-
-    return torch.Generator().manual_seed(1)
-
-
-def torch_randn(shape: tuple[int, ...], gen: Any) -> Any:
-    import torch
-
-    return torch.randn(shape, generator=gen) * 0.5
-
-
-def torch_bytes(shape: tuple[int, ...], gen: Any, dtype: Any) -> Any:
-    import torch
-
-    return torch.randint(0, 64, shape, generator=gen).to(dtype)
+            k, v = (torch.randint(0, 64, shape, generator=gen).to(k0.dtype) for _ in "kv")
+        layer.extend([(k, v)])
 
 
 def kvrepl_measure(fm: Any, reps: int, ctx: int) -> dict[str, Any]:
@@ -281,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing {GGUF_1B} (random weights) ...", flush=True)
         write_1b(GGUF_1B)
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_cpu import cpu_name  # here, not at the top: a --child imports its tree's kvrepl
+
     from kvrepl.engine import models
 
     bw = bandwidth(args.threads)

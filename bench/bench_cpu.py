@@ -75,7 +75,7 @@ def cpu_name() -> str:
     fields = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
     model = fields.get("Model name", "?").strip()
     flags = fields.get("Flags", "")
-    isa = [f for f in ("avx512f", "avx512_vnni", "amx_tile") if f in flags.split()]
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags.split()]
     isa = isa or (["avx2"] if "avx2" in flags.split() else [])
     return f"{model}, {fields.get('CPU(s)', '?').strip()} cores ({', '.join(isa) or 'no AVX2'})"
 
