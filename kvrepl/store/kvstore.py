@@ -142,10 +142,7 @@ class KVStore(Pool):
         for r in self.refs(d) if not self.problem(d) else []:
             if (r.parent, r.start) != (tip, pos) or r.end <= pos:
                 continue
-            theirs = ids_of(d / r.name) or []
-            n = 0
-            while n < len(theirs) and pos + n < len(ids) and theirs[n] == ids[pos + n]:
-                n += 1
+            n = _agree(ids_of(d / r.name) or [], ids, pos)
             if n and (best is None or n > best[1]):
                 best = (r, n)
         return best
@@ -365,9 +362,7 @@ class KVStore(Pool):
                 continue
             got = views(buf, data_start, spans, c)
             theirs = got["ids"].tolist()
-            cut = 0
-            while cut < len(theirs) and pos + cut < len(ids) and theirs[cut] == ids[pos + cut]:
-                cut += 1
+            cut = _agree(theirs, ids, pos)
             if not 0 < cut < len(theirs):
                 continue
             old = list(ids[:pos]) + theirs  # the conversation the chunk was made for
@@ -390,3 +385,11 @@ class KVStore(Pool):
             return Ref.parse(first), len(theirs), len(a) + len(b)  # type: ignore[return-value]
         return None
 
+
+def _agree(theirs: Sequence[int], ids: Sequence[int], pos: int) -> int:
+    """How many of a chunk's first ids agree with `ids` from `pos` on (engine/plan.py's
+    common_prefix, which the store, a floor beside the engine, does not import)."""
+    n = 0
+    while n < len(theirs) and pos + n < len(ids) and theirs[n] == ids[pos + n]:
+        n += 1
+    return n
