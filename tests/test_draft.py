@@ -105,15 +105,17 @@ OFF = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=120, draft=Fals
 
 
 @pytest.mark.model
-def test_every_rows_logits_equal_a_forward_of_its_prefix(real):
+@pytest.mark.parametrize("n", [2, 9, 17])  # the head's pass over 2 and 9 rows and over 17, the
+def test_every_rows_logits_equal_a_forward_of_its_prefix(real, n):  # most a draft verifies
     model = real.model
-    ids = real.tokenizer("A quick test of every row's logits, bit for bit.").input_ids
-    split = len(ids) - 9
+    text = "A quick test of every row's logits, bit for bit, at two, nine and seventeen rows."
+    ids = real.tokenizer(text).input_ids
+    split = len(ids) - n
     layers = model.new_layers()
     model.forward(ids[:split], layers)
     rows = model.forward(ids[split:], layers, all_logits=True).clone()
-    assert rows.shape == (9, model.lm_head.n)
-    for i in range(9):
+    assert rows.shape == (n, model.lm_head.n)
+    for i in range(n):
         alone = model.new_layers()
         model.forward(ids[: split + i], alone)
         assert torch.equal(model.forward([ids[split + i]], alone), rows[i]), f"row {i}"

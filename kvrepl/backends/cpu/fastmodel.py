@@ -118,7 +118,7 @@ class FastModel(KernelBackend):
             )
         return d
 
-    def _buffers(self, rows: int) -> dict[str, torch.Tensor]:
+    def _buffers(self, rows: int, logit_rows: int = 1) -> dict[str, torch.Tensor]:
         if rows > self._rows:
             a = self.arch
             sizes = {
@@ -133,6 +133,9 @@ class FastModel(KernelBackend):
             self._buf["logits"] = torch.empty(1, self.lm_head.n)
             self._buf["ids"] = torch.empty(rows, dtype=torch.int64)
             self._rows = rows
+            self._gen += 1
+        if logit_rows > self._buf["logits"].shape[0]:
+            self._buf["logits"] = torch.empty(logit_rows, self.lm_head.n)
             self._gen += 1
         return self._buf
 
@@ -211,7 +214,7 @@ class FastModel(KernelBackend):
         if pos0 + m > self.context_length:
             raise ValueError("past the model's context")
         cm = self._c_model()
-        b = self._buffers(m)
+        b = self._buffers(m, m if all_logits else 1)
         self.rope.upto(pos0 + m)
         self._scratch(m, pos0 + m)
         if self._binding(layers) != self._bound or pos0 + m > self._room:
@@ -224,11 +227,14 @@ class FastModel(KernelBackend):
         # call it arrives in) stops it within a layer.
         steps = [(0, a.n_layers)] if m <= 32 else [(i, i + 1) for i in range(a.n_layers)]
         for l0, l1 in steps:
-            self.k.forward(cref, rows.data_ptr(), m, pos0, l0, l1)
+            self.k.forward(cref, rows.data_ptr(), m, pos0, l0, l1, m if all_logits else 1)
         for cache in layers:
             cache.advance(pos0 + m)
-        if all_logits:
-            return self._all_logits(cm, m)
+        if all_logits:  # a view: the next forward writes over it
+            out = b["logits"][:m]
+            for row in out if a.final_softcap else ():  # the same elementwise calls as below
+                row.copy_(torch.tanh(row / a.final_softcap) * a.final_softcap)
+            return out
         out = b["logits"][0].clone()
         if a.final_softcap:
             out = torch.tanh(out / a.final_softcap) * a.final_softcap
@@ -258,25 +264,6 @@ class FastModel(KernelBackend):
             cos, sin = self.rope.table(kind)
             cl.cos_t, cl.sin_t = cos.data_ptr(), sin.data_ptr()
         self._room = min(cl.cap for cl in self._c_layers)
-
-    def _all_logits(self, cm: native.Model, m: int) -> torch.Tensor:
-        """Every row's logits after a forward of m rows: the last row's are the forward's own;
-        the rows before go through the same final norm and head kernels (each row computed as
-        it would be alone) from the final hidden states `x` the forward left."""
-        vocab, hid = self.lm_head.n, cm.hidden
-        buf = self._buf.get("all_logits")
-        if buf is None or buf.shape[0] < m:
-            buf = self._buf["all_logits"] = torch.empty(m, vocab)
-        out = buf[:m]
-        if m > 1:
-            x, h = self._buf["x"].data_ptr(), self._buf["h"].data_ptr()
-            self.k.rmsnorm(x, m - 1, hid, 1, hid, cm.final_norm, cm.eps, h, hid, 0)
-            self.k.matmul(h, m - 1, hid, self._desc(self.lm_head), out.data_ptr(), vocab, None, 0)
-        out[m - 1].copy_(self._buf["logits"][0])
-        cap = self.arch.final_softcap
-        for row in out if cap else ():  # row by row: the same elementwise calls as `forward`
-            row.copy_(torch.tanh(row / cap) * cap)
-        return out
 
     def describe(self) -> str:
         """How this model computes, for /stats."""

@@ -168,7 +168,7 @@ class Model(ctypes.Structure):
 _ATTENTION_ARGS = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_float,
                    ctypes.c_float, ptr, i64, ptr, i64]  # fmt: skip
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
-    "kv_forward": (None, [ctypes.POINTER(Model), ptr, i64, i64, i64, i64]),
+    "kv_forward": (None, [ctypes.POINTER(Model), ptr, i64, i64, i64, i64, i64]),
     "kv_matmul": (None, [ptr, i64, i64, ctypes.POINTER(Weight), ptr, i64, ptr, ctypes.c_int]),
     "kv_rows": (None, [ctypes.POINTER(Weight), ptr, i64, ptr, i64, ctypes.c_float]),
     "kv_rmsnorm": (None, [ptr, i64, i64, i64, i64, ptr, ctypes.c_float, ptr, i64, ctypes.c_int]),

@@ -1098,8 +1098,10 @@ static void mm_parts(const float *x, i64 M, i64 ldx, const Weight *w, const i64 
         kv_matmul(x, M, ldx, &w[i], out + cols[i], ldo, bias ? bias + cols[i] : 0, accumulate);
 }
 
-/* Layers [l0, l1) of the forward; the embedding when l0 == 0, the logits when l1 == n_layers. */
-void kv_forward(const Model *md, const int64_t *ids, i64 M, i64 pos0, i64 l0, i64 l1) {
+/* Layers [l0, l1) of the forward; the embedding when l0 == 0, the logits when l1 == n_layers:
+ * the last `rows` rows' (1: a decode step's; M: a verification's, every row through one pass
+ * over the head, each row's as it would be alone), into logits, a row of the vocabulary each. */
+void kv_forward(const Model *md, const int64_t *ids, i64 M, i64 pos0, i64 l0, i64 l1, i64 rows) {
     if (M < 1) return;
     i64 D = md->head_dim, hid = md->hidden, qw = md->n_heads * D, kw = md->n_kv * D;
     i64 width = qw + 2 * kw, F = md->ffn;
@@ -1139,6 +1141,7 @@ void kv_forward(const Model *md, const int64_t *ids, i64 M, i64 pos0, i64 l0, i6
         }
     }
     if (l1 < md->n_layers) return;
-    kv_rmsnorm(x + (M - 1) * hid, 1, hid, 1, hid, md->final_norm, md->eps, h, hid, 0);
-    kv_matmul(h, 1, hid, md->lm_head, md->logits, md->lm_head->n, 0, 0);
+    rows = rows < 1 ? 1 : rows > M ? M : rows;
+    kv_rmsnorm(x + (M - rows) * hid, rows, hid, 1, hid, md->final_norm, md->eps, h, hid, 0);
+    kv_matmul(h, rows, hid, md->lm_head, md->logits, md->lm_head->n, 0, 0);
 }
