@@ -23,8 +23,8 @@ from makers import make_thinking_tokenizer
 from kvrepl.chat.conversation import Conversation
 from kvrepl.chat.prompt import Prompt
 from kvrepl.config import Settings
-from kvrepl.engine.plan import common_prefix
 from kvrepl.events import Notice, Stats, TextDelta
+from kvrepl.ids import common_prefix
 
 ANSWER = "The capital of France is Paris."
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kvrepl.engine.plan import common_prefix, reusable
+from kvrepl.engine.plan import reusable
 from kvrepl.errors import SnapshotError
+from kvrepl.ids import common_prefix
 
 MIN_GAIN = 16  # tokens the disk must hold beyond the memory before a load is worth it
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kvrepl.ids import common_prefix
+
 MAX_DRAFT = 16  # tokens drafted at most (a verification of 17 rows)
 MAX_NGRAM = 12  # the longest match looked for
 LENGTHS = 12  # match lengths the acceptance rates tell apart (longer ones count as this)
@@ -145,7 +147,4 @@ class Drafter:
             return
         start, guess, match = self._last
         came = [*self.lookup.buf[start : self.lookup.n].tolist(), token]
-        accepted = 0
-        while accepted < min(len(guess), len(came)) and guess[accepted] == came[accepted]:
-            accepted += 1
-        self.policy.observed(match, len(guess), accepted)
+        self.policy.observed(match, len(guess), common_prefix(guess, came))

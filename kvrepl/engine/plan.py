@@ -13,20 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvrepl.events import Plan
+from kvrepl.ids import common_prefix
 
 
 def reusable(ids: Sequence[int]) -> int:
     """How many positions of `ids` may come from a cache: all but the last, which is fed so that
     its logits start the answer."""
     return max(len(ids) - 1, 0)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def plan(cached: Sequence[int], ids: Sequence[int], *, reuse: bool, croppable: bool) -> Plan:

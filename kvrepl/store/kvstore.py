@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from kvrepl.errors import SnapshotError
+from kvrepl.ids import common_prefix
 from kvrepl.store.kvbook import (
     EMPTY,
     Pool,
@@ -142,7 +143,7 @@ class KVStore(Pool):
         for r in self.refs(d) if not self.problem(d) else []:
             if (r.parent, r.start) != (tip, pos) or r.end <= pos:
                 continue
-            n = _agree(ids_of(d / r.name) or [], ids, pos)
+            n = common_prefix(ids_of(d / r.name) or [], ids, pos)
             if n and (best is None or n > best[1]):
                 best = (r, n)
         return best
@@ -362,7 +363,7 @@ class KVStore(Pool):
                 continue
             got = views(buf, data_start, spans, c)
             theirs = got["ids"].tolist()
-            cut = _agree(theirs, ids, pos)
+            cut = common_prefix(theirs, ids, pos)
             if not 0 < cut < len(theirs):
                 continue
             old = list(ids[:pos]) + theirs  # the conversation the chunk was made for
@@ -384,12 +385,3 @@ class KVStore(Pool):
             fsync_dir(d)
             return Ref.parse(first), len(theirs), len(a) + len(b)  # type: ignore[return-value]
         return None
-
-
-def _agree(theirs: Sequence[int], ids: Sequence[int], pos: int) -> int:
-    """How many of a chunk's first ids agree with `ids` from `pos` on (engine/plan.py's
-    common_prefix, which the store, a floor beside the engine, does not import)."""
-    n = 0
-    while n < len(theirs) and pos + n < len(ids) and theirs[n] == ids[pos + n]:
-        n += 1
-    return n

@@ -18,8 +18,8 @@ from fault_helpers import FAULT_SETTINGS, db_messages, fault_lines, reference_an
 from helpers import close_conversation, open_conversation
 from procs import PYTHON, ROOT, Done, kvrepl_env, stats_of
 
-from kvrepl.engine.plan import common_prefix
 from kvrepl.events import Notice
+from kvrepl.ids import common_prefix
 from kvrepl.store.kvstore import KVStore
 
 SCRIPT = Path(__file__).with_name("signalled_kvrepl.py")

@@ -19,8 +19,8 @@ from kvrepl.chat.conversation import Conversation
 from kvrepl.config import Settings
 from kvrepl.engine import models
 from kvrepl.engine.models import LoadedModel
-from kvrepl.engine.plan import common_prefix
 from kvrepl.events import Finish, Notice, Stats, TextDelta
+from kvrepl.ids import common_prefix
 from kvrepl.store.db import STAT_NAMES, Store
 from kvrepl.store.kvstore import KVStore
 from kvrepl.store.records import Message

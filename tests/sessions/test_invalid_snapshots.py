@@ -26,7 +26,7 @@ from session_helpers import (
 )
 
 from kvrepl.config import Settings
-from kvrepl.engine.plan import common_prefix
+from kvrepl.ids import common_prefix
 from kvrepl.store.kvbook import Ref
 from kvrepl.store.kvstore import KVStore
 

@@ -33,7 +33,7 @@ from session_helpers import (
 )
 
 from kvrepl.chat.handle import Runtime
-from kvrepl.engine.plan import common_prefix
+from kvrepl.ids import common_prefix
 from kvrepl.store.db import Store
 from kvrepl.store.kvbook import Pool, Ref
 from kvrepl.store.kvstore import KVStore
