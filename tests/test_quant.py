@@ -151,8 +151,8 @@ def test_rows_and_interleaving_keep_every_weight(qtype):
     p = pack(random_blocks(qtype, n, k, np.random.default_rng(7), True), qtype, n, k)
     w = p.dequantize()
     assert (p.fmt, p.block) == ("i8", 16 if qtype in ("Q2_K", "Q3_K") else 32)
-    il = p.interleaved(4)
-    assert il.group == 4 and not torch.equal(il.q, p.q)
+    il = p.interleaved()
+    assert il.group == 16 and not torch.equal(il.q, p.q)
     assert torch.equal(il.canonical().q, p.q) and torch.equal(il.canonical().sc, p.sc)
     assert torch.equal(il.dequantize(), w)
     order = np.random.default_rng(8).permutation(n)
@@ -177,6 +177,7 @@ def scalar_kernels() -> native.Kernels:
 
 
 def matmul(kern: native.Kernels, x: torch.Tensor, p: Packed) -> torch.Tensor:
+    p = p.interleaved()  # the kernels' layout
     out = torch.empty(x.shape[0], p.n)
     w = native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group)
     kern.matmul(x.data_ptr(), x.shape[0], x.shape[1], ctypes.pointer(w), out.data_ptr(), p.n,
@@ -201,7 +202,7 @@ def test_matmul_is_within_activation_rounding_of_float64(kernels, qtype):
     x = torch.from_numpy(np.random.default_rng(10).standard_normal((7, k)).astype(np.float32))
     exact = x.double() @ w.double().T
     bound = activation_bound(x, w)
-    for q in (p, p.interleaved(4)):
+    for q in (p, p.interleaved()):
         got = matmul(kernels, x, q).double()
         assert bool(((got - exact).abs() <= bound).all()), (got - exact).abs().max()
         assert torch.equal(matmul(kernels, x[3:4].contiguous(), q)[0], got[3].float())
@@ -217,7 +218,7 @@ def test_scalar_fallback_equals_the_vector_kernels_on_the_new_types(kernels, sca
     x = torch.from_numpy(rng.standard_normal((5, 512)).astype(np.float32))
     for qtype in NEW:
         p = pack(random_blocks(qtype, 12, 512, rng, False), qtype, 12, 512)
-        for q in (p, p.interleaved(4)):
+        for q in (p, p.interleaved()):
             want = matmul(scalar_kernels, x, q)
             assert torch.equal(matmul(kernels, x, q), want), qtype
             assert torch.equal(matmul(avx2, x, q), want), qtype

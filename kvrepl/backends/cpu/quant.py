@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 QK_K = 256
+GROUP = 16  # rows a kernel register holds, one a lane (qmatmul.c)
 # GGUF type name -> (block size in weights, bytes per block)
 LAYOUT = {
     "Q4_0": (32, 18),
@@ -62,30 +63,28 @@ class Packed:
             self.sc.numel() * self.sc.element_size() if self.sc is not None else 0
         )
 
-    def interleaved(self, group: int = 4) -> Packed:
-        """The same weights with block b of rows 4g..4g+3 in one run of bytes (`_planar`): a
-        kernel tile of 4 rows then reads one stream and unpacks it with shifts and masks. Only
-        u4 and i8 with n divisible by 4; others stay as they are."""
-        if group not in (1, 4):
-            raise ValueError("rows interleave in groups of 4 (or 1: as they are)")
-        if group == 1 or self.fmt not in ("u4", "i8") or self.n % group or self.group != 1:
+    def interleaved(self, group: int = GROUP) -> Packed:
+        """The kernels' layout of a u4 or i8 weight: rows in groups of 16, block by block, each
+        block's 16 rows as the 16 lanes of one register (`_lanes`), rows padded with zeros to a
+        multiple of 16; scales and mins likewise (float16 where every one is exactly one).
+        Others stay as they are."""
+        if group not in (1, GROUP):
+            raise ValueError(f"rows interleave in groups of {GROUP} (or 1: as they are)")
+        if group == 1 or self.fmt not in ("u4", "i8") or self.group != 1 or self.sc is None:
             return self
-        if self.sc is None:
-            return self
-        q = _planar(self.q, self.n, self.fmt, True)
-        sc = _regroup(self.sc, self.n, group, 2 * (32 // self.block), True)
+        q = _lanes(self.q, self.n, self.fmt, True)
+        sc = _lane_scales(self.sc, self.n, 32 // self.block, True)
         half = sc.half()
         if torch.equal(half.float().view(torch.int32), sc.view(torch.int32)):
             sc = half  # every scale and min is a float16 (Q4_0, Q4_1, Q8_0): 4 bytes a block less
         return Packed(self.fmt, q, sc, self.n, self.k, self.block, group)
 
     def canonical(self) -> Packed:
-        """Rows one after the other again."""
+        """Rows one after the other again (the padding dropped)."""
         if self.group == 1:
             return self
-        g = self.group
-        q = _planar(self.q, self.n, self.fmt, False)
-        sc = _regroup(self.sc.float(), self.n, g, 2 * (32 // self.block), False)
+        q = _lanes(self.q, self.n, self.fmt, False)
+        sc = _lane_scales(self.sc.float(), self.n, 32 // self.block, False)
         return Packed(self.fmt, q, sc, self.n, self.k, self.block)
 
     def dequantize(self) -> torch.Tensor:
@@ -111,39 +110,53 @@ class Packed:
         return Packed(self.fmt, self.q[idx].contiguous(), sc, len(idx), self.k, self.block)
 
 
-def _regroup(t: torch.Tensor, n: int, g: int, width: int, forward: bool) -> torch.Tensor:
-    """Rows of `width` elements per 32-weight block: [n, blocks * width] <-> block b of g rows
-    side by side ([n/g, blocks, g, width]); the same shape either way."""
-    flat = t.reshape(n, -1)
-    nb = flat.shape[1] // width
+def _padded(n: int) -> int:
+    return -(-n // GROUP) * GROUP
+
+
+# Block b of a group of 16 rows, "lanes": vector t (t = 0..15) holds each row r's weights 2t and
+# 2t + 1 as the 16-bit pair of lane r (int16 i = 2r + e is weight 2t + e), so one multiply-add
+# of the vector with x's pair t broadcast adds those two products to every row's lane. u4: 256
+# bytes, 4 runs of 32 words, run c's word i = V(4c) | V(4c+1) << 4 | V(4c+2) << 8 | V(4c+3) << 12;
+# i8: 512 bytes, 8 runs of 32 words, run c's word i = V(2c) (low byte) | V(2c + 1) << 8.
+def _lanes(t: torch.Tensor, n: int, fmt: str, forward: bool) -> torch.Tensor:
+    k = t.shape[1] * (2 if fmt == "u4" else 1) if forward else 0
+    if not forward:
+        k = t.numel() // _padded(n) * (2 if fmt == "u4" else 1)
+    nb, g = k // 32, _padded(n) // GROUP
+    per = 4 if fmt == "u4" else 2  # vectors t in a run c
     if forward:
-        out = flat.reshape(n // g, g, nb, width).permute(0, 2, 1, 3)
-    else:
-        out = flat.reshape(n // g, nb, g, width).permute(0, 2, 1, 3)
-    return out.contiguous().reshape(t.shape)
+        if fmt == "u4":
+            b = t.reshape(n, nb, 16)
+            v = torch.cat([b & 15, b >> 4], dim=-1).to(torch.int32)  # [n, nb, 32] in k order
+        else:
+            v = t.reshape(n, nb, 32).to(torch.int32) & 255  # the bytes
+        v = torch.cat([v, v.new_zeros(_padded(n) - n, nb, 32)])
+        # [g, r, b, c, s, e] -> [g, b, c, r, e, s]: word (2r + e) of run c, its part s
+        v = v.reshape(g, GROUP, nb, 16 // per, per, 2).permute(0, 2, 3, 1, 5, 4)
+        shift = torch.arange(per, dtype=torch.int32) * (16 // per)
+        words = (v << shift).sum(-1)  # the parts do not overlap: sum = or
+        return words.to(torch.int16).contiguous().view(torch.uint8).reshape(_padded(n), -1)
+    words = t.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    shift = torch.arange(per, dtype=torch.int32) * (16 // per)
+    v = (words.reshape(g, nb, 16 // per, GROUP, 2, 1) >> shift) & (15 if fmt == "u4" else 255)
+    v = v.permute(0, 3, 1, 2, 5, 4).reshape(_padded(n), nb, 32)[:n]  # back to [n, nb, 32]
+    if fmt == "u4":
+        return (v[..., :16] | (v[..., 16:] << 4)).to(torch.uint8).reshape(n, k // 2)
+    return v.to(torch.uint8).view(torch.int8).reshape(n, k)
 
 
-# A group of 4 rows' block b, "planar": 16-bit words i = 0..31 (i = 16 * (row % 2) + j) hold
-# four vectors of 32 int16 weights, V0 = rows 0-1 weights j (j < 16), V1 = rows 0-1 weights
-# 16 + j, V2 and V3 the same of rows 2-3 (the order of the AVX-512 loops' registers). u4: 64
-# bytes, word i = V0 | V1 << 4 | V2 << 8 | V3 << 12 (so byte 2i + p is row 2p + i // 16's byte
-# j as packed: low nibble weight j, high nibble 16 + j); i8: 128 bytes, two runs of 32 words,
-# run p's word i = V(2p) (low byte) | V(2p + 1) << 8. Both are byte orders of the rows' bytes.
-_PLANAR = {  # canonical [g, rp, rr, b, h?, j] -> planar order
-    "u4": ((-1, 2, 2, None, 16), (0, 3, 2, 4, 1)),  # [g, rp, rr, b, j] -> [g, b, rr, j, rp]
-    "i8": ((-1, 2, 2, None, 2, 16), (0, 3, 1, 2, 5, 4)),  # -> [g, b, rp, rr, j, h]
-}
-
-
-def _planar(t: torch.Tensor, n: int, fmt: str, forward: bool) -> torch.Tensor:
-    shape, perm = _PLANAR[fmt]
-    nb = t.numel() // n // (16 if fmt == "u4" else 32)
-    dims = tuple(nb if d is None else d for d in shape)
+def _lane_scales(t: torch.Tensor, n: int, sub: int, forward: bool) -> torch.Tensor:
+    """(scale, min) pairs [n, blocks of `block`, 2] <-> per group and block of 32: for each of
+    its `sub` parts, the 16 rows' scales, then their mins ([g, b, sub, 2, 16])."""
     if forward:
-        return t.reshape(dims).permute(perm).contiguous().reshape(t.shape)
-    inv = [perm.index(i) for i in range(len(perm))]
-    planar_dims = tuple(dims[p] for p in perm)
-    return t.reshape(planar_dims).permute(inv).contiguous().reshape(t.shape)
+        nb = t.shape[1] // sub
+        t = torch.cat([t, t.new_zeros(_padded(n) - n, *t.shape[1:])])
+        out = t.reshape(_padded(n) // GROUP, GROUP, nb, sub, 2).permute(0, 2, 3, 4, 1)
+        return out.contiguous().reshape(_padded(n), nb * sub, 2)
+    nb = t.shape[1] // sub
+    out = t.reshape(_padded(n) // GROUP, nb, sub, 2, GROUP).permute(0, 4, 1, 2, 3)
+    return out.contiguous().reshape(_padded(n), nb * sub, 2)[:n]
 
 
 def _f16(b: np.ndarray) -> np.ndarray:

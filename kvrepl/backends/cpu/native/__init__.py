@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "kv8.c", "pool.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "qmatmul.c", "kv8.c", "pool.c")]
 HEADERS = [Path(__file__).with_name("kernels.h")]  # part of the build's key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
          "-fPIC"]  # fmt: skip
@@ -258,10 +258,14 @@ def kv8_row(head_dim: int) -> int:
 
 def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, block: int = 32,
            group: int = 1):  # fmt: skip
-    """A Weight descriptor over tensors the caller keeps alive."""
+    """A Weight descriptor over tensors the caller keeps alive. A u4 or i8 weight must be in the
+    kernels' layout, groups of 16 rows (quant.Packed.interleaved)."""
     if k % 32:
         raise ValueError(f"k={k} is not a multiple of 32")
-    has_min = bool(sc is not None and sc[..., 1].ne(0).any())
+    if fmt in ("u4", "i8") and group != 16:
+        raise ValueError("a quantized weight goes to the kernels in groups of 16 rows")
+    # the mins: per group of 16 rows and part of a block, 16 scales then 16 mins (quant._lanes)
+    has_min = bool(sc is not None and sc.reshape(-1, 2, 16)[:, 1].ne(0).any())
     scp = sc.data_ptr() if sc is not None else None
     sc16 = bool(sc is not None and sc.dtype == torch.float16)
     return Weight(FMT[fmt], block, n, k, q.data_ptr(), scp, has_min, group, sc16)

@@ -6,28 +6,31 @@
  * computed with it, how they are tiled, or how many threads run. So a token's K/V and logits are
  * bit-identical whether it was computed in a prefill chunk of any size or alone in a decode step
  * (reuse equals recompute, bit for bit). The rules that make it so:
- *   - a dot product accumulates 8 lanes in k order (lane = k mod 8) and ends with one fixed
- *     horizontal sum; tiles over rows/columns only change which outputs run side by side;
+ *   - a quantized dot product is one lane from start to end: per block of 32, an exact integer
+ *     sum, then one fma (qmatmul.c); a float one accumulates 8 lanes in k order (lane = k mod
+ *     8) and ends with one fixed horizontal sum; tiles over rows/columns only change which
+ *     outputs run side by side;
  *   - threads split outputs, never a reduction: a job is items of fixed size (pool.c runs them
  *     on however many threads, in any order);
  *   - attention splits a query's keys into blocks at fixed absolute positions (ATT_B), computes
  *     each block's (max, sum, weighted values) and combines blocks in order, whatever ran them;
  *   - no fused multiply-add that the compiler chooses: built with -ffp-contract=off, FMAs are
- *     explicit. The scalar fallback mirrors the AVX2 path operation for operation; the AVX-512
- *     matmul loops put two weight rows' 8 lanes side by side in one register, each half doing
- *     what the AVX2 path does (integer dot products are exact, whichever instructions add).
+ *     explicit. The scalar fallback mirrors the AVX2 path operation for operation, and a lane
+ *     of the AVX-512 matmul does what a lane of the AVX2 one does (integer sums are exact,
+ *     whichever instructions add them).
  *
  * Weights are kept in the file's own quantized values, repacked at load (exactly) into:
  *   U4: 4-bit unsigned per weight, blocks of 32 along k, a float (scale, min) per block:
  *       w = scale * q + min  (GGUF Q4_0, Q4_1, Q4_K);
  *   I8: 8-bit signed, blocks of 32 or 16, a float (scale, min) per block (Q8_0, Q6_K, Q5_x);
+ *   both in groups of 16 rows, a row a lane (quant.py, _lanes);
  *   F16 and F32: plain.
  * The K/V cache is fp16 or, with kv_bits 8, int8 rows with a scale (kv8.c stores and reads them).
  * Built and loaded by kvrepl/native/__init__.py; called through ctypes with raw pointers.
  */
 #include "kernels.h" /* the vectors and exp; the 8-bit cache's functions are kv8.c's */
 
-#define KV_VERSION 2
+#define KV_VERSION 3 /* 3: quantized dot products a lane per output (qmatmul.c) */
 
 /* ---------------------------------------------------------------- weights */
 enum { FMT_U4 = 1, FMT_I8 = 2, FMT_F16 = 3, FMT_F32 = 4 };
@@ -36,502 +39,25 @@ typedef struct {
     int32_t fmt;
     int32_t block;     /* I8: 32 or 16 weights per (scale, min) */
     i64 n, k;          /* rows (outputs), columns (inputs); k % 32 == 0 */
-    const void *q;     /* U4: uint8 [n][k/2]; I8: int8 [n][k]; F16: uint16 [n][k]; F32: float */
-    const void *sc;    /* U4, I8: float [n][k/block][2] = (scale, min); float16 with sc16 */
+    const void *q;     /* U4, I8: groups of 16 rows (qmatmul.c); F16: uint16 [n][k]; F32: float */
+    const void *sc;    /* U4, I8: per group and block, 16 scales then 16 mins; float16 with sc16 */
     int32_t has_min;   /* any min is not 0 */
-    int32_t group;     /* U4, I8: rows interleaved per block in groups of this many (1 or 4) */
-    int32_t sc16;      /* the (scale, min) pairs are float16 (each exactly the float it stands for) */
+    int32_t group;     /* U4, I8: 16 (the only layout the loops read) */
+    int32_t sc16;      /* the scales and mins are float16 (each exactly the float it stands for) */
 } Weight;
 
-/* A quantized weight row is blocks of 32 (or 16) integers q with a float (scale, min) each:
- * w = q * scale + min. Activations are quantized per block of 32 to 16-bit integers with a float
- * step (amax / 32767: a relative error of 1.5e-5 of the block's largest value, near float32 and
- * far finer than llama.cpp's 8 bits); the products then run on integer units, exactly:
- *   dot = sum over blocks of fma-accumulated (scale * step) * int_sum + mins * sum(x).
- * Every row of x is quantized the same way whatever runs with it, so this stays batch invariant.
- * Float weights (F16, F32) take float activations: acc = fma(x, w, acc) in k order. */
+/* Quantized weights (U4, I8) are qmatmul.c's. Float weights (F16, F32) take float activations:
+ * per output, acc = fma(x, w, acc) over k in order (8 lanes, lane = k mod 8), then hsum. */
 typedef struct {
     const uint8_t *q;
-    const void *sc;    /* float, or float16 with sc16 */
-    i64 k, qrow, srow; /* weights per row; bytes of q per row; (scale, min) pairs per row */
-    int block, has_min, group, sc16;
+    i64 k, qrow; /* weights per row; bytes per row */
 } Wv;
-
-/* Row n's q (`bytes` per block of 32) from its block 0; block b is b * bytes * group further.
- * Rows may be interleaved in groups of 4 (quant.py, _planar): block b of rows 4g..4g+3 is one run
- * of 16-bit words, so a tile of 4 rows reads one stream and unpacks it with shifts and masks. *sh:
- * -1 for rows one after the other; else the row's 16 words are at the pointer returned, its
- * weights j at bit sh of word j and 16 + j at bit sh + 4 (u4), or in the low / high byte (i8). */
-static inline const uint8_t *qrow(const Wv *w, i64 n, i64 bytes, int *sh) {
-    i64 nb = w->k / 32, r = n % 4;
-    if (w->group == 1) {
-        *sh = -1;
-        return w->q + n * nb * bytes;
-    }
-    const uint8_t *base = w->q + (n / 4) * nb * 4 * bytes;
-    *sh = bytes == 16 ? 8 * (int)(r / 2) : 0;
-    return base + (bytes == 16 ? 0 : (r / 2) * 64) + (r % 2) * 32;
-}
-/* the (scale, min) pairs of row n's block b: rows interleaved block by block in their groups */
-static inline i64 sblock(const Wv *w, i64 n, i64 b) { /* an index into sc */
-    i64 g = w->group, nb = w->k / 32, sub = 32 / w->block;
-    return ((n / g) * nb * g + b * g + n % g) * sub * 2;
-}
-/* cnt scales and mins from index i, as floats (float16 ones convert exactly) */
-static inline void sfetch(const Wv *w, i64 i, float *s, int cnt) {
-    for (int c = 0; c < cnt; c++) {
-        if (!w->sc16) s[c] = ((const float *)w->sc)[i + c];
-#ifdef KV_AVX2
-        else s[c] = _cvtsh_ss(((const uint16_t *)w->sc)[i + c]);
-#else
-        else s[c] = h2f(((const uint16_t *)w->sc)[i + c]);
-#endif
-    }
-}
-
-typedef struct { /* quantized rows of x */
-    const int16_t *q;  /* [M][K] */
-    const float *d;    /* [M][K/32] steps */
-    const float *s16;  /* [M][K/16] sums of x, for the min terms (blocks of 16) */
-    const float *s32;  /* [M][K/32] = s16[2b] + s16[2b+1] (blocks of 32) */
-    i64 k;
-} Xq;
-
-#ifdef KV_AVX2
-typedef __m256i vi;   /* 8 int32 lanes */
-typedef __m256i wv16; /* 16 int16 weights */
-/* 32 weights as two vectors of 16 int16 (weights 0-15 and 16-31) */
-static inline void w16_u4(const uint8_t *p, int sh, wv16 *w0, wv16 *w1) {
-    if (sh >= 0) { /* planar words */
-        __m256i v = _mm256_loadu_si256((const __m256i *)p), m = _mm256_set1_epi16(15);
-        *w0 = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(sh)), m);
-        *w1 = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(sh + 4)), m);
-        return;
-    }
-    __m128i raw = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
-    *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m));
-    *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m));
-}
-static inline void w16_i8(const uint8_t *p, int sh, wv16 *w0, wv16 *w1) {
-    if (sh >= 0) { /* planar words: low bytes weights 0-15, high bytes 16-31 */
-        __m256i v = _mm256_loadu_si256((const __m256i *)p);
-        *w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
-        *w1 = _mm256_srai_epi16(v, 8);
-        return;
-    }
-    *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
-    *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
-}
-/* 16 int16 as two 8-lane float vectors */
-static inline void w16_floats(wv16 a, v8 *lo, v8 *hi) {
-    *lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)));
-    *hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)));
-}
-/* lane l = w[2l] x[2l] + w[2l+1] x[2l+1], exactly */
-static inline vi vi_dot(wv16 w, const int16_t *x) {
-    return _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)x));
-}
-static inline vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
-static inline v8 vi_float(vi a) { return _mm256_cvtepi32_ps(a); }
-static inline float v_amax(const float *x) { /* max |x| of 32 */
-    __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 a = _mm256_max_ps(_mm256_andnot_ps(sign, v_load(x)), _mm256_andnot_ps(sign, v_load(x + 8)));
-    a = _mm256_max_ps(a, _mm256_max_ps(_mm256_andnot_ps(sign, v_load(x + 16)), _mm256_andnot_ps(sign, v_load(x + 24))));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-}
-static inline void q16_store(int16_t *q, const float *x, float inv) { /* 32 values, nearest even */
-    __m256 f = _mm256_set1_ps(inv);
-    for (int i = 0; i < 32; i += 16) {
-        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v_load(x + i), f));
-        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(v_load(x + i + 8), f));
-        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
-        _mm256_storeu_si256((__m256i *)(q + i), p);
-    }
-}
-#else
-typedef struct { int32_t l[8]; } vi;
-typedef struct { int32_t v[16]; } wv16;
-static inline void w16_u4(const uint8_t *p, int sh, wv16 *w0, wv16 *w1) {
-    for (int i = 0; i < 16; i++) {
-        if (sh >= 0) {
-            uint32_t wd = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
-            w0->v[i] = (wd >> sh) & 15, w1->v[i] = (wd >> (sh + 4)) & 15;
-        } else {
-            w0->v[i] = p[i] & 15, w1->v[i] = p[i] >> 4;
-        }
-    }
-}
-static inline void w16_i8(const uint8_t *p, int sh, wv16 *w0, wv16 *w1) {
-    for (int i = 0; i < 16; i++) {
-        if (sh >= 0) w0->v[i] = (int8_t)p[2 * i], w1->v[i] = (int8_t)p[2 * i + 1];
-        else w0->v[i] = (int8_t)p[i], w1->v[i] = (int8_t)p[16 + i];
-    }
-}
-static inline void w16_floats(wv16 a, v8 *lo, v8 *hi) {
-    LANES((lo->f[l_] = (float)a.v[l_], hi->f[l_] = (float)a.v[8 + l_]));
-}
-static inline vi vi_dot(wv16 w, const int16_t *x) {
-    vi r;
-    for (int l = 0; l < 8; l++) r.l[l] = w.v[2 * l] * x[2 * l] + w.v[2 * l + 1] * x[2 * l + 1];
-    return r;
-}
-static inline vi vi_add(vi a, vi b) { for (int l = 0; l < 8; l++) a.l[l] += b.l[l]; return a; }
-static inline v8 vi_float(vi a) { v8 r; LANES(r.f[l_] = (float)a.l[l_]); return r; }
-static inline float v_amax(const float *x) {
-    float a = 0.0f;
-    for (int i = 0; i < 32; i++) a = fabsf(x[i]) > a ? fabsf(x[i]) : a;
-    return a;
-}
-static inline void q16_store(int16_t *q, const float *x, float inv) {
-    for (int i = 0; i < 32; i++) {
-        float v = nearbyintf(x[i] * inv);
-        q[i] = (int16_t)(v > 32767.0f ? 32767.0f : v < -32768.0f ? -32768.0f : v);
-    }
-}
-#endif
-
-typedef struct {
-    const float *x;
-    i64 M, ldx, K;
-    int16_t *q;
-    float *d, *s16, *s32;
-} QuantJob;
-
-#define QROWS 8 /* rows of x an item quantizes */
-
-static void quantize_rows(const void *ctx, i64 item) {
-    const QuantJob *j = ctx;
-    i64 K = j->K, m1 = (item + 1) * QROWS < j->M ? (item + 1) * QROWS : j->M;
-    for (i64 m = item * QROWS; m < m1; m++)
-        for (i64 b = 0; b < K / 32; b++) {
-            const float *xb = j->x + m * j->ldx + b * 32;
-            float amax = v_amax(xb);
-            j->d[m * (K / 32) + b] = amax / 32767.0f;
-            q16_store(j->q + m * K + b * 32, xb, amax > 0.0f ? 32767.0f / amax : 0.0f);
-            float *sh = j->s16 + m * (K / 16) + 2 * b;
-            for (int h = 0; h < 2; h++) sh[h] = v_hsum(v_add(v_load(xb + 16 * h), v_load(xb + 16 * h + 8)));
-            j->s32[m * (K / 32) + b] = sh[0] + sh[1];
-        }
-}
-
-static void quantize_x(const float *x, i64 M, i64 ldx, i64 K, int16_t *q, float *d, float *s16,
-                       float *s32) {
-    QuantJob j = {x, M, ldx, K, q, d, s16, s32};
-    kv_parallel(quantize_rows, &j, (M + QROWS - 1) / QROWS);
-}
 
 static inline float finish(float r, const float *bias, i64 n, int accumulate, const float *prev) {
     if (bias) r = r + bias[n];
     return accumulate ? *prev + r : r;
 }
 
-/* Quantized weights: outputs [m0, m0+MT) x [n0, n0+NT). Per output and block: the integer dot of
- * the block's 32 weights with x's 32 int16 (8 exact int32 lanes), acc = fma(scale * step,
- * float(lanes), acc) (once per 16 for blocks of 16), and the mins add min * sum(x) to a scalar.
- * Output = hsum(acc) + mins. The sequence per output is the same in every tile shape. One
- * function per (weight kind, tile shape); a kind fixes the format, SUB (scales per 32) and MIN. */
-#define DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, MT, NT)                                            \
-    static void qtile_##KIND##_##MT##_##NT(const Xq *x, const Wv *w, float *out, i64 ldo,        \
-                                            const float *bias, int accumulate, i64 m0, i64 n0) { \
-        v8 acc[NT][MT];                                                                          \
-        float mins[NT][MT];                                                                      \
-        const uint8_t *wr[NT];                                                                   \
-        int sh[NT];                                                                              \
-        i64 sr[NT];                                                                              \
-        const int16_t *xr[MT];                                                                   \
-        const float *dr[MT], *sxr[MT], *sx32[MT];                                                \
-        i64 nb = w->k / 32;                                                                      \
-        for (int i = 0; i < NT; i++) {                                                           \
-            wr[i] = qrow(w, n0 + i, BYTES, &sh[i]);                                              \
-            sr[i] = sblock(w, n0 + i, 0);                                                        \
-            for (int j = 0; j < MT; j++) acc[i][j] = v_zero(), mins[i][j] = 0.0f;                \
-        }                                                                                        \
-        for (int j = 0; j < MT; j++) {                                                           \
-            xr[j] = x->q + (m0 + j) * w->k;                                                      \
-            dr[j] = x->d + (m0 + j) * nb;                                                        \
-            sxr[j] = x->s16 + (m0 + j) * (w->k / 16);                                            \
-            sx32[j] = x->s32 + (m0 + j) * nb;                                                    \
-        }                                                                                        \
-        for (i64 b = 0; b < nb; b++) {                                                           \
-            _Pragma("GCC unroll 8")                                                              \
-            for (int i = 0; i < NT; i++) {                                                       \
-                wv16 w0, w1;                                                                     \
-                WFN(wr[i] + b * BYTES * w->group, sh[i], &w0, &w1);                              \
-                float s[4];                                                                      \
-                sfetch(w, sr[i] + b * SUB * 2 * w->group, s, 2 * SUB);                           \
-                v8 sc0 = v_set1(s[0]), sc2 = v_set1(s[SUB == 2 ? 2 : 0]);                        \
-                _Pragma("GCC unroll 8")                                                          \
-                for (int j = 0; j < MT; j++) {                                                   \
-                    v8 step = v_set1(dr[j][b]); /* scale * step, per lane */                     \
-                    vi p0 = vi_dot(w0, xr[j] + b * 32), p1 = vi_dot(w1, xr[j] + b * 32 + 16);    \
-                    if (SUB == 1) {                                                              \
-                        acc[i][j] = v_fma(v_mul(sc0, step), vi_float(vi_add(p0, p1)), acc[i][j]); \
-                        if (MIN) mins[i][j] = fmaf(s[1], sx32[j][b], mins[i][j]);                \
-                    } else {                                                                     \
-                        acc[i][j] = v_fma(v_mul(sc0, step), vi_float(p0), acc[i][j]);            \
-                        acc[i][j] = v_fma(v_mul(sc2, step), vi_float(p1), acc[i][j]);            \
-                        if (MIN) {                                                               \
-                            mins[i][j] = fmaf(s[1], sxr[j][2 * b], mins[i][j]);                  \
-                            mins[i][j] = fmaf(s[3], sxr[j][2 * b + 1], mins[i][j]);              \
-                        }                                                                        \
-                    }                                                                            \
-                }                                                                                \
-            }                                                                                    \
-        }                                                                                        \
-        for (int i = 0; i < NT; i++)                                                             \
-            for (int j = 0; j < MT; j++) {                                                       \
-                float *o = out + (m0 + j) * ldo + n0 + i;                                        \
-                *o = finish(v_hsum(acc[i][j]) + mins[i][j], bias, n0 + i, accumulate, o);        \
-            }                                                                                    \
-    }
-#ifdef KV_AVX512
-/* Two weight rows side by side in one 512-bit register, row i in lanes 0-7 and row i+1 in lanes
- * 8-15: each half does what the 8-lane path does for its row, operation for operation (integer
- * sums are exact whichever instruction adds them), so the results are bit-identical, with about
- * half the instructions. */
-static inline __m256i pair128(const uint8_t *a, const uint8_t *b) {
-    __m128i lo = _mm_loadu_si128((const __m128i *)a), hi = _mm_loadu_si128((const __m128i *)b);
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-}
-/* one block of rows a and b as int16: w0 = [a k0-15 | b k0-15], w1 = [a k16-31 | b k16-31] */
-static inline void w2_u4(const uint8_t *a, const uint8_t *b, int sh, __m512i *w0, __m512i *w1) {
-    if (sh >= 0) { /* planar: rows 2p, 2p + 1 of a group are the 32 words at a */
-        __m512i v = _mm512_loadu_si512(a), m = _mm512_set1_epi16(15);
-        *w0 = _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(sh)), m);
-        *w1 = _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(sh + 4)), m);
-        return;
-    }
-    __m256i raw = pair128(a, b), m = _mm256_set1_epi8(15);
-    *w0 = _mm512_cvtepu8_epi16(_mm256_and_si256(raw, m));
-    *w1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m));
-}
-static inline void w2_i8(const uint8_t *a, const uint8_t *b, int sh, __m512i *w0, __m512i *w1) {
-    if (sh >= 0) {
-        __m512i v = _mm512_loadu_si512(a);
-        *w0 = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);
-        *w1 = _mm512_srai_epi16(v, 8);
-        return;
-    }
-    *w0 = _mm512_cvtepi8_epi16(pair128(a, b));
-    *w1 = _mm512_cvtepi8_epi16(pair128(a + 16, b + 16));
-}
-/* 8 * sub floats of sc from index i (a group's block: its 4 rows' pairs), float16 or not */
-static inline __m512 scales8(const Wv *w, i64 i, int sub) {
-    if (w->sc16) {
-        const uint16_t *h = (const uint16_t *)w->sc + i;
-        if (sub == 1) return _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
-        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
-    }
-    const float *f = (const float *)w->sc + i;
-    return sub == 1 ? _mm512_castps256_ps512(_mm256_loadu_ps(f)) : _mm512_loadu_ps(f);
-}
-/* the 4 rows of a planar group's block (quant.py, _planar): w0[p], w1[p] for rows 2p, 2p + 1 */
-static inline void w4_u4(const uint8_t *q, __m512i w0[2], __m512i w1[2]) {
-    __m512i v = _mm512_loadu_si512(q), m = _mm512_set1_epi16(15);
-    w0[0] = _mm512_and_si512(v, m);
-    w1[0] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
-    w0[1] = _mm512_and_si512(_mm512_srli_epi16(v, 8), m);
-    w1[1] = _mm512_srli_epi16(v, 12);
-}
-static inline void w4_i8(const uint8_t *q, __m512i w0[2], __m512i w1[2]) {
-    for (int p = 0; p < 2; p++) {
-        __m512i v = _mm512_loadu_si512(q + 64 * p);
-        w0[p] = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);
-        w1[p] = _mm512_srai_epi16(v, 8);
-    }
-}
-static inline __m512i x_both(const int16_t *x) { /* 16 int16 of x in both halves */
-    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x));
-}
-static inline __m512i dot_both(__m512i w0, __m512i x0, __m512i w1, __m512i x1) { /* p0 + p1 */
-#ifdef __AVX512VNNI__
-    return _mm512_dpwssd_epi32(_mm512_madd_epi16(w0, x0), w1, x1);
-#else
-    return _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
-#endif
-}
-static inline __m512 halves(float a, float b) { /* a in lanes 0-7, b in 8-15 */
-    return _mm512_mask_broadcastss_ps(_mm512_set1_ps(a), 0xFF00, _mm_set_ss(b));
-}
-static inline v8 half_lo(__m512 a) { return _mm512_castps512_ps256(a); }
-static inline v8 half_hi(__m512 a) {
-    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-}
-
-#define DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, MT, NT, NAME) /* NT even: rows in pairs */     \
-    static void NAME(const Xq *x, const Wv *w, float *out, i64 ldo,                              \
-                                            const float *bias, int accumulate, i64 m0, i64 n0) { \
-        __m512 acc[NT / 2][MT];                                                                  \
-        float mins[NT][MT];                                                                      \
-        const uint8_t *wr[NT];                                                                   \
-        int sh[NT];                                                                              \
-        i64 sr[NT];                                                                              \
-        const int16_t *xr[MT];                                                                   \
-        const float *dr[MT], *sxr[MT], *sx32[MT];                                                \
-        i64 nb = w->k / 32;                                                                      \
-        for (int i = 0; i < NT; i++) {                                                           \
-            wr[i] = qrow(w, n0 + i, BYTES, &sh[i]);                                              \
-            sr[i] = sblock(w, n0 + i, 0);                                                        \
-            for (int j = 0; j < MT; j++) acc[i / 2][j] = _mm512_setzero_ps(), mins[i][j] = 0.0f; \
-        }                                                                                        \
-        for (int j = 0; j < MT; j++) {                                                           \
-            xr[j] = x->q + (m0 + j) * w->k;                                                      \
-            dr[j] = x->d + (m0 + j) * nb;                                                        \
-            sxr[j] = x->s16 + (m0 + j) * (w->k / 16);                                            \
-            sx32[j] = x->s32 + (m0 + j) * nb;                                                    \
-        }                                                                                        \
-        for (i64 b = 0; b < nb; b++) {                                                           \
-            _Pragma("GCC unroll 4")                                                              \
-            for (int i = 0; i < NT; i += 2) {                                                    \
-                __m512i w0, w1;                                                                  \
-                WFN2(wr[i] + b * BYTES * w->group, wr[i + 1] + b * BYTES * w->group, sh[i], &w0, &w1); \
-                float s[4], t[4];                                                                \
-                sfetch(w, sr[i] + b * SUB * 2 * w->group, s, 2 * SUB);                           \
-                sfetch(w, sr[i + 1] + b * SUB * 2 * w->group, t, 2 * SUB);                       \
-                __m512 sc0 = halves(s[0], t[0]), sc2 = SUB == 2 ? halves(s[2], t[2]) : sc0;      \
-                _Pragma("GCC unroll 8")                                                          \
-                for (int j = 0; j < MT; j++) {                                                   \
-                    __m512 step = _mm512_set1_ps(dr[j][b]); /* scale * step, per lane */         \
-                    __m512i x0 = x_both(xr[j] + b * 32), x1 = x_both(xr[j] + b * 32 + 16);       \
-                    __m512 *a = &acc[i / 2][j];                                                  \
-                    if (SUB == 1) {                                                              \
-                        __m512 p = _mm512_cvtepi32_ps(dot_both(w0, x0, w1, x1));                 \
-                        *a = _mm512_fmadd_ps(_mm512_mul_ps(sc0, step), p, *a);                   \
-                        if (MIN) {                                                               \
-                            mins[i][j] = fmaf(s[1], sx32[j][b], mins[i][j]);                     \
-                            mins[i + 1][j] = fmaf(t[1], sx32[j][b], mins[i + 1][j]);             \
-                        }                                                                        \
-                    } else {                                                                     \
-                        __m512 p0 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w0, x0));               \
-                        __m512 p1 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w1, x1));               \
-                        *a = _mm512_fmadd_ps(_mm512_mul_ps(sc0, step), p0, *a);                  \
-                        *a = _mm512_fmadd_ps(_mm512_mul_ps(sc2, step), p1, *a);                  \
-                        if (MIN) {                                                               \
-                            mins[i][j] = fmaf(s[1], sxr[j][2 * b], mins[i][j]);                  \
-                            mins[i][j] = fmaf(s[3], sxr[j][2 * b + 1], mins[i][j]);              \
-                            mins[i + 1][j] = fmaf(t[1], sxr[j][2 * b], mins[i + 1][j]);          \
-                            mins[i + 1][j] = fmaf(t[3], sxr[j][2 * b + 1], mins[i + 1][j]);      \
-                        }                                                                        \
-                    }                                                                            \
-                }                                                                                \
-            }                                                                                    \
-        }                                                                                        \
-        for (int i = 0; i < NT; i++)                                                             \
-            for (int j = 0; j < MT; j++) {                                                       \
-                float *o = out + (m0 + j) * ldo + n0 + i;                                        \
-                v8 h = i % 2 ? half_hi(acc[i / 2][j]) : half_lo(acc[i / 2][j]);                  \
-                *o = finish(v_hsum(h) + mins[i][j], bias, n0 + i, accumulate, o);                \
-            }                                                                                    \
-    }
-/* Blocks ahead that the decode loop asks the memory for, in rows long enough (2 * QPF blocks) to
- * stream: 1B-shape decode 24.5 -> 22.2 ms a step on a 2-core Zen 4; short rows (the 135M's
- * 576) ran no faster with it. Only loads: no result changes. */
-#define QPF 32
-/* Up to MT rows of x (decode, or a few drafted tokens) against 4 weight rows interleaved in a
- * group (w->group == 4): block b of the 4 rows is one run of bytes and of (scale, min) pairs, so
- * it is unpacked once for every row of x, the 4 rows' scales are one vector (times each row's
- * step) and their mins one fma per row of x (lane 2r+1 is weight row r's fmaf); every lane as
- * the 8-lane path computes it. */
-#define DEF_qDEC4(KIND, WFN4, BYTES, SUB, MIN, MT)                                              \
-    static void qdec4_##KIND##_##MT(const Xq *x, const Wv *w, float *out, i64 ldo,               \
-                                    const float *bias, int accumulate, i64 m0, i64 n0) {         \
-        i64 nb = w->k / 32;                                                                      \
-        const uint8_t *q = w->q + n0 * nb * BYTES; /* the group's block 0 */                    \
-        i64 sc = sblock(w, n0, 0);                                                               \
-        const int far = nb >= 2 * QPF;                                                           \
-        __m512 acc[2][MT], mins[MT];                                                             \
-        for (int j = 0; j < MT; j++) acc[0][j] = acc[1][j] = mins[j] = _mm512_setzero_ps();      \
-        const __m512i pick0 = _mm512_set_epi32(2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 2 * SUB, 0, 0, 0, 0, 0, 0, 0, 0); \
-        const __m512i pick1 = _mm512_add_epi32(pick0, _mm512_set1_epi32(4 * SUB));              \
-        const __m512i two = _mm512_set1_epi32(2);                                                \
-        const __m512i up2 = _mm512_set_epi32(15, 15, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2); \
-        for (i64 b = 0; b < nb; b++, q += 4 * BYTES, sc += 8 * SUB) {                            \
-            __m512i w0[2], w1[2];                                                                \
-            if (far) prefetch(q + QPF * 4 * BYTES);                                              \
-            if (far && BYTES == 32) prefetch(q + QPF * 4 * BYTES + 64);                          \
-            WFN4(q, w0, w1);                                                                     \
-            __m512 sv = scales8(w, sc, SUB);                                                     \
-            __m512 s0[2] = {_mm512_permutexvar_ps(pick0, sv), _mm512_permutexvar_ps(pick1, sv)}; \
-            __m512 s2[2] = {s0[0], s0[1]};                                                       \
-            if (SUB == 2) {                                                                      \
-                s2[0] = _mm512_permutexvar_ps(_mm512_add_epi32(pick0, two), sv);                 \
-                s2[1] = _mm512_permutexvar_ps(_mm512_add_epi32(pick1, two), sv);                 \
-            }                                                                                    \
-            __m512 sv2 = SUB == 2 && MIN ? _mm512_permutexvar_ps(up2, sv) : sv;                  \
-            _Pragma("GCC unroll 4")                                                              \
-            for (int j = 0; j < MT; j++) {                                                       \
-                const int16_t *xr = x->q + (m0 + j) * w->k + b * 32;                             \
-                __m512 step = _mm512_set1_ps(x->d[(m0 + j) * nb + b]); /* scale * step */        \
-                __m512i x0 = x_both(xr), x1 = x_both(xr + 16);                                   \
-                _Pragma("GCC unroll 2")                                                          \
-                for (int p = 0; p < 2; p++) {                                                    \
-                    if (SUB == 1) {                                                              \
-                        __m512 d = _mm512_cvtepi32_ps(dot_both(w0[p], x0, w1[p], x1));           \
-                        acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(s0[p], step), d, acc[p][j]);   \
-                    } else {                                                                     \
-                        __m512 d0 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w0[p], x0));            \
-                        __m512 d1 = _mm512_cvtepi32_ps(_mm512_madd_epi16(w1[p], x1));            \
-                        acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(s0[p], step), d0, acc[p][j]);  \
-                        acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(s2[p], step), d1, acc[p][j]);  \
-                    }                                                                            \
-                }                                                                                \
-                if (MIN && SUB == 1)                                                             \
-                    mins[j] = _mm512_fmadd_ps(sv, _mm512_set1_ps(x->s32[(m0 + j) * nb + b]), mins[j]); \
-                if (MIN && SUB == 2) {                                                           \
-                    const float *sx = x->s16 + (m0 + j) * (w->k / 16) + 2 * b;                   \
-                    mins[j] = _mm512_fmadd_ps(sv, _mm512_set1_ps(sx[0]), mins[j]);               \
-                    mins[j] = _mm512_fmadd_ps(sv2, _mm512_set1_ps(sx[1]), mins[j]);              \
-                }                                                                                \
-            }                                                                                    \
-        }                                                                                        \
-        for (int j = 0; j < MT; j++) {                                                           \
-            float m[16];                                                                         \
-            _mm512_storeu_ps(m, mins[j]);                                                        \
-            for (int r = 0; r < 4; r++) {                                                        \
-                v8 h = r % 2 ? half_hi(acc[r / 2][j]) : half_lo(acc[r / 2][j]);                  \
-                float *o = out + (m0 + j) * ldo + n0 + r;                                        \
-                float mn = MIN ? m[r * 2 * SUB + 1] : 0.0f;                                      \
-                *o = finish(v_hsum(h) + mn, bias, n0 + r, accumulate, o);                        \
-            }                                                                                    \
-        }                                                                                        \
-    }
-/* M <= 4 rows of x against the 4 weight rows at n0, as few passes over the weights as fit */
-#define DEF_qSMALL(KIND, WFN4, BYTES, SUB, MIN)                                                 \
-    DEF_qDEC4(KIND, WFN4, BYTES, SUB, MIN, 1)                                                    \
-    DEF_qDEC4(KIND, WFN4, BYTES, SUB, MIN, 2)                                                    \
-    DEF_qDEC4(KIND, WFN4, BYTES, SUB, MIN, 4)                                                    \
-    static void qsmall_##KIND(const Xq *x, const Wv *w, float *out, i64 ldo, const float *bias,  \
-                              int accumulate, i64 M, i64 n0) {                                   \
-        i64 m = 0;                                                                               \
-        for (; m + 4 <= M; m += 4) qdec4_##KIND##_4(x, w, out, ldo, bias, accumulate, m, n0);    \
-        for (; m + 2 <= M; m += 2) qdec4_##KIND##_2(x, w, out, ldo, bias, accumulate, m, n0);    \
-        for (; m < M; m++) qdec4_##KIND##_1(x, w, out, ldo, bias, accumulate, m, n0);            \
-    }
-#define DEF_qKIND(KIND, WFN, WFN2, WFN4, BYTES, SUB, MIN)                                        \
-    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 1)                                                  \
-    DEF_qSMALL(KIND, WFN4, BYTES, SUB, MIN)                                                      \
-    DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 4, qtile_##KIND##_1_4)                           \
-    DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 1, 2, qtile_##KIND##_1_2)                           \
-    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 1)                                                  \
-    DEF_qTILE2(KIND, WFN2, BYTES, SUB, MIN, 4, 2, qtile_##KIND##_4_2)
-#else
-#define DEF_qKIND(KIND, WFN, WFN2, WFN4, BYTES, SUB, MIN)                                        \
-    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 1)                                                  \
-    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 4)                                                  \
-    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 1, 2)                                                  \
-    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 1)                                                  \
-    DEF_qTILE(KIND, WFN, BYTES, SUB, MIN, 4, 2)
-#endif
-DEF_qKIND(u4, w16_u4, w2_u4, w4_u4, 16, 1, 1)
-DEF_qKIND(u4n, w16_u4, w2_u4, w4_u4, 16, 1, 0)
-DEF_qKIND(i8, w16_i8, w2_i8, w4_i8, 32, 1, 0)
-DEF_qKIND(i8m, w16_i8, w2_i8, w4_i8, 32, 1, 1)
-DEF_qKIND(i8s, w16_i8, w2_i8, w4_i8, 32, 2, 0)
-DEF_qKIND(i8sm, w16_i8, w2_i8, w4_i8, 32, 2, 1)
-
-/* Float weights: per output, acc = fma(x, w, acc) over k in order, then hsum. */
 static inline void wf_f16(const Wv *w, i64 n, i64 b, v8 o[4]) {
     const uint16_t *q = (const uint16_t *)(w->q + n * w->qrow) + b * 32;
     for (int i = 0; i < 4; i++) o[i] = v_h16(q + 8 * i);
@@ -571,28 +97,27 @@ static inline void wf_f32(const Wv *w, i64 n, i64 b, v8 o[4]) {
 /* The loops over tiles: decode (M = 1) 4 outputs at a time; otherwise 64 rows of x at a time
  * (kept in cache while W streams past), in tiles of 4 rows x 2 outputs. An item is a fixed run
  * of tiles (about MM_WORK products), so threads share a matrix whatever their number. */
-typedef void (*QSmall)(const Xq *x, const Wv *w, float *out, i64 ldo, const float *bias,
-                       int accumulate, i64 M, i64 n0);
 typedef struct {
-    const Xq *xq;
     const float *x;
     i64 ldx, M, N, ldo, per, chunks; /* tiles per item; items per block of 64 rows */
     const Wv *w;
     float *out;
     const float *bias;
     int acc;
-    QSmall small; /* AVX-512: the loop for M <= 4 rows over interleaved weights */
 } MmJob;
 
 #define MM_WORK 32768
-#define XQ j->xq
-#define XF j->x, j->ldx
-#define DEF_MM(KIND, FMT, XPASS)                                                                 \
+#define DEF_MM(FMT)                                                                              \
+    DEF_fTILE(FMT, 1, 1)                                                                         \
+    DEF_fTILE(FMT, 1, 4)                                                                         \
+    DEF_fTILE(FMT, 1, 2)                                                                         \
+    DEF_fTILE(FMT, 4, 1)                                                                         \
+    DEF_fTILE(FMT, 4, 2)                                                                         \
     static void mm1_##FMT(const void *ctx, i64 item) {                                           \
         const MmJob *j = ctx;                                                                    \
         i64 N = j->N, n = item * j->per * 4, end = n + j->per * 4 < N ? n + j->per * 4 : N;      \
-        for (; n + 4 <= end; n += 4) KIND##tile_##FMT##_1_4(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, 0, n); \
-        for (; n < end; n++) KIND##tile_##FMT##_1_1(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, 0, n); \
+        for (; n + 4 <= end; n += 4) ftile_##FMT##_1_4(j->x, j->ldx, j->w, j->out, j->ldo, j->bias, j->acc, 0, n); \
+        for (; n < end; n++) ftile_##FMT##_1_1(j->x, j->ldx, j->w, j->out, j->ldo, j->bias, j->acc, 0, n); \
     }                                                                                            \
     static void mmb_##FMT(const void *ctx, i64 item) {                                           \
         const MmJob *j = ctx;                                                                    \
@@ -602,11 +127,11 @@ typedef struct {
             int two = n + 2 <= N;                                                                \
             i64 m = mb;                                                                          \
             for (; m + 4 <= me; m += 4)                                                          \
-                if (two) KIND##tile_##FMT##_4_2(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
-                else KIND##tile_##FMT##_4_1(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
+                if (two) ftile_##FMT##_4_2(j->x, j->ldx, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
+                else ftile_##FMT##_4_1(j->x, j->ldx, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
             for (; m < me; m++)                                                                  \
-                if (two) KIND##tile_##FMT##_1_2(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
-                else KIND##tile_##FMT##_1_1(XPASS, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
+                if (two) ftile_##FMT##_1_2(j->x, j->ldx, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
+                else ftile_##FMT##_1_1(j->x, j->ldx, j->w, j->out, j->ldo, j->bias, j->acc, m, n); \
         }                                                                                        \
     }                                                                                            \
     static void mm_##FMT(MmJob *j) {                                                             \
@@ -621,109 +146,41 @@ typedef struct {
         j->chunks = ((j->N + 1) / 2 + j->per - 1) / j->per;                                      \
         kv_parallel(mmb_##FMT, j, (j->M + 63) / 64 * j->chunks);                                 \
     }
-#define DEF_fKIND(FMT)                                                                           \
-    DEF_fTILE(FMT, 1, 1)                                                                         \
-    DEF_fTILE(FMT, 1, 4)                                                                         \
-    DEF_fTILE(FMT, 1, 2)                                                                         \
-    DEF_fTILE(FMT, 4, 1)                                                                         \
-    DEF_fTILE(FMT, 4, 2)
-DEF_fKIND(f16)
-DEF_fKIND(f32)
-#ifdef KV_AVX512
-static void mm_small(const void *ctx, i64 item) { /* item: a run of `per` groups of 4 outputs */
-    const MmJob *j = ctx;
-    i64 n = item * j->per * 4, end = n + j->per * 4 < j->N ? n + j->per * 4 : j->N;
-    for (; n < end; n += 4) j->small(j->xq, j->w, j->out, j->ldo, j->bias, j->acc, j->M, n);
-}
-#endif
-DEF_MM(q, u4, XQ)
-DEF_MM(q, u4n, XQ)
-DEF_MM(q, i8, XQ)
-DEF_MM(q, i8m, XQ)
-DEF_MM(q, i8s, XQ)
-DEF_MM(q, i8sm, XQ)
-DEF_MM(f, f16, XF)
-DEF_MM(f, f32, XF)
-
-static Wv view(const Weight *W) {
-    Wv w = {(const uint8_t *)W->q, W->sc, W->k, 0, 0, W->block, 0, W->group > 1 ? W->group : 1,
-            W->sc16};
-    switch (W->fmt) {
-    case FMT_U4: w.qrow = W->k / 2; w.srow = W->k / 32; w.block = 32; break;
-    case FMT_I8: w.qrow = W->k; w.srow = W->k / W->block; break;
-    case FMT_F16: w.qrow = W->k * 2; w.block = 32; break;
-    default: w.qrow = W->k * 4; w.block = 32;
-    }
-    w.has_min = W->has_min;
-    return w;
-}
+DEF_MM(f16)
+DEF_MM(f32)
 
 /* out[m, n] (+)= x[m, :] . W[n, :] (+ bias[n]), for m < M */
 void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 ldo,
                const float *bias, int accumulate) {
     if (M < 1) return;
-    Wv w = view(W);
-    MmJob j = {0, x, ldx, M, W->n, ldo, 0, 0, &w, out, bias, accumulate, 0};
-    if (W->fmt == FMT_F16) { mm_f16(&j); return; }
-    if (W->fmt == FMT_F32) { mm_f32(&j); return; }
-    i64 K = W->k, bytes = M * K * 2 + M * (K / 32) * 8 + M * (K / 16) * 4;
-    char small[65536], *buf = bytes <= (i64)sizeof small ? small : malloc((size_t)bytes);
-    int16_t *q = (int16_t *)buf;
-    float *d = (float *)(buf + M * K * 2), *s16 = d + M * (K / 32), *s32 = s16 + M * (K / 16);
-    quantize_x(x, M, ldx, K, q, d, s16, s32);
-    Xq xq = {q, d, s16, s32, K};
-    j.xq = &xq;
-#ifdef KV_AVX512
-    if (M <= 16 && w.group == 4) { /* decode, drafted tokens: each weight block unpacked once */
-        if (W->fmt == FMT_U4) j.small = w.has_min ? qsmall_u4 : qsmall_u4n;
-        else if (w.block == 32) j.small = w.has_min ? qsmall_i8m : qsmall_i8;
-        else j.small = w.has_min ? qsmall_i8sm : qsmall_i8s;
-        j.per = MM_WORK / (4 * K * M) > 1 ? MM_WORK / (4 * K * M) : 1;
-        kv_parallel(mm_small, &j, (W->n / 4 + j.per - 1) / j.per);
-        if (buf != small) free(buf);
+    if (W->fmt == FMT_U4 || W->fmt == FMT_I8) {
+        kv_qmatmul(x, M, ldx, W->fmt == FMT_U4, W->block, W->n, W->k, W->q, W->sc, W->has_min,
+                   W->sc16, out, ldo, bias, accumulate);
         return;
     }
-#endif
-    if (W->fmt == FMT_U4 && w.has_min) mm_u4(&j);
-    else if (W->fmt == FMT_U4) mm_u4n(&j);
-    else if (w.block == 32 && w.has_min) mm_i8m(&j);
-    else if (w.block == 32) mm_i8(&j);
-    else if (w.has_min) mm_i8sm(&j);
-    else mm_i8s(&j);
-    if (buf != small) free(buf);
-}
-
-/* the 32 weights of block b of row n as floats, w = q * scale + min rounded once */
-static void deq32(const Weight *W, i64 n, i64 b, v8 o[4]) {
-    Wv w = view(W);
-    if (W->fmt == FMT_F16) { wf_f16(&w, n, b, o); return; }
-    if (W->fmt == FMT_F32) { wf_f32(&w, n, b, o); return; }
-    int sh, bytes = W->fmt == FMT_U4 ? 16 : 32;
-    const uint8_t *p = qrow(&w, n, bytes, &sh) + b * bytes * w.group;
-    wv16 lo, hi;
-    if (W->fmt == FMT_U4) w16_u4(p, sh, &lo, &hi);
-    else w16_i8(p, sh, &lo, &hi);
-    w16_floats(lo, &o[0], &o[1]);
-    w16_floats(hi, &o[2], &o[3]);
-    float s[4];
-    sfetch(&w, sblock(&w, n, b), s, w.block == 16 ? 4 : 2);
-    for (int i = 0; i < 4; i++) {
-        const float *si = w.block == 16 ? s + (i / 2) * 2 : s;
-        o[i] = v_fma(o[i], v_set1(si[0]), v_set1(si[1]));
-    }
+    Wv w = {(const uint8_t *)W->q, W->k, W->k * (W->fmt == FMT_F16 ? 2 : 4)};
+    MmJob j = {x, ldx, M, W->n, ldo, 0, 0, &w, out, bias, accumulate};
+    if (W->fmt == FMT_F16) mm_f16(&j);
+    else mm_f32(&j);
 }
 
 /* rows of W (embeddings) as floats, times `scale` when it is not 1 */
 void kv_rows(const Weight *W, const int64_t *rows, i64 M, float *out, i64 ldo, float scale) {
+    Wv w = {(const uint8_t *)W->q, W->k, W->k * (W->fmt == FMT_F16 ? 2 : 4)};
     for (i64 m = 0; m < M; m++) {
-        for (i64 b = 0; b < W->k / 32; b++) {
-            v8 w[4];
-            deq32(W, rows[m], b, w);
-            for (int i = 0; i < 4; i++) {
-                v8 v = scale == 1.0f ? w[i] : v_mul(w[i], v_set1(scale));
-                v_store(out + m * ldo + b * 32 + 8 * i, v);
+        float *o = out + m * ldo;
+        if (W->fmt == FMT_U4 || W->fmt == FMT_I8) {
+            kv_qrow(W->fmt == FMT_U4, W->block, rows[m], W->k, W->q, W->sc, W->sc16, o);
+        } else {
+            for (i64 b = 0; b < W->k / 32; b++) {
+                v8 v[4];
+                if (W->fmt == FMT_F16) wf_f16(&w, rows[m], b, v);
+                else wf_f32(&w, rows[m], b, v);
+                for (int i = 0; i < 4; i++) v_store(o + b * 32 + 8 * i, v[i]);
             }
         }
+        if (scale != 1.0f)
+            for (i64 i = 0; i < W->k; i++) o[i] = o[i] * scale;
     }
 }
 

@@ -21,6 +21,13 @@
 
 typedef int64_t i64;
 
+/* qmatmul.c: the quantized matmul, and a quantized weight's row as floats */
+void kv_qmatmul(const float *x, int64_t M, int64_t ldx, int u4, int block, int64_t n, int64_t K,
+                const void *q, const void *sc, int has_min, int sc16, float *out, int64_t ldo,
+                const float *bias, int accumulate);
+void kv_qrow(int u4, int block, int64_t n, int64_t K, const void *q, const void *sc, int sc16,
+             float *out);
+
 /* pool.c: the kernel threads */
 typedef void (*kv_task)(const void *ctx, i64 item);
 void kv_parallel(kv_task fn, const void *ctx, i64 n);
