@@ -187,7 +187,8 @@ from kvrepl.backends.cpu import native
 from kvrepl.backends.cpu.quant import quantize
 k = native.kernels(models.cache_dir())
 torch.set_num_threads(2)
-w, x, out = quantize(torch.randn(256, 256), "Q8_0").interleaved(), torch.randn(64, 256), torch.empty(64, 256)
+w = quantize(torch.randn(256, 256), "Q8_0").interleaved()
+x, out = torch.randn(64, 256), torch.empty(64, 256)
 d = native.weight(w.fmt, w.q, w.sc, w.n, w.k, w.block, w.group)
 k.matmul(x.data_ptr(), 64, 256, ctypes.byref(d), out.data_ptr(), 256, None, 0)
 for _ in range(200):  # the team forms in a thread of its own

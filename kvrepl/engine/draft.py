@@ -81,6 +81,7 @@ class DraftPolicy:
         # cost[k - 1]: a verified row's time, in plain steps, when k tokens are drafted
         # (measured: `timed`; a count not yet seen keeps the prior and is tried, then measured)
         self.cost = [0.5] * MAX_DRAFT
+        self.timings = [0] * MAX_DRAFT  # forwards timed per count of drafted tokens
         self._step_s: float | None = None
 
     def size(self, match: int, available: int) -> int:
@@ -110,6 +111,7 @@ class DraftPolicy:
         elif self._step_s and rows - 1 <= MAX_DRAFT:
             cost = max(0.0, seconds / self._step_s - 1.0) / (rows - 1)
             self.cost[rows - 2] += _EMA * (min(cost, 2.0) - self.cost[rows - 2])
+            self.timings[rows - 2] += 1
 
 
 class Drafter:
