@@ -120,30 +120,32 @@ def _padded(n: int) -> int:
 # bytes, 4 runs of 32 words, run c's word i = V(4c) | V(4c+1) << 4 | V(4c+2) << 8 | V(4c+3) << 12;
 # i8: 512 bytes, 8 runs of 32 words, run c's word i = V(2c) (low byte) | V(2c + 1) << 8.
 def _lanes(t: torch.Tensor, n: int, fmt: str, forward: bool) -> torch.Tensor:
-    k = t.shape[1] * (2 if fmt == "u4" else 1) if forward else 0
-    if not forward:
-        k = t.numel() // _padded(n) * (2 if fmt == "u4" else 1)
-    nb, g = k // 32, _padded(n) // GROUP
-    per = 4 if fmt == "u4" else 2  # vectors t in a run c
+    """Rows one after the other <-> the lanes layout, in bytes throughout (a model's head is
+    hundreds of MB: no wider copy than the weights' own values)."""
+    u4 = fmt == "u4"
+    per = 4 if u4 else 2  # vectors t in a run c
+    g = _padded(n) // GROUP
     if forward:
-        if fmt == "u4":
-            b = t.reshape(n, nb, 16)
-            v = torch.cat([b & 15, b >> 4], dim=-1).to(torch.int32)  # [n, nb, 32] in k order
-        else:
-            v = t.reshape(n, nb, 32).to(torch.int32) & 255  # the bytes
-        v = torch.cat([v, v.new_zeros(_padded(n) - n, nb, 32)])
+        k = t.shape[1] * (2 if u4 else 1)
+        nb = k // 32
+        b = t.reshape(n, nb, -1).view(torch.uint8)
+        v = torch.cat([b & 15, b >> 4], dim=-1) if u4 else b  # [n, nb, 32]: weight k's value
+        if _padded(n) > n:
+            v = torch.cat([v, v.new_zeros(_padded(n) - n, nb, 32)])
         # [g, r, b, c, s, e] -> [g, b, c, r, e, s]: word (2r + e) of run c, its part s
         v = v.reshape(g, GROUP, nb, 16 // per, per, 2).permute(0, 2, 3, 1, 5, 4)
-        shift = torch.arange(per, dtype=torch.int32) * (16 // per)
-        words = (v << shift).sum(-1)  # the parts do not overlap: sum = or
-        return words.to(torch.int16).contiguous().view(torch.uint8).reshape(_padded(n), -1)
-    words = t.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    shift = torch.arange(per, dtype=torch.int32) * (16 // per)
-    v = (words.reshape(g, nb, 16 // per, GROUP, 2, 1) >> shift) & (15 if fmt == "u4" else 255)
-    v = v.permute(0, 3, 1, 2, 5, 4).reshape(_padded(n), nb, 32)[:n]  # back to [n, nb, 32]
-    if fmt == "u4":
-        return (v[..., :16] | (v[..., 16:] << 4)).to(torch.uint8).reshape(n, k // 2)
-    return v.to(torch.uint8).view(torch.int8).reshape(n, k)
+        if u4:  # a word's low byte holds parts 0 and 1, its high byte parts 2 and 3
+            v = v[..., 0::2] | (v[..., 1::2] << 4)
+        return v.contiguous().reshape(_padded(n), -1)
+    k = t.numel() // _padded(n) * (2 if u4 else 1)
+    nb = k // 32
+    w = t.reshape(g, nb, 16 // per, GROUP, 2, 2)  # [g, b, c, r, e, byte of the word]
+    if u4:
+        w = torch.stack([w & 15, w >> 4], dim=-1).reshape(g, nb, 4, GROUP, 2, 4)
+    v = w.permute(0, 3, 1, 2, 5, 4).reshape(_padded(n), nb, 32)[:n]  # [n, b, k]
+    if u4:
+        return (v[..., :16] | (v[..., 16:] << 4)).contiguous().reshape(n, k // 2)
+    return v.contiguous().view(torch.int8).reshape(n, k)
 
 
 def _lane_scales(t: torch.Tensor, n: int, sub: int, forward: bool) -> torch.Tensor:
