@@ -33,30 +33,13 @@
 #define KV_VERSION 3 /* 3: quantized dot products a lane per output (qmatmul.c) */
 
 /* ---------------------------------------------------------------- weights */
-enum { FMT_U4 = 1, FMT_I8 = 2, FMT_F16 = 3, FMT_F32 = 4 };
-
-typedef struct {
-    int32_t fmt;
-    int32_t block;     /* I8: 32 or 16 weights per (scale, min) */
-    i64 n, k;          /* rows (outputs), columns (inputs); k % 32 == 0 */
-    const void *q;     /* U4, I8: groups of 16 rows (qmatmul.c); F16: uint16 [n][k]; F32: float */
-    const void *sc;    /* U4, I8: per group and block, 16 scales then 16 mins; float16 with sc16 */
-    int32_t has_min;   /* any min is not 0 */
-    int32_t group;     /* U4, I8: 16 (the only layout the loops read) */
-    int32_t sc16;      /* the scales and mins are float16 (each exactly the float it stands for) */
-} Weight;
-
-/* Quantized weights (U4, I8) are qmatmul.c's. Float weights (F16, F32) take float activations:
- * per output, acc = fma(x, w, acc) over k in order (8 lanes, lane = k mod 8), then hsum. */
+/* Weight and finish: kernels.h. Quantized weights (U4, I8) are qmatmul.c's. Float weights (F16,
+ * F32) take float activations: per output, acc = fma(x, w, acc) over k in order (8 lanes, lane =
+ * k mod 8), then hsum. */
 typedef struct {
     const uint8_t *q;
     i64 k, qrow; /* weights per row; bytes per row */
 } Wv;
-
-static inline float finish(float r, const float *bias, i64 n, int accumulate, const float *prev) {
-    if (bias) r = r + bias[n];
-    return accumulate ? *prev + r : r;
-}
 
 static inline void wf_f16(const Wv *w, i64 n, i64 b, v8 o[4]) {
     const uint16_t *q = (const uint16_t *)(w->q + n * w->qrow) + b * 32;
@@ -154,8 +137,7 @@ void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 
                const float *bias, int accumulate) {
     if (M < 1) return;
     if (W->fmt == FMT_U4 || W->fmt == FMT_I8) {
-        kv_qmatmul(x, M, ldx, W->fmt == FMT_U4, W->block, W->n, W->k, W->q, W->sc, W->has_min,
-                   W->sc16, out, ldo, bias, accumulate);
+        kv_qmatmul(x, M, ldx, W, out, ldo, bias, accumulate);
         return;
     }
     Wv w = {(const uint8_t *)W->q, W->k, W->k * (W->fmt == FMT_F16 ? 2 : 4)};
@@ -170,7 +152,7 @@ void kv_rows(const Weight *W, const int64_t *rows, i64 M, float *out, i64 ldo, f
     for (i64 m = 0; m < M; m++) {
         float *o = out + m * ldo;
         if (W->fmt == FMT_U4 || W->fmt == FMT_I8) {
-            kv_qrow(W->fmt == FMT_U4, W->block, rows[m], W->k, W->q, W->sc, W->sc16, o);
+            kv_qrow(W, rows[m], o);
         } else {
             for (i64 b = 0; b < W->k / 32; b++) {
                 v8 v[4];

@@ -21,12 +21,30 @@
 
 typedef int64_t i64;
 
-/* qmatmul.c: the quantized matmul, and a quantized weight's row as floats */
-void kv_qmatmul(const float *x, int64_t M, int64_t ldx, int u4, int block, int64_t n, int64_t K,
-                const void *q, const void *sc, int has_min, int sc16, float *out, int64_t ldo,
+/* ---------------------------------------------------------------- weights */
+enum { FMT_U4 = 1, FMT_I8 = 2, FMT_F16 = 3, FMT_F32 = 4 };
+
+typedef struct {
+    int32_t fmt;
+    int32_t block;     /* I8: 32 or 16 weights per (scale, min) */
+    i64 n, k;          /* rows (outputs), columns (inputs); k % 32 == 0 */
+    const void *q;     /* U4, I8: groups of 16 rows (qmatmul.c); F16: uint16 [n][k]; F32: float */
+    const void *sc;    /* U4, I8: per group and block, 16 scales then 16 mins; float16 with sc16 */
+    int32_t has_min;   /* any min is not 0 */
+    int32_t group;     /* U4, I8: 16 (the only layout the loops read) */
+    int32_t sc16;      /* the scales and mins are float16 (each exactly the float it stands for) */
+} Weight;
+
+/* an output: r (+ bias[n]) (+ the previous value *prev) */
+static inline float finish(float r, const float *bias, i64 n, int accumulate, const float *prev) {
+    if (bias) r = r + bias[n];
+    return accumulate ? *prev + r : r;
+}
+
+/* qmatmul.c: the quantized matmul (U4, I8), and a quantized weight's row as floats */
+void kv_qmatmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 ldo,
                 const float *bias, int accumulate);
-void kv_qrow(int u4, int block, int64_t n, int64_t K, const void *q, const void *sc, int sc16,
-             float *out);
+void kv_qrow(const Weight *W, i64 n, float *out);
 
 /* pool.c: the kernel threads */
 typedef void (*kv_task)(const void *ctx, i64 item);

@@ -98,6 +98,14 @@ static void quantize_rows(const void *ctx, i64 item) {
         }
 }
 
+/* the loops' view of a U4 or I8 Weight (groups of 16 rows) */
+static Qw qw_of(const Weight *W) {
+    int u4 = W->fmt == FMT_U4;
+    Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 ? 16 : 32) * G, u4, W->block == 16 ? 2 : 1,
+            W->has_min, W->sc16};
+    return w;
+}
+
 /* ---------------------------------------------------------------- one group, MT rows of x */
 static inline const uint8_t *gq(const Qw *w, i64 g, i64 b) {
     return w->q + (g * w->nb + b) * w->gbytes;
@@ -114,12 +122,9 @@ static inline float sc_at(const Qw *w, i64 i) {
 #endif
 }
 
-/* out row m, rows [n0, n0 + cnt) of W: r = acc + mins (+ bias) (+ prev) */
+/* out row m, rows [n0, n0 + cnt) of W: r = acc + mins, finished (bias, previous value) */
 static inline void put(float *o, const float *r, const float *bias, i64 n0, int cnt, int accumulate) {
-    for (int i = 0; i < cnt; i++) {
-        float v = bias ? r[i] + bias[n0 + i] : r[i];
-        o[i] = accumulate ? o[i] + v : v;
-    }
+    for (int i = 0; i < cnt; i++) o[i] = finish(r[i], bias, n0 + i, accumulate, o + i);
 }
 
 #ifdef KV_AVX512
@@ -373,18 +378,17 @@ static void q_item(const void *ctx, i64 item) {
     for (i64 g = g0; g < g1; g++) group_rows(j->x, j->w, g, mb, me, j->out, j->ldo, j->bias, j->acc);
 }
 
-/* W: fmt 1 (u4) or 2 (i8), interleaved in groups of 16 (quant.py); sc float or float16 */
-void kv_qmatmul(const float *x, i64 M, i64 ldx, int u4, int block, i64 n, i64 K, const void *q,
-                const void *sc, int has_min, int sc16, float *out, i64 ldo, const float *bias,
-                int accumulate) {
-    i64 bytes = M * K * 2 + M * (K / 32) * 8 + M * (K / 16) * 4;
+/* W: U4 or I8, interleaved in groups of 16 (quant.py); its scales float or float16 */
+void kv_qmatmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 ldo,
+                const float *bias, int accumulate) {
+    i64 K = W->k, n = W->n, bytes = M * K * 2 + M * (K / 32) * 8 + M * (K / 16) * 4;
     char small[65536], *buf = bytes <= (i64)sizeof small ? small : malloc((size_t)bytes);
     int16_t *xq = (int16_t *)buf;
     float *d = (float *)(buf + M * K * 2), *s16 = d + M * (K / 32), *s32 = s16 + M * (K / 16);
     QuantJob qj = {x, M, ldx, K, xq, d, s16, s32};
     kv_parallel(quantize_rows, &qj, (M + 7) / 8);
     Xq xs = {xq, d, s16, s32};
-    Qw w = {q, sc, n, K, K / 32, (u4 ? 16 : 32) * G, u4, block == 16 ? 2 : 1, has_min, sc16};
+    Qw w = qw_of(W);
     i64 rows = M < XROWS ? M : XROWS, groups = (n + G - 1) / G;
     i64 per = Q_WORK / (G * K * rows) > 1 ? Q_WORK / (G * K * rows) : 1;
     QJob j = {&xs, &w, M, per, (groups + per - 1) / per, out, ldo, bias, accumulate};
@@ -393,9 +397,9 @@ void kv_qmatmul(const float *x, i64 M, i64 ldx, int u4, int block, i64 n, i64 K,
 }
 
 /* row n of W as floats: w = fma(q, scale, min), one rounding (gguf-py's q * scale + min) */
-void kv_qrow(int u4, int block, i64 n, i64 K, const void *q, const void *sc, int sc16,
-             float *out) {
-    Qw w = {q, sc, n + 1, K, K / 32, (u4 ? 16 : 32) * G, u4, block == 16 ? 2 : 1, 0, sc16};
+void kv_qrow(const Weight *W, i64 n, float *out) {
+    Qw w = qw_of(W);
+    int u4 = w.u4;
     i64 g = n / G, r = n % G;
     for (i64 b = 0; b < w.nb; b++) {
         const uint8_t *p = gq(&w, g, b);
