@@ -19,6 +19,7 @@ from makers import make_tiny_model, make_tokenizer
 from kvrepl.backends.cpu import native
 from kvrepl.backends.cpu.gguf_model import from_hf
 from kvrepl.chat.prompt import Prompt
+from kvrepl.engine import engine as engine_module
 from kvrepl.engine import models
 from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.events import Finish, Stats, TextDelta
@@ -132,7 +133,15 @@ def test_every_rows_logits_equal_a_forward_of_its_prefix(real, n):  # most a dra
 
 @pytest.mark.model
 @pytest.mark.parametrize("eager", [False, True], ids=["measured policy", "eager"])
-def test_greedy_drafting_equals_token_by_token(smol, eager):
+def test_greedy_drafting_equals_token_by_token(smol, eager, monkeypatch):
+    drafters = []
+
+    class Kept(engine_module.Drafter):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            drafters.append(self)
+
+    monkeypatch.setattr(engine_module, "Drafter", Kept)
     counts = Counter()
     for user, sampling in [(LIST, PLAIN), (QUOTE, PLAIN), (JSON, GREEDY), (POEM, GREEDY)]:
         on, _, gen = both(smol, render(smol, user), sampling, eager=eager)
@@ -141,7 +150,25 @@ def test_greedy_drafting_equals_token_by_token(smol, eager):
         counts["accepted"] += on.progress.accepted
         if user == QUOTE:
             assert on.progress.accepted > 20  # a copy is drafted and taken
+        if user == LIST:  # the model capitalises the list: drafts from the recased copy
+            assert on.progress.accepted > 20 and drafters[-1].recased >= 2
     assert counts["accepted"] > 0 and counts["drafted"] > counts["accepted"]  # and rejected
+
+
+@pytest.mark.model
+def test_drafts_from_the_recased_copy_are_taken_and_change_nothing(smol):
+    """The model capitalises the list it repeats: the recased copy's drafts are taken, many
+    more than the exact copy's, and the answer is token-by-token's either way."""
+    accepted = []
+    for recase in (True, False):
+        on, off = make(smol), make(smol)
+        if not recase:
+            on.recase = None
+        got = turn(on, render(smol, LIST), PLAIN)
+        assert got == turn(off, render(smol, LIST), Sampling(**{**vars(PLAIN), "draft": False}))
+        assert_same_cache(on, off)
+        accepted.append(on.progress.accepted)
+    assert accepted[0] > accepted[1] + 10, accepted
 
 
 @pytest.mark.model

@@ -5,9 +5,11 @@ against token-by-token decoding is test_draft.py's)."""
 
 from __future__ import annotations
 
+import pytest
+
 from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
 from kvrepl.config import Settings
-from kvrepl.engine.draft import LENGTHS, MARGIN, MAX_DRAFT, Drafter, DraftPolicy, Lookup
+from kvrepl.engine.draft import LENGTHS, MARGIN, MAX_DRAFT, Drafter, DraftPolicy, Lookup, Recase
 from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.events import Stats
 
@@ -119,3 +121,46 @@ def test_the_stats_line_and_json_show_drafts_only_when_there_were_some():
             for s in (plain, drafted)]  # fmt: skip
     assert objs[0]["stats"] == plain.as_dict()
     assert objs[1]["stats"] == {**plain.as_dict(), "drafted_tokens": 36, "accepted_tokens": 30}
+
+
+# ---------------------------------------------------------------------------------------------
+# a copy the answer recases (the embedded model's tokenizer: byte-level BPE)
+
+
+@pytest.mark.model
+def test_recase_folds_names_and_applies_a_change_of_first_letter(real):
+    tok = real.tokenizer
+    rc = Recase(tok)
+    apples, capital, c, hed = tok.encode(" apples Apples cheddar", add_special_tokens=False)[:4]
+    assert rc.fold(capital) == rc.fold(apples) == apples and rc.fold(hed) == hed
+    assert rc.change(apples, capital) == "upper" and rc.change(capital, apples) == "lower"
+    assert rc.change(apples, hed) is None
+    dash = tok.encode("-", add_special_tokens=False)[0]
+    assert tok.decode(rc.apply(c, dash, "upper")) == " C"  # " cheddar" is " c" "hed" "dar"
+    assert rc.apply(hed, c, "upper") == [hed]  # inside a word: as it is
+    (line,) = tok.encode("\n", add_special_tokens=False)
+    (word,) = tok.encode("bread", add_special_tokens=False)  # a line's first word: no space
+    assert tok.decode(rc.apply(word, line, "upper")) == "Bread"
+
+
+@pytest.mark.model
+def test_a_capitalised_copy_is_drafted_capitalised(real):
+    tok = real.tokenizer
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    source = enc("List:\n- apples\n- bread\n- olive oil\n- rice\nAgain:\n- Apples\n- Bread\n-")
+    ctx, token = source[:-1], source[-1]
+    lk = Lookup(ctx, Recase(tok))
+    exact, _ = lk.continuation(token, 16)
+    length, guess = lk.recased(token, 16, exact)
+    assert length > exact
+    assert tok.decode(guess).startswith(" Olive Oil\n- Rice\nAgain")
+    assert Lookup(ctx).recased(token, 16, exact) == (0, [])  # no Recase: no such match
+    # a match that recases two ways (one word up, one down) is no one change: no draft
+    mixed = enc("- Apples\n- bread\n- rice\nAgain:\n- apples\n- Bread\n-")
+    lk = Lookup(mixed[:-1], Recase(tok))
+    assert lk.recased(mixed[-1], 16, lk.continuation(mixed[-1], 16)[0]) == (0, [])
+    same = enc("- Apples\n- bread\n- rice\nAgain:\n- apples\n- bread\n-")  # one way: drafts
+    lk = Lookup(same[:-1], Recase(tok))
+    assert tok.decode(lk.recased(same[-1], 16, lk.continuation(same[-1], 16)[0])[1]).startswith(
+        " rice"
+    )  # lowered: "rice" was already lower, and stays so

@@ -3,7 +3,11 @@ longest recent match of its last tokens earlier in it, and what followed there, 
 prompt_lookup_num_tokens and llama.cpp's ngram lookup do), and how many of them are worth
 verifying.
 
-Owns: the lookup over the context's ids (`Lookup`), and the policy that sizes the drafts
+A copy the answer recases (a list repeated with its words capitalised, as small models do) is
+matched case-folded (`Recase`), and its continuation drafted recased the same way: the exact
+lookup finds nothing there past each changed word.
+
+Owns: the lookup over the context's ids (`Lookup`, `Recase`), and the policy that sizes the drafts
 (`DraftPolicy`): an estimate of how often a drafted token is accepted, per length of the match
 that proposed it, and of what a verified row costs against a plain step, per number of drafted
 tokens, both measured as the engine goes. It never runs the model and never touches the cache:
@@ -25,11 +29,30 @@ MARGIN = 0.1  # the least gain over plain decoding a draft must promise: the est
 _EMA = 0.1  # weight of one new observation in the estimates
 
 
-class Lookup:
-    """The context's ids (numpy, grown in place) and the longest recent match of their tail."""
+def _longest(a: np.ndarray, end: int) -> tuple[int, int]:
+    """The longest match (up to MAX_NGRAM) of a[:end]'s tail that occurred before, the latest
+    such: its length and where it ends (0, -1 if a[end - 1] never occurred before)."""
+    at = np.flatnonzero(a[: end - 1] == a[end - 1])
+    if not len(at):
+        return 0, -1
+    length = 1
+    while length < MAX_NGRAM:
+        ok = at >= length
+        ok[ok] = a[at[ok] - length] == a[end - 1 - length]
+        if not ok.any():
+            break
+        at, length = at[ok], length + 1
+    return length, int(at[-1])
 
-    def __init__(self, ids: Sequence[int]) -> None:
+
+class Lookup:
+    """The context's ids (numpy, grown in place) and the longest recent match of their tail;
+    with a Recase, also the ids case-folded, for a match of a copy the answer recases."""
+
+    def __init__(self, ids: Sequence[int], recase: Recase | None = None) -> None:
+        self.recase = recase
         self.buf = np.empty(max(1024, 2 * len(ids)), dtype=np.int64)
+        self.folded = np.empty_like(self.buf) if recase else None
         self.n = 0
         self.sync(ids)
 
@@ -37,30 +60,127 @@ class Lookup:
         """Take the ids appended to the context since the last call (they only grow)."""
         new = ids[self.n :]
         if self.n + len(new) + 1 > len(self.buf):
-            grown = np.empty(2 * (self.n + len(new) + 1), dtype=np.int64)
-            grown[: self.n] = self.buf[: self.n]
-            self.buf = grown
+            size = 2 * (self.n + len(new) + 1)
+            self.buf = np.resize(self.buf, size)
+            if self.folded is not None:
+                self.folded = np.resize(self.folded, size)
         self.buf[self.n : self.n + len(new)] = new
+        if self.folded is not None and self.recase is not None:
+            self.folded[self.n : self.n + len(new)] = [self.recase.fold(t) for t in new]
         self.n += len(new)
 
     def continuation(self, token: int, limit: int) -> tuple[int, list[int]]:
         """With `token` after the context: the length of the longest match of the context's tail
         that occurred before (the latest such), and up to `limit` ids that followed it."""
-        a = self.buf
-        a[self.n] = token
-        end = self.n + 1  # the context and the token
-        at = np.flatnonzero(a[: end - 1] == token)
-        if not len(at) or limit <= 0:
+        self.buf[self.n] = token
+        length, at = _longest(self.buf, self.n + 1)
+        if length == 0 or limit <= 0:
             return 0, []
-        length = 1
-        while length < MAX_NGRAM:
-            ok = at >= length
-            ok[ok] = a[at[ok] - length] == a[end - 1 - length]
-            if not ok.any():
+        return length, self.buf[at + 1 : min(at + 1 + limit, self.n + 1)].tolist()
+
+    def recased(self, token: int, limit: int, exact: int) -> tuple[int, list[int]]:
+        """A longer match than `exact` of the tail case-folded, where the tail recases what it
+        copies (capitalises its words, say) in one way: the match's length, and up to `limit`
+        ids that followed it, recased that way; (0, []) if there is none."""
+        if self.recase is None or self.folded is None or limit <= 0:
+            return 0, []
+        end = self.n + 1
+        self.buf[self.n] = token
+        self.folded[self.n] = self.recase.fold(token)
+        length, at = _longest(self.folded, end)
+        if length <= exact:
+            return 0, []
+        source = self.buf[at - length + 1 : at + 1].tolist()
+        tail = self.buf[end - length : end].tolist()
+        changes = {self.recase.change(s, t) for s, t in zip(source, tail, strict=True) if s != t}
+        if len(changes) != 1 or None in changes:
+            return 0, []  # a match that is not one and the same recasing
+        mode = changes.pop()
+        out: list[int] = []
+        prev = token
+        for t in self.buf[at + 1 : min(at + 1 + limit, end)].tolist():
+            ids = self.recase.apply(t, prev, mode)
+            if ids is None:
                 break
-            at, length = at[ok], length + 1
-        start = int(at[-1]) + 1
-        return length, a[start : min(start + limit, end)].tolist()
+            out += ids
+            prev = t
+        return length, out[:limit]
+
+
+class Recase:
+    """A tokenizer's tokens up to the case of their first letter: `fold` maps a token to its
+    lowercase form's id (itself if there is none), `change` names how one token recases another
+    ("upper" or "lower" its first letter), `apply` recases a token that begins a word that way,
+    as the tokens the tokenizer makes of the recased text. ASCII letters only: the byte-level
+    (GPT-2) and SentencePiece vocabularies keep them as themselves."""
+
+    _LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self._vocab: dict[str, int] | None = None
+        self._folds: dict[int, int] = {}
+        self._strs: dict[int, str] = {}  # the vocabulary's string of a token
+        self._texts: dict[int, str] = {}  # its text
+        self._applied: dict[tuple[int, str], list[int] | None] = {}
+
+    def _str(self, t: int) -> str:
+        s = self._strs.get(t)
+        if s is None:
+            s = self._strs[t] = str(self.tok.convert_ids_to_tokens(t))
+        return s
+
+    def _text(self, t: int) -> str:
+        s = self._texts.get(t)
+        if s is None:
+            s = self._texts[t] = self.tok.decode([t])
+        return s
+
+    def fold(self, t: int) -> int:
+        f = self._folds.get(t)
+        if f is None:
+            if self._vocab is None:
+                self._vocab = self.tok.get_vocab()
+            f = self._folds[t] = self._vocab.get(self._str(t).translate(self._LOWER), t)
+        return f
+
+    @staticmethod
+    def _first(s: str) -> int:
+        """Where the first letter of a token's text is (past a space marker), or -1."""
+        i = 1 if s[:1] in ("\u0120", "\u2581", " ") else 0
+        return i if s[i : i + 1].isascii() and s[i : i + 1].isalpha() else -1
+
+    def change(self, source: int, target: int) -> str | None:
+        """How `target` recases `source`: "upper" or "lower" its first letter, else None."""
+        s, t = self._str(source), self._str(target)
+        i = self._first(s)
+        if i < 0 or len(s) != len(t) or s[:i] != t[:i] or s[i + 1 :] != t[i + 1 :]:
+            return None
+        if t[i] == s[i].upper() != s[i]:
+            return "upper"
+        if t[i] == s[i].lower() != s[i]:
+            return "lower"
+        return None
+
+    def apply(self, t: int, prev: int, mode: str) -> list[int] | None:
+        """`t` recased `mode` if it begins a word (after a space marker, or after a token that
+        ends in neither a letter nor a digit); None if the tokenizer cannot give it back."""
+        i = self._first(self._str(t))
+        if i < 0 or (i == 0 and self._text(prev)[-1:].isalnum()):
+            return [t]  # not a word's start: as it is
+        key = (t, mode)
+        if key not in self._applied:
+            text = self._text(t)
+            j = next((k for k, c in enumerate(text) if c.isalpha()), -1)
+            ids: list[int] | None = None
+            if j >= 0:
+                c = text[j].upper() if mode == "upper" else text[j].lower()
+                new = text[:j] + c + text[j + 1 :]
+                ids = list(self.tok.encode(new, add_special_tokens=False))
+                if not ids or self.tok.decode(ids) != new:
+                    ids = None
+            self._applied[key] = ids
+        return self._applied[key]
 
 
 class DraftPolicy:
@@ -118,11 +238,13 @@ class Drafter:
     """One answer's drafting: proposals from its context, their outcomes told to the policy,
     and the counts for the stats line."""
 
-    def __init__(self, ids: Sequence[int], policy: DraftPolicy, end_ids: set[int]) -> None:
-        self.lookup = Lookup(ids)
+    def __init__(self, ids: Sequence[int], policy: DraftPolicy, end_ids: set[int],
+                 recase: Recase | None = None) -> None:  # fmt: skip
+        self.lookup = Lookup(ids, recase)
         self.policy = policy
         self.end_ids = end_ids
         self.drafted = self.accepted = 0
+        self.recased = 0  # proposals from a recased copy (the tests ask)
         # the last proposal: where it starts in the context, its tokens, its match
         self._last: tuple[int, list[int], int] | None = None
 
@@ -132,6 +254,10 @@ class Drafter:
         self.lookup.sync(ids)
         self._settle(token)
         match, guess = self.lookup.continuation(token, MAX_DRAFT)
+        folded, recased = self.lookup.recased(token, MAX_DRAFT, match)
+        if folded:  # a longer match where the answer recases its copy (a list capitalised)
+            match, guess = folded, recased
+            self.recased += 1
         for i, t in enumerate(guess):
             if t in self.end_ids:  # an end token is never fed: no use drafting past it
                 del guess[i:]

@@ -22,7 +22,7 @@ from kvrepl.config import Settings
 from kvrepl.context import check_fits
 from kvrepl.engine.cache import PromptCache
 from kvrepl.engine.detokenize import IncrementalDecoder
-from kvrepl.engine.draft import Drafter, DraftPolicy
+from kvrepl.engine.draft import Drafter, DraftPolicy, Recase
 from kvrepl.engine.plan import plan
 from kvrepl.engine.runners import runner_for
 from kvrepl.engine.sampler import Sampler, TokenReader
@@ -132,6 +132,7 @@ class Engine:
         self.pc = PromptCache(self.runner.new_layers, heads)
         self.progress = TurnProgress()
         self.draft_policy = DraftPolicy()  # what drafting pays on this model, learnt across turns
+        self.recase = Recase(tokenizer) if hasattr(tokenizer, "get_vocab") else None
 
     @property
     def cached_tokens(self) -> int:
@@ -233,7 +234,7 @@ class Engine:
         decoder = IncrementalDecoder(self.tokenizer)
         drafter = None
         if sampling.draft and self.runner.drafts:
-            drafter = Drafter(self.pc.ids, self.draft_policy, self.end_ids)
+            drafter = Drafter(self.pc.ids, self.draft_policy, self.end_ids, self.recase)
         try:
             reason = yield from self._decode(logits, sampler, sampling.max_tokens, decoder,
                                              drafter, steer)  # fmt: skip
