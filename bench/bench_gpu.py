@@ -9,11 +9,14 @@ to first token of a 50-token turn after 16k tokens of history, reused against re
     python bench/bench_gpu.py --shapes 135M,1B --no-static
     python bench/bench_gpu.py --memory   # GPU memory at Llama-3.1-8B's and Qwen3-4B's shapes
     python bench/bench_gpu.py --gguf 1B,8B   # GGUF Q8_0/Q4_0 blocks against bf16 (gpu_gguf.py)
+    python bench/bench_gpu.py --drafts 135M,1B,8B   # a verification of k drafts against a step
 
 --check: each kernel against torch; a row computed alone and in a batch bit-identical (matmul,
 norm, attention across splits); a 135M-shaped model's logits and K/V bit-identical whether its
 prompt ran in one prefill or in chunks and graph-replayed decode steps; reuse against --no-reuse
 over turns and an edit, tokens and logits; a snapshot saved and restored through the store;
+drafted tokens verified with every row's logits, each row bitwise a decode step's, and answers
+with drafting (ahead of the host and not) the same tokens and K/V as without;
 every model family (tests/families.py) against transformers, chunk/decode bitwise, reuse;
 GGUF blocks against the bf16 kernels over their dequantized weights (gpu_gguf.py).
 Prints one JSON line per part; exits 1 if any fails.
@@ -216,8 +219,77 @@ def check_model() -> dict:
     out = {"logits_bitwise": torch.equal(a, b), "kv_bitwise": kv_same,
            "graph_equals_eager": torch.equal(g, e)}  # fmt: skip
     out.update(check_engine(gm))
+    out.update(check_drafts(gm))
     out["ok"] = all(v for k, v in out.items() if isinstance(v, bool))
     return out
+
+
+def check_drafts(gm: Any) -> dict:
+    """Drafting on the GPU (on by default where the kernels are batch-invariant): every row of
+    a verification bit-identical to a decode step (a graph replay) after its prefix, at 2, 9 and
+    17 rows; and the engine's answers with drafts fed whenever the lookup matches, running ahead
+    of the host and not, greedy and sampled, the same tokens and K/V as drafting off."""
+    ids = tokens(120, 30)
+    rows_ok = True
+    for n in (2, 9, 17):
+        layers = gm.new_layers()
+        gm.forward(ids[:100], layers)
+        rows = gm.forward(ids[100 : 100 + n], layers, all_logits=True)
+        for i in range(n):
+            alone = gm.new_layers()
+            gm.forward(ids[: 100 + i], alone)
+            rows_ok &= torch.equal(gm.forward([ids[100 + i]], alone), rows[i])
+    prompt = tokens(30, 31) * 3
+    same, drafted, accepted = True, 0, 0
+    for sampling in (Sampling.greedy(48), Sampling(temperature=0.7, seed=5, max_tokens=48)):
+        off = engine(gm)
+        list(off.stream(prompt, Sampling(**{**vars(sampling), "draft": False})))
+        for ahead in (True, False):
+            on = engine(gm)
+            on.runner.ahead = ahead
+            on.draft_policy.cost = [0.0] * len(on.draft_policy.cost)  # draft on any match
+            on.draft_policy.rate = [0.95] * len(on.draft_policy.rate)
+            list(on.stream(prompt, sampling))
+            pairs = zip(on.pc.cache.layers, off.pc.cache.layers, strict=True)
+            same &= on.progress.generated == off.progress.generated and on.pc.ids == off.pc.ids
+            same &= all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+                        for x, y in pairs)  # fmt: skip
+            drafted, accepted = drafted + on.progress.drafted, accepted + on.progress.accepted
+    return {"draft_rows_bitwise": rows_ok, "drafting_equals_no_drafting": same,
+            "drafts_fed": drafted > 0, "drafted": drafted, "accepted": accepted}  # fmt: skip
+
+
+def draft_costs(shape: str, ctx: int = 1024, reps: int = 30) -> dict:
+    """What verifying k drafted tokens costs on the GPU: a forward of k + 1 rows with every
+    row's logits (eager) against a decode step (a graph replay), at `ctx` tokens of context;
+    and the rate a forward whose drafts are all taken gives, in decode steps."""
+    model = build(shape, ctx + 64)
+    gm = gpu_model(model, ctx + 64)
+    layers = gm.new_layers()
+    gm.forward(tokens(ctx, 40), layers)
+
+    def timed(m: int) -> float:
+        ts = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            if m == 1:
+                gm.forward([7], layers)
+            else:
+                gm.forward(list(range(7, 7 + m)), layers, all_logits=True)
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+            for layer in layers:
+                layer.crop(ctx - layer.get_seq_length())
+        return statistics.median(ts[3:])
+
+    step = timed(1)
+    row: dict[str, Any] = {"shape": shape, "context": ctx, "step_us": step * 1e6}
+    for k in (1, 3, 7, 15):
+        t = timed(k + 1)
+        row[f"rows{k + 1}_us"] = t * 1e6
+        row[f"all_taken_{k}"] = (k + 1) * step / t  # tokens per step's time, every draft taken
+    return row
 
 
 def check_engine(gm: Any) -> dict:
@@ -391,7 +463,8 @@ def kvrepl_decode(gm: Any, prompt: list[int], n: int) -> float:
     """Decode tokens/s as the engine's own Stats count it (random ids decode to no text, so
     there is no event per token to time)."""
     e = engine(gm)
-    stats = list(e.stream(prompt, Sampling.greedy(n)))[-1]
+    sampling = Sampling(**{**vars(Sampling.greedy(n)), "draft": False})  # one token a step
+    stats = list(e.stream(prompt, sampling))[-1]
     return stats.decode_tok_s
 
 
@@ -488,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--static-only", action="store_true", help="8B generate(static) alone")
     ap.add_argument("--memory", action="store_true", help="GPU memory at 8B and 4B shapes")
     ap.add_argument("--gguf", default=None, metavar="SHAPES", help="GGUF blocks vs bf16")
+    ap.add_argument("--drafts", default=None, metavar="SHAPES",
+                    help="what verifying drafted tokens costs against a decode step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import triton
@@ -519,6 +594,12 @@ def main(argv: list[str] | None = None) -> int:
 
         for r in gpu_gguf.figure(args.gguf.split(",")):
             print(json.dumps(r), flush=True)
+        return 0
+    if args.drafts:
+        for shape in args.drafts.split(","):
+            print(json.dumps(draft_costs(shape)), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
         return 0
     if args.check:
         import gpu_gguf

@@ -209,3 +209,38 @@ def test_a_decode_graph_is_never_replayed_over_another_cache(varied, monkeypatch
     assert torch.equal(got, want)
     for x, y in zip(other, eager, strict=True):
         assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "token by token"])
+def test_drafting_on_the_gpu_path_equals_decoding_without(gpu, ahead):
+    """The GPU path verifies drafts with every row's logits (forward(all_logits=True)); running
+    ahead of the host, it stops doing so while the answer copies, to feed the next token with
+    its drafts. On the torch ops (not batch-invariant) drafting is off by default: forced here,
+    the logic is what is checked, the bits on a GPU (bench_gpu.py --check)."""
+    fm, tok = gpu
+    layers = fm.new_layers()
+    ids = list(range(5, 45))
+    fm.forward(ids[:30], layers)
+    rows = fm.forward(ids[30:], layers, all_logits=True)
+    assert rows.shape == (10, fm.lm_head.shape[0])
+    for i in (0, 4, 9):
+        alone = fm.new_layers()
+        assert torch.allclose(fm.forward(ids[: 31 + i], alone), rows[i], atol=1e-5)
+    assert not Engine(fm, tok, end_ids=set(), context_length=512).runner.drafts
+    off = Engine(fm, tok, end_ids=set(), context_length=512)
+    prompt = list(range(5, 25)) * 3  # a loop the lookup proposes to continue
+    list(off.stream(prompt, Sampling(temperature=0, max_tokens=40, draft=False)))
+    want = list(off.progress.generated)
+    on = Engine(fm, tok, end_ids=set(), context_length=512)
+    on.runner.drafts, on.runner.ahead = True, ahead
+    on.draft_policy.cost = [0.0] * len(on.draft_policy.cost)  # eager: draft on any match
+    on.draft_policy.rate = [0.95] * len(on.draft_policy.rate)
+    fed_ahead = []
+    real = on.runner.forward_token
+    on.runner.forward_token = lambda *a: fed_ahead.append(1) or real(*a)
+    list(on.stream(prompt, Sampling(temperature=0, max_tokens=40)))
+    assert on.progress.generated == want
+    assert on.progress.drafted > on.progress.accepted > 0, on.progress
+    assert (len(fed_ahead) > 0) == ahead, len(fed_ahead)  # ahead where no copy was under way
+    on.pc.check()
+    assert on.pc.ids == off.pc.ids

@@ -245,6 +245,9 @@ class Drafter:
         self.end_ids = end_ids
         self.drafted = self.accepted = 0
         self.recased = 0  # proposals from a recased copy (the tests ask)
+        # the last proposal was worth drafting (were there room): the answer is copying, and a
+        # device that runs ahead of the host waits to feed the next token with its drafts
+        self.copying = False
         # the last proposal: where it starts in the context, its tokens, its match
         self._last: tuple[int, list[int], int] | None = None
 
@@ -263,9 +266,11 @@ class Drafter:
                 del guess[i:]
                 break
         if not guess:
-            self._last = None
+            self._last, self.copying = None, False
             return []
-        k = min(self.policy.size(match, len(guess)), limit)
+        size = self.policy.size(match, len(guess))
+        self.copying = size > 0
+        k = min(size, limit)
         self._last = (self.lookup.n + 1, guess[: max(k, 1)], match)
         return guess[:k]
 

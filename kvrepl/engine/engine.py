@@ -291,6 +291,8 @@ class Engine:
                     self.pc.sync()
                 room = _draft_room(steer, bool(forced))
                 logits, drafts = self._feed(token, drafter, max_tokens, room)
+            elif drafter is not None:  # fed ahead: the lookup still follows (drafter.copying)
+                drafter.propose(self.pc.ids, token, 0)
             self.pc.append([token])
             sampler.seen([token])
             if len(progress.generated) >= max_tokens:
@@ -300,7 +302,10 @@ class Engine:
                 continue
             token_t = sampler.next_tensor(logits)
             reader.start(token_t)
-            fed = self.runner.ahead and len(self.pc.ids) + 1 < self.context_length
+            # ahead, unless the answer is copying: then the token is read first, to be fed with
+            # the drafts that follow it
+            fed = self.runner.ahead and len(self.pc.ids) + 1 < self.context_length and not (
+                drafter is not None and drafter.copying)
             if fed:  # a token the CPU sampled is an int (sampler.next_tensor)
                 logits = self.runner.forward_token(torch.as_tensor(token_t), self.pc)
             token = reader.get()
@@ -317,12 +322,15 @@ class Engine:
         if most is not None:
             room = min(room, most)
         guess = drafter.propose(self.pc.ids, token, room)
+        self.runner.wait()  # a forward's time from here (a GPU queues work behind the host)
         t0 = time.perf_counter()
         if not guess:
             logits = self._forward([token])
+            self.runner.wait()
             drafter.policy.timed(1, time.perf_counter() - t0)
             return logits, deque()
         rows = self.runner.model.forward([token, *guess], self.pc.cache.layers, all_logits=True)
+        self.runner.wait()
         drafter.policy.timed(len(rows), time.perf_counter() - t0)
         self.progress.drafted += len(guess)
         return rows[0], deque(zip(guess, rows[1:], strict=True))

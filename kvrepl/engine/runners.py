@@ -78,10 +78,9 @@ class FastRunner:
         # the GPU path feeds a token from the device, queued behind the step that chose it
         self.ahead = model.feeds_ahead
         # drafted tokens are verified with every row's logits (forward(all_logits=True)), which
-        # are bit-identical to token-by-token steps: so far on the CPU's kernels only
-        from kvrepl.backends.cpu.fastmodel import FastModel
-
-        self.drafts = isinstance(model, FastModel)
+        # are bit-identical to token-by-token steps on batch-invariant kernels only (the CPU's,
+        # the GPU's Triton ones; not the GPU path's torch ops, which pick kernels by size)
+        self.drafts = bool(model.batch_invariant)
 
     def new_layers(self) -> list[Any]:
         return self.model.new_layers()
@@ -94,6 +93,12 @@ class FastRunner:
 
     def forward_token(self, token: torch.Tensor, pc: PromptCache) -> torch.Tensor:
         return self.model.forward_token(token, pc.cache.layers)
+
+    def wait(self) -> None:
+        """Until the device has done what was queued (a GPU's forwards run behind the host):
+        what a forward's timing must include."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def runner_for(model: Any) -> HFRunner | FastRunner:

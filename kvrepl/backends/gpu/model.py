@@ -166,11 +166,13 @@ class GpuModel(KernelBackend):
         return b
 
     # -- the forward -------------------------------------------------------------------------
-    def _run(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> None:
+    def _run(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer],
+             all_logits: bool = False) -> None:  # fmt: skip
         """One forward of b["ids"] at positions b["pos"][0].. (device tensors: a graph replays
         it with new values). A Llama layer is eight kernels (rotary and the cache writes ride on
         the QKV matmul, silu * up on the gate/up one); other terms add elementwise steps, which
-        compute each position alone, so the step stays batch-invariant."""
+        compute each position alone, so the step stays batch-invariant. The head computes the
+        last row's logits (b["logits"]), or every row's (b["rows"]: a drafts' verification)."""
         a, ops = self.arch, self.ops
         x, h, q, att = (b[k] for k in ("x", "h", "q", "att"))
         m = x.shape[0]
@@ -200,8 +202,12 @@ class GpuModel(KernelBackend):
                 gelu = torch.nn.functional.gelu(gu[:, :f].float(), approximate="tanh")
                 b["act"].copy_((gelu * gu[:, f:].float()).to(gu.dtype))
             self._residual(b["act"], lw["down"], lw["post_ffn_norm"], x, h)
-        ops.rmsnorm(x[m - 1 : m], self.final_norm, a.eps, h[:1])
-        ops.matmul(h[:1], self.lm_head, b["logits"])
+        if all_logits:
+            ops.rmsnorm(x, self.final_norm, a.eps, h)
+            ops.matmul(h, self.lm_head, b["rows"])
+        else:
+            ops.rmsnorm(x[m - 1 : m], self.final_norm, a.eps, h[:1])
+            ops.matmul(h[:1], self.lm_head, b["logits"])
 
     def _qkv(self, b: dict[str, torch.Tensor], lw: dict[str, Any], cos: torch.Tensor,
              sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> None:  # fmt: skip
@@ -235,10 +241,17 @@ class GpuModel(KernelBackend):
         x.add_(tmp)
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], layers: list[GrowingLayer]) -> torch.Tensor:
+    def forward(self, ids: list[int], layers: list[GrowingLayer],
+                all_logits: bool = False) -> torch.Tensor:  # fmt: skip
+        """Append the ids' K/V to the cache layers; the last position's logits, or with
+        `all_logits` every position's, [len(ids), vocab], row i bit-identical to what a forward
+        of the ids up to i gives (on the batch-invariant kernels: the drafts' verification)."""
         b = self._buffers(len(ids))
         b["ids"].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        return self._step(b, layers)
+        if all_logits and "rows" not in b:
+            b["rows"] = torch.empty(len(ids), self.lm_head.shape[0], device=self.device,
+                                    dtype=self.kv_dtype)  # fmt: skip
+        return self._step(b, layers, all_logits)
 
     @torch.inference_mode()
     def forward_token(self, token: torch.Tensor, layers: list[GrowingLayer]) -> torch.Tensor:
@@ -248,18 +261,19 @@ class GpuModel(KernelBackend):
         b["ids"].copy_(token.view(1))
         return self._step(b, layers)
 
-    def _step(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> torch.Tensor:
+    def _step(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer],
+              all_logits: bool = False) -> torch.Tensor:  # fmt: skip
         m, pos0 = b["ids"].shape[0], layers[0].get_seq_length()
         if pos0 + m > self.context_length:
             raise ValueError("past the model's context")
         b["pos"].fill_(pos0)
-        if m == 1 and self.graphs:
+        if m == 1 and self.graphs and not all_logits:
             self._graph(b, layers).replay()
         else:
-            self._run(b, layers)
+            self._run(b, layers, all_logits)
         for cache in layers:
             cache.advance(pos0 + m)
-        out = b["logits"][0].float()
+        out = b["rows"].float() if all_logits else b["logits"][0].float()
         if self.arch.final_softcap:
             out = torch.tanh(out / self.arch.final_softcap) * self.arch.final_softcap
         return out
