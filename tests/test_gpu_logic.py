@@ -180,8 +180,8 @@ class _Replay:
     """A captured step as a CUDA graph is one: it reads and writes the cache it was captured
     with, whatever cache the replay is asked for."""
 
-    def __init__(self, fm, b, layers):
-        self.run = lambda: fm._run(b, list(layers))
+    def __init__(self, fm, b, layers, all_logits=False):
+        self.run = lambda: fm._run(b, list(layers), all_logits)
 
     def replay(self):
         self.run()
@@ -189,24 +189,32 @@ class _Replay:
 
 def test_a_decode_graph_is_never_replayed_over_another_cache(varied, monkeypatch):
     """A cache that shares layer 0's buffer with an earlier one (as a freed cache's address is
-    reused) but not its other layers gets its own graph: the replayed step equals the eager one."""
+    reused) but not its other layers gets its own graph: the replayed step equals the eager one;
+    so do the verifications' graphs, one per count of rows."""
     model, _ = varied
     fm = GpuModel(model, 512, backend="torch")
-    monkeypatch.setattr(fm, "_capture", lambda b, layers: _Replay(fm, b, layers))
+    monkeypatch.setattr(fm, "_capture", lambda *a: _Replay(fm, *a))
     fm.graphs = True
     ids = list(range(3, 40))
     first = fm.new_layers()
     fm.forward(ids, first)
     fm.forward([41], first)  # captured over `first`
+    assert fm.warming
+    fm.forward([42, 43, 44], first, all_logits=True)  # a verification: captured too
     other = [first[0], *fm.new_layers()[1:]]
     first[0].crop(-first[0].get_seq_length())
     fm.forward(ids, other)
     got = fm.forward([41], other)
+    rows = fm.forward([42, 43, 44], other, all_logits=True)
+    assert fm.warming  # `other` got a graph of its own
+    rows4 = fm.forward([45, 46, 47, 48], other, all_logits=True)  # 4 rows: not the 3 rows' graph
     fm.graphs = False
     eager = fm.new_layers()
     fm.forward(ids, eager)
     want = fm.forward([41], eager)
     assert torch.equal(got, want)
+    assert torch.equal(rows, fm.forward([42, 43, 44], eager, all_logits=True))
+    assert torch.equal(rows4, fm.forward([45, 46, 47, 48], eager, all_logits=True))
     for x, y in zip(other, eager, strict=True):
         assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
 

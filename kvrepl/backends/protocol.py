@@ -22,6 +22,8 @@ class KernelBackend(ABC):
     # forward_token(token, layers): a token still on the device is fed, queued behind the step
     # that chose it (the host reads it while the next step runs).
     feeds_ahead: bool = False
+    # the last forward did one-time work (captured a CUDA graph): its time is no forward's cost
+    warming: bool = False
     config: Any
     device: torch.device
     kv_dtype: torch.dtype

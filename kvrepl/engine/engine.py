@@ -302,13 +302,17 @@ class Engine:
                 continue
             token_t = sampler.next_tensor(logits)
             reader.start(token_t)
-            # ahead, unless the answer is copying: then the token is read first, to be fed with
-            # the drafts that follow it
-            fed = self.runner.ahead and len(self.pc.ids) + 1 < self.context_length and not (
-                drafter is not None and drafter.copying)
+            fed = self._runs_ahead(drafter)
             if fed:  # a token the CPU sampled is an int (sampler.next_tensor)
                 logits = self.runner.forward_token(torch.as_tensor(token_t), self.pc)
             token = reader.get()
+
+    def _runs_ahead(self, drafter: Drafter | None) -> bool:
+        """Whether the next token is fed from the device before the host reads it: where the
+        runner runs ahead and the context has room, unless the answer is copying (then the
+        token is read first, to be fed with the drafts that follow it)."""
+        copying = drafter is not None and drafter.copying
+        return self.runner.ahead and len(self.pc.ids) + 1 < self.context_length and not copying
 
     def _feed(self, token: int, drafter: Drafter | None, max_tokens: int,
               most: int | None = None) -> tuple[torch.Tensor, Drafts]:  # fmt: skip
@@ -327,11 +331,13 @@ class Engine:
         if not guess:
             logits = self._forward([token])
             self.runner.wait()
-            drafter.policy.timed(1, time.perf_counter() - t0)
+            if not self.runner.model.warming:
+                drafter.policy.timed(1, time.perf_counter() - t0)
             return logits, deque()
         rows = self.runner.model.forward([token, *guess], self.pc.cache.layers, all_logits=True)
         self.runner.wait()
-        drafter.policy.timed(len(rows), time.perf_counter() - t0)
+        if not self.runner.model.warming:  # a graph's capture is no verification's cost
+            drafter.policy.timed(len(rows), time.perf_counter() - t0)
         self.progress.drafted += len(guess)
         return rows[0], deque(zip(guess, rows[1:], strict=True))
 

@@ -38,6 +38,9 @@ def ops_for(backend: str) -> Any:
     return torch_ops(COMPUTES)
 
 
+GRAPH_ROWS = 17  # verifications of up to this many rows (16 drafted tokens) replay a graph
+
+
 class GpuModel(KernelBackend):
     """A decoder on the GPU kernels. `forward(ids, layers)` appends the ids' K/V to the cache
     layers and returns the last position's logits (float32)."""
@@ -267,8 +270,9 @@ class GpuModel(KernelBackend):
         if pos0 + m > self.context_length:
             raise ValueError("past the model's context")
         b["pos"].fill_(pos0)
-        if m == 1 and self.graphs and not all_logits:
-            self._graph(b, layers).replay()
+        self.warming = False
+        if self.graphs and (m == 1 and not all_logits or all_logits and m <= GRAPH_ROWS):
+            self._graph(b, layers, all_logits).replay()
         else:
             self._run(b, layers, all_logits)
         for cache in layers:
@@ -278,28 +282,33 @@ class GpuModel(KernelBackend):
             out = torch.tanh(out / self.arch.final_softcap) * self.arch.final_softcap
         return out
 
-    def _graph(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> Any:
-        """The decode step of this cache, captured once (after a warm-up that compiles the
-        kernels; its writes at the current position are rewritten by the replay)."""
-        key = graph_key(layers)
+    def _graph(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer],
+               all_logits: bool = False) -> Any:  # fmt: skip
+        """The decode step of this cache, or its verification of m rows (every row's logits),
+        captured once (after a warm-up that compiles the kernels; its writes at the current
+        positions are rewritten by the replay): a verification costs a step's launches, not
+        eight kernels a layer launched one by one. The forward that captures is `warming`."""
+        key = (graph_key(layers), b["ids"].shape[0], all_logits)
         g = self._graphs.get(key)
         if g is None:
-            g = self._capture(b, layers)
-            if len(self._graphs) >= 4:  # caches come and go (tests, benchmarks): keep a few
+            g = self._capture(b, layers, all_logits)
+            self.warming = True
+            if len(self._graphs) >= 4 * GRAPH_ROWS:  # caches come and go: keep a few caches'
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = g
         return g
 
-    def _capture(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer]) -> Any:
+    def _capture(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer],
+                 all_logits: bool) -> Any:  # fmt: skip
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._run(b, layers)
+                self._run(b, layers, all_logits)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self._run(b, layers)
+            self._run(b, layers, all_logits)
         return g
 
 
