@@ -1,21 +1,19 @@
 #!/usr/bin/env python
-"""What a verified row costs on the CPU, against what the instructions allow: for each matrix of
-the embedded model (one layer's, and the head), the time of a matmul over 1 row and over 16, and
-the products a second..16th row runs per second; against the rate of back-to-back `vpdpwssd`
-(16-bit multiply-adds, 32 products an instruction, the kernels' inner instruction) and
-`vpdpbusd` (8-bit, 64 products) on this CPU, from a loop of nothing else compiled here.
+"""What a verified row costs on the CPU, matrix by matrix: for each matrix of the embedded model
+(one layer's, and the head), the time of a matmul over 1 row and over 16, and the products a
+second..16th row runs per second; then the whole model's matrices, and a whole forward of 1..17
+rows (a decode step and a verification of 0..16 drafted tokens) in decode steps.
 
     flock -x /work/cpu.lock .venv/bin/python bench/bench_rows.py
 
-The matrices run warm (one layer's fit in the caches), so a row's figure is its compute alone.
-Needs a C compiler with AVX-512 VNNI (else prints only the matrices). Writes nothing.
+One layer's matrices fit in the caches, so their figures are compute alone; the forward's are
+what drafting pays. This machine's speed moves between runs (another tenant's load): compare
+figures of one run. Writes nothing.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,48 +27,24 @@ from bench_cpu import cpu_name  # noqa: E402
 
 from kvrepl.engine import models  # noqa: E402
 
-PEAK_C = r"""
-#include <immintrin.h>
-#include <stdio.h>
-#include <time.h>
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-int main(void) {
-    __m512i a[12], w = _mm512_set1_epi16(3), x = _mm512_set1_epi16(5);
-    long n = 200000000 / 12;
-    for (int kind = 0; kind < 2; kind++) {
-        for (int i = 0; i < 12; i++) a[i] = _mm512_set1_epi32(i);
-        double t = now();
-        for (long r = 0; r < n; r++)
-#pragma GCC unroll 12
-            for (int i = 0; i < 12; i++) {
-                a[i] = kind ? _mm512_dpbusd_epi32(a[i], w, x) : _mm512_dpwssd_epi32(a[i], w, x);
-                __asm__ volatile("" : "+v"(a[i]));
-            }
-        t = now() - t;
-        long s = 0;
-        for (int i = 0; i < 12; i++) s += _mm512_reduce_add_epi32(a[i]);
-        printf("%s %.4f %ld\n", kind ? "vpdpbusd" : "vpdpwssd", n * 12 / t / 1e9, s & 1);
-    }
-    return 0;
-}
-"""
 
-
-def peaks() -> dict[str, float]:
-    """G instructions/s of each, one core."""
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = Path(d) / "peak.c", Path(d) / "peak"
-        src.write_text(PEAK_C)
-        built = subprocess.run(["cc", "-O2", "-march=native", str(src), "-o", str(exe)],
-                               capture_output=True, text=True)  # fmt: skip
-        if built.returncode:
-            return {}
-        out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0]: float(line.split()[1]) for line in out.splitlines()}
+def forward_rows(fm, context: int = 150, reps: int = 25) -> None:
+    """A forward of m rows after `context` tokens, best of `reps` (interleaved), in steps."""
+    ids = list(range(1000, 1000 + context))
+    layers = fm.new_layers()
+    fm.forward(ids, layers)
+    best = dict.fromkeys(range(1, 18), 1e9)
+    for _ in range(reps):
+        for m in best:
+            t = time.perf_counter()
+            fm.forward(ids[:m], layers, all_logits=m > 1)
+            best[m] = min(best[m], time.perf_counter() - t)
+            for layer in layers:
+                layer.crop(context - layer.get_seq_length())
+    step = best[1]
+    print(f"\na forward after {context} tokens: a step {step * 1e3:.2f} ms; a verification of k "
+          "drafted tokens, a row's cost in steps:")
+    print(", ".join(f"{m - 1}: {(best[m] / step - 1) / (m - 1):.2f}" for m in best if m > 1))
 
 
 def main() -> int:
@@ -107,10 +81,7 @@ def main() -> int:
     row = (total[16] - total[1]) / 15
     print(f"\nthe model's matrices: a row past the first {row * 1e3:.3f} ms, "
           f"{products / row / 1e9:.1f} G products/s over {threads} threads")
-    for name, g in peaks().items():
-        per = 32 if name == "vpdpwssd" else 64
-        print(f"{name} back to back: {g:.2f} G/s a core, {g * per * threads:.1f} G products/s "
-              f"over {threads} cores")  # fmt: skip
+    forward_rows(fm)
     return 0
 
 
