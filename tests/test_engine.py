@@ -836,3 +836,44 @@ def same_logits(real, got: torch.Tensor, want: torch.Tensor) -> None:
     else:
         assert torch.allclose(got, want, atol=1e-3)
         assert int(torch.argmax(got)) == int(torch.argmax(want))
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' forward across versions
+
+
+def test_a_forward_that_takes_past_key_values_gets_the_cache_and_one_that_drops_it_is_refused():
+    """transformers 5.2x takes the cache as `cache`; 5.17 (the GPU machines here) as
+    `past_key_values`, and swallows an unknown `cache` into **kwargs, running without any: each
+    step would see its own token alone. The runner passes it by the name the forward takes, and
+    a forward that leaves the cache unwritten is refused, never decoded from."""
+    from makers import make_tiny_model, make_tokenizer
+
+    from kvrepl.errors import ModelError
+
+    tok = make_tokenizer()
+    model = make_tiny_model(len(tok), seed=1, tied=False)
+    prompt = list(range(5, 40))
+    want_engine = Engine(model, tok, end_ids=set(), context_length=256)
+    list(want_engine.stream(prompt, GREEDY))
+    want = list(want_engine.progress.generated)
+    assert len(set(want)) >= 3, want
+    native = model.forward
+
+    def old(input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kwargs):
+        return native(input_ids=input_ids, cache=past_key_values, use_cache=use_cache,
+                      logits_to_keep=logits_to_keep)  # fmt: skip
+
+    def dropping(input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kw):
+        return native(input_ids=input_ids, use_cache=False, logits_to_keep=logits_to_keep)
+
+    model.forward = old
+    engine = Engine(model, tok, end_ids=set(), context_length=256)
+    list(engine.stream(prompt, GREEDY))
+    assert engine.progress.generated == want
+    assert engine.pc.ids == want_engine.pc.ids
+    assert engine.pc.cache.layers[0].get_seq_length() == len(want_engine.pc.ids)
+    model.forward = dropping
+    engine = Engine(model, tok, end_ids=set(), context_length=256)
+    with pytest.raises(ModelError, match="without kvrepl's K/V cache"):
+        list(engine.stream(prompt, GREEDY))

@@ -8,12 +8,15 @@ picks one. It owns no cache and no policy: the engine (engine.py) decides what t
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
+from kvrepl.backends.layers import GrowingLayer
 from kvrepl.backends.protocol import KernelBackend
 from kvrepl.engine.cache import PromptCache, hf_layers
+from kvrepl.errors import ModelError
 
 
 class HFRunner:
@@ -27,6 +30,7 @@ class HFRunner:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.config = model.config
+        self._cache_arg = _cache_arg(model)
         param = next(model.parameters())
         self.device, self.kv_dtype = param.device, param.dtype
         # Spread over devices (accelerate's device_map): each layer's K/V lives on its layer's
@@ -45,8 +49,26 @@ class HFRunner:
 
     def forward(self, ids: list[int], pc: PromptCache) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, cache=pc.cache, use_cache=True, logits_to_keep=1)
+        first = pc.cache.layers[0] if pc.cache.layers else None
+        before = first.get_seq_length() if isinstance(first, GrowingLayer) else None
+        kwargs = {self._cache_arg: pc.cache}
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **kwargs)
+        if before is not None and first.get_seq_length() != before + len(ids):
+            # a model that ran without the cache computed another model: never silently
+            import transformers
+
+            name, version = type(self.model).__name__, transformers.__version__
+            raise ModelError(f"transformers {version} ran {name} without kvrepl's K/V cache: "
+                             "this version of transformers is not supported")  # fmt: skip
         return out.logits[0, -1]
+
+
+def _cache_arg(model: Any) -> str:
+    """The name transformers' forward takes the cache by: `cache` in 5.2x, `past_key_values`
+    before (5.17, on the GPU machines here, takes an unknown `cache` into **kwargs and runs
+    without any: every step would see its own token alone)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _decoder_layers(model: Any) -> list[Any]:
