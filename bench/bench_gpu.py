@@ -261,7 +261,7 @@ def check_drafts(gm: Any) -> dict:
 
 def draft_costs(shape: str, ctx: int = 1024, reps: int = 30) -> dict:
     """What verifying k drafted tokens costs on the GPU: a forward of k + 1 rows with every
-    row's logits (eager) against a decode step (a graph replay), at `ctx` tokens of context;
+    row's logits against a decode step (each a graph replay), at `ctx` tokens of context;
     and the rate a forward whose drafts are all taken gives, in decode steps."""
     model = build(shape, ctx + 64)
     gm = gpu_model(model, ctx + 64)

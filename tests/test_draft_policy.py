@@ -138,6 +138,8 @@ def test_recase_folds_names_and_applies_a_change_of_first_letter(real):
     dash = tok.encode("-", add_special_tokens=False)[0]
     assert tok.decode(rc.apply(c, dash, "upper")) == " C"  # " cheddar" is " c" "hed" "dar"
     assert rc.apply(hed, c, "upper") == [hed]  # inside a word: as it is
+    past = len(tok) + 5  # a padded vocabulary's row past the tokenizer's tokens: no string
+    assert rc.fold(past) == past and rc.change(past, apples) is None
     (line,) = tok.encode("\n", add_special_tokens=False)
     (word,) = tok.encode("bread", add_special_tokens=False)  # a line's first word: no space
     assert tok.decode(rc.apply(word, line, "upper")) == "Bread"

@@ -34,8 +34,9 @@ class KernelBackend(ABC):
         """Empty cache layers for this model."""
 
     @abstractmethod
-    def forward(self, ids: list[int], layers: list[Any]) -> torch.Tensor:
-        """Append the ids' K/V to `layers`; the last position's logits."""
+    def forward(self, ids: list[int], layers: list[Any], all_logits: bool = False) -> torch.Tensor:
+        """Append the ids' K/V to `layers`; the last position's logits, or with `all_logits`
+        every position's (what a verification of drafts needs, where batch_invariant)."""
 
     @abstractmethod
     def describe(self) -> str:

@@ -82,8 +82,8 @@ class Lookup:
         """A longer match than `exact` of the tail case-folded, where the tail recases what it
         copies (capitalises its words, say) in one way: the match's length, and up to `limit`
         ids that followed it, recased that way; (0, []) if there is none."""
-        if self.recase is None or self.folded is None or limit <= 0:
-            return 0, []
+        if self.recase is None or self.folded is None or limit <= 0 or exact >= MAX_NGRAM:
+            return 0, []  # (no match is longer than MAX_NGRAM)
         end = self.n + 1
         self.buf[self.n] = token
         self.folded[self.n] = self.recase.fold(token)
@@ -118,16 +118,19 @@ class Recase:
 
     def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
-        self._vocab: dict[str, int] | None = None
+        self._unknown = getattr(tokenizer, "unk_token_id", None)
         self._folds: dict[int, int] = {}
         self._strs: dict[int, str] = {}  # the vocabulary's string of a token
         self._texts: dict[int, str] = {}  # its text
         self._applied: dict[tuple[int, str], list[int] | None] = {}
 
     def _str(self, t: int) -> str:
+        """The token's vocabulary string; "" for an id the tokenizer has none for (a padded
+        vocabulary's rows past its tokens) or one that is not text."""
         s = self._strs.get(t)
         if s is None:
-            s = self._strs[t] = str(self.tok.convert_ids_to_tokens(t))
+            got = self.tok.convert_ids_to_tokens(t)
+            s = self._strs[t] = got if isinstance(got, str) else ""
         return s
 
     def _text(self, t: int) -> str:
@@ -136,12 +139,17 @@ class Recase:
             s = self._texts[t] = self.tok.decode([t])
         return s
 
+    def _id(self, token: str) -> int | None:
+        """The id of a vocabulary string, None if the vocabulary has none."""
+        i = self.tok.convert_tokens_to_ids(token)
+        return None if i is None or (i == self._unknown and token != self.tok.unk_token) else i
+
     def fold(self, t: int) -> int:
         f = self._folds.get(t)
         if f is None:
-            if self._vocab is None:
-                self._vocab = self.tok.get_vocab()
-            f = self._folds[t] = self._vocab.get(self._str(t).translate(self._LOWER), t)
+            s = self._str(t)
+            lower = s.translate(self._LOWER)
+            f = self._folds[t] = t if lower == s else (self._id(lower) if s else None) or t
         return f
 
     @staticmethod
@@ -170,17 +178,27 @@ class Recase:
             return [t]  # not a word's start: as it is
         key = (t, mode)
         if key not in self._applied:
-            text = self._text(t)
-            j = next((k for k, c in enumerate(text) if c.isalpha()), -1)
-            ids: list[int] | None = None
-            if j >= 0:
-                c = text[j].upper() if mode == "upper" else text[j].lower()
-                new = text[:j] + c + text[j + 1 :]
-                ids = list(self.tok.encode(new, add_special_tokens=False))
-                if not ids or self.tok.decode(ids) != new:
-                    ids = None
-            self._applied[key] = ids
+            self._applied[key] = self._recased(t, i, mode)
         return self._applied[key]
+
+    def _recased(self, t: int, i: int, mode: str) -> list[int] | None:
+        """Token t (its first letter at i of its string) recased: the vocabulary's one token,
+        else what the tokenizer makes of the recased text, if that gives the text back and
+        starts with a space marker exactly where t does (a SentencePiece tokenizer's dummy
+        prefix would not)."""
+        s = self._str(t)
+        one = self._id(s[:i] + (s[i].upper() if mode == "upper" else s[i].lower()) + s[i + 1 :])
+        if one is not None:
+            return [one]
+        text = self._text(t)
+        j = next((k for k, c in enumerate(text) if c.isalpha()), -1)
+        if j < 0:
+            return None
+        new = text[:j] + (text[j].upper() if mode == "upper" else text[j].lower()) + text[j + 1 :]
+        ids = list(self.tok.encode(new, add_special_tokens=False))
+        if not ids or self.tok.decode(ids) != new or self._first(self._str(ids[0])) != i:
+            return None
+        return ids
 
 
 class DraftPolicy:
@@ -258,7 +276,7 @@ class Drafter:
         self._settle(token)
         match, guess = self.lookup.continuation(token, MAX_DRAFT)
         folded, recased = self.lookup.recased(token, MAX_DRAFT, match)
-        if folded:  # a longer match where the answer recases its copy (a list capitalised)
+        if folded and recased:  # a longer match where the answer recases its copy (a list)
             match, guess = folded, recased
             self.recased += 1
         for i, t in enumerate(guess):
@@ -270,7 +288,7 @@ class Drafter:
             return []
         size = self.policy.size(match, len(guess))
         self.copying = size > 0
-        k = min(size, limit)
+        k = max(0, min(size, limit))
         self._last = (self.lookup.n + 1, guess[: max(k, 1)], match)
         return guess[:k]
 

@@ -302,16 +302,16 @@ class Engine:
                 continue
             token_t = sampler.next_tensor(logits)
             reader.start(token_t)
-            fed = self._runs_ahead(drafter)
+            fed = self._runs_ahead(drafter, drafts)
             if fed:  # a token the CPU sampled is an int (sampler.next_tensor)
                 logits = self.runner.forward_token(torch.as_tensor(token_t), self.pc)
             token = reader.get()
 
-    def _runs_ahead(self, drafter: Drafter | None) -> bool:
+    def _runs_ahead(self, drafter: Drafter | None, drafts: Drafts) -> bool:
         """Whether the next token is fed from the device before the host reads it: where the
-        runner runs ahead and the context has room, unless the answer is copying (then the
-        token is read first, to be fed with the drafts that follow it)."""
-        copying = drafter is not None and drafter.copying
+        runner runs ahead and the context has room, unless drafts are in the cache past it or
+        the answer is copying (then the token is read first, to be fed with its drafts)."""
+        copying = drafts or (drafter is not None and drafter.copying)
         return self.runner.ahead and len(self.pc.ids) + 1 < self.context_length and not copying
 
     def _feed(self, token: int, drafter: Drafter | None, max_tokens: int,

@@ -49,11 +49,12 @@ class HFRunner:
 
     def forward(self, ids: list[int], pc: PromptCache) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        first = pc.cache.layers[0] if pc.cache.layers else None
-        before = first.get_seq_length() if isinstance(first, GrowingLayer) else None
+        # the first layer that keeps every position (a hybrid model's first may be linear)
+        first = next((la for la in pc.cache.layers if isinstance(la, GrowingLayer)), None)
+        before = first.get_seq_length() if first is not None else None
         kwargs = {self._cache_arg: pc.cache}
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **kwargs)
-        if before is not None and first.get_seq_length() != before + len(ids):
+        if first is not None and first.get_seq_length() != before + len(ids):
             # a model that ran without the cache computed another model: never silently
             import transformers
 
@@ -61,6 +62,9 @@ class HFRunner:
             raise ModelError(f"transformers {version} ran {name} without kvrepl's K/V cache: "
                              "this version of transformers is not supported")  # fmt: skip
         return out.logits[0, -1]
+
+    def wait(self) -> None:
+        """transformers' forwards are timed as they return (drafting never runs here)."""
 
 
 def _cache_arg(model: Any) -> str:
