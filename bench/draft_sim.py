@@ -42,9 +42,7 @@ def replay(policy: DraftPolicy | None, recase: Recase, ids: list[int], answer: l
         token = answer[i]
         if policy is None:
             drafter.lookup.sync(ctx)
-            match, guess = drafter.lookup.continuation(token, MAX_DRAFT)
-            folded, recased = drafter.lookup.recased(token, MAX_DRAFT, match)
-            guess = recased if folded else guess
+            guess = drafter.lookup.guess(token, MAX_DRAFT)[1]
             guess = guess[: common_prefix(guess, answer[i + 1 :])]
         else:
             guess = drafter.propose(ctx, token, MAX_DRAFT)

@@ -78,6 +78,15 @@ class Lookup:
             return 0, []
         return length, self.buf[at + 1 : min(at + 1 + limit, self.n + 1)].tolist()
 
+    def guess(self, token: int, limit: int) -> tuple[int, list[int], bool]:
+        """What follows `token` by the longest match: the exact one's continuation, or a
+        recased copy's where that match is longer and gives tokens (and then True)."""
+        match, guess = self.continuation(token, limit)
+        folded, recased = self.recased(token, limit, match)
+        if folded and recased:  # a longer match where the answer recases its copy (a list)
+            return folded, recased, True
+        return match, guess, False
+
     def recased(self, token: int, limit: int, exact: int) -> tuple[int, list[int]]:
         """A longer match than `exact` of the tail case-folded, where the tail recases what it
         copies (capitalises its words, say) in one way: the match's length, and up to `limit`
@@ -187,18 +196,23 @@ class Recase:
         starts with a space marker exactly where t does (a SentencePiece tokenizer's dummy
         prefix would not)."""
         s = self._str(t)
-        one = self._id(s[:i] + (s[i].upper() if mode == "upper" else s[i].lower()) + s[i + 1 :])
+        one = self._id(_recase_at(s, i, mode))
         if one is not None:
             return [one]
         text = self._text(t)
         j = next((k for k, c in enumerate(text) if c.isalpha()), -1)
         if j < 0:
             return None
-        new = text[:j] + (text[j].upper() if mode == "upper" else text[j].lower()) + text[j + 1 :]
+        new = _recase_at(text, j, mode)
         ids = list(self.tok.encode(new, add_special_tokens=False))
         if not ids or self.tok.decode(ids) != new or self._first(self._str(ids[0])) != i:
             return None
         return ids
+
+
+def _recase_at(s: str, i: int, mode: str) -> str:
+    """s with its character i upper- or lowercased (mode "upper" or "lower")."""
+    return s[:i] + (s[i].upper() if mode == "upper" else s[i].lower()) + s[i + 1 :]
 
 
 class DraftPolicy:
@@ -274,11 +288,8 @@ class Drafter:
         `limit`; an empty list when there is no match or drafting would not pay."""
         self.lookup.sync(ids)
         self._settle(token)
-        match, guess = self.lookup.continuation(token, MAX_DRAFT)
-        folded, recased = self.lookup.recased(token, MAX_DRAFT, match)
-        if folded and recased:  # a longer match where the answer recases its copy (a list)
-            match, guess = folded, recased
-            self.recased += 1
+        match, guess, recased = self.lookup.guess(token, MAX_DRAFT)
+        self.recased += recased
         for i, t in enumerate(guess):
             if t in self.end_ids:  # an end token is never fed: no use drafting past it
                 del guess[i:]

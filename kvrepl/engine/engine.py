@@ -132,7 +132,7 @@ class Engine:
         self.pc = PromptCache(self.runner.new_layers, heads)
         self.progress = TurnProgress()
         self.draft_policy = DraftPolicy()  # what drafting pays on this model, learnt across turns
-        self.recase = Recase(tokenizer) if hasattr(tokenizer, "get_vocab") else None
+        self.recase = Recase(tokenizer) if hasattr(tokenizer, "convert_tokens_to_ids") else None
 
     @property
     def cached_tokens(self) -> int:
@@ -328,16 +328,16 @@ class Engine:
         guess = drafter.propose(self.pc.ids, token, room)
         self.runner.wait()  # a forward's time from here (a GPU queues work behind the host)
         t0 = time.perf_counter()
-        if not guess:
-            logits = self._forward([token])
-            self.runner.wait()
-            if not self.runner.model.warming:
-                drafter.policy.timed(1, time.perf_counter() - t0)
-            return logits, deque()
-        rows = self.runner.model.forward([token, *guess], self.pc.cache.layers, all_logits=True)
+        if guess:
+            rows = self.runner.model.forward([token, *guess], self.pc.cache.layers,
+                                             all_logits=True)  # fmt: skip
+        else:
+            rows = self._forward([token])
         self.runner.wait()
-        if not self.runner.model.warming:  # a graph's capture is no verification's cost
-            drafter.policy.timed(len(rows), time.perf_counter() - t0)
+        if not self.runner.model.warming:  # a graph's capture is no forward's cost
+            drafter.policy.timed(1 + len(guess), time.perf_counter() - t0)
+        if not guess:
+            return rows, deque()
         self.progress.drafted += len(guess)
         return rows[0], deque(zip(guess, rows[1:], strict=True))
 

@@ -271,7 +271,7 @@ class GpuModel(KernelBackend):
             raise ValueError("past the model's context")
         b["pos"].fill_(pos0)
         self.warming = False
-        if self.graphs and (m == 1 and not all_logits or all_logits and m <= GRAPH_ROWS):
+        if self.graphs and m <= (GRAPH_ROWS if all_logits else 1):
             self._graph(b, layers, all_logits).replay()
         else:
             self._run(b, layers, all_logits)
