@@ -46,6 +46,7 @@ from synthetic import WORDS  # noqa: E402
 from kvrepl.chat.prompt import Prompt  # noqa: E402
 from kvrepl.engine import models  # noqa: E402
 from kvrepl.engine.engine import Engine, Sampling  # noqa: E402
+from kvrepl.engine.runners import cache_arg  # noqa: E402
 from kvrepl.events import Stats  # noqa: E402
 
 # Reference figures measured earlier on this machine (see bench/README.md).
@@ -274,7 +275,7 @@ def hf_prefix_cache(model: Any, ids: Sequence[int], chunk: int = 512) -> Any:
     with torch.inference_mode():
         for s in range(0, len(body), chunk):
             x = torch.tensor([body[s : s + chunk]])
-            model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=x, **{cache_arg(model): cache}, use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -286,7 +287,7 @@ def hf_decode(model: Any, ids: Sequence[int], base_cache: Any, n: int) -> dict[s
         model.generate(
             input_ids=x,
             attention_mask=torch.ones_like(x),
-            cache=cache,
+            **{cache_arg(model): cache},
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,

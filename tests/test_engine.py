@@ -21,6 +21,7 @@ from kvrepl.chat.prompt import Prompt
 from kvrepl.engine.cache import PromptCache, hf_layers
 from kvrepl.engine.engine import Engine, Sampler, Sampling
 from kvrepl.engine.plan import common_prefix
+from kvrepl.engine.runners import cache_arg
 from kvrepl.errors import PromptError
 from kvrepl.events import SHOWN_ONLY, Finish, Plan, Stats, TextDelta
 
@@ -53,7 +54,7 @@ def reference_kv(model, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Te
     pc = PromptCache(lambda: hf_layers(model.config))
     model(
         input_ids=torch.tensor([list(ids)], device=model.device),
-        cache=pc.cache,
+        **{cache_arg(model): pc.cache},
         use_cache=True,
         logits_to_keep=1,
     )
@@ -858,10 +859,10 @@ def test_a_forward_that_takes_past_key_values_gets_the_cache_and_one_that_drops_
     list(want_engine.stream(prompt, GREEDY))
     want = list(want_engine.progress.generated)
     assert len(set(want)) >= 3, want
-    native = model.forward
+    native, name = model.forward, cache_arg(model)
 
     def old(input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kwargs):
-        return native(input_ids=input_ids, cache=past_key_values, use_cache=use_cache,
+        return native(input_ids=input_ids, **{name: past_key_values}, use_cache=use_cache,
                       logits_to_keep=logits_to_keep)  # fmt: skip
 
     def dropping(input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kw):

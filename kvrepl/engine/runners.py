@@ -30,7 +30,7 @@ class HFRunner:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.config = model.config
-        self._cache_arg = _cache_arg(model)
+        self._cache_arg = cache_arg(model)
         param = next(model.parameters())
         self.device, self.kv_dtype = param.device, param.dtype
         # Spread over devices (accelerate's device_map): each layer's K/V lives on its layer's
@@ -67,7 +67,7 @@ class HFRunner:
         """transformers' forwards are timed as they return (drafting never runs here)."""
 
 
-def _cache_arg(model: Any) -> str:
+def cache_arg(model: Any) -> str:
     """The name transformers' forward takes the cache by: `cache` in 5.2x, `past_key_values`
     before (5.17, on the GPU machines here, takes an unknown `cache` into **kwargs and runs
     without any: every step would see its own token alone)."""
