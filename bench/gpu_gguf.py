@@ -1,7 +1,7 @@
 """GGUF blocks on the GPU path (kvrepl/backends/gpu/qweights.py), for bench_gpu.py: the check
 (`--check`) and the figure (`--gguf`).
 
-check: the Triton matmul over Q8_0/Q4_0/Q4_1 blocks (plain, silu * up, residual, rotary): each
+check: the Triton matmul over Q8_0/Q4_0/Q4_1/Q4_K blocks (plain, silu * up, residual, rotary): each
 row alone equals the batch's, bit for bit, and its distance from the bf16 kernel over the same
 weights dequantized (not bit-identical: seen on an H100); a 135M-shaped model over blocks: one
 prefill equals chunks and graph-replayed decode steps (logits, K/V), reuse equals --no-reuse.
@@ -28,11 +28,21 @@ QTYPES = ("Q8_0", "Q4_0", "Q4_1")
 
 
 def quantized(w: torch.Tensor, qtype: str) -> Any:
-    """w [n, k] as gguf-py quantizes it, in blocks on w's device."""
+    """w [n, k] as gguf-py quantizes it, in blocks on w's device; Q4_K (gguf-py has no Q4_K
+    quantizer): random Q4_K blocks of w's shape, small float16 d and dmin (the checks need the
+    format, not w's values)."""
     import gguf
+    import numpy as np
 
     from kvrepl.backends.gpu import qweights
 
+    if qtype == "Q4_K":
+        n, k = w.shape
+        rng = np.random.default_rng(n * 7 + k)
+        raw = rng.integers(0, 256, size=(n * k // 256, 144), dtype=np.uint8)
+        raw[:, 0:4] = rng.uniform(0.0, 1e-4, size=(raw.shape[0], 2)).astype(np.float16) \
+            .view(np.uint8)  # fmt: skip
+        return qweights.from_blocks(raw, qtype, n, k).to(w.device)
     kind = gguf.GGMLQuantizationType[qtype]
     raw = gguf.quants.quantize(w.detach().float().cpu().numpy(), kind)
     return qweights.from_blocks(raw, qtype, *w.shape).to(w.device)
@@ -71,10 +81,10 @@ def check_gguf() -> dict:
 
     out: dict[str, Any] = {}
     for T.QLOAD in ("elements", "blocks"):
-        for qt in QTYPES:
+        for qt in (*QTYPES, "Q4_K"):
             out[f"{qt}_{T.QLOAD}"] = check_kernels(qt)
-    out["model_Q4_1"] = check_model("Q4_1")
-    out["model_Q8_0"] = check_model("Q8_0")
+    for qt in ("Q4_1", "Q8_0"):  # (the 135M shape's rows of 576 do not split into Q4_K's 256)
+        out[f"model_{qt}"] = check_model(qt)
     out["ok"] = all(v for r in out.values() for v in r.values() if isinstance(v, bool))
     return out
 

@@ -62,11 +62,11 @@ class Settings:
     device: str = setting("auto", "cpu, cuda, cuda:1 … (default: cuda when available)")
     # Ollama's num_ctx, llama.cpp's -c: what the cache may hold. The model's maximum (often
     # 131,072 tokens) would reserve 16 GiB of K/V for an 8B model on a GPU.
-    # A .gguf on CUDA: bf16 (default) dequantizes it at load; gguf keeps its Q8_0/Q4_0/Q4_1
+    # A .gguf on CUDA: bf16 (default) dequantizes it at load; gguf keeps its Q8_0/Q4_0/Q4_1/Q4_K
     # matrices in their blocks (about half/a quarter of the memory; slower so far, README).
     gpu_weights: str = setting(
         "bf16", "a .gguf on the GPU: bf16 dequantizes its weights at load; gguf keeps its "
-        "Q8_0/Q4_0/Q4_1 matrices in their blocks (less memory; decode slower so far)",
+        "Q8_0/Q4_0/Q4_1/Q4_K matrices in their blocks (less memory; decode slower so far)",
         choices=("bf16", "gguf"),
     )  # fmt: skip
     context: int = setting(

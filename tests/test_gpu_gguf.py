@@ -46,6 +46,48 @@ def test_blocks_dequantize_as_gguf_py(qtype):
     assert torch.equal(both.dequantize(), torch.cat([want, want[order.tolist()]]))
 
 
+def _q4_k_raw(n: int, k: int, seed: int) -> np.ndarray:
+    """Random Q4_K super-blocks (every bit pattern of the scales and quants is valid) with
+    small float16 d and dmin: gguf-py has a Q4_K dequantizer but no quantizer."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n * k // 256, 144), dtype=np.uint8)
+    raw[:, 0:4] = rng.uniform(-1e-3, 1e-3, size=(raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    return raw
+
+
+def test_q4_k_blocks_dequantize_as_gguf_py():
+    """Q4_K's sub-blocks of 32 kept as Q4_1 blocks (nibbles reordered, float32 d * sc and
+    -(dmin * m)): the same float32 values as gguf-py's dequantization, then bf16 the same."""
+    raw = _q4_k_raw(24, 512, 5)
+    qw = qweights.from_blocks(raw, "Q4_K", 24, 512)
+    assert qw.shape == (24, 512) and qw.kind == qweights.KINDS["Q4_1"]
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).copy())
+    assert torch.equal(qw.dequantize(), want.reshape(24, 512))
+    assert torch.equal(qw.dequantize(torch.bfloat16), want.reshape(24, 512).to(torch.bfloat16))
+    order = np.arange(24)[::-1].copy()
+    assert torch.equal(qw.rows(order).dequantize(), want.reshape(24, 512)[order.tolist()])
+
+
+@pytest.mark.model
+def test_a_q4_k_m_files_q4_k_matrices_are_read_as_gguf_py_reads_them():
+    """Gemma 3 270M's Q4_K_M file: every Q4_K matrix (the attention outputs, rows of 1,024:
+    the rows of 640 do not split into Q4_K's 256, and the file has them in other types), read
+    by GGUFBlocks, is what gguf-py's reader and dequantizer give."""
+    from makers import gemma_gguf
+
+    path = gemma_gguf()
+    reader = gguf.GGUFReader(path)
+    blocks = qweights.GGUFBlocks(path, None, "cpu")
+    seen = 0
+    for t in reader.tensors:
+        if t.tensor_type == gguf.GGMLQuantizationType.Q4_K:
+            got = blocks.tensor(t.name)
+            want = gguf.quants.dequantize(t.data, t.tensor_type)
+            assert torch.equal(got.dequantize(), torch.from_numpy(want.reshape(got.shape)))
+            seen += 1
+    assert seen >= 10, seen
+
+
 def test_matrices_of_other_types_are_not_joined():
     w = np.zeros((32, 64), dtype=np.float32)
     a = qweights.from_blocks(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), "Q8_0",

@@ -145,7 +145,7 @@ def gpu(model: Any, context: int, gguf: Path | None = None) -> Any:
     """The model on kvrepl's Triton kernels, its cache checked against the device's free memory
     first; Unsupported when Triton is missing or the model has a term they lack (the model is
     left as it was), ModelError when the cache cannot fit. gguf: the file the model was loaded
-    from, whose Q8_0/Q4_0/Q4_1 matrices the kernels keep in their blocks (the same values,
+    from, whose Q8_0/Q4_0/Q4_1/Q4_K matrices the kernels keep in their blocks (the same values,
     dequantized in the matmul as transformers' loader dequantized them; the results differ from
     bf16's in the last bits, the tensor cores taking a tile computed in registers otherwise)."""
     try:

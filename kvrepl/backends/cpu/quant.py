@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvrepl.backends.ggufblocks import f16 as _f16
+from kvrepl.backends.ggufblocks import fields as _fields
+from kvrepl.backends.ggufblocks import k_scale_min as _k_scale_min
+
 QK_K = 256
 GROUP = 16  # rows a kernel register holds, one a lane (qmatmul.c)
 # GGUF type name -> (block size in weights, bytes per block)
@@ -161,10 +165,6 @@ def _lane_scales(t: torch.Tensor, n: int, sub: int, forward: bool) -> torch.Tens
     return out.contiguous().reshape(_padded(n), nb * sub, 2)[:n]
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
-
-
 def _pack_u4(q: np.ndarray, n: int, k: int) -> torch.Tensor:
     """Values 0..15 [n, k] -> 16 bytes per 32: low nibble = weight j, high = weight j + 16."""
     q = q.reshape(n, k // 32, 2, 16).astype(np.uint8)
@@ -184,15 +184,6 @@ def _i8(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray | None, n: int, k:
         block: int = 32) -> Packed:  # fmt: skip
     q = torch.from_numpy(np.ascontiguousarray(q.astype(np.int8).reshape(n, k)))
     return Packed("i8", q, _scales(scale, minimum, n), n, k, block)
-
-
-def _fields(x: np.ndarray, chunk: int, bits: int) -> np.ndarray:
-    """Bytes [blocks, c * chunk] -> values [blocks, c * 8/bits, chunk]: each run of `chunk` bytes
-    read as 8/bits planes of `bits`-bit values, lowest bits first (ggml's order for every block
-    type here: e.g. a Q4_0 block's 16 bytes are weights 0-15 in the low nibbles, 16-31 high)."""
-    shifts = np.arange(0, 8, bits, dtype=np.uint8).reshape(1, 1, -1, 1)
-    planes = (x.reshape(x.shape[0], -1, 1, chunk) >> shifts) & np.uint8((1 << bits) - 1)
-    return planes.reshape(x.shape[0], -1, chunk)
 
 
 def pack(raw: np.ndarray, qtype: str, n: int, k: int) -> Packed:
@@ -247,16 +238,6 @@ def _q5(b: np.ndarray, n: int, k: int, with_min: bool) -> Packed:
 def _q8_0(b: np.ndarray, n: int, k: int) -> Packed:
     d = _f16(b[:, :2])
     return _i8(np.ascontiguousarray(b[:, 2:34]).view(np.int8), d, None, n, k)
-
-
-def _k_scale_min(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K: the 8 sub-blocks' scales d * sc and mins -(dmin * m) (6-bit sc, m)."""
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    s = b[:, 4:16].reshape(-1, 3, 4)
-    sd, sm, smd = s[:, 0], s[:, 1], s[:, 2]
-    sc = np.concatenate([sd & 0x3F, (smd & 0x0F) | ((sd >> 2) & 0x30)], axis=-1)
-    mn = np.concatenate([sm & 0x3F, (smd >> 4) | ((sm >> 2) & 0x30)], axis=-1)
-    return d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
 
 
 def _q4_k(b: np.ndarray, n: int, k: int) -> Packed:

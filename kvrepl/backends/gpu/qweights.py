@@ -1,7 +1,10 @@
-"""A GGUF file's quantized weights as the GPU path keeps them (`--gpu-weights gguf`): Q8_0, Q4_0
-and Q4_1 blocks, with each block's scale (and Q4_1's minimum) split from its quants so that a
+"""A GGUF file's quantized weights as the GPU path keeps them (`--gpu-weights gguf`): Q8_0, Q4_0,
+Q4_1 and Q4_K blocks, with each block's scale (and minimum) split from its quants so that a
 tile of either loads in one piece; the quants and the scales are the file's bytes, unchanged
-(Q4's nibbles keep the file's order in a block: byte j holds element j low, j + 16 high).
+(Q4's nibbles keep the file's order in a block: byte j holds element j low, j + 16 high), but
+for Q4_K: its sub-blocks of 32 become Q4_1 blocks, their nibbles in that order and their scale
+d * sc and minimum -(dmin * m) in float32 as gguf-py computes them (6 bits a weight, not 4.5;
+the kernel's Q4_1 path then dequantizes exactly as gguf-py does).
 
 The kernel (triton_ops.matmul) dequantizes a tile in registers as gguf-py dequantizes, in
 float32 (q * d, Q4_1's + m: exact products, one rounding at most), rounds it to the activations'
@@ -22,19 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvrepl.backends import ggufinfo
+from kvrepl.backends import ggufblocks, ggufinfo
 from kvrepl.backends.describe import GGUF_NAMES, GGUF_PERMUTED, GGUF_TOP, Arch, gguf_qk_order
 
 BLOCK = 32
-# bytes per block of 32: the scale d (float16), Q4_1's minimum m (float16), then the quants
-FORMATS = {"Q8_0": (34, False), "Q4_0": (18, False), "Q4_1": (20, True)}
-KINDS = {"Q8_0": 1, "Q4_0": 2, "Q4_1": 3}  # the kernel's QT constexpr (0: a plain weight)
+# (weights, bytes) per block in the file; for the 32-weight blocks: the scale d (float16), Q4_1's
+# minimum m (float16), then the quants
+FORMATS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}
+KINDS = {"Q8_0": 1, "Q4_0": 2, "Q4_1": 3, "Q4_K": 3}  # the kernel's QT (0: a plain weight)
 
 
 @dataclass(frozen=True)
 class QWeight:
     """An [n, k] weight in GGUF blocks: q (Q8_0: int8 [n, k]; Q4: uint8 [n, k / 2]), d (float16
-    [n, k / 32]) and m (Q4_1: float16 [n, k / 32]; else None)."""
+    [n, k / 32]; Q4_K float32) and m (Q4_1: float16 [n, k / 32]; Q4_K float32; else None)."""
 
     qtype: str
     q: torch.Tensor
@@ -76,8 +80,11 @@ class QWeight:
 
 
 def from_blocks(raw: np.ndarray, qtype: str, n: int, k: int) -> QWeight:
-    """An [n, k] weight from a GGUF tensor's bytes (n * k / 32 blocks, row by row)."""
-    size, has_min = FORMATS[qtype]
+    """An [n, k] weight from a GGUF tensor's bytes (its blocks, row by row)."""
+    size = FORMATS[qtype][1]
+    if qtype == "Q4_K":
+        return _q4_k(np.asarray(raw, dtype=np.uint8).reshape(-1, size), n, k)
+    has_min = qtype == "Q4_1"
     b = np.ascontiguousarray(np.asarray(raw, dtype=np.uint8).reshape(n, k // BLOCK, size))
     d = torch.from_numpy(b[..., :2].copy().view(np.float16).reshape(n, k // BLOCK))
     m = torch.from_numpy(b[..., 2:4].copy().view(np.float16).reshape(n, k // BLOCK)) \
@@ -85,6 +92,16 @@ def from_blocks(raw: np.ndarray, qtype: str, n: int, k: int) -> QWeight:
     qs = b[..., 4 if has_min else 2 :].reshape(n, -1)
     q = torch.from_numpy(qs.view(np.int8) if qtype == "Q8_0" else qs.copy())
     return QWeight(qtype, q.contiguous(), d, m)
+
+
+def _q4_k(b: np.ndarray, n: int, k: int) -> QWeight:
+    """Q4_K super-blocks [n * k / 256, 144] as Q4_1 blocks of 32 (float32 scales and mins)."""
+    scale, minimum = ggufblocks.k_scale_min(b)
+    v = ggufblocks.fields(b[:, 16:144], 32, 4).reshape(n, k // BLOCK, 2, BLOCK // 2)
+    q = torch.from_numpy(np.ascontiguousarray(v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, k // 2))
+    d = torch.from_numpy(np.ascontiguousarray(scale.reshape(n, k // BLOCK)))
+    m = torch.from_numpy(np.ascontiguousarray(minimum.reshape(n, k // BLOCK)))
+    return QWeight("Q4_K", q, d, m)
 
 
 def joined(parts: list[QWeight | None]) -> QWeight | None:
@@ -102,7 +119,7 @@ def dense(w: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 class GGUFBlocks:
-    """The Q8_0/Q4_0/Q4_1 matrices of one GGUF file, by role, on a device."""
+    """The Q8_0/Q4_0/Q4_1/Q4_K matrices of one GGUF file, by role, on a device."""
 
     def __init__(self, path: Path, arch: Arch, device: Any) -> None:
         self.data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -116,7 +133,10 @@ class GGUFBlocks:
             return None
         qtype, dims, off = self.tensors[name]
         k, n = int(dims[0]), int(np.prod(dims[1:]))
-        raw = self.data[off : off + n * k // BLOCK * FORMATS[qtype][0]]
+        weights, size = FORMATS[qtype]
+        if k % weights:
+            return None
+        raw = self.data[off : off + n * k // weights * size]
         return from_blocks(raw, qtype, n, k).to(self.device)
 
     def layer(self, i: int) -> dict[str, QWeight | None]:
