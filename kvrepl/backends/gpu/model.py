@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from kvrepl.backends.describe import Arch, RopeTable, hf_weights, norm_weight
-from kvrepl.backends.gpu.fixed import FixedLayer, graph_key
 from kvrepl.backends.layers import GrowingLayer
 from kvrepl.backends.protocol import KernelBackend
 
@@ -70,8 +69,6 @@ class GpuModel(KernelBackend):
         # Llama's layer runs the fused QKV + rotary + cache-write kernel; any other term (a
         # bias, a q/k norm, a partial rotary) runs the matmul, then those steps one by one.
         self.fused_qkv = not (a.qkv_bias or a.qk_norm or a.rope_dim != a.head_dim)
-        # Where the layers are narrow (latency-bound), the matmuls take their RMSNorm too.
-        self.fused_norm = self.ops.fuses_norm(a.hidden)
         self.quantized: dict[str, int] = {}  # GGUF type -> matrices kept in its blocks
         self.layers = self._take_weights(model, consume, blocks)
         rope = RopeTable(model.config)
@@ -164,7 +161,6 @@ class GpuModel(KernelBackend):
                  "k": mk(a.n_kv * a.head_dim), "gu": mk(2 * a.ffn if a.act != "silu" else 0),
                  "logits": torch.empty(1, self.lm_head.shape[0], device=dev, dtype=dt),
                  "part": torch.empty(part, device=dev, dtype=torch.float32),
-                 "count": torch.zeros(m * a.n_kv, device=dev, dtype=torch.int32),
                  "ids": torch.zeros(m, dtype=torch.long, device=dev),
                  "pos": torch.zeros(1, dtype=torch.long, device=dev)}  # fmt: skip
             if m > 64:  # prefill chunks of other sizes come and go: keep few
@@ -176,9 +172,8 @@ class GpuModel(KernelBackend):
     def _run(self, b: dict[str, torch.Tensor], layers: list[GrowingLayer],
              all_logits: bool = False) -> None:  # fmt: skip
         """One forward of b["ids"] at positions b["pos"][0].. (device tensors: a graph replays
-        it with new values). A Llama layer is seven kernels (rotary and the cache writes ride on
-        the QKV matmul, silu * up on the gate/up one), five where the matmuls take the norms
-        (fused_norm); other terms add elementwise steps, which
+        it with new values). A Llama layer is eight kernels (rotary and the cache writes ride on
+        the QKV matmul, silu * up on the gate/up one); other terms add elementwise steps, which
         compute each position alone, so the step stays batch-invariant. The head computes the
         last row's logits (b["logits"]), or every row's (b["rows"]: a drafts' verification)."""
         a, ops = self.arch, self.ops
@@ -190,46 +185,40 @@ class GpuModel(KernelBackend):
         for i, (lw, cache) in enumerate(zip(self.layers, layers, strict=True)):
             kc, vc = (t[0] for t in cache.room(self.capacity))
             cos, sin = self.rope[a.layer_types[i]]
-            src, norm = self._normed(x, lw["attn_norm"], h)
+            ops.rmsnorm(x, lw["attn_norm"], a.eps, h)
             if self.fused_qkv:
-                ops.matmul_rope(src, lw["qkv"], q, cos, sin, kc, vc, b["pos"], a.n_heads, a.n_kv,
-                                norm=norm)  # fmt: skip
+                ops.matmul_rope(h, lw["qkv"], q, cos, sin, kc, vc, b["pos"], a.n_heads, a.n_kv)
             else:
-                self._qkv(b, lw, cos, sin, kc, vc, src, norm)
-            extra = (a.attn_softcap,) if a.attn_softcap else ()
-            ops.attention(q, kc, vc, b["pos"], att, b["part"], b["count"], a.windows[i],
-                          a.attn_scale, *extra)  # fmt: skip
+                self._qkv(b, lw, cos, sin, kc, vc)
+            if a.attn_softcap:
+                ops.attention(q, kc, vc, b["pos"], att, b["part"], a.windows[i], a.attn_scale,
+                              a.attn_softcap)  # fmt: skip
+            else:
+                ops.attention(q, kc, vc, b["pos"], att, b["part"], a.windows[i], a.attn_scale)
             self._residual(att, lw["o"], lw["post_attn_norm"], x, h)
-            src, norm = self._normed(x, lw["ffn_norm"], h)
+            ops.rmsnorm(x, lw["ffn_norm"], a.eps, h)
             if a.act == "silu":
-                ops.matmul(src, lw["gate_up"], b["act"], glu=True, norm=norm)
+                ops.matmul(h, lw["gate_up"], b["act"], glu=True)
             else:
                 gu, f = b["gu"], a.ffn
-                ops.matmul(src, lw["gate_up"], gu, norm=norm)
+                ops.matmul(h, lw["gate_up"], gu)
                 gelu = torch.nn.functional.gelu(gu[:, :f].float(), approximate="tanh")
                 b["act"].copy_((gelu * gu[:, f:].float()).to(gu.dtype))
             self._residual(b["act"], lw["down"], lw["post_ffn_norm"], x, h)
-        last = slice(0, m) if all_logits else slice(m - 1, m)
-        src, norm = self._normed(x[last], self.final_norm, h[last])
-        ops.matmul(src, self.lm_head, b["rows"] if all_logits else b["logits"], norm=norm)
-
-    def _normed(self, x: torch.Tensor, w: torch.Tensor,
-                h: torch.Tensor) -> tuple[torch.Tensor, Any]:  # fmt: skip
-        """What a matmul after an RMSNorm reads: x and the norm for it to apply (fused_norm),
-        or h, the norm computed into it here."""
-        if self.fused_norm:
-            return x, (w, self.arch.eps)
-        self.ops.rmsnorm(x, w, self.arch.eps, h)
-        return h, None
+        if all_logits:
+            ops.rmsnorm(x, self.final_norm, a.eps, h)
+            ops.matmul(h, self.lm_head, b["rows"])
+        else:
+            ops.rmsnorm(x[m - 1 : m], self.final_norm, a.eps, h[:1])
+            ops.matmul(h[:1], self.lm_head, b["logits"])
 
     def _qkv(self, b: dict[str, torch.Tensor], lw: dict[str, Any], cos: torch.Tensor,
-             sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, src: torch.Tensor,
-             norm: Any) -> None:  # fmt: skip
+             sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> None:  # fmt: skip
         """Q, K and V with a bias, q/k norms or a partial rotary: the matmul, then each term,
         then K and V written into the cache at each row's position."""
         a, ops, qkv, q, k = self.arch, self.ops, b["qkv"], b["q"], b["k"]
         m, d, qw, kw = qkv.shape[0], a.head_dim, a.n_heads * a.head_dim, a.n_kv * a.head_dim
-        ops.matmul(src, lw["qkv"], qkv, norm=norm)
+        ops.matmul(b["h"], lw["qkv"], qkv)
         if a.qkv_bias:
             qkv.add_(lw["qkv_bias"])
         q.copy_(qkv[:, :qw])
@@ -321,6 +310,52 @@ class GpuModel(KernelBackend):
         with torch.cuda.graph(g):
             self._run(b, layers, all_logits)
         return g
+
+
+def graph_key(layers: list[GrowingLayer]) -> tuple[int, ...]:
+    """What a captured decode step reads and writes of a cache: every layer's K and V buffer
+    address (a graph replays the addresses it was captured with). Layer 0's alone is not enough:
+    a cache freed and another made can reuse its first buffer's address and not the others'."""
+    return tuple(p for layer in layers for p in layer.addresses())
+
+
+class FixedLayer(GrowingLayer):
+    """A cache layer of the GPU path: a GrowingLayer whose `keys`/`values` views are made when
+    read rather than at each length change. A decode step moves every layer's length, and
+    making 2 views for each of 30 layers cost about 250 us of the host's time a token, more than
+    the GPU left it at 135M (the host queues the next step while the GPU runs this one)."""
+
+    _at: tuple[torch.Tensor, tuple[int, int]] | None = None  # (the K buffer, both addresses)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[..., : self._n, :]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        assert value is None, "a FixedLayer's keys are its buffer's filled part"
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[..., : self._n, :]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        assert value is None, "a FixedLayer's values are its buffer's filled part"
+
+    def _set_length(self, n: int) -> None:
+        self._n = n
+
+    def addresses(self) -> tuple[int, int]:
+        """Where the K and V buffers are (a fixed layer's never move, so read once)."""
+        k = self._k
+        if self._at is None or self._at[0] is not k:
+            self._at = (k, (k.data_ptr(), self._v.data_ptr()))
+        return self._at[1]
+
+    def reset(self) -> None:
+        super().reset()
+        self._at = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> None:

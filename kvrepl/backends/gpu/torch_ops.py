@@ -11,7 +11,7 @@ import torch
 from kvrepl.backends.gpu.qweights import dense
 
 
-def _attention(q, kc, vc, pos0, out, part, count, window, scale, softcap=0.0):
+def _attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0):
     """Each row's attention over its own positions (a window's last ones where given)."""
     m, p0 = q.shape[0], int(pos0[0])
     kvh, _, d = kc.shape
@@ -36,19 +36,12 @@ def torch_ops(computes: set[str]) -> Any:
         y = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
         return out.copy_((w.float() * y.float()).to(out.dtype))
 
-    def _normed(x, norm):
-        return x if norm is None else _norm(x, norm[0], norm[1], torch.empty_like(x))
-
     class Ops:
         rmsnorm = staticmethod(_norm)
 
         @staticmethod
-        def fuses_norm(k):  # as the Triton kernels choose, so the tests run both ways
-            return k <= 1536
-
-        @staticmethod
-        def matmul(x, w, out, residual=None, *, glu=False, norm=None):
-            x, w = _normed(x, norm), dense(w, x.dtype)
+        def matmul(x, w, out, residual=None, *, glu=False):
+            w = dense(w, x.dtype)
             if glu:
                 f = out.shape[1]
                 g, u = (x @ w[:f].T).to(out.dtype), (x @ w[f:].T).to(out.dtype)
@@ -59,8 +52,8 @@ def torch_ops(computes: set[str]) -> Any:
             return out
 
         @staticmethod
-        def matmul_rope(x, w, q, cos_t, sin_t, kc, vc, pos0, heads, kv_heads, norm=None):
-            x, w = _normed(x, norm), dense(w, x.dtype)
+        def matmul_rope(x, w, q, cos_t, sin_t, kc, vc, pos0, heads, kv_heads):
+            w = dense(w, x.dtype)
             qkv = (x @ w.T).to(q.dtype)
             m, d = qkv.shape[0], kc.shape[2]
             p = int(pos0[0])

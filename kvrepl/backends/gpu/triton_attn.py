@@ -1,10 +1,9 @@
 """The GPU path's attention kernels, in Triton, over a fixed-capacity cache: batch-invariant by
 construction. A query row's keys are split at fixed absolute positions (SPLIT keys each); each
 split's (max, sum, values) is computed by its own program in blocks of KB keys in order, and the
-splits are combined in order by the last of a row's programs to finish (a counter per row and
-K/V head), in the same kernel. A row's keys end at its own position, read from
-a device tensor, so a decode step replays in a CUDA graph while the cache fills. Owns this
-kernel and its launch; not the matmul or the norm (triton_ops.py), nor how kernels follow one
+splits are combined in order by a second kernel. A row's keys end at its own position, read from
+a device tensor, so a decode step replays in a CUDA graph while the cache fills. Owns these two
+kernels and their launch; not the matmul or the norm (triton_ops.py), nor how kernels follow one
 another (triton_pdl.py).
 """
 
@@ -24,13 +23,11 @@ def _precision(x: torch.Tensor) -> str:
 
 
 @triton.jit(do_not_specialize=["window"])
-def _attention(q, kc, vc, part, count, o, pos0, sqm, skh, som, KVH, G, D: tl.constexpr,
-               GP: tl.constexpr, window, scale, NSPLIT, SPLITc: tl.constexpr,
-               KBc: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _attn_split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D: tl.constexpr, GP: tl.constexpr,
+                window, scale, NSPLIT, SPLITc: tl.constexpr, KBc: tl.constexpr,
+                PREC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Program (row m, K/V head g, split s): the keys of [s*SPLIT, (s+1)*SPLIT) row m sees,
-    in blocks of KB at absolute positions, with an online softmax in order; its partials
-    stored, the last of the row's and head's NSPLIT programs to finish (a counter) combines
-    them in order into o and sets the counter back to 0."""
+    in blocks of KB at absolute positions, with an online softmax in order."""
     if PDL == 1:
         P.next_may_start()
     if PDL:
@@ -71,38 +68,44 @@ def _attention(q, kc, vc, part, count, o, pos0, sqm, skh, som, KVH, G, D: tl.con
         mx = new
     if PDL == 2:
         P.next_may_start()
-    base = part + (m * KVH + g) * NSPLIT * GP * (D + 2)
-    out = base + s * GP * (D + 2)
+    out = part + ((m * KVH + g) * NSPLIT + s) * GP * (D + 2)
     tl.store(out + heads * (D + 2), mx)
     tl.store(out + heads * (D + 2) + 1, lsum)
     tl.store(out + heads[:, None] * (D + 2) + 2 + dims[None, :], acc)
-    tl.debug_barrier()  # every thread's partials stored before the program counts itself done
-    done = tl.atomic_add(count + m * KVH + g, 1, sem="acq_rel")
-    if done == NSPLIT - 1:  # the last: every split's partials are in memory
-        _combine(base, o + m * som + (g * G + heads)[:, None] * D + dims[None, :],
-                 heads[:, None] < G, lo, pos, heads, dims, D, SPLITc)  # fmt: skip
-        tl.atomic_xchg(count + m * KVH + g, 0)
 
 
-@triton.jit
-def _combine(base, dst, ok, lo, pos, heads, dims, D: tl.constexpr, SPLITc: tl.constexpr):
-    """The splits' partials of [lo, pos] combined in order: their max first, then the sums and
-    values scaled by it (read past L1: other programs wrote them)."""
-    GP: tl.constexpr = heads.shape[0]
+@triton.jit(do_not_specialize=["window"])
+def _attn_combine(part, o, pos0, som, KVH, G, D: tl.constexpr, GP: tl.constexpr, window,
+                  NSPLIT, SPLITc: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """Program (row m, K/V head g): its splits' partials, combined in order."""
+    if PDL == 1:
+        P.next_may_start()
+    if PDL:
+        P.wait_for_previous()
+    pid = tl.program_id(0)
+    m, g = pid // KVH, pid % KVH
+    pos = tl.load(pos0) + m
+    lo = pos * 0
+    if window > 0:
+        lo = tl.maximum(pos - window + 1, 0)
+    heads = tl.arange(0, GP)
+    dims = tl.arange(0, D)
+    base = part + (m * KVH + g) * NSPLIT * GP * (D + 2)
     mx = tl.full((GP,), float("-inf"), tl.float32)
     for s in range(lo // SPLITc, pos // SPLITc + 1):
-        at = base + s * GP * (D + 2) + heads * (D + 2)
-        mx = tl.maximum(mx, tl.load(at, cache_modifier=".cg"))
+        mx = tl.maximum(mx, tl.load(base + s * GP * (D + 2) + heads * (D + 2)))
     lsum = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
     for s in range(lo // SPLITc, pos // SPLITc + 1):
         p = base + s * GP * (D + 2)
-        f = tl.exp(tl.load(p + heads * (D + 2), cache_modifier=".cg") - mx)
-        lsum += tl.load(p + heads * (D + 2) + 1, cache_modifier=".cg") * f
-        acc += tl.load(p + heads[:, None] * (D + 2) + 2 + dims[None, :], cache_modifier=".cg") \
-            * f[:, None]  # fmt: skip
+        f = tl.exp(tl.load(p + heads * (D + 2)) - mx)
+        lsum += tl.load(p + heads * (D + 2) + 1) * f
+        acc += tl.load(p + heads[:, None] * (D + 2) + 2 + dims[None, :]) * f[:, None]
     y = acc / lsum[:, None]
-    tl.store(dst, y.to(dst.dtype.element_ty), mask=ok)
+    if PDL == 2:
+        P.next_may_start()
+    tl.store(o + m * som + (g * G + heads)[:, None] * D + dims[None, :], y.to(o.dtype.element_ty),
+             mask=heads[:, None] < G)  # fmt: skip
 
 
 def attention(
@@ -112,14 +115,12 @@ def attention(
     pos0: torch.Tensor,
     out: torch.Tensor,
     part: torch.Tensor,
-    count: torch.Tensor,
     window: int,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of q [M, H*D] at positions pos0[0].. over the cache kc/vc
     [kvh, cap, D] (holding their own K/V): out [M, H*D]. `part` holds the splits' partials:
-    at least M * kvh * nsplit * GP * (D + 2) float32, nsplit = cap // SPLIT; `count`, int32
-    zeros, at least M * kvh (each call leaves them zero)."""
+    at least M * kvh * nsplit * GP * (D + 2) float32, nsplit = cap // SPLIT."""
     m = q.shape[0]
     kvh, cap, d = kc.shape
     heads = out.shape[1] // d  # q may be the whole qkv row: its first H*D are q
@@ -127,10 +128,13 @@ def attention(
     gp = max(16, triton.next_power_of_2(g))  # a dot needs 16 rows
     nsplit = triton.cdiv(cap, SPLIT)
     pdl = P.mode(out.shape[1])
-    _attention[(m * kvh * nsplit,)](q, kc, vc, part, count, out, pos0, q.stride(0), kc.stride(0),
-                                    out.stride(0), kvh, g, D=d, GP=gp, window=window, scale=scale,
-                                    NSPLIT=nsplit, SPLITc=SPLIT, KBc=KB, PREC=_precision(q),
-                                    PDL=pdl, launch_pdl=pdl > 0)  # fmt: skip
+    _attn_split[(m * kvh * nsplit,)](q, kc, vc, part, pos0, q.stride(0), kc.stride(0), kvh, g,
+                                      D=d, GP=gp, window=window, scale=scale, NSPLIT=nsplit,
+                                      SPLITc=SPLIT, KBc=KB, PREC=_precision(q), PDL=pdl,
+                                      launch_pdl=pdl > 0)  # fmt: skip
+    _attn_combine[(m * kvh,)](part, out, pos0, out.stride(0), kvh, g, D=d, GP=gp,
+                              window=window, NSPLIT=nsplit, SPLITc=SPLIT, PDL=pdl,
+                              launch_pdl=pdl > 0)  # fmt: skip
     return out
 
 

@@ -1,8 +1,8 @@
 """The GPU path's kernels, in Triton: the matmul (with its prologue and epilogues) and RMSNorm,
 each batch-invariant by construction, as the CPU kernels are (native/kernels.c); the attention
-kernel is in triton_attn.py (re-exported here: model.py takes every kernel from this module),
+kernels are in triton_attn.py (re-exported here: model.py takes every kernel from this module),
 and how kernels follow one another (programmatic dependent launch, the weights' L2 prefetch) in
-triton_pdl.py. A Llama layer is seven kernels, five where its layers are narrow (fuses_norm):
+triton_pdl.py. A Llama layer is eight kernels:
 
 - matmul: every output tile is 16 rows x BN columns; the K loop runs in blocks of BK in order and
   accumulates in float32, with no split of K: a row's result never depends on the rows beside it.
@@ -11,10 +11,9 @@ triton_pdl.py. A Llama layer is seven kernels, five where its layers are narrow 
   and prefill wide ones. Its epilogues: the residual add;
   silu(gate) * up (a program holds the same columns of both, in two accumulators); and the
   rotary embedding of q and k with k and v stored into the cache at each row's position (a
-  program holds a head's first-half columns and their partners half a head on); its prologue
-  (fuses_norm): the RMSNorm of its rows, each program computing it for its own;
+  program holds a head's first-half columns and their partners half a head on);
 - rmsnorm: one program per row;
-- attention: one kernel (triton_attn.py).
+- attention: two kernels (triton_attn.py).
 
 Imported only where CUDA and Triton are (kvrepl/backends/gpu/model.py picks these or the torch
 ones). With TRITON_INTERPRET=1 they also run on the CPU (float32, for their arithmetic, not for
@@ -33,7 +32,7 @@ import triton.language as tl
 from kvrepl.backends.gpu import triton_pdl as P
 from kvrepl.backends.gpu.triton_attn import attention, part_floats
 
-__all__ = ["attention", "fuses_norm", "matmul", "matmul_rope", "part_floats", "rmsnorm"]
+__all__ = ["attention", "matmul", "matmul_rope", "part_floats", "rmsnorm"]
 
 BM = 16  # rows per tile: fixed (with each weight's BK, it decides the arithmetic)
 # How a GGUF-block weight's tile is loaded (the same values either way; bench/gpu_gguf.py times
@@ -42,9 +41,8 @@ QLOAD = os.environ.get("KVREPL_GPU_QLOAD", "blocks")
 
 
 @triton.jit(do_not_specialize=["M"])
-def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, nw, eps, M, N, K, sxm, swn,
-            sdn, som, srm, sqo, skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr,
-            ROPE: tl.constexpr, NORM: tl.constexpr,
+def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, sdn, som,
+            srm, sqo, skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
             QT: tl.constexpr, Q3: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
             BMc: tl.constexpr, BN: tl.constexpr, BKc: tl.constexpr, PREC: tl.constexpr,
             PDL: tl.constexpr, PF: tl.constexpr):  # fmt: skip
@@ -53,9 +51,7 @@ def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, nw, eps, M, 
     QKV weight, N its rows; a program takes BN columns of heads' first halves and the BN
     columns half a head on: q rotated into qo, k rotated and v into the caches at the rows'
     positions). QT: w holds GGUF blocks (qweights.py; wd, wm their scales and minimums),
-    dequantized tile by tile in registers. NORM: x is first RMS-normalized by the weight nw
-    (a pass over each row's K for its sum of squares, then each tile scaled as it is loaded, as
-    rmsnorm rounds it). Per row, the same operations in the same order
+    dequantized tile by tile in registers. Per row, the same operations in the same order
     whatever rows share the tile (M is not specialized on: one kernel for every row count).
     PDL (triton_pdl): prefetch PF weight columns into L2, then wait for the kernel before."""
     pn, pm = tl.program_id(0), tl.program_id(1)
@@ -80,14 +76,10 @@ def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, nw, eps, M, 
     if PDL:
         P.wait_for_previous()
     rows_ok = rm[:, None] < M
-    if NORM:
-        inv = _inverse_rms(x, rm, rk, sxm, rows_ok, eps, K, BKc)
     acc = tl.zeros((BMc, BN), dtype=tl.float32)
     acc2 = tl.zeros((BMc, BN), dtype=tl.float32)
     for k0 in range(0, K, BKc):
         a = tl.load(x + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rows_ok, other=0.0)
-        if NORM:
-            a = _normed(a, inv, nw, k0 + rk)
         b = _weights(w, wd, wm, rn, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, BKc)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
         if GLU or ROPE:
@@ -101,38 +93,14 @@ def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, nw, eps, M, 
         _rope_epilogue(y, acc2.to(out.dtype.element_ty), qo, cos_t, sin_t, kc, vc, pos0, rm, rn,
                        c, ok, sqo, skh, H, KVH, D, ROT)  # fmt: skip
     else:
-        _epilogue(y, acc2, out, res, rm, rn, ok, som, srm, GLU, HAS_RES)
-
-
-@triton.jit
-def _epilogue(y, acc2, out, res, rm, rn, ok, som, srm, GLU: tl.constexpr, HAS_RES: tl.constexpr):
-    """silu(gate) * up (GLU), + the residual (HAS_RES), stored."""
-    if GLU:  # gate and up each rounded, then silu(gate) * up in float32, as transformers does
-        g = y.to(tl.float32)
-        up = acc2.to(out.dtype.element_ty).to(tl.float32)
-        y = (g / (1.0 + tl.exp(-g)) * up).to(out.dtype.element_ty)
-    if HAS_RES:  # residual + layer(x), rounded as transformers rounds it
-        r = tl.load(res + rm[:, None] * srm + rn[None, :], mask=ok, other=0.0)
-        y = (r.to(tl.float32) + y.to(tl.float32)).to(out.dtype.element_ty)
-    tl.store(out + rm[:, None] * som + rn[None, :], y, mask=ok)
-
-
-@triton.jit
-def _normed(a, inv, nw, cols):
-    """(x * rsqrt(var + eps)).to(dtype), then * weight, rounded: as rmsnorm computes it."""
-    y = (a.to(tl.float32) * inv[:, None]).to(a.dtype)
-    return (tl.load(nw + cols).to(tl.float32)[None, :] * y.to(tl.float32)).to(a.dtype)
-
-
-@triton.jit
-def _inverse_rms(x, rm, rk, sxm, rows_ok, eps, K, BKc: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of each row, its squares summed in blocks of BK in order."""
-    ss = tl.zeros((rm.shape[0],), dtype=tl.float32)
-    for k0 in range(0, K, BKc):
-        a = tl.load(x + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rows_ok, other=0.0)
-        a = a.to(tl.float32)
-        ss += tl.sum(a * a, axis=1)
-    return 1.0 / tl.sqrt(ss / K + eps)
+        if GLU:  # gate and up each rounded, then silu(gate) * up in float32, as transformers does
+            g = y.to(tl.float32)
+            up = acc2.to(out.dtype.element_ty).to(tl.float32)
+            y = (g / (1.0 + tl.exp(-g)) * up).to(out.dtype.element_ty)
+        if HAS_RES:  # residual + layer(x), rounded as transformers rounds it
+            r = tl.load(res + rm[:, None] * srm + rn[None, :], mask=ok, other=0.0)
+            y = (r.to(tl.float32) + y.to(tl.float32)).to(out.dtype.element_ty)
+        tl.store(out + rm[:, None] * som + rn[None, :], y, mask=ok)
 
 
 @triton.jit
@@ -274,38 +242,26 @@ def _table(n: int, k: int, bk: int) -> tuple[int, int, int]:
     return 64, 4, 5 if n > 32768 else 3
 
 
-def fuses_norm(k: int) -> bool:
-    """Whether a matmul over rows k wide takes its RMSNorm (`norm=`): where latency, not
-    bandwidth, bounds the layer (a kernel fewer); wider, each program's pass over its rows
-    costs more than the launch it saves (4-5% at 1B and 8B, measured on an H100)."""
-    return k <= P.SMALL
-
-
 def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
-           residual: torch.Tensor | None = None, *, glu: bool = False,
-           norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:  # fmt: skip
+           residual: torch.Tensor | None = None, *, glu: bool = False) -> torch.Tensor:  # fmt: skip
     """out[M, N] = x[M, K] @ w[N, K]^T (+ residual), in x's dtype with float32 accumulation.
-    glu: w is [2N, K] (gate, then up) and out = silu(x @ gate^T) * (x @ up^T).
-    norm: (weight, eps): x RMS-normalized first (only where fuses_norm(K))."""
-    return _launch(x, w, out, residual, glu, None, norm)
+    glu: w is [2N, K] (gate, then up) and out = silu(x @ gate^T) * (x @ up^T)."""
+    return _launch(x, w, out, residual, glu, None)
 
 
 def matmul_rope(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, cos_t: torch.Tensor,
                 sin_t: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos0: torch.Tensor,
-                heads: int, kv_heads: int,
-                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:  # fmt: skip
+                heads: int, kv_heads: int) -> torch.Tensor:  # fmt: skip
     """x @ w^T (w: the QKV weight, [(H + 2 KVH) * D, K]), then q rotated by the rows' positions
     pos0[0].. into q [M, H * D], and k rotated and v into the caches [KVH, cap, D] at those
-    positions. cos/sin: float32 [positions, D]. norm: as matmul's."""
-    return _launch(x, w, q, None, False, (cos_t, sin_t, kc, vc, pos0, heads, kv_heads), norm)
+    positions. cos/sin: float32 [positions, D]."""
+    return _launch(x, w, q, None, False, (cos_t, sin_t, kc, vc, pos0, heads, kv_heads))
 
 
-def _launch(x, w, out, residual, glu, rope, norm=None, cfg=None):  # noqa: ANN001, ANN202
-    """The one matmul kernel with its prologue and epilogues; cfg (BN, BK, warps, stages)
-    overrides the table (bench/gpu_tune.py times the candidates)."""
+def _launch(x, w, out, residual, glu, rope, cfg=None):  # noqa: ANN001, ANN202
+    """The one matmul kernel with its epilogues; cfg (BN, BK, warps, stages) overrides the
+    table (bench/gpu_tune.py times the candidates)."""
     m, k = x.shape
-    assert norm is None or fuses_norm(k), "a norm rides on a matmul only where fuses_norm"
-    nw, eps = norm or (x, 0.0)
     rows = w.shape[0]
     n = rows // 2 if glu else rows
     bn, bk, warps, stages = cfg or _config(rows, k, glu or rope is not None, m)
@@ -316,10 +272,10 @@ def _launch(x, w, out, residual, glu, rope, norm=None, cfg=None):  # noqa: ANN00
     d = kc.shape[2] if rope else 16
     grid = (triton.cdiv(n // 2 if rope else n, bn), triton.cdiv(m, BM))
     pdl = P.mode(k)
-    _matmul[grid](x, wq, wd, wm, out, res, out, cos_t, sin_t, kc, vc, pos0, nw, eps, m, n, k,
-                  x.stride(0), wq.stride(0), wd.stride(0), out.stride(0), res.stride(0),
-                  out.stride(0), kc.stride(0), heads, kvh, HAS_RES=residual is not None, GLU=glu,
-                  ROPE=rope is not None, NORM=norm is not None, QT=qt, Q3=QLOAD == "blocks", D=d,
+    _matmul[grid](x, wq, wd, wm, out, res, out, cos_t, sin_t, kc, vc, pos0, m, n, k, x.stride(0),
+                  wq.stride(0), wd.stride(0), out.stride(0), res.stride(0), out.stride(0),
+                  kc.stride(0), heads, kvh, HAS_RES=residual is not None, GLU=glu,
+                  ROPE=rope is not None, QT=qt, Q3=QLOAD == "blocks", D=d,
                   ROT=cos_t.shape[1] if rope else 1, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x),
                   PDL=pdl,
                   PF=0 if qt else P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
