@@ -191,7 +191,7 @@ def figure(shapes: list[str]) -> list[dict]:
         model = B.build(shape, 4096)
         prompt = B.tokens(128, 2)
         row: dict[str, Any] = {"shape": shape, "gpu": name}
-        for qt in ("bf16", "Q8_0", "Q4_0"):
+        for qt in ("bf16", "Q8_0", "Q4_0", "Q4_K"):
             gm = GpuModel(model, 4096, blocks=None if qt == "bf16" else Blocks(model, qt))
             for T.QLOAD in ("blocks",) if qt == "bf16" else ("blocks", "elements"):
                 key = qt if qt == "bf16" else f"{qt}_{T.QLOAD}"

@@ -267,6 +267,8 @@ def _launch(x, w, out, residual, glu, rope, cfg=None):  # noqa: ANN001, ANN202
     bn, bk, warps, stages = cfg or _config(rows, k, glu or rope is not None, m)
     qt = getattr(w, "kind", 0)
     wq, wd, wm = (w.q, w.d, w.m if w.m is not None else w.d) if qt else (w, w, w)
+    if qt and QLOAD != "blocks" and wd.dtype == torch.float32:
+        stages = min(stages, 2)  # Q4_K's float32 scales, a tile of each per stage: shared memory
     res = residual if residual is not None else out
     cos_t, sin_t, kc, vc, pos0, heads, kvh = rope or (out, out, out, out, out, 0, 0)
     d = kc.shape[2] if rope else 16
