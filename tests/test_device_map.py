@@ -15,8 +15,8 @@ from kvrepl.store.kvstore import KVStore
 
 # Where it ran instead (CI has no GPU): say it again when it runs on another.
 GPU_SKIP = ("needs a GPU, which CI has not; passed on an NVIDIA H100 80GB (torch 2.11.0+cu130, "
-            "transformers 5.25.0), 2026-12-06; failed with transformers 5.17.0 on 2026-12-07 "
-            "(the cache went by the wrong keyword: fixed in 823f191, not re-run on a GPU)")
+            "transformers 5.17.0) on 2026-12-07, after the fix of 823f191 (before it, 5.17 took "
+            "the cache by another keyword and this test failed)")
 
 pytestmark = [
     pytest.mark.gpu,
