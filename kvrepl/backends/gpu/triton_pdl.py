@@ -19,7 +19,11 @@ Measured on an H100 (`python bench/gpu_step.py --capacity 4096`, the decode step
 2026-12-06), late with prefetch / late / early / plain: 135M 698 / 759 / 763 / 856 us, 1B
 1,145 / 1,141 / 1,187 / 1,180, 8B 5,536 / 5,539 / 5,621 / 5,625. The prefetch pays only where
 latency, not bandwidth, bounds a kernel (with the RMSNorm fused into the matmuls, an attempt
-since undone, it cost 4-5% at 1B and 8B), so it is kept to layers at most SMALL wide.
+since undone, it cost 4-5% at 1B and 8B), so it is kept to layers at most SMALL wide. A second
+attempt at fewer kernels (12263b8, reverted: the norm fused only where layers are at most SMALL
+wide, and the attention's splits combined by the last program to finish, on a counter) was
+slower too on an H100 (gpu_step.py, 2026-12-07): 135M 989 us against 699, 1B 1,205 against
+1,178. Under PDL a launch costs less than a round of dependent loads or a serial combine.
 """
 
 from __future__ import annotations
