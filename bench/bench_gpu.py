@@ -5,6 +5,7 @@ configs with random bf16 weights (no downloads; SmolLM2's 49,152-token vocabular
 to first token of a 50-token turn after 16k tokens of history, reused against recomputed.
 
     python bench/bench_gpu.py --check    # correctness first: kernels, invariance, graphs (~1 min)
+    python bench/bench_gpu.py --check --parts gguf   # one part of it
     python bench/bench_gpu.py            # the figures (~6 min on an H200)
     python bench/bench_gpu.py --shapes 135M,1B --no-static
     python bench/bench_gpu.py --memory   # GPU memory at Llama-3.1-8B's and Qwen3-4B's shapes
@@ -556,6 +557,8 @@ def bench_shape(shape: str, static: bool, copy_bps: float, n: int = 128) -> dict
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--parts", default="kernels,model,families,gguf",
+                    help="--check's parts, in order (a part that raises fails, the rest run)")
     ap.add_argument("--shapes", default="135M,1B,8B")
     ap.add_argument("--no-static", action="store_true")
     ap.add_argument("--static-only", action="store_true", help="8B generate(static) alone")
@@ -604,8 +607,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         import gpu_gguf
 
-        for part in (check_kernels, check_model, check_families, gpu_gguf.check_gguf):
-            r = {"part": part.__name__, **part()}
+        parts = {"kernels": check_kernels, "model": check_model, "families": check_families,
+                 "gguf": gpu_gguf.check_gguf}  # fmt: skip
+        for name in args.parts.split(","):
+            part = parts[name]
+            try:
+                r = {"part": part.__name__, **part()}
+            except Exception as e:  # noqa: BLE001 - a part that raises fails; the others still run
+                r = {"part": part.__name__, "ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
             print(json.dumps(r), flush=True)
             results.append(r)
         ok = all(r["ok"] for r in results)
