@@ -68,7 +68,8 @@ def _attn_split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D: tl.constexpr, GP: tl
         mx = new
     if PDL == 2:
         P.next_may_start()
-    out = part + ((m * KVH + g) * NSPLIT + s) * GP * (D + 2)
+    out = part + pid.to(tl.int64) * (GP * (D + 2))  # pid = (m * KVH + g) * NSPLIT + s; int64:
+    # at 128k positions a 512-row chunk's partials pass 2^31 floats
     tl.store(out + heads * (D + 2), mx)
     tl.store(out + heads * (D + 2) + 1, lsum)
     tl.store(out + heads[:, None] * (D + 2) + 2 + dims[None, :], acc)
@@ -90,7 +91,7 @@ def _attn_combine(part, o, pos0, som, KVH, G, D: tl.constexpr, GP: tl.constexpr,
         lo = tl.maximum(pos - window + 1, 0)
     heads = tl.arange(0, GP)
     dims = tl.arange(0, D)
-    base = part + (m * KVH + g) * NSPLIT * GP * (D + 2)
+    base = part + pid.to(tl.int64) * NSPLIT * (GP * (D + 2))  # pid = m * KVH + g
     mx = tl.full((GP,), float("-inf"), tl.float32)
     for s in range(lo // SPLITc, pos // SPLITc + 1):
         mx = tl.maximum(mx, tl.load(base + s * GP * (D + 2) + heads * (D + 2)))
