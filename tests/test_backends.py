@@ -108,6 +108,35 @@ def test_the_context_setting_is_checked_where_it_is_given():
         load_settings({"context": "-5"})
 
 
+def test_a_gpu_context_counts_the_attention_scratch_beside_the_k_v(monkeypatch):
+    """The GPU path's check: the K/V and the attention's partials of a prefill chunk (which grow
+    with the context too) against the GPU's free memory, less a GiB; the context it names fits
+    both (a fake CUDA device: CI has none)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kvrepl.errors import ModelError
+
+    config = make_model("llama").config
+    arch = placement.Arch.from_config(config)
+    p = SimpleNamespace(device=SimpleNamespace(type="cuda"), element_size=lambda: 2)
+    model = SimpleNamespace(config=config, parameters=lambda: iter([p]))
+    kv = arch.kv_bytes(4096, 2)
+    free = (1 << 30) + 2 * kv
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, free))
+    placement.check_cache_fits(model, 4096)  # the K/V alone: fits
+    placement.check_cache_fits(model, 4096, kv)  # with as much scratch: fits, just
+    with pytest.raises(ModelError, match=r"needs .* of K/V and attention scratch .* --context"):
+        placement.check_cache_fits(model, 4096, 2 * kv)
+    try:
+        placement.check_cache_fits(model, 4096, 3 * kv)
+    except ModelError as e:
+        fits = int(str(e).split("--context ")[1].split()[0].replace(",", ""))
+    assert 0 < fits < 4096
+    placement.check_cache_fits(model, fits, 3 * kv * fits // 4096)  # the context it names fits
+
+
 def test_a_context_the_memory_cannot_hold_is_refused_in_one_line(monkeypatch):
     import os
 

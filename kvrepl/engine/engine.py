@@ -29,6 +29,8 @@ from kvrepl.engine.sampler import Sampler, TokenReader
 from kvrepl.errors import PromptError
 from kvrepl.events import Finish, Plan, Progress, Stats, TextDelta, TurnEvent
 
+PREFILL_CHUNK = 512  # positions a prefill forward takes at most (placement sizes scratch by it)
+
 # Drafted tokens fed ahead of the ids, each with its row's logits.
 Drafts = deque[tuple[int, torch.Tensor]]
 
@@ -117,7 +119,7 @@ class Engine:
         end_ids: set[int],
         context_length: int,
         reuse: bool = True,
-        chunk_size: int = 512,
+        chunk_size: int = PREFILL_CHUNK,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer

@@ -155,31 +155,39 @@ def gpu(model: Any, context: int, gguf: Path | None = None) -> Any:
         ops = ops_for("triton")
     except ImportError as exc:
         raise Unsupported(f"{getattr(exc, 'name', None) or exc} missing") from None
+    from kvrepl.engine.engine import PREFILL_CHUNK
+
     arch = Arch.from_config(model.config)
     arch.refusal("the GPU kernels", ops.COMPUTES)
-    check_cache_fits(model, context)
+    g = arch.n_heads // arch.n_kv  # the attention's partials of a prefill chunk, in float32
+    check_cache_fits(model, context, 4 * ops.part_floats(PREFILL_CHUNK, arch.n_kv, context, g,
+                                                          arch.head_dim))  # fmt: skip
     p = next(model.parameters())
     blocks = GGUFBlocks(gguf, arch, p.device) if gguf is not None else None
     return GpuModel(model, context, consume=True, blocks=blocks)
 
 
-def check_cache_fits(model: Any, context: int) -> None:
+def check_cache_fits(model: Any, context: int, scratch: int = 0) -> None:
     """One line, before anything is computed, when a `context`-token cache does not fit the free
-    memory of the model's GPU (the model's weights are already there)."""
+    memory of the model's GPU (the model's weights are already there). `scratch`: bytes that
+    grow with the context beside the K/V (the GPU attention's partials of a prefill chunk: 2.2
+    GB at 32k positions for an 8B model, more than the GiB kept for activations)."""
     import torch
 
     p = next(model.parameters())
     if p.device.type != "cuda":
         return
     arch = Arch.from_config(model.config)
-    need = arch.kv_bytes(context, p.element_size())
+    need = arch.kv_bytes(context, p.element_size()) + scratch
     free, _ = torch.cuda.mem_get_info(p.device)
     room = free - (1 << 30)  # a GiB for activations, graphs and the allocator's slack
     if need > room:
-        fits = max(0, room) // max(1, arch.kv_bytes(1, p.element_size())) // 1024 * 1024
+        per_token = arch.kv_bytes(1, p.element_size()) + scratch / max(1, context)
+        fits = int(max(0, room) // max(1.0, per_token)) // 1024 * 1024
+        what = "K/V" if not scratch else "K/V and attention scratch"
         raise ModelError(
-            f"a {context:,}-token context needs {need / 2**30:.1f} GiB of K/V on {p.device} and "
-            f"{max(0, free) / 2**30:.1f} GiB is free: use --context {fits:,} or less"
+            f"a {context:,}-token context needs {need / 2**30:.1f} GiB of {what} on {p.device} "
+            f"and {max(0, free) / 2**30:.1f} GiB is free: use --context {fits:,} or less"
         )
 
 
