@@ -1,7 +1,8 @@
 """The test models: the tiny tokenizer and models, made here in memory (a byte-level BPE tokenizer
 with ChatML control tokens or Qwen3's thinking template, and a 3-layer random Llama: tied, its
 greedy answer only repeats the prompt's last token; untied, varied answers, for the tests that
-compare answers), and Gemma 3 270M's GGUF, assembled from the parts its packages hold."""
+compare answers), Gemma 3 270M's GGUF, assembled from the parts its packages hold, and random
+GGUF blocks of every type the fast path reads (for the types gguf-py cannot quantize)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from kvrepl.backends.cpu.quant import LAYOUT
 
 # KVREPL_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (checked once on a lent machine).
 TEST_DEVICE = os.environ.get("KVREPL_TEST_DEVICE", "cpu")
@@ -126,3 +130,36 @@ def gemma_gguf() -> Path:
         pytest.fail(f"the assembled Gemma GGUF has sha256 {h.hexdigest()}, not {GEMMA_SHA256}")
     os.replace(tmp, target)
     return target
+
+
+# Byte offsets of a GGUF block's float16 fields (scales, mins), by type: the rest of a block
+# is integers, every bit pattern valid.
+F16_FIELDS = {
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+    "IQ4_NL": [0],
+    "IQ4_XS": [0],
+}
+
+
+def random_blocks(qtype: str, n: int, k: int, rng: np.random.Generator, wide: bool) -> np.ndarray:
+    """Random bytes (every bit pattern is a valid block) with finite float16 fields: `wide`, any
+    finite pattern (subnormals, 65504, negative zero); else sane scales for a matmul."""
+    bs, nbytes = LAYOUT[qtype]
+    raw = rng.integers(0, 256, size=(n * k // bs, nbytes), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        if wide:
+            h = rng.integers(0, 1 << 16, size=raw.shape[0], dtype=np.uint16)
+            h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # exponent all ones (inf, nan) -> finite
+        else:
+            h = rng.uniform(-0.02, 0.02, size=raw.shape[0]).astype(np.float16).view(np.uint16)
+        raw[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
+    return raw

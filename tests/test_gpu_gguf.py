@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from families import make_model, write_gguf
+from makers import random_blocks
 
 from kvrepl.backends.gpu import qweights
 from kvrepl.backends.gpu.model import GpuModel
@@ -46,19 +47,10 @@ def test_blocks_dequantize_as_gguf_py(qtype):
     assert torch.equal(both.dequantize(), torch.cat([want, want[order.tolist()]]))
 
 
-def _q4_k_raw(n: int, k: int, seed: int) -> np.ndarray:
-    """Random Q4_K super-blocks (every bit pattern of the scales and quants is valid) with
-    small float16 d and dmin: gguf-py has a Q4_K dequantizer but no quantizer."""
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(n * k // 256, 144), dtype=np.uint8)
-    raw[:, 0:4] = rng.uniform(-1e-3, 1e-3, size=(raw.shape[0], 2)).astype(np.float16).view(np.uint8)
-    return raw
-
-
 def test_q4_k_blocks_dequantize_as_gguf_py():
     """Q4_K's sub-blocks of 32 kept as Q4_1 blocks (nibbles reordered, float32 d * sc and
     -(dmin * m)): the same float32 values as gguf-py's dequantization, then bf16 the same."""
-    raw = _q4_k_raw(24, 512, 5)
+    raw = random_blocks("Q4_K", 24, 512, np.random.default_rng(5), False)
     qw = qweights.from_blocks(raw, "Q4_K", 24, 512)
     assert qw.shape == (24, 512) and qw.kind == qweights.KINDS["Q4_1"]
     want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).copy())

@@ -11,27 +11,13 @@ import ctypes
 import numpy as np
 import pytest
 import torch
-from makers import gemma_gguf
+from makers import F16_FIELDS, gemma_gguf, random_blocks
 
 from kvrepl.backends.cpu import native
-from kvrepl.backends.cpu.quant import LAYOUT, Packed, QuantError, pack
+from kvrepl.backends.cpu.quant import Packed, QuantError, pack
 from kvrepl.engine import models
 
 # byte offsets of each block type's float16 fields (scales d, dmin), as ggml lays them out
-F16_FIELDS = {
-    "Q4_0": [0],
-    "Q4_1": [0, 2],
-    "Q5_0": [0],
-    "Q5_1": [0, 2],
-    "Q8_0": [0],
-    "Q2_K": [80, 82],
-    "Q3_K": [108],
-    "Q4_K": [0, 2],
-    "Q5_K": [0, 2],
-    "Q6_K": [208],
-    "IQ4_NL": [0],
-    "IQ4_XS": [0],
-}
 NEW = ["Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS"]
 
 
@@ -45,21 +31,6 @@ def reference(raw: np.ndarray, qtype: str, n: int) -> torch.Tensor:
     from gguf.quants import dequantize
 
     return torch.from_numpy(dequantize(raw.reshape(n, -1), gguf_type(qtype)).astype(np.float32))
-
-
-def random_blocks(qtype: str, n: int, k: int, rng: np.random.Generator, wide: bool) -> np.ndarray:
-    """Random bytes (every bit pattern is a valid block) with finite float16 fields: `wide`, any
-    finite pattern (subnormals, 65504, negative zero); else sane scales for a matmul."""
-    bs, nbytes = LAYOUT[qtype]
-    raw = rng.integers(0, 256, size=(n * k // bs, nbytes), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        if wide:
-            h = rng.integers(0, 1 << 16, size=raw.shape[0], dtype=np.uint16)
-            h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # exponent all ones (inf, nan) -> finite
-        else:
-            h = rng.uniform(-0.02, 0.02, size=raw.shape[0]).astype(np.float16).view(np.uint16)
-        raw[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
-    return raw
 
 
 def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, qtype: str) -> None:
