@@ -80,6 +80,29 @@ def test_a_draft_size_that_costs_more_a_row_is_not_chosen():
     assert policy.size(1, 1) == 0  # (1 + 0.8) / (1 + 0.85) < 1 + MARGIN
 
 
+def test_a_count_never_timed_is_priced_as_the_largest_timed_below_it_and_tried():
+    """Counts past the ones timed are not left at the prior: a long copy that has only been
+    drafted 5 tokens at a time tries 16 (the prior's 0.5 a row would have kept it at 5), and
+    what that forward costs is then its own."""
+    policy = DraftPolicy()
+    policy.rate = [0.99] * LENGTHS
+    policy.timed(1, 0.010)
+    for _ in range(40):
+        policy.timed(6, 0.0195)  # 5 drafted: 0.19 of a step a row
+    assert policy.timings[4] and not any(policy.timings[5:])
+    priced = policy.priced()
+    assert priced[:4] == [0.5] * 4  # below every timed count: the prior
+    assert priced[5:] == [policy.cost[4]] * (MAX_DRAFT - 5)
+    assert policy.cost[5:] == [0.5] * (MAX_DRAFT - 5)  # the measures themselves untouched
+    assert policy.size(LENGTHS, MAX_DRAFT) == MAX_DRAFT
+    policy.timed(12, 0.010 * (1 + 0.3 * 11))  # once: its cost is that timing, not the prior's
+    assert abs(policy.cost[10] - 0.3) < 1e-9 and policy.priced()[11] == policy.cost[10]
+    for _ in range(40):
+        policy.timed(MAX_DRAFT + 1, 0.010 * (1 + 0.9 * MAX_DRAFT))  # 16 rows cost 0.9 each
+    assert policy.priced()[MAX_DRAFT - 1] > 0.8
+    assert policy.size(LENGTHS, MAX_DRAFT) < MAX_DRAFT
+
+
 def test_a_long_match_drafts_further_than_a_fresh_one():
     """The tokens of a draft extend its match: a copy under way drafts far, a match of one
     token drafts little or nothing; and a gain under MARGIN drafts nothing."""

@@ -231,18 +231,33 @@ class DraftPolicy:
         # model's answers: about 0.3 for one token, 0.9 and more past eight)
         self.rate = [min(0.95, 0.2 + 0.1 * m) for m in range(1, LENGTHS + 1)]
         # cost[k - 1]: a verified row's time, in plain steps, when k tokens are drafted
-        # (measured: `timed`; a count not yet seen keeps the prior and is tried, then measured)
+        # (measured: `timed`; a count not yet timed is priced by `priced`, tried, then measured)
         self.cost = [0.5] * MAX_DRAFT
         self.timings = [0] * MAX_DRAFT  # forwards timed per count of drafted tokens
         self._step_s: float | None = None
 
+    def priced(self) -> list[float]:
+        """A verified row's cost for each count of drafted tokens: the measured one; for a
+        count never timed, that of the largest timed count below it (a row costs about as much
+        once the rows make the forward compute-bound), else the prior. Without this a count
+        past the ones timed would keep the prior and never be tried (measured on the embedded
+        model: 5 tokens at most in a copy, where 16 pay)."""
+        out, last = list(self.cost), None
+        for i, n in enumerate(self.timings):
+            if n:
+                last = self.cost[i]
+            elif last is not None:
+                out[i] = last
+        return out
+
     def size(self, match: int, available: int) -> int:
         """Tokens to draft of the `available` a match of length `match` proposes."""
         best, best_gain, expected, p = 0, 1.0 + MARGIN, 0.0, 1.0
+        cost = self.priced()
         for k in range(1, min(available, MAX_DRAFT) + 1):
             p *= self.rate[min(match + k - 1, LENGTHS) - 1]  # the first k all accepted
             expected += p  # tokens a forward gains past its own: the accepted drafts
-            gain = (1.0 + expected) / (1.0 + self.cost[k - 1] * k)
+            gain = (1.0 + expected) / (1.0 + cost[k - 1] * k)
             if gain > best_gain:
                 best, best_gain = k, gain
         return best
@@ -256,14 +271,17 @@ class DraftPolicy:
 
     def timed(self, rows: int, seconds: float) -> None:
         """A forward of `rows` rows took `seconds`: the plain step's time, or the cost of a row
-        when rows - 1 tokens are drafted."""
+        when rows - 1 tokens are drafted. A count's first timings are averaged (the first
+        replaces the prior), later ones weigh _EMA: a count tried once at its true cost must not
+        keep nine tenths of the prior's, which would price it out of being tried again."""
         if rows == 1:
             step = self._step_s
             self._step_s = seconds if step is None else step + _EMA * (seconds - step)
         elif self._step_s and rows - 1 <= MAX_DRAFT:
             cost = max(0.0, seconds / self._step_s - 1.0) / (rows - 1)
-            self.cost[rows - 2] += _EMA * (min(cost, 2.0) - self.cost[rows - 2])
-            self.timings[rows - 2] += 1
+            i = rows - 2
+            self.timings[i] += 1
+            self.cost[i] += max(_EMA, 1.0 / self.timings[i]) * (min(cost, 2.0) - self.cost[i])
 
 
 class Drafter:
