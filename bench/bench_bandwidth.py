@@ -5,7 +5,8 @@ llama.cpp, and what a verified drafted row costs (issue 19).
 One run prints, with the CPU named:
   - the machine's bandwidth: a 512 MB float32 sum on --threads threads (torch), GB/s;
   - for the embedded 135M model and a Llama-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads,
-    ffn 8192, vocab 128256, random Q4_1 weights, cached as bench/results/llama1b-shape-q4_1.gguf):
+    ffn 8192, vocab 128256, random weights, cached in bench/results/) twice: Q4_1 everywhere,
+    and the types of a Q4_K_M file (Q4_K, with Q6_K for the head and some attn_v/ffn_down):
     decode tok/s at ~100 tokens of context (and at each of --contexts), the weight bytes a
     token reads, and the share of the cap that is: the GGUF file's bytes a token needs x tok/s /
     bandwidth (K/V reads not counted, so at long context the share says less), for kvrepl and
@@ -42,8 +43,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_1B = ROOT / "bench" / "results" / "llama1b-shape-q4_1.gguf"
+GGUF_1B_KM = ROOT / "bench" / "results" / "llama1b-shape-q4_k_m.gguf"
 SHAPE_1B = dict(hidden=2048, layers=16, heads=32, kv=8, ffn=8192, vocab=128256)
 CTX, STEPS = 100, 24
+MODELS = ("135M", "1B", "1B Q4_K_M")
 
 
 def bandwidth(threads: int, reps: int = 9) -> float:
@@ -59,8 +62,16 @@ def bandwidth(threads: int, reps: int = 9) -> float:
     return x.numel() * 4 / statistics.median(ts) / 1e9
 
 
-def write_1b(path: Path) -> None:
-    """Random Q4_1 weights in the 1B shape; no tokenizer beyond a list of placeholder tokens."""
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's Q4_K_M rule for the layers whose attn_v and ffn_down take Q6_K."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def write_1b(path: Path, mix: str = "Q4_1") -> None:
+    """Random weights in the 1B shape; no tokenizer beyond a list of placeholder tokens. `mix`:
+    Q4_1 everywhere, or Q4_K_M's types as llama.cpp's quantizer picks them (Q4_K; Q6_K for the
+    tied embedding, which is the head, and for attn_v and ffn_down in the layers `_more_bits`
+    names), the mix users download most."""
     import gguf
 
     s, rng = SHAPE_1B, np.random.default_rng(0)
@@ -75,29 +86,43 @@ def write_1b(path: Path) -> None:
     w.add_rope_dimension_count(s["hidden"] // s["heads"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(500000.0)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if mix == "Q4_1" else
+                    gguf.LlamaFileType.MOSTLY_Q4_K_M)  # fmt: skip
     w.add_tokenizer_model("llama")
     w.add_token_list([f"<t{i}>".encode() for i in range(s["vocab"])])
     w.add_token_scores([0.0] * s["vocab"])
     w.add_token_types([1] * s["vocab"])
+    Q = gguf.GGMLQuantizationType
 
-    def q41(n: int, k: int) -> np.ndarray:
-        blocks = rng.integers(0, 256, (n * k // 32, 20), dtype=np.uint8)
-        d = rng.uniform(0.002, 0.02, n * k // 32).astype(np.float16)
-        blocks[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
-        blocks[:, 2:4] = (-8 * d).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        return blocks.reshape(n, k // 32 * 20)
+    def blocks(qt: Any, n: int, k: int) -> np.ndarray:
+        """Random blocks (every bit pattern is a valid one) with small positive float16 scales
+        (Q4_1: its min -8 d, as a symmetric 4-bit block)."""
+        bs, nb = gguf.GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, (n * k // bs, nb), dtype=np.uint8)
+        d = rng.uniform(0.002, 0.02, raw.shape[0]).astype(np.float16)
+        fields = {Q.Q4_1: [(0, d), (2, -8 * d)], Q.Q4_K: [(0, d), (2, d)], Q.Q6_K: [(208, d)]}
+        for off, v in fields[qt]:
+            raw[:, off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return raw.reshape(n, k // bs * nb)
+
+    def qtype(name: str, i: int) -> Any:
+        if mix == "Q4_1":
+            return Q.Q4_1
+        if name == "token_embd" or (name in ("attn_v", "ffn_down") and _more_bits(i, s["layers"])):
+            return Q.Q6_K
+        return Q.Q4_K
 
     h, f, kvw = s["hidden"], s["ffn"], s["kv"] * s["hidden"] // s["heads"]
-    Q41 = gguf.GGMLQuantizationType.Q4_1
-    w.add_tensor("token_embd.weight", q41(s["vocab"], h), raw_dtype=Q41)
+    t = qtype("token_embd", 0)
+    w.add_tensor("token_embd.weight", blocks(t, s["vocab"], h), raw_dtype=t)
     w.add_tensor("output_norm.weight", np.ones(h, np.float32))
     for i in range(s["layers"]):
         b = f"blk.{i}."
         for name, n, k in (("attn_q", h, h), ("attn_k", kvw, h), ("attn_v", kvw, h),
                            ("attn_output", h, h), ("ffn_gate", f, h), ("ffn_up", f, h),
                            ("ffn_down", h, f)):  # fmt: skip
-            w.add_tensor(b + name + ".weight", q41(n, k), raw_dtype=Q41)
+            t = qtype(name, i)
+            w.add_tensor(b + name + ".weight", blocks(t, n, k), raw_dtype=t)
         w.add_tensor(b + "attn_norm.weight", np.ones(h, np.float32))
         w.add_tensor(b + "ffn_norm.weight", np.ones(h, np.float32))
     w.write_header_to_file()
@@ -140,6 +165,7 @@ def kvrepl_models(threads: int) -> dict[str, Any]:
         "kvrepl": kvrepl.__file__,
         "135M": models.load(progress=False).model,
         "1B": from_gguf(GGUF_1B, cfg, k, 8192),
+        "1B Q4_K_M": from_gguf(GGUF_1B_KM, cfg, k, 8192),
     }
 
 
@@ -207,7 +233,7 @@ def child(tree: str, threads: int, reps: int, contexts: list[int]) -> None:
     here = str(Path(got["kvrepl"]).resolve())
     assert here.startswith(str(Path(tree).resolve())), (here, tree)
     out = {"kvrepl": here, "label": got["135M"].k.label}
-    for name in ("135M", "1B"):
+    for name in MODELS:
         out[name] = {str(c): kvrepl_measure(got[name], reps, c) for c in contexts}
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -252,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args.threads, args.reps, contexts)
         return 0
     GGUF_1B.parent.mkdir(parents=True, exist_ok=True)
-    if not GGUF_1B.is_file():
-        print(f"writing {GGUF_1B} (random weights) ...", flush=True)
-        write_1b(GGUF_1B)
+    for path, mix in ((GGUF_1B, "Q4_1"), (GGUF_1B_KM, "Q4_K_M")):
+        if not path.is_file():
+            print(f"writing {path} (random weights) ...", flush=True)
+            write_1b(path, mix)
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_cpu import cpu_name  # here, not at the top: a --child imports its tree's kvrepl
@@ -263,13 +290,14 @@ def main(argv: list[str] | None = None) -> int:
 
     bw = bandwidth(args.threads)
     print(f"{cpu_name()}; {args.threads} threads; bandwidth (512 MB sum) {bw:.1f} GB/s")
-    files = {"135M": (models.embedded_gguf(), True), "1B": (GGUF_1B, True)}
+    files = {"135M": (models.embedded_gguf(), True), "1B": (GGUF_1B, True),
+             "1B Q4_K_M": (GGUF_1B_KM, True)}  # fmt: skip
     cpp = {name: llama_measure(path, args.threads, args.reps, contexts)
            for name, (path, _) in files.items()}  # fmt: skip
     for name, (path, tied) in files.items():
         nb = gguf_bytes(path, tied)
         for ctx, rate in (cpp[name] or {}).items():
-            print(f"  llama.cpp {name:4} at {ctx:>5}: {rate:6.1f} tok/s, {nb / 1e6:6.1f} MB/token "
+            print(f"  llama.cpp {name:9} at {ctx:>5}: {rate:6.1f} tok/s, {nb / 1e6:6.1f} MB/token "
                   f"read, {100 * nb * rate / 1e9 / bw:5.1f}% of the cap (GGUF bytes x tok/s / "
                   f"bandwidth: {bw * 1e9 / nb:.0f} tok/s)")  # fmt: skip
     for tree in args.tree or [str(ROOT)]:
@@ -293,7 +321,7 @@ def report_tree(r: dict, files: dict, cpp: dict, bw: float) -> None:
             vs = f", {m['tok_s'] / theirs:.2f}x llama.cpp" if theirs else ""
             rows = (f"; a verified row costs {m['row8']:.2f} (8 rows) / {m['row16']:.2f} (16) of "
                     "a step" if "row8" in m else "")  # fmt: skip
-            print(f"    kvrepl {name:4} at {ctx:>5}: {m['tok_s']:6.1f} tok/s{vs}, "
+            print(f"    kvrepl {name:9} at {ctx:>5}: {m['tok_s']:6.1f} tok/s{vs}, "
                   f"{m['bytes'] / 1e6:6.1f} MB/token read, "
                   f"{100 * nb * m['tok_s'] / 1e9 / bw:5.1f}% of the cap{rows}")  # fmt: skip
 

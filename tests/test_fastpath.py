@@ -75,7 +75,7 @@ def raw_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.ndarr
 
 
 def desc(p: Packed):
-    return ctypes.pointer(native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group))
+    return ctypes.pointer(native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group, p.dd, p.mins))
 
 
 def matmul(k: native.Kernels, x: torch.Tensor, p: Packed) -> torch.Tensor:
@@ -118,6 +118,46 @@ def test_matmul_is_close_to_float64_and_batch_invariant(kernels, qtype, group):
         assert torch.equal(matmul(kernels, x[:rows].contiguous(), p), whole[:rows])
     for m in (0, 37, 69):
         assert torch.equal(matmul(kernels, x[m : m + 1].contiguous(), p)[0], whole[m])
+
+
+FACTORED = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
+
+
+def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_kernels,
+                                                                scalar_kernels):  # fmt: skip
+    """The K-quants' and IQ4_XS's scales go to the kernels as int8 times their superblock's float
+    (a quarter of a float32 scale's bytes: Q4_K 4.75 bits a weight, not 6); the kernels rebuild
+    each scale as that exact product, so every output, on every instruction set and row count,
+    and every embedding row, is bit for bit what the float32 scales give."""
+    from makers import random_blocks
+
+    from kvrepl.backends.cpu.quant import _expand
+
+    rng = np.random.default_rng(12)
+    x = torch.randn(17, 512) * torch.logspace(-2, 2, 17).unsqueeze(1)
+    for qtype in FACTORED:
+        n = 40 if qtype != "Q4_K" else 21  # a group padded with rows of zeros too
+        p = pack(random_blocks(qtype, n, 512, rng, wide=False), qtype, n, 512)
+        assert p.factors is not None and torch.equal(_expand(*p.factors, p.block), p.sc)
+        small = p.interleaved()
+        plain = Packed(p.fmt, p.q, p.sc, p.n, p.k, p.block).interleaved()  # float32 scales
+        assert small.sc.dtype == torch.int8 and plain.sc.dtype == torch.float32, qtype
+        assert small.nbytes() < plain.nbytes() * (0.8 if p.fmt == "u4" else 0.9), qtype
+        assert torch.equal(small.canonical().sc, p.sc) and torch.equal(
+            small.canonical().factors[1], p.factors[1])  # fmt: skip
+        for k in (kernels, avx2_kernels, scalar_kernels):
+            for rows in (1, 2, 5, 17):
+                want = matmul(k, x[:rows].contiguous(), plain)
+                assert torch.equal(matmul(k, x[:rows].contiguous(), small), want), (qtype, rows)
+            ids = torch.tensor([0, 3, n - 1], dtype=torch.int64)
+            got, want = (torch.empty(3, 512) for _ in "ab")
+            for w, out in ((small, got), (plain, want)):
+                k.rows(desc(w), ids.data_ptr(), 3, out.data_ptr(), 512, 1.0)
+            assert torch.equal(got, want) and torch.equal(want, p.dequantize()[ids]), qtype
+    # and a scale that is not such a product keeps its float32 (the check is not vacuous)
+    p = pack(random_blocks("Q6_K", 16, 256, rng, wide=False), "Q6_K", 16, 256)
+    p.sc[0, 0, 0] = torch.nextafter(p.sc[0, 0, 0], torch.tensor(1.0))
+    assert p.interleaved().sc.dtype != torch.int8
 
 
 def test_interleaving_rows_changes_no_bit_of_a_result(kernels):

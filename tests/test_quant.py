@@ -150,7 +150,7 @@ def scalar_kernels() -> native.Kernels:
 def matmul(kern: native.Kernels, x: torch.Tensor, p: Packed) -> torch.Tensor:
     p = p.interleaved()  # the kernels' layout
     out = torch.empty(x.shape[0], p.n)
-    w = native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group)
+    w = native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group, p.dd, p.mins)
     kern.matmul(x.data_ptr(), x.shape[0], x.shape[1], ctypes.pointer(w), out.data_ptr(), p.n,
                 None, 0)  # fmt: skip
     return out

@@ -22,12 +22,19 @@ def fields(x: np.ndarray, chunk: int, bits: int) -> np.ndarray:
     return planes.reshape(x.shape[0], -1, chunk)
 
 
-def k_scale_min(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K blocks [blocks, bytes]: the 8 sub-blocks' scales d * sc and mins -(dmin * m)
-    (6-bit sc, m), float32 [blocks, 8], computed as gguf-py computes them."""
+def k_parts(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K blocks [blocks, bytes]: d and dmin, float32 [blocks, 1], and the 8 sub-blocks'
+    6-bit scales and mins, uint8 [blocks, 8]."""
     d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
     s = b[:, 4:16].reshape(-1, 3, 4)
     sd, sm, smd = s[:, 0], s[:, 1], s[:, 2]
     sc = np.concatenate([sd & 0x3F, (smd & 0x0F) | ((sd >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([sm & 0x3F, (smd >> 4) | ((sm >> 2) & 0x30)], axis=-1)
+    return d, dmin, sc, mn
+
+
+def k_scale_min(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K blocks [blocks, bytes]: the 8 sub-blocks' scales d * sc and mins -(dmin * m)
+    (6-bit sc, m), float32 [blocks, 8], computed as gguf-py computes them."""
+    d, dmin, sc, mn = k_parts(b)
     return d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))

@@ -58,7 +58,10 @@ def fuse(parts: list[Packed]) -> list[tuple[Packed, int]]:
     if all(p.fmt == first.fmt and p.block == first.block and p.k == first.k for p in parts):
         q = torch.cat([p.q for p in parts])
         sc = torch.cat([p.sc for p in parts]) if first.sc is not None else None
-        return [(Packed(first.fmt, q, sc, q.shape[0], first.k, first.block), 0)]
+        f = None
+        if all(p.factors is not None for p in parts):
+            f = tuple(torch.cat([p.factors[i] for p in parts]) for i in (0, 1))  # type: ignore[index]
+        return [(Packed(first.fmt, q, sc, q.shape[0], first.k, first.block, factors=f), 0)]
     out, col = [], 0
     for p in parts:
         out.append((p, col))
@@ -114,7 +117,7 @@ class FastModel(KernelBackend):
         d = self._descs.get(id(p))
         if d is None:
             d = self._descs[id(p)] = ctypes.pointer(
-                native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group)
+                native.weight(p.fmt, p.q, p.sc, p.n, p.k, p.block, p.group, p.dd, p.mins)
             )
         return d
 

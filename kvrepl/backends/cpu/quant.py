@@ -19,7 +19,7 @@ import torch
 
 from kvrepl.backends.ggufblocks import f16 as _f16
 from kvrepl.backends.ggufblocks import fields as _fields
-from kvrepl.backends.ggufblocks import k_scale_min as _k_scale_min
+from kvrepl.backends.ggufblocks import k_parts as _k_parts
 
 QK_K = 256
 GROUP = 16  # rows a kernel register holds, one a lane (qmatmul.c)
@@ -61,11 +61,17 @@ class Packed:
     k: int
     block: int = 32
     group: int = 1  # rows interleaved block by block in groups of this many (see interleaved)
+    # rows as they are: where every (scale, min) is a small integer times its 256-weight
+    # superblock's float (the K-quants, IQ4_XS), (dd float32 [n, k/256, 2], small int8
+    # [n, k/block, 2]) with sc == dd * small exactly; interleaved, `sc` is then `small` in the
+    # lanes layout and `dd` the floats, [groups, k/256, 2, 16] (a quarter of the bytes)
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    dd: torch.Tensor | None = None
+    mins: bool | None = None  # interleaved with dd: whether any min is not 0
 
     def nbytes(self) -> int:
-        return self.q.numel() * self.q.element_size() + (
-            self.sc.numel() * self.sc.element_size() if self.sc is not None else 0
-        )
+        return sum(t.numel() * t.element_size() for t in (self.q, self.sc, self.dd)
+                   if t is not None)  # fmt: skip
 
     def interleaved(self, group: int = GROUP) -> Packed:
         """The kernels' layout of a u4 or i8 weight: rows in groups of 16, block by block, each
@@ -77,7 +83,15 @@ class Packed:
         if group == 1 or self.fmt not in ("u4", "i8") or self.group != 1 or self.sc is None:
             return self
         q = _lanes(self.q, self.n, self.fmt, True)
-        sc = _lane_scales(self.sc, self.n, 32 // self.block, True)
+        sub = 32 // self.block
+        if self.factors is not None and torch.equal(
+            _expand(*self.factors, self.block).view(torch.int32), self.sc.view(torch.int32)
+        ):  # the kernels rebuild each scale as dd * small, the same float (an exact product)
+            dd, small = self.factors
+            mins = bool(self.sc[..., 1].ne(0).any())
+            sc, dd = _lane_scales(small, self.n, sub, True), _lane_scales(dd, self.n, 1, True)
+            return Packed(self.fmt, q, sc, self.n, self.k, self.block, group, dd=dd, mins=mins)
+        sc = _lane_scales(self.sc, self.n, sub, True)
         half = sc.half()
         if torch.equal(half.float().view(torch.int32), sc.view(torch.int32)):
             sc = half  # every scale and min is a float16 (Q4_0, Q4_1, Q8_0): 4 bytes a block less
@@ -88,7 +102,14 @@ class Packed:
         if self.group == 1:
             return self
         q = _lanes(self.q, self.n, self.fmt, False)
-        sc = _lane_scales(self.sc.float(), self.n, 32 // self.block, False)
+        sub = 32 // self.block
+        if self.dd is not None:
+            small = _lane_scales(self.sc, self.n, sub, False)
+            dd = _lane_scales(self.dd, self.n, 1, False)
+            factors = (dd, small)
+            return Packed(self.fmt, q, _expand(dd, small, self.block), self.n, self.k, self.block,
+                          factors=factors)  # fmt: skip
+        sc = _lane_scales(self.sc.float(), self.n, sub, False)
         return Packed(self.fmt, q, sc, self.n, self.k, self.block)
 
     def dequantize(self) -> torch.Tensor:
@@ -111,7 +132,27 @@ class Packed:
             return self.canonical().rows(order)
         idx = torch.as_tensor(order, dtype=torch.long)
         sc = self.sc[idx].contiguous() if self.sc is not None else None
-        return Packed(self.fmt, self.q[idx].contiguous(), sc, len(idx), self.k, self.block)
+        f = self.factors
+        factors = (f[0][idx].contiguous(), f[1][idx].contiguous()) if f is not None else None
+        return Packed(self.fmt, self.q[idx].contiguous(), sc, len(idx), self.k, self.block,
+                      factors=factors)  # fmt: skip
+
+
+def _expand(dd: torch.Tensor, small: torch.Tensor, block: int) -> torch.Tensor:
+    """(scale, min) pairs [n, k/block, 2] from their superblocks' floats and small integers."""
+    return dd.repeat_interleave(QK_K // block, dim=1) * small.float()
+
+
+def factors(d: np.ndarray, dmin: np.ndarray | None, sc: np.ndarray, mn: np.ndarray | None, n: int,
+            k: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Packed.factors from a superblock's d (and dmin: its mins are -(dmin * mn)) and its
+    sub-blocks' integer scales sc (and mins mn), [blocks of 256, ...]."""
+    d = d.reshape(-1).astype(np.float32)
+    neg = np.full_like(d, -0.0) if dmin is None else -dmin.reshape(-1).astype(np.float32)
+    mn = np.zeros_like(sc) if mn is None else mn
+    dd = torch.from_numpy(np.ascontiguousarray(np.stack([d, neg], -1).reshape(n, k // QK_K, 2)))
+    small = np.stack([sc.astype(np.int8), mn.astype(np.int8)], -1).reshape(n, -1, 2)
+    return dd, torch.from_numpy(np.ascontiguousarray(small))
 
 
 def _padded(n: int) -> int:
@@ -241,23 +282,30 @@ def _q8_0(b: np.ndarray, n: int, k: int) -> Packed:
 
 
 def _q4_k(b: np.ndarray, n: int, k: int) -> Packed:
-    scale, minimum = _k_scale_min(b)
+    d, dmin, sc, mn = _k_parts(b)
+    scale, minimum = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
     q = _fields(b[:, 16:144], 32, 4)  # sub-block j: low (j even) or high nibbles of 32 bytes
-    return Packed("u4", _pack_u4(q, n, k), _scales(scale, minimum, n), n, k)
+    return Packed("u4", _pack_u4(q, n, k), _scales(scale, minimum, n), n, k,
+                  factors=factors(d, dmin, sc, mn, n, k))  # fmt: skip
 
 
 def _q5_k(b: np.ndarray, n: int, k: int) -> Packed:
-    scale, minimum = _k_scale_min(b)
+    d, dmin, sc, mn = _k_parts(b)
+    scale, minimum = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
     q = _fields(b[:, 48:176], 32, 4) | (_fields(b[:, 16:48], 32, 1) << 4)
-    return _i8(q, scale, minimum, n, k)
+    p = _i8(q, scale, minimum, n, k)
+    p.factors = factors(d, dmin, sc, mn, n, k)
+    return p
 
 
 def _q6_k(b: np.ndarray, n: int, k: int) -> Packed:
-    scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
+    scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8)
     d = _f16(b[:, 208:210])
     lo = _fields(b[:, :128], 64, 4).reshape(-1, 8, 32)
     q = (lo | (_fields(b[:, 128:192], 32, 2) << 4)).astype(np.int16) - 32
-    return _i8(q, d * scales, None, n, k, 16)
+    p = _i8(q, d * scales.astype(np.float32), None, n, k, 16)
+    p.factors = factors(d, None, scales, None, n, k)
+    return p
 
 
 def _q3_k(b: np.ndarray, n: int, k: int) -> Packed:
@@ -266,14 +314,18 @@ def _q3_k(b: np.ndarray, n: int, k: int) -> Packed:
     scales = (low.reshape(-1, 16) | (high.reshape(-1, 16) << 4)).astype(np.int8) - 32
     ql = _fields(b[:, 32:96], 32, 2).astype(np.int16)
     q = ql - 4 * (1 - _fields(b[:, :32], 32, 1).astype(np.int16))  # hmask bit set: no offset
-    return _i8(q, d * scales.astype(np.float32), None, n, k, 16)
+    p = _i8(q, d * scales.astype(np.float32), None, n, k, 16)
+    p.factors = factors(d, None, scales, None, n, k)
+    return p
 
 
 def _q2_k(b: np.ndarray, n: int, k: int) -> Packed:
     sc, d, dmin = b[:, :16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
     scale = d * (sc & 0xF).astype(np.float32)
     minimum = -(dmin * (sc >> 4).astype(np.float32))
-    return _i8(_fields(b[:, 16:80], 32, 2), scale, minimum, n, k, 16)
+    p = _i8(_fields(b[:, 16:80], 32, 2), scale, minimum, n, k, 16)
+    p.factors = factors(d, dmin, sc & 0xF, sc >> 4, n, k)
+    return p
 
 
 IQ4NL_VALUES = np.array(
@@ -290,7 +342,9 @@ def _iq4_xs(b: np.ndarray, n: int, k: int) -> Packed:
     low, high = _fields(b[:, 4:8], 1, 4), _fields(b[:, 2:4], 1, 2)  # high: 2 bits j of a uint16
     ls = (low | (high << 4)).reshape(-1, 8).astype(np.int8) - 32
     q = IQ4NL_VALUES[_fields(b[:, 8:136], 16, 4)]
-    return _i8(q, d * ls.astype(np.float32), None, n, k)
+    p = _i8(q, d * ls.astype(np.float32), None, n, k)
+    p.factors = factors(d, None, ls, None, n, k)
+    return p
 
 
 _PACKERS = {

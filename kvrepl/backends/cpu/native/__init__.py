@@ -63,6 +63,8 @@ class Weight(ctypes.Structure):
         ("has_min", ctypes.c_int32),
         ("group", ctypes.c_int32),
         ("sc16", ctypes.c_int32),
+        ("dd", ptr),
+        ("sc8", ctypes.c_int32),
     ]
 
 
@@ -257,15 +259,22 @@ def kv8_row(head_dim: int) -> int:
 
 
 def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, block: int = 32,
-           group: int = 1):  # fmt: skip
+           group: int = 1, dd: torch.Tensor | None = None, mins: bool | None = None):  # fmt: skip
     """A Weight descriptor over tensors the caller keeps alive. A u4 or i8 weight must be in the
-    kernels' layout, groups of 16 rows (quant.Packed.interleaved)."""
+    kernels' layout, groups of 16 rows (quant.Packed.interleaved); with `dd`, its scales and
+    mins are int8 multiples of dd's floats, and `mins` says whether any min is not 0."""
     if k % 32:
         raise ValueError(f"k={k} is not a multiple of 32")
     if fmt in ("u4", "i8") and group != 16:
         raise ValueError("a quantized weight goes to the kernels in groups of 16 rows")
+    sc8 = bool(sc is not None and sc.dtype == torch.int8)
+    if sc8 != (dd is not None) or (sc8 and (mins is None or k % 256)):
+        raise ValueError("int8 scales go with their superblocks' floats (dd) and `mins`")
     # the mins: per group of 16 rows and part of a block, 16 scales then 16 mins (quant._lanes)
     has_min = bool(sc is not None and sc.reshape(-1, 2, 16)[:, 1].ne(0).any())
+    if sc8:  # an int8 min may stand for 0 (times a superblock's 0): the caller knows
+        has_min = bool(mins)
     scp = sc.data_ptr() if sc is not None else None
     sc16 = bool(sc is not None and sc.dtype == torch.float16)
-    return Weight(FMT[fmt], block, n, k, q.data_ptr(), scp, has_min, group, sc16)
+    ddp = dd.data_ptr() if dd is not None else None
+    return Weight(FMT[fmt], block, n, k, q.data_ptr(), scp, has_min, group, sc16, ddp, sc8)

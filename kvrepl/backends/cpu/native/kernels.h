@@ -33,6 +33,10 @@ typedef struct {
     int32_t has_min;   /* any min is not 0 */
     int32_t group;     /* U4, I8: 16 (the only layout the loops read) */
     int32_t sc16;      /* the scales and mins are float16 (each exactly the float it stands for) */
+    const float *dd;   /* with sc8: per group and 256-weight superblock, 16 floats for the scales
+                        * then 16 for the mins, each row's */
+    int32_t sc8;       /* the scales and mins are int8, each times its superblock's float in dd
+                        * (an exact product: the float the file's scale is) */
 } Weight;
 
 /* an output: r (+ bias[n]) (+ the previous value *prev) */

@@ -29,7 +29,8 @@ typedef struct { /* a quantized weight as the loops read it */
     const uint8_t *q;
     const void *sc; /* per group and block: for each part (sub), 16 scales then 16 mins */
     i64 n, k, nb, gbytes; /* rows; weights per row; blocks of 32; q bytes per group and block */
-    int u4, sub, has_min, sc16;
+    int u4, sub, has_min, sc16, sc8;
+    const float *dd; /* sc8: the superblocks' floats, [group][k / 256][scales, mins][16] */
 } Qw;
 
 typedef struct { /* quantized rows of x */
@@ -102,7 +103,7 @@ static void quantize_rows(const void *ctx, i64 item) {
 static Qw qw_of(const Weight *W) {
     int u4 = W->fmt == FMT_U4;
     Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 ? 16 : 32) * G, u4, W->block == 16 ? 2 : 1,
-            W->has_min, W->sc16};
+            W->has_min, W->sc16, W->sc8, W->dd};
     return w;
 }
 
@@ -113,7 +114,17 @@ static inline const uint8_t *gq(const Qw *w, i64 g, i64 b) {
 static inline i64 gsc(const Qw *w, i64 g, i64 b) { /* index of the first scale */
     return (g * w->nb + b) * 32 * w->sub;
 }
+/* sc8: the superblock float of scale index i (gsc's layout: group, block, part, scales or mins,
+ * lane), the first of its 16 lanes' */
+static inline const float *dd_gb(const Qw *w, i64 g, i64 b, i64 i) {
+    return w->dd + ((g * (w->nb / 8) + b / 8) * 2 + ((i >> 4) & 1)) * 16;
+}
+static inline const float *dd_at(const Qw *w, i64 i) {
+    i64 gb = i / (32 * w->sub);
+    return dd_gb(w, gb / w->nb, gb % w->nb, i);
+}
 static inline float sc_at(const Qw *w, i64 i) {
+    if (w->sc8) return dd_at(w, i)[i & 15] * (float)((const int8_t *)w->sc)[i];
     if (!w->sc16) return ((const float *)w->sc)[i];
 #ifdef KV_AVX2
     return _cvtsh_ss(((const uint16_t *)w->sc)[i]);
@@ -128,7 +139,11 @@ static inline void put(float *o, const float *r, const float *bias, i64 n0, int 
 }
 
 #ifdef KV_AVX512
-static inline __m512 sc16v(const Qw *w, i64 i) {
+static inline __m512 sc16v(const Qw *w, i64 g, i64 b, i64 i) { /* scales (or mins) at i */
+    if (w->sc8) /* 16 lanes of one part: one superblock float each, times the int8 */
+        return _mm512_mul_ps(_mm512_loadu_ps(dd_gb(w, g, b, i)),
+                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                 _mm_loadu_si128((const __m128i *)((const int8_t *)w->sc + i)))));
     if (w->sc16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w->sc + i)));
     return _mm512_loadu_ps((const float *)w->sc + i);
 }
@@ -189,7 +204,8 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
             }                                                                                    \
             i64 si = gsc(w, g, b);                                                               \
             _Pragma("GCC unroll 2") for (int h = 0; h < SUB; h++) {                              \
-                __m512 sv = sc16v(w, si + 32 * h), mv = MIN ? sc16v(w, si + 32 * h + 16) : sv;   \
+                __m512 sv = sc16v(w, g, b, si + 32 * h);                                         \
+                __m512 mv = MIN ? sc16v(w, g, b, si + 32 * h + 16) : sv;                         \
                 _Pragma("GCC unroll 4") for (int j = 0; j < MT; j++) {                           \
                     __m512i n = I[j][(SUB == 1 ? 0 : h) * CH];                                   \
                     _Pragma("GCC unroll 4") for (int i = 1; i < (SUB == 1 ? 2 : 1) * CH; i++)    \
@@ -283,9 +299,14 @@ static inline vi8 madd8(vi8 acc, vi8 w, const pair_t *x) {
 static inline vi8 vi_add8(vi8 a, vi8 b) { for (int l = 0; l < 8; l++) a.l[l] += b.l[l]; return a; }
 static inline v8 vi_float8(vi8 a) { v8 r; LANES(r.f[l_] = (float)a.l[l_]); return r; }
 #endif
-static inline v8 sc8v(const Qw *w, i64 i) {
+static inline v8 sc8v(const Qw *w, i64 g, i64 b, i64 i) { /* 8 lanes' scales (or mins) at i */
     float s[8];
-    for (int l = 0; l < 8; l++) s[l] = sc_at(w, i + l);
+    if (w->sc8) {
+        const float *d = dd_gb(w, g, b, i) + (i & 15);
+        for (int l = 0; l < 8; l++) s[l] = d[l] * (float)((const int8_t *)w->sc)[i + l];
+    } else {
+        for (int l = 0; l < 8; l++) s[l] = sc_at(w, i + l);
+    }
     return v_load(s);
 }
 #define DEF_G8(U4, MT)                                                                           \
@@ -317,7 +338,7 @@ static inline v8 sc8v(const Qw *w, i64 i) {
             i64 si = gsc(w, g, b) + 8 * hh;                                                      \
             _Pragma("GCC unroll 4")                                                      \
             for (int h = 0; h < sub; h++) {                                                      \
-                v8 sv = sc8v(w, si + 32 * h), mv = sc8v(w, si + 32 * h + 16);                    \
+                v8 sv = sc8v(w, g, b, si + 32 * h), mv = sc8v(w, g, b, si + 32 * h + 16);        \
                 _Pragma("GCC unroll 4")                                                  \
                 for (int j = 0; j < MT; j++) {                                                   \
                     v8 step = v_set1(x->d[(m0 + j) * nb + b]);                                   \
