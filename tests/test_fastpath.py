@@ -126,9 +126,10 @@ FACTORED = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_kernels,
                                                                 scalar_kernels):  # fmt: skip
     """The K-quants' and IQ4_XS's scales go to the kernels as int8 times their superblock's float
-    (a quarter of a float32 scale's bytes: Q4_K 4.75 bits a weight, not 6); the kernels rebuild
-    each scale as that exact product, so every output, on every instruction set and row count,
-    and every embedding row, is bit for bit what the float32 scales give."""
+    (a quarter of a float32 scale's bytes: Q4_K 4.75 bits a weight, not 6), and 8-bit values
+    within -32..31 as 6 bits (Q6_K, Q5_K, Q3_K, Q2_K); the kernels rebuild each scale as that
+    exact product and each value from its bits, so every output, on every instruction set and
+    row count, and every embedding row, is bit for bit what float32 scales and bytes give."""
     from makers import random_blocks
 
     from kvrepl.backends.cpu.quant import _expand
@@ -140,9 +141,11 @@ def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_ke
         p = pack(random_blocks(qtype, n, 512, rng, wide=False), qtype, n, 512)
         assert p.factors is not None and torch.equal(_expand(*p.factors, p.block), p.sc)
         small = p.interleaved()
-        plain = Packed(p.fmt, p.q, p.sc, p.n, p.k, p.block).interleaved()  # float32 scales
+        plain = p.interleaved(compact=False)  # float32 scales, a byte a value
         assert small.sc.dtype == torch.int8 and plain.sc.dtype == torch.float32, qtype
-        assert small.nbytes() < plain.nbytes() * (0.8 if p.fmt == "u4" else 0.9), qtype
+        assert small.fmt == ("i8" if qtype == "IQ4_XS" else "i6" if p.fmt == "i8" else "u4")
+        assert small.nbytes() < plain.nbytes() * (0.8 if small.fmt != "i8" else 0.9), qtype
+        assert torch.equal(small.canonical().q, p.q), qtype
         assert torch.equal(small.canonical().sc, p.sc) and torch.equal(
             small.canonical().factors[1], p.factors[1])  # fmt: skip
         for k in (kernels, avx2_kernels, scalar_kernels):

@@ -8,7 +8,10 @@ their table's int8 levels) or per 16 (`i8`: Q2_K, Q3_K, Q6_K), or plain `f16` (F
 IQ4_NL, IQ4_XS) run; the other IQ types (grids) are refused. Every conversion is exact:
 `Packed.dequantize()` equals gguf-py's dequantization (what transformers loads) bit for bit
 (Q4_0: up to the sign of a zero), so the fast path computes with the file's own weights.
-Never runs a kernel and never reads a file (gguf_model.py does)."""
+In the kernels' layout (`Packed.interleaved`, lanes.py) the K-quants' and IQ4_XS's scales are
+int8 times a float per 256 weights, and 8-bit values within -32..31 take 6 bits (`i6`): on a
+Q4_K_M file a quarter fewer bytes a token, the same products. Never runs a kernel and never
+reads a file (gguf_model.py does)."""
 
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvrepl.backends.cpu.lanes import GROUP
+from kvrepl.backends.cpu.lanes import lane_scales as _lane_scales
+from kvrepl.backends.cpu.lanes import lanes as _lanes
+from kvrepl.backends.cpu.lanes import six as _six
+from kvrepl.backends.cpu.lanes import unsix as _unsix
 from kvrepl.backends.ggufblocks import f16 as _f16
 from kvrepl.backends.ggufblocks import fields as _fields
 from kvrepl.backends.ggufblocks import k_parts as _k_parts
 
 QK_K = 256
-GROUP = 16  # rows a kernel register holds, one a lane (qmatmul.c)
 # GGUF type name -> (block size in weights, bytes per block)
 LAYOUT = {
     "Q4_0": (32, 18),
@@ -73,7 +80,7 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in (self.q, self.sc, self.dd)
                    if t is not None)  # fmt: skip
 
-    def interleaved(self, group: int = GROUP) -> Packed:
+    def interleaved(self, group: int = GROUP, compact: bool = True) -> Packed:
         """The kernels' layout of a u4 or i8 weight: rows in groups of 16, block by block, each
         block's 16 rows as the 16 lanes of one register (`_lanes`), rows padded with zeros to a
         multiple of 16; scales and mins likewise (float16 where every one is exactly one).
@@ -82,35 +89,41 @@ class Packed:
             raise ValueError(f"rows interleave in groups of {GROUP} (or 1: as they are)")
         if group == 1 or self.fmt not in ("u4", "i8") or self.group != 1 or self.sc is None:
             return self
-        q = _lanes(self.q, self.n, self.fmt, True)
+        fmt = self.fmt
+        if compact and fmt == "i8" and int(self.q.min()) >= -32 and int(self.q.max()) <= 31:
+            fmt, q = "i6", _six(self.q, self.n)  # 6 bits a value (Q6_K, Q5_K, Q3_K, Q2_K, Q5_x)
+        else:
+            q = _lanes(self.q, self.n, self.fmt, True)
         sub = 32 // self.block
-        if self.factors is not None and torch.equal(
+        if compact and self.factors is not None and torch.equal(
             _expand(*self.factors, self.block).view(torch.int32), self.sc.view(torch.int32)
         ):  # the kernels rebuild each scale as dd * small, the same float (an exact product)
             dd, small = self.factors
             mins = bool(self.sc[..., 1].ne(0).any())
             sc, dd = _lane_scales(small, self.n, sub, True), _lane_scales(dd, self.n, 1, True)
-            return Packed(self.fmt, q, sc, self.n, self.k, self.block, group, dd=dd, mins=mins)
+            return Packed(fmt, q, sc, self.n, self.k, self.block, group, dd=dd, mins=mins)
         sc = _lane_scales(self.sc, self.n, sub, True)
         half = sc.half()
         if torch.equal(half.float().view(torch.int32), sc.view(torch.int32)):
             sc = half  # every scale and min is a float16 (Q4_0, Q4_1, Q8_0): 4 bytes a block less
-        return Packed(self.fmt, q, sc, self.n, self.k, self.block, group)
+        return Packed(fmt, q, sc, self.n, self.k, self.block, group)
 
     def canonical(self) -> Packed:
         """Rows one after the other again (the padding dropped)."""
         if self.group == 1:
             return self
-        q = _lanes(self.q, self.n, self.fmt, False)
+        fmt = "i8" if self.fmt == "i6" else self.fmt
+        six = self.fmt == "i6"
+        q = _unsix(self.q, self.n, self.k) if six else _lanes(self.q, self.n, fmt, False)
         sub = 32 // self.block
         if self.dd is not None:
             small = _lane_scales(self.sc, self.n, sub, False)
             dd = _lane_scales(self.dd, self.n, 1, False)
             factors = (dd, small)
-            return Packed(self.fmt, q, _expand(dd, small, self.block), self.n, self.k, self.block,
+            return Packed(fmt, q, _expand(dd, small, self.block), self.n, self.k, self.block,
                           factors=factors)  # fmt: skip
         sc = _lane_scales(self.sc.float(), self.n, sub, False)
-        return Packed(self.fmt, q, sc, self.n, self.k, self.block)
+        return Packed(fmt, q, sc, self.n, self.k, self.block)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weights (for checks and the reference path)."""
@@ -153,57 +166,6 @@ def factors(d: np.ndarray, dmin: np.ndarray | None, sc: np.ndarray, mn: np.ndarr
     dd = torch.from_numpy(np.ascontiguousarray(np.stack([d, neg], -1).reshape(n, k // QK_K, 2)))
     small = np.stack([sc.astype(np.int8), mn.astype(np.int8)], -1).reshape(n, -1, 2)
     return dd, torch.from_numpy(np.ascontiguousarray(small))
-
-
-def _padded(n: int) -> int:
-    return -(-n // GROUP) * GROUP
-
-
-# Block b of a group of 16 rows, "lanes": vector t (t = 0..15) holds each row r's weights 2t and
-# 2t + 1 as the 16-bit pair of lane r (int16 i = 2r + e is weight 2t + e), so one multiply-add
-# of the vector with x's pair t broadcast adds those two products to every row's lane. u4: 256
-# bytes, 4 runs of 32 words, run c's word i = V(4c) | V(4c+1) << 4 | V(4c+2) << 8 | V(4c+3) << 12;
-# i8: 512 bytes, 8 runs of 32 words, run c's word i = V(2c) (low byte) | V(2c + 1) << 8.
-def _lanes(t: torch.Tensor, n: int, fmt: str, forward: bool) -> torch.Tensor:
-    """Rows one after the other <-> the lanes layout, in bytes throughout (a model's head is
-    hundreds of MB: no wider copy than the weights' own values)."""
-    u4 = fmt == "u4"
-    per = 4 if u4 else 2  # vectors t in a run c
-    g = _padded(n) // GROUP
-    if forward:
-        k = t.shape[1] * (2 if u4 else 1)
-        nb = k // 32
-        b = t.reshape(n, nb, -1).view(torch.uint8)
-        v = torch.cat([b & 15, b >> 4], dim=-1) if u4 else b  # [n, nb, 32]: weight k's value
-        if _padded(n) > n:
-            v = torch.cat([v, v.new_zeros(_padded(n) - n, nb, 32)])
-        # [g, r, b, c, s, e] -> [g, b, c, r, e, s]: word (2r + e) of run c, its part s
-        v = v.reshape(g, GROUP, nb, 16 // per, per, 2).permute(0, 2, 3, 1, 5, 4)
-        if u4:  # a word's low byte holds parts 0 and 1, its high byte parts 2 and 3
-            v = v[..., 0::2] | (v[..., 1::2] << 4)
-        return v.contiguous().reshape(_padded(n), -1)
-    k = t.numel() // _padded(n) * (2 if u4 else 1)
-    nb = k // 32
-    w = t.reshape(g, nb, 16 // per, GROUP, 2, 2)  # [g, b, c, r, e, byte of the word]
-    if u4:
-        w = torch.stack([w & 15, w >> 4], dim=-1).reshape(g, nb, 4, GROUP, 2, 4)
-    v = w.permute(0, 3, 1, 2, 5, 4).reshape(_padded(n), nb, 32)[:n]  # [n, b, k]
-    if u4:
-        return (v[..., :16] | (v[..., 16:] << 4)).contiguous().reshape(n, k // 2)
-    return v.contiguous().view(torch.int8).reshape(n, k)
-
-
-def _lane_scales(t: torch.Tensor, n: int, sub: int, forward: bool) -> torch.Tensor:
-    """(scale, min) pairs [n, blocks of `block`, 2] <-> per group and block of 32: for each of
-    its `sub` parts, the 16 rows' scales, then their mins ([g, b, sub, 2, 16])."""
-    if forward:
-        nb = t.shape[1] // sub
-        t = torch.cat([t, t.new_zeros(_padded(n) - n, *t.shape[1:])])
-        out = t.reshape(_padded(n) // GROUP, GROUP, nb, sub, 2).permute(0, 2, 3, 4, 1)
-        return out.contiguous().reshape(_padded(n), nb * sub, 2)
-    nb = t.shape[1] // sub
-    out = t.reshape(_padded(n) // GROUP, nb, sub, 2, GROUP).permute(0, 4, 1, 2, 3)
-    return out.contiguous().reshape(_padded(n), nb * sub, 2)[:n]
 
 
 def _pack_u4(q: np.ndarray, n: int, k: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "qmatmul.c", "kv8.
 HEADERS = [Path(__file__).with_name("kernels.h")]  # part of the build's key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
          "-fPIC"]  # fmt: skip
-FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4}
+FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4, "i6": 5}
 ACT = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2}
 
 
@@ -265,7 +265,7 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
     mins are int8 multiples of dd's floats, and `mins` says whether any min is not 0."""
     if k % 32:
         raise ValueError(f"k={k} is not a multiple of 32")
-    if fmt in ("u4", "i8") and group != 16:
+    if fmt in ("u4", "i8", "i6") and group != 16:
         raise ValueError("a quantized weight goes to the kernels in groups of 16 rows")
     sc8 = bool(sc is not None and sc.dtype == torch.int8)
     if sc8 != (dd is not None) or (sc8 and (mins is None or k % 256)):

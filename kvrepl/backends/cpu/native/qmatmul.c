@@ -29,7 +29,7 @@ typedef struct { /* a quantized weight as the loops read it */
     const uint8_t *q;
     const void *sc; /* per group and block: for each part (sub), 16 scales then 16 mins */
     i64 n, k, nb, gbytes; /* rows; weights per row; blocks of 32; q bytes per group and block */
-    int u4, sub, has_min, sc16, sc8;
+    int u4, sub, has_min, sc16, sc8; /* u4: 1 u4, 2 i6 (4 values a run, as u4), 0 i8 */
     const float *dd; /* sc8: the superblocks' floats, [group][k / 256][scales, mins][16] */
 } Qw;
 
@@ -101,8 +101,9 @@ static void quantize_rows(const void *ctx, i64 item) {
 
 /* the loops' view of a U4 or I8 Weight (groups of 16 rows) */
 static Qw qw_of(const Weight *W) {
-    int u4 = W->fmt == FMT_U4;
-    Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 ? 16 : 32) * G, u4, W->block == 16 ? 2 : 1,
+    int u4 = W->fmt == FMT_U4 ? 1 : W->fmt == FMT_I6 ? 2 : 0;
+    Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 == 1 ? 16 : u4 ? 24 : 32) * G, u4,
+            W->block == 16 ? 2 : 1,
             W->has_min, W->sc16, W->sc8, W->dd};
     return w;
 }
@@ -147,10 +148,22 @@ static inline __m512 sc16v(const Qw *w, i64 g, i64 b, i64 i) { /* scales (or min
     if (w->sc16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w->sc + i)));
     return _mm512_loadu_ps((const float *)w->sc + i);
 }
-/* vectors t of run c: u4 4 (nibbles), i8 2 (bytes) */
-static inline void unpack512(int u4, const uint8_t *p, __m512i *v) {
-    __m512i a = _mm512_loadu_si512(p);
-    if (u4) {
+/* i6's high 2 bits of value t (bits 2 (t % 8) of its run's words) as bits 4-5 */
+#define HI6(hw, t) _mm512_and_si512(((t) % 8) >= 2 ? _mm512_srli_epi16(hw, 2 * ((t) % 8) - 4) \
+                                                  : _mm512_slli_epi16(hw, 4 - 2 * ((t) % 8)), \
+                                    _mm512_set1_epi16(0x30))
+/* vectors t of run c: u4 4 (nibbles), i8 2 (bytes); i6 4: u4's nibbles, their high bits from the
+ * runs after the nibbles (p: the group and block's first byte) */
+static inline void unpack512(int u4, const uint8_t *p, int c, __m512i *v) {
+    __m512i a = _mm512_loadu_si512(p + 64 * c);
+    if (u4 == 2) {
+        __m512i m = _mm512_set1_epi16(15), o = _mm512_set1_epi16(32);
+        __m512i hw = _mm512_loadu_si512(p + 256 + 64 * (c >> 1));
+        for (int s = 0; s < 4; s++) {
+            __m512i lo = _mm512_and_si512(s ? _mm512_srli_epi16(a, 4 * s) : a, m);
+            v[s] = _mm512_sub_epi16(_mm512_or_si512(lo, HI6(hw, 4 * c + s)), o);
+        }
+    } else if (u4) {
         __m512i m = _mm512_set1_epi16(15);
         v[0] = _mm512_and_si512(a, m);
         v[1] = _mm512_and_si512(_mm512_srli_epi16(a, 4), m);
@@ -187,7 +200,7 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
         for (i64 b = 0; b < nb; b++) {                                                           \
             const uint8_t *p = gq(w, g, b);                                                      \
             if (far) {                                                                           \
-                _Pragma("GCC unroll 8") for (int c = 0; c < 4 * (U4 ? 1 : 2); c++)               \
+                _Pragma("GCC unroll 8") for (int c = 0; c < (U4 == 1 ? 4 : U4 ? 6 : 8); c++)     \
                     prefetch(p + QPF * w->gbytes + 64 * c);                                      \
             }                                                                                    \
             __m512i I[MT][2 * CH];                                                               \
@@ -196,7 +209,7 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
                     I[j][i] = _mm512_setzero_si512();                                            \
             _Pragma("GCC unroll 8") for (int c = 0; c < 16 / PER; c++) {                         \
                 __m512i v[4];                                                                    \
-                unpack512(U4, p + 64 * c, v);                                                    \
+                unpack512(U4, p, c, v);                                                          \
                 _Pragma("GCC unroll 4") for (int s = 0; s < PER; s++)                            \
                     _Pragma("GCC unroll 4") for (int j = 0; j < MT; j++)                         \
                         I[j][IX(c * PER + s)] = madd512(I[j][IX(c * PER + s)], v[s],             \
@@ -243,11 +256,16 @@ DEF_KIND512(i8, 0, 1, 0)
 DEF_KIND512(i8m, 0, 1, 1)
 DEF_KIND512(i8s, 0, 2, 0)
 DEF_KIND512(i8sm, 0, 2, 1)
+DEF_KIND512(i6, 2, 1, 0)
+DEF_KIND512(i6m, 2, 1, 1)
+DEF_KIND512(i6s, 2, 2, 0)
+DEF_KIND512(i6sm, 2, 2, 1)
 typedef void (*RowsFn)(const Xq *, const Qw *, i64, i64, i64, float *, i64, const float *, int);
 static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *out, i64 ldo,
                        const float *bias, int accumulate) {
-    static const RowsFn fns[2][2][2] = {{{rows_i8, rows_i8m}, {rows_i8s, rows_i8sm}},
-                                        {{rows_u4, rows_u4m}, {rows_u4, rows_u4m}}};
+    static const RowsFn fns[3][2][2] = {{{rows_i8, rows_i8m}, {rows_i8s, rows_i8sm}},
+                                        {{rows_u4, rows_u4m}, {rows_u4, rows_u4m}},
+                                        {{rows_i6, rows_i6m}, {rows_i6s, rows_i6sm}}};
     fns[w->u4][w->sub == 2][w->has_min != 0](x, w, g, m0, m1, out, ldo, bias, accumulate);
 }
 #else
@@ -256,9 +274,18 @@ static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *o
 #ifdef KV_AVX2
 typedef __m256i vi8;
 static inline vi8 vi_zero(void) { return _mm256_setzero_si256(); }
-static inline void unpack8(int u4, const uint8_t *p, vi8 *v) {
-    __m256i a = _mm256_loadu_si256((const __m256i *)p);
-    if (u4) {
+static inline void unpack8(int u4, const uint8_t *p, int c, vi8 *v) {
+    __m256i a = _mm256_loadu_si256((const __m256i *)(p + 64 * c));
+    if (u4 == 2) { /* i6: as unpack512 */
+        __m256i m = _mm256_set1_epi16(15), o = _mm256_set1_epi16(32), h = _mm256_set1_epi16(0x30);
+        __m256i hw = _mm256_loadu_si256((const __m256i *)(p + 256 + 64 * (c >> 1)));
+        for (int s = 0; s < 4; s++) {
+            int t = (4 * c + s) % 8;
+            __m256i lo = _mm256_and_si256(s ? _mm256_srli_epi16(a, 4 * s) : a, m);
+            __m256i hi = t >= 2 ? _mm256_srli_epi16(hw, 2 * t - 4) : _mm256_slli_epi16(hw, 4 - 2 * t);
+            v[s] = _mm256_sub_epi16(_mm256_or_si256(lo, _mm256_and_si256(hi, h)), o);
+        }
+    } else if (u4) {
         __m256i m = _mm256_set1_epi16(15);
         v[0] = _mm256_and_si256(a, m);
         v[1] = _mm256_and_si256(_mm256_srli_epi16(a, 4), m);
@@ -277,11 +304,16 @@ static inline v8 vi_float8(vi8 a) { return _mm256_cvtepi32_ps(a); }
 #else
 typedef struct { int32_t l[8]; } vi8;
 static inline vi8 vi_zero(void) { vi8 r = {{0}}; return r; }
-static inline void unpack8(int u4, const uint8_t *p, vi8 *v) { /* v[s].l[i]: word i's part s */
+static inline void unpack8(int u4, const uint8_t *p, int c, vi8 *v) { /* v[s].l[i]: word i's part s */
+    const uint8_t *hp = p + 256 + 64 * (c >> 1); /* i6: the high bits' run */
+    p += 64 * c;
     for (int i = 0; i < 16; i++) {
         uint32_t wd = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
+        uint32_t hw = u4 == 2 ? (uint32_t)hp[2 * i] | (uint32_t)hp[2 * i + 1] << 8 : 0;
         for (int s = 0; s < (u4 ? 4 : 2); s++) {
-            int32_t val = u4 ? (int32_t)((wd >> (4 * s)) & 15) : (int32_t)(int8_t)(wd >> (8 * s));
+            int32_t val = u4 == 2 ? (int32_t)(((wd >> (4 * s)) & 15) |
+                                              (((hw >> (2 * ((4 * c + s) % 8))) & 3) << 4)) - 32
+                        : u4 ? (int32_t)((wd >> (4 * s)) & 15) : (int32_t)(int8_t)(wd >> (8 * s));
             /* pairs: lane i / 2 holds words 2l, 2l + 1: kept as two 16-bit halves */
             if (i % 2 == 0) v[s].l[i / 2] = (int32_t)(uint16_t)(int16_t)val;
             else v[s].l[i / 2] |= (int32_t)((uint32_t)(uint16_t)(int16_t)val << 16);
@@ -325,7 +357,7 @@ static inline v8 sc8v(const Qw *w, i64 g, i64 b, i64 i) { /* 8 lanes' scales (or
             _Pragma("GCC unroll 8")                                                              \
             for (int c = 0; c < 16 / per; c++) {                                                 \
                 vi8 v[4];                                                                        \
-                unpack8(U4, p + 64 * c, v);                                                      \
+                unpack8(U4, p, c, v);                                                            \
                 _Pragma("GCC unroll 4")                                                         \
                 for (int s = 0; s < per; s++) {                                                 \
                     int t = c * per + s;                                                         \
@@ -365,11 +397,16 @@ DEF_G8(1, 1)
 DEF_G8(1, 2)
 DEF_G8(0, 1)
 DEF_G8(0, 2)
+DEF_G8(2, 1)
+DEF_G8(2, 2)
 static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *out, i64 ldo,
                        const float *bias, int accumulate) {
     for (int hh = 0; hh < 2 && g * G + 8 * hh < w->n; hh++) {
         i64 m = m0;
-        if (w->u4) {
+        if (w->u4 == 2) {
+            for (; m + 2 <= m1; m += 2) g8_2_2(x, w, g, hh, m, out, ldo, bias, accumulate);
+            for (; m < m1; m++) g8_2_1(x, w, g, hh, m, out, ldo, bias, accumulate);
+        } else if (w->u4) {
             for (; m + 2 <= m1; m += 2) g8_1_2(x, w, g, hh, m, out, ldo, bias, accumulate);
             for (; m < m1; m++) g8_1_1(x, w, g, hh, m, out, ldo, bias, accumulate);
         } else {
@@ -430,6 +467,11 @@ void kv_qrow(const Weight *W, i64 n, float *out) {
                 const uint8_t *wd = p + 64 * c + 2 * (2 * r + e);
                 uint32_t word = (uint32_t)wd[0] | (uint32_t)wd[1] << 8;
                 float v = u4 ? (float)((word >> (4 * s)) & 15) : (float)(int8_t)(word >> (8 * s));
+                if (u4 == 2) { /* i6: the high 2 bits, and the offset */
+                    const uint8_t *hd = p + 256 + 64 * (t / 8) + 2 * (2 * r + e);
+                    uint32_t hw = (uint32_t)hd[0] | (uint32_t)hd[1] << 8;
+                    v = (float)((int)(((word >> (4 * s)) & 15) | (((hw >> (2 * (t % 8))) & 3) << 4)) - 32);
+                }
                 int k = 2 * t + e, h = w.sub == 2 && k >= 16;
                 i64 si = gsc(&w, g, b) + 32 * h + r;
                 out[b * 32 + k] = fmaf(v, sc_at(&w, si), sc_at(&w, si + 16));

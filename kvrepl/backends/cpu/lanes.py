@@ -1,0 +1,89 @@
+"""The kernels' layout of a quantized weight (qmatmul.c reads it): rows in groups of 16, block
+by block, each block's 16 rows as the 16 lanes of one register, for 4-bit (u4), 8-bit (i8) and
+6-bit (i6) values and their scales. Pure torch; quant.Packed.interleaved and canonical use it."""
+
+from __future__ import annotations
+
+import torch
+
+GROUP = 16  # rows a kernel register holds, one a lane (qmatmul.c)
+
+
+def _padded(n: int) -> int:
+    return -(-n // GROUP) * GROUP
+
+
+# Block b of a group of 16 rows, "lanes": vector t (t = 0..15) holds each row r's weights 2t and
+# 2t + 1 as the 16-bit pair of lane r (int16 i = 2r + e is weight 2t + e), so one multiply-add
+# of the vector with x's pair t broadcast adds those two products to every row's lane. u4: 256
+# bytes, 4 runs of 32 words, run c's word i = V(4c) | V(4c+1) << 4 | V(4c+2) << 8 | V(4c+3) << 12;
+# i8: 512 bytes, 8 runs of 32 words, run c's word i = V(2c) (low byte) | V(2c + 1) << 8.
+def lanes(t: torch.Tensor, n: int, fmt: str, forward: bool) -> torch.Tensor:
+    """Rows one after the other <-> the lanes layout, in bytes throughout (a model's head is
+    hundreds of MB: no wider copy than the weights' own values)."""
+    u4 = fmt == "u4"
+    per = 4 if u4 else 2  # vectors t in a run c
+    g = _padded(n) // GROUP
+    if forward:
+        k = t.shape[1] * (2 if u4 else 1)
+        nb = k // 32
+        b = t.reshape(n, nb, -1).view(torch.uint8)
+        v = torch.cat([b & 15, b >> 4], dim=-1) if u4 else b  # [n, nb, 32]: weight k's value
+        if _padded(n) > n:
+            v = torch.cat([v, v.new_zeros(_padded(n) - n, nb, 32)])
+        # [g, r, b, c, s, e] -> [g, b, c, r, e, s]: word (2r + e) of run c, its part s
+        v = v.reshape(g, GROUP, nb, 16 // per, per, 2).permute(0, 2, 3, 1, 5, 4)
+        if u4:  # a word's low byte holds parts 0 and 1, its high byte parts 2 and 3
+            v = v[..., 0::2] | (v[..., 1::2] << 4)
+        return v.contiguous().reshape(_padded(n), -1)
+    k = t.numel() // _padded(n) * (2 if u4 else 1)
+    nb = k // 32
+    w = t.reshape(g, nb, 16 // per, GROUP, 2, 2)  # [g, b, c, r, e, byte of the word]
+    if u4:
+        w = torch.stack([w & 15, w >> 4], dim=-1).reshape(g, nb, 4, GROUP, 2, 4)
+    v = w.permute(0, 3, 1, 2, 5, 4).reshape(_padded(n), nb, 32)[:n]  # [n, b, k]
+    if u4:
+        return (v[..., :16] | (v[..., 16:] << 4)).contiguous().reshape(n, k // 2)
+    return v.contiguous().view(torch.int8).reshape(n, k)
+
+
+# i6: values -32..31 as u = value + 32 in 384 bytes a group and block: u's low nibbles as u4's
+# 256 (`lanes`), then its high 2 bits in 2 runs h of 32 words, word (2r + e) of run h holding
+# H(8h + j) at bits 2j (the value of row r's weight 2(8h + j) + e), j = 0..7.
+def six(q: torch.Tensor, n: int) -> torch.Tensor:
+    """int8 values [n, k] (-32..31) -> the i6 lanes layout [padded n, k * 3 / 4] bytes."""
+    u = (q.to(torch.int16) + 32).reshape(n, -1, 32)
+    nb, g = u.shape[1], _padded(n) // GROUP
+    low = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)  # _pack_u4's order
+    low = lanes(low.to(torch.uint8).reshape(n, -1), n, "u4", True).reshape(g, nb, 256)
+    hi = torch.cat([u >> 4, u.new_zeros(_padded(n) - n, nb, 32)])
+    hi = hi.reshape(g, GROUP, nb, 2, 8, 2).permute(0, 2, 3, 1, 5, 4).to(torch.int32)
+    words = (hi << (2 * torch.arange(8, dtype=torch.int32))).sum(-1)  # [g, nb, h, r, e]
+    hi = torch.stack([words & 255, words >> 8], -1).to(torch.uint8).reshape(g, nb, 128)
+    return torch.cat([low, hi], -1).reshape(_padded(n), -1)
+
+
+def unsix(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The i6 lanes layout -> int8 values [n, k]."""
+    g, nb = _padded(n) // GROUP, k // 32
+    t = t.reshape(g, nb, 384)
+    b = lanes(t[..., :256].reshape(_padded(n), -1), n, "u4", False).reshape(n, nb, 16)
+    low = torch.cat([b & 15, b >> 4], -1).to(torch.int16)
+    w = t[..., 256:].reshape(g, nb, 2, GROUP, 2, 2).to(torch.int32)
+    words = w[..., 0] | (w[..., 1] << 8)  # [g, nb, h, r, e]
+    hi = (words.unsqueeze(-1) >> (2 * torch.arange(8, dtype=torch.int32))) & 3  # [.., e, j]
+    hi = hi.permute(0, 3, 1, 2, 5, 4).reshape(_padded(n), nb, 32)[:n].to(torch.int16)
+    return ((low | (hi << 4)) - 32).to(torch.int8).reshape(n, k)
+
+
+def lane_scales(t: torch.Tensor, n: int, sub: int, forward: bool) -> torch.Tensor:
+    """(scale, min) pairs [n, blocks of `block`, 2] <-> per group and block of 32: for each of
+    its `sub` parts, the 16 rows' scales, then their mins ([g, b, sub, 2, 16])."""
+    if forward:
+        nb = t.shape[1] // sub
+        t = torch.cat([t, t.new_zeros(_padded(n) - n, *t.shape[1:])])
+        out = t.reshape(_padded(n) // GROUP, GROUP, nb, sub, 2).permute(0, 2, 3, 4, 1)
+        return out.contiguous().reshape(_padded(n), nb * sub, 2)
+    nb = t.shape[1] // sub
+    out = t.reshape(_padded(n) // GROUP, nb, sub, 2, GROUP).permute(0, 4, 1, 2, 3)
+    return out.contiguous().reshape(_padded(n), nb * sub, 2)[:n]
