@@ -77,13 +77,13 @@ def unsix(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def lane_scales(t: torch.Tensor, n: int, sub: int, forward: bool) -> torch.Tensor:
-    """(scale, min) pairs [n, blocks of `block`, 2] <-> per group and block of 32: for each of
-    its `sub` parts, the 16 rows' scales, then their mins ([g, b, sub, 2, 16])."""
+    """(scale, min) pairs [n, blocks of `block`, 2] (or the scales alone, [.., 1]) <-> per group
+    and block of 32: for each of its `sub` parts, the 16 rows' scales, then their mins
+    ([g, b, sub, 2 or 1, 16])."""
+    nb, pair = t.shape[1] // sub, t.shape[2]
     if forward:
-        nb = t.shape[1] // sub
         t = torch.cat([t, t.new_zeros(_padded(n) - n, *t.shape[1:])])
-        out = t.reshape(_padded(n) // GROUP, GROUP, nb, sub, 2).permute(0, 2, 3, 4, 1)
-        return out.contiguous().reshape(_padded(n), nb * sub, 2)
-    nb = t.shape[1] // sub
-    out = t.reshape(_padded(n) // GROUP, nb, sub, 2, GROUP).permute(0, 4, 1, 2, 3)
-    return out.contiguous().reshape(_padded(n), nb * sub, 2)[:n]
+        out = t.reshape(_padded(n) // GROUP, GROUP, nb, sub, pair).permute(0, 2, 3, 4, 1)
+        return out.contiguous().reshape(_padded(n), nb * sub, pair)
+    out = t.reshape(_padded(n) // GROUP, nb, sub, pair, GROUP).permute(0, 4, 1, 2, 3)
+    return out.contiguous().reshape(_padded(n), nb * sub, pair)[:n]

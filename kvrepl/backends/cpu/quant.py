@@ -74,7 +74,7 @@ class Packed:
     # lanes layout and `dd` the floats, [groups, k/256, 2, 16] (a quarter of the bytes)
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
     dd: torch.Tensor | None = None
-    mins: bool | None = None  # interleaved with dd: whether any min is not 0
+    mins: bool | None = None  # interleaved: whether the mins are kept (some min is not 0)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.sc, self.dd)
@@ -83,8 +83,8 @@ class Packed:
     def interleaved(self, group: int = GROUP, compact: bool = True) -> Packed:
         """The kernels' layout of a u4 or i8 weight: rows in groups of 16, block by block, each
         block's 16 rows as the 16 lanes of one register (`_lanes`), rows padded with zeros to a
-        multiple of 16; scales and mins likewise (float16 where every one is exactly one).
-        Others stay as they are."""
+        multiple of 16; scales and mins likewise (float16 where every one is exactly one), the
+        mins only where one is not 0 (Q8_0, Q4_0, Q6_K: none). Others stay as they are."""
         if group not in (1, GROUP):
             raise ValueError(f"rows interleave in groups of {GROUP} (or 1: as they are)")
         if group == 1 or self.fmt not in ("u4", "i8") or self.group != 1 or self.sc is None:
@@ -95,18 +95,19 @@ class Packed:
         else:
             q = _lanes(self.q, self.n, self.fmt, True)
         sub = 32 // self.block
+        mins = bool(self.sc[..., 1].ne(0).any())
+        kept = 2 if mins else 1  # (scale, min), or the scale alone
         if compact and self.factors is not None and torch.equal(
             _expand(*self.factors, self.block).view(torch.int32), self.sc.view(torch.int32)
         ):  # the kernels rebuild each scale as dd * small, the same float (an exact product)
-            dd, small = self.factors
-            mins = bool(self.sc[..., 1].ne(0).any())
+            dd, small = (f[..., :kept].contiguous() for f in self.factors)
             sc, dd = _lane_scales(small, self.n, sub, True), _lane_scales(dd, self.n, 1, True)
             return Packed(fmt, q, sc, self.n, self.k, self.block, group, dd=dd, mins=mins)
-        sc = _lane_scales(self.sc, self.n, sub, True)
+        sc = _lane_scales(self.sc[..., :kept].contiguous(), self.n, sub, True)
         half = sc.half()
         if torch.equal(half.float().view(torch.int32), sc.view(torch.int32)):
-            sc = half  # every scale and min is a float16 (Q4_0, Q4_1, Q8_0): 4 bytes a block less
-        return Packed(fmt, q, sc, self.n, self.k, self.block, group)
+            sc = half  # every scale and min is a float16 (Q4_0, Q4_1, Q8_0): 2 bytes each less
+        return Packed(fmt, q, sc, self.n, self.k, self.block, group, mins=mins)
 
     def canonical(self) -> Packed:
         """Rows one after the other again (the padding dropped)."""
@@ -119,10 +120,15 @@ class Packed:
         if self.dd is not None:
             small = _lane_scales(self.sc, self.n, sub, False)
             dd = _lane_scales(self.dd, self.n, 1, False)
+            if not self.mins:  # the mins, all 0 (-0.0 times 0, as factors() writes them)
+                small = torch.cat([small, torch.zeros_like(small)], -1)
+                dd = torch.cat([dd, torch.full_like(dd, -0.0)], -1)
             factors = (dd, small)
             return Packed(fmt, q, _expand(dd, small, self.block), self.n, self.k, self.block,
                           factors=factors)  # fmt: skip
         sc = _lane_scales(self.sc.float(), self.n, sub, False)
+        if not self.mins:
+            sc = torch.cat([sc, torch.zeros_like(sc)], -1)
         return Packed(fmt, q, sc, self.n, self.k, self.block)
 
     def dequantize(self) -> torch.Tensor:

@@ -262,18 +262,19 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
            group: int = 1, dd: torch.Tensor | None = None, mins: bool | None = None):  # fmt: skip
     """A Weight descriptor over tensors the caller keeps alive. A u4 or i8 weight must be in the
     kernels' layout, groups of 16 rows (quant.Packed.interleaved); with `dd`, its scales and
-    mins are int8 multiples of dd's floats, and `mins` says whether any min is not 0."""
+    mins are int8 multiples of dd's floats. The layout keeps the mins only where one is not 0
+    (sc [rows, parts, 2], else [rows, parts, 1]); `mins`, where given, must say the same."""
     if k % 32:
         raise ValueError(f"k={k} is not a multiple of 32")
     if fmt in ("u4", "i8", "i6") and group != 16:
         raise ValueError("a quantized weight goes to the kernels in groups of 16 rows")
     sc8 = bool(sc is not None and sc.dtype == torch.int8)
-    if sc8 != (dd is not None) or (sc8 and (mins is None or k % 256)):
-        raise ValueError("int8 scales go with their superblocks' floats (dd) and `mins`")
-    # the mins: per group of 16 rows and part of a block, 16 scales then 16 mins (quant._lanes)
-    has_min = bool(sc is not None and sc.reshape(-1, 2, 16)[:, 1].ne(0).any())
-    if sc8:  # an int8 min may stand for 0 (times a superblock's 0): the caller knows
-        has_min = bool(mins)
+    if sc8 != (dd is not None) or (sc8 and k % 256):
+        raise ValueError("int8 scales go with their superblocks' floats (dd)")
+    # per group of 16 rows and part of a block: 16 scales, then 16 mins if kept (lanes.py)
+    has_min = bool(sc is not None and sc.shape[-1] == 2)
+    if sc is not None and (sc.dim() != 3 or (mins is not None and mins != has_min)):
+        raise ValueError("scales in the kernels' layout: [rows, parts, 2 (scale, min) or 1]")
     scp = sc.data_ptr() if sc is not None else None
     sc16 = bool(sc is not None and sc.dtype == torch.float16)
     ddp = dd.data_ptr() if dd is not None else None

@@ -29,12 +29,13 @@ typedef struct {
     int32_t block;     /* I8: 32 or 16 weights per (scale, min) */
     i64 n, k;          /* rows (outputs), columns (inputs); k % 32 == 0 */
     const void *q;     /* U4, I8: groups of 16 rows (qmatmul.c); F16: uint16 [n][k]; F32: float */
-    const void *sc;    /* U4, I8: per group and block, 16 scales then 16 mins; float16 with sc16 */
-    int32_t has_min;   /* any min is not 0 */
+    const void *sc;    /* U4, I8: per group and block, 16 scales, then 16 mins where has_min
+                        * (else none are stored); float16 with sc16 */
+    int32_t has_min;   /* the mins are stored: some min is not 0 */
     int32_t group;     /* U4, I8: 16 (the only layout the loops read) */
     int32_t sc16;      /* the scales and mins are float16 (each exactly the float it stands for) */
     const float *dd;   /* with sc8: per group and 256-weight superblock, 16 floats for the scales
-                        * then 16 for the mins, each row's */
+                        * then (has_min) 16 for the mins, each row's */
     int32_t sc8;       /* the scales and mins are int8, each times its superblock's float in dd
                         * (an exact product: the float the file's scale is) */
 } Weight;

@@ -27,10 +27,12 @@
 
 typedef struct { /* a quantized weight as the loops read it */
     const uint8_t *q;
-    const void *sc; /* per group and block: for each part (sub), 16 scales then 16 mins */
+    const void *sc; /* per group and block: for each part (sub), 16 scales then 16 mins (only
+                     * where the weight has mins: else the 16 scales alone) */
     i64 n, k, nb, gbytes; /* rows; weights per row; blocks of 32; q bytes per group and block */
     int u4, sub, has_min, sc16, sc8; /* u4: 1 u4, 2 i6 (4 values a run, as u4), 0 i8 */
-    const float *dd; /* sc8: the superblocks' floats, [group][k / 256][scales, mins][16] */
+    const float *dd; /* sc8: the superblocks' floats, [group][k / 256][scales(, mins)][16] */
+    int ps; /* scales (and mins) a part: 32 with mins, 16 without */
 } Qw;
 
 typedef struct { /* quantized rows of x */
@@ -104,7 +106,7 @@ static Qw qw_of(const Weight *W) {
     int u4 = W->fmt == FMT_U4 ? 1 : W->fmt == FMT_I6 ? 2 : 0;
     Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 == 1 ? 16 : u4 ? 24 : 32) * G, u4,
             W->block == 16 ? 2 : 1,
-            W->has_min, W->sc16, W->sc8, W->dd};
+            W->has_min, W->sc16, W->sc8, W->dd, W->has_min ? 32 : 16};
     return w;
 }
 
@@ -113,15 +115,16 @@ static inline const uint8_t *gq(const Qw *w, i64 g, i64 b) {
     return w->q + (g * w->nb + b) * w->gbytes;
 }
 static inline i64 gsc(const Qw *w, i64 g, i64 b) { /* index of the first scale */
-    return (g * w->nb + b) * 32 * w->sub;
+    return (g * w->nb + b) * w->ps * w->sub;
 }
 /* sc8: the superblock float of scale index i (gsc's layout: group, block, part, scales or mins,
  * lane), the first of its 16 lanes' */
 static inline const float *dd_gb(const Qw *w, i64 g, i64 b, i64 i) {
-    return w->dd + ((g * (w->nb / 8) + b / 8) * 2 + ((i >> 4) & 1)) * 16;
+    i64 sb = g * (w->nb / 8) + b / 8;
+    return w->dd + (w->has_min ? sb * 2 + ((i >> 4) & 1) : sb) * 16;
 }
 static inline const float *dd_at(const Qw *w, i64 i) {
-    i64 gb = i / (32 * w->sub);
+    i64 gb = i / (w->ps * w->sub);
     return dd_gb(w, gb / w->nb, gb % w->nb, i);
 }
 static inline float sc_at(const Qw *w, i64 i) {
@@ -217,7 +220,7 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
             }                                                                                    \
             i64 si = gsc(w, g, b);                                                               \
             _Pragma("GCC unroll 2") for (int h = 0; h < SUB; h++) {                              \
-                __m512 sv = sc16v(w, g, b, si + 32 * h);                                         \
+                __m512 sv = sc16v(w, g, b, si + (MIN ? 32 : 16) * h);                            \
                 __m512 mv = MIN ? sc16v(w, g, b, si + 32 * h + 16) : sv;                         \
                 _Pragma("GCC unroll 4") for (int j = 0; j < MT; j++) {                           \
                     __m512i n = I[j][(SUB == 1 ? 0 : h) * CH];                                   \
@@ -370,7 +373,8 @@ static inline v8 sc8v(const Qw *w, i64 g, i64 b, i64 i) { /* 8 lanes' scales (or
             i64 si = gsc(w, g, b) + 8 * hh;                                                      \
             _Pragma("GCC unroll 4")                                                      \
             for (int h = 0; h < sub; h++) {                                                      \
-                v8 sv = sc8v(w, g, b, si + 32 * h), mv = sc8v(w, g, b, si + 32 * h + 16);        \
+                v8 sv = sc8v(w, g, b, si + w->ps * h);                                           \
+                v8 mv = w->has_min ? sc8v(w, g, b, si + w->ps * h + 16) : sv;                    \
                 _Pragma("GCC unroll 4")                                                  \
                 for (int j = 0; j < MT; j++) {                                                   \
                     v8 step = v_set1(x->d[(m0 + j) * nb + b]);                                   \
@@ -473,8 +477,9 @@ void kv_qrow(const Weight *W, i64 n, float *out) {
                     v = (float)((int)(((word >> (4 * s)) & 15) | (((hw >> (2 * (t % 8))) & 3) << 4)) - 32);
                 }
                 int k = 2 * t + e, h = w.sub == 2 && k >= 16;
-                i64 si = gsc(&w, g, b) + 32 * h + r;
-                out[b * 32 + k] = fmaf(v, sc_at(&w, si), sc_at(&w, si + 16));
+                i64 si = gsc(&w, g, b) + w.ps * h + r;
+                /* no mins: q * scale, as gguf-py computes Q8_0, Q4_0 or Q6_K */
+                out[b * 32 + k] = w.has_min ? fmaf(v, sc_at(&w, si), sc_at(&w, si + 16)) : v * sc_at(&w, si);
             }
     }
 }
