@@ -166,39 +166,43 @@ def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_ke
 
 def test_weights_without_mins_keep_none_and_give_the_same_bits(kernels, avx2_kernels,
                                                                 scalar_kernels):  # fmt: skip
-    """Q8_0 and Q6_K have no mins: the kernels' layout keeps their scales alone (Q8_0 8.5 bits a
-    weight, as in the file; Q6_K 6.625 with its superblock float, not 7.25), and every output
-    and embedding row is what the same scales with stored zero mins give. (Q4_0's values are
-    kept as 0..15 with a min of -8 times the scale, as Q4_1's.)"""
+    """Q8_0 and Q6_K have no mins, and Q4_0's (its values kept as 0..15) are -8 times the scale:
+    the kernels' layout keeps their scales alone (Q8_0 8.5 bits a weight and Q4_0 4.5, as in
+    the file; Q6_K 6.625 with its superblock float, not 7.25), and every output and embedding
+    row is what the same scales with their mins stored give (Q4_1's are kept)."""
     from kvrepl.backends.cpu.lanes import lane_scales
 
     rng = np.random.default_rng(5)
     x = torch.randn(5, 512)
-    for qtype, bits in (("Q8_0", 8.5), ("Q6_K", 6.625), ("Q4_0", 5.0)):
+    for qtype, bits, mins in (("Q8_0", 8.5, 0), ("Q6_K", 6.625, 0), ("Q4_0", 4.5, 2),
+                              ("Q4_1", 5.0, 1)):  # fmt: skip
         n = 40
         p = pack(raw_blocks(qtype, n, 512, rng), qtype, n, 512)
         il = p.interleaved()
-        assert il.mins == (qtype == "Q4_0") and il.sc.shape[-1] == (2 if il.mins else 1), qtype
+        assert il.mins == mins and il.sc.shape[-1] == (2 if mins == 1 else 1), qtype
         assert il.nbytes() * 8 / (48 * 512) == bits, qtype  # 48: the rows padded to groups of 16
-        if il.mins:
+        if mins == 1:
             continue
-        zeros = torch.zeros_like(il.sc)  # the same scales, 16 zero mins after each part's
-        sc = lane_scales(torch.cat([lane_scales(il.sc, n, 32 // p.block, False), zeros[:n]], -1),
-                         n, 32 // p.block, True)  # fmt: skip
+        sub = 32 // p.block
+        scales = lane_scales(il.sc, n, sub, False)
+        made = scales.float() * -8.0 if mins == 2 else torch.zeros_like(scales)
+        sc = lane_scales(torch.cat([scales, made.to(scales.dtype)], -1), n, sub, True)
         dd = None
         if il.dd is not None:
             dd = lane_scales(il.dd, n, 1, False)
             dd = lane_scales(torch.cat([dd, torch.full_like(dd, -0.0)], -1), n, 1, True)
-        stored = Packed(il.fmt, il.q, sc, n, 512, p.block, 16, dd=dd, mins=True)
+        stored = Packed(il.fmt, il.q, sc, n, 512, p.block, 16, dd=dd, mins=1)
         assert stored.nbytes() > il.nbytes()
         for k in (kernels, avx2_kernels, scalar_kernels):
             for rows in (1, 2, 5):
                 got = matmul(k, x[:rows].contiguous(), il)
                 assert torch.equal(got, matmul(k, x[:rows].contiguous(), stored)), (qtype, rows)
             ids = torch.tensor([0, 17, n - 1], dtype=torch.int64)
-            out = torch.empty(3, 512)
-            k.rows(desc(il), ids.data_ptr(), 3, out.data_ptr(), 512, 1.0)
-            assert torch.equal(out, p.dequantize()[ids]), qtype
+            got, want = torch.empty(3, 512), torch.empty(3, 512)
+            k.rows(desc(il), ids.data_ptr(), 3, got.data_ptr(), 512, 1.0)
+            k.rows(desc(stored), ids.data_ptr(), 3, want.data_ptr(), 512, 1.0)
+            assert torch.equal(got, want) and torch.equal(got, p.dequantize()[ids]), qtype
+
 
 def test_interleaving_rows_changes_no_bit_of_a_result(kernels):
     p = pack(raw_blocks("Q4_1", 64, 256, np.random.default_rng(8)), "Q4_1", 64, 256)

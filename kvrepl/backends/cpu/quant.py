@@ -74,7 +74,9 @@ class Packed:
     # lanes layout and `dd` the floats, [groups, k/256, 2, 16] (a quarter of the bytes)
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
     dd: torch.Tensor | None = None
-    mins: bool | None = None  # interleaved: whether the mins are kept (some min is not 0)
+    # interleaved: 1 the mins are kept (some min is not 0), 0 none are, 2 each is -8 times its
+    # scale (Q4_0's values as 0..15), which the kernels make from the scale
+    mins: int | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.sc, self.dd)
@@ -84,7 +86,8 @@ class Packed:
         """The kernels' layout of a u4 or i8 weight: rows in groups of 16, block by block, each
         block's 16 rows as the 16 lanes of one register (`_lanes`), rows padded with zeros to a
         multiple of 16; scales and mins likewise (float16 where every one is exactly one), the
-        mins only where one is not 0 (Q8_0, Q4_0, Q6_K: none). Others stay as they are."""
+        mins only where one is not 0 and is not -8 times its scale (Q8_0, Q6_K: none; Q4_0:
+        each -8 times its scale). Others stay as they are."""
         if group not in (1, GROUP):
             raise ValueError(f"rows interleave in groups of {GROUP} (or 1: as they are)")
         if group == 1 or self.fmt not in ("u4", "i8") or self.group != 1 or self.sc is None:
@@ -95,8 +98,12 @@ class Packed:
         else:
             q = _lanes(self.q, self.n, self.fmt, True)
         sub = 32 // self.block
-        mins = bool(self.sc[..., 1].ne(0).any())
-        kept = 2 if mins else 1  # (scale, min), or the scale alone
+        mins = int(bool(self.sc[..., 1].ne(0).any()))
+        if mins and fmt == "u4" and self.factors is None and torch.equal(
+            (self.sc[..., 0] * -8.0).view(torch.int32), self.sc[..., 1].view(torch.int32)
+        ):  # Q4_0: (q - 8) * d as q * d + (-8 * d); the kernels make the min, the same float
+            mins = 2
+        kept = 2 if mins == 1 else 1  # (scale, min), or the scale alone
         if compact and self.factors is not None and torch.equal(
             _expand(*self.factors, self.block).view(torch.int32), self.sc.view(torch.int32)
         ):  # the kernels rebuild each scale as dd * small, the same float (an exact product)
@@ -127,8 +134,8 @@ class Packed:
             return Packed(fmt, q, _expand(dd, small, self.block), self.n, self.k, self.block,
                           factors=factors)  # fmt: skip
         sc = _lane_scales(self.sc.float(), self.n, sub, False)
-        if not self.mins:
-            sc = torch.cat([sc, torch.zeros_like(sc)], -1)
+        if self.mins != 1:
+            sc = torch.cat([sc, sc * -8.0 if self.mins == 2 else torch.zeros_like(sc)], -1)
         return Packed(fmt, q, sc, self.n, self.k, self.block)
 
     def dequantize(self) -> torch.Tensor:

@@ -259,11 +259,12 @@ def kv8_row(head_dim: int) -> int:
 
 
 def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, block: int = 32,
-           group: int = 1, dd: torch.Tensor | None = None, mins: bool | None = None):  # fmt: skip
+           group: int = 1, dd: torch.Tensor | None = None, mins: int | None = None):  # fmt: skip
     """A Weight descriptor over tensors the caller keeps alive. A u4 or i8 weight must be in the
     kernels' layout, groups of 16 rows (quant.Packed.interleaved); with `dd`, its scales and
     mins are int8 multiples of dd's floats. The layout keeps the mins only where one is not 0
-    (sc [rows, parts, 2], else [rows, parts, 1]); `mins`, where given, must say the same."""
+    (sc [rows, parts, 2], else [rows, parts, 1]); `mins` (quant.Packed.mins), where given, must
+    say the same, and 2 says that a u4 weight's mins are -8 times its scales."""
     if k % 32:
         raise ValueError(f"k={k} is not a multiple of 32")
     if fmt in ("u4", "i8", "i6") and group != 16:
@@ -272,9 +273,14 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
     if sc8 != (dd is not None) or (sc8 and k % 256):
         raise ValueError("int8 scales go with their superblocks' floats (dd)")
     # per group of 16 rows and part of a block: 16 scales, then 16 mins if kept (lanes.py)
-    has_min = bool(sc is not None and sc.shape[-1] == 2)
-    if sc is not None and (sc.dim() != 3 or (mins is not None and mins != has_min)):
+    has_min = int(sc is not None and sc.shape[-1] == 2)
+    if sc is not None and (sc.dim() != 3 or (mins is not None and int(mins) != has_min
+                                             and not (mins == 2 and has_min == 0))):
         raise ValueError("scales in the kernels' layout: [rows, parts, 2 (scale, min) or 1]")
+    if mins == 2:
+        if fmt != "u4" or sc8:
+            raise ValueError("mins made from the scales (-8 times each) are for u4 weights only")
+        has_min = 2
     scp = sc.data_ptr() if sc is not None else None
     sc16 = bool(sc is not None and sc.dtype == torch.float16)
     ddp = dd.data_ptr() if dd is not None else None

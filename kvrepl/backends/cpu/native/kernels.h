@@ -31,7 +31,8 @@ typedef struct {
     const void *q;     /* U4, I8: groups of 16 rows (qmatmul.c); F16: uint16 [n][k]; F32: float */
     const void *sc;    /* U4, I8: per group and block, 16 scales, then 16 mins where has_min
                         * (else none are stored); float16 with sc16 */
-    int32_t has_min;   /* the mins are stored: some min is not 0 */
+    int32_t has_min;   /* 1: the mins are stored (some min is not 0); 2: each min is -8 times
+                        * its scale (Q4_0 as u4), not stored; 0: none */
     int32_t group;     /* U4, I8: 16 (the only layout the loops read) */
     int32_t sc16;      /* the scales and mins are float16 (each exactly the float it stands for) */
     const float *dd;   /* with sc8: per group and 256-weight superblock, 16 floats for the scales

@@ -30,9 +30,10 @@ typedef struct { /* a quantized weight as the loops read it */
     const void *sc; /* per group and block: for each part (sub), 16 scales then 16 mins (only
                      * where the weight has mins: else the 16 scales alone) */
     i64 n, k, nb, gbytes; /* rows; weights per row; blocks of 32; q bytes per group and block */
-    int u4, sub, has_min, sc16, sc8; /* u4: 1 u4, 2 i6 (4 values a run, as u4), 0 i8 */
+    int u4, sub, sc16, sc8; /* u4: 1 u4, 2 i6 (4 values a run, as u4), 0 i8 */
+    int has_min; /* 0: none; 1: stored after the scales; 2: -8 times the scale (Q4_0) */
     const float *dd; /* sc8: the superblocks' floats, [group][k / 256][scales(, mins)][16] */
-    int ps; /* scales (and mins) a part: 32 with mins, 16 without */
+    int ps; /* scales (and mins) a part: 32 with stored mins, 16 without */
 } Qw;
 
 typedef struct { /* quantized rows of x */
@@ -106,7 +107,7 @@ static Qw qw_of(const Weight *W) {
     int u4 = W->fmt == FMT_U4 ? 1 : W->fmt == FMT_I6 ? 2 : 0;
     Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 == 1 ? 16 : u4 ? 24 : 32) * G, u4,
             W->block == 16 ? 2 : 1,
-            W->has_min, W->sc16, W->sc8, W->dd, W->has_min ? 32 : 16};
+            W->sc16, W->sc8, W->has_min, W->dd, W->has_min == 1 ? 32 : 16};
     return w;
 }
 
@@ -121,7 +122,7 @@ static inline i64 gsc(const Qw *w, i64 g, i64 b) { /* index of the first scale *
  * lane), the first of its 16 lanes' */
 static inline const float *dd_gb(const Qw *w, i64 g, i64 b, i64 i) {
     i64 sb = g * (w->nb / 8) + b / 8;
-    return w->dd + (w->has_min ? sb * 2 + ((i >> 4) & 1) : sb) * 16;
+    return w->dd + (w->has_min == 1 ? sb * 2 + ((i >> 4) & 1) : sb) * 16;
 }
 static inline const float *dd_at(const Qw *w, i64 i) {
     i64 gb = i / (w->ps * w->sub);
@@ -220,8 +221,9 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
             }                                                                                    \
             i64 si = gsc(w, g, b);                                                               \
             _Pragma("GCC unroll 2") for (int h = 0; h < SUB; h++) {                              \
-                __m512 sv = sc16v(w, g, b, si + (MIN ? 32 : 16) * h);                            \
-                __m512 mv = MIN ? sc16v(w, g, b, si + 32 * h + 16) : sv;                         \
+                __m512 sv = sc16v(w, g, b, si + (MIN == 1 ? 32 : 16) * h);                       \
+                __m512 mv = MIN == 1 ? sc16v(w, g, b, si + 32 * h + 16)                          \
+                          : MIN == 2 ? _mm512_mul_ps(sv, _mm512_set1_ps(-8.0f)) : sv;            \
                 _Pragma("GCC unroll 4") for (int j = 0; j < MT; j++) {                           \
                     __m512i n = I[j][(SUB == 1 ? 0 : h) * CH];                                   \
                     _Pragma("GCC unroll 4") for (int i = 1; i < (SUB == 1 ? 2 : 1) * CH; i++)    \
@@ -255,6 +257,7 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
     }
 DEF_KIND512(u4, 1, 1, 0)
 DEF_KIND512(u4m, 1, 1, 1)
+DEF_KIND512(u4d, 1, 1, 2)
 DEF_KIND512(i8, 0, 1, 0)
 DEF_KIND512(i8m, 0, 1, 1)
 DEF_KIND512(i8s, 0, 2, 0)
@@ -269,7 +272,10 @@ static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *o
     static const RowsFn fns[3][2][2] = {{{rows_i8, rows_i8m}, {rows_i8s, rows_i8sm}},
                                         {{rows_u4, rows_u4m}, {rows_u4, rows_u4m}},
                                         {{rows_i6, rows_i6m}, {rows_i6s, rows_i6sm}}};
-    fns[w->u4][w->sub == 2][w->has_min != 0](x, w, g, m0, m1, out, ldo, bias, accumulate);
+    if (w->has_min == 2) /* u4 only (weight() refuses others) */
+        rows_u4d(x, w, g, m0, m1, out, ldo, bias, accumulate);
+    else
+        fns[w->u4][w->sub == 2][w->has_min != 0](x, w, g, m0, m1, out, ldo, bias, accumulate);
 }
 #else
 /* 8 lanes at a time (AVX2 registers, or the scalar mirror): half hh of the group's 16 rows; the
@@ -374,7 +380,8 @@ static inline v8 sc8v(const Qw *w, i64 g, i64 b, i64 i) { /* 8 lanes' scales (or
             _Pragma("GCC unroll 4")                                                      \
             for (int h = 0; h < sub; h++) {                                                      \
                 v8 sv = sc8v(w, g, b, si + w->ps * h);                                           \
-                v8 mv = w->has_min ? sc8v(w, g, b, si + w->ps * h + 16) : sv;                    \
+                v8 mv = w->has_min == 1 ? sc8v(w, g, b, si + w->ps * h + 16)                     \
+                      : w->has_min == 2 ? v_mul(sv, v_set1(-8.0f)) : sv;                         \
                 _Pragma("GCC unroll 4")                                                  \
                 for (int j = 0; j < MT; j++) {                                                   \
                     v8 step = v_set1(x->d[(m0 + j) * nb + b]);                                   \
@@ -478,8 +485,10 @@ void kv_qrow(const Weight *W, i64 n, float *out) {
                 }
                 int k = 2 * t + e, h = w.sub == 2 && k >= 16;
                 i64 si = gsc(&w, g, b) + w.ps * h + r;
-                /* no mins: q * scale, as gguf-py computes Q8_0, Q4_0 or Q6_K */
-                out[b * 32 + k] = w.has_min ? fmaf(v, sc_at(&w, si), sc_at(&w, si + 16)) : v * sc_at(&w, si);
+                /* no mins: q * scale, as gguf-py computes Q8_0 or Q6_K */
+                float f = sc_at(&w, si);
+                out[b * 32 + k] = w.has_min == 1 ? fmaf(v, f, sc_at(&w, si + 16))
+                                : w.has_min == 2 ? fmaf(v, f, -8.0f * f) : v * f;
             }
     }
 }
