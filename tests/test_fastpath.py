@@ -126,10 +126,11 @@ FACTORED = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_kernels,
                                                                 scalar_kernels):  # fmt: skip
     """The K-quants' and IQ4_XS's scales go to the kernels as int8 times their superblock's float
-    (a quarter of a float32 scale's bytes: Q4_K 4.75 bits a weight, not 6), and 8-bit values
-    within -32..31 as 6 bits (Q6_K, Q5_K, Q3_K, Q2_K); the kernels rebuild each scale as that
-    exact product and each value from its bits, so every output, on every instruction set and
-    row count, and every embedding row, is bit for bit what float32 scales and bytes give."""
+    (a quarter of a float32 scale's bytes: Q4_K 4.75 bits a weight, not 6), 8-bit values
+    within -32..31 as 6 bits (Q6_K, Q5_K, Q3_K, Q2_K), and IQ4's levels as their 4-bit indices
+    (n4); the kernels rebuild each scale as that exact product and each value from its bits, so
+    every output, on every instruction set and row count, and every embedding row, is bit for
+    bit what float32 scales and bytes give."""
     from makers import random_blocks
 
     from kvrepl.backends.cpu.quant import _expand
@@ -143,8 +144,9 @@ def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_ke
         small = p.interleaved()
         plain = p.interleaved(compact=False)  # float32 scales, a byte a value
         assert small.sc.dtype == torch.int8 and plain.sc.dtype == torch.float32, qtype
-        assert small.fmt == ("i8" if qtype == "IQ4_XS" else "i6" if p.fmt == "i8" else "u4")
-        assert small.nbytes() < plain.nbytes() * (0.8 if small.fmt != "i8" else 0.95), qtype
+        assert small.fmt == ("n4" if qtype == "IQ4_XS" else "i6" if p.fmt == "i8" else "u4")
+        assert plain.fmt == p.fmt, qtype  # compact=False: a byte a value
+        assert small.nbytes() < plain.nbytes() * 0.8, qtype
         assert torch.equal(small.canonical().q, p.q), qtype
         assert torch.equal(small.canonical().sc, p.sc) and torch.equal(
             small.canonical().factors[1], p.factors[1])  # fmt: skip
@@ -168,16 +170,19 @@ def test_weights_without_mins_keep_none_and_give_the_same_bits(kernels, avx2_ker
                                                                 scalar_kernels):  # fmt: skip
     """Q8_0 and Q6_K have no mins, and Q4_0's (its values kept as 0..15) are -8 times the scale:
     the kernels' layout keeps their scales alone (Q8_0 8.5 bits a weight and Q4_0 4.5, as in
-    the file; Q6_K 6.625 with its superblock float, not 7.25), and every output and embedding
-    row is what the same scales with their mins stored give (Q4_1's are kept)."""
+    the file; Q6_K 6.625 with its superblock float, not 7.25; IQ4_NL 4.5 as 4-bit indices to
+    its levels, not 8.5 as their bytes), and every output and embedding row is what the same
+    scales with their mins stored (and IQ4's values as bytes) give (Q4_1's mins are kept)."""
+    from makers import random_blocks
+
     from kvrepl.backends.cpu.lanes import lane_scales
 
     rng = np.random.default_rng(5)
     x = torch.randn(5, 512)
     for qtype, bits, mins in (("Q8_0", 8.5, 0), ("Q6_K", 6.625, 0), ("Q4_0", 4.5, 2),
-                              ("Q4_1", 5.0, 1)):  # fmt: skip
+                              ("Q4_1", 5.0, 1), ("IQ4_NL", 4.5, 0)):  # fmt: skip
         n = 40
-        p = pack(raw_blocks(qtype, n, 512, rng), qtype, n, 512)
+        p = pack(random_blocks(qtype, n, 512, rng, wide=False), qtype, n, 512)
         il = p.interleaved()
         assert il.mins == mins and il.sc.shape[-1] == (2 if mins == 1 else 1), qtype
         assert il.nbytes() * 8 / (48 * 512) == bits, qtype  # 48: the rows padded to groups of 16
@@ -192,6 +197,8 @@ def test_weights_without_mins_keep_none_and_give_the_same_bits(kernels, avx2_ker
             dd = lane_scales(il.dd, n, 1, False)
             dd = lane_scales(torch.cat([dd, torch.full_like(dd, -0.0)], -1), n, 1, True)
         stored = Packed(il.fmt, il.q, sc, n, 512, p.block, 16, dd=dd, mins=1)
+        if il.fmt == "n4":  # IQ4's 4-bit indices (which take no mins) against its byte values
+            stored = p.interleaved(compact=False)
         assert stored.nbytes() > il.nbytes()
         for k in (kernels, avx2_kernels, scalar_kernels):
             for rows in (1, 2, 5):

@@ -1,9 +1,11 @@
 """The kernels' layout of a quantized weight (qmatmul.c reads it): rows in groups of 16, block
-by block, each block's 16 rows as the 16 lanes of one register, for 4-bit (u4), 8-bit (i8) and
-6-bit (i6) values and their scales. Pure torch; quant.Packed.interleaved and canonical use it."""
+by block, each block's 16 rows as the 16 lanes of one register, for 4-bit (u4), 8-bit (i8),
+6-bit (i6) values, IQ4's 4-bit indices to its levels (n4), and their scales. Torch and numpy;
+quant.Packed.interleaved and canonical use it."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 GROUP = 16  # rows a kernel register holds, one a lane (qmatmul.c)
@@ -87,3 +89,32 @@ def lane_scales(t: torch.Tensor, n: int, sub: int, forward: bool) -> torch.Tenso
         return out.contiguous().reshape(_padded(n), nb * sub, pair)
     out = t.reshape(_padded(n) // GROUP, nb, sub, pair, GROUP).permute(0, 4, 1, 2, 3)
     return out.contiguous().reshape(_padded(n), nb * sub, pair)[:n]
+
+
+# n4: IQ4's 4-bit indices into its 16 levels, in u4's lanes layout (the kernels look each up).
+_CHUNK = 1 << 24  # values mapped at once (numpy widens indices to 8 bytes each)
+
+
+def four(q: torch.Tensor, n: int, levels: torch.Tensor) -> torch.Tensor | None:
+    """int8 values [n, k], each one of the 16 `levels`, -> their indices in u4's lanes layout
+    [padded n, k / 2]; None where a value is not a level (a table of 256 bytes, applied in
+    chunks: no copy wider than the values over a head's hundreds of millions of them)."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    lut[levels.numpy().view(np.uint8)] = np.arange(16, dtype=np.uint8)
+    flat = q.contiguous().numpy().view(np.uint8).reshape(-1)
+    if lut[flat[:4096]].max() == 255:  # Q8_0's values: no pass over the rest
+        return None
+    idx = np.empty_like(flat)
+    for s in range(0, flat.size, _CHUNK):
+        idx[s : s + _CHUNK] = lut[flat[s : s + _CHUNK]]
+    if idx.max() == 255:
+        return None
+    u = torch.from_numpy(idx).reshape(n, -1, 32)
+    return lanes((u[..., :16] | (u[..., 16:] << 4)).reshape(n, -1), n, "u4", True)
+
+
+def unfour(t: torch.Tensor, n: int, k: int, levels: torch.Tensor) -> torch.Tensor:
+    """`four`'s layout -> the int8 values [n, k]."""
+    b = lanes(t, n, "u4", False).reshape(n, k // 32, 16)
+    idx = torch.cat([b & 15, b >> 4], -1).reshape(-1).numpy()
+    return torch.from_numpy(levels.numpy()[idx].reshape(n, k))

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from kvrepl.backends.cpu.lanes import GROUP
+from kvrepl.backends.cpu.lanes import four as _four
 from kvrepl.backends.cpu.lanes import lane_scales as _lane_scales
 from kvrepl.backends.cpu.lanes import lanes as _lanes
 from kvrepl.backends.cpu.lanes import six as _six
+from kvrepl.backends.cpu.lanes import unfour as _unfour
 from kvrepl.backends.cpu.lanes import unsix as _unsix
 from kvrepl.backends.ggufblocks import f16 as _f16
 from kvrepl.backends.ggufblocks import fields as _fields
@@ -92,13 +94,16 @@ class Packed:
             raise ValueError(f"rows interleave in groups of {GROUP} (or 1: as they are)")
         if group == 1 or self.fmt not in ("u4", "i8") or self.group != 1 or self.sc is None:
             return self
-        fmt = self.fmt
+        fmt, q = self.fmt, None
+        mins = int(bool(self.sc[..., 1].ne(0).any()))
         if compact and fmt == "i8" and int(self.q.min()) >= -32 and int(self.q.max()) <= 31:
             fmt, q = "i6", _six(self.q, self.n)  # 6 bits a value (Q6_K, Q5_K, Q3_K, Q2_K, Q5_x)
-        else:
+        elif compact and fmt == "i8" and not mins and self.block == 32:
+            q = _four(self.q, self.n, _IQ4_LEVELS)  # IQ4_NL, IQ4_XS: 4 bits a value
+            fmt = "n4" if q is not None else fmt
+        if q is None:
             q = _lanes(self.q, self.n, self.fmt, True)
         sub = 32 // self.block
-        mins = int(bool(self.sc[..., 1].ne(0).any()))
         if mins and fmt == "u4" and self.factors is None and torch.equal(
             (self.sc[..., 0] * -8.0).view(torch.int32), self.sc[..., 1].view(torch.int32)
         ):  # Q4_0: (q - 8) * d as q * d + (-8 * d); the kernels make the min, the same float
@@ -120,9 +125,13 @@ class Packed:
         """Rows one after the other again (the padding dropped)."""
         if self.group == 1:
             return self
-        fmt = "i8" if self.fmt == "i6" else self.fmt
-        six = self.fmt == "i6"
-        q = _unsix(self.q, self.n, self.k) if six else _lanes(self.q, self.n, fmt, False)
+        fmt = "i8" if self.fmt in ("i6", "n4") else self.fmt
+        if self.fmt == "i6":
+            q = _unsix(self.q, self.n, self.k)
+        elif self.fmt == "n4":
+            q = _unfour(self.q, self.n, self.k, _IQ4_LEVELS)
+        else:
+            q = _lanes(self.q, self.n, fmt, False)
         sub = 32 // self.block
         if self.dd is not None:
             small = _lane_scales(self.sc, self.n, sub, False)
@@ -306,6 +315,7 @@ def _q2_k(b: np.ndarray, n: int, k: int) -> Packed:
 IQ4NL_VALUES = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
 )  # ggml's kvalues_iq4nl: the 16 levels a 4-bit IQ4 index stands for
+_IQ4_LEVELS = torch.from_numpy(IQ4NL_VALUES)  # the kernels' n4 (qmatmul.c's IQ4NL) looks them up
 
 
 def _iq4_nl(b: np.ndarray, n: int, k: int) -> Packed:

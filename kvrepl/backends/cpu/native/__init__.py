@@ -30,7 +30,7 @@ SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "qmatmul.c", "kv8.
 HEADERS = [Path(__file__).with_name("kernels.h")]  # part of the build's key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
          "-fPIC"]  # fmt: skip
-FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4, "i6": 5}
+FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4, "i6": 5, "n4": 6}
 ACT = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2}
 
 
@@ -267,7 +267,7 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
     say the same, and 2 says that a u4 weight's mins are -8 times its scales."""
     if k % 32:
         raise ValueError(f"k={k} is not a multiple of 32")
-    if fmt in ("u4", "i8", "i6") and group != 16:
+    if fmt in ("u4", "i8", "i6", "n4") and group != 16:
         raise ValueError("a quantized weight goes to the kernels in groups of 16 rows")
     sc8 = bool(sc is not None and sc.dtype == torch.int8)
     if sc8 != (dd is not None) or (sc8 and k % 256):
@@ -277,6 +277,8 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
     if sc is not None and (sc.dim() != 3 or (mins is not None and int(mins) != has_min
                                              and not (mins == 2 and has_min == 0))):
         raise ValueError("scales in the kernels' layout: [rows, parts, 2 (scale, min) or 1]")
+    if fmt == "n4" and (has_min or block != 32):
+        raise ValueError("IQ4's levels (n4) go with a scale a block of 32 and no mins")
     if mins == 2:
         if fmt != "u4" or sc8:
             raise ValueError("mins made from the scales (-8 times each) are for u4 weights only")

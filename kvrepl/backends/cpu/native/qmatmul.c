@@ -30,7 +30,8 @@ typedef struct { /* a quantized weight as the loops read it */
     const void *sc; /* per group and block: for each part (sub), 16 scales then 16 mins (only
                      * where the weight has mins: else the 16 scales alone) */
     i64 n, k, nb, gbytes; /* rows; weights per row; blocks of 32; q bytes per group and block */
-    int u4, sub, sc16, sc8; /* u4: 1 u4, 2 i6 (4 values a run, as u4), 0 i8 */
+    int u4, sub, sc16, sc8; /* u4: 1 u4, 2 i6 (4 values a run, as u4), 3 n4 (u4's nibbles, each
+                             * an index into IQ4's 16 levels), 0 i8 */
     int has_min; /* 0: none; 1: stored after the scales; 2: -8 times the scale (Q4_0) */
     const float *dd; /* sc8: the superblocks' floats, [group][k / 256][scales(, mins)][16] */
     int ps; /* scales (and mins) a part: 32 with stored mins, 16 without */
@@ -104,12 +105,15 @@ static void quantize_rows(const void *ctx, i64 item) {
 
 /* the loops' view of a U4 or I8 Weight (groups of 16 rows) */
 static Qw qw_of(const Weight *W) {
-    int u4 = W->fmt == FMT_U4 ? 1 : W->fmt == FMT_I6 ? 2 : 0;
-    Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 == 1 ? 16 : u4 ? 24 : 32) * G, u4,
+    int u4 = W->fmt == FMT_U4 ? 1 : W->fmt == FMT_I6 ? 2 : W->fmt == FMT_N4 ? 3 : 0;
+    Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 == 2 ? 24 : u4 ? 16 : 32) * G, u4,
             W->block == 16 ? 2 : 1,
             W->sc16, W->sc8, W->has_min, W->dd, W->has_min == 1 ? 32 : 16};
     return w;
 }
+
+/* ggml's kvalues_iq4nl: the level each 4-bit index of IQ4_NL and IQ4_XS stands for */
+static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 /* ---------------------------------------------------------------- one group, MT rows of x */
 static inline const uint8_t *gq(const Qw *w, i64 g, i64 b) {
@@ -157,10 +161,19 @@ static inline __m512 sc16v(const Qw *w, i64 g, i64 b, i64 i) { /* scales (or min
                                                   : _mm512_slli_epi16(hw, 4 - 2 * ((t) % 8)), \
                                     _mm512_set1_epi16(0x30))
 /* vectors t of run c: u4 4 (nibbles), i8 2 (bytes); i6 4: u4's nibbles, their high bits from the
- * runs after the nibbles (p: the group and block's first byte) */
+ * runs after the nibbles (p: the group and block's first byte); n4 4: u4's nibbles looked up */
 static inline void unpack512(int u4, const uint8_t *p, int c, __m512i *v) {
     __m512i a = _mm512_loadu_si512(p + 64 * c);
-    if (u4 == 2) {
+    if (u4 == 3) { /* a word's low byte holds nibbles 0 and 1, its high byte 2 and 3 */
+        __m512i tbl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4NL));
+        __m512i m = _mm512_set1_epi8(15);
+        __m512i even = _mm512_shuffle_epi8(tbl, _mm512_and_si512(a, m)); /* levels 0 | 2 << 8 */
+        __m512i odd = _mm512_shuffle_epi8(tbl, _mm512_and_si512(_mm512_srli_epi16(a, 4), m));
+        v[0] = _mm512_srai_epi16(_mm512_slli_epi16(even, 8), 8);
+        v[1] = _mm512_srai_epi16(_mm512_slli_epi16(odd, 8), 8);
+        v[2] = _mm512_srai_epi16(even, 8);
+        v[3] = _mm512_srai_epi16(odd, 8);
+    } else if (u4 == 2) {
         __m512i m = _mm512_set1_epi16(15), o = _mm512_set1_epi16(32);
         __m512i hw = _mm512_loadu_si512(p + 256 + 64 * (c >> 1));
         for (int s = 0; s < 4; s++) {
@@ -204,7 +217,7 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
         for (i64 b = 0; b < nb; b++) {                                                           \
             const uint8_t *p = gq(w, g, b);                                                      \
             if (far) {                                                                           \
-                _Pragma("GCC unroll 8") for (int c = 0; c < (U4 == 1 ? 4 : U4 ? 6 : 8); c++)     \
+                _Pragma("GCC unroll 8") for (int c = 0; c < (U4 == 2 ? 6 : U4 ? 4 : 8); c++)     \
                     prefetch(p + QPF * w->gbytes + 64 * c);                                      \
             }                                                                                    \
             __m512i I[MT][2 * CH];                                                               \
@@ -266,13 +279,16 @@ DEF_KIND512(i6, 2, 1, 0)
 DEF_KIND512(i6m, 2, 1, 1)
 DEF_KIND512(i6s, 2, 2, 0)
 DEF_KIND512(i6sm, 2, 2, 1)
+DEF_KIND512(n4, 3, 1, 0)
 typedef void (*RowsFn)(const Xq *, const Qw *, i64, i64, i64, float *, i64, const float *, int);
 static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *out, i64 ldo,
                        const float *bias, int accumulate) {
-    static const RowsFn fns[3][2][2] = {{{rows_i8, rows_i8m}, {rows_i8s, rows_i8sm}},
+    static const RowsFn fns[4][2][2] = {{{rows_i8, rows_i8m}, {rows_i8s, rows_i8sm}},
                                         {{rows_u4, rows_u4m}, {rows_u4, rows_u4m}},
-                                        {{rows_i6, rows_i6m}, {rows_i6s, rows_i6sm}}};
-    if (w->has_min == 2) /* u4 only (weight() refuses others) */
+                                        {{rows_i6, rows_i6m}, {rows_i6s, rows_i6sm}},
+                                        {{rows_n4, rows_n4}, {rows_n4, rows_n4}}};
+    /* n4: no mins, blocks of 32; mins made from the scales: u4 only (weight() refuses others) */
+    if (w->has_min == 2)
         rows_u4d(x, w, g, m0, m1, out, ldo, bias, accumulate);
     else
         fns[w->u4][w->sub == 2][w->has_min != 0](x, w, g, m0, m1, out, ldo, bias, accumulate);
@@ -285,7 +301,16 @@ typedef __m256i vi8;
 static inline vi8 vi_zero(void) { return _mm256_setzero_si256(); }
 static inline void unpack8(int u4, const uint8_t *p, int c, vi8 *v) {
     __m256i a = _mm256_loadu_si256((const __m256i *)(p + 64 * c));
-    if (u4 == 2) { /* i6: as unpack512 */
+    if (u4 == 3) { /* n4: as unpack512 */
+        __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4NL));
+        __m256i m = _mm256_set1_epi8(15);
+        __m256i even = _mm256_shuffle_epi8(tbl, _mm256_and_si256(a, m));
+        __m256i odd = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(a, 4), m));
+        v[0] = _mm256_srai_epi16(_mm256_slli_epi16(even, 8), 8);
+        v[1] = _mm256_srai_epi16(_mm256_slli_epi16(odd, 8), 8);
+        v[2] = _mm256_srai_epi16(even, 8);
+        v[3] = _mm256_srai_epi16(odd, 8);
+    } else if (u4 == 2) { /* i6: as unpack512 */
         __m256i m = _mm256_set1_epi16(15), o = _mm256_set1_epi16(32), h = _mm256_set1_epi16(0x30);
         __m256i hw = _mm256_loadu_si256((const __m256i *)(p + 256 + 64 * (c >> 1)));
         for (int s = 0; s < 4; s++) {
@@ -320,7 +345,8 @@ static inline void unpack8(int u4, const uint8_t *p, int c, vi8 *v) { /* v[s].l[
         uint32_t wd = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
         uint32_t hw = u4 == 2 ? (uint32_t)hp[2 * i] | (uint32_t)hp[2 * i + 1] << 8 : 0;
         for (int s = 0; s < (u4 ? 4 : 2); s++) {
-            int32_t val = u4 == 2 ? (int32_t)(((wd >> (4 * s)) & 15) |
+            int32_t val = u4 == 3 ? (int32_t)IQ4NL[(wd >> (4 * s)) & 15]
+                        : u4 == 2 ? (int32_t)(((wd >> (4 * s)) & 15) |
                                               (((hw >> (2 * ((4 * c + s) % 8))) & 3) << 4)) - 32
                         : u4 ? (int32_t)((wd >> (4 * s)) & 15) : (int32_t)(int8_t)(wd >> (8 * s));
             /* pairs: lane i / 2 holds words 2l, 2l + 1: kept as two 16-bit halves */
@@ -410,11 +436,16 @@ DEF_G8(0, 1)
 DEF_G8(0, 2)
 DEF_G8(2, 1)
 DEF_G8(2, 2)
+DEF_G8(3, 1)
+DEF_G8(3, 2)
 static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *out, i64 ldo,
                        const float *bias, int accumulate) {
     for (int hh = 0; hh < 2 && g * G + 8 * hh < w->n; hh++) {
         i64 m = m0;
-        if (w->u4 == 2) {
+        if (w->u4 == 3) {
+            for (; m + 2 <= m1; m += 2) g8_3_2(x, w, g, hh, m, out, ldo, bias, accumulate);
+            for (; m < m1; m++) g8_3_1(x, w, g, hh, m, out, ldo, bias, accumulate);
+        } else if (w->u4 == 2) {
             for (; m + 2 <= m1; m += 2) g8_2_2(x, w, g, hh, m, out, ldo, bias, accumulate);
             for (; m < m1; m++) g8_2_1(x, w, g, hh, m, out, ldo, bias, accumulate);
         } else if (w->u4) {
@@ -477,7 +508,8 @@ void kv_qrow(const Weight *W, i64 n, float *out) {
                 int per = u4 ? 4 : 2, c = t / per, s = t % per;
                 const uint8_t *wd = p + 64 * c + 2 * (2 * r + e);
                 uint32_t word = (uint32_t)wd[0] | (uint32_t)wd[1] << 8;
-                float v = u4 ? (float)((word >> (4 * s)) & 15) : (float)(int8_t)(word >> (8 * s));
+                float v = u4 == 3 ? (float)IQ4NL[(word >> (4 * s)) & 15]
+                        : u4 ? (float)((word >> (4 * s)) & 15) : (float)(int8_t)(word >> (8 * s));
                 if (u4 == 2) { /* i6: the high 2 bits, and the offset */
                     const uint8_t *hd = p + 256 + 64 * (t / 8) + 2 * (2 * r + e);
                     uint32_t hw = (uint32_t)hd[0] | (uint32_t)hd[1] << 8;
