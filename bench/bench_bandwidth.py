@@ -6,7 +6,8 @@ One run prints, with the CPU named:
   - the machine's bandwidth: a 512 MB float32 sum on --threads threads (torch), GB/s;
   - for the embedded 135M model and a Llama-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads,
     ffn 8192, vocab 128256, random weights, cached in bench/results/) twice: Q4_1 everywhere,
-    and the types of a Q4_K_M file (Q4_K, with Q6_K for the head and some attn_v/ffn_down):
+    and the types of a Q4_K_M file (Q4_K, with Q6_K for the head and some attn_v/ffn_down),
+    and IQ4_XS everywhere but the head (Q6_K):
     decode tok/s at ~100 tokens of context (and at each of --contexts), the weight bytes a
     token reads, and the share of the cap that is: the GGUF file's bytes a token needs x tok/s /
     bandwidth (K/V reads not counted, so at long context the share says less), for kvrepl and
@@ -42,11 +43,12 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-GGUF_1B = ROOT / "bench" / "results" / "llama1b-shape-q4_1.gguf"
+GGUF_1B = ROOT / "bench" / "results" / "llama1b-shape-q4_1-mins.gguf"
 GGUF_1B_KM = ROOT / "bench" / "results" / "llama1b-shape-q4_k_m.gguf"
+GGUF_1B_XS = ROOT / "bench" / "results" / "llama1b-shape-iq4_xs.gguf"
 SHAPE_1B = dict(hidden=2048, layers=16, heads=32, kv=8, ffn=8192, vocab=128256)
 CTX, STEPS = 100, 24
-MODELS = ("135M", "1B", "1B Q4_K_M")
+MODELS = ("135M", "1B", "1B Q4_K_M", "1B IQ4_XS")
 
 
 def bandwidth(threads: int, reps: int = 9) -> float:
@@ -71,7 +73,7 @@ def write_1b(path: Path, mix: str = "Q4_1") -> None:
     """Random weights in the 1B shape; no tokenizer beyond a list of placeholder tokens. `mix`:
     Q4_1 everywhere, or Q4_K_M's types as llama.cpp's quantizer picks them (Q4_K; Q6_K for the
     tied embedding, which is the head, and for attn_v and ffn_down in the layers `_more_bits`
-    names), the mix users download most."""
+    names), the mix users download most, or IQ4_XS (Q6_K for the tied embedding)."""
     import gguf
 
     s, rng = SHAPE_1B, np.random.default_rng(0)
@@ -86,8 +88,9 @@ def write_1b(path: Path, mix: str = "Q4_1") -> None:
     w.add_rope_dimension_count(s["hidden"] // s["heads"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(500000.0)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if mix == "Q4_1" else
-                    gguf.LlamaFileType.MOSTLY_Q4_K_M)  # fmt: skip
+    w.add_file_type({"Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                     "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+                     "IQ4_XS": gguf.LlamaFileType.MOSTLY_IQ4_XS}[mix])  # fmt: skip
     w.add_tokenizer_model("llama")
     w.add_token_list([f"<t{i}>".encode() for i in range(s["vocab"])])
     w.add_token_scores([0.0] * s["vocab"])
@@ -96,11 +99,14 @@ def write_1b(path: Path, mix: str = "Q4_1") -> None:
 
     def blocks(qt: Any, n: int, k: int) -> np.ndarray:
         """Random blocks (every bit pattern is a valid one) with small positive float16 scales
-        (Q4_1: its min -8 d, as a symmetric 4-bit block)."""
+        (Q4_1: its min between -12 d and -4 d, as a quantizer's asymmetric block; never exactly
+        -8 d, which kvrepl would keep as Q4_0's, in fewer bytes than the file)."""
         bs, nb = gguf.GGML_QUANT_SIZES[qt]
         raw = rng.integers(0, 256, (n * k // bs, nb), dtype=np.uint8)
         d = rng.uniform(0.002, 0.02, raw.shape[0]).astype(np.float16)
-        fields = {Q.Q4_1: [(0, d), (2, -8 * d)], Q.Q4_K: [(0, d), (2, d)], Q.Q6_K: [(208, d)]}
+        m = (-d.astype(np.float32) * rng.uniform(4.0, 12.0, raw.shape[0])).astype(np.float16)
+        fields = {Q.Q4_1: [(0, d), (2, m)], Q.Q4_K: [(0, d), (2, d)], Q.Q6_K: [(208, d)],
+                  Q.IQ4_XS: [(0, d)]}
         for off, v in fields[qt]:
             raw[:, off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(-1, 2)
         return raw.reshape(n, k // bs * nb)
@@ -108,6 +114,8 @@ def write_1b(path: Path, mix: str = "Q4_1") -> None:
     def qtype(name: str, i: int) -> Any:
         if mix == "Q4_1":
             return Q.Q4_1
+        if mix == "IQ4_XS":
+            return Q.Q6_K if name == "token_embd" else Q.IQ4_XS
         if name == "token_embd" or (name in ("attn_v", "ffn_down") and _more_bits(i, s["layers"])):
             return Q.Q6_K
         return Q.Q4_K
@@ -166,6 +174,7 @@ def kvrepl_models(threads: int) -> dict[str, Any]:
         "135M": models.load(progress=False).model,
         "1B": from_gguf(GGUF_1B, cfg, k, 8192),
         "1B Q4_K_M": from_gguf(GGUF_1B_KM, cfg, k, 8192),
+        "1B IQ4_XS": from_gguf(GGUF_1B_XS, cfg, k, 8192),
     }
 
 
@@ -278,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args.threads, args.reps, contexts)
         return 0
     GGUF_1B.parent.mkdir(parents=True, exist_ok=True)
-    for path, mix in ((GGUF_1B, "Q4_1"), (GGUF_1B_KM, "Q4_K_M")):
+    for path, mix in ((GGUF_1B, "Q4_1"), (GGUF_1B_KM, "Q4_K_M"), (GGUF_1B_XS, "IQ4_XS")):
         if not path.is_file():
             print(f"writing {path} (random weights) ...", flush=True)
             write_1b(path, mix)
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = bandwidth(args.threads)
     print(f"{cpu_name()}; {args.threads} threads; bandwidth (512 MB sum) {bw:.1f} GB/s")
     files = {"135M": (models.embedded_gguf(), True), "1B": (GGUF_1B, True),
-             "1B Q4_K_M": (GGUF_1B_KM, True)}  # fmt: skip
+             "1B Q4_K_M": (GGUF_1B_KM, True), "1B IQ4_XS": (GGUF_1B_XS, True)}  # fmt: skip
     cpp = {name: llama_measure(path, args.threads, args.reps, contexts)
            for name, (path, _) in files.items()}  # fmt: skip
     for name, (path, tied) in files.items():
