@@ -127,8 +127,8 @@ def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_ke
                                                                 scalar_kernels):  # fmt: skip
     """The K-quants' and IQ4_XS's scales go to the kernels as int8 times their superblock's float
     (a quarter of a float32 scale's bytes: Q4_K 4.75 bits a weight, not 6), 8-bit values
-    within -32..31 as 6 bits (Q6_K, Q5_K, Q3_K, Q2_K), and IQ4's levels as their 4-bit indices
-    (n4); the kernels rebuild each scale as that exact product and each value from its bits, so
+    within -32..31 as 6 bits (Q6_K), within 0..31 or -16..15 as 5 (Q5_K; Q3_K, Q2_K), and
+    IQ4's levels as their 4-bit indices (n4); the kernels rebuild each scale as that exact product and each value from its bits, so
     every output, on every instruction set and row count, and every embedding row, is bit for
     bit what float32 scales and bytes give."""
     from makers import random_blocks
@@ -144,7 +144,8 @@ def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_ke
         small = p.interleaved()
         plain = p.interleaved(compact=False)  # float32 scales, a byte a value
         assert small.sc.dtype == torch.int8 and plain.sc.dtype == torch.float32, qtype
-        assert small.fmt == ("n4" if qtype == "IQ4_XS" else "i6" if p.fmt == "i8" else "u4")
+        assert small.fmt == {"IQ4_XS": "n4", "Q4_K": "u4", "Q6_K": "i6", "Q5_K": "u5"}.get(
+            qtype, "i5")  # Q2_K's 0..3 and Q3_K's -4..3 as i5: 5 bits  # fmt: skip
         assert plain.fmt == p.fmt, qtype  # compact=False: a byte a value
         assert small.nbytes() < plain.nbytes() * 0.8, qtype
         assert torch.equal(small.canonical().q, p.q), qtype
@@ -180,7 +181,8 @@ def test_weights_without_mins_keep_none_and_give_the_same_bits(kernels, avx2_ker
     rng = np.random.default_rng(5)
     x = torch.randn(5, 512)
     for qtype, bits, mins in (("Q8_0", 8.5, 0), ("Q6_K", 6.625, 0), ("Q4_0", 4.5, 2),
-                              ("Q4_1", 5.0, 1), ("IQ4_NL", 4.5, 0)):  # fmt: skip
+                              ("Q4_1", 5.0, 1), ("IQ4_NL", 4.5, 0), ("Q5_0", 5.5, 0),
+                              ("Q5_1", 6.0, 1)):  # fmt: skip
         n = 40
         p = pack(random_blocks(qtype, n, 512, rng, wide=False), qtype, n, 512)
         il = p.interleaved()

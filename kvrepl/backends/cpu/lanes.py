@@ -58,11 +58,12 @@ def six(q: torch.Tensor, n: int) -> torch.Tensor:
     nb, g = u.shape[1], _padded(n) // GROUP
     low = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)  # _pack_u4's order
     low = lanes(low.to(torch.uint8).reshape(n, -1), n, "u4", True).reshape(g, nb, 256)
-    hi = torch.cat([u >> 4, u.new_zeros(_padded(n) - n, nb, 32)])
-    hi = hi.reshape(g, GROUP, nb, 2, 8, 2).permute(0, 2, 3, 1, 5, 4).to(torch.int32)
-    words = (hi << (2 * torch.arange(8, dtype=torch.int32))).sum(-1)  # [g, nb, h, r, e]
-    hi = torch.stack([words & 255, words >> 8], -1).to(torch.uint8).reshape(g, nb, 128)
-    return torch.cat([low, hi], -1).reshape(_padded(n), -1)
+    hi = (u >> 4).to(torch.uint8)
+    hi = torch.cat([hi, torch.zeros(_padded(n) - n, nb, 32, dtype=torch.uint8)])
+    hi = hi.reshape(g, GROUP, nb, 2, 8, 2).permute(0, 2, 3, 1, 5, 4)  # [g, nb, h, r, e, j]
+    bits = torch.stack([hi & 1, hi >> 1], -1).reshape(g, nb, 2, GROUP, 2, 16)  # bit 2j, 2j + 1
+    words = np.packbits(bits.numpy(), axis=-1, bitorder="little")  # a word's 2 bytes
+    return torch.cat([low, torch.from_numpy(words).reshape(g, nb, 128)], -1).reshape(_padded(n), -1)
 
 
 def unsix(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -118,3 +119,33 @@ def unfour(t: torch.Tensor, n: int, k: int, levels: torch.Tensor) -> torch.Tenso
     b = lanes(t, n, "u4", False).reshape(n, k // 32, 16)
     idx = torch.cat([b & 15, b >> 4], -1).reshape(-1).numpy()
     return torch.from_numpy(levels.numpy()[idx].reshape(n, k))
+
+
+# i5: values in -16..15 (or 0..31) as u = value + off (off 16, or 0) in 320 bytes a group and
+# block: u's low nibbles as u4's 256 (`lanes`), then its high bit in one run of 32 words, word
+# (2r + e) holding H(t) at bit t (the value of row r's weight 2t + e), t = 0..15.
+def five(q: torch.Tensor, n: int, off: int) -> torch.Tensor:
+    """int8 values [n, k] (-off..31 - off) -> the i5 lanes layout [padded n, k * 5 / 8] bytes."""
+    u = (q.to(torch.int16) + off).reshape(n, -1, 32)
+    nb, g = u.shape[1], _padded(n) // GROUP
+    low = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)  # _pack_u4's order
+    low = lanes(low.to(torch.uint8).reshape(n, -1), n, "u4", True).reshape(g, nb, 256)
+    hi = (u >> 4).to(torch.uint8)
+    hi = torch.cat([hi, torch.zeros(_padded(n) - n, nb, 32, dtype=torch.uint8)])
+    hi = hi.reshape(g, GROUP, nb, 16, 2).permute(0, 2, 1, 4, 3).contiguous()  # [g, b, r, e, t]
+    words = np.packbits(hi.numpy(), axis=-1, bitorder="little")  # a word's 2 bytes, bit t = t
+    hi = torch.from_numpy(words).reshape(g, nb, 64)
+    return torch.cat([low, hi], -1).reshape(_padded(n), -1)
+
+
+def unfive(t: torch.Tensor, n: int, k: int, off: int) -> torch.Tensor:
+    """The i5 lanes layout -> int8 values [n, k]."""
+    g, nb = _padded(n) // GROUP, k // 32
+    t = t.reshape(g, nb, 320)
+    b = lanes(t[..., :256].reshape(_padded(n), -1), n, "u4", False).reshape(n, nb, 16)
+    low = torch.cat([b & 15, b >> 4], -1).to(torch.int16)
+    w = t[..., 256:].reshape(g, nb, GROUP, 2, 2).to(torch.int32)
+    words = w[..., 0] | (w[..., 1] << 8)  # [g, nb, r, e]
+    hi = (words.unsqueeze(-1) >> torch.arange(16, dtype=torch.int32)) & 1  # [g, nb, r, e, t]
+    hi = hi.permute(0, 2, 1, 4, 3).reshape(_padded(n), nb, 32)[:n].to(torch.int16)
+    return ((low | (hi << 4)) - off).to(torch.int8).reshape(n, k)

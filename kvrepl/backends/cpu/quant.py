@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from kvrepl.backends.cpu.lanes import GROUP
+from kvrepl.backends.cpu.lanes import five as _five
 from kvrepl.backends.cpu.lanes import four as _four
 from kvrepl.backends.cpu.lanes import lane_scales as _lane_scales
 from kvrepl.backends.cpu.lanes import lanes as _lanes
 from kvrepl.backends.cpu.lanes import six as _six
+from kvrepl.backends.cpu.lanes import unfive as _unfive
 from kvrepl.backends.cpu.lanes import unfour as _unfour
 from kvrepl.backends.cpu.lanes import unsix as _unsix
 from kvrepl.backends.ggufblocks import f16 as _f16
@@ -96,8 +98,13 @@ class Packed:
             return self
         fmt, q = self.fmt, None
         mins = int(bool(self.sc[..., 1].ne(0).any()))
-        if compact and fmt == "i8" and int(self.q.min()) >= -32 and int(self.q.max()) <= 31:
-            fmt, q = "i6", _six(self.q, self.n)  # 6 bits a value (Q6_K, Q5_K, Q3_K, Q2_K, Q5_x)
+        lo, hi = (int(self.q.min()), int(self.q.max())) if fmt == "i8" else (0, 0)
+        if compact and fmt == "i8" and lo >= -16 and hi <= 15:
+            fmt, q = "i5", _five(self.q, self.n, 16)  # 5 bits a value (Q5_0, Q3_K)
+        elif compact and fmt == "i8" and lo >= 0 and hi <= 31:
+            fmt, q = "u5", _five(self.q, self.n, 0)  # (Q5_K, Q5_1, Q2_K)
+        elif compact and fmt == "i8" and lo >= -32 and hi <= 31:
+            fmt, q = "i6", _six(self.q, self.n)  # 6 bits a value (Q6_K)
         elif compact and fmt == "i8" and not mins and self.block == 32:
             q = _four(self.q, self.n, _IQ4_LEVELS)  # IQ4_NL, IQ4_XS: 4 bits a value
             fmt = "n4" if q is not None else fmt
@@ -125,8 +132,10 @@ class Packed:
         """Rows one after the other again (the padding dropped)."""
         if self.group == 1:
             return self
-        fmt = "i8" if self.fmt in ("i6", "n4") else self.fmt
-        if self.fmt == "i6":
+        fmt = "i8" if self.fmt in ("i6", "n4", "i5", "u5") else self.fmt
+        if self.fmt in ("i5", "u5"):
+            q = _unfive(self.q, self.n, self.k, 16 if self.fmt == "i5" else 0)
+        elif self.fmt == "i6":
             q = _unsix(self.q, self.n, self.k)
         elif self.fmt == "n4":
             q = _unfour(self.q, self.n, self.k, _IQ4_LEVELS)

@@ -30,7 +30,7 @@ SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "qmatmul.c", "kv8.
 HEADERS = [Path(__file__).with_name("kernels.h")]  # part of the build's key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
          "-fPIC"]  # fmt: skip
-FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4, "i6": 5, "n4": 6}
+FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4, "i6": 5, "n4": 6, "i5": 7, "u5": 8}
 ACT = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2}
 
 
@@ -267,7 +267,7 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
     say the same, and 2 says that a u4 weight's mins are -8 times its scales."""
     if k % 32:
         raise ValueError(f"k={k} is not a multiple of 32")
-    if fmt in ("u4", "i8", "i6", "n4") and group != 16:
+    if fmt in ("u4", "i8", "i6", "n4", "i5", "u5") and group != 16:
         raise ValueError("a quantized weight goes to the kernels in groups of 16 rows")
     sc8 = bool(sc is not None and sc.dtype == torch.int8)
     if sc8 != (dd is not None) or (sc8 and k % 256):

@@ -136,7 +136,7 @@ DEF_MM(f32)
 void kv_matmul(const float *x, i64 M, i64 ldx, const Weight *W, float *out, i64 ldo,
                const float *bias, int accumulate) {
     if (M < 1) return;
-    if (W->fmt == FMT_U4 || W->fmt == FMT_I8 || W->fmt == FMT_I6 || W->fmt == FMT_N4) {
+    if (W->fmt == FMT_U4 || W->fmt == FMT_I8 || W->fmt == FMT_I6 || W->fmt == FMT_N4 || W->fmt == FMT_I5 || W->fmt == FMT_U5) {
         kv_qmatmul(x, M, ldx, W, out, ldo, bias, accumulate);
         return;
     }
@@ -151,7 +151,7 @@ void kv_rows(const Weight *W, const int64_t *rows, i64 M, float *out, i64 ldo, f
     Wv w = {(const uint8_t *)W->q, W->k, W->k * (W->fmt == FMT_F16 ? 2 : 4)};
     for (i64 m = 0; m < M; m++) {
         float *o = out + m * ldo;
-        if (W->fmt == FMT_U4 || W->fmt == FMT_I8 || W->fmt == FMT_I6 || W->fmt == FMT_N4) {
+        if (W->fmt == FMT_U4 || W->fmt == FMT_I8 || W->fmt == FMT_I6 || W->fmt == FMT_N4 || W->fmt == FMT_I5 || W->fmt == FMT_U5) {
             kv_qrow(W, rows[m], o);
         } else {
             for (i64 b = 0; b < W->k / 32; b++) {

@@ -22,7 +22,7 @@
 typedef int64_t i64;
 
 /* ---------------------------------------------------------------- weights */
-enum { FMT_U4 = 1, FMT_I8 = 2, FMT_F16 = 3, FMT_F32 = 4, FMT_I6 = 5, FMT_N4 = 6 };
+enum { FMT_U4 = 1, FMT_I8 = 2, FMT_F16 = 3, FMT_F32 = 4, FMT_I6 = 5, FMT_N4 = 6, FMT_I5 = 7, FMT_U5 = 8 };
 
 typedef struct {
     int32_t fmt;

@@ -31,10 +31,12 @@ typedef struct { /* a quantized weight as the loops read it */
                      * where the weight has mins: else the 16 scales alone) */
     i64 n, k, nb, gbytes; /* rows; weights per row; blocks of 32; q bytes per group and block */
     int u4, sub, sc16, sc8; /* u4: 1 u4, 2 i6 (4 values a run, as u4), 3 n4 (u4's nibbles, each
-                             * an index into IQ4's 16 levels), 0 i8 */
+                             * an index into IQ4's 16 levels), 4 i5 (u4's nibbles and a high
+                             * bit, less off5), 0 i8 */
     int has_min; /* 0: none; 1: stored after the scales; 2: -8 times the scale (Q4_0) */
     const float *dd; /* sc8: the superblocks' floats, [group][k / 256][scales(, mins)][16] */
     int ps; /* scales (and mins) a part: 32 with stored mins, 16 without */
+    int off5; /* i5: what a stored value is above the value (16: -16..15; 0: 0..31) */
 } Qw;
 
 typedef struct { /* quantized rows of x */
@@ -105,10 +107,12 @@ static void quantize_rows(const void *ctx, i64 item) {
 
 /* the loops' view of a U4 or I8 Weight (groups of 16 rows) */
 static Qw qw_of(const Weight *W) {
-    int u4 = W->fmt == FMT_U4 ? 1 : W->fmt == FMT_I6 ? 2 : W->fmt == FMT_N4 ? 3 : 0;
-    Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 == 2 ? 24 : u4 ? 16 : 32) * G, u4,
-            W->block == 16 ? 2 : 1,
-            W->sc16, W->sc8, W->has_min, W->dd, W->has_min == 1 ? 32 : 16};
+    int u4 = W->fmt == FMT_U4 ? 1 : W->fmt == FMT_I6 ? 2 : W->fmt == FMT_N4 ? 3
+           : W->fmt == FMT_I5 || W->fmt == FMT_U5 ? 4 : 0;
+    Qw w = {W->q, W->sc, W->n, W->k, W->k / 32, (u4 == 2 ? 24 : u4 == 4 ? 20 : u4 ? 16 : 32) * G,
+            u4, W->block == 16 ? 2 : 1,
+            W->sc16, W->sc8, W->has_min, W->dd, W->has_min == 1 ? 32 : 16,
+            W->fmt == FMT_I5 ? 16 : 0};
     return w;
 }
 
@@ -162,9 +166,18 @@ static inline __m512 sc16v(const Qw *w, i64 g, i64 b, i64 i) { /* scales (or min
                                     _mm512_set1_epi16(0x30))
 /* vectors t of run c: u4 4 (nibbles), i8 2 (bytes); i6 4: u4's nibbles, their high bits from the
  * runs after the nibbles (p: the group and block's first byte); n4 4: u4's nibbles looked up */
-static inline void unpack512(int u4, const uint8_t *p, int c, __m512i *v) {
+static inline void unpack512(int u4, const uint8_t *p, int c, __m512i *v, int off5) {
     __m512i a = _mm512_loadu_si512(p + 64 * c);
-    if (u4 == 3) { /* a word's low byte holds nibbles 0 and 1, its high byte 2 and 3 */
+    if (u4 == 4) { /* i5: the high bit of value t at bit t of the run after the nibbles */
+        __m512i m = _mm512_set1_epi16(15), o = _mm512_set1_epi16((short)off5);
+        __m512i hw = _mm512_loadu_si512(p + 256), h = _mm512_set1_epi16(16);
+        for (int s = 0; s < 4; s++) {
+            int t = 4 * c + s;
+            __m512i lo = _mm512_and_si512(s ? _mm512_srli_epi16(a, 4 * s) : a, m);
+            __m512i hi = t >= 4 ? _mm512_srli_epi16(hw, t - 4) : _mm512_slli_epi16(hw, 4 - t);
+            v[s] = _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_and_si512(hi, h)), o);
+        }
+    } else if (u4 == 3) { /* a word's low byte holds nibbles 0 and 1, its high byte 2 and 3 */
         __m512i tbl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4NL));
         __m512i m = _mm512_set1_epi8(15);
         __m512i even = _mm512_shuffle_epi8(tbl, _mm512_and_si512(a, m)); /* levels 0 | 2 << 8 */
@@ -217,7 +230,7 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
         for (i64 b = 0; b < nb; b++) {                                                           \
             const uint8_t *p = gq(w, g, b);                                                      \
             if (far) {                                                                           \
-                _Pragma("GCC unroll 8") for (int c = 0; c < (U4 == 2 ? 6 : U4 ? 4 : 8); c++)     \
+                _Pragma("GCC unroll 8") for (int c = 0; c < (U4 == 2 ? 6 : U4 == 4 ? 5 : U4 ? 4 : 8); c++) \
                     prefetch(p + QPF * w->gbytes + 64 * c);                                      \
             }                                                                                    \
             __m512i I[MT][2 * CH];                                                               \
@@ -226,7 +239,7 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
                     I[j][i] = _mm512_setzero_si512();                                            \
             _Pragma("GCC unroll 8") for (int c = 0; c < 16 / PER; c++) {                         \
                 __m512i v[4];                                                                    \
-                unpack512(U4, p, c, v);                                                          \
+                unpack512(U4, p, c, v, w->off5);                                                 \
                 _Pragma("GCC unroll 4") for (int s = 0; s < PER; s++)                            \
                     _Pragma("GCC unroll 4") for (int j = 0; j < MT; j++)                         \
                         I[j][IX(c * PER + s)] = madd512(I[j][IX(c * PER + s)], v[s],             \
@@ -280,13 +293,18 @@ DEF_KIND512(i6m, 2, 1, 1)
 DEF_KIND512(i6s, 2, 2, 0)
 DEF_KIND512(i6sm, 2, 2, 1)
 DEF_KIND512(n4, 3, 1, 0)
+DEF_KIND512(i5, 4, 1, 0)
+DEF_KIND512(i5m, 4, 1, 1)
+DEF_KIND512(i5s, 4, 2, 0)
+DEF_KIND512(i5sm, 4, 2, 1)
 typedef void (*RowsFn)(const Xq *, const Qw *, i64, i64, i64, float *, i64, const float *, int);
 static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *out, i64 ldo,
                        const float *bias, int accumulate) {
-    static const RowsFn fns[4][2][2] = {{{rows_i8, rows_i8m}, {rows_i8s, rows_i8sm}},
+    static const RowsFn fns[5][2][2] = {{{rows_i8, rows_i8m}, {rows_i8s, rows_i8sm}},
                                         {{rows_u4, rows_u4m}, {rows_u4, rows_u4m}},
                                         {{rows_i6, rows_i6m}, {rows_i6s, rows_i6sm}},
-                                        {{rows_n4, rows_n4}, {rows_n4, rows_n4}}};
+                                        {{rows_n4, rows_n4}, {rows_n4, rows_n4}},
+                                        {{rows_i5, rows_i5m}, {rows_i5s, rows_i5sm}}};
     /* n4: no mins, blocks of 32; mins made from the scales: u4 only (weight() refuses others) */
     if (w->has_min == 2)
         rows_u4d(x, w, g, m0, m1, out, ldo, bias, accumulate);
@@ -299,9 +317,18 @@ static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *o
 #ifdef KV_AVX2
 typedef __m256i vi8;
 static inline vi8 vi_zero(void) { return _mm256_setzero_si256(); }
-static inline void unpack8(int u4, const uint8_t *p, int c, vi8 *v) {
+static inline void unpack8(int u4, const uint8_t *p, int c, vi8 *v, int off5) {
     __m256i a = _mm256_loadu_si256((const __m256i *)(p + 64 * c));
-    if (u4 == 3) { /* n4: as unpack512 */
+    if (u4 == 4) { /* i5: as unpack512 (p: this half's first byte, its high bits 256 on) */
+        __m256i m = _mm256_set1_epi16(15), o = _mm256_set1_epi16((short)off5), h = _mm256_set1_epi16(16);
+        __m256i hw = _mm256_loadu_si256((const __m256i *)(p + 256));
+        for (int s = 0; s < 4; s++) {
+            int t = 4 * c + s;
+            __m256i lo = _mm256_and_si256(s ? _mm256_srli_epi16(a, 4 * s) : a, m);
+            __m256i hi = t >= 4 ? _mm256_srli_epi16(hw, t - 4) : _mm256_slli_epi16(hw, 4 - t);
+            v[s] = _mm256_sub_epi16(_mm256_or_si256(lo, _mm256_and_si256(hi, h)), o);
+        }
+    } else if (u4 == 3) { /* n4: as unpack512 */
         __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4NL));
         __m256i m = _mm256_set1_epi8(15);
         __m256i even = _mm256_shuffle_epi8(tbl, _mm256_and_si256(a, m));
@@ -338,14 +365,17 @@ static inline v8 vi_float8(vi8 a) { return _mm256_cvtepi32_ps(a); }
 #else
 typedef struct { int32_t l[8]; } vi8;
 static inline vi8 vi_zero(void) { vi8 r = {{0}}; return r; }
-static inline void unpack8(int u4, const uint8_t *p, int c, vi8 *v) { /* v[s].l[i]: word i's part s */
+static inline void unpack8(int u4, const uint8_t *p, int c, vi8 *v, int off5) { /* v[s].l[i]: word i's part s */
     const uint8_t *hp = p + 256 + 64 * (c >> 1); /* i6: the high bits' run */
+    const uint8_t *h5 = p + 256; /* i5: the high bits' run */
     p += 64 * c;
     for (int i = 0; i < 16; i++) {
         uint32_t wd = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
         uint32_t hw = u4 == 2 ? (uint32_t)hp[2 * i] | (uint32_t)hp[2 * i + 1] << 8 : 0;
+        uint32_t hw5 = u4 == 4 ? (uint32_t)h5[2 * i] | (uint32_t)h5[2 * i + 1] << 8 : 0;
         for (int s = 0; s < (u4 ? 4 : 2); s++) {
-            int32_t val = u4 == 3 ? (int32_t)IQ4NL[(wd >> (4 * s)) & 15]
+            int32_t val = u4 == 4 ? (int32_t)(((wd >> (4 * s)) & 15) | (((hw5 >> (4 * c + s)) & 1) << 4)) - off5
+                        : u4 == 3 ? (int32_t)IQ4NL[(wd >> (4 * s)) & 15]
                         : u4 == 2 ? (int32_t)(((wd >> (4 * s)) & 15) |
                                               (((hw >> (2 * ((4 * c + s) % 8))) & 3) << 4)) - 32
                         : u4 ? (int32_t)((wd >> (4 * s)) & 15) : (int32_t)(int8_t)(wd >> (8 * s));
@@ -392,7 +422,7 @@ static inline v8 sc8v(const Qw *w, i64 g, i64 b, i64 i) { /* 8 lanes' scales (or
             _Pragma("GCC unroll 8")                                                              \
             for (int c = 0; c < 16 / per; c++) {                                                 \
                 vi8 v[4];                                                                        \
-                unpack8(U4, p, c, v);                                                            \
+                unpack8(U4, p, c, v, w->off5);                                                   \
                 _Pragma("GCC unroll 4")                                                         \
                 for (int s = 0; s < per; s++) {                                                 \
                     int t = c * per + s;                                                         \
@@ -438,11 +468,16 @@ DEF_G8(2, 1)
 DEF_G8(2, 2)
 DEF_G8(3, 1)
 DEF_G8(3, 2)
+DEF_G8(4, 1)
+DEF_G8(4, 2)
 static void group_rows(const Xq *x, const Qw *w, i64 g, i64 m0, i64 m1, float *out, i64 ldo,
                        const float *bias, int accumulate) {
     for (int hh = 0; hh < 2 && g * G + 8 * hh < w->n; hh++) {
         i64 m = m0;
-        if (w->u4 == 3) {
+        if (w->u4 == 4) {
+            for (; m + 2 <= m1; m += 2) g8_4_2(x, w, g, hh, m, out, ldo, bias, accumulate);
+            for (; m < m1; m++) g8_4_1(x, w, g, hh, m, out, ldo, bias, accumulate);
+        } else if (w->u4 == 3) {
             for (; m + 2 <= m1; m += 2) g8_3_2(x, w, g, hh, m, out, ldo, bias, accumulate);
             for (; m < m1; m++) g8_3_1(x, w, g, hh, m, out, ldo, bias, accumulate);
         } else if (w->u4 == 2) {
@@ -510,6 +545,11 @@ void kv_qrow(const Weight *W, i64 n, float *out) {
                 uint32_t word = (uint32_t)wd[0] | (uint32_t)wd[1] << 8;
                 float v = u4 == 3 ? (float)IQ4NL[(word >> (4 * s)) & 15]
                         : u4 ? (float)((word >> (4 * s)) & 15) : (float)(int8_t)(word >> (8 * s));
+                if (u4 == 4) { /* i5: the high bit, and the offset */
+                    const uint8_t *hd = p + 256 + 2 * (2 * r + e);
+                    uint32_t hw = (uint32_t)hd[0] | (uint32_t)hd[1] << 8;
+                    v = (float)((int)(((word >> (4 * s)) & 15) | (((hw >> t) & 1) << 4)) - w.off5);
+                }
                 if (u4 == 2) { /* i6: the high 2 bits, and the offset */
                     const uint8_t *hd = p + 256 + 64 * (t / 8) + 2 * (2 * r + e);
                     uint32_t hw = (uint32_t)hd[0] | (uint32_t)hd[1] << 8;
