@@ -14,12 +14,16 @@ Seen on an NVIDIA H100 80GB (2026-12-06, torch 2.11.0+cu130, Triton 3.6.0): ever
 chunks = prefill bitwise, reuse = --no-reuse; distance from the bf16 kernel 0.03-0.4% of the
 largest output (last bits), 1.2-1.4% of the logits for the 135M model; decode tok/s (bf16 / Q8_0
 / Q4_0): 1B 869 / 524 / 551, 8B 179 / 113 / 116 (56%, 18%, 10% and 77%, 26%, 14% of the
-bandwidth): the dequantization, not the bytes, bounds it so far (both loads the same speed).
+bandwidth): the dequantization, not the bytes, bounds it so far. (The figure then replayed one
+mode's captured graphs for the next: the loaders were never compared; it now clears them.)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,9 +84,11 @@ def check_gguf() -> dict:
     from kvrepl.backends.gpu import triton_ops as T
 
     out: dict[str, Any] = {}
+    now = T.QLOAD
     for T.QLOAD in ("elements", "blocks"):
         for qt in (*QTYPES, "Q4_K"):
             out[f"{qt}_{T.QLOAD}"] = check_kernels(qt)
+    T.QLOAD = now
     for qt in ("Q4_1", "Q8_0"):  # (the 135M shape's rows of 576 do not split into Q4_K's 256)
         out[f"model_{qt}"] = check_model(qt)
     out["ok"] = all(v for r in out.values() for v in r.values() if isinstance(v, bool))
@@ -178,6 +184,25 @@ def read_bytes(gm: Any) -> int:
     return total
 
 
+# the figure's GGUF modes: "now" the kernel as it is; "elements" its element loader; "picks" the
+# configs in the file KVREPL_QPICKS names (gpu_qtune.py --picks), "old" the configs before them
+MODES = tuple(os.environ.get("KVREPL_GGUF_MODES", "old,now").split(","))
+_NOW: dict = {}
+
+
+def _mode(T: Any, mode: str) -> None:
+    if not _NOW:
+        _NOW.update(QLOAD=T.QLOAD, QPICK=dict(T.QPICK), QDECODE=T.QDECODE)
+    T.QLOAD, T.QPICK, T.QDECODE = _NOW["QLOAD"], dict(_NOW["QPICK"]), _NOW["QDECODE"]
+    if mode == "elements":
+        T.QLOAD = "elements"
+    elif mode == "picks":
+        picks = json.loads(Path(os.environ["KVREPL_QPICKS"]).read_text())
+        T.QPICK = {(qt, n, k, pair): (bn, w, st, ql) for qt, n, k, pair, bn, w, st, ql in picks}
+    elif mode == "old":  # _config's tiles, as before _qdecode
+        T.QLOAD, T.QPICK, T.QDECODE = "blocks", {}, False
+
+
 def figure(shapes: list[str]) -> list[dict]:
     import bench_gpu as B
 
@@ -193,8 +218,11 @@ def figure(shapes: list[str]) -> list[dict]:
         row: dict[str, Any] = {"shape": shape, "gpu": name}
         for qt in ("bf16", "Q8_0", "Q4_0", "Q4_K"):
             gm = GpuModel(model, 4096, blocks=None if qt == "bf16" else Blocks(model, qt))
-            for T.QLOAD in ("blocks",) if qt == "bf16" else ("blocks", "elements"):
-                key = qt if qt == "bf16" else f"{qt}_{T.QLOAD}"
+            for mode in ("now",) if qt == "bf16" else MODES:
+                _mode(T, mode)
+                gm._graphs.clear()  # captured with the mode before (the figure once timed one
+                # loader twice: the first mode's graphs replayed for the second)
+                key = qt if qt == "bf16" else f"{qt}_{mode}"
                 B.kvrepl_decode(gm, prompt, 8)  # compile, capture
                 tok_s = statistics.median(B.kvrepl_decode(gm, prompt, 128) for _ in range(3))
                 read = read_bytes(gm)
@@ -204,7 +232,7 @@ def figure(shapes: list[str]) -> list[dict]:
                             else 1.0}  # fmt: skip
             del gm
             torch.cuda.empty_cache()
-        T.QLOAD = "blocks"
+        _mode(T, "now")
         rows.append(row)
         del model
         torch.cuda.empty_cache()

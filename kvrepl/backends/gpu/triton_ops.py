@@ -38,6 +38,11 @@ BM = 16  # rows per tile: fixed (with each weight's BK, it decides the arithmeti
 # How a GGUF-block weight's tile is loaded (the same values either way; bench/gpu_gguf.py times
 # both): "blocks", by blocks of 32, or "elements", each element's byte and scale on its own.
 QLOAD = os.environ.get("KVREPL_GPU_QLOAD", "blocks")
+# decode (m <= BM) over GGUF blocks takes _qdecode's tiles (False: _config's, as before them)
+QDECODE = True
+# (GGUF type, rows, K, pair) -> (BN, warps, stages, QLOAD) for a decode step (m <= BM): the
+# benchmarks' override of the quantized configs (empty: _qdecode's)
+QPICK: dict = {}
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -242,6 +247,28 @@ def _table(n: int, k: int, bk: int) -> tuple[int, int, int]:
     return 64, 4, 5 if n > 32768 else 3
 
 
+def _qdecode(qtype: str, rows: int, k: int, pair: bool) -> tuple[int, int, int]:
+    """(BN, warps, stages) of a decode step (one row tile) over GGUF blocks with rows wider
+    than 1,536 (BK stays _bk's: bit-identical to _config's tiles), from bench/gpu_qtune.py on an
+    H100 (2026-12, the 1B and 8B shapes, cold weights in a CUDA graph; the 8B layer's four
+    matrices against _config's: Q8_0 206 us against 256, Q4_K 244 against 268, Q4_0 241 against
+    253). pair: silu(gate) * up or the rotary halves (rows >= 16384: gate_up)."""
+    if rows >= 32768:  # the LM head
+        return 128, 4, 2
+    gate_up = pair and rows >= 16384
+    if qtype == "Q8_0":
+        if not pair:
+            return 16, 2, 4
+        return (32, 2, 4) if gate_up else (32, 4, 4)
+    if qtype == "Q4_K":  # float32 scales and minimums
+        if gate_up:
+            return (16, 1, 4) if k >= 4096 else (32, 4, 3)
+        return (32 if rows >= 4096 else 16), 4, 4
+    if gate_up:  # Q4_0, Q4_1
+        return 32, 2, (2 if k >= 4096 else 4)
+    return 16, 4, 4
+
+
 def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
            residual: torch.Tensor | None = None, *, glu: bool = False) -> torch.Tensor:  # fmt: skip
     """out[M, N] = x[M, K] @ w[N, K]^T (+ residual), in x's dtype with float32 accumulation.
@@ -258,26 +285,35 @@ def matmul_rope(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, cos_t: torch.
     return _launch(x, w, q, None, False, (cos_t, sin_t, kc, vc, pos0, heads, kv_heads))
 
 
-def _launch(x, w, out, residual, glu, rope, cfg=None):  # noqa: ANN001, ANN202
+def _launch(x, w, out, residual, glu, rope, cfg=None, qload=None):  # noqa: ANN001, ANN202
     """The one matmul kernel with its epilogues; cfg (BN, BK, warps, stages) overrides the
-    table (bench/gpu_tune.py times the candidates)."""
+    table, qload the GGUF loader (bench/gpu_tune.py, gpu_qtune.py time the candidates)."""
     m, k = x.shape
     rows = w.shape[0]
     n = rows // 2 if glu else rows
-    bn, bk, warps, stages = cfg or _config(rows, k, glu or rope is not None, m)
+    pair = glu or rope is not None
+    bn, bk, warps, stages = cfg or _config(rows, k, pair, m)
     qt = getattr(w, "kind", 0)
     wq, wd, wm = (w.q, w.d, w.m if w.m is not None else w.d) if qt else (w, w, w)
-    if qt and QLOAD != "blocks" and wd.dtype == torch.float32:
+    qload = qload or QLOAD
+    decode = qt and cfg is None and m <= BM
+    if decode and QDECODE and k > 1536:
+        bn, warps, stages = _qdecode(w.qtype, rows, k, pair)
+    pick = QPICK.get((getattr(w, "qtype", ""), rows, k, pair)) if decode else None
+    if pick:
+        bn, warps, stages, qload = pick
+    if qt and cfg is None and not pick and qload != "blocks" and wd.dtype == torch.float32:
         stages = min(stages, 2)  # Q4_K's float32 scales, a tile of each per stage: shared memory
     res = residual if residual is not None else out
     cos_t, sin_t, kc, vc, pos0, heads, kvh = rope or (out, out, out, out, out, 0, 0)
     d = kc.shape[2] if rope else 16
     grid = (triton.cdiv(n // 2 if rope else n, bn), triton.cdiv(m, BM))
     pdl = P.mode(k)
-    _matmul[grid](x, wq, wd, wm, out, res, out, cos_t, sin_t, kc, vc, pos0, m, n, k, x.stride(0),
+    _launch.kernel = _matmul[grid](x, wq, wd, wm, out, res, out, cos_t, sin_t, kc, vc, pos0, m, n,
+                                   k, x.stride(0),
                   wq.stride(0), wd.stride(0), out.stride(0), res.stride(0), out.stride(0),
                   kc.stride(0), heads, kvh, HAS_RES=residual is not None, GLU=glu,
-                  ROPE=rope is not None, QT=qt, Q3=QLOAD == "blocks", D=d,
+                  ROPE=rope is not None, QT=qt, Q3=qload == "blocks", D=d,
                   ROT=cos_t.shape[1] if rope else 1, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x),
                   PDL=pdl,
                   PF=0 if qt else P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
