@@ -128,9 +128,9 @@ def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_ke
     """The K-quants' and IQ4_XS's scales go to the kernels as int8 times their superblock's float
     (a quarter of a float32 scale's bytes: Q4_K 4.75 bits a weight, not 6), 8-bit values
     within -32..31 as 6 bits (Q6_K), within 0..31 or -16..15 as 5 (Q5_K; Q3_K, Q2_K), and
-    IQ4's levels as their 4-bit indices (n4); the kernels rebuild each scale as that exact product and each value from its bits, so
-    every output, on every instruction set and row count, and every embedding row, is bit for
-    bit what float32 scales and bytes give."""
+    IQ4's levels as their 4-bit indices (n4); the kernels rebuild each scale as that exact
+    product and each value from its bits, so every output, on every instruction set and row
+    count, and every embedding row, is bit for bit what float32 scales and bytes give."""
     from makers import random_blocks
 
     from kvrepl.backends.cpu.quant import _expand
@@ -211,6 +211,35 @@ def test_weights_without_mins_keep_none_and_give_the_same_bits(kernels, avx2_ker
             k.rows(desc(il), ids.data_ptr(), 3, got.data_ptr(), 512, 1.0)
             k.rows(desc(stored), ids.data_ptr(), 3, want.data_ptr(), 512, 1.0)
             assert torch.equal(got, want) and torch.equal(got, p.dequantize()[ids]), qtype
+
+
+def test_parts_join_where_they_share_a_layout(kernels):
+    """q, k and v (gate and up) run as one matrix where their layouts agree, each layout chosen
+    for its own part: an IQ4_XS file's Q5_K v (llama.cpp's choice where heads share K/V) keeps
+    5 bits and q and k their 4-bit indices, not the bytes' layout the three share as a whole."""
+    from makers import random_blocks
+
+    from kvrepl.backends.cpu.fastmodel import fuse, join
+
+    rng = np.random.default_rng(9)
+
+    def mk(qtype: str, n: int) -> Packed:
+        return pack(random_blocks(qtype, n, 256, rng, wide=False), qtype, n, 256)
+
+    def laid(parts: list[Packed]) -> list:
+        return join([(p.interleaved(), col) for p, col in fuse(parts)])
+
+    mixed = laid([mk("IQ4_XS", 64), mk("IQ4_XS", 32), mk("Q5_K", 32)])
+    assert [(p.fmt, col) for p, col in mixed] == [("n4", 0), ("n4", 64), ("u5", 96)]
+    a, b, c = mk("Q4_1", 64), mk("Q4_1", 32), mk("Q4_1", 20)
+    ((j, col),) = laid([a, b, c])
+    whole = Packed("u4", torch.cat([a.q, b.q, c.q]), torch.cat([a.sc, b.sc, c.sc]), 116, 256)
+    assert col == 0 and j.n == 116 and torch.equal(j.q, whole.interleaved().q)
+    assert torch.equal(j.sc, whole.interleaved().sc)
+    x = torch.randn(3, 256)
+    parts = torch.cat([matmul(kernels, x, p) for p in (a, b, c)], 1)
+    assert torch.equal(matmul(kernels, x, j), parts)
+    assert len(laid([mk("Q4_1", 20), mk("Q4_1", 32)])) == 2  # 20 rows do not fill their groups
 
 
 def test_interleaving_rows_changes_no_bit_of_a_result(kernels):

@@ -70,6 +70,6 @@ def test_the_test_can_fail(builds):
     name, p = weights()[1]
     q = p.q.clone()
     q.view(-1)[0] ^= 1
-    other = Packed(p.fmt, q, p.sc, p.n, p.k, p.block, p.group)
+    other = Packed(p.fmt, q, p.sc, p.n, p.k, p.block, p.group, dd=p.dd, mins=p.mins)
     x = torch.randn(8, 288)
     assert not torch.equal(matmul(builds["default"], x, p), matmul(builds["default"], x, other))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kvrepl.backends.cpu import native
+from kvrepl.backends.cpu.lanes import GROUP
 from kvrepl.backends.cpu.quant import Packed
 from kvrepl.backends.describe import Arch, RopeTable, Unsupported
 from kvrepl.backends.layers import GrowingLayer
@@ -36,7 +37,7 @@ FastPathError = Unsupported  # a model (or tensor) the fast path does not run, i
 @dataclass
 class Layer:
     """One decoder layer's weights. `qkv` and `gate_up` are lists of (Packed, column offset): one
-    fused matrix when the parts share a format, else one matrix per part."""
+    fused matrix when the parts share a layout (`join`), else one matrix per part."""
 
     attn_norm: torch.Tensor
     qkv: list[tuple[Packed, int]]
@@ -53,20 +54,40 @@ class Layer:
 
 
 def fuse(parts: list[Packed]) -> list[tuple[Packed, int]]:
-    """Matrices that write side by side into one output row: fused when they share a format."""
-    first = parts[0]
-    if all(p.fmt == first.fmt and p.block == first.block and p.k == first.k for p in parts):
-        q = torch.cat([p.q for p in parts])
-        sc = torch.cat([p.sc for p in parts]) if first.sc is not None else None
-        f = None
-        if all(p.factors is not None for p in parts):
-            f = tuple(torch.cat([p.factors[i] for p in parts]) for i in (0, 1))  # type: ignore[index]
-        return [(Packed(first.fmt, q, sc, q.shape[0], first.k, first.block, factors=f), 0)]
+    """Matrices that write side by side into one output row, each with its column offset: `join`
+    fuses them once each is in the kernels' layout, where they share one."""
     out, col = [], 0
     for p in parts:
         out.append((p, col))
         col += p.n
     return out
+
+
+def join(parts: list[tuple[Packed, int]]) -> list[tuple[Packed, int]]:
+    """Parts in the kernels' layout, fused into one matrix where they share it (format, scales'
+    type and shape, mins) and every part but the last fills its groups of 16 rows (float
+    weights: rows as they are); else as they are. Each part's layout is chosen on its own: an
+    IQ4_XS file's q and k (4-bit indices) and its Q5_K v (5 bits, mins) would share only the
+    bytes' layout, twice their size, if joined before it is chosen."""
+    ps = [p for p, _ in parts]
+    first = ps[0]
+
+    def key(p: Packed) -> tuple:
+        dd = None if p.dd is None else (p.dd.dtype, p.dd.shape[1:])
+        sc = None if p.sc is None else (p.sc.dtype, p.sc.shape[1:])
+        return p.fmt, p.block, p.k, p.group, p.mins, sc, dd
+
+    grouped = first.group == GROUP
+    if len(ps) == 1 or any(key(p) != key(first) for p in ps) or (
+        grouped and any(p.n % GROUP for p in ps[:-1])
+    ) or (not grouped and first.sc is not None):  # fmt: skip
+        return parts
+    q = torch.cat([p.q for p in ps])
+    sc = torch.cat([p.sc for p in ps]) if first.sc is not None else None
+    dd = torch.cat([p.dd for p in ps]) if first.dd is not None else None
+    n = sum(p.n for p in ps)
+    return [(Packed(first.fmt, q, sc, n, first.k, first.block, first.group, dd=dd,
+                    mins=first.mins), 0)]  # fmt: skip
 
 
 class FastModel(KernelBackend):
@@ -91,8 +112,8 @@ class FastModel(KernelBackend):
         a.refusal("the CPU fast path", COMPUTES)
         check_sizes(a)
         for lw in layers:  # the kernels' layout: groups of 16 rows, a row a lane (qmatmul.c)
-            lw.qkv = [(p.interleaved(), col) for p, col in lw.qkv]
-            lw.gate_up = [(p.interleaved(), col) for p, col in lw.gate_up]
+            lw.qkv = join([(p.interleaved(), col) for p, col in lw.qkv])
+            lw.gate_up = join([(p.interleaved(), col) for p, col in lw.gate_up])
             lw.o, lw.down = lw.o.interleaved(), lw.down.interleaved()
         tied = lm_head is embed
         embed = embed.interleaved()

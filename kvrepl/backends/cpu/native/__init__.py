@@ -277,6 +277,8 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
     if sc is not None and (sc.dim() != 3 or (mins is not None and int(mins) != has_min
                                              and not (mins == 2 and has_min == 0))):
         raise ValueError("scales in the kernels' layout: [rows, parts, 2 (scale, min) or 1]")
+    if fmt == "u4" and sc is not None and not has_min and mins is None:  # Q4_0's made mins?
+        raise ValueError("a u4 weight with no mins kept: say `mins` (Packed.mins: 0, or 2)")
     if fmt == "n4" and (has_min or block != 32):
         raise ValueError("IQ4's levels (n4) go with a scale a block of 32 and no mins")
     if mins == 2:
