@@ -1,7 +1,7 @@
 """The kernels' layout of a quantized weight (qmatmul.c reads it): rows in groups of 16, block
 by block, each block's 16 rows as the 16 lanes of one register, for 4-bit (u4), 8-bit (i8),
-6-bit (i6) values, IQ4's 4-bit indices to its levels (n4), and their scales. Torch and numpy;
-quant.Packed.interleaved and canonical use it."""
+6-bit (i6) and 5-bit (i5) values, IQ4's 4-bit indices to its levels (n4), and their scales.
+Torch and numpy; quant.Packed.interleaved and canonical use it."""
 
 from __future__ import annotations
 
@@ -49,6 +49,26 @@ def lanes(t: torch.Tensor, n: int, fmt: str, forward: bool) -> torch.Tensor:
     return v.contiguous().view(torch.int8).reshape(n, k)
 
 
+def _nibbles(u: torch.Tensor, n: int) -> torch.Tensor:
+    """Values u [n, blocks, 32]: their low nibbles as u4's lanes layout [groups, blocks, 256]
+    (i6's and i5's first 256 bytes a group and block; n4's whole)."""
+    nb = u.shape[1]
+    low = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)  # _pack_u4's order
+    return lanes(low.to(torch.uint8).reshape(n, -1), n, "u4", True).reshape(-1, nb, 256)
+
+
+def _unnibbles(t: torch.Tensor, n: int, nb: int) -> torch.Tensor:
+    """`_nibbles`' bytes [groups, blocks, 256] -> the values' low nibbles [n, blocks, 32]."""
+    b = lanes(t.reshape(_padded(n), -1), n, "u4", False).reshape(n, nb, 16)
+    return torch.cat([b & 15, b >> 4], -1)
+
+
+def _high(u: torch.Tensor, n: int) -> torch.Tensor:
+    """Values u [n, blocks, 32]: u >> 4 as bytes, rows padded with zeros to the groups' rows."""
+    hi = (u >> 4).to(torch.uint8)
+    return torch.cat([hi, torch.zeros(_padded(n) - n, *hi.shape[1:], dtype=torch.uint8)])
+
+
 # i6: values -32..31 as u = value + 32 in 384 bytes a group and block: u's low nibbles as u4's
 # 256 (`lanes`), then its high 2 bits in 2 runs h of 32 words, word (2r + e) of run h holding
 # H(8h + j) at bits 2j (the value of row r's weight 2(8h + j) + e), j = 0..7.
@@ -56,11 +76,8 @@ def six(q: torch.Tensor, n: int) -> torch.Tensor:
     """int8 values [n, k] (-32..31) -> the i6 lanes layout [padded n, k * 3 / 4] bytes."""
     u = (q.to(torch.int16) + 32).reshape(n, -1, 32)
     nb, g = u.shape[1], _padded(n) // GROUP
-    low = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)  # _pack_u4's order
-    low = lanes(low.to(torch.uint8).reshape(n, -1), n, "u4", True).reshape(g, nb, 256)
-    hi = (u >> 4).to(torch.uint8)
-    hi = torch.cat([hi, torch.zeros(_padded(n) - n, nb, 32, dtype=torch.uint8)])
-    hi = hi.reshape(g, GROUP, nb, 2, 8, 2).permute(0, 2, 3, 1, 5, 4)  # [g, nb, h, r, e, j]
+    low = _nibbles(u, n)
+    hi = _high(u, n).reshape(g, GROUP, nb, 2, 8, 2).permute(0, 2, 3, 1, 5, 4)  # [g, b, h, r, e, j]
     bits = torch.stack([hi & 1, hi >> 1], -1).reshape(g, nb, 2, GROUP, 2, 16)  # bit 2j, 2j + 1
     words = np.packbits(bits.numpy(), axis=-1, bitorder="little")  # a word's 2 bytes
     return torch.cat([low, torch.from_numpy(words).reshape(g, nb, 128)], -1).reshape(_padded(n), -1)
@@ -70,8 +87,7 @@ def unsix(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The i6 lanes layout -> int8 values [n, k]."""
     g, nb = _padded(n) // GROUP, k // 32
     t = t.reshape(g, nb, 384)
-    b = lanes(t[..., :256].reshape(_padded(n), -1), n, "u4", False).reshape(n, nb, 16)
-    low = torch.cat([b & 15, b >> 4], -1).to(torch.int16)
+    low = _unnibbles(t[..., :256], n, nb).to(torch.int16)
     w = t[..., 256:].reshape(g, nb, 2, GROUP, 2, 2).to(torch.int32)
     words = w[..., 0] | (w[..., 1] << 8)  # [g, nb, h, r, e]
     hi = (words.unsqueeze(-1) >> (2 * torch.arange(8, dtype=torch.int32))) & 3  # [.., e, j]
@@ -110,14 +126,12 @@ def four(q: torch.Tensor, n: int, levels: torch.Tensor) -> torch.Tensor | None:
         idx[s : s + _CHUNK] = lut[flat[s : s + _CHUNK]]
     if idx.max() == 255:
         return None
-    u = torch.from_numpy(idx).reshape(n, -1, 32)
-    return lanes((u[..., :16] | (u[..., 16:] << 4)).reshape(n, -1), n, "u4", True)
+    return _nibbles(torch.from_numpy(idx).reshape(n, -1, 32), n).reshape(_padded(n), -1)
 
 
 def unfour(t: torch.Tensor, n: int, k: int, levels: torch.Tensor) -> torch.Tensor:
     """`four`'s layout -> the int8 values [n, k]."""
-    b = lanes(t, n, "u4", False).reshape(n, k // 32, 16)
-    idx = torch.cat([b & 15, b >> 4], -1).reshape(-1).numpy()
+    idx = _unnibbles(t, n, k // 32).reshape(-1).numpy()
     return torch.from_numpy(levels.numpy()[idx].reshape(n, k))
 
 
@@ -128,22 +142,17 @@ def five(q: torch.Tensor, n: int, off: int) -> torch.Tensor:
     """int8 values [n, k] (-off..31 - off) -> the i5 lanes layout [padded n, k * 5 / 8] bytes."""
     u = (q.to(torch.int16) + off).reshape(n, -1, 32)
     nb, g = u.shape[1], _padded(n) // GROUP
-    low = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)  # _pack_u4's order
-    low = lanes(low.to(torch.uint8).reshape(n, -1), n, "u4", True).reshape(g, nb, 256)
-    hi = (u >> 4).to(torch.uint8)
-    hi = torch.cat([hi, torch.zeros(_padded(n) - n, nb, 32, dtype=torch.uint8)])
-    hi = hi.reshape(g, GROUP, nb, 16, 2).permute(0, 2, 1, 4, 3).contiguous()  # [g, b, r, e, t]
+    hi = _high(u, n).reshape(g, GROUP, nb, 16, 2).permute(0, 2, 1, 4, 3)  # [g, b, r, e, t]
     words = np.packbits(hi.numpy(), axis=-1, bitorder="little")  # a word's 2 bytes, bit t = t
     hi = torch.from_numpy(words).reshape(g, nb, 64)
-    return torch.cat([low, hi], -1).reshape(_padded(n), -1)
+    return torch.cat([_nibbles(u, n), hi], -1).reshape(_padded(n), -1)
 
 
 def unfive(t: torch.Tensor, n: int, k: int, off: int) -> torch.Tensor:
     """The i5 lanes layout -> int8 values [n, k]."""
     g, nb = _padded(n) // GROUP, k // 32
     t = t.reshape(g, nb, 320)
-    b = lanes(t[..., :256].reshape(_padded(n), -1), n, "u4", False).reshape(n, nb, 16)
-    low = torch.cat([b & 15, b >> 4], -1).to(torch.int16)
+    low = _unnibbles(t[..., :256], n, nb).to(torch.int16)
     w = t[..., 256:].reshape(g, nb, GROUP, 2, 2).to(torch.int32)
     words = w[..., 0] | (w[..., 1] << 8)  # [g, nb, r, e]
     hi = (words.unsqueeze(-1) >> torch.arange(16, dtype=torch.int32)) & 1  # [g, nb, r, e, t]

@@ -96,18 +96,10 @@ class Packed:
             raise ValueError(f"rows interleave in groups of {GROUP} (or 1: as they are)")
         if group == 1 or self.fmt not in ("u4", "i8") or self.group != 1 or self.sc is None:
             return self
-        fmt, q = self.fmt, None
         mins = int(bool(self.sc[..., 1].ne(0).any()))
-        lo, hi = (int(self.q.min()), int(self.q.max())) if fmt == "i8" else (0, 0)
-        if compact and fmt == "i8" and lo >= -16 and hi <= 15:
-            fmt, q = "i5", _five(self.q, self.n, 16)  # 5 bits a value (Q5_0, Q3_K)
-        elif compact and fmt == "i8" and lo >= 0 and hi <= 31:
-            fmt, q = "u5", _five(self.q, self.n, 0)  # (Q5_K, Q5_1, Q2_K)
-        elif compact and fmt == "i8" and lo >= -32 and hi <= 31:
-            fmt, q = "i6", _six(self.q, self.n)  # 6 bits a value (Q6_K)
-        elif compact and fmt == "i8" and not mins and self.block == 32:
-            q = _four(self.q, self.n, _IQ4_LEVELS)  # IQ4_NL, IQ4_XS: 4 bits a value
-            fmt = "n4" if q is not None else fmt
+        fmt, q = self.fmt, None
+        if compact and fmt == "i8":
+            fmt, q = _narrow(self.q, self.n, levels=not mins and self.block == 32)
         if q is None:
             q = _lanes(self.q, self.n, self.fmt, True)
         sub = 32 // self.block
@@ -180,6 +172,21 @@ class Packed:
         factors = (f[0][idx].contiguous(), f[1][idx].contiguous()) if f is not None else None
         return Packed(self.fmt, self.q[idx].contiguous(), sc, len(idx), self.k, self.block,
                       factors=factors)  # fmt: skip
+
+
+def _narrow(q: torch.Tensor, n: int, levels: bool) -> tuple[str, torch.Tensor | None]:
+    """int8 values [n, k] in the fewest bits that hold them, in the kernels' layout: i5 (Q5_0,
+    Q3_K), u5 (Q5_K, Q5_1, Q2_K), i6 (Q6_K), or where `levels` (no mins, blocks of 32) n4, each
+    IQ4 level's 4-bit index; else ("i8", None): bytes."""
+    lo, hi = int(q.min()), int(q.max())
+    if lo >= -16 and hi <= 15:
+        return "i5", _five(q, n, 16)
+    if lo >= 0 and hi <= 31:
+        return "u5", _five(q, n, 0)
+    if lo >= -32 and hi <= 31:
+        return "i6", _six(q, n)
+    four = _four(q, n, _IQ4_LEVELS) if levels else None
+    return ("n4", four) if four is not None else ("i8", None)
 
 
 def _expand(dd: torch.Tensor, small: torch.Tensor, block: int) -> torch.Tensor:

@@ -274,17 +274,16 @@ def weight(fmt: str, q: torch.Tensor, sc: torch.Tensor | None, n: int, k: int, b
         raise ValueError("int8 scales go with their superblocks' floats (dd)")
     # per group of 16 rows and part of a block: 16 scales, then 16 mins if kept (lanes.py)
     has_min = int(sc is not None and sc.shape[-1] == 2)
-    if sc is not None and (sc.dim() != 3 or (mins is not None and int(mins) != has_min
-                                             and not (mins == 2 and has_min == 0))):
+    if mins == 2 and not has_min:  # made from the scales, not kept
+        if fmt != "u4" or sc8:
+            raise ValueError("mins made from the scales (-8 times each) are for u4 weights only")
+        has_min = 2
+    if sc is not None and (sc.dim() != 3 or (mins is not None and int(mins) != has_min)):
         raise ValueError("scales in the kernels' layout: [rows, parts, 2 (scale, min) or 1]")
     if fmt == "u4" and sc is not None and not has_min and mins is None:  # Q4_0's made mins?
         raise ValueError("a u4 weight with no mins kept: say `mins` (Packed.mins: 0, or 2)")
     if fmt == "n4" and (has_min or block != 32):
         raise ValueError("IQ4's levels (n4) go with a scale a block of 32 and no mins")
-    if mins == 2:
-        if fmt != "u4" or sc8:
-            raise ValueError("mins made from the scales (-8 times each) are for u4 weights only")
-        has_min = 2
     scp = sc.data_ptr() if sc is not None else None
     sc16 = bool(sc is not None and sc.dtype == torch.float16)
     ddp = dd.data_ptr() if dd is not None else None
