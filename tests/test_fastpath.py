@@ -173,7 +173,7 @@ def test_weights_without_mins_keep_none_and_give_the_same_bits(kernels, avx2_ker
     the kernels' layout keeps their scales alone (Q8_0 8.5 bits a weight and Q4_0 4.5, as in
     the file; Q6_K 6.625 with its superblock float, not 7.25; IQ4_NL 4.5 as 4-bit indices to
     its levels, not 8.5 as their bytes), and every output and embedding row is what the same
-    scales with their mins stored (and IQ4's values as bytes) give (Q4_1's mins are kept)."""
+    scales with their mins stored (IQ4's and Q5_1's values as bytes) give."""
     from makers import random_blocks
 
     from kvrepl.backends.cpu.lanes import lane_scales
@@ -188,8 +188,8 @@ def test_weights_without_mins_keep_none_and_give_the_same_bits(kernels, avx2_ker
         il = p.interleaved()
         assert il.mins == mins and il.sc.shape[-1] == (2 if mins == 1 else 1), qtype
         assert il.nbytes() * 8 / (48 * 512) == bits, qtype  # 48: the rows padded to groups of 16
-        if mins == 1:
-            continue
+        if mins == 1 and il.fmt == "u4":
+            continue  # Q4_1: its mins kept, in the layout it always had
         sub = 32 // p.block
         scales = lane_scales(il.sc, n, sub, False)
         made = scales.float() * -8.0 if mins == 2 else torch.zeros_like(scales)
@@ -199,7 +199,7 @@ def test_weights_without_mins_keep_none_and_give_the_same_bits(kernels, avx2_ker
             dd = lane_scales(il.dd, n, 1, False)
             dd = lane_scales(torch.cat([dd, torch.full_like(dd, -0.0)], -1), n, 1, True)
         stored = Packed(il.fmt, il.q, sc, n, 512, p.block, 16, dd=dd, mins=1)
-        if il.fmt == "n4":  # IQ4's 4-bit indices (which take no mins) against its byte values
+        if il.fmt == "n4" or mins == 1:  # IQ4's indices, Q5_1's 5 bits: against the bytes
             stored = p.interleaved(compact=False)
         assert stored.nbytes() > il.nbytes()
         for k in (kernels, avx2_kernels, scalar_kernels):
