@@ -318,7 +318,9 @@ def tiny_fast():
 def first_tokens(tiny_fast, seeds: range, *, draft: bool, temperature: float = 1.0):
     model, tok = tiny_fast
     engine = Engine(model, tok, end_ids=set(), context_length=512)
-    engine.draft_policy.row_cost = 0.0
+    policy = engine.draft_policy  # rows free and never timed: this machine's timings (shared,
+    policy.cost = [0.0] * len(policy.cost)  # noisy) must not decide whether drafts are made
+    policy.timed = lambda rows, seconds: None
     engine.draft_policy.rate = [0.95] * len(engine.draft_policy.rate)
     ids = tok("The capital of France is Paris. The capital of", add_special_tokens=False).input_ids
     out, drafted, accepted = [], 0, 0
