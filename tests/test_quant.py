@@ -2,7 +2,8 @@
 type and every tensor of the two real GGUF files dequantize bit for bit as gguf-py does; row
 reordering and interleaving change no weight; and on the block types added for the common
 downloads (Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS) the native matmul is within its int16 activation
-rounding of a float64 reference, and the scalar fallback equals the AVX2 kernels bit for bit."""
+rounding of a float64 reference, and the scalar fallback equals the AVX2 kernels bit for bit;
+and the values and layouts made at load by repack.c are numpy's and torch's bytes."""
 
 from __future__ import annotations
 
@@ -193,3 +194,51 @@ def test_scalar_fallback_equals_the_vector_kernels_on_the_new_types(kernels, sca
             want = matmul(scalar_kernels, x, q)
             assert torch.equal(matmul(kernels, x, q), want), qtype
             assert torch.equal(matmul(avx2, x, q), want), qtype
+
+
+# ---------------------------------------------------------------------------------------------
+# the values and the layout made at load by repack.c: numpy's and torch's bytes
+
+
+@pytest.mark.parametrize("qtype", list(F16_FIELDS))
+def test_values_and_layouts_made_in_c_are_the_references_bytes(kernels, qtype):
+    """Every type's values (numpy's packers) and its narrowest layout (lanes.py's torch), made by
+    repack.c instead: the same bytes, for rows short of a group of 16, past one and past two."""
+    rng = np.random.default_rng(11)
+    for n in (1, 17, 37):
+        raw = random_blocks(qtype, n, 512, rng, False)
+        want, got = pack(raw, qtype, n, 512), pack(raw, qtype, n, 512, kernels)
+        assert got.q.dtype == want.q.dtype and torch.equal(got.q, want.q)
+        a, b = want.interleaved(), got.interleaved(kernels=kernels)
+        assert (a.fmt, a.mins) == (b.fmt, b.mins) and torch.equal(a.sc, b.sc)
+        assert a.q.shape == b.q.shape and torch.equal(a.q, b.q)
+
+
+@pytest.mark.parametrize("span", [(-32, 31), (-16, 15), (0, 31), (-128, 127)])
+def test_every_bit_of_a_value_reaches_its_place_in_the_c_layout(kernels, span):
+    """Values over the whole range of each layout (i6, i5, u5, i8; u4 from i6's nibbles), rows
+    past a group: repack.c against lanes.py bit for bit, and back to the values."""
+    lo, hi = span
+    q = torch.from_numpy(np.random.default_rng(12).integers(lo, hi + 1, (37, 96)).astype(np.int8))
+    p = Packed("i8", q, torch.ones(37, 3, 2), 37, 96)
+    a, b = p.interleaved(), p.interleaved(kernels=kernels)
+    assert a.fmt == b.fmt == {-32: "i6", -16: "i5", 0: "u5", -128: "i8"}[lo]
+    assert torch.equal(a.q, b.q) and torch.equal(b.canonical().q, q)
+    nibbles = np.random.default_rng(13).integers(0, 256, (37, 48)).astype(np.uint8)
+    nibbles = torch.from_numpy(nibbles)
+    u4 = Packed("u4", nibbles, torch.ones(37, 3, 2), 37, 96)
+    assert torch.equal(u4.interleaved().q, u4.interleaved(kernels=kernels).q)
+
+
+def test_a_value_that_is_no_iq4_level_keeps_bytes_in_c_as_in_torch(kernels):
+    """IQ4 levels become 4-bit indices; one value that is no level, past the first 4,096 (which
+    lanes.py looks at first), keeps the bytes' layout in repack.c as in torch."""
+    from kvrepl.backends.cpu.quant import IQ4NL_VALUES
+
+    idx = np.random.default_rng(14).integers(0, 16, (37, 512))
+    q = torch.from_numpy(IQ4NL_VALUES[idx])
+    p = Packed("i8", q, torch.stack([torch.ones(37, 16), torch.zeros(37, 16)], -1), 37, 512)
+    assert p.interleaved(kernels=kernels).fmt == p.interleaved().fmt == "n4"
+    assert torch.equal(p.interleaved(kernels=kernels).q, p.interleaved().q)
+    q[36, 511] = 0
+    assert p.interleaved(kernels=kernels).fmt == p.interleaved().fmt == "i8"

@@ -48,7 +48,7 @@ def fast_gguf(path: Path, config: Any, kernels_dir: Path, context: int,
     except native.NativeError as exc:
         raise Unsupported(str(exc)) from None
     check_memory_fits(config, context, kv_bits)
-    tensors = GGUFTensors(path)
+    tensors = GGUFTensors(path, kernels)
     model = build(tensors, config, kernels, context)
     model.kv_bits = kv_bits
     return model, "+".join(sorted(tensors.types() - {"F32"}))

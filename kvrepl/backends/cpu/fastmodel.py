@@ -111,13 +111,16 @@ class FastModel(KernelBackend):
         self.arch = a = Arch.from_config(config)
         a.refusal("the CPU fast path", COMPUTES)
         check_sizes(a)
-        for lw in layers:  # the kernels' layout: groups of 16 rows, a row a lane (qmatmul.c)
-            lw.qkv = join([(p.interleaved(), col) for p, col in lw.qkv])
-            lw.gate_up = join([(p.interleaved(), col) for p, col in lw.gate_up])
-            lw.o, lw.down = lw.o.interleaved(), lw.down.interleaved()
+        def lay(p: Packed) -> Packed:  # the kernels' layout: groups of 16 rows, a row a lane
+            return p.interleaved(kernels=kernels)
+
+        for lw in layers:
+            lw.qkv = join([(lay(p), col) for p, col in lw.qkv])
+            lw.gate_up = join([(lay(p), col) for p, col in lw.gate_up])
+            lw.o, lw.down = lay(lw.o), lay(lw.down)
         tied = lm_head is embed
-        embed = embed.interleaved()
-        lm_head = embed if tied else lm_head.interleaved()
+        embed = lay(embed)
+        lm_head = embed if tied else lay(lm_head)
         self.embed, self.layers, self.final_norm, self.lm_head = embed, layers, final_norm, lm_head
         self.k = kernels
         self.context_length = context_length

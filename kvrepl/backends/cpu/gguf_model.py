@@ -33,10 +33,12 @@ from kvrepl.backends.describe import (
 
 
 class GGUFTensors:
-    """The tensors of one GGUF file by name (memory-mapped), packed on request."""
+    """The tensors of one GGUF file by name (memory-mapped), packed on request (their values
+    read by the kernels' repack.c where `kernels` is given, else by numpy)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kernels: native.Kernels | None = None) -> None:
         self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        self.kernels = kernels
         try:
             head = ggufinfo.read(memoryview(self.data))
         except ggufinfo.GGUFError as exc:
@@ -59,7 +61,7 @@ class GGUFTensors:
         bs, nbytes = LAYOUT[qtype]
         raw = self.data[off : off + n * k // bs * nbytes]
         try:
-            return pack(raw, qtype, n, k)
+            return pack(raw, qtype, n, k, self.kernels)
         except QuantError as exc:
             raise FastPathError(f"{name}: {exc}") from None
 
@@ -79,7 +81,7 @@ class GGUFTensors:
 
 def from_gguf(path: Path, config: Any, kernels: native.Kernels, context_length: int) -> FastModel:
     """The fast model over a GGUF file's own weights."""
-    return build(GGUFTensors(path), config, kernels, context_length)
+    return build(GGUFTensors(path, kernels), config, kernels, context_length)
 
 
 def build(f: GGUFTensors, config: Any, kernels: native.Kernels, context_length: int) -> FastModel:

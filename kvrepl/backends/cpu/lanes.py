@@ -1,9 +1,13 @@
 """The kernels' layout of a quantized weight (qmatmul.c reads it): rows in groups of 16, block
 by block, each block's 16 rows as the 16 lanes of one register, for 4-bit (u4), 8-bit (i8),
 6-bit (i6) and 5-bit (i5) values, IQ4's 4-bit indices to its levels (n4), and their scales.
-Torch and numpy; quant.Packed.interleaved and canonical use it."""
+Torch and numpy, the reference; given the kernels (`native.Kernels`), the way to the layout is
+repack.c's, the same bytes ten and more times faster (tests compare them). quant.Packed.interleaved
+and canonical use it."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +24,13 @@ def _padded(n: int) -> int:
 # of the vector with x's pair t broadcast adds those two products to every row's lane. u4: 256
 # bytes, 4 runs of 32 words, run c's word i = V(4c) | V(4c+1) << 4 | V(4c+2) << 8 | V(4c+3) << 12;
 # i8: 512 bytes, 8 runs of 32 words, run c's word i = V(2c) (low byte) | V(2c + 1) << 8.
-def lanes(t: torch.Tensor, n: int, fmt: str, forward: bool) -> torch.Tensor:
+def lanes(t: torch.Tensor, n: int, fmt: str, forward: bool, kernels: Any = None) -> torch.Tensor:
     """Rows one after the other <-> the lanes layout, in bytes throughout (a model's head is
     hundreds of MB: no wider copy than the weights' own values)."""
     u4 = fmt == "u4"
+    if forward and kernels is not None:
+        k = t.shape[1] * (2 if u4 else 1)
+        return kernels.lanes(t.view(torch.uint8), n, k, fmt, nibbles=u4)
     per = 4 if u4 else 2  # vectors t in a run c
     g = _padded(n) // GROUP
     if forward:
@@ -72,8 +79,10 @@ def _high(u: torch.Tensor, n: int) -> torch.Tensor:
 # i6: values -32..31 as u = value + 32 in 384 bytes a group and block: u's low nibbles as u4's
 # 256 (`lanes`), then its high 2 bits in 2 runs h of 32 words, word (2r + e) of run h holding
 # H(8h + j) at bits 2j (the value of row r's weight 2(8h + j) + e), j = 0..7.
-def six(q: torch.Tensor, n: int) -> torch.Tensor:
+def six(q: torch.Tensor, n: int, kernels: Any = None) -> torch.Tensor:
     """int8 values [n, k] (-32..31) -> the i6 lanes layout [padded n, k * 3 / 4] bytes."""
+    if kernels is not None:
+        return kernels.lanes(q.view(torch.uint8), n, q.shape[1], "i6", off=32)
     u = (q.to(torch.int16) + 32).reshape(n, -1, 32)
     nb, g = u.shape[1], _padded(n) // GROUP
     low = _nibbles(u, n)
@@ -112,7 +121,7 @@ def lane_scales(t: torch.Tensor, n: int, sub: int, forward: bool) -> torch.Tenso
 _CHUNK = 1 << 24  # values mapped at once (numpy widens indices to 8 bytes each)
 
 
-def four(q: torch.Tensor, n: int, levels: torch.Tensor) -> torch.Tensor | None:
+def four(q: torch.Tensor, n: int, levels: torch.Tensor, kernels: Any = None) -> torch.Tensor | None:
     """int8 values [n, k], each one of the 16 `levels`, -> their indices in u4's lanes layout
     [padded n, k / 2]; None where a value is not a level (a table of 256 bytes, applied in
     chunks: no copy wider than the values over a head's hundreds of millions of them)."""
@@ -121,6 +130,8 @@ def four(q: torch.Tensor, n: int, levels: torch.Tensor) -> torch.Tensor | None:
     flat = q.contiguous().numpy().view(np.uint8).reshape(-1)
     if lut[flat[:4096]].max() == 255:  # Q8_0's values: no pass over the rest
         return None
+    if kernels is not None:
+        return kernels.lanes(q.view(torch.uint8), n, q.shape[1], "u4", lut=torch.from_numpy(lut))
     idx = np.empty_like(flat)
     for s in range(0, flat.size, _CHUNK):
         idx[s : s + _CHUNK] = lut[flat[s : s + _CHUNK]]
@@ -138,8 +149,10 @@ def unfour(t: torch.Tensor, n: int, k: int, levels: torch.Tensor) -> torch.Tenso
 # i5: values in -16..15 (or 0..31) as u = value + off (off 16, or 0) in 320 bytes a group and
 # block: u's low nibbles as u4's 256 (`lanes`), then its high bit in one run of 32 words, word
 # (2r + e) holding H(t) at bit t (the value of row r's weight 2t + e), t = 0..15.
-def five(q: torch.Tensor, n: int, off: int) -> torch.Tensor:
+def five(q: torch.Tensor, n: int, off: int, kernels: Any = None) -> torch.Tensor:
     """int8 values [n, k] (-off..31 - off) -> the i5 lanes layout [padded n, k * 5 / 8] bytes."""
+    if kernels is not None:
+        return kernels.lanes(q.view(torch.uint8), n, q.shape[1], "i5", off=off)
     u = (q.to(torch.int16) + off).reshape(n, -1, 32)
     nb, g = u.shape[1], _padded(n) // GROUP
     hi = _high(u, n).reshape(g, GROUP, nb, 16, 2).permute(0, 2, 1, 4, 3)  # [g, b, r, e, t]

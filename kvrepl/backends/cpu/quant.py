@@ -15,7 +15,9 @@ reads a file (gguf_model.py does)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,12 +88,13 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in (self.q, self.sc, self.dd)
                    if t is not None)  # fmt: skip
 
-    def interleaved(self, group: int = GROUP, compact: bool = True) -> Packed:
+    def interleaved(self, group: int = GROUP, compact: bool = True, kernels: Any = None) -> Packed:
         """The kernels' layout of a u4 or i8 weight: rows in groups of 16, block by block, each
         block's 16 rows as the 16 lanes of one register (`_lanes`), rows padded with zeros to a
         multiple of 16; scales and mins likewise (float16 where every one is exactly one), the
         mins only where one is not 0 and is not -8 times its scale (Q8_0, Q6_K: none; Q4_0:
-        each -8 times its scale). Others stay as they are."""
+        each -8 times its scale). Others stay as they are. `kernels` (native.Kernels): the
+        layout made by repack.c, the same bytes as lanes.py's torch, many times faster."""
         if group not in (1, GROUP):
             raise ValueError(f"rows interleave in groups of {GROUP} (or 1: as they are)")
         if group == 1 or self.fmt not in ("u4", "i8") or self.group != 1 or self.sc is None:
@@ -99,9 +102,9 @@ class Packed:
         mins = int(bool(self.sc[..., 1].ne(0).any()))
         fmt, q = self.fmt, None
         if compact and fmt == "i8":
-            fmt, q = _narrow(self.q, self.n, levels=not mins and self.block == 32)
+            fmt, q = _narrow(self.q, self.n, not mins and self.block == 32, kernels)
         if q is None:
-            q = _lanes(self.q, self.n, self.fmt, True)
+            q = _lanes(self.q, self.n, self.fmt, True, kernels)
         sub = 32 // self.block
         if mins and fmt == "u4" and self.factors is None and torch.equal(
             (self.sc[..., 0] * -8.0).view(torch.int32), self.sc[..., 1].view(torch.int32)
@@ -174,18 +177,19 @@ class Packed:
                       factors=factors)  # fmt: skip
 
 
-def _narrow(q: torch.Tensor, n: int, levels: bool) -> tuple[str, torch.Tensor | None]:
+def _narrow(q: torch.Tensor, n: int, levels: bool,
+            kernels: Any = None) -> tuple[str, torch.Tensor | None]:  # fmt: skip
     """int8 values [n, k] in the fewest bits that hold them, in the kernels' layout: i5 (Q5_0,
     Q3_K), u5 (Q5_K, Q5_1, Q2_K), i6 (Q6_K), or where `levels` (no mins, blocks of 32) n4, each
     IQ4 level's 4-bit index; else ("i8", None): bytes."""
     lo, hi = int(q.min()), int(q.max())
     if lo >= -16 and hi <= 15:
-        return "i5", _five(q, n, 16)
+        return "i5", _five(q, n, 16, kernels)
     if lo >= 0 and hi <= 31:
-        return "u5", _five(q, n, 0)
+        return "u5", _five(q, n, 0, kernels)
     if lo >= -32 and hi <= 31:
-        return "i6", _six(q, n)
-    four = _four(q, n, _IQ4_LEVELS) if levels else None
+        return "i6", _six(q, n, kernels)
+    four = _four(q, n, _IQ4_LEVELS, kernels) if levels else None
     return ("n4", four) if four is not None else ("i8", None)
 
 
@@ -221,14 +225,23 @@ def _scales(scale: np.ndarray, minimum: np.ndarray | None, n: int) -> torch.Tens
     return torch.from_numpy(np.ascontiguousarray(np.stack([scale, minimum], -1).reshape(n, -1, 2)))
 
 
-def _i8(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray | None, n: int, k: int,
-        block: int = 32) -> Packed:  # fmt: skip
-    q = torch.from_numpy(np.ascontiguousarray(q.astype(np.int8).reshape(n, k)))
+def _i8(q: np.ndarray | torch.Tensor, scale: np.ndarray, minimum: np.ndarray | None, n: int,
+        k: int, block: int = 32) -> Packed:  # fmt: skip
+    if not isinstance(q, torch.Tensor):
+        q = torch.from_numpy(np.ascontiguousarray(q.astype(np.int8).reshape(n, k)))
     return Packed("i8", q, _scales(scale, minimum, n), n, k, block)
 
 
-def pack(raw: np.ndarray, qtype: str, n: int, k: int) -> Packed:
-    """GGUF tensor bytes (rows of blocks, as stored) -> Packed, exactly."""
+def _values(b: np.ndarray, qtype: str, n: int, k: int, kernels: Any,
+            numpy_values: Callable[[], np.ndarray]) -> np.ndarray | torch.Tensor:  # fmt: skip
+    """A tensor's integer values: repack.c's where the kernels are given (the same values, many
+    times faster), else numpy's (the reference)."""
+    return kernels.gguf_values(b, qtype, n, k) if kernels is not None else numpy_values()
+
+
+def pack(raw: np.ndarray, qtype: str, n: int, k: int, kernels: Any = None) -> Packed:
+    """GGUF tensor bytes (rows of blocks, as stored) -> Packed, exactly. `kernels`
+    (native.Kernels): the values read by repack.c, else by numpy."""
     if qtype not in LAYOUT:
         raise QuantError(f"tensor type {qtype} is not supported by the fast path")
     bs, nbytes = LAYOUT[qtype]
@@ -246,7 +259,7 @@ def pack(raw: np.ndarray, qtype: str, n: int, k: int) -> Packed:
             f = raw.view(np.float32)
         return Packed("f32", torch.from_numpy(f.reshape(n, k).copy()), None, n, k)
     blocks = raw.reshape(-1, nbytes)
-    return _PACKERS[qtype](blocks, n, k)
+    return _PACKERS[qtype](blocks, n, k, kernels)
 
 
 # Every packer below keeps gguf-py's float32 scale products (d * sub-block scale, computed the
@@ -254,76 +267,99 @@ def pack(raw: np.ndarray, qtype: str, n: int, k: int) -> Packed:
 # significant bits), so the one rounding left, of adding the min, is gguf-py's own.
 
 
-def _q4_0(b: np.ndarray, n: int, k: int) -> Packed:
+def _u4_bytes(b: np.ndarray, n: int, k: int) -> torch.Tensor:
+    """Q4_0's and Q4_1's 16 bytes of nibbles per 32 weights: already u4's nibble pairs (weight j
+    low, j + 16 high), what _pack_u4 of their fields would give."""
+    return torch.from_numpy(np.ascontiguousarray(b).reshape(n, k // 2))
+
+
+def _q4_0(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d = _f16(b[:, :2]).reshape(-1)
-    q = _fields(b[:, 2:18], 16, 4)
-    return Packed("u4", _pack_u4(q, n, k), _scales(d, -8.0 * d, n), n, k)
+    return Packed("u4", _u4_bytes(b[:, 2:18], n, k), _scales(d, -8.0 * d, n), n, k)
 
 
-def _q4_1(b: np.ndarray, n: int, k: int) -> Packed:
+def _q4_1(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = _fields(b[:, 4:20], 16, 4)
-    return Packed("u4", _pack_u4(q, n, k), _scales(d, m, n), n, k)
+    return Packed("u4", _u4_bytes(b[:, 4:20], n, k), _scales(d, m, n), n, k)
 
 
-def _q5(b: np.ndarray, n: int, k: int, with_min: bool) -> Packed:
+def _q5(b: np.ndarray, n: int, k: int, kernels: Any, with_min: bool) -> Packed:
     d = _f16(b[:, :2])
     off = 4 if with_min else 2
     m = _f16(b[:, 2:4]) if with_min else None
-    qh = np.ascontiguousarray(b[:, off : off + 4]).view(np.uint32)  # bit j: weight j's 5th bit
-    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    q = _fields(b[:, off + 4 : off + 20], 16, 4).reshape(-1, 32) | (high << 4)
-    return _i8(q.astype(np.int16) - (0 if with_min else 16), d, m, n, k)
+
+    def values() -> np.ndarray:
+        qh = np.ascontiguousarray(b[:, off : off + 4]).view(np.uint32)  # bit j: weight j's 5th
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        q = _fields(b[:, off + 4 : off + 20], 16, 4).reshape(-1, 32) | (high << 4)
+        return q.astype(np.int16) - (0 if with_min else 16)
+
+    return _i8(_values(b, "Q5_1" if with_min else "Q5_0", n, k, kernels, values), d, m, n, k)
 
 
-def _q8_0(b: np.ndarray, n: int, k: int) -> Packed:
+def _q8_0(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d = _f16(b[:, :2])
     return _i8(np.ascontiguousarray(b[:, 2:34]).view(np.int8), d, None, n, k)
 
 
-def _q4_k(b: np.ndarray, n: int, k: int) -> Packed:
+def _q4_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d, dmin, sc, mn = _k_parts(b)
     scale, minimum = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
-    q = _fields(b[:, 16:144], 32, 4)  # sub-block j: low (j even) or high nibbles of 32 bytes
-    return Packed("u4", _pack_u4(q, n, k), _scales(scale, minimum, n), n, k,
-                  factors=factors(d, dmin, sc, mn, n, k))  # fmt: skip
+
+    def values() -> torch.Tensor:  # sub-block j: low (j even) or high nibbles of 32 bytes
+        return _pack_u4(_fields(b[:, 16:144], 32, 4), n, k)
+
+    return Packed("u4", _values(b, "Q4_K", n, k, kernels, values), _scales(scale, minimum, n),
+                  n, k, factors=factors(d, dmin, sc, mn, n, k))  # fmt: skip
 
 
-def _q5_k(b: np.ndarray, n: int, k: int) -> Packed:
+def _q5_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d, dmin, sc, mn = _k_parts(b)
     scale, minimum = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
-    q = _fields(b[:, 48:176], 32, 4) | (_fields(b[:, 16:48], 32, 1) << 4)
-    p = _i8(q, scale, minimum, n, k)
+
+    def values() -> np.ndarray:
+        return _fields(b[:, 48:176], 32, 4) | (_fields(b[:, 16:48], 32, 1) << 4)
+
+    p = _i8(_values(b, "Q5_K", n, k, kernels, values), scale, minimum, n, k)
     p.factors = factors(d, dmin, sc, mn, n, k)
     return p
 
 
-def _q6_k(b: np.ndarray, n: int, k: int) -> Packed:
+def _q6_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8)
     d = _f16(b[:, 208:210])
-    lo = _fields(b[:, :128], 64, 4).reshape(-1, 8, 32)
-    q = (lo | (_fields(b[:, 128:192], 32, 2) << 4)).astype(np.int16) - 32
-    p = _i8(q, d * scales.astype(np.float32), None, n, k, 16)
+
+    def values() -> np.ndarray:
+        lo = _fields(b[:, :128], 64, 4).reshape(-1, 8, 32)
+        return (lo | (_fields(b[:, 128:192], 32, 2) << 4)).astype(np.int16) - 32
+
+    p = _i8(_values(b, "Q6_K", n, k, kernels, values), d * scales.astype(np.float32), None, n, k,
+            16)  # fmt: skip
     p.factors = factors(d, None, scales, None, n, k)
     return p
 
 
-def _q3_k(b: np.ndarray, n: int, k: int) -> Packed:
+def _q3_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d = _f16(b[:, 108:110])
     low, high = _fields(b[:, 96:104], 8, 4), _fields(b[:, 104:108], 4, 2)
     scales = (low.reshape(-1, 16) | (high.reshape(-1, 16) << 4)).astype(np.int8) - 32
-    ql = _fields(b[:, 32:96], 32, 2).astype(np.int16)
-    q = ql - 4 * (1 - _fields(b[:, :32], 32, 1).astype(np.int16))  # hmask bit set: no offset
-    p = _i8(q, d * scales.astype(np.float32), None, n, k, 16)
+
+    def values() -> np.ndarray:  # hmask bit set: no offset
+        ql = _fields(b[:, 32:96], 32, 2).astype(np.int16)
+        return ql - 4 * (1 - _fields(b[:, :32], 32, 1).astype(np.int16))
+
+    p = _i8(_values(b, "Q3_K", n, k, kernels, values), d * scales.astype(np.float32), None, n, k,
+            16)  # fmt: skip
     p.factors = factors(d, None, scales, None, n, k)
     return p
 
 
-def _q2_k(b: np.ndarray, n: int, k: int) -> Packed:
+def _q2_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     sc, d, dmin = b[:, :16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
     scale = d * (sc & 0xF).astype(np.float32)
     minimum = -(dmin * (sc >> 4).astype(np.float32))
-    p = _i8(_fields(b[:, 16:80], 32, 2), scale, minimum, n, k, 16)
+    q = _values(b, "Q2_K", n, k, kernels, lambda: _fields(b[:, 16:80], 32, 2))
+    p = _i8(q, scale, minimum, n, k, 16)
     p.factors = factors(d, dmin, sc & 0xF, sc >> 4, n, k)
     return p
 
@@ -334,15 +370,16 @@ IQ4NL_VALUES = np.array(
 _IQ4_LEVELS = torch.from_numpy(IQ4NL_VALUES)  # the kernels' n4 (qmatmul.c's IQ4NL) looks them up
 
 
-def _iq4_nl(b: np.ndarray, n: int, k: int) -> Packed:
-    return _i8(IQ4NL_VALUES[_fields(b[:, 2:18], 16, 4)], _f16(b[:, :2]), None, n, k)
+def _iq4_nl(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
+    q = _values(b, "IQ4_NL", n, k, kernels, lambda: IQ4NL_VALUES[_fields(b[:, 2:18], 16, 4)])
+    return _i8(q, _f16(b[:, :2]), None, n, k)
 
 
-def _iq4_xs(b: np.ndarray, n: int, k: int) -> Packed:
+def _iq4_xs(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d = _f16(b[:, :2])
     low, high = _fields(b[:, 4:8], 1, 4), _fields(b[:, 2:4], 1, 2)  # high: 2 bits j of a uint16
     ls = (low | (high << 4)).reshape(-1, 8).astype(np.int8) - 32
-    q = IQ4NL_VALUES[_fields(b[:, 8:136], 16, 4)]
+    q = _values(b, "IQ4_XS", n, k, kernels, lambda: IQ4NL_VALUES[_fields(b[:, 8:136], 16, 4)])
     p = _i8(q, d * ls.astype(np.float32), None, n, k)
     p.factors = factors(d, None, ls, None, n, k)
     return p
@@ -351,8 +388,8 @@ def _iq4_xs(b: np.ndarray, n: int, k: int) -> Packed:
 _PACKERS = {
     "Q4_0": _q4_0,
     "Q4_1": _q4_1,
-    "Q5_0": lambda b, n, k: _q5(b, n, k, False),
-    "Q5_1": lambda b, n, k: _q5(b, n, k, True),
+    "Q5_0": lambda b, n, k, kernels: _q5(b, n, k, kernels, False),
+    "Q5_1": lambda b, n, k, kernels: _q5(b, n, k, kernels, True),
     "Q8_0": _q8_0,
     "Q2_K": _q2_k,
     "Q3_K": _q3_k,

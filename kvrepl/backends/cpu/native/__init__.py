@@ -1,7 +1,7 @@
-"""kvrepl's CPU kernels (kernels.c; kv8.c, the 8-bit K/V cache's; pool.c, their threads; kernels.h,
-what they share), compiled once for this machine and called through ctypes. The K/V cache they
-read and write is float16 or, with kv_bits 8, rows of head_dim int8 values followed by their
-float32 scale (`kv8_row`).
+"""kvrepl's CPU kernels (kernels.c; kv8.c, the 8-bit K/V cache's; pool.c, their threads; repack.c,
+the weights' layout made at load; kernels.h, what they share), compiled once for this machine and
+called through ctypes. The K/V cache they read and write is float16 or, with kv_bits 8, rows of
+head_dim int8 values followed by their float32 scale (`kv8_row`).
 
 Owns: building the shared library (`cc -O3 -march=native`, into the cache directory, keyed by the
 sources, the compiler and the CPU, written atomically; -march=native picks the instructions: the
@@ -24,13 +24,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "qmatmul.c", "kv8.c", "pool.c")]
+SOURCES = [Path(__file__).with_name(n)
+           for n in ("kernels.c", "qmatmul.c", "kv8.c", "pool.c", "repack.c")]
 HEADERS = [Path(__file__).with_name("kernels.h")]  # part of the build's key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
          "-fPIC"]  # fmt: skip
 FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4, "i6": 5, "n4": 6, "i5": 7, "u5": 8}
+# repack.c's G_*: GGUF types whose values it reads (Q4_0 and Q4_1 are their bytes already)
+GGUF_VALUES = ("Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+_LANE_KINDS = ("i8", "u4", "i6", "i5")  # repack.c's TO_*
+_LANE_BYTES = {"i8": 512, "u4": 256, "i6": 384, "i5": 320}  # a group of 16 rows, a block of 32
 ACT = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2}
 
 
@@ -182,6 +188,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kv_attention": (None, _ATTENTION_ARGS),
     "kv_attention8": (None, _ATTENTION_ARGS),
     "kv_version": (ctypes.c_int, []),
+    "kv_gguf_values": (None, [ptr, i64, ctypes.c_int, ptr]),
+    "kv_lanes": (ctypes.c_int, [ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ctypes.c_int, ptr]),
     "kv_isa": (ctypes.c_char_p, []),
     "kv_threads": (ctypes.c_int, []),
     "kv_set_threads": (None, [ctypes.c_int, ctypes.c_int]),
@@ -235,6 +243,32 @@ class Kernels:
         run while torch has several threads, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT was set;
         else 0)."""
         return int(self.lib.kv_parked_openmp())
+
+    def lanes(self, src: torch.Tensor, n: int, k: int, to: str, off: int = 0,
+              lut: torch.Tensor | None = None, nibbles: bool = False) -> torch.Tensor | None:
+        """n rows of k values (`src`: bytes [n, k], or with `nibbles` a u4 weight's nibble pairs
+        [n, k / 2]) in qmatmul.c's lanes layout `to` ("i8", "u4", "i6", "i5"; lanes.py keeps the
+        reference), each byte plus `off` or through the 256-byte table `lut`, as bytes [rows padded
+        to 16, the rest]; None where the table has no entry for some byte."""
+        src = src.contiguous()
+        size = (n + 15) // 16 * (k // 32) * _LANE_BYTES[to]
+        out = torch.empty(size, dtype=torch.uint8)
+        lp = lut.contiguous() if lut is not None else None
+        bad = self.lib.kv_lanes(src.data_ptr(), n, k, int(nibbles), off,
+                                lp.data_ptr() if lp is not None else None,
+                                _LANE_KINDS.index(to), out.data_ptr())  # fmt: skip
+        return None if bad else out.view((n + 15) // 16 * 16, -1)
+
+    def gguf_values(self, blocks: Any, qtype: str, n: int, k: int) -> torch.Tensor:
+        """The integer values of a tensor's GGUF blocks (numpy uint8 [blocks, bytes]), as
+        quant.py's packers compute them: int8 [n, k], or for Q4_K u4's nibble pairs uint8
+        [n, k / 2]."""
+        blocks = np.ascontiguousarray(blocks)
+        out = torch.empty(n, k // 2 if qtype == "Q4_K" else k,
+                          dtype=torch.uint8 if qtype == "Q4_K" else torch.int8)  # fmt: skip
+        self.lib.kv_gguf_values(blocks.ctypes.data, blocks.shape[0], GGUF_VALUES.index(qtype),
+                                out.data_ptr())  # fmt: skip
+        return out
 
     @property
     def label(self) -> str:
