@@ -9,7 +9,16 @@ import pytest
 
 from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
 from kvrepl.config import Settings
-from kvrepl.engine.draft import LENGTHS, MARGIN, MAX_DRAFT, Drafter, DraftPolicy, Lookup, Recase
+from kvrepl.engine.draft import (
+    LENGTHS,
+    MARGIN,
+    MAX_DRAFT,
+    PRIOR_COST,
+    Drafter,
+    DraftPolicy,
+    Lookup,
+    Recase,
+)
 from kvrepl.engine.engine import Engine, Sampling
 from kvrepl.events import Stats
 
@@ -101,6 +110,28 @@ def test_a_count_never_timed_is_priced_as_the_largest_timed_below_it_and_tried()
         policy.timed(MAX_DRAFT + 1, 0.010 * (1 + 0.9 * MAX_DRAFT))  # 16 rows cost 0.9 each
     assert policy.priced()[MAX_DRAFT - 1] > 0.8
     assert policy.size(LENGTHS, MAX_DRAFT) < MAX_DRAFT
+
+
+def test_one_slow_forward_does_not_stop_drafting_for_the_session():
+    """A first timing of one drafted token that came out slow (another process had the core)
+    prices every count out: untimed counts take the cost of the timed one below. Proposals not
+    drafted pull the cost back toward the prior, so a long copy drafts again, and a cost that
+    was measured low is not raised by it."""
+    policy = DraftPolicy()
+    policy.rate = [0.95] * LENGTHS
+    policy.timed(1, 0.010)
+    policy.timed(2, 0.010 * (1 + 3.0))  # 3 steps for one drafted row: capped at 2
+    assert policy.cost[0] == 2.0 and policy.size(LENGTHS, MAX_DRAFT) == 0
+    tries = next((i for i in range(1000) if policy.size(LENGTHS, MAX_DRAFT)), None)
+    assert tries is not None and 50 < tries < 300
+    assert PRIOR_COST < policy.cost[0] < 0.8  # drafting pays again at about this cost
+    low = DraftPolicy()
+    low.rate = [0.0] * LENGTHS  # never pays: every proposal is undrafted
+    low.timed(1, 0.010)
+    low.timed(2, 0.010 * 1.2)
+    for _ in range(500):
+        assert low.size(LENGTHS, MAX_DRAFT) == 0
+    assert abs(low.cost[0] - 0.2) < 1e-9 and low.cost[1:] == [PRIOR_COST] * (MAX_DRAFT - 1)
 
 
 def test_a_long_match_drafts_further_than_a_fresh_one():

@@ -27,6 +27,8 @@ MAX_NGRAM = 12  # the longest match looked for
 LENGTHS = 12  # match lengths the acceptance rates tell apart (longer ones count as this)
 MARGIN = 0.1  # the least gain over plain decoding a draft must promise: the estimates are noisy
 _EMA = 0.1  # weight of one new observation in the estimates
+PRIOR_COST = 0.5  # a verified row's cost, in plain steps, before any is measured
+RELAX = 0.02  # how far a cost above the prior moves back to it per proposal not drafted
 
 
 def _longest(a: np.ndarray, end: int) -> tuple[int, int]:
@@ -232,7 +234,7 @@ class DraftPolicy:
         self.rate = [min(0.95, 0.2 + 0.1 * m) for m in range(1, LENGTHS + 1)]
         # cost[k - 1]: a verified row's time, in plain steps, when k tokens are drafted
         # (measured: `timed`; a count not yet timed is priced by `priced`, tried, then measured)
-        self.cost = [0.5] * MAX_DRAFT
+        self.cost = [PRIOR_COST] * MAX_DRAFT
         self.timings = [0] * MAX_DRAFT  # forwards timed per count of drafted tokens
         self._step_s: float | None = None
 
@@ -260,7 +262,20 @@ class DraftPolicy:
             gain = (1.0 + expected) / (1.0 + cost[k - 1] * k)
             if gain > best_gain:
                 best, best_gain = k, gain
+        if not best:
+            self._relax()
         return best
+
+    def _relax(self) -> None:
+        """Nothing drafted: each cost above the prior moves RELAX of the way back to it. A cost
+        is only measured when that many tokens are drafted, so one slow forward (another
+        process took the core) priced above every gain would otherwise stop drafting for the
+        rest of the session (untimed counts are priced as the timed one below them); now the
+        policy tries again after some 100 proposals, and a cost that is truly high is measured
+        again as high."""
+        for i, c in enumerate(self.cost):
+            if c > PRIOR_COST:
+                self.cost[i] = c + RELAX * (PRIOR_COST - c)
 
     def observed(self, match: int, drafted: int, accepted: int) -> None:
         """A proposal's outcome: `accepted` of its first `drafted` tokens were what came (each
