@@ -8,7 +8,8 @@ shapes of random weights (Q4_K_M's mix, IQ4_XS; written on first use, ~1 min eac
     flock -x /work/cpu.lock .venv/bin/python bench/bench_load.py [--runs 3]
 
 Page cache warm throughout (each file is read once before timing): what a second start costs,
-the disk left out. Writes nothing but the 1B files; prints a markdown table with the CPU named.
+the disk left out; resident memory (RSS) after the load and at its peak, torch's and Python's
+own included, once a token has been computed (every weight read). Writes nothing but the 1B files; prints a markdown table with the CPU named.
 """
 
 from __future__ import annotations
@@ -44,39 +45,50 @@ def prepare(path: str, c: bool) -> float:
     return time.perf_counter() - t
 
 
-def whole(path: str) -> float:
+def memory() -> tuple[int, int]:
+    """This process's resident memory now and at its peak, MB (/proc/self/status)."""
+    f = dict(ln.split(":", 1) for ln in open("/proc/self/status") if ln.startswith("Vm"))
+    return int(f["VmRSS"].split()[0]) // 1024, int(f["VmHWM"].split()[0]) // 1024
+
+
+def whole(path: str) -> tuple[float, int, int]:
     t = time.perf_counter()
     from kvrepl.engine import models
 
-    models.load(path, progress=False)
-    return time.perf_counter() - t
+    lm = models.load(path, progress=False)
+    took = time.perf_counter() - t
+    lm.model.forward([1], lm.model.new_layers())  # one token: every weight read once
+    return (took, *memory())
 
 
-def llama_cpp(path: str) -> float | None:
+def llama_cpp(path: str) -> tuple[float, int, int] | None:
     t = time.perf_counter()
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    Llama(model_path=path, n_ctx=512, verbose=False)
-    return time.perf_counter() - t
+    llm = Llama(model_path=path, n_ctx=512, verbose=False)
+    took = time.perf_counter() - t
+    llm.eval([1])  # one token: every weight read once (its mapped file pages resident)
+    return (took, *memory())
 
 
 def child(what: str, path: str) -> None:
-    fn = {"c": lambda: prepare(path, True), "torch": lambda: prepare(path, False),
+    fn = {"c": lambda: (prepare(path, True), 0, 0), "torch": lambda: (prepare(path, False), 0, 0),
           "whole": lambda: whole(path), "llama.cpp": lambda: llama_cpp(path)}[what]  # fmt: skip
     print(json.dumps(fn()))
 
 
-def timed(what: str, path: Path, runs: int) -> float | None:
-    """The best of `runs` fresh processes."""
+def timed(what: str, path: Path, runs: int) -> tuple[float, int, int] | None:
+    """The best time of `runs` fresh processes, with that run's resident memory after the load
+    and at its peak (MB)."""
     best = None
     for _ in range(runs):
         out = subprocess.run([sys.executable, __file__, "--child", what, str(path)],
                              capture_output=True, text=True, check=True)  # fmt: skip
         s = json.loads(out.stdout.strip().splitlines()[-1])
-        if s is not None:
-            best = s if best is None else min(best, s)
+        if s is not None and (best is None or s[0] < best[0]):
+            best = tuple(s)
     return best
 
 
@@ -98,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         path.read_bytes()  # into the page cache
     print(f"CPU: {cpu_name()}; best of {args.runs} fresh processes each, page cache warm\n")
     print("| file | MB | weights laid out: reference (numpy + torch) | repack.c | speed-up "
-          "| models.load whole | llama.cpp load |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| models.load whole | its memory after, peak | llama.cpp load | its memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, path in files.items():
         ref, c = timed("torch", path, args.runs), timed("c", path, args.runs)
         load, cpp = timed("whole", path, args.runs), timed("llama.cpp", path, args.runs)
-        cpp_s = f"{cpp:.2f} s" if cpp is not None else "not installed"
-        print(f"| {name} | {path.stat().st_size / 1e6:,.0f} | {ref:.2f} s | {c:.2f} s | "
-              f"{ref / c:.1f}x | {load:.2f} s | {cpp_s} |")  # fmt: skip
+        cpp_s = (f"{cpp[0]:.2f} s | {cpp[1]:,} MB, {cpp[2]:,} MB" if cpp is not None
+                 else "not installed | -")  # fmt: skip
+        print(f"| {name} | {path.stat().st_size / 1e6:,.0f} | {ref[0]:.2f} s | {c[0]:.2f} s | "
+              f"{ref[0] / c[0]:.1f}x | {load[0]:.2f} s | {load[1]:,} MB, {load[2]:,} MB | "
+              f"{cpp_s} |")  # fmt: skip
     return 0
 
 

@@ -594,3 +594,37 @@ def test_the_embedded_model_runs_on_the_fast_path_by_default(real):
     assert real.model.weight_types == "Q4_1+Q8_0"
     assert real.model.k.isa == cpu_isa()  # -march=native picked the best this CPU has
     assert real.model.kv_dtype == torch.float16
+
+
+def test_a_gguf_files_bytes_leave_resident_memory_once_read(kernels):
+    """Each tensor's bytes, once packed, are dropped from the process's resident memory (the
+    page cache keeps them): a load no longer holds the whole file on top of the weights it lays
+    out. Measured on the file's own mapping (/proc/self/smaps), before and after."""
+    import re
+    from pathlib import Path
+
+    from kvrepl.backends.cpu.gguf_model import GGUFTensors
+
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        pytest.skip("no /proc/self/smaps here")
+    path = models.embedded_gguf()
+
+    def resident_kb() -> int:
+        text, total, inside = smaps.read_text(), 0, False
+        for line in text.splitlines():
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+        return total
+
+    f = GGUFTensors(path, kernels)
+    names = [n for n, (t, dims, _) in f.by_name.items() if len(dims) == 2]
+    f.data[:].sum()  # every page resident, as a read of the whole file leaves it
+    before = resident_kb()
+    for name in names:
+        f.packed(name)
+    after = resident_kb()
+    assert before > 0.9 * path.stat().st_size / 1024
+    assert after < 0.1 * before  # the header (its tokenizer) and the norms stay

@@ -51,7 +51,19 @@ def fast_gguf(path: Path, config: Any, kernels_dir: Path, context: int,
     tensors = GGUFTensors(path, kernels)
     model = build(tensors, config, kernels, context)
     model.kv_bits = kv_bits
+    _trim()
     return model, "+".join(sorted(tensors.types() - {"F32"}))
+
+
+def _trim() -> None:
+    """Give the heap's free pages back to the system (glibc keeps what the load's temporary
+    arrays freed: a 1B Q4_K_M file's load left 0.34 GB resident and unused); elsewhere nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_memory_fits(config: Any, context: int, kv_bits: int = 16) -> None:

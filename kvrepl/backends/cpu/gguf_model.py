@@ -9,6 +9,7 @@ are read as w. A tensor of a type the kernels do not take raises `FastPathError`
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,27 @@ class GGUFTensors:
         if qtype not in LAYOUT:
             raise FastPathError(f"{name}: tensor type {qtype} is not supported by the fast path")
         bs, nbytes = LAYOUT[qtype]
-        raw = self.data[off : off + n * k // bs * nbytes]
+        end = off + n * k // bs * nbytes
         try:
-            return pack(raw, qtype, n, k, self.kernels)
+            return pack(self.data[off:end], qtype, n, k, self.kernels)
         except QuantError as exc:
             raise FastPathError(f"{name}: {exc}") from None
+        finally:
+            self._done(off, end)
+
+    def _done(self, start: int, end: int) -> None:
+        """The file's bytes [start, end) are read: out of this process's resident memory (the
+        page cache keeps them; a later read maps them again). Without this a load held the
+        whole file resident on top of the weights it was laying out."""
+        mm = getattr(self.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start, end = start // page * page, min(-(-end // page) * page, len(mm))
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass  # only memory
 
     def vector(self, name: str) -> torch.Tensor:
         """A norm or a bias (any length: a q/k norm is one head wide), as float32."""
@@ -93,23 +110,29 @@ def build(f: GGUFTensors, config: Any, kernels: native.Kernels, context_length: 
         w = f.vector(name)  # llama.cpp stores Gemma's norms as 1 + w; transformers reads w
         return norm_weight(w - 1.0 if arch.gemma else w, arch)
 
+    def mat(name: str, heads: int = 0) -> Packed:
+        """A matrix in the kernels' layout at once (Q/K rows in transformers' order first, for
+        `heads` heads), so that no more than one tensor's values are held besides the layouts:
+        packing every tensor before laying any out held the whole model's values too (a 1B
+        Q4_K_M file peaked at 3.1 GB)."""
+        p = f.packed(name)
+        if heads and f.arch in GGUF_PERMUTED:
+            p = p.rows(gguf_qk_order(p.n, heads))
+        return p.interleaved(kernels=kernels)
+
     layers = []
     for i in range(arch.n_layers):
         b = f"blk.{i}."
         got = {r: b + GGUF_NAMES[r] for r in gguf_layer_roles(arch)}
         if arch.family.fused:
-            qkv = [(f.packed(b + GGUF_FUSED["qkv"]), 0)]
-            gate_up = [(f.packed(b + GGUF_FUSED["gate_up"]), 0)]
+            qkv = [(mat(b + GGUF_FUSED["qkv"]), 0)]
+            gate_up = [(mat(b + GGUF_FUSED["gate_up"]), 0)]
         else:
-            q, k = f.packed(got["q"]), f.packed(got["k"])
-            if f.arch in GGUF_PERMUTED:
-                q = q.rows(gguf_qk_order(q.n, arch.n_heads))
-                k = k.rows(gguf_qk_order(k.n, arch.n_kv))
-            qkv = fuse([q, k, f.packed(got["v"])])
-            gate_up = fuse([f.packed(got["gate"]), f.packed(got["up"])])
-        layer = Layer(attn_norm=norm(got["attn_norm"]), qkv=qkv, o=f.packed(got["o"]),
+            qkv = fuse([mat(got["q"], arch.n_heads), mat(got["k"], arch.n_kv), mat(got["v"])])
+            gate_up = fuse([mat(got["gate"]), mat(got["up"])])
+        layer = Layer(attn_norm=norm(got["attn_norm"]), qkv=qkv, o=mat(got["o"]),
                       ffn_norm=norm(got["ffn_norm"]), gate_up=gate_up,
-                      down=f.packed(got["down"]))  # fmt: skip
+                      down=mat(got["down"]))  # fmt: skip
         if arch.qkv_bias:
             layer.qkv_bias = torch.cat([f.vector(got[r]) for r in ("q_bias", "k_bias", "v_bias")])
         if arch.qk_norm:
@@ -118,8 +141,8 @@ def build(f: GGUFTensors, config: Any, kernels: native.Kernels, context_length: 
             layer.post_attn_norm = norm(got["post_attn_norm"])
             layer.post_ffn_norm = norm(got["post_ffn_norm"])
         layers.append(layer)
-    embed = f.packed(GGUF_TOP["embed"])
-    head = f.packed(GGUF_TOP["lm_head"]) if f.has(GGUF_TOP["lm_head"]) else embed
+    embed = mat(GGUF_TOP["embed"])
+    head = mat(GGUF_TOP["lm_head"]) if f.has(GGUF_TOP["lm_head"]) else embed
     return FastModel(config, embed, layers, norm(GGUF_TOP["final_norm"]), head, kernels,
                      context_length)  # fmt: skip
 
