@@ -9,7 +9,8 @@ shapes of random weights (Q4_K_M's mix, IQ4_XS; written on first use, ~1 min eac
 
 Page cache warm throughout (each file is read once before timing): what a second start costs,
 the disk left out; resident memory (RSS) after the load and at its peak, torch's and Python's
-own included, once a token has been computed (every weight read). Writes nothing but the 1B files; prints a markdown table with the CPU named.
+own included, once a token has been computed (every weight read). Writes nothing but the 1B
+files; prints a markdown table with the CPU named.
 """
 
 from __future__ import annotations
