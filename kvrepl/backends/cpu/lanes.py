@@ -171,3 +171,19 @@ def unfive(t: torch.Tensor, n: int, k: int, off: int) -> torch.Tensor:
     hi = (words.unsqueeze(-1) >> torch.arange(16, dtype=torch.int32)) & 1  # [g, nb, r, e, t]
     hi = hi.permute(0, 2, 1, 4, 3).reshape(_padded(n), nb, 32)[:n].to(torch.int16)
     return ((low | (hi << 4)) - off).to(torch.int8).reshape(n, k)
+
+
+def narrowest(q: torch.Tensor, n: int, levels: torch.Tensor | None,
+              kernels: Any = None) -> tuple[str, torch.Tensor | None]:  # fmt: skip
+    """int8 values [n, k] in the fewest bits that hold them, in the kernels' layout: i5 (Q5_0,
+    Q3_K), u5 (Q5_K, Q5_1, Q2_K), i6 (Q6_K), or, given IQ4's 16 `levels` (weights with no mins,
+    blocks of 32), n4, each level's 4-bit index; else ("i8", None): bytes."""
+    lo, hi = int(q.min()), int(q.max())
+    if lo >= -16 and hi <= 15:
+        return "i5", five(q, n, 16, kernels)
+    if lo >= 0 and hi <= 31:
+        return "u5", five(q, n, 0, kernels)
+    if lo >= -32 and hi <= 31:
+        return "i6", six(q, n, kernels)
+    idx = four(q, n, levels, kernels) if levels is not None else None
+    return ("n4", idx) if idx is not None else ("i8", None)

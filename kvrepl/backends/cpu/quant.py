@@ -23,11 +23,9 @@ import numpy as np
 import torch
 
 from kvrepl.backends.cpu.lanes import GROUP
-from kvrepl.backends.cpu.lanes import five as _five
-from kvrepl.backends.cpu.lanes import four as _four
 from kvrepl.backends.cpu.lanes import lane_scales as _lane_scales
 from kvrepl.backends.cpu.lanes import lanes as _lanes
-from kvrepl.backends.cpu.lanes import six as _six
+from kvrepl.backends.cpu.lanes import narrowest as _narrowest
 from kvrepl.backends.cpu.lanes import unfive as _unfive
 from kvrepl.backends.cpu.lanes import unfour as _unfour
 from kvrepl.backends.cpu.lanes import unsix as _unsix
@@ -102,7 +100,8 @@ class Packed:
         mins = int(bool(self.sc[..., 1].ne(0).any()))
         fmt, q = self.fmt, None
         if compact and fmt == "i8":
-            fmt, q = _narrow(self.q, self.n, not mins and self.block == 32, kernels)
+            levels = _IQ4_LEVELS if not mins and self.block == 32 else None
+            fmt, q = _narrowest(self.q, self.n, levels, kernels)
         if q is None:
             q = _lanes(self.q, self.n, self.fmt, True, kernels)
         sub = 32 // self.block
@@ -175,22 +174,6 @@ class Packed:
         factors = (f[0][idx].contiguous(), f[1][idx].contiguous()) if f is not None else None
         return Packed(self.fmt, self.q[idx].contiguous(), sc, len(idx), self.k, self.block,
                       factors=factors)  # fmt: skip
-
-
-def _narrow(q: torch.Tensor, n: int, levels: bool,
-            kernels: Any = None) -> tuple[str, torch.Tensor | None]:  # fmt: skip
-    """int8 values [n, k] in the fewest bits that hold them, in the kernels' layout: i5 (Q5_0,
-    Q3_K), u5 (Q5_K, Q5_1, Q2_K), i6 (Q6_K), or where `levels` (no mins, blocks of 32) n4, each
-    IQ4 level's 4-bit index; else ("i8", None): bytes."""
-    lo, hi = int(q.min()), int(q.max())
-    if lo >= -16 and hi <= 15:
-        return "i5", _five(q, n, 16, kernels)
-    if lo >= 0 and hi <= 31:
-        return "u5", _five(q, n, 0, kernels)
-    if lo >= -32 and hi <= 31:
-        return "i6", _six(q, n, kernels)
-    four = _four(q, n, _IQ4_LEVELS, kernels) if levels else None
-    return ("n4", four) if four is not None else ("i8", None)
 
 
 def _expand(dd: torch.Tensor, small: torch.Tensor, block: int) -> torch.Tensor:
