@@ -160,8 +160,13 @@ def test_k_quant_scales_kept_as_int8_give_the_float_scales_bits(kernels, avx2_ke
             for w, out in ((small, got), (plain, want)):
                 k.rows(desc(w), ids.data_ptr(), 3, out.data_ptr(), 512, 1.0)
             assert torch.equal(got, want) and torch.equal(want, p.dequantize()[ids]), qtype
-    # and a scale that is not such a product keeps its float32 (the check is not vacuous)
+    # and a scale that is not such a product keeps its float32 (the check is not vacuous): the
+    # packers make each scale as that product and say so; a Packed that does not say so is
+    # checked
     p = pack(random_blocks("Q6_K", 16, 256, rng, wide=False), "Q6_K", 16, 256)
+    assert p.expanded and p.interleaved().sc.dtype == torch.int8
+    p.expanded = False
+    assert p.interleaved().sc.dtype == torch.int8
     p.sc[0, 0, 0] = torch.nextafter(p.sc[0, 0, 0], torch.tensor(1.0))
     assert p.interleaved().sc.dtype != torch.int8
 

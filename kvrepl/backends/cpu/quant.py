@@ -81,6 +81,9 @@ class Packed:
     # interleaved: 1 the mins are kept (some min is not 0), 0 none are, 2 each is -8 times its
     # scale (Q4_0's values as 0..15), which the kernels make from the scale
     mins: int | None = None
+    # sc was made as dd * small from `factors` (the packers, canonical): the same floats by
+    # construction, which interleaved() otherwise checks before keeping the factors alone
+    expanded: bool = False
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.sc, self.dd)
@@ -110,9 +113,9 @@ class Packed:
         ):  # Q4_0: (q - 8) * d as q * d + (-8 * d); the kernels make the min, the same float
             mins = 2
         kept = 2 if mins == 1 else 1  # (scale, min), or the scale alone
-        if compact and self.factors is not None and torch.equal(
+        if compact and self.factors is not None and (self.expanded or torch.equal(
             _expand(*self.factors, self.block).view(torch.int32), self.sc.view(torch.int32)
-        ):  # the kernels rebuild each scale as dd * small, the same float (an exact product)
+        )):  # the kernels rebuild each scale as dd * small, the same float (an exact product)
             dd, small = (f[..., :kept].contiguous() for f in self.factors)
             sc, dd = _lane_scales(small, self.n, sub, True), _lane_scales(dd, self.n, 1, True)
             return Packed(fmt, q, sc, self.n, self.k, self.block, group, dd=dd, mins=mins)
@@ -144,7 +147,7 @@ class Packed:
                 dd = torch.cat([dd, torch.full_like(dd, -0.0)], -1)
             factors = (dd, small)
             return Packed(fmt, q, _expand(dd, small, self.block), self.n, self.k, self.block,
-                          factors=factors)  # fmt: skip
+                          factors=factors, expanded=True)  # fmt: skip
         sc = _lane_scales(self.sc.float(), self.n, sub, False)
         if self.mins != 1:
             sc = torch.cat([sc, sc * -8.0 if self.mins == 2 else torch.zeros_like(sc)], -1)
@@ -173,7 +176,7 @@ class Packed:
         f = self.factors
         factors = (f[0][idx].contiguous(), f[1][idx].contiguous()) if f is not None else None
         return Packed(self.fmt, self.q[idx].contiguous(), sc, len(idx), self.k, self.block,
-                      factors=factors)  # fmt: skip
+                      factors=factors, expanded=self.expanded)  # fmt: skip
 
 
 def _expand(dd: torch.Tensor, small: torch.Tensor, block: int) -> torch.Tensor:
@@ -213,6 +216,16 @@ def _i8(q: np.ndarray | torch.Tensor, scale: np.ndarray, minimum: np.ndarray | N
     if not isinstance(q, torch.Tensor):
         q = torch.from_numpy(np.ascontiguousarray(q.astype(np.int8).reshape(n, k)))
     return Packed("i8", q, _scales(scale, minimum, n), n, k, block)
+
+
+def _factored(q: np.ndarray | torch.Tensor, fac: tuple[torch.Tensor, torch.Tensor], n: int,
+              k: int, block: int = 32, fmt: str = "i8") -> Packed:  # fmt: skip
+    """A K-quant's or IQ4_XS's Packed, its (scale, min) pairs made from their factors in torch
+    (each dd * small: gguf-py's float32 products, the same bits; the tests compare the weights
+    with gguf-py's), and so marked: interleaved() need not check that they are such products."""
+    if not isinstance(q, torch.Tensor):
+        q = torch.from_numpy(np.ascontiguousarray(q.astype(np.int8).reshape(n, k)))
+    return Packed(fmt, q, _expand(*fac, block), n, k, block, factors=fac, expanded=True)
 
 
 def _values(b: np.ndarray, qtype: str, n: int, k: int, kernels: Any,
@@ -287,25 +300,22 @@ def _q8_0(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
 
 def _q4_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d, dmin, sc, mn = _k_parts(b)
-    scale, minimum = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
 
     def values() -> torch.Tensor:  # sub-block j: low (j even) or high nibbles of 32 bytes
         return _pack_u4(_fields(b[:, 16:144], 32, 4), n, k)
 
-    return Packed("u4", _values(b, "Q4_K", n, k, kernels, values), _scales(scale, minimum, n),
-                  n, k, factors=factors(d, dmin, sc, mn, n, k))  # fmt: skip
+    q = _values(b, "Q4_K", n, k, kernels, values)
+    return _factored(q, factors(d, dmin, sc, mn, n, k), n, k, fmt="u4")
 
 
 def _q5_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     d, dmin, sc, mn = _k_parts(b)
-    scale, minimum = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
 
     def values() -> np.ndarray:
         return _fields(b[:, 48:176], 32, 4) | (_fields(b[:, 16:48], 32, 1) << 4)
 
-    p = _i8(_values(b, "Q5_K", n, k, kernels, values), scale, minimum, n, k)
-    p.factors = factors(d, dmin, sc, mn, n, k)
-    return p
+    return _factored(_values(b, "Q5_K", n, k, kernels, values), factors(d, dmin, sc, mn, n, k),
+                     n, k)  # fmt: skip
 
 
 def _q6_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
@@ -316,10 +326,8 @@ def _q6_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
         lo = _fields(b[:, :128], 64, 4).reshape(-1, 8, 32)
         return (lo | (_fields(b[:, 128:192], 32, 2) << 4)).astype(np.int16) - 32
 
-    p = _i8(_values(b, "Q6_K", n, k, kernels, values), d * scales.astype(np.float32), None, n, k,
-            16)  # fmt: skip
-    p.factors = factors(d, None, scales, None, n, k)
-    return p
+    q = _values(b, "Q6_K", n, k, kernels, values)
+    return _factored(q, factors(d, None, scales, None, n, k), n, k, 16)
 
 
 def _q3_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
@@ -331,20 +339,14 @@ def _q3_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
         ql = _fields(b[:, 32:96], 32, 2).astype(np.int16)
         return ql - 4 * (1 - _fields(b[:, :32], 32, 1).astype(np.int16))
 
-    p = _i8(_values(b, "Q3_K", n, k, kernels, values), d * scales.astype(np.float32), None, n, k,
-            16)  # fmt: skip
-    p.factors = factors(d, None, scales, None, n, k)
-    return p
+    q = _values(b, "Q3_K", n, k, kernels, values)
+    return _factored(q, factors(d, None, scales, None, n, k), n, k, 16)
 
 
 def _q2_k(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     sc, d, dmin = b[:, :16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
-    scale = d * (sc & 0xF).astype(np.float32)
-    minimum = -(dmin * (sc >> 4).astype(np.float32))
     q = _values(b, "Q2_K", n, k, kernels, lambda: _fields(b[:, 16:80], 32, 2))
-    p = _i8(q, scale, minimum, n, k, 16)
-    p.factors = factors(d, dmin, sc & 0xF, sc >> 4, n, k)
-    return p
+    return _factored(q, factors(d, dmin, sc & 0xF, sc >> 4, n, k), n, k, 16)
 
 
 IQ4NL_VALUES = np.array(
@@ -363,9 +365,7 @@ def _iq4_xs(b: np.ndarray, n: int, k: int, kernels: Any = None) -> Packed:
     low, high = _fields(b[:, 4:8], 1, 4), _fields(b[:, 2:4], 1, 2)  # high: 2 bits j of a uint16
     ls = (low | (high << 4)).reshape(-1, 8).astype(np.int8) - 32
     q = _values(b, "IQ4_XS", n, k, kernels, lambda: IQ4NL_VALUES[_fields(b[:, 8:136], 16, 4)])
-    p = _i8(q, d * ls.astype(np.float32), None, n, k)
-    p.factors = factors(d, None, ls, None, n, k)
-    return p
+    return _factored(q, factors(d, None, ls, None, n, k), n, k)
 
 
 _PACKERS = {
