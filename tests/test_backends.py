@@ -138,12 +138,28 @@ def test_a_gpu_context_counts_the_attention_scratch_beside_the_k_v(monkeypatch):
 
 
 def test_a_context_the_memory_cannot_hold_is_refused_in_one_line(monkeypatch):
-    import os
-
     from kvrepl.errors import ModelError
 
     config = make_model("llama").config
     placement.check_memory_fits(config, 4096)  # 3 layers: a few MB
-    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)
+    monkeypatch.setattr(placement, "available_memory", lambda: 4096)
     with pytest.raises(ModelError, match=r"4,096-token context needs .* use --context 0 or less"):
         placement.check_memory_fits(config, 4096)
+
+
+def test_weights_that_cannot_fit_are_refused_before_the_load_in_one_line(monkeypatch):
+    """A GGUF file's weights (about its size once laid out) and its context, against the memory
+    available: the weights alone too big, or the context too big beside them, each one line
+    that says how much there is (and the context that fits)."""
+    from kvrepl.errors import ModelError
+
+    config = make_model("llama").config  # 3 layers, 2 kv heads of 16: 384 bytes a token
+    mib = 2**20
+    monkeypatch.setattr(placement, "available_memory", lambda: 10 * mib)
+    placement.check_memory_fits(config, 4096, weights=8 * mib)  # 1.5 MiB of K/V: fits
+    with pytest.raises(ModelError, match=r"^the model's weights need 0.0 GiB and 0.0 GiB"):
+        placement.check_memory_fits(config, 16, weights=11 * mib)
+    with pytest.raises(ModelError, match=r"context needs .* beside the weights' .* --context "
+                                         r"5,120 or less$"):  # fmt: skip
+        placement.check_memory_fits(config, 8192, weights=8 * mib)
+    assert placement.available_memory() > 0  # this machine says (Linux: MemAvailable)

@@ -218,12 +218,10 @@ def test_kv_bits_comes_from_the_environment_and_the_flag_and_not_from_set(monkey
 
 
 def test_the_memory_check_counts_8bit_rows(monkeypatch):
-    import os
-
     from kvrepl.engine import placement
 
     config = make_tiny_model(300).config  # 3 layers, 2 kv heads of 16: 384 or 240 bytes a token
-    monkeypatch.setattr(os, "sysconf", lambda name: 300 if name == "SC_AVPHYS_PAGES" else 4096)
+    monkeypatch.setattr(placement, "available_memory", lambda: 300 * 4096)
     placement.check_memory_fits(config, 4096, kv_bits=8)  # 0.94 of 1.17 MiB free
     with pytest.raises(ModelError, match=r"4,096-token context needs .* use --context 3,072 or"):
         placement.check_memory_fits(config, 4096)  # 1.5 MiB

@@ -47,7 +47,7 @@ def fast_gguf(path: Path, config: Any, kernels_dir: Path, context: int,
         kernels = native.kernels(kernels_dir)
     except native.NativeError as exc:
         raise Unsupported(str(exc)) from None
-    check_memory_fits(config, context, kv_bits)
+    check_memory_fits(config, context, kv_bits, weights=path.stat().st_size)
     tensors = GGUFTensors(path, kernels)
     model = build(tensors, config, kernels, context)
     model.kv_bits = kv_bits
@@ -66,25 +66,51 @@ def _trim() -> None:
         pass
 
 
-def check_memory_fits(config: Any, context: int, kv_bits: int = 16) -> None:
-    """On the CPU the cache grows as the conversation does; one line, before anything is
-    computed, when a full `context` of K/V (float16, or 8-bit rows with their scales) would not
-    fit the memory free now."""
+def available_memory() -> int | None:
+    """Bytes new allocations can take without swapping: Linux's MemAvailable (free memory and
+    the page cache the kernel can drop), else the free pages; None where the OS does not say.
+    Free pages alone undercount on any machine that has read files lately (here: 19.2 GiB free,
+    23.1 available), and refused contexts that fit."""
     import os
 
     try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory_fits(config: Any, context: int, kv_bits: int = 16, weights: int = 0) -> None:
+    """On the CPU the cache grows as the conversation does; one line, before anything is
+    computed, when the `weights` (bytes still to be made: a GGUF file's layouts are about its
+    size) and a full `context` of K/V (float16, or 8-bit rows with their scales) would not fit
+    the memory available now: the load would otherwise swap or be killed half way."""
+    try:
         arch = Arch.from_config(config)
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (Unsupported, ValueError, OSError, AttributeError):
-        return  # not one kvrepl's kernels compute, or an OS that does not say
+    except Unsupported:
+        return  # not one kvrepl's kernels compute
+    free = available_memory()
+    if free is None:
+        return
+    gib = 2**30
+    if weights > free:
+        raise ModelError(f"the model's weights need {weights / gib:.1f} GiB and "
+                         f"{free / gib:.1f} GiB of memory is available")  # fmt: skip
     row = arch.head_dim + 4 if kv_bits == 8 else 2 * arch.head_dim  # a position's, per kv head
     per_token = arch.kv_bytes(1, 1) * row // arch.head_dim
     need = per_token * context
-    if need > free:
-        fits = free // max(1, per_token) // 1024 * 1024
-        raise ModelError(f"a {context:,}-token context needs {need / 2**30:.1f} GiB of K/V and "
-                         f"{free / 2**30:.1f} GiB of memory is free: use --context {fits:,} "
-                         "or less")  # fmt: skip
+    if weights + need > free:
+        fits = (free - weights) // max(1, per_token) // 1024 * 1024
+        beside = f" beside the weights' {weights / gib:.1f} GiB" if weights else ""
+        raise ModelError(f"a {context:,}-token context needs {need / gib:.1f} GiB of K/V{beside} "
+                         f"and {free / gib:.1f} GiB of memory is available: use --context "
+                         f"{fits:,} or less")  # fmt: skip
 
 
 def fast_transformers(model: Any, cache: Path, context: int, folder: Path, digest: str,
