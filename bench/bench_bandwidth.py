@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_1B = ROOT / "bench" / "results" / "llama1b-shape-q4_1-mins.gguf"
 GGUF_1B_KM = ROOT / "bench" / "results" / "llama1b-shape-q4_k_m.gguf"
-GGUF_1B_XS = ROOT / "bench" / "results" / "llama1b-shape-iq4_xs.gguf"
+GGUF_1B_XS = ROOT / "bench" / "results" / "llama1b-shape-iq4_xs-v5k.gguf"
 SHAPE_1B = dict(hidden=2048, layers=16, heads=32, kv=8, ffn=8192, vocab=128256)
 CTX, STEPS = 100, 24
 MODELS = ("135M", "1B", "1B Q4_K_M", "1B IQ4_XS")
@@ -73,7 +73,8 @@ def write_1b(path: Path, mix: str = "Q4_1") -> None:
     """Random weights in the 1B shape; no tokenizer beyond a list of placeholder tokens. `mix`:
     Q4_1 everywhere, or Q4_K_M's types as llama.cpp's quantizer picks them (Q4_K; Q6_K for the
     tied embedding, which is the head, and for attn_v and ffn_down in the layers `_more_bits`
-    names), the mix users download most, or IQ4_XS (Q6_K for the tied embedding)."""
+    names), the mix users download most, or IQ4_XS (Q6_K for the tied embedding, Q5_K for
+    attn_v, as llama.cpp's quantizer picks it where heads share K/V)."""
     import gguf
 
     s, rng = SHAPE_1B, np.random.default_rng(0)
@@ -105,8 +106,8 @@ def write_1b(path: Path, mix: str = "Q4_1") -> None:
         raw = rng.integers(0, 256, (n * k // bs, nb), dtype=np.uint8)
         d = rng.uniform(0.002, 0.02, raw.shape[0]).astype(np.float16)
         m = (-d.astype(np.float32) * rng.uniform(4.0, 12.0, raw.shape[0])).astype(np.float16)
-        fields = {Q.Q4_1: [(0, d), (2, m)], Q.Q4_K: [(0, d), (2, d)], Q.Q6_K: [(208, d)],
-                  Q.IQ4_XS: [(0, d)]}
+        fields = {Q.Q4_1: [(0, d), (2, m)], Q.Q4_K: [(0, d), (2, d)], Q.Q5_K: [(0, d), (2, d)],
+                  Q.Q6_K: [(208, d)], Q.IQ4_XS: [(0, d)]}
         for off, v in fields[qt]:
             raw[:, off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(-1, 2)
         return raw.reshape(n, k // bs * nb)
@@ -114,8 +115,8 @@ def write_1b(path: Path, mix: str = "Q4_1") -> None:
     def qtype(name: str, i: int) -> Any:
         if mix == "Q4_1":
             return Q.Q4_1
-        if mix == "IQ4_XS":
-            return Q.Q6_K if name == "token_embd" else Q.IQ4_XS
+        if mix == "IQ4_XS":  # attn_v Q5_K where 4+ heads share a K/V head, as llama.cpp's
+            return {"token_embd": Q.Q6_K, "attn_v": Q.Q5_K}.get(name, Q.IQ4_XS)
         if name == "token_embd" or (name in ("attn_v", "ffn_down") and _more_bits(i, s["layers"])):
             return Q.Q6_K
         return Q.Q4_K
