@@ -31,12 +31,27 @@ def fingerprint(identity: str, config: Any, dtype: str, tokenizer: Any, weights:
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         cfg.pop(volatile, None)
-    vocab = tokenizer.get_vocab()
     h = hashlib.sha256()
     h.update(identity.encode())
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(dtype.encode())
-    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    h.update(_vocab_json(tokenizer))
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
     h.update(weights.encode())
     return h.hexdigest()[:32]
+
+
+_VOCAB: dict[tuple[int, int], tuple[Any, bytes]] = {}  # the last tokenizer's, at its size
+
+
+def _vocab_json(tokenizer: Any) -> bytes:
+    """The vocabulary as the fingerprint hashes it, made once per tokenizer and size (a load
+    fingerprints its model twice, once for each kv_bits; a 262k-token vocabulary took 0.8 s a
+    time). Only the last tokenizer's is kept; one that grew is made again."""
+    key = (id(tokenizer), len(tokenizer))
+    got = _VOCAB.get(key)
+    if got is None or got[0] is not tokenizer:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+        _VOCAB.clear()
+        got = _VOCAB[key] = (tokenizer, vocab)
+    return got[1]
