@@ -170,6 +170,22 @@ def test_fingerprint_is_stable_and_changes_with_dtype_and_chat_template(real32, 
     assert fp() == base
 
 
+
+@pytest.mark.model
+def test_a_vocabulary_that_grew_changes_the_fingerprint_though_it_is_made_once(real32):
+    """The vocabulary's part is made once per tokenizer (a load fingerprints twice), yet a
+    token added since is counted, and another tokenizer object is never taken for this one."""
+    import copy
+
+    cfg, tok = real32.model.config, copy.deepcopy(real32.tokenizer)
+    base = fingerprint.fingerprint("m", cfg, "float32", tok)
+    assert fingerprint.fingerprint("m", cfg, "float32", tok) == base
+    tok.add_tokens(["<a-token-no-one-has>"])
+    grown = fingerprint.fingerprint("m", cfg, "float32", tok)
+    assert grown != base
+    assert fingerprint.fingerprint("m", cfg, "float32", real32.tokenizer) == base
+
+
 @pytest.mark.model
 def test_load_reuses_the_converted_folder_and_fingerprints_dtype_and_template(real32, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
