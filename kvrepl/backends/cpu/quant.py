@@ -211,11 +211,17 @@ def _scales(scale: np.ndarray, minimum: np.ndarray | None, n: int) -> torch.Tens
     return torch.from_numpy(np.ascontiguousarray(np.stack([scale, minimum], -1).reshape(n, -1, 2)))
 
 
+def _int8(q: np.ndarray | torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Values [n, k] as a tensor: one already (repack.c's values, u4's nibble pairs) as it is,
+    numpy's as int8 (no copy where they are int8 and contiguous already, as Q8_0's bytes are)."""
+    if isinstance(q, torch.Tensor):
+        return q
+    return torch.from_numpy(np.ascontiguousarray(q.astype(np.int8, copy=False).reshape(n, k)))
+
+
 def _i8(q: np.ndarray | torch.Tensor, scale: np.ndarray, minimum: np.ndarray | None, n: int,
         k: int, block: int = 32) -> Packed:  # fmt: skip
-    if not isinstance(q, torch.Tensor):
-        q = torch.from_numpy(np.ascontiguousarray(q.astype(np.int8).reshape(n, k)))
-    return Packed("i8", q, _scales(scale, minimum, n), n, k, block)
+    return Packed("i8", _int8(q, n, k), _scales(scale, minimum, n), n, k, block)
 
 
 def _factored(q: np.ndarray | torch.Tensor, fac: tuple[torch.Tensor, torch.Tensor], n: int,
@@ -223,9 +229,8 @@ def _factored(q: np.ndarray | torch.Tensor, fac: tuple[torch.Tensor, torch.Tenso
     """A K-quant's or IQ4_XS's Packed, its (scale, min) pairs made from their factors in torch
     (each dd * small: gguf-py's float32 products, the same bits; the tests compare the weights
     with gguf-py's), and so marked: interleaved() need not check that they are such products."""
-    if not isinstance(q, torch.Tensor):
-        q = torch.from_numpy(np.ascontiguousarray(q.astype(np.int8).reshape(n, k)))
-    return Packed(fmt, q, _expand(*fac, block), n, k, block, factors=fac, expanded=True)
+    return Packed(fmt, _int8(q, n, k), _expand(*fac, block), n, k, block, factors=fac,
+                  expanded=True)
 
 
 def _values(b: np.ndarray, qtype: str, n: int, k: int, kernels: Any,

@@ -33,8 +33,9 @@ HEADERS = [Path(__file__).with_name("kernels.h")]  # part of the build's key, no
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-pthread",
          "-fPIC"]  # fmt: skip
 FMT = {"u4": 1, "i8": 2, "f16": 3, "f32": 4, "i6": 5, "n4": 6, "i5": 7, "u5": 8}
-# repack.c's G_*: GGUF types whose values it reads (Q4_0 and Q4_1 are their bytes already)
-GGUF_VALUES = ("Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+# repack.c's G_*: GGUF types whose values it reads (Q4_0's and Q4_1's nibbles and Q8_0's bytes
+# are the file's own: quant.py takes them as they are)
+GGUF_VALUES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 _LANE_KINDS = ("i8", "u4", "i6", "i5")  # repack.c's TO_*
 _LANE_BYTES = {"i8": 512, "u4": 256, "i6": 384, "i5": 320}  # a group of 16 rows, a block of 32
 ACT = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2}

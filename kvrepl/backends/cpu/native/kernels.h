@@ -41,6 +41,10 @@ typedef struct {
                         * (an exact product: the float the file's scale is) */
 } Weight;
 
+/* ggml's kvalues_iq4nl: the level each 4-bit IQ4_NL and IQ4_XS index stands for (qmatmul.c
+ * looks the n4 layout's indices up in it; repack.c reads the files' indices through it) */
+static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
 /* an output: r (+ bias[n]) (+ the previous value *prev) */
 static inline float finish(float r, const float *bias, i64 n, int accumulate, const float *prev) {
     if (bias) r = r + bias[n];

@@ -116,8 +116,6 @@ static Qw qw_of(const Weight *W) {
     return w;
 }
 
-/* ggml's kvalues_iq4nl: the level each 4-bit index of IQ4_NL and IQ4_XS stands for */
-static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 /* ---------------------------------------------------------------- one group, MT rows of x */
 static inline const uint8_t *gq(const Qw *w, i64 g, i64 b) {

@@ -116,11 +116,9 @@ int kv_lanes(const uint8_t *src, i64 n, i64 k, int from, int off, const uint8_t 
  * quant.py packs u4 weights in (per 32 weights 16 bytes: low nibble weight j, high j + 16).
  * A value is a field of its block: `bits` wide, in a run of `chunk` bytes from `at`, each run
  * read as 8 / bits planes, lowest bits first (ggufblocks.fields). */
-enum { G_Q5_0, G_Q5_1, G_Q8_0, G_Q2_K, G_Q3_K, G_Q4_K, G_Q5_K, G_Q6_K, G_IQ4_NL, G_IQ4_XS };
-static const int G_BYTES[] = {22, 24, 34, 84, 110, 144, 176, 210, 18, 136};
-static const int G_SIZE[] = {32, 32, 32, 256, 256, 256, 256, 256, 32, 256};
-/* ggml's kvalues_iq4nl (as qmatmul.c's IQ4NL) */
-static const int8_t IQ4NL_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+enum { G_Q5_0, G_Q5_1, G_Q2_K, G_Q3_K, G_Q4_K, G_Q5_K, G_Q6_K, G_IQ4_NL, G_IQ4_XS };
+static const int G_BYTES[] = {22, 24, 84, 110, 144, 176, 210, 18, 136};
+static const int G_SIZE[] = {32, 32, 256, 256, 256, 256, 256, 32, 256};
 
 /* v[0 .. n) = the block's `bits`-wide fields at `at` (runs of `chunk` bytes, planes lowest first) */
 static inline void fields(uint8_t *v, const uint8_t *b, int at, int chunk, int bits, int n) {
@@ -157,9 +155,6 @@ static void values_item(const void *ctx, i64 item) {
             for (int f = 0; f < 32; f++) v[f] = (int8_t)((lo[f] | ((qh >> f) & 1) << 4) - sub);
             break;
         }
-        case G_Q8_0:
-            memcpy(v, b + 2, 32);
-            break;
         case G_Q2_K:
             fields((uint8_t *)v, b, 16, 32, 2, 256);
             break;
@@ -184,7 +179,7 @@ static void values_item(const void *ctx, i64 item) {
         case G_IQ4_NL:
         case G_IQ4_XS:
             fields(lo, b, t == G_IQ4_NL ? 2 : 8, 16, 4, size);
-            for (int f = 0; f < size; f++) v[f] = IQ4NL_LEVELS[lo[f]];
+            for (int f = 0; f < size; f++) v[f] = IQ4NL[lo[f]];
             break;
         }
         if (t == G_Q4_K) { /* u4's nibble pairs, 16 bytes per 32 */
