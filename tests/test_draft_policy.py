@@ -5,6 +5,7 @@ against token-by-token decoding is test_draft.py's)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
@@ -13,6 +14,7 @@ from kvrepl.engine.draft import (
     LENGTHS,
     MARGIN,
     MAX_DRAFT,
+    MAX_NGRAM,
     PRIOR_COST,
     Drafter,
     DraftPolicy,
@@ -37,6 +39,53 @@ def test_the_lookup_finds_the_longest_latest_match_and_what_followed():
     assert lk.continuation(3, 5) == (2, [7, 2, 3])
     assert lk.continuation(99, 3) == (0, [])
     assert lk.continuation(11, 10) == (1, [1, 2, 3, 7, 2, 11])
+
+
+
+def _longest_by_hand(a: list[int], end: int) -> tuple[int, int]:
+    """The longest match (up to MAX_NGRAM) of a[:end]'s tail ending before end - 1, the latest
+    of that length, by trying every place: the reference for draft._longest."""
+    best = (0, -1)
+    for p in range(end - 1):
+        n = 0
+        while n < MAX_NGRAM and p - n >= 0 and a[p - n] == a[end - 1 - n]:
+            n += 1
+        if n and n >= best[0]:
+            best = (n, p)
+    return best
+
+
+def test_the_lookup_measures_long_matches_as_trying_every_place_would():
+    """Matches of every length up to MAX_NGRAM (a copy under way is one), among few symbols so
+    that many places tie and overlap: the one-candidate shortcut must extend exactly as far."""
+    from kvrepl.engine.draft import _longest
+
+    rng = np.random.default_rng(7)
+    copy = list(rng.integers(0, 50, 3 * MAX_NGRAM))
+    cases = [copy + [99] + copy, copy + copy[: MAX_NGRAM // 2]]
+    cases += [list(rng.integers(0, int(rng.integers(2, 5)), int(rng.integers(2, 90))))
+              for _ in range(300)]  # fmt: skip
+    for a in cases:
+        arr = np.array(a + [0], dtype=np.int64)
+        for end in range(1, len(a) + 1):
+            assert _longest(arr, end) == _longest_by_hand(a, end), (a, end)
+    assert _longest(np.array(cases[0]), len(cases[0]))[0] == MAX_NGRAM  # a copy past the cap
+
+
+def test_a_long_record_of_accepted_drafts_is_not_undone_by_one_rejection():
+    """Rates are counts that fade over MEMORY outcomes (64), not a running average that one
+    miss moves by a tenth: a copy that has been taken 40 times stays worth drafting far."""
+    policy = DraftPolicy()
+    policy.cost = [0.25] * MAX_DRAFT
+    policy.timings = [1] * MAX_DRAFT
+    i = LENGTHS - 1
+    for _ in range(40):
+        policy.observed(LENGTHS, 1, 1)
+    high = policy.rate[i]
+    policy.observed(LENGTHS, 1, 0)
+    assert high > 0.97 and high - policy.rate[i] < 0.03, (high, policy.rate[i])
+    # a running average (a tenth a miss) drafts 6 here: the rate ~0.9 prices the tail out
+    assert policy.size(LENGTHS, MAX_DRAFT) >= 9
 
 
 def test_drafts_stop_before_an_end_token_and_outcomes_move_the_policy():

@@ -23,28 +23,40 @@ import numpy as np
 from kvrepl.ids import common_prefix
 
 MAX_DRAFT = 16  # tokens drafted at most (a verification of 17 rows)
-MAX_NGRAM = 12  # the longest match looked for
-LENGTHS = 12  # match lengths the acceptance rates tell apart (longer ones count as this)
+MAX_NGRAM = 32  # the longest match looked for
+LENGTHS = 32  # match lengths the acceptance rates tell apart (longer ones count as this)
 MARGIN = 0.1  # the least gain over plain decoding a draft must promise: the estimates are noisy
-_EMA = 0.1  # weight of one new observation in the estimates
+_EMA = 0.1  # weight of one new timing in the cost estimates
+MEMORY = 64  # outcomes an acceptance rate remembers (older ones fade: the answer's kind moves)
+PRIOR_WEIGHT = 4.0  # outcomes the prior rate counts as
+_FEW = 8  # places _longest extends all at once
 PRIOR_COST = 0.5  # a verified row's cost, in plain steps, before any is measured
 RELAX = 0.02  # how far a cost above the prior moves back to it per proposal not drafted
 
 
 def _longest(a: np.ndarray, end: int) -> tuple[int, int]:
     """The longest match (up to MAX_NGRAM) of a[:end]'s tail that occurred before, the latest
-    such: its length and where it ends (0, -1 if a[end - 1] never occurred before)."""
+    such: its length and where it ends (0, -1 if a[end - 1] never occurred before). Places are
+    narrowed a token at a time while many are left, then the few left are extended together."""
     at = np.flatnonzero(a[: end - 1] == a[end - 1])
     if not len(at):
         return 0, -1
     length = 1
-    while length < MAX_NGRAM:
+    while length < MAX_NGRAM and len(at) > _FEW:
         ok = at >= length
         ok[ok] = a[at[ok] - length] == a[end - 1 - length]
         if not ok.any():
-            break
+            return length, int(at[-1])
         at, length = at[ok], length + 1
-    return length, int(at[-1])
+    n = MAX_NGRAM - length
+    if n <= 0:
+        return length, int(at[-1])
+    back = np.arange(length, length + n)
+    where = at[:, None] - back  # each place's earlier tokens, nearest first
+    same = (where >= 0) & (a[np.maximum(where, 0)] == a[np.maximum(end - 1 - back, 0)])
+    grown = np.where(same.all(axis=1), n, same.argmin(axis=1))
+    best = int(grown.max())
+    return length + best, int(at[grown == best][-1])
 
 
 class Lookup:
@@ -231,7 +243,10 @@ class DraftPolicy:
         # P(a drafted token is accepted | it extends a match of length m), m = 1 .. LENGTHS
         # (longer as LENGTHS): a longer match is a better guess (measured on the embedded
         # model's answers: about 0.3 for one token, 0.9 and more past eight)
-        self.rate = [min(0.95, 0.2 + 0.1 * m) for m in range(1, LENGTHS + 1)]
+        self.prior = [min(0.95, 0.2 + 0.1 * m) for m in range(1, LENGTHS + 1)]
+        self.rate = list(self.prior)
+        self.seen = [0.0] * LENGTHS  # outcomes told per rate (faded), and of them the accepted
+        self.hits = [0.0] * LENGTHS
         # cost[k - 1]: a verified row's time, in plain steps, when k tokens are drafted
         # (measured: `timed`; a count not yet timed is priced by `priced`, tried, then measured)
         self.cost = [PRIOR_COST] * MAX_DRAFT
@@ -280,9 +295,13 @@ class DraftPolicy:
     def observed(self, match: int, drafted: int, accepted: int) -> None:
         """A proposal's outcome: `accepted` of its first `drafted` tokens were what came (each
         told to the rate of its match's length, up to the first that was not)."""
+        keep = 1.0 - 1.0 / MEMORY
         for j in range(min(drafted, accepted + 1)):
             i = min(match + j, LENGTHS) - 1
-            self.rate[i] += _EMA * ((j < accepted) - self.rate[i])
+            self.seen[i] = self.seen[i] * keep + 1.0
+            self.hits[i] = self.hits[i] * keep + (j < accepted)
+            self.rate[i] = (self.hits[i] + PRIOR_WEIGHT * self.prior[i]) / (
+                self.seen[i] + PRIOR_WEIGHT)
 
     def timed(self, rows: int, seconds: float) -> None:
         """A forward of `rows` rows took `seconds`: the plain step's time, or the cost of a row
