@@ -262,7 +262,7 @@ class FastModel(KernelBackend):
                 row.copy_(torch.tanh(row / a.final_softcap) * a.final_softcap)
             return out
         # a copy by numpy: torch's clone of a vocabulary's row runs on its OpenMP threads, whose
-        # wake-up took 80-200 us a decode step (3-5%) where a copy on this thread takes ~8
+        # wake-up took 80-200 us a decode step (3-5%) where a copy on this thread takes ~20
         out = torch.from_numpy(b["logits"][0].numpy().copy())
         if a.final_softcap:
             out = torch.tanh(out / a.final_softcap) * a.final_softcap
