@@ -3,9 +3,8 @@ longest recent match of its last tokens earlier in it, and what followed there, 
 prompt_lookup_num_tokens and llama.cpp's ngram lookup do), and how many of them are worth
 verifying.
 
-A copy the answer recases (a list repeated with its words capitalised, as small models do) is
-matched case-folded (`Recase`), and its continuation drafted recased the same way: the exact
-lookup finds nothing there past each changed word.
+A copy the answer recases (a list repeated capitalised, as small models do) is matched
+case-folded (`Recase`) and drafted recased: the exact lookup finds nothing past each word.
 
 Owns: the lookup over the context's ids (`Lookup`, `Recase`), and the policy that sizes the drafts
 (`DraftPolicy`): an estimate of how often a drafted token is accepted, per length of the match
@@ -30,6 +29,7 @@ _EMA = 0.1  # weight of one new timing in the cost estimates
 MEMORY = 64  # outcomes an acceptance rate remembers (older ones fade: the answer's kind moves)
 PRIOR_WEIGHT = 4.0  # outcomes the prior rate counts as
 _FEW = 8  # places _longest extends all at once
+_MANY = 48  # places of a token past which Lookup matches with numpy (_longest), not a loop
 PRIOR_COST = 0.5  # a verified row's cost, in plain steps, before any is measured
 RELAX = 0.02  # how far a cost above the prior moves back to it per proposal not drafted
 
@@ -60,13 +60,18 @@ def _longest(a: np.ndarray, end: int) -> tuple[int, int]:
 
 
 class Lookup:
-    """The context's ids (numpy, grown in place) and the longest recent match of their tail;
-    with a Recase, also the ids case-folded, for a match of a copy the answer recases."""
+    """The context's ids and the longest recent match of their tail (and, with a Recase, of
+    the ids case-folded: a copy the answer recases). `buf` (numpy) holds the ids and one more."""
 
     def __init__(self, ids: Sequence[int], recase: Recase | None = None) -> None:
         self.recase = recase
         self.buf = np.empty(max(1024, 2 * len(ids)), dtype=np.int64)
         self.folded = np.empty_like(self.buf) if recase else None
+        # the ids as ints, and where each occurs: a match is a few comparisons (numpy: ~30 us)
+        self.ids: list[int] = []
+        self.fids: list[int] = []
+        self.where: dict[int, list[int]] = {}
+        self.fwhere: dict[int, list[int]] = {}
         self.n = 0
         self.sync(ids)
 
@@ -79,18 +84,41 @@ class Lookup:
             if self.folded is not None:
                 self.folded = np.resize(self.folded, size)
         self.buf[self.n : self.n + len(new)] = new
+        _index(self.ids, self.where, new)
         if self.folded is not None and self.recase is not None:
-            self.folded[self.n : self.n + len(new)] = [self.recase.fold(t) for t in new]
+            folded = [self.recase.fold(t) for t in new]
+            self.folded[self.n : self.n + len(new)] = folded
+            _index(self.fids, self.fwhere, folded)
         self.n += len(new)
 
     def continuation(self, token: int, limit: int) -> tuple[int, list[int]]:
         """With `token` after the context: the length of the longest match of the context's tail
         that occurred before (the latest such), and up to `limit` ids that followed it."""
         self.buf[self.n] = token
-        length, at = _longest(self.buf, self.n + 1)
+        length, at = self._match(self.buf, self.ids, self.where, token)
         if length == 0 or limit <= 0:
             return 0, []
         return length, self.buf[at + 1 : min(at + 1 + limit, self.n + 1)].tolist()
+
+    def _match(self, arr: np.ndarray, ids: list[int], where: dict[int, list[int]],
+               token: int) -> tuple[int, int]:  # fmt: skip
+        """_longest(arr, n + 1), `token` at arr[n], from its places in `ids`: the latest first,
+        each extended back while it matches; numpy's way where the token occurs very often."""
+        at = where.get(token)
+        if not at:
+            return 0, -1
+        if len(at) > _MANY:
+            return _longest(arr, self.n + 1)
+        n, best, best_at = self.n, 0, -1
+        for p in reversed(at):
+            length = 1
+            while length < MAX_NGRAM and length <= p and ids[p - length] == ids[n - length]:
+                length += 1
+            if length > best:
+                best, best_at = length, p
+                if best == MAX_NGRAM:
+                    break
+        return best, best_at
 
     def guess(self, token: int, limit: int) -> tuple[int, list[int], bool]:
         """What follows `token` by the longest match: the exact one's continuation, or a
@@ -110,7 +138,7 @@ class Lookup:
         end = self.n + 1
         self.buf[self.n] = token
         self.folded[self.n] = self.recase.fold(token)
-        length, at = _longest(self.folded, end)
+        length, at = self._match(self.folded, self.fids, self.fwhere, int(self.folded[self.n]))
         if length <= exact:
             return 0, []
         source = self.buf[at - length + 1 : at + 1].tolist()
@@ -128,6 +156,14 @@ class Lookup:
             out += ids
             prev = t
         return length, out[:limit]
+
+
+def _index(ids: list[int], where: dict[int, list[int]], new: Sequence[int]) -> None:
+    """Append `new` to `ids`, each at its position in `where`."""
+    for t in new:
+        t = int(t)
+        where.setdefault(t, []).append(len(ids))
+        ids.append(t)
 
 
 class Recase:
@@ -300,8 +336,8 @@ class DraftPolicy:
             i = min(match + j, LENGTHS) - 1
             self.seen[i] = self.seen[i] * keep + 1.0
             self.hits[i] = self.hits[i] * keep + (j < accepted)
-            self.rate[i] = (self.hits[i] + PRIOR_WEIGHT * self.prior[i]) / (
-                self.seen[i] + PRIOR_WEIGHT)
+            weighted = self.hits[i] + PRIOR_WEIGHT * self.prior[i]
+            self.rate[i] = weighted / (self.seen[i] + PRIOR_WEIGHT)
 
     def timed(self, rows: int, seconds: float) -> None:
         """A forward of `rows` rows took `seconds`: the plain step's time, or the cost of a row
