@@ -72,6 +72,29 @@ def test_the_lookup_measures_long_matches_as_trying_every_place_would():
     assert _longest(np.array(cases[0]), len(cases[0]))[0] == MAX_NGRAM  # a copy past the cap
 
 
+
+def test_the_lookups_matches_as_context_grows_are_those_of_trying_every_place():
+    """Lookup matches from each token's places (a loop over ints), or numpy's way where a token
+    occurs more than _MANY times: both must find what trying every place finds, token after
+    token as the context grows."""
+    from kvrepl.engine.draft import _MANY
+
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        symbols = int(rng.integers(2, 6))
+        ctx = [int(t) for t in rng.integers(0, symbols, int(rng.integers(1, 40)))]
+        if trial % 10 == 0:  # one token past _MANY places
+            ctx = [0, 1] * (_MANY + 5) + ctx
+        lookup = Lookup(ctx)
+        for _ in range(40):
+            token, limit = int(rng.integers(0, symbols + 1)), int(rng.integers(0, 20))
+            a = ctx + [token]
+            n, at = _longest_by_hand(a, len(a))
+            want = (0, []) if n == 0 or limit <= 0 else (n, a[at + 1 : at + 1 + limit])
+            assert lookup.continuation(token, limit) == want, (ctx, token, limit)
+            ctx.append(token if rng.random() < 0.7 else int(rng.integers(0, symbols)))
+            lookup.sync(ctx)
+
 def test_a_long_record_of_accepted_drafts_is_not_undone_by_one_rejection():
     """Rates are counts that fade over MEMORY outcomes (64), not a running average that one
     miss moves by a tenth: a copy that has been taken 40 times stays worth drafting far."""
