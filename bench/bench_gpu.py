@@ -250,6 +250,7 @@ def check_drafts(gm: Any) -> dict:
             on.runner.ahead = ahead
             on.draft_policy.cost = [0.0] * len(on.draft_policy.cost)  # draft on any match
             on.draft_policy.rate = [0.95] * len(on.draft_policy.rate)
+            on.draft_policy.observed = lambda *outcome: None  # rates kept
             list(on.stream(prompt, sampling))
             pairs = zip(on.pc.cache.layers, off.pc.cache.layers, strict=True)
             same &= on.progress.generated == off.progress.generated and on.pc.ids == off.pc.ids

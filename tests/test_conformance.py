@@ -116,3 +116,16 @@ def test_a_term_a_backend_does_not_compute_is_named():
     arch = Arch.from_config(make_model("gemma2").config)
     with pytest.raises(Unsupported, match="attention softcap"):
         arch.refusal("a backend", {"Gemma norms", "sliding windows", "GELU", "final softcap"})
+
+
+def test_a_softcapped_verification_outside_inference_mode_after_one_inside(kernels):
+    """Gemma 2's final softcap on every row of a verification writes into the logits buffer in
+    place; the engine makes that buffer inside inference_mode, and a forward called outside it
+    afterwards (a test, a tool) must still run, and give each row what a plain forward gives."""
+    fast = from_hf(make_model("gemma2", seed=3), "F32", kernels, 4096)
+    want = fast.forward(IDS[:9], fast.new_layers()).clone()
+    layers = fast.new_layers()
+    with torch.inference_mode():  # the buffers are made here, as inference tensors
+        fast.forward(IDS[:5], layers, all_logits=True)
+    rows = fast.forward(IDS[5:9], layers, all_logits=True)
+    assert torch.equal(rows[-1], want)

@@ -58,7 +58,8 @@ def make(smol, *, eager: bool = False, context: int | None = None, ends=None) ->
         engine.draft_policy.cost = [0.0] * len(engine.draft_policy.cost)
         engine.draft_policy.rate = [0.95] * len(engine.draft_policy.rate)
         engine.draft_policy.timed = lambda rows, seconds: None  # this machine's timings must
-        # not price the rows back out (a slow first one replaces the 0.0)
+        # not price the rows back out (a slow first one replaces the 0.0), nor the outcomes
+        engine.draft_policy.observed = lambda *outcome: None  # the rates (counts would)
     return engine
 
 
@@ -324,6 +325,7 @@ def first_tokens(tiny_fast, seeds: range, *, draft: bool, temperature: float = 1
     policy.cost = [0.0] * len(policy.cost)  # noisy) must not decide whether drafts are made
     policy.timed = lambda rows, seconds: None
     engine.draft_policy.rate = [0.95] * len(engine.draft_policy.rate)
+    policy.observed = lambda *outcome: None  # and the rates stay: drafts on any match
     ids = tok("The capital of France is Paris. The capital of", add_special_tokens=False).input_ids
     out, drafted, accepted = [], 0, 0
     for seed in seeds:

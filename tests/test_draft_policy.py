@@ -41,7 +41,6 @@ def test_the_lookup_finds_the_longest_latest_match_and_what_followed():
     assert lk.continuation(11, 10) == (1, [1, 2, 3, 7, 2, 11])
 
 
-
 def _longest_by_hand(a: list[int], end: int) -> tuple[int, int]:
     """The longest match (up to MAX_NGRAM) of a[:end]'s tail ending before end - 1, the latest
     of that length, by trying every place: the reference for draft._longest."""
@@ -62,7 +61,7 @@ def test_the_lookup_measures_long_matches_as_trying_every_place_would():
 
     rng = np.random.default_rng(7)
     copy = list(rng.integers(0, 50, 3 * MAX_NGRAM))
-    cases = [copy + [99] + copy, copy + copy[: MAX_NGRAM // 2]]
+    cases = [copy + [99] + copy, copy + copy[: MAX_NGRAM // 2], [0] * 60, [0, 1] * 40]
     cases += [list(rng.integers(0, int(rng.integers(2, 5)), int(rng.integers(2, 90))))
               for _ in range(300)]  # fmt: skip
     for a in cases:
@@ -70,7 +69,6 @@ def test_the_lookup_measures_long_matches_as_trying_every_place_would():
         for end in range(1, len(a) + 1):
             assert _longest(arr, end) == _longest_by_hand(a, end), (a, end)
     assert _longest(np.array(cases[0]), len(cases[0]))[0] == MAX_NGRAM  # a copy past the cap
-
 
 
 def test_the_lookups_matches_as_context_grows_are_those_of_trying_every_place():
@@ -85,15 +83,16 @@ def test_the_lookups_matches_as_context_grows_are_those_of_trying_every_place():
         ctx = [int(t) for t in rng.integers(0, symbols, int(rng.integers(1, 40)))]
         if trial % 10 == 0:  # one token past _MANY places
             ctx = [0, 1] * (_MANY + 5) + ctx
-        lookup = Lookup(ctx)
+        lookup = Lookup(tuple(ctx) if trial % 2 else np.array(ctx))  # as the engine's ids come
         for _ in range(40):
-            token, limit = int(rng.integers(0, symbols + 1)), int(rng.integers(0, 20))
+            token, limit = rng.integers(0, symbols + 1), int(rng.integers(0, 20))  # numpy's int
             a = ctx + [token]
             n, at = _longest_by_hand(a, len(a))
             want = (0, []) if n == 0 or limit <= 0 else (n, a[at + 1 : at + 1 + limit])
             assert lookup.continuation(token, limit) == want, (ctx, token, limit)
-            ctx.append(token if rng.random() < 0.7 else int(rng.integers(0, symbols)))
-            lookup.sync(ctx)
+            ctx.append(int(token) if rng.random() < 0.7 else int(rng.integers(0, symbols)))
+            lookup.sync(tuple(ctx) if trial % 2 else np.array(ctx))
+
 
 def test_a_long_record_of_accepted_drafts_is_not_undone_by_one_rejection():
     """Rates are counts that fade over MEMORY outcomes (64), not a running average that one
@@ -106,7 +105,7 @@ def test_a_long_record_of_accepted_drafts_is_not_undone_by_one_rejection():
         policy.observed(LENGTHS, 1, 1)
     high = policy.rate[i]
     policy.observed(LENGTHS, 1, 0)
-    assert high > 0.97 and high - policy.rate[i] < 0.03, (high, policy.rate[i])
+    assert high > 0.97 and high - policy.rate[i] < 0.05, (high, policy.rate[i])  # EMA: 0.10
     # a running average (a tenth a miss) drafts 6 here: the rate ~0.9 prices the tail out
     assert policy.size(LENGTHS, MAX_DRAFT) >= 9
 

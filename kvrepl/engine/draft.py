@@ -83,10 +83,10 @@ class Lookup:
             self.buf = np.resize(self.buf, size)
             if self.folded is not None:
                 self.folded = np.resize(self.folded, size)
-        self.buf[self.n : self.n + len(new)] = new
+        folded = [self.recase.fold(t) for t in new] if self.recase is not None else []
+        self.buf[self.n : self.n + len(new)] = new  # (after all that can fail)
         _index(self.ids, self.where, new)
-        if self.folded is not None and self.recase is not None:
-            folded = [self.recase.fold(t) for t in new]
+        if self.folded is not None:
             self.folded[self.n : self.n + len(new)] = folded
             _index(self.fids, self.fwhere, folded)
         self.n += len(new)

@@ -122,6 +122,11 @@ static Qw qw_of(const Weight *W) {
  * a group's last block that is the next group's, which the thread's run reads next: short rows
  * (135M's 576) gained 7% a decode step when they too were prefetched (long rows only before) */
 #endif
+/* prefetch p + off, the address made as an integer: past the weight's end (the last groups ask
+ * for bytes after them) a pointer may not go, and a prefetch never faults */
+static inline void prefetch_at(const uint8_t *p, i64 off) {
+    prefetch((const void *)((uintptr_t)p + (uintptr_t)off));
+}
 
 /* ---------------------------------------------------------------- one group, MT rows of x */
 static inline const uint8_t *gq(const Qw *w, i64 g, i64 b) {
@@ -232,7 +237,7 @@ static inline __m512i madd512(__m512i acc, __m512i w, const pair_t *x) {
         for (i64 b = 0; b < nb; b++) {                                                           \
             const uint8_t *p = gq(w, g, b);                                                      \
             _Pragma("GCC unroll 8") for (int c = 0; c < (U4 == 2 ? 6 : U4 == 4 ? 5 : U4 ? 4 : 8); c++) \
-                prefetch(p + QPF * w->gbytes + 64 * c);                                          \
+                prefetch_at(p, QPF * w->gbytes + 64 * c);                                        \
             __m512i I[MT][2 * CH];                                                               \
             _Pragma("GCC unroll 4") for (int j = 0; j < MT; j++)                                 \
                 _Pragma("GCC unroll 4") for (int i = 0; i < 2 * CH; i++)                         \
@@ -417,7 +422,7 @@ static inline v8 sc8v(const Qw *w, i64 g, i64 b, i64 i) { /* 8 lanes' scales (or
         for (i64 b = 0; b < nb; b++) {                                                           \
             const uint8_t *p = gq(w, g, b) + 32 * hh;                                            \
             if (hh == 0) /* the second half reads the group again, from the cache */             \
-                for (i64 c = 0; c < w->gbytes; c += 64) prefetch(p + QPF * w->gbytes + c);       \
+                for (i64 c = 0; c < w->gbytes; c += 64) prefetch_at(p, QPF * w->gbytes + c);     \
             vi8 I[MT][2];                                                                        \
             _Pragma("GCC unroll 4")                                                      \
             for (int j = 0; j < MT; j++) I[j][0] = I[j][1] = vi_zero();                          \
