@@ -137,8 +137,8 @@ class Lookup:
             return 0, []  # (no match is longer than MAX_NGRAM)
         end = self.n + 1
         self.buf[self.n] = token
-        self.folded[self.n] = self.recase.fold(token)
-        length, at = self._match(self.folded, self.fids, self.fwhere, int(self.folded[self.n]))
+        self.folded[self.n] = folded = self.recase.fold(token)
+        length, at = self._match(self.folded, self.fids, self.fwhere, folded)
         if length <= exact:
             return 0, []
         source = self.buf[at - length + 1 : at + 1].tolist()
@@ -396,5 +396,5 @@ class Drafter:
         if self._last is None:
             return
         start, guess, match = self._last
-        came = [*self.lookup.buf[start : self.lookup.n].tolist(), token]
+        came = [*self.lookup.ids[start:], token]
         self.policy.observed(match, len(guess), common_prefix(guess, came))

@@ -258,9 +258,10 @@ class FastModel(KernelBackend):
             cache.advance(pos0 + m)
         if all_logits:  # a view: the next forward writes over it
             out = b["logits"][:m]
-            with torch.inference_mode():  # the buffer may be an inference tensor (the engine's)
-                for row in out if a.final_softcap else ():  # the same calls as below
-                    row.copy_(torch.tanh(row / a.final_softcap) * a.final_softcap)
+            if a.final_softcap:  # the buffer may be an inference tensor (the engine's)
+                with torch.inference_mode():
+                    for row in out:  # the same elementwise calls as below
+                        row.copy_(torch.tanh(row / a.final_softcap) * a.final_softcap)
             return out
         # a copy by numpy: torch's clone of a vocabulary's row runs on its OpenMP threads, whose
         # wake-up took 80-200 us a decode step (3-5%) where a copy on this thread takes ~20
