@@ -248,9 +248,7 @@ def check_drafts(gm: Any) -> dict:
         for ahead in (True, False):
             on = engine(gm)
             on.runner.ahead = ahead
-            on.draft_policy.cost = [0.0] * len(on.draft_policy.cost)  # draft on any match
-            on.draft_policy.rate = [0.95] * len(on.draft_policy.rate)
-            on.draft_policy.observed = lambda *outcome: None  # rates kept
+            on.draft_policy.pin(rate=0.95, cost=0.0)  # draft on any match
             list(on.stream(prompt, sampling))
             pairs = zip(on.pc.cache.layers, off.pc.cache.layers, strict=True)
             same &= on.progress.generated == off.progress.generated and on.pc.ids == off.pc.ids

@@ -27,8 +27,9 @@ import bench_draft as bd  # noqa: E402
 
 from kvrepl.chat.prompt import Prompt  # noqa: E402
 from kvrepl.engine import models  # noqa: E402
-from kvrepl.engine.draft import MAX_DRAFT, Drafter, DraftPolicy, Recase  # noqa: E402
+from kvrepl.engine.draft import Drafter, Recase  # noqa: E402
 from kvrepl.engine.engine import Engine, Sampling  # noqa: E402
+from kvrepl.engine.policy import MAX_DRAFT, DraftPolicy  # noqa: E402
 from kvrepl.ids import common_prefix  # noqa: E402
 
 

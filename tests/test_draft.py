@@ -55,11 +55,9 @@ def make(smol, *, eager: bool = False, context: int | None = None, ends=None) ->
     engine = Engine(real.model, real.tokenizer, end_ids=end_ids if ends is None else ends,
                     context_length=context or real.context_length)  # fmt: skip
     if eager:
-        engine.draft_policy.cost = [0.0] * len(engine.draft_policy.cost)
-        engine.draft_policy.rate = [0.95] * len(engine.draft_policy.rate)
-        engine.draft_policy.timed = lambda rows, seconds: None  # this machine's timings must
-        # not price the rows back out (a slow first one replaces the 0.0), nor the outcomes
-        engine.draft_policy.observed = lambda *outcome: None  # the rates (counts would)
+        # this machine's timings must not price the rows back out (a slow first one replaces
+        # the 0.0), nor the outcomes the rates
+        engine.draft_policy.pin(rate=0.95, cost=0.0)
     return engine
 
 
@@ -321,11 +319,9 @@ def tiny_fast():
 def first_tokens(tiny_fast, seeds: range, *, draft: bool, temperature: float = 1.0):
     model, tok = tiny_fast
     engine = Engine(model, tok, end_ids=set(), context_length=512)
-    policy = engine.draft_policy  # rows free and never timed: this machine's timings (shared,
-    policy.cost = [0.0] * len(policy.cost)  # noisy) must not decide whether drafts are made
-    policy.timed = lambda rows, seconds: None
-    engine.draft_policy.rate = [0.95] * len(engine.draft_policy.rate)
-    policy.observed = lambda *outcome: None  # and the rates stay: drafts on any match
+    # rows free and never timed: this machine's timings (shared, noisy) must not decide whether
+    # drafts are made, and the rates stay: drafts on any match
+    engine.draft_policy.pin(rate=0.95, cost=0.0)
     ids = tok("The capital of France is Paris. The capital of", add_special_tokens=False).input_ids
     out, drafted, accepted = [], 0, 0
     for seed in seeds:

@@ -10,18 +10,9 @@ import pytest
 
 from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
 from kvrepl.config import Settings
-from kvrepl.engine.draft import (
-    LENGTHS,
-    MARGIN,
-    MAX_DRAFT,
-    MAX_NGRAM,
-    PRIOR_COST,
-    Drafter,
-    DraftPolicy,
-    Lookup,
-    Recase,
-)
+from kvrepl.engine.draft import MAX_NGRAM, Drafter, Lookup, Recase
 from kvrepl.engine.engine import Engine, Sampling
+from kvrepl.engine.policy import LENGTHS, MARGIN, MAX_DRAFT, PRIOR_COST, DraftPolicy
 from kvrepl.events import Stats
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +194,21 @@ def test_one_slow_forward_does_not_stop_drafting_for_the_session():
     for _ in range(500):
         assert low.size(LENGTHS, MAX_DRAFT) == 0
     assert abs(low.cost[0] - 0.2) < 1e-9 and low.cost[1:] == [PRIOR_COST] * (MAX_DRAFT - 1)
+
+
+def test_a_pinned_policy_keeps_its_rates_and_costs_whatever_comes():
+    pinned, free = DraftPolicy(), DraftPolicy()
+    for policy in (pinned, free):
+        policy.pin(rate=0.95, cost=0.0)
+    free.pinned = False
+    for policy in (pinned, free):
+        policy.timed(1, 0.01)
+        policy.timed(9, 0.05)  # a slow row: 0.5 of a step
+        for _ in range(40):
+            policy.observed(1, 4, 0)  # every draft rejected
+    assert pinned.rate == [0.95] * LENGTHS and pinned.cost == [0.0] * MAX_DRAFT
+    assert pinned.size(1, MAX_DRAFT) == MAX_DRAFT
+    assert free.rate[0] < 0.2 and free.cost[7] > 0.4  # (what the pin holds off)
 
 
 def test_a_long_match_drafts_further_than_a_fresh_one():

@@ -241,9 +241,7 @@ def test_drafting_on_the_gpu_path_equals_decoding_without(gpu, ahead):
     want = list(off.progress.generated)
     on = Engine(fm, tok, end_ids=set(), context_length=512)
     on.runner.drafts, on.runner.ahead = True, ahead
-    on.draft_policy.cost = [0.0] * len(on.draft_policy.cost)  # eager: draft on any match
-    on.draft_policy.rate = [0.95] * len(on.draft_policy.rate)
-    on.draft_policy.observed = lambda *outcome: None  # rates kept
+    on.draft_policy.pin(rate=0.95, cost=0.0)  # eager: draft on any match
     fed_ahead = []
     real = on.runner.forward_token
     on.runner.forward_token = lambda *a: fed_ahead.append(1) or real(*a)

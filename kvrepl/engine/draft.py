@@ -6,11 +6,10 @@ verifying.
 A copy the answer recases (a list repeated capitalised, as small models do) is matched
 case-folded (`Recase`) and drafted recased: the exact lookup finds nothing past each word.
 
-Owns: the lookup over the context's ids (`Lookup`, `Recase`), and the policy that sizes the drafts
-(`DraftPolicy`): an estimate of how often a drafted token is accepted, per length of the match
-that proposed it, and of what a verified row costs against a plain step, per number of drafted
-tokens, both measured as the engine goes. It never runs the model and never touches the cache:
-the engine (engine.py) feeds the drafts, verifies them and cuts what was rejected.
+Owns: the lookup over the context's ids (`Lookup`, `Recase`), and one answer's proposals and
+their outcomes (`Drafter`); how many of a proposal's tokens to draft is policy.py's. It never
+runs the model and never touches the cache: the engine (engine.py) feeds the drafts, verifies
+them and cuts what was rejected.
 """
 
 from __future__ import annotations
@@ -19,19 +18,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kvrepl.engine.policy import MAX_DRAFT, DraftPolicy
 from kvrepl.ids import common_prefix
 
-MAX_DRAFT = 16  # tokens drafted at most (a verification of 17 rows)
 MAX_NGRAM = 32  # the longest match looked for
-LENGTHS = 32  # match lengths the acceptance rates tell apart (longer ones count as this)
-MARGIN = 0.1  # the least gain over plain decoding a draft must promise: the estimates are noisy
-_EMA = 0.1  # weight of one new timing in the cost estimates
-MEMORY = 64  # outcomes an acceptance rate remembers (older ones fade: the answer's kind moves)
-PRIOR_WEIGHT = 4.0  # outcomes the prior rate counts as
 _FEW = 8  # places _longest extends all at once
 _MANY = 48  # places of a token past which Lookup matches with numpy (_longest), not a loop
-PRIOR_COST = 0.5  # a verified row's cost, in plain steps, before any is measured
-RELAX = 0.02  # how far a cost above the prior moves back to it per proposal not drafted
 
 
 def _longest(a: np.ndarray, end: int) -> tuple[int, int]:
@@ -263,95 +255,6 @@ class Recase:
 def _recase_at(s: str, i: int, mode: str) -> str:
     """s with its character i upper- or lowercased (mode "upper" or "lower")."""
     return s[:i] + (s[i].upper() if mode == "upper" else s[i].lower()) + s[i + 1 :]
-
-
-class DraftPolicy:
-    """How many tokens to draft: the count that makes the most tokens per unit of time, under
-    the acceptance rate seen for each length of match and the measured cost of a verified row
-    for that many drafted tokens (a 2-row forward costs more a row than a 9-row one);
-    none unless that beats plain decoding by MARGIN. A drafted token that the answer takes
-    lengthens the match, so the tokens of one draft are each judged by the rate of the match
-    they would extend: a long copy drafts far, a fresh short match one token or none. A
-    proposal that is not fed is still checked against the token that comes, so the rates keep
-    up where nothing is drafted."""
-
-    def __init__(self) -> None:
-        # P(a drafted token is accepted | it extends a match of length m), m = 1 .. LENGTHS
-        # (longer as LENGTHS): a longer match is a better guess (measured on the embedded
-        # model's answers: about 0.3 for one token, 0.9 and more past eight)
-        self.prior = [min(0.95, 0.2 + 0.1 * m) for m in range(1, LENGTHS + 1)]
-        self.rate = list(self.prior)
-        self.seen = [0.0] * LENGTHS  # outcomes told per rate (faded), and of them the accepted
-        self.hits = [0.0] * LENGTHS
-        # cost[k - 1]: a verified row's time, in plain steps, when k tokens are drafted
-        # (measured: `timed`; a count not yet timed is priced by `priced`, tried, then measured)
-        self.cost = [PRIOR_COST] * MAX_DRAFT
-        self.timings = [0] * MAX_DRAFT  # forwards timed per count of drafted tokens
-        self._step_s: float | None = None
-
-    def priced(self) -> list[float]:
-        """A verified row's cost for each count of drafted tokens: the measured one; for a
-        count never timed, that of the largest timed count below it (a row costs about as much
-        once the rows make the forward compute-bound), else the prior. Without this a count
-        past the ones timed would keep the prior and never be tried (measured on the embedded
-        model: 5 tokens at most in a copy, where 16 pay)."""
-        out, last = list(self.cost), None
-        for i, n in enumerate(self.timings):
-            if n:
-                last = self.cost[i]
-            elif last is not None:
-                out[i] = last
-        return out
-
-    def size(self, match: int, available: int) -> int:
-        """Tokens to draft of the `available` a match of length `match` proposes."""
-        best, best_gain, expected, p = 0, 1.0 + MARGIN, 0.0, 1.0
-        cost = self.priced()
-        for k in range(1, min(available, MAX_DRAFT) + 1):
-            p *= self.rate[min(match + k - 1, LENGTHS) - 1]  # the first k all accepted
-            expected += p  # tokens a forward gains past its own: the accepted drafts
-            gain = (1.0 + expected) / (1.0 + cost[k - 1] * k)
-            if gain > best_gain:
-                best, best_gain = k, gain
-        if not best:
-            self._relax()
-        return best
-
-    def _relax(self) -> None:
-        """Nothing drafted: each cost above the prior moves RELAX of the way back to it. A cost
-        is only measured when that many tokens are drafted, so one slow forward (another
-        process took the core) priced above every gain would otherwise stop drafting for the
-        rest of the session (untimed counts are priced as the timed one below them); now the
-        policy tries again after some 100 proposals, and a cost that is truly high is measured
-        again as high."""
-        for i, c in enumerate(self.cost):
-            if c > PRIOR_COST:
-                self.cost[i] = c + RELAX * (PRIOR_COST - c)
-
-    def observed(self, match: int, drafted: int, accepted: int) -> None:
-        """A proposal's outcome: `accepted` of its first `drafted` tokens were what came (each
-        told to the rate of its match's length, up to the first that was not)."""
-        keep = 1.0 - 1.0 / MEMORY
-        for j in range(min(drafted, accepted + 1)):
-            i = min(match + j, LENGTHS) - 1
-            self.seen[i] = self.seen[i] * keep + 1.0
-            self.hits[i] = self.hits[i] * keep + (j < accepted)
-            weighted = self.hits[i] + PRIOR_WEIGHT * self.prior[i]
-            self.rate[i] = weighted / (self.seen[i] + PRIOR_WEIGHT)
-
-    def timed(self, rows: int, seconds: float) -> None:
-        """A forward of `rows` rows took `seconds`: the plain step's time, or the cost of a row
-        when rows - 1 tokens are drafted. A count's first timings are averaged (the first
-        replaces the prior), later ones weigh _EMA: a count tried once at its true cost must not
-        keep nine tenths of the prior's, which would price it out of being tried again."""
-        if rows == 1:
-            step = self._step_s
-            self._step_s = seconds if step is None else step + _EMA * (seconds - step)
-        elif self._step_s and rows - 1 <= MAX_DRAFT:
-            cost = max(0.0, seconds / self._step_s - 1.0) / (rows - 1)
-            i = rows - 2
-            self.timings[i] += 1
-            self.cost[i] += max(_EMA, 1.0 / self.timings[i]) * (min(cost, 2.0) - self.cost[i])
 
 
 class Drafter:

@@ -1,5 +1,6 @@
 """The engine: a prompt cache (cache.py) reused down to the first token that changed, chunked
-prefill, and a streaming decode loop that samples (sampler.py) and verifies drafts (draft.py).
+prefill, and a streaming decode loop that samples (sampler.py) and verifies drafts (draft.py,
+sized by policy.py).
 
 It runs one model through a runner (runners.py): a transformers model or one on kvrepl's own
 kernels, both of which fill the same kind of cache layers. It knows nothing about chat
@@ -22,8 +23,9 @@ from kvrepl.config import Settings
 from kvrepl.context import check_fits
 from kvrepl.engine.cache import PromptCache
 from kvrepl.engine.detokenize import IncrementalDecoder
-from kvrepl.engine.draft import Drafter, DraftPolicy, Recase
+from kvrepl.engine.draft import Drafter, Recase
 from kvrepl.engine.plan import plan
+from kvrepl.engine.policy import DraftPolicy
 from kvrepl.engine.runners import runner_for
 from kvrepl.engine.sampler import Sampler, TokenReader
 from kvrepl.errors import PromptError
