@@ -139,6 +139,29 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert firststart.converted_folder(gguf) != first
 
 
+def test_a_first_start_reads_the_gguf_metadata_once_and_each_reader_gets_its_own_copy(
+        monkeypatch):  # fmt: skip
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    reads = []
+
+    def read(path, return_tensors=False, **kwargs):
+        reads.append((path, return_tensors, kwargs))
+        return {"config": {"vocab_size": 7}, "tokenizer": {"tokens": ["a", "b"]}}
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", read)
+    with firststart.metadata_read_once():
+        first = gguf_utils.load_gguf_checkpoint("m.gguf", return_tensors=False)
+        first["config"].pop("vocab_size")  # (transformers' callers change what they get)
+        first["tokenizer"]["tokens"].append("c")
+        again = gguf_utils.load_gguf_checkpoint("m.gguf")
+        gguf_utils.load_gguf_checkpoint("m.gguf", return_tensors=True)  # weights: not kept
+        gguf_utils.load_gguf_checkpoint("other.gguf")
+    assert again == {"config": {"vocab_size": 7}, "tokenizer": {"tokens": ["a", "b"]}}
+    assert reads == [("m.gguf", False, {}), ("m.gguf", True, {}), ("other.gguf", False, {})]
+    assert gguf_utils.load_gguf_checkpoint is read  # put back
+
+
 # ---------------------------------------------------------------------------------------------
 # fingerprint (the real model's config and tokenizer)
 
