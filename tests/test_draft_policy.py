@@ -12,7 +12,15 @@ from kvrepl.app.turnlines import TurnResult, format_stats, turn_object
 from kvrepl.config import Settings
 from kvrepl.engine.draft import MAX_NGRAM, Drafter, Lookup, Recase
 from kvrepl.engine.engine import Engine, Sampling
-from kvrepl.engine.policy import LENGTHS, MARGIN, MAX_DRAFT, PRIOR_COST, DraftPolicy
+from kvrepl.engine.policy import (
+    ANSWER,
+    BEFORE,
+    LENGTHS,
+    MARGIN,
+    MAX_DRAFT,
+    PRIOR_COST,
+    DraftPolicy,
+)
 from kvrepl.events import Stats
 
 # ---------------------------------------------------------------------------------------------
@@ -94,9 +102,10 @@ def test_a_long_record_of_accepted_drafts_is_not_undone_by_one_rejection():
     i = LENGTHS - 1
     for _ in range(40):
         policy.observed(LENGTHS, 1, 1)
-    high = policy.rate[i]
+    rate = policy.rate[BEFORE]
+    high = rate[i]
     policy.observed(LENGTHS, 1, 0)
-    assert high > 0.97 and high - policy.rate[i] < 0.05, (high, policy.rate[i])  # EMA: 0.10
+    assert high > 0.97 and high - rate[i] < 0.05, (high, rate[i])  # EMA: 0.10
     # a running average (a tenth a miss) drafts 6 here: the rate ~0.9 prices the tail out
     assert policy.size(LENGTHS, MAX_DRAFT) >= 9
 
@@ -107,24 +116,24 @@ def test_drafts_stop_before_an_end_token_and_outcomes_move_the_policy():
     ctx = [1, 2, 3, 4, 5, 6, 7, 99, 8, 9]
     drafter = Drafter(ctx, policy, end_ids={99})
     assert drafter.propose(ctx, 2, 4) == [3, 4, 5, 6]  # the limit
-    before = list(policy.rate)
+    before = list(policy.rate[BEFORE])
     ctx += [2, 3, 4, 5, 6]  # all accepted, then the next token
     assert drafter.propose(ctx, 7, 10) == []  # what followed 7 is the end token
     # each drafted token was told to the rate of the match it extended: lengths 1 to 4
-    assert all(policy.rate[i] > before[i] for i in range(4)), (before, policy.rate)
-    assert policy.rate[4:] == before[4:]
+    assert all(policy.rate[BEFORE][i] > before[i] for i in range(4)), (before, policy.rate)
+    assert policy.rate[BEFORE][4:] == before[4:]
     ctx += [7]
     assert drafter.propose(ctx, 8, 10)[:2] == [9, 2]  # 8 was seen once: a match of 1
     ctx += [8]
-    before = list(policy.rate)
+    before = list(policy.rate[BEFORE])
     drafter.propose(ctx, 5, 10)  # the answer took 5, not 9: rejected at the first token
-    assert policy.rate[0] < before[0] and policy.rate[1:] == before[1:]
+    assert policy.rate[BEFORE][0] < before[0] and policy.rate[BEFORE][1:] == before[1:]
 
 
 def test_the_policy_drafts_nothing_where_it_would_not_pay():
     policy = DraftPolicy()
     policy.cost = [0.6] * MAX_DRAFT
-    policy.rate = [0.3, 0.5, 0.55] + [0.95] * (LENGTHS - 3)
+    policy.rate[BEFORE] = [0.3, 0.5, 0.55] + [0.95] * (LENGTHS - 3)
     assert [policy.size(m, MAX_DRAFT) for m in (1, 2, 3)] == [0, 0, 0]
     assert policy.size(4, MAX_DRAFT) >= 2
     policy.cost = [0.1] * MAX_DRAFT
@@ -141,7 +150,7 @@ def test_a_draft_size_that_costs_more_a_row_is_not_chosen():
     """One drafted token verified in a 2-row forward may cost more a row than eight do: the
     policy weighs each size by its own measured cost."""
     policy = DraftPolicy()
-    policy.rate = [0.8] * LENGTHS
+    policy.rate[BEFORE] = [0.8] * LENGTHS
     policy.cost = [0.5] * MAX_DRAFT
     assert policy.size(1, 1) == 1  # (1 + 0.8) / (1 + 0.5) = 1.2: pays
     policy.timed(1, 0.010)
@@ -156,7 +165,7 @@ def test_a_count_never_timed_is_priced_as_the_largest_timed_below_it_and_tried()
     drafted 5 tokens at a time tries 16 (the prior's 0.5 a row would have kept it at 5), and
     what that forward costs is then its own."""
     policy = DraftPolicy()
-    policy.rate = [0.99] * LENGTHS
+    policy.rate[BEFORE] = [0.99] * LENGTHS
     policy.timed(1, 0.010)
     for _ in range(40):
         policy.timed(6, 0.0195)  # 5 drafted: 0.19 of a step a row
@@ -180,7 +189,7 @@ def test_one_slow_forward_does_not_stop_drafting_for_the_session():
     drafted pull the cost back toward the prior, so a long copy drafts again, and a cost that
     was measured low is not raised by it."""
     policy = DraftPolicy()
-    policy.rate = [0.95] * LENGTHS
+    policy.rate[BEFORE] = [0.95] * LENGTHS
     policy.timed(1, 0.010)
     policy.timed(2, 0.010 * (1 + 3.0))  # 3 steps for one drafted row: capped at 2
     assert policy.cost[0] == 2.0 and policy.size(LENGTHS, MAX_DRAFT) == 0
@@ -188,12 +197,38 @@ def test_one_slow_forward_does_not_stop_drafting_for_the_session():
     assert tries is not None and 50 < tries < 300
     assert PRIOR_COST < policy.cost[0] < 0.8  # drafting pays again at about this cost
     low = DraftPolicy()
-    low.rate = [0.0] * LENGTHS  # never pays: every proposal is undrafted
+    low.rate[BEFORE] = [0.0] * LENGTHS  # never pays: every proposal is undrafted
     low.timed(1, 0.010)
     low.timed(2, 0.010 * 1.2)
     for _ in range(500):
         assert low.size(LENGTHS, MAX_DRAFT) == 0
     assert abs(low.cost[0] - 0.2) < 1e-9 and low.cost[1:] == [PRIOR_COST] * (MAX_DRAFT - 1)
+
+
+def test_a_match_in_the_prompt_and_one_in_the_answer_are_rated_apart():
+    """Prose that repeats its own phrases, drafts rejected, does not stop a copy of the prompt
+    from drafting (nor a copy's record make the prose draft): each proposal is told to the
+    rates of where its match lies, before the answer or in it."""
+    policy = DraftPolicy()
+    policy.cost = [0.2] * MAX_DRAFT
+    policy.timings = [1] * MAX_DRAFT
+    prompt = [10, 11, 12, 13, 14, 15, 16, 17]
+    drafter = Drafter(prompt, policy, end_ids=set())
+    ctx = [*prompt, 20, 21, 22, 23, 20, 21]  # the answer so far: "20 21" twice
+    assert drafter.propose(ctx, 22, 4)  # its own "20 21 22": drafted (the prior pays)
+    assert drafter._last[3] == ANSWER
+    before = list(policy.rate[BEFORE])
+    for i in range(30):  # the answer never goes on as it did before (23, 100, 101, ...)
+        ctx += [22, 100 + i, 20, 21]
+        drafter.propose(ctx, 22, 4)
+    assert policy.rate[ANSWER][2] < 0.3 and policy.rate[BEFORE] == before
+    assert drafter.propose(ctx, 22, 4) == []  # its own phrase: no longer drafted
+    ctx += [22, 99, 12]
+    assert policy.size(3, 4, ANSWER) == 0 and policy.size(3, 4, BEFORE) >= 1
+    k = policy.size(2, 4, BEFORE)  # the prompt's "12 13": drafted as the prior says
+    assert k >= 1
+    assert drafter.propose(ctx, 13, 4) == [14, 15, 16, 17][:k]
+    assert drafter._last[3] == BEFORE
 
 
 def test_a_pinned_policy_keeps_its_rates_and_costs_whatever_comes():
@@ -206,9 +241,9 @@ def test_a_pinned_policy_keeps_its_rates_and_costs_whatever_comes():
         policy.timed(9, 0.05)  # a slow row: 0.5 of a step
         for _ in range(40):
             policy.observed(1, 4, 0)  # every draft rejected
-    assert pinned.rate == [0.95] * LENGTHS and pinned.cost == [0.0] * MAX_DRAFT
+    assert pinned.rate == [[0.95] * LENGTHS] * 2 and pinned.cost == [0.0] * MAX_DRAFT
     assert pinned.size(1, MAX_DRAFT) == MAX_DRAFT
-    assert free.rate[0] < 0.2 and free.cost[7] > 0.4  # (what the pin holds off)
+    assert free.rate[BEFORE][0] < 0.2 and free.cost[7] > 0.4  # (what the pin holds off)
 
 
 def test_a_long_match_drafts_further_than_a_fresh_one():
@@ -216,12 +251,13 @@ def test_a_long_match_drafts_further_than_a_fresh_one():
     token drafts little or nothing; and a gain under MARGIN drafts nothing."""
     policy = DraftPolicy()
     policy.cost = [0.45] * MAX_DRAFT
-    policy.rate = [0.4, 0.6, 0.75, 0.85, 0.9, 0.93] + [0.98] * (LENGTHS - 6)
+    policy.rate[BEFORE] = [0.4, 0.6, 0.75, 0.85, 0.9, 0.93] + [0.98] * (LENGTHS - 6)
     fresh, long = policy.size(1, MAX_DRAFT), policy.size(LENGTHS, MAX_DRAFT)
     assert fresh <= 1 and long >= 8, (fresh, long)
-    policy.cost, policy.rate[0] = [0.5] * MAX_DRAFT, 0.5 + 0.5 * MARGIN  # gains MARGIN / 3
+    policy.cost = [0.5] * MAX_DRAFT
+    policy.rate[BEFORE][0] = 0.5 + 0.5 * MARGIN  # gains MARGIN / 3
     assert policy.size(1, 1) == 0
-    policy.rate[0] = 0.5 + 2 * MARGIN  # 4 MARGIN / 3
+    policy.rate[BEFORE][0] = 0.5 + 2 * MARGIN  # 4 MARGIN / 3
     assert policy.size(1, 1) == 1
 
 

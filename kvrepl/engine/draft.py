@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvrepl.engine.policy import MAX_DRAFT, DraftPolicy
+from kvrepl.engine.policy import ANSWER, BEFORE, MAX_DRAFT, DraftPolicy
 from kvrepl.ids import common_prefix
 
 MAX_NGRAM = 32  # the longest match looked for
@@ -65,6 +65,7 @@ class Lookup:
         self.where: dict[int, list[int]] = {}
         self.fwhere: dict[int, list[int]] = {}
         self.n = 0
+        self.at = -1  # where the match `guess` last gave ends (-1: none)
         self.sync(ids)
 
     def sync(self, ids: Sequence[int]) -> None:
@@ -87,9 +88,10 @@ class Lookup:
         """With `token` after the context: the length of the longest match of the context's tail
         that occurred before (the latest such), and up to `limit` ids that followed it."""
         self.buf[self.n] = token
-        length, at = self._match(self.buf, self.ids, self.where, token)
+        length, self.at = self._match(self.buf, self.ids, self.where, token)
         if length == 0 or limit <= 0:
             return 0, []
+        at = self.at
         return length, self.buf[at + 1 : min(at + 1 + limit, self.n + 1)].tolist()
 
     def _match(self, arr: np.ndarray, ids: list[int], where: dict[int, list[int]],
@@ -114,11 +116,14 @@ class Lookup:
 
     def guess(self, token: int, limit: int) -> tuple[int, list[int], bool]:
         """What follows `token` by the longest match: the exact one's continuation, or a
-        recased copy's where that match is longer and gives tokens (and then True)."""
+        recased copy's where that match is longer and gives tokens (and then True). `at` is
+        left where the match taken ends."""
         match, guess = self.continuation(token, limit)
+        exact_at = self.at
         folded, recased = self.recased(token, limit, match)
         if folded and recased:  # a longer match where the answer recases its copy (a list)
             return folded, recased, True
+        self.at = exact_at
         return match, guess, False
 
     def recased(self, token: int, limit: int, exact: int) -> tuple[int, list[int]]:
@@ -139,6 +144,7 @@ class Lookup:
         if len(changes) != 1 or None in changes:
             return 0, []  # a match that is not one and the same recasing
         mode = changes.pop()
+        self.at = at
         out: list[int] = []
         prev = token
         for t in self.buf[at + 1 : min(at + 1 + limit, end)].tolist():
@@ -264,6 +270,7 @@ class Drafter:
     def __init__(self, ids: Sequence[int], policy: DraftPolicy, end_ids: set[int],
                  recase: Recase | None = None) -> None:  # fmt: skip
         self.lookup = Lookup(ids, recase)
+        self.start = len(ids)  # where the answer starts: a match's source is before it, or in it
         self.policy = policy
         self.end_ids = end_ids
         self.drafted = self.accepted = 0
@@ -271,8 +278,8 @@ class Drafter:
         # the last proposal was worth drafting (were there room): the answer is copying, and a
         # device that runs ahead of the host waits to feed the next token with its drafts
         self.copying = False
-        # the last proposal: where it starts in the context, its tokens, its match
-        self._last: tuple[int, list[int], int] | None = None
+        # the last proposal: where it starts in the context, its tokens, its match and source
+        self._last: tuple[int, list[int], int, int] | None = None
 
     def propose(self, ids: Sequence[int], token: int, limit: int) -> list[int]:
         """Tokens to feed after `token` (which follows `ids`, the context so far), at most
@@ -288,16 +295,17 @@ class Drafter:
         if not guess:
             self._last, self.copying = None, False
             return []
-        size = self.policy.size(match, len(guess))
+        source = BEFORE if self.lookup.at < self.start else ANSWER
+        size = self.policy.size(match, len(guess), source)
         self.copying = size > 0
         k = max(0, min(size, limit))
-        self._last = (self.lookup.n + 1, guess[: max(k, 1)], match)
+        self._last = (self.lookup.n + 1, guess[: max(k, 1)], match, source)
         return guess[:k]
 
     def _settle(self, token: int) -> None:
         """Tell the policy how the last proposal fared against the ids that came after it."""
         if self._last is None:
             return
-        start, guess, match = self._last
+        start, guess, match, source = self._last
         came = [*self.lookup.ids[start:], token]
-        self.policy.observed(match, len(guess), common_prefix(guess, came))
+        self.policy.observed(match, len(guess), common_prefix(guess, came), source)

@@ -14,6 +14,10 @@ MEMORY = 64  # outcomes an acceptance rate remembers (older ones fade: the answe
 PRIOR_WEIGHT = 4.0  # outcomes the prior rate counts as
 PRIOR_COST = 0.5  # a verified row's cost, in plain steps, before any is measured
 RELAX = 0.02  # how far a cost above the prior moves back to it per proposal not drafted
+# Where the match's earlier occurrence lies, each with rates of its own: before the answer (a
+# copy of what the prompt holds: code to fix, a list to repeat) or in the answer itself (the
+# answer repeating its own words, as prose does, where far fewer drafts are taken)
+BEFORE, ANSWER = 0, 1
 
 
 class DraftPolicy:
@@ -23,17 +27,22 @@ class DraftPolicy:
     none unless that beats plain decoding by MARGIN. A drafted token that the answer takes
     lengthens the match, so the tokens of one draft are each judged by the rate of the match
     they would extend: a long copy drafts far, a fresh short match one token or none. A
-    proposal that is not fed is still checked against the token that comes, so the rates keep
-    up where nothing is drafted."""
+    match in the prompt and one in the answer itself are rated apart (`BEFORE`, `ANSWER`):
+    pooled, the prose that repeats its own phrases made a copy of the prompt start slowly, and
+    the rates learnt on copies drafted where prose does not pay. A proposal that is not fed is
+    still checked against the token that comes, so the rates keep up where nothing is
+    drafted."""
 
     def __init__(self) -> None:
         # P(a drafted token is accepted | it extends a match of length m), m = 1 .. LENGTHS
         # (longer as LENGTHS): a longer match is a better guess (measured on the embedded
         # model's answers: about 0.3 for one token, 0.9 and more past eight)
+        # (rate[source][m - 1], source BEFORE or ANSWER)
         self.prior = [min(0.95, 0.2 + 0.1 * m) for m in range(1, LENGTHS + 1)]
-        self.rate = list(self.prior)
-        self.seen = [0.0] * LENGTHS  # outcomes told per rate (faded), and of them the accepted
-        self.hits = [0.0] * LENGTHS
+        self.rate = [list(self.prior) for _ in (BEFORE, ANSWER)]
+        # outcomes told per rate (faded), and of them the accepted
+        self.seen = [[0.0] * LENGTHS for _ in (BEFORE, ANSWER)]
+        self.hits = [[0.0] * LENGTHS for _ in (BEFORE, ANSWER)]
         # cost[k - 1]: a verified row's time, in plain steps, when k tokens are drafted
         # (measured: `timed`; a count not yet timed is priced by `priced`, tried, then measured)
         self.cost = [PRIOR_COST] * MAX_DRAFT
@@ -44,7 +53,7 @@ class DraftPolicy:
     def pin(self, rate: float, cost: float) -> None:
         """Hold every acceptance rate at `rate` and every row's cost at `cost`, whatever the
         outcomes and timings (a check that must draft on any match, on any machine's speed)."""
-        self.rate = [rate] * LENGTHS
+        self.rate = [[rate] * LENGTHS for _ in (BEFORE, ANSWER)]
         self.cost = [cost] * MAX_DRAFT
         self.pinned = True
 
@@ -62,12 +71,13 @@ class DraftPolicy:
                 out[i] = last
         return out
 
-    def size(self, match: int, available: int) -> int:
-        """Tokens to draft of the `available` a match of length `match` proposes."""
+    def size(self, match: int, available: int, source: int = BEFORE) -> int:
+        """Tokens to draft of the `available` a match of length `match` proposes, its earlier
+        occurrence before the answer or in it (`source`)."""
         best, best_gain, expected, p = 0, 1.0 + MARGIN, 0.0, 1.0
-        cost = self.priced()
+        cost, rate = self.priced(), self.rate[source]
         for k in range(1, min(available, MAX_DRAFT) + 1):
-            p *= self.rate[min(match + k - 1, LENGTHS) - 1]  # the first k all accepted
+            p *= rate[min(match + k - 1, LENGTHS) - 1]  # the first k all accepted
             expected += p  # tokens a forward gains past its own: the accepted drafts
             gain = (1.0 + expected) / (1.0 + cost[k - 1] * k)
             if gain > best_gain:
@@ -87,18 +97,18 @@ class DraftPolicy:
             if c > PRIOR_COST:
                 self.cost[i] = c + RELAX * (PRIOR_COST - c)
 
-    def observed(self, match: int, drafted: int, accepted: int) -> None:
+    def observed(self, match: int, drafted: int, accepted: int, source: int = BEFORE) -> None:
         """A proposal's outcome: `accepted` of its first `drafted` tokens were what came (each
-        told to the rate of its match's length, up to the first that was not)."""
+        told to the rate of its match's length and source, up to the first that was not)."""
         if self.pinned:
             return
         keep = 1.0 - 1.0 / MEMORY
+        rate, seen, hits = self.rate[source], self.seen[source], self.hits[source]
         for j in range(min(drafted, accepted + 1)):
             i = min(match + j, LENGTHS) - 1
-            self.seen[i] = self.seen[i] * keep + 1.0
-            self.hits[i] = self.hits[i] * keep + (j < accepted)
-            weighted = self.hits[i] + PRIOR_WEIGHT * self.prior[i]
-            self.rate[i] = weighted / (self.seen[i] + PRIOR_WEIGHT)
+            seen[i] = seen[i] * keep + 1.0
+            hits[i] = hits[i] * keep + (j < accepted)
+            rate[i] = (hits[i] + PRIOR_WEIGHT * self.prior[i]) / (seen[i] + PRIOR_WEIGHT)
 
     def timed(self, rows: int, seconds: float) -> None:
         """A forward of `rows` rows took `seconds`: the plain step's time, or the cost of a row
