@@ -26,8 +26,10 @@ KVREPL_HOME ?= $(CURDIR)/sessions
 run: $(STAMP)
 	KVREPL_HOME="$(KVREPL_HOME)" $(VENV)/bin/kvrepl $(ARGS)
 
+# Test files run on 2 processes or more (pytest-xdist; at most 4: each loads its own models),
+# a file's tests on one of them.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q --durations=15 -n auto --maxprocesses 4 --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_cpu.py

@@ -148,9 +148,12 @@ class Jobs:
     tests/faulty_kvrepl.py with a fault), in the checkout; a test waits for its own by name.
     Their stdout and stderr are files in <root>/<name>/."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, defer: bool = False) -> None:
         self.root = root
         self.procs: dict[str, Kvrepl] = {}
+        # defer: a job starts when a test first waits for one (then all of them together)
+        self.pending: list[tuple[str, list[str], bytes | None, str | None, dict[str, str]]] = []
+        self.defer = defer
         self.cleanups: dict[str, Callable[[], Any]] = {}  # run when the job's result is taken
         self.data: dict[str, Any] = {}  # what a job's test needs to know from its set-up
 
@@ -158,11 +161,17 @@ class Jobs:
               fault: str | None = None, **env: str) -> Path:  # fmt: skip
         """Start kvrepl ARGS with `stdin` piped in (None: /dev/null); returns the job's folder."""
         folder = self.root / name
+        if self.defer:
+            self.pending.append((name, args, stdin, fault, env))
+            return folder
         self.procs[name] = Kvrepl(args, stdin=stdin, out_dir=folder, cwd=ROOT, env=env,
                                   fault=fault, script=fault is None)  # fmt: skip
         return folder
 
     def wait(self, name: str, timeout: float = 300) -> Done:
+        self.defer, pending, self.pending = False, self.pending, []
+        for job, args, stdin, fault, env in pending:
+            self.start(job, args, stdin, fault=fault, **env)
         try:
             return self.procs[name].finish(timeout)
         finally:

@@ -5,6 +5,7 @@ when the first test here starts."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,7 +128,9 @@ def jobs(request, tmp_path_factory, model_dir) -> Iterator[Jobs]:
     in-process tests of every file here; each test waits for its own. Stores live in
     <job>/store. (Session scope: a module's would start them with test_processes.py alone.)"""
     selected = {getattr(item, "originalname", item.name) for item in request.session.items}
-    j = Jobs(tmp_path_factory.mktemp("jobs"))
+    # Under pytest-xdist each worker collects every test, and would start every job: there they
+    # start when a test first waits for one, on the worker that runs test_processes.py.
+    j = Jobs(tmp_path_factory.mktemp("jobs"), defer="PYTEST_XDIST_WORKER" in os.environ)
     try:
         if "test_a_process_killed_around_the_turn_write_leaves_no_phantom_turn" in selected:
             for fault in KILLS:
