@@ -71,7 +71,7 @@ def test_a_first_start_leaves_the_tokenizer_to_the_background_load(tmp_path, mon
     handle = ModelHandle(Settings(), load=slow)
     said: list[str] = []
     handle.prepare(said.append)
-    assert said == ["first start with this model: reading its tokenizer once (about 10 s)…"]
+    assert said == ["first start with this model: reading its tokenizer once (about 8 s)…"]
     assert not firststart.meta_folder(models.embedded_gguf()).exists()
     handle.start()
     assert handle.status() == FIRST_START_STATUS

@@ -87,7 +87,7 @@ class ModelHandle:
         """Before the prompt: what the user gave is checked (a template file, the device, the
         model's path, a .gguf's header), so that a mistake is one line now, not at the first
         message; and a first start's one-time work is said. Reading a GGUF's tokenizer (the
-        fast path's, about 10 s) is left to the load, in the background while the user types;
+        fast path's, about 8 s) is left to the load, in the background while the user types;
         dequantizing a GGUF for transformers is done now (its progress bar, on stderr, would
         tear the input if it ran in the background)."""
         from kvrepl.engine import devices, firststart, models

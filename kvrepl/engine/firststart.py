@@ -67,7 +67,7 @@ def first_start(source: Any, dtype: str, device: str | None) -> str | None:
     if uses_fast_path(source, dtype, device):
         if (meta_folder(source.path) / "config.json").is_file():
             return None
-        return "first start with this model: reading its tokenizer once (about 10 s)…"
+        return "first start with this model: reading its tokenizer once (about 8 s)…"
     if is_converted(source.path):
         return None
     return "first start with this model: dequantizing it once (about 20 s)…"
