@@ -52,13 +52,20 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _embedded_model_converted(request: pytest.FixtureRequest) -> None:
     """Dequantize the embedded GGUF once, before any test starts kvrepl processes: on a fresh
-    machine, several processes would otherwise each convert it at the same time. Skipped where
-    no selected test needs the real model (a GPU run of `-m "not model"`, which has no GGUF)."""
+    machine, several processes would otherwise each convert it at the same time (pytest-xdist's
+    workers too: they take turns on a lock, and the later ones find it done). Skipped where no
+    selected test needs the real model (a GPU run of `-m "not model"`, which has no GGUF)."""
+    import fcntl
+
     from kvrepl.engine import firststart, models
 
     if request.config.getoption("-m") == "not model":
         return
-    firststart.convert_gguf(models.embedded_gguf(), progress=False)
+    lock = firststart.cache_dir() / "models" / ".tests-convert.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        firststart.convert_gguf(models.embedded_gguf(), progress=False)
 
 
 @pytest.fixture(autouse=True)

@@ -169,8 +169,9 @@ class Jobs:
         return folder
 
     def wait(self, name: str, timeout: float = 300) -> Done:
-        self.defer, pending, self.pending = False, self.pending, []
-        for job, args, stdin, fault, env in pending:
+        self.defer = False
+        while self.pending:  # one at a time off the list: a start that fails leaves the rest
+            job, args, stdin, fault, env = self.pending.pop(0)
             self.start(job, args, stdin, fault=fault, **env)
         try:
             return self.procs[name].finish(timeout)

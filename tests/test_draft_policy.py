@@ -243,6 +243,11 @@ def test_a_pinned_policy_keeps_its_rates_and_costs_whatever_comes():
             policy.observed(1, 4, 0)  # every draft rejected
     assert pinned.rate == [[0.95] * LENGTHS] * 2 and pinned.cost == [0.0] * MAX_DRAFT
     assert pinned.size(1, MAX_DRAFT) == MAX_DRAFT
+    high = DraftPolicy()
+    high.pin(rate=0.3, cost=0.8)  # never pays: every proposal undrafted, the cost still held
+    for _ in range(200):
+        assert high.size(1, MAX_DRAFT) == 0
+    assert high.cost == [0.8] * MAX_DRAFT
     assert free.rate[BEFORE][0] < 0.2 and free.cost[7] > 0.4  # (what the pin holds off)
 
 
@@ -324,6 +329,14 @@ def test_a_capitalised_copy_is_drafted_capitalised(real):
     assert length > exact
     assert tok.decode(guess).startswith(" Olive Oil\n- Rice\nAgain")
     assert Lookup(ctx).recased(token, 16, exact) == (0, [])  # no Recase: no such match
+    # drafted from the prompt's list: its rates are the prompt's (BEFORE), even where the exact
+    # lookup's shorter match lies in the answer ("- A" after "Again:\n")
+    prompt = enc("List:\n- apples\n- bread\n- olive oil\n- rice\nAgain:\n")
+    policy = DraftPolicy()
+    policy.pin(rate=0.95, cost=0.0)
+    drafter = Drafter(prompt, policy, end_ids=set(), recase=Recase(tok))
+    assert tok.decode(drafter.propose(ctx, token, 4)).startswith(" Olive")
+    assert drafter.recased == 1 and drafter._last[3] == BEFORE
     # a match that recases two ways (one word up, one down) is no one change: no draft
     mixed = enc("- Apples\n- bread\n- rice\nAgain:\n- apples\n- Bread\n-")
     lk = Lookup(mixed[:-1], Recase(tok))

@@ -162,6 +162,34 @@ def test_a_first_start_reads_the_gguf_metadata_once_and_each_reader_gets_its_own
     assert gguf_utils.load_gguf_checkpoint is read  # put back
 
 
+@pytest.mark.model
+def test_a_first_start_parses_the_real_gguf_once(monkeypatch, tmp_path):
+    """The embedded model's first start: gguf-py parses the file once for the config and the
+    tokenizer both (twice without `metadata_read_once`), and afterwards transformers' reader is
+    its own again wherever it is held."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    read = gguf_utils.load_gguf_checkpoint
+    parses = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    monkeypatch.setenv("KVREPL_CACHE", str(tmp_path))
+    folder = firststart.prepare_meta(models.embedded_gguf())
+    assert len(parses) == 1, parses
+    assert (folder / "tokenizer.json").is_file() and (folder / "config.json").is_file()
+    import sys
+
+    held = [m for m in list(sys.modules.values())
+            if "load_gguf_checkpoint" in getattr(m, "__dict__", {})]  # fmt: skip
+    assert held and all(m.__dict__["load_gguf_checkpoint"] is read for m in held)
+
+
 # ---------------------------------------------------------------------------------------------
 # fingerprint (the real model's config and tokenizer)
 

@@ -65,7 +65,7 @@ class Lookup:
         self.where: dict[int, list[int]] = {}
         self.fwhere: dict[int, list[int]] = {}
         self.n = 0
-        self.at = -1  # where the match `guess` last gave ends (-1: none)
+        self.at = -1  # where the last match looked up ends (-1: none)
         self.sync(ids)
 
     def sync(self, ids: Sequence[int]) -> None:
@@ -295,7 +295,8 @@ class Drafter:
         if not guess:
             self._last, self.copying = None, False
             return []
-        source = BEFORE if self.lookup.at < self.start else ANSWER
+        # where the drafted tokens come from: the prompt, or the answer (its first tokens too)
+        source = BEFORE if self.lookup.at + 1 < self.start else ANSWER
         size = self.policy.size(match, len(guess), source)
         self.copying = size > 0
         k = max(0, min(size, limit))

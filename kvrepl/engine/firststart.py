@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,30 +146,41 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     return _publish(target, write, gguf)
 
 
+_READ_ONCE = threading.Lock()  # one patched region at a time (the patch is process-wide)
+
+
 @contextmanager
 def metadata_read_once() -> Iterator[None]:
     """Within: transformers reads a GGUF file's metadata once, however many of its classes
     ask. Its config and its tokenizer each parse the whole file with gguf-py, which takes
     about 20 s on a vocabulary of 262k tokens (Gemma 3's; measured on 2 cores); later reads
-    get a copy of the first (the callers may change what they get)."""
+    get a copy of the first (the callers may change what they get). transformers 5.17 imports
+    the reader into its modules at their top, later versions call it from its own module:
+    every module that holds it gets the wrapper, and then the reader back."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     read = gguf_utils.load_gguf_checkpoint
     kept: dict[str, Any] = {}
 
-    def once(path: Any, return_tensors: bool = False, **kwargs: Any) -> Any:
-        if return_tensors or kwargs:
-            return read(path, return_tensors, **kwargs)
+    def once(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs.get("return_tensors") or set(kwargs) - {"return_tensors"}:
+            return read(path, *args, **kwargs)  # the weights, or a way this does not know
         key = os.fspath(path)
         if key not in kept:
-            kept[key] = read(path, False)
+            kept[key] = read(path, return_tensors=False)
         return copy.deepcopy(kept[key])
 
-    gguf_utils.load_gguf_checkpoint = once
-    try:
-        yield
-    finally:
-        gguf_utils.load_gguf_checkpoint = read
+    def swap(old: Any, new: Any) -> None:  # (a module imported within took the wrapper too)
+        for module in list(sys.modules.values()):  # (their own names: no lazy __getattr__)
+            if getattr(module, "__dict__", {}).get("load_gguf_checkpoint") is old:
+                module.load_gguf_checkpoint = new
+
+    with _READ_ONCE:
+        swap(read, once)
+        try:
+            yield
+        finally:
+            swap(once, read)
 
 
 @contextmanager

@@ -93,6 +93,8 @@ class DraftPolicy:
         rest of the session (untimed counts are priced as the timed one below them); now the
         policy tries again after some 100 proposals, and a cost that is truly high is measured
         again as high."""
+        if self.pinned:
+            return
         for i, c in enumerate(self.cost):
             if c > PRIOR_COST:
                 self.cost[i] = c + RELAX * (PRIOR_COST - c)

@@ -125,7 +125,8 @@ def _newer_schema_store(home: Path) -> bytes:
 def jobs(request, tmp_path_factory, model_dir) -> Iterator[Jobs]:
     """The cases that need a real kvrepl process (test_processes.py), started together when the
     first test of this folder starts (those whose tests are selected), side by side with the
-    in-process tests of every file here; each test waits for its own. Stores live in
+    in-process tests of every file here (under pytest-xdist: when a test first waits for one,
+    beside the other workers' tests); each test waits for its own. Stores live in
     <job>/store. (Session scope: a module's would start them with test_processes.py alone.)"""
     selected = {getattr(item, "originalname", item.name) for item in request.session.items}
     # Under pytest-xdist each worker collects every test, and would start every job: there they
