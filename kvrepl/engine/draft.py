@@ -65,7 +65,7 @@ class Lookup:
         self.where: dict[int, list[int]] = {}
         self.fwhere: dict[int, list[int]] = {}
         self.n = 0
-        self.at = -1  # where the last match looked up ends (-1: none)
+        self.at = -1  # where the match of the last guess ends (-1: none)
         self.sync(ids)
 
     def sync(self, ids: Sequence[int]) -> None:
@@ -88,10 +88,10 @@ class Lookup:
         """With `token` after the context: the length of the longest match of the context's tail
         that occurred before (the latest such), and up to `limit` ids that followed it."""
         self.buf[self.n] = token
-        length, self.at = self._match(self.buf, self.ids, self.where, token)
+        length, at = self._match(self.buf, self.ids, self.where, token)
+        self.at = at
         if length == 0 or limit <= 0:
             return 0, []
-        at = self.at
         return length, self.buf[at + 1 : min(at + 1 + limit, self.n + 1)].tolist()
 
     def _match(self, arr: np.ndarray, ids: list[int], where: dict[int, list[int]],
@@ -116,14 +116,12 @@ class Lookup:
 
     def guess(self, token: int, limit: int) -> tuple[int, list[int], bool]:
         """What follows `token` by the longest match: the exact one's continuation, or a
-        recased copy's where that match is longer and gives tokens (and then True). `at` is
-        left where the match taken ends."""
+        recased copy's where that match is longer and gives tokens (and then True); `at` is
+        where the match taken ends."""
         match, guess = self.continuation(token, limit)
-        exact_at = self.at
         folded, recased = self.recased(token, limit, match)
         if folded and recased:  # a longer match where the answer recases its copy (a list)
             return folded, recased, True
-        self.at = exact_at
         return match, guess, False
 
     def recased(self, token: int, limit: int, exact: int) -> tuple[int, list[int]]:
@@ -144,7 +142,6 @@ class Lookup:
         if len(changes) != 1 or None in changes:
             return 0, []  # a match that is not one and the same recasing
         mode = changes.pop()
-        self.at = at
         out: list[int] = []
         prev = token
         for t in self.buf[at + 1 : min(at + 1 + limit, end)].tolist():
@@ -153,6 +150,8 @@ class Lookup:
                 break
             out += ids
             prev = t
+        if out:  # the recased copy is the guess (`guess` takes it): its match's end
+            self.at = at
         return length, out[:limit]
 
 
