@@ -9,10 +9,15 @@ capacity (16,896 positions) unless --capacity says otherwise.
     python bench/gpu_step.py                      # 135M, 1B, 8B
     python bench/gpu_step.py --shapes 135M --modes late:1024,late:0,early:0,0:0
     python bench/gpu_step.py --tiles 1B,8B        # decode tiles of those shapes' weights
+    python bench/gpu_step.py --ablate 135M,1B     # what each kind of kernel adds to the step
 
 --tiles: every (BN, warps, stages) at one row for each weight of the shapes (bench/gpu_tune.py's
 SHAPES), BK as the kernels fix it, timed in a CUDA graph over 200 MB of weight copies; the
 fastest, the one the kernels take now, and whether all gave bit-identical results.
+
+--ablate: the step's graph replayed with one kind of kernel left out (the norms, the attention,
+its combine, the matmuls): what each kind costs where it sits in the chain (the logits are then
+wrong; only the time is read).
 """
 
 from __future__ import annotations
@@ -141,6 +146,54 @@ def tiles(shape: str) -> list[dict]:
     return rows
 
 
+ABLATE = {  # what to leave out: (module attribute, stand-in)
+    "norms": ("rmsnorm", lambda x, w, eps, out: out),
+    "attention": ("attention", lambda q, kc, vc, pos, att, *rest: att),
+    "combine": ("_attn_combine", None),
+    "matmuls": ("matmul", lambda x, w, out, *a, **k: out),
+}
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        return lambda *a, **k: None
+
+
+def ablate(shape: str, capacity: int) -> dict:
+    """The step's replay time with each kind of kernel left out, against the whole step."""
+    from kvrepl.backends.gpu import triton_attn as A
+    from kvrepl.backends.gpu import triton_ops as T
+
+    model = build(shape, capacity)
+    gm = gpu_model(model, capacity)
+    layers = gm.new_layers()
+    row: dict = {"shape": shape}
+    with torch.inference_mode():
+        gm.forward(tokens(128, 1), layers)
+        b = gm._buffers(1)
+        b["ids"].fill_(7)
+        b["pos"].fill_(layers[0].get_seq_length())
+        for name in ["none", *ABLATE, "none"]:
+            saved = []
+            if name != "none":
+                attr, stand_in = ABLATE[name]
+                mod = A if attr == "_attn_combine" else T
+                saved.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, stand_in or _NoLaunch())
+                if name == "matmuls":
+                    saved.append((T, "matmul_rope", T.matmul_rope))
+                    T.matmul_rope = lambda x, w, q, *a, **k: q
+            try:
+                gm._graphs.clear()
+                row[name] = round(replay_us(gm._graph(b, layers)), 1)
+            finally:
+                for mod, attr, value in saved:
+                    setattr(mod, attr, value)
+    del gm, model
+    torch.cuda.empty_cache()
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shapes", default="135M,1B,8B")
@@ -148,7 +201,12 @@ def main() -> int:
                     help="MODE:PREFETCH, the first is the one the engine rows use")  # fmt: skip
     ap.add_argument("--capacity", type=int, default=CAPACITY, help="the cache's positions")
     ap.add_argument("--tiles", default=None, help="shapes whose decode tiles to sweep")
+    ap.add_argument("--ablate", default=None, help="shapes whose step to time without each kind")
     args = ap.parse_args()
+    if args.ablate:
+        for shape in args.ablate.split(","):
+            print(json.dumps(ablate(shape, args.capacity)), flush=True)
+        return 0
     if args.tiles:
         for shape in args.tiles.split(","):
             for r in tiles(shape):
