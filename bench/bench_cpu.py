@@ -85,27 +85,20 @@ def cpu_name() -> str:
 
 
 class LlamaCpp:
-    def __init__(self, gguf: Path, threads: int) -> None:
-        from llama_cpp import Llama
+    """llama.cpp on a GGUF, in a process of its own (cpp_worker.py says why)."""
 
-        self.llm = Llama(model_path=str(gguf), n_ctx=8192, n_threads=threads,
-                         n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
+    def __init__(self, gguf: Path, threads: int) -> None:
+        from cpp_worker import Worker
+
+        self.worker = Worker(gguf, threads)
 
     def prefill(self, ids: list[int]) -> float:
-        self.llm.reset()
-        t = time.perf_counter()
-        self.llm.eval(ids)
-        return time.perf_counter() - t
+        return self.worker.prefill(ids)
 
     def decode(self, ids: list[int], n: int) -> dict[str, Any]:
-        stamps, tokens = [], []
-        for tok in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            tokens.append(int(tok))
-            stamps.append((time.perf_counter(), len(tokens)))
-            if len(tokens) >= n:
-                break
-        r = be.rates(stamps)
-        r["tokens"] = tokens
+        got = self.worker.decode(ids, n)
+        r = be.rates([(t, i + 1) for i, t in enumerate(got["stamps"])])
+        r["tokens"] = got["tokens"]
         return r
 
 
