@@ -74,13 +74,20 @@ def engine_like_us(gm, layers, n: int = 200) -> tuple[float, float]:  # noqa: AN
     return (time.perf_counter() - t) * 1e6 / n, spent * 1e6 / n
 
 
-def shape_row(shape: str, modes: list[tuple[str, int]], capacity: int) -> dict:
+def prefilled(shape: str, capacity: int) -> tuple:
+    """The shape's model, its GPU model and cache layers holding a 128-token prompt."""
     model = build(shape, capacity)
     gm = gpu_model(model, capacity)
     layers = gm.new_layers()
-    row: dict = {"shape": shape}
     with torch.inference_mode():
         gm.forward(tokens(128, 1), layers)
+    return model, gm, layers
+
+
+def shape_row(shape: str, modes: list[tuple[str, int]], capacity: int) -> dict:
+    model, gm, layers = prefilled(shape, capacity)
+    row: dict = {"shape": shape}
+    with torch.inference_mode():
         gm.forward([5], layers)
         layers_pos = layers[0].get_seq_length()
         b = gm._buffers(1)
@@ -164,12 +171,9 @@ def ablate(shape: str, capacity: int) -> dict:
     from kvrepl.backends.gpu import triton_attn as A
     from kvrepl.backends.gpu import triton_ops as T
 
-    model = build(shape, capacity)
-    gm = gpu_model(model, capacity)
-    layers = gm.new_layers()
+    model, gm, layers = prefilled(shape, capacity)
     row: dict = {"shape": shape}
     with torch.inference_mode():
-        gm.forward(tokens(128, 1), layers)
         b = gm._buffers(1)
         b["ids"].fill_(7)
         b["pos"].fill_(layers[0].get_seq_length())
