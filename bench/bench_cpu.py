@@ -88,9 +88,15 @@ class LlamaCpp:
     """llama.cpp on a GGUF, in a process of its own (cpp_worker.py says why)."""
 
     def __init__(self, gguf: Path, threads: int) -> None:
-        from cpp_worker import Worker
+        import importlib.util
 
+        from cpp_worker import Worker
+        from cpu_load import count_as_own
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ImportError("llama_cpp")
         self.worker = Worker(gguf, threads)
+        count_as_own(self.worker.proc.pid)
 
     def prefill(self, ids: list[int]) -> float:
         return self.worker.prefill(ids)

@@ -11,7 +11,9 @@ where no kvrepl kernel runs); `Worker` runs it in a child process, served one JS
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,6 +55,7 @@ class Worker:
     def __init__(self, gguf: str | Path, threads: int) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), str(gguf), str(threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        atexit.register(self.close)
         self._read()  # ready: the model is loaded
 
     def _read(self) -> Any:
@@ -75,17 +78,19 @@ class Worker:
         return self._call("decode", ids, n)
 
     def close(self) -> None:
-        if self.proc.stdin:
+        if self.proc.stdin and not self.proc.stdin.closed:
             self.proc.stdin.close()
         self.proc.wait()
 
 
 def main() -> int:
+    replies = os.fdopen(os.dup(1), "w")  # the pipe; anything else printed goes to stderr
+    os.dup2(2, 1)
     cpp = Alone(sys.argv[1], int(sys.argv[2]))
-    print(json.dumps("ready"), flush=True)
+    print(json.dumps("ready"), file=replies, flush=True)
     for line in sys.stdin:
         op, *args = json.loads(line)
-        print(json.dumps(getattr(cpp, op)(*args)), flush=True)
+        print(json.dumps(getattr(cpp, op)(*args)), file=replies, flush=True)
     return 0
 
 

@@ -177,9 +177,9 @@ def ablate(shape: str, capacity: int) -> dict:
         b = gm._buffers(1)
         b["ids"].fill_(7)
         b["pos"].fill_(layers[0].get_seq_length())
-        for name in ["none", *ABLATE, "none"]:
+        for name in ["none", *ABLATE, "none again"]:  # the whole step first and last: drift
             saved = []
-            if name != "none":
+            if name in ABLATE:
                 attr, stand_in = ABLATE[name]
                 mod = A if attr == "_attn_combine" else T
                 saved.append((mod, attr, getattr(mod, attr)))
