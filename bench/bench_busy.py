@@ -92,7 +92,8 @@ class Child:
         if args.passive:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         cmd = [sys.executable, __file__, "--child", engine, "--tokens", str(args.tokens),
-               "--ids", args.ids, "--threads", str(args.threads), "--gguf", args.gguf]  # fmt: skip
+               "--ids", args.ids_file, "--threads", str(args.threads),
+               "--gguf", args.gguf]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)  # fmt: skip
         from cpu_load import count_as_own
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="kvrepl-busy-") as tmp:
-        args.ids = str(Path(tmp) / "ids.json")
+        args.ids_file = str(Path(tmp) / "ids.json")
         return measure(args)
 
 
@@ -235,7 +236,7 @@ def measure(args: argparse.Namespace) -> int:
 
     from kvrepl.engine import models
 
-    prompt_ids(args.context, Path(args.ids))
+    prompt_ids(args.context, Path(args.ids_file))
     args.threads, args.gguf = torch.get_num_threads(), str(models.embedded_gguf())
     t0 = time.perf_counter()
     engines = ["kvrepl"]

@@ -642,6 +642,7 @@ def test_a_gguf_files_bytes_leave_resident_memory_once_read(kernels):
     before = resident_kb()
     for name in names:
         f.packed(name)
+    f.finish()  # as the load ends (gguf_model.build)
     after = resident_kb()
     assert before > 0.9 * path.stat().st_size / 1024
-    assert after < 0.1 * before  # the header (its tokenizer) and the norms stay
+    assert after < 0.05 * before  # the header (its tokenizer, 1.7 MB) and the norms stay

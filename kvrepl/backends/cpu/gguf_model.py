@@ -46,6 +46,7 @@ class GGUFTensors:
             raise FastPathError(str(exc)) from None
         self.arch = head.arch
         self.by_name = head.tensors
+        self._read: list[tuple[int, int]] = []  # the byte ranges packed (and dropped) so far
 
     def has(self, name: str) -> bool:
         return name in self.by_name
@@ -66,7 +67,15 @@ class GGUFTensors:
         except QuantError as exc:
             raise FastPathError(f"{name}: {exc}") from None
         finally:
+            self._read.append((off, end))
             self._done(off, end)
+
+    def finish(self) -> None:
+        """Drop every packed range again, at the load's end: reading a tensor maps the pages
+        around the one it faults in (the kernel's fault-around, 64 KB), so its neighbours'
+        dropped pages came back, about 7 MB of the embedded model's file."""
+        for start, end in self._read:
+            self._done(start, end)
 
     def _done(self, start: int, end: int) -> None:
         """The file's bytes [start, end) are read: out of this process's resident memory (the
@@ -143,8 +152,9 @@ def build(f: GGUFTensors, config: Any, kernels: native.Kernels, context_length: 
         layers.append(layer)
     embed = mat(GGUF_TOP["embed"])
     head = mat(GGUF_TOP["lm_head"]) if f.has(GGUF_TOP["lm_head"]) else embed
-    return FastModel(config, embed, layers, norm(GGUF_TOP["final_norm"]), head, kernels,
-                     context_length)  # fmt: skip
+    final_norm = norm(GGUF_TOP["final_norm"])
+    f.finish()
+    return FastModel(config, embed, layers, final_norm, head, kernels, context_length)
 
 
 def from_hf(model: Any, qtype: str, kernels: native.Kernels, context_length: int,
