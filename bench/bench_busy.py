@@ -110,7 +110,7 @@ class Child:
         if "stamps" in r:  # llama.cpp's child: its tokens' times
             import bench_engine as be
 
-            rates = be.rates([(t, i + 1) for i, t in enumerate(r.pop("stamps"))])
+            rates = be.rates(r.pop("stamps"))
             r.update(tok_s=rates["mean"], med=rates["med"])
         return r
 

@@ -103,7 +103,7 @@ class LlamaCpp:
 
     def decode(self, ids: list[int], n: int) -> dict[str, Any]:
         got = self.worker.decode(ids, n)
-        r = be.rates([(t, i + 1) for i, t in enumerate(got["stamps"])])
+        r = be.rates(got["stamps"])
         r["tokens"] = got["tokens"]
         return r
 

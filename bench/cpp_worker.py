@@ -38,12 +38,13 @@ class Alone:
         return time.perf_counter() - t
 
     def decode(self, ids: list[int], n: int) -> dict[str, Any]:
-        """n greedy tokens after ids (the cache's common prefix kept): each token's time stamp
-        (perf_counter, this process's) and the tokens."""
+        """n greedy tokens after ids (the cache's common prefix kept): (time, tokens so far) at
+        each token, as bench_engine.rates takes them (perf_counter, this process's), and the
+        tokens."""
         stamps, tokens = [], []
         for tok in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
             tokens.append(int(tok))
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), len(tokens)))
             if len(tokens) >= n:
                 break
         return {"stamps": stamps, "tokens": tokens}

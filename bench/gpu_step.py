@@ -153,11 +153,12 @@ def tiles(shape: str) -> list[dict]:
     return rows
 
 
-ABLATE = {  # what to leave out: (module attribute, stand-in)
-    "norms": ("rmsnorm", lambda x, w, eps, out: out),
-    "attention": ("attention", lambda q, kc, vc, pos, att, *rest: att),
-    "combine": ("_attn_combine", None),
-    "matmuls": ("matmul", lambda x, w, out, *a, **k: out),
+ABLATE = {  # what to leave out: (module, attribute, stand-in), triton_ops ("T") or triton_attn
+    "norms": [("T", "rmsnorm", lambda x, w, eps, out: out)],
+    "attention": [("T", "attention", lambda q, kc, vc, pos, att, *rest: att)],
+    "combine": [("A", "_attn_combine", None)],  # None: a kernel whose launches do nothing
+    "matmuls": [("T", "matmul", lambda x, w, out, *a, **k: out),
+                ("T", "matmul_rope", lambda x, w, q, *a, **k: q)],
 }
 
 
@@ -179,14 +180,10 @@ def ablate(shape: str, capacity: int) -> dict:
         b["pos"].fill_(layers[0].get_seq_length())
         for name in ["none", *ABLATE, "none again"]:  # the whole step first and last: drift
             saved = []
-            if name in ABLATE:
-                attr, stand_in = ABLATE[name]
-                mod = A if attr == "_attn_combine" else T
+            for key, attr, stand_in in ABLATE.get(name, []):
+                mod = {"T": T, "A": A}[key]
                 saved.append((mod, attr, getattr(mod, attr)))
                 setattr(mod, attr, stand_in or _NoLaunch())
-                if name == "matmuls":
-                    saved.append((T, "matmul_rope", T.matmul_rope))
-                    T.matmul_rope = lambda x, w, q, *a, **k: q
             try:
                 gm._graphs.clear()
                 row[name] = round(replay_us(gm._graph(b, layers)), 1)
