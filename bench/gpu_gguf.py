@@ -184,7 +184,8 @@ def read_bytes(gm: Any) -> int:
     return total
 
 
-# the figure's GGUF modes: "now" the kernel as it is; "elements" its element loader; "picks" the
+# the figure's GGUF modes: "now" the kernel as it is; "convert", "bits", "f16": triton_ops.QFLOAT's;
+# "elements" its element loader; "picks" the
 # configs in the file KVREPL_QPICKS names (gpu_qtune.py --picks), "old" the configs before them
 MODES = tuple(os.environ.get("KVREPL_GGUF_MODES", "old,now").split(","))
 _NOW: dict = {}
@@ -192,9 +193,12 @@ _NOW: dict = {}
 
 def _mode(T: Any, mode: str) -> None:
     if not _NOW:
-        _NOW.update(QLOAD=T.QLOAD, QPICK=dict(T.QPICK), QDECODE=T.QDECODE)
+        _NOW.update(QLOAD=T.QLOAD, QPICK=dict(T.QPICK), QDECODE=T.QDECODE, QFLOAT=T.QFLOAT)
     T.QLOAD, T.QPICK, T.QDECODE = _NOW["QLOAD"], dict(_NOW["QPICK"]), _NOW["QDECODE"]
-    if mode == "elements":
+    T.QFLOAT = _NOW["QFLOAT"]
+    if mode in ("convert", "bits", "f16"):  # QFLOAT: the int -> float instruction, the bits,
+        T.QFLOAT = mode  # or float16 weights and activations where the scales are float16
+    elif mode == "elements":
         T.QLOAD = "elements"
     elif mode == "picks":
         picks = json.loads(Path(os.environ["KVREPL_QPICKS"]).read_text())

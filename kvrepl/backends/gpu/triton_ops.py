@@ -2,7 +2,7 @@
 each batch-invariant by construction, as the CPU kernels are (native/kernels.c); the attention
 kernels are in triton_attn.py (re-exported here: model.py takes every kernel from this module),
 and how kernels follow one another (programmatic dependent launch, the weights' L2 prefetch) in
-triton_pdl.py. A Llama layer is eight kernels:
+triton_pdl.py, the tiles of GGUF blocks in triton_quant.py. A Llama layer is eight kernels:
 
 - matmul: every output tile is 16 rows x BN columns; the K loop runs in blocks of BK in order and
   accumulates in float32, with no split of K: a row's result never depends on the rows beside it.
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kvrepl.backends.gpu import triton_pdl as P
+from kvrepl.backends.gpu import triton_quant as Q
 from kvrepl.backends.gpu.triton_attn import attention, part_floats
 
 __all__ = ["attention", "matmul", "matmul_rope", "part_floats", "rmsnorm"]
@@ -40,6 +41,11 @@ BM = 16  # rows per tile: fixed (with each weight's BK, it decides the arithmeti
 QLOAD = os.environ.get("KVREPL_GPU_QLOAD", "blocks")
 # decode (m <= BM) over GGUF blocks takes _qdecode's tiles (False: _config's, as before them)
 QDECODE = True
+# How a GGUF block's quants become floats (triton_quant._float): "convert", the int -> float
+# instruction (as before); "bits", made by their bits (the same floats, fewer instructions); "f16":
+# weights with float16 scales dequantized in float16, the activations cast to float16 (other
+# values). Not yet timed on a GPU: `KVREPL_GGUF_MODES=convert,bits,f16 bench_gpu.py --gguf 8B`.
+QFLOAT = os.environ.get("KVREPL_GPU_QFLOAT", "convert")
 # (GGUF type, rows, K, pair) -> (BN, warps, stages, QLOAD) for a decode step (m <= BM): the
 # benchmarks' override of the quantized configs (empty: _qdecode's)
 QPICK: dict = {}
@@ -48,17 +54,16 @@ QPICK: dict = {}
 @triton.jit(do_not_specialize=["M"])
 def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm, swn, sdn, som,
             srm, sqo, skh, H, KVH, HAS_RES: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
-            QT: tl.constexpr, Q3: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
-            BMc: tl.constexpr, BN: tl.constexpr, BKc: tl.constexpr, PREC: tl.constexpr,
-            PDL: tl.constexpr, PF: tl.constexpr):  # fmt: skip
+            QT: tl.constexpr, Q3: tl.constexpr, CV: tl.constexpr, D: tl.constexpr,
+            ROT: tl.constexpr, BMc: tl.constexpr, BN: tl.constexpr, BKc: tl.constexpr,
+            PREC: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):  # fmt: skip
     """out = [residual +] x @ w^T; or, with two accumulators, silu(x @ gate^T) * (x @ up^T)
     (GLU: w holds gate's N rows, then up's) or the rotary embedding (ROPE: w is the
     QKV weight, N its rows; a program takes BN columns of heads' first halves and the BN
     columns half a head on: q rotated into qo, k rotated and v into the caches at the rows'
-    positions). QT: w holds GGUF blocks (qweights.py; wd, wm their scales and minimums),
-    dequantized tile by tile in registers. Per row, the same operations in the same order
-    whatever rows share the tile (M is not specialized on: one kernel for every row count).
-    PDL (triton_pdl): prefetch PF weight columns into L2, then wait for the kernel before."""
+    positions). QT: w holds GGUF blocks, dequantized tile by tile (triton_quant.py). Per row,
+    the same operations in the same order whatever rows share the tile (M is not specialized
+    on). PDL (triton_pdl): prefetch PF weight columns into L2, then wait for the one before."""
     pn, pm = tl.program_id(0), tl.program_id(1)
     rm = pm * BMc + tl.arange(0, BMc)
     rk = tl.arange(0, BKc)
@@ -84,11 +89,11 @@ def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm
     acc = tl.zeros((BMc, BN), dtype=tl.float32)
     acc2 = tl.zeros((BMc, BN), dtype=tl.float32)
     for k0 in range(0, K, BKc):
-        a = tl.load(x + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rows_ok, other=0.0)
-        b = _weights(w, wd, wm, rn, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, BKc)
+        a = Q.activations(x + rm[:, None] * sxm + (k0 + rk)[None, :], rows_ok, CV)
+        b = Q.weights(w, wd, wm, rn, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, CV, BKc)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
         if GLU or ROPE:
-            u = _weights(w, wd, wm, rn2, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, BKc)
+            u = Q.weights(w, wd, wm, rn2, k0, rk, swn, sdn, cols_ok, a.dtype, QT, Q3, CV, BKc)
             acc2 = tl.dot(a, tl.trans(u), acc2, input_precision=PREC)
     if PDL == 2:
         P.next_may_start()
@@ -106,68 +111,6 @@ def _matmul(x, w, wd, wm, out, res, qo, cos_t, sin_t, kc, vc, pos0, M, N, K, sxm
             r = tl.load(res + rm[:, None] * srm + rn[None, :], mask=ok, other=0.0)
             y = (r.to(tl.float32) + y.to(tl.float32)).to(out.dtype.element_ty)
         tl.store(out + rm[:, None] * som + rn[None, :], y, mask=ok)
-
-
-@triton.jit
-def _weights(w, wd, wm, rn, k0, rk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
-             Q3: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """The weight tile [rows rn, columns k0 + rk] in the activations' dtype. QT 1 (Q8_0), 2
-    (Q4_0), 3 (Q4_1): dequantized as gguf-py does, in float32 (q * d, + m), then rounded once;
-    Q3: loaded by blocks (contiguous loads, then put in order), else element by element."""
-    kk = k0 + rk
-    if QT == 0:
-        t = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0.0)
-    elif Q3:
-        t = _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype, QT, BK)
-    else:
-        t = _elements(w, wd, wm, rn, kk, swn, sdn, ok, dtype, QT)
-    return t
-
-
-@triton.jit
-def _elements(w, wd, wm, rn, kk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr):
-    """_weights' tile loaded element by element (each its byte and its block's scale)."""
-    d = tl.load(wd + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
-    if QT == 1:
-        q = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0)
-        v = q.to(tl.float32) * d.to(tl.float32)
-    else:  # byte j of a block: element j in its low nibble, j + 16 in its high one
-        at = (kk // 32) * 16 + kk % 16
-        byte = tl.load(w + rn[:, None] * swn + at[None, :], mask=ok[:, None], other=0)
-        q = ((byte >> ((kk % 32) // 16 * 4).to(tl.uint8)[None, :]) & 15).to(tl.float32)
-        if QT == 2:
-            v = (q - 8.0) * d.to(tl.float32)
-        else:
-            mn = tl.load(wm + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
-            v = q * d.to(tl.float32) + mn.to(tl.float32)
-    return v.to(dtype)
-
-
-@triton.jit
-def _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
-            BK: tl.constexpr):  # fmt: skip
-    """_weights' tile loaded as [rows, blocks, 32] (Q4: [rows, blocks, 16] bytes, each low
-    nibble before every high one), scaled per block, then laid out as [rows, BK]."""
-    NB: tl.constexpr = BK // 32
-    r3 = rn[:, None, None]
-    ok3 = ok[:, None, None]
-    bi = (k0 // 32 + tl.arange(0, NB))[None, :, None]
-    d = tl.load(wd + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
-    if QT == 1:
-        q = tl.load(w + r3 * swn + bi * 32 + tl.arange(0, 32)[None, None, :], mask=ok3, other=0)
-        v = tl.reshape(q.to(tl.float32) * d, (rn.shape[0], BK))
-    else:
-        byte = tl.load(w + r3 * swn + bi * 16 + tl.arange(0, 16)[None, None, :], mask=ok3,
-                       other=0)  # fmt: skip
-        q = tl.permute(tl.join(byte & 15, byte >> 4), (0, 1, 3, 2)).to(tl.float32)
-        d4 = d[:, :, :, None]
-        if QT == 2:
-            v4 = (q - 8.0) * d4
-        else:
-            mn = tl.load(wm + r3 * sdn + bi, mask=ok3, other=0.0).to(tl.float32)
-            v4 = q * d4 + mn[:, :, :, None]
-        v = tl.reshape(v4, (rn.shape[0], BK))
-    return v.to(dtype)
 
 
 @triton.jit
@@ -285,6 +228,13 @@ def matmul_rope(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, cos_t: torch.
     return _launch(x, w, q, None, False, (cos_t, sin_t, kc, vc, pos0, heads, kv_heads))
 
 
+def _cv(wd: torch.Tensor) -> int:
+    """The kernel's CV for GGUF scales wd (QFLOAT; "f16" only where the scales are float16)."""
+    if QFLOAT == "convert":
+        return 1
+    return 2 if QFLOAT == "f16" and wd.dtype == torch.float16 else 0
+
+
 def _launch(x, w, out, residual, glu, rope, cfg=None, qload=None):  # noqa: ANN001, ANN202
     """The one matmul kernel with its epilogues; cfg (BN, BK, warps, stages) overrides the
     table, qload the GGUF loader (bench/gpu_tune.py, gpu_qtune.py time the candidates)."""
@@ -313,7 +263,8 @@ def _launch(x, w, out, residual, glu, rope, cfg=None, qload=None):  # noqa: ANN0
                                    k, x.stride(0),
                   wq.stride(0), wd.stride(0), out.stride(0), res.stride(0), out.stride(0),
                   kc.stride(0), heads, kvh, HAS_RES=residual is not None, GLU=glu,
-                  ROPE=rope is not None, QT=qt, Q3=qload == "blocks", D=d,
+                  ROPE=rope is not None, QT=qt, Q3=qload == "blocks",
+                  CV=_cv(wd) if qt else 0, D=d,
                   ROT=cos_t.shape[1] if rope else 1, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x),
                   PDL=pdl,
                   PF=0 if qt else P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
@@ -322,8 +273,19 @@ def _launch(x, w, out, residual, glu, rope, cfg=None, qload=None):  # noqa: ANN0
 
 
 @triton.jit
-def _rmsnorm(x, w, out, N, sx, so, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _rmsnorm(x, w, out, N, sx, so, eps, M, pf, lines, BLOCK: tl.constexpr, PDL: tl.constexpr,
+             AHEAD: tl.constexpr):  # fmt: skip
+    """One program per row; with AHEAD, programs past the M rows prefetch the `lines` lines at
+    pf (the next matmul's weights: triton_pdl.ahead) and read nothing else."""
     row = tl.program_id(0)
+    if AHEAD and row >= M:
+        P.prefetch_share(pf, lines, row - M, tl.num_programs(0) - M, 256)
+    else:
+        _norm_row(x, w, out, N, sx, so, eps, row, BLOCK, PDL)
+
+
+@triton.jit
+def _norm_row(x, w, out, N, sx, so, eps, row, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL == 1:
         P.next_may_start()
     if PDL:
@@ -340,9 +302,15 @@ def _rmsnorm(x, w, out, N, sx, so, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
              mask=ok)  # fmt: skip
 
 
-def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor,
+            ahead: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """out = RMSNorm(x) * w, row by row; `ahead`: the weight the next matmul reads, part of
+    which this kernel's extra programs ask into L2 (decode steps on Hopper: triton_pdl.ahead)."""
     m, n = x.shape
     pdl = P.mode(n)
-    _rmsnorm[(m,)](x, w, out, n, x.stride(0), out.stride(0), eps, BLOCK=triton.next_power_of_2(n),
-                   PDL=pdl, launch_pdl=pdl > 0)  # fmt: skip
+    pf, lines, extra = P.ahead(ahead, m)
+    _rmsnorm[(m + (extra if lines else 0),)](x, w, out, n, x.stride(0), out.stride(0), eps, m,
+                                             pf if lines else out, lines,
+                                             BLOCK=triton.next_power_of_2(n), PDL=pdl,
+                                             AHEAD=lines > 0, launch_pdl=pdl > 0)  # fmt: skip
     return out
