@@ -7,7 +7,7 @@ call. Random-weight Llama shapes of bench_gpu.py, 128 tokens of context, a cache
 capacity (16,896 positions) unless --capacity says otherwise.
 
     python bench/gpu_step.py                      # 135M, 1B, 8B
-    python bench/gpu_step.py --shapes 135M --modes late:1024,late:0,early:0,0:0
+    python bench/gpu_step.py --shapes 135M --modes late:1024:24,late:1024:0,late:0:0,0:0:0
     python bench/gpu_step.py --tiles 1B,8B        # decode tiles of those shapes' weights
     python bench/gpu_step.py --ablate 135M,1B     # what each kind of kernel adds to the step
 
@@ -84,7 +84,7 @@ def prefilled(shape: str, capacity: int) -> tuple:
     return model, gm, layers
 
 
-def shape_row(shape: str, modes: list[tuple[str, int]], capacity: int) -> dict:
+def shape_row(shape: str, modes: list[tuple[str, int, int]], capacity: int) -> dict:
     model, gm, layers = prefilled(shape, capacity)
     row: dict = {"shape": shape}
     with torch.inference_mode():
@@ -92,8 +92,8 @@ def shape_row(shape: str, modes: list[tuple[str, int]], capacity: int) -> dict:
         layers_pos = layers[0].get_seq_length()
         b = gm._buffers(1)
         ref = None
-        for mode, pf in modes:
-            P.MODE, P.PREFETCH = mode, pf
+        for mode, pf, ahead in modes:
+            P.MODE, P.PREFETCH, P.AHEAD = mode, pf, ahead
             gm._graphs.clear()
             for layer in layers:
                 layer.crop(layers_pos - 1 - layer.get_seq_length())
@@ -103,8 +103,9 @@ def shape_row(shape: str, modes: list[tuple[str, int]], capacity: int) -> dict:
             graph.replay()
             got = b["logits"].clone()
             ref = got if ref is None else ref
-            row[f"{mode}:{pf}"] = {"us": round(replay_us(graph), 1), "same": torch.equal(got, ref)}
-        P.MODE, P.PREFETCH = modes[0]
+            row[f"{mode}:{pf}:{ahead}"] = {"us": round(replay_us(graph), 1),
+                                           "same": torch.equal(got, ref)}  # fmt: skip
+        P.MODE, P.PREFETCH, P.AHEAD = modes[0]
         gm._graphs.clear()
         for layer in layers:
             layer.advance(layers_pos)
@@ -154,8 +155,8 @@ def tiles(shape: str) -> list[dict]:
 
 
 ABLATE = {  # what to leave out: (module, attribute, stand-in), triton_ops ("T") or triton_attn
-    "norms": [("T", "rmsnorm", lambda x, w, eps, out: out)],
-    "attention": [("T", "attention", lambda q, kc, vc, pos, att, *rest: att)],
+    "norms": [("T", "rmsnorm", lambda x, w, eps, out, **k: out)],
+    "attention": [("T", "attention", lambda q, kc, vc, pos, att, *rest, **k: att)],
     "combine": [("A", "_attn_combine", None)],  # None: a kernel whose launches do nothing
     "matmuls": [("T", "matmul", lambda x, w, out, *a, **k: out),
                 ("T", "matmul_rope", lambda x, w, q, *a, **k: q)],
@@ -198,8 +199,9 @@ def ablate(shape: str, capacity: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shapes", default="135M,1B,8B")
-    ap.add_argument("--modes", default="late:1024,late:0,late:4096,early:0,0:0",
-                    help="MODE:PREFETCH, the first is the one the engine rows use")  # fmt: skip
+    ap.add_argument("--modes", default="late:1024:24,late:1024:0",
+                    help="MODE:PREFETCH[:AHEAD_MB], the first is the one the engine rows use "
+                    "(triton_pdl's settings)")  # fmt: skip
     ap.add_argument("--capacity", type=int, default=CAPACITY, help="the cache's positions")
     ap.add_argument("--tiles", default=None, help="shapes whose decode tiles to sweep")
     ap.add_argument("--ablate", default=None, help="shapes whose step to time without each kind")
@@ -213,7 +215,8 @@ def main() -> int:
             for r in tiles(shape):
                 print(json.dumps(r), flush=True)
         return 0
-    modes = [(m, int(p)) for m, p in (s.split(":") for s in args.modes.split(","))]
+    modes = [(f[0], int(f[1]), int(f[2]) if len(f) > 2 else P.AHEAD)
+             for f in (s.split(":") for s in args.modes.split(","))]  # fmt: skip
     print(json.dumps({"gpu": torch.cuda.get_device_name()}), flush=True)
     for shape in args.shapes.split(","):
         print(json.dumps(shape_row(shape, modes, args.capacity)), flush=True)

@@ -185,7 +185,7 @@ class GpuModel(KernelBackend):
         for i, (lw, cache) in enumerate(zip(self.layers, layers, strict=True)):
             kc, vc = (t[0] for t in cache.room(self.capacity))
             cos, sin = self.rope[a.layer_types[i]]
-            ops.rmsnorm(x, lw["attn_norm"], a.eps, h)
+            ops.rmsnorm(x, lw["attn_norm"], a.eps, h, ahead=lw["qkv"])
             if self.fused_qkv:
                 ops.matmul_rope(h, lw["qkv"], q, cos, sin, kc, vc, b["pos"], a.n_heads, a.n_kv)
             else:
@@ -194,9 +194,10 @@ class GpuModel(KernelBackend):
                 ops.attention(q, kc, vc, b["pos"], att, b["part"], a.windows[i], a.attn_scale,
                               a.attn_softcap)  # fmt: skip
             else:
-                ops.attention(q, kc, vc, b["pos"], att, b["part"], a.windows[i], a.attn_scale)
+                ops.attention(q, kc, vc, b["pos"], att, b["part"], a.windows[i], a.attn_scale,
+                              ahead=lw["o"])  # fmt: skip
             self._residual(att, lw["o"], lw["post_attn_norm"], x, h)
-            ops.rmsnorm(x, lw["ffn_norm"], a.eps, h)
+            ops.rmsnorm(x, lw["ffn_norm"], a.eps, h, ahead=lw["gate_up"])
             if a.act == "silu":
                 ops.matmul(h, lw["gate_up"], b["act"], glu=True)
             else:
@@ -209,7 +210,7 @@ class GpuModel(KernelBackend):
             ops.rmsnorm(x, self.final_norm, a.eps, h)
             ops.matmul(h, self.lm_head, b["rows"])
         else:
-            ops.rmsnorm(x[m - 1 : m], self.final_norm, a.eps, h[:1])
+            ops.rmsnorm(x[m - 1 : m], self.final_norm, a.eps, h[:1], ahead=self.lm_head)
             ops.matmul(h[:1], self.lm_head, b["logits"])
 
     def _qkv(self, b: dict[str, torch.Tensor], lw: dict[str, Any], cos: torch.Tensor,

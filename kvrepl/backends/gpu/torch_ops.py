@@ -11,7 +11,7 @@ import torch
 from kvrepl.backends.gpu.qweights import dense
 
 
-def _attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0):
+def _attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0, ahead=None):
     """Each row's attention over its own positions (a window's last ones where given)."""
     m, p0 = q.shape[0], int(pos0[0])
     kvh, _, d = kc.shape
@@ -31,7 +31,7 @@ def _attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0):
 def torch_ops(computes: set[str]) -> Any:
     """The kernels' contract in plain torch (no invariance promised): for CPU tests."""
 
-    def _norm(x, w, eps, out):
+    def _norm(x, w, eps, out, ahead=None):
         v = x.float()
         y = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
         return out.copy_((w.float() * y.float()).to(out.dtype))

@@ -25,14 +25,27 @@ def _precision(x: torch.Tensor) -> str:
 @triton.jit(do_not_specialize=["window"])
 def _attn_split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D: tl.constexpr, GP: tl.constexpr,
                 window, scale, NSPLIT, SPLITc: tl.constexpr, KBc: tl.constexpr,
-                PREC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                PREC: tl.constexpr, PDL: tl.constexpr, REAL, pf, lines,
+                AHEAD: tl.constexpr):  # fmt: skip
     """Program (row m, K/V head g, split s): the keys of [s*SPLIT, (s+1)*SPLIT) row m sees,
-    in blocks of KB at absolute positions, with an online softmax in order."""
+    in blocks of KB at absolute positions, with an online softmax in order. With AHEAD, the
+    programs past the REAL ones prefetch the next matmul's weights (triton_pdl.ahead)."""
+    pid = tl.program_id(0)
+    if AHEAD and pid >= REAL:
+        P.prefetch_share(pf, lines, pid - REAL, tl.num_programs(0) - REAL, 256)
+    else:
+        _split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D, GP, window, scale, NSPLIT, SPLITc,
+               KBc, PREC, PDL, pid)  # fmt: skip
+
+
+@triton.jit
+def _split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D: tl.constexpr, GP: tl.constexpr, window,
+           scale, NSPLIT, SPLITc: tl.constexpr, KBc: tl.constexpr, PREC: tl.constexpr,
+           PDL: tl.constexpr, pid):  # fmt: skip
     if PDL == 1:
         P.next_may_start()
     if PDL:
         P.wait_for_previous()
-    pid = tl.program_id(0)
     s = pid % NSPLIT
     g = (pid // NSPLIT) % KVH
     m = pid // NSPLIT // KVH
@@ -118,10 +131,12 @@ def attention(
     part: torch.Tensor,
     window: int,
     scale: float,
+    ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [M, H*D] at positions pos0[0].. over the cache kc/vc
     [kvh, cap, D] (holding their own K/V): out [M, H*D]. `part` holds the splits' partials:
-    at least M * kvh * nsplit * GP * (D + 2) float32, nsplit = cap // SPLIT."""
+    at least M * kvh * nsplit * GP * (D + 2) float32, nsplit = cap // SPLIT. `ahead`: the
+    weight the next matmul reads, part of which the split kernel's extra programs ask into L2."""
     m = q.shape[0]
     kvh, cap, d = kc.shape
     heads = out.shape[1] // d  # q may be the whole qkv row: its first H*D are q
@@ -129,10 +144,12 @@ def attention(
     gp = max(16, triton.next_power_of_2(g))  # a dot needs 16 rows
     nsplit = triton.cdiv(cap, SPLIT)
     pdl = P.mode(out.shape[1])
-    _attn_split[(m * kvh * nsplit,)](q, kc, vc, part, pos0, q.stride(0), kc.stride(0), kvh, g,
-                                      D=d, GP=gp, window=window, scale=scale, NSPLIT=nsplit,
-                                      SPLITc=SPLIT, KBc=KB, PREC=_precision(q), PDL=pdl,
-                                      launch_pdl=pdl > 0)  # fmt: skip
+    real = m * kvh * nsplit
+    pf, lines, extra = P.ahead(ahead, m)
+    _attn_split[(real + (extra if lines else 0),)](
+        q, kc, vc, part, pos0, q.stride(0), kc.stride(0), kvh, g, D=d, GP=gp, window=window,
+        scale=scale, NSPLIT=nsplit, SPLITc=SPLIT, KBc=KB, PREC=_precision(q), PDL=pdl, REAL=real,
+        pf=pf if lines else part, lines=lines, AHEAD=lines > 0, launch_pdl=pdl > 0)
     _attn_combine[(m * kvh,)](part, out, pos0, out.stride(0), kvh, g, D=d, GP=gp,
                               window=window, NSPLIT=nsplit, SPLITc=SPLIT, PDL=pdl,
                               launch_pdl=pdl > 0)  # fmt: skip

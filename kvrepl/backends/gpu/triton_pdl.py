@@ -38,6 +38,12 @@ import triton.language as tl
 SMALL = 1536  # widest layer that is latency-bound (SmolLM2-135M's shapes; 1B is not)
 MODE = os.environ.get("KVREPL_GPU_PDL", "late")
 PREFETCH = int(os.environ.get("KVREPL_GPU_PREFETCH", "1024"))
+# MB of the next matmul's weights that the norm or the attention before it asks into L2, from
+# programs of their own (the memory is idle while those latency-bound kernels run); 0: none, the
+# default until timed on a GPU (`bench/gpu_step.py --modes late:1024:24,late:1024:0`)
+AHEAD = int(os.environ.get("KVREPL_GPU_AHEAD_MB", "0"))
+AHEAD_ROWS = 32  # only for steps of at most this many rows (decode, drafts' verification)
+LINE = 128  # bytes an L2 prefetch brings
 OFF, EARLY, LATE = 0, 1, 2  # the kernels' PDL constexpr
 
 
@@ -55,6 +61,37 @@ def mode(width: int) -> int:
     if MODE == "early":
         return EARLY if width <= SMALL else OFF
     return LATE
+
+
+def ahead(w: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, int, int]:
+    """(the weight's bytes, lines to prefetch, programs to prefetch them) for a kernel of `rows`
+    rows before the matmul over `w` (a tensor or qweights.QWeight: its quants); no lines where
+    AHEAD is 0, the rows are many, or the GPU is not Hopper's (the PDL that lets them start
+    early)."""
+    if w is None or AHEAD <= 0 or rows > AHEAD_ROWS or mode(0) == OFF:
+        return _NONE, 0, 0
+    q = getattr(w, "q", w)
+    lines = min(q.numel() * q.element_size(), AHEAD << 20) // LINE
+    return q, lines, _sms()
+
+
+_NONE = torch.empty(0)
+
+
+@functools.cache
+def _sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+@triton.jit
+def prefetch_share(base, lines, p, programs, BLOCK: tl.constexpr):
+    """Program p of `programs`: ask its share of the `lines` 128-byte lines from base into L2."""
+    per = tl.cdiv(lines, programs)
+    end = tl.minimum(p * per + per, lines)
+    for i in range(p * per, end, BLOCK):
+        at = i + tl.arange(0, BLOCK)
+        line = tl.where(at < end, at, i).to(tl.int64)
+        prefetch_l2(base.to(tl.pointer_type(tl.int8)) + line * 128)
 
 
 def prefetch_columns(k: int, pdl: int) -> int:
