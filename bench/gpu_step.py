@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""The GPU path's decode step, per way of chaining its kernels (triton_pdl.py's modes and
-prefetch depths): the step's CUDA graph replayed back to back (device time alone), checked
-bit-identical to the plain launches; then, for the default mode, the step as the engine runs it
-(the sampler's argmax and the token's copy to the host between steps) and its host time per
-call. Random-weight Llama shapes of bench_gpu.py, 128 tokens of context, a cache of the benchmark's
-capacity (16,896 positions) unless --capacity says otherwise.
+"""The GPU path's decode step, per way of chaining its kernels (triton_pdl.py's modes, prefetch
+depths and weights asked ahead): the step's CUDA graph replayed back to back (device time
+alone), checked bit-identical across the modes; then, for the first mode, the step as the
+engine runs it (the sampler's argmax and the token's copy to the host between steps) and its
+host time per call; then each mode through the engine (tok/s). Random-weight Llama shapes of
+bench_gpu.py, 128 tokens of context, a cache of the benchmark's capacity (16,896 positions)
+unless --capacity says otherwise.
 
     python bench/gpu_step.py                      # 135M, 1B, 8B
     python bench/gpu_step.py --shapes 135M --modes late:1024:24,late:1024:0,late:0:0,0:0:0
@@ -111,9 +112,13 @@ def shape_row(shape: str, modes: list[tuple[str, int, int]], capacity: int) -> d
             layer.advance(layers_pos)
         dev, host = engine_like_us(gm, layers)
         row["engine_loop_us"], row["host_forward_token_us"] = round(dev, 1), round(host, 1)
-    kvrepl_decode(gm, tokens(128, 2), 8)  # as bench_gpu: its graph captured before the timing
-    row["engine_tok_s"] = statistics.median(kvrepl_decode(gm, tokens(128, 2), 128)
-                                            for _ in range(3))  # fmt: skip
+    for mode in modes:  # through the engine, each mode's graph captured before its timing
+        P.MODE, P.PREFETCH, P.AHEAD = mode
+        gm._graphs.clear()
+        kvrepl_decode(gm, tokens(128, 2), 8)
+        row[":".join(map(str, mode))]["engine_tok_s"] = statistics.median(
+            kvrepl_decode(gm, tokens(128, 2), 128) for _ in range(3))
+    P.MODE, P.PREFETCH, P.AHEAD = modes[0]
     del gm, model
     torch.cuda.empty_cache()
     return row
@@ -199,7 +204,7 @@ def ablate(shape: str, capacity: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shapes", default="135M,1B,8B")
-    ap.add_argument("--modes", default="late:1024:24,late:1024:0",
+    ap.add_argument("--modes", default="late:1024:0,late:1024:24",
                     help="MODE:PREFETCH[:AHEAD_MB], the first is the one the engine rows use "
                     "(triton_pdl's settings)")  # fmt: skip
     ap.add_argument("--capacity", type=int, default=CAPACITY, help="the cache's positions")

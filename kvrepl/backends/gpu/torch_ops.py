@@ -11,7 +11,7 @@ import torch
 from kvrepl.backends.gpu.qweights import dense
 
 
-def _attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0, ahead=None):
+def _attention(q, kc, vc, pos0, out, part, window, scale, softcap=0.0, *, ahead=None):
     """Each row's attention over its own positions (a window's last ones where given)."""
     m, p0 = q.shape[0], int(pos0[0])
     kvh, _, d = kc.shape

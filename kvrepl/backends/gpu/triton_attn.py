@@ -22,7 +22,7 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "REAL", "lines"])
 def _attn_split(q, kc, vc, part, pos0, sqm, skh, KVH, G, D: tl.constexpr, GP: tl.constexpr,
                 window, scale, NSPLIT, SPLITc: tl.constexpr, KBc: tl.constexpr,
                 PREC: tl.constexpr, PDL: tl.constexpr, REAL, pf, lines,
@@ -131,6 +131,7 @@ def attention(
     part: torch.Tensor,
     window: int,
     scale: float,
+    *,
     ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [M, H*D] at positions pos0[0].. over the cache kc/vc
@@ -145,7 +146,7 @@ def attention(
     nsplit = triton.cdiv(cap, SPLIT)
     pdl = P.mode(out.shape[1])
     real = m * kvh * nsplit
-    pf, lines, extra = P.ahead(ahead, m)
+    pf, lines, extra = P.ahead(ahead, m, pdl)
     _attn_split[(real + (extra if lines else 0),)](
         q, kc, vc, part, pos0, q.stride(0), kc.stride(0), kvh, g, D=d, GP=gp, window=window,
         scale=scale, NSPLIT=nsplit, SPLITc=SPLIT, KBc=KB, PREC=_precision(q), PDL=pdl, REAL=real,

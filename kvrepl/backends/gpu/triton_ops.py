@@ -228,11 +228,13 @@ def matmul_rope(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, cos_t: torch.
     return _launch(x, w, q, None, False, (cos_t, sin_t, kc, vc, pos0, heads, kv_heads))
 
 
-def _cv(wd: torch.Tensor) -> int:
-    """The kernel's CV for GGUF scales wd (QFLOAT; "f16" only where the scales are float16)."""
+def _cv(wd: torch.Tensor, x: torch.Tensor) -> int:
+    """The kernel's CV for GGUF scales wd (QFLOAT; "f16" only where the scales are float16 and
+    the activations 16-bit: a float32 model computes in float32)."""
     if QFLOAT == "convert":
         return 1
-    return 2 if QFLOAT == "f16" and wd.dtype == torch.float16 else 0
+    half = wd.dtype == torch.float16 and x.dtype in (torch.bfloat16, torch.float16)
+    return 2 if QFLOAT == "f16" and half else 0
 
 
 def _launch(x, w, out, residual, glu, rope, cfg=None, qload=None):  # noqa: ANN001, ANN202
@@ -264,7 +266,7 @@ def _launch(x, w, out, residual, glu, rope, cfg=None, qload=None):  # noqa: ANN0
                   wq.stride(0), wd.stride(0), out.stride(0), res.stride(0), out.stride(0),
                   kc.stride(0), heads, kvh, HAS_RES=residual is not None, GLU=glu,
                   ROPE=rope is not None, QT=qt, Q3=qload == "blocks",
-                  CV=_cv(wd) if qt else 0, D=d,
+                  CV=_cv(wd, x) if qt else 0, D=d,
                   ROT=cos_t.shape[1] if rope else 1, BMc=BM, BN=bn, BKc=bk, PREC=_precision(x),
                   PDL=pdl,
                   PF=0 if qt else P.prefetch_columns(k, pdl), launch_pdl=pdl > 0,
@@ -272,7 +274,7 @@ def _launch(x, w, out, residual, glu, rope, cfg=None, qload=None):  # noqa: ANN0
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "lines"])
 def _rmsnorm(x, w, out, N, sx, so, eps, M, pf, lines, BLOCK: tl.constexpr, PDL: tl.constexpr,
              AHEAD: tl.constexpr):  # fmt: skip
     """One program per row; with AHEAD, programs past the M rows prefetch the `lines` lines at
@@ -308,7 +310,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor,
     which this kernel's extra programs ask into L2 (decode steps on Hopper: triton_pdl.ahead)."""
     m, n = x.shape
     pdl = P.mode(n)
-    pf, lines, extra = P.ahead(ahead, m)
+    pf, lines, extra = P.ahead(ahead, m, pdl)
     _rmsnorm[(m + (extra if lines else 0),)](x, w, out, n, x.stride(0), out.stride(0), eps, m,
                                              pf if lines else out, lines,
                                              BLOCK=triton.next_power_of_2(n), PDL=pdl,

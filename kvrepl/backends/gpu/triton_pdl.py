@@ -63,12 +63,12 @@ def mode(width: int) -> int:
     return LATE
 
 
-def ahead(w: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, int, int]:
+def ahead(w: torch.Tensor | None, rows: int, pdl: int) -> tuple[torch.Tensor, int, int]:
     """(the weight's bytes, lines to prefetch, programs to prefetch them) for a kernel of `rows`
-    rows before the matmul over `w` (a tensor or qweights.QWeight: its quants); no lines where
-    AHEAD is 0, the rows are many, or the GPU is not Hopper's (the PDL that lets them start
-    early)."""
-    if w is None or AHEAD <= 0 or rows > AHEAD_ROWS or mode(0) == OFF:
+    rows launched with `pdl` before the matmul over `w` (a tensor or qweights.QWeight: its
+    quants, not their scales); no lines where AHEAD is 0, the rows are many, or the kernel is
+    not chained by PDL (which lets its programs start while the kernel before runs)."""
+    if w is None or AHEAD <= 0 or rows > AHEAD_ROWS or pdl == OFF:
         return _NONE, 0, 0
     q = getattr(w, "q", w)
     lines = min(q.numel() * q.element_size(), AHEAD << 20) // LINE

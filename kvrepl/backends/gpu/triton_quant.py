@@ -64,18 +64,24 @@ def _float(q, QT: tl.constexpr, CV: tl.constexpr):
     Q8_0's q is first made 0..255 (q + 128). CV (QFLOAT): 0 float32 by the bits; 1 float32
     converted (the benchmarks' baseline; the same floats); 2 float16 by the bits."""
     if CV == 1:
+        r = q.to(tl.float32)
         if QT == 2:
-            return q.to(tl.float32) - 8.0
-        return q.to(tl.float32)
-    if QT == 1:
-        u = q.to(tl.uint8, bitcast=True).to(tl.int32) ^ 128
-        off = 128.0
+            r = r - 8.0
     else:
-        u = q.to(tl.int32)
-        off = 8.0 if QT == 2 else 0.0
-    if CV == 2:
-        return (u.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + off)
-    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + off)
+        if QT == 1:
+            u = q.to(tl.uint8, bitcast=True).to(tl.int32) ^ 128
+            off: tl.constexpr = 128.0
+        elif QT == 2:
+            u = q.to(tl.int32)
+            off: tl.constexpr = 8.0
+        else:
+            u = q.to(tl.int32)
+            off: tl.constexpr = 0.0
+        if CV == 2:  # off a constexpr: the subtraction stays float16
+            r = (u.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + off)
+        else:
+            r = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + off)
+    return r
 
 
 @triton.jit
