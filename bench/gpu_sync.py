@@ -22,6 +22,7 @@ import triton.language as tl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from kvrepl.backends.gpu import triton_pdl as P  # noqa: E402
 
@@ -64,23 +65,10 @@ def _persistent(w, acc, counter, per, steps, nprog, BLOCK: tl.constexpr, STRIDE)
 
 
 def graphed_us(fn, reps: int = 20) -> float:  # noqa: ANN001
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
+    """Microseconds per replay of fn captured in a CUDA graph (gpu_tune's timer)."""
+    import gpu_tune
+
+    return gpu_tune.graphed_us([fn], reps)
 
 
 def measure(sms: int, block: int, step_bytes: int) -> None:
