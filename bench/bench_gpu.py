@@ -218,11 +218,29 @@ def check_model() -> dict:
     e = gm.forward(ids[305:306], eager)
     gm.graphs = True
     out = {"logits_bitwise": torch.equal(a, b), "kv_bitwise": kv_same,
-           "graph_equals_eager": torch.equal(g, e)}  # fmt: skip
+           "graph_equals_eager": torch.equal(g, e),
+           "weights_ahead_bitwise": _ahead_same(gm, ids[:305], ids[305], g)}  # fmt: skip
     out.update(check_engine(gm))
     out.update(check_drafts(gm))
     out["ok"] = all(v for k, v in out.items() if isinstance(v, bool))
     return out
+
+
+def _ahead_same(gm: Any, prefix: list[int], token: int, want: torch.Tensor) -> bool:
+    """A graph step with the other triton_pdl.AHEAD (the next weights asked into L2, or not)
+    gives the same logits, bit for bit."""
+    from kvrepl.backends.gpu import triton_pdl as P
+
+    was = P.AHEAD
+    P.AHEAD = 24 if was == 0 else 0
+    try:
+        gm._graphs.clear()
+        layers = gm.new_layers()
+        gm.forward(prefix, layers)
+        return torch.equal(gm.forward([token], layers), want)
+    finally:
+        P.AHEAD = was
+        gm._graphs.clear()
 
 
 def check_drafts(gm: Any) -> dict:

@@ -119,7 +119,24 @@ def check_kernels(qt: str) -> dict:
     r["residual_bf16_rel_err"] = _rel(a, b)
     qkv = quantized(torch.randn(48 * 128, 4096, device="cuda") * 0.02, qt)
     r["rope_bf16_rel_err"] = _rope_same(T, x[:64].contiguous(), qkv)
+    r.update(_qfloats(T, x, qw, b.shape[1]))
     return r
+
+
+def _qfloats(T: Any, x: torch.Tensor, qw: Any, n: int) -> dict:
+    """triton_ops.QFLOAT's ways against each other: "bits" bit-identical to "convert", and
+    "f16" row-invariant (its distance from convert recorded)."""
+    now, outs = T.QFLOAT, {}
+    try:
+        for T.QFLOAT in ("convert", "bits", "f16"):
+            outs[T.QFLOAT] = T.matmul(x, qw, torch.empty(x.shape[0], n, device="cuda",
+                                                         dtype=torch.bfloat16))  # fmt: skip
+        one = T.matmul(x[16:17], qw, torch.empty(1, n, device="cuda", dtype=torch.bfloat16))
+    finally:
+        T.QFLOAT = now
+    return {"bits_equal_convert": torch.equal(outs["bits"], outs["convert"]),
+            "f16_invariant": torch.equal(one[0], outs["f16"][16]),
+            "f16_convert_rel_err": _rel(outs["f16"], outs["convert"])}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
