@@ -40,7 +40,7 @@ MODE = os.environ.get("KVREPL_GPU_PDL", "late")
 PREFETCH = int(os.environ.get("KVREPL_GPU_PREFETCH", "1024"))
 # MB of the next matmul's weights that the norm or the attention before it asks into L2, from
 # programs of their own (the memory is idle while those latency-bound kernels run); 0: none, the
-# default until timed on a GPU (`bench/gpu_step.py --modes late:1024:24,late:1024:0`)
+# default until timed on a GPU (`bench/gpu_step.py --modes late:1024:0,late:1024:24`)
 AHEAD = int(os.environ.get("KVREPL_GPU_AHEAD_MB", "0"))
 AHEAD_ROWS = 32  # only for steps of at most this many rows (decode, drafts' verification)
 LINE = 128  # bytes an L2 prefetch brings
