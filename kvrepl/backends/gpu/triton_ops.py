@@ -22,7 +22,6 @@ bit-identity: numpy's matmul is not row-invariant).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -163,16 +162,9 @@ def _config(n: int, k: int, pair: bool = False, m: int = 1) -> tuple[int, int, i
     if pair:  # the same weight rows per program: half in each accumulator
         bn = max(16, bn // 2)
     cols = n // 2 if pair else n
-    while m <= BM and bn > 16 and cols // bn < _sms():  # decode: a program for every SM
+    while m <= BM and bn > 16 and cols // bn < P.sms():  # decode: a program for every SM
         bn //= 2
     return bn, bk, warps, stages
-
-
-@functools.cache
-def _sms() -> int:
-    if not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def _bk(n: int, k: int) -> int:

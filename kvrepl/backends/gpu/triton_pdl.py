@@ -72,14 +72,17 @@ def ahead(w: torch.Tensor | None, rows: int, pdl: int) -> tuple[torch.Tensor, in
         return _NONE, 0, 0
     q = getattr(w, "q", w)
     lines = min(q.numel() * q.element_size(), AHEAD << 20) // LINE
-    return q, lines, _sms()
+    return q, lines, sms()
 
 
 _NONE = torch.empty(0)
 
 
 @functools.cache
-def _sms() -> int:
+def sms() -> int:
+    """The GPU's multiprocessors (an H100's 132 where there is no GPU: the CPU tests' tiles)."""
+    if not torch.cuda.is_available():
+        return 132
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
