@@ -85,6 +85,13 @@ def prefilled(shape: str, capacity: int) -> tuple:
     return model, gm, layers
 
 
+def _use(mode: tuple[str, int, int]) -> str:
+    """Set triton_pdl's (MODE, PREFETCH, AHEAD) to `mode` (before a graph is captured); its key
+    in a row, MODE:PREFETCH:AHEAD."""
+    P.MODE, P.PREFETCH, P.AHEAD = mode
+    return ":".join(map(str, mode))
+
+
 def shape_row(shape: str, modes: list[tuple[str, int, int]], capacity: int) -> dict:
     model, gm, layers = prefilled(shape, capacity)
     row: dict = {"shape": shape}
@@ -93,8 +100,8 @@ def shape_row(shape: str, modes: list[tuple[str, int, int]], capacity: int) -> d
         layers_pos = layers[0].get_seq_length()
         b = gm._buffers(1)
         ref = None
-        for mode, pf, ahead in modes:
-            P.MODE, P.PREFETCH, P.AHEAD = mode, pf, ahead
+        for mode in modes:
+            key = _use(mode)
             gm._graphs.clear()
             for layer in layers:
                 layer.crop(layers_pos - 1 - layer.get_seq_length())
@@ -104,21 +111,20 @@ def shape_row(shape: str, modes: list[tuple[str, int, int]], capacity: int) -> d
             graph.replay()
             got = b["logits"].clone()
             ref = got if ref is None else ref
-            row[f"{mode}:{pf}:{ahead}"] = {"us": round(replay_us(graph), 1),
-                                           "same": torch.equal(got, ref)}  # fmt: skip
-        P.MODE, P.PREFETCH, P.AHEAD = modes[0]
+            row[key] = {"us": round(replay_us(graph), 1), "same": torch.equal(got, ref)}
+        _use(modes[0])
         gm._graphs.clear()
         for layer in layers:
             layer.advance(layers_pos)
         dev, host = engine_like_us(gm, layers)
         row["engine_loop_us"], row["host_forward_token_us"] = round(dev, 1), round(host, 1)
     for mode in modes:  # through the engine, each mode's graph captured before its timing
-        P.MODE, P.PREFETCH, P.AHEAD = mode
+        key = _use(mode)
         gm._graphs.clear()
         kvrepl_decode(gm, tokens(128, 2), 8)
-        row[":".join(map(str, mode))]["engine_tok_s"] = statistics.median(
-            kvrepl_decode(gm, tokens(128, 2), 128) for _ in range(3))
-    P.MODE, P.PREFETCH, P.AHEAD = modes[0]
+        row[key]["engine_tok_s"] = statistics.median(kvrepl_decode(gm, tokens(128, 2), 128)
+                                                     for _ in range(3))  # fmt: skip
+    _use(modes[0])
     del gm, model
     torch.cuda.empty_cache()
     return row
