@@ -22,8 +22,9 @@ def activations(ptrs, ok, CV: tl.constexpr):
 def weights(w, wd, wm, rn, k0, rk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
              Q3: tl.constexpr, CV: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """The weight tile [rows rn, columns k0 + rk] in the activations' dtype. QT 1 (Q8_0), 2
-    (Q4_0), 3 (Q4_1): dequantized as gguf-py does, in float32 (q * d, + m), then rounded once;
-    Q3: loaded by blocks (contiguous loads, then put in order), else element by element."""
+    (Q4_0), 3 (Q4_1): dequantized as gguf-py does, in float32 (q * d, + m; float16 with CV 2),
+    then rounded once; Q3: loaded by blocks (contiguous loads, then put in order), else element
+    by element."""
     kk = k0 + rk
     if QT == 0:
         t = tl.load(w + rn[:, None] * swn + kk[None, :], mask=ok[:, None], other=0.0)
@@ -37,7 +38,7 @@ def weights(w, wd, wm, rn, k0, rk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.con
 @triton.jit
 def _elements(w, wd, wm, rn, kk, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
               CV: tl.constexpr):  # fmt: skip
-    """_weights' tile loaded element by element (each its byte and its block's scale)."""
+    """weights' tile loaded element by element (each its byte and its block's scale)."""
     ct = tl.float16 if CV == 2 else tl.float32  # float16: the scales are (QFLOAT "f16")
     d = tl.load(wd + rn[:, None] * sdn + (kk // 32)[None, :], mask=ok[:, None], other=0.0)
     if QT == 1:
@@ -87,7 +88,7 @@ def _float(q, QT: tl.constexpr, CV: tl.constexpr):
 @triton.jit
 def _blocks(w, wd, wm, rn, k0, swn, sdn, ok, dtype: tl.constexpr, QT: tl.constexpr,
             CV: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """_weights' tile loaded as [rows, blocks, 32] (Q4: [rows, blocks, 16] bytes, each low
+    """weights' tile loaded as [rows, blocks, 32] (Q4: [rows, blocks, 16] bytes, each low
     nibble before every high one), scaled per block, then laid out as [rows, BK]."""
     NB: tl.constexpr = BK // 32
     r3 = rn[:, None, None]
